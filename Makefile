@@ -1,0 +1,60 @@
+# lladapter: every target sets up what it needs (venv, torch, build) and is fast when nothing changed.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+# The CUDA 13 build of torch, installed from this machine's disk; TORCH_SPEC=torch==2.13.0 gives the CPU build.
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS   ?= 2
+export MAX_JOBS
+# nvcc lives in /usr/local/cuda here (/usr/local/bin/nvcc is a wrapper script); setup.py also finds it itself.
+export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+
+PY_DEPS    := numpy pytest sentencepiece pybind11 ninja
+SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+DEPS_STAMP := $(VENV)/.lladapter-deps
+BUILD_STAMP:= $(VENV)/.lladapter-build
+GPU_OUT    ?= gpu-check-out
+
+.PHONY: setup build test pytest ctest demo bench gpu-check clean
+
+setup: $(BUILD_STAMP)
+
+$(DEPS_STAMP): Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)" $(PY_DEPS)
+	@touch $@
+
+# First build: the editable install (registers the package and compiles the extension in place).
+# Later source changes: build_ext --inplace, where ninja recompiles only what changed (build/).
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	@if $(PIP) show -q lladapter_ext >/dev/null 2>&1 && ls lladapter_ext/_C*.so >/dev/null 2>&1; then \
+		$(PY) setup.py -q build_ext --inplace; \
+	else \
+		$(PIP) install --no-build-isolation --no-deps -e . ; \
+	fi
+	@touch $@
+
+build: setup
+
+test: setup pytest ctest
+
+pytest: setup
+	$(PY) -m pytest tests -q
+
+ctest: setup
+	@bash scripts/ctest.sh $(PY)
+
+demo: setup
+	$(PY) benchmarks/bench_rmsnorm.py --quick
+
+bench: setup
+	$(PY) benchmarks/bench_rmsnorm.py
+
+gpu-check: setup
+	bash scripts/gpu_check.sh $(GPU_OUT)
+
+clean:
+	rm -rf build cmake-build lladapter_ext/_C*.so lladapter_ext/_build_info.py $(BUILD_STAMP)

@@ -1,0 +1,44 @@
+// Shared argument checks and small helpers for the lladapter kernels (CPU and CUDA).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace lladapter {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(t.size(i));
+  }
+  return s + "]";
+}
+
+// Every argument must live on the device the kernel runs on; the message names the argument.
+inline void check_device(const char* op, const char* name, const at::Tensor& t, c10::DeviceType expected) {
+  TORCH_CHECK(t.device().type() == expected, op, ": ", name, " must be a ", c10::DeviceTypeName(expected),
+              " tensor, got a tensor on ", t.device());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                              const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; all arguments must be on the same device");
+}
+
+inline void check_dtype_in(const char* op, const char* name, const at::Tensor& t,
+                           std::initializer_list<at::ScalarType> allowed) {
+  bool ok = false;
+  std::string list;
+  for (auto s : allowed) {
+    ok = ok || t.scalar_type() == s;
+    if (!list.empty()) list += ", ";
+    list += c10::toString(s);
+  }
+  TORCH_CHECK(ok, op, ": ", name, " must have dtype in {", list, "}, got ", t.scalar_type());
+}
+
+}  // namespace lladapter

@@ -1,0 +1,38 @@
+// The Python module lladapter_ext._C: importing it loads the op registrations; build_info() says what was built.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#ifndef LLADAPTER_CUDA_ARCHS
+#define LLADAPTER_CUDA_ARCHS ""
+#endif
+#ifndef LLADAPTER_CPU_ISA
+#define LLADAPTER_CPU_ISA "default"
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef LLADAPTER_WITH_CUDA
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+  d["cuda_archs"] = std::string(LLADAPTER_CUDA_ARCHS);
+  d["cpu_isa"] = std::string(LLADAPTER_CPU_ISA);
+  d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                       std::to_string(TORCH_VERSION_PATCH);
+#ifdef NDEBUG
+  d["debug"] = false;
+#else
+  d["debug"] = true;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lladapter compiled kernels (ops live in torch.ops.lladapter)";
+  m.def("build_info", &build_info, "What this extension was compiled with.");
+}

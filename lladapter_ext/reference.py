@@ -1,0 +1,160 @@
+"""Plain-PyTorch references of every lladapter op: the tests' oracle, and the stand-in for an op whose kernel
+has not landed yet. Written for clarity, not speed (attention materialises the score matrix).
+
+The math is in ../shared/DESIGN.md section 2; each function's docstring restates what it computes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "rms_norm",
+    "rope_inv_freq",
+    "rope_cos_sin",
+    "rope",
+    "gated_prompt_attention",
+]
+
+
+# --------------------------------------------------------------------------------------------- RMSNorm
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y = weight * cast_to(x.dtype)(x * rsqrt(mean(x^2, -1) + eps)), statistics in fp32 (fp64 for fp64 x).
+
+    The normalised value is cast back to x's dtype before the weight multiply, as Meta's and HF's LLaMA do;
+    the result dtype is the promotion of x's and weight's dtypes.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(rotary_dim: int, base: float = 10000.0, scaling: Optional[dict] = None,
+                  device=None) -> torch.Tensor:
+    """theta_i = base^(-2i/rotary_dim), i < rotary_dim/2, in fp64 then fp32; optional Llama-3.1 scaling.
+
+    scaling (Llama-3.1 "llama3" rope_scaling): {"factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}. Wavelengths longer than original/low_freq_factor are divided by factor,
+    shorter than original/high_freq_factor are kept, and the band between is interpolated smoothly.
+    """
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+    i = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device)
+    inv = base ** (-i / rotary_dim)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type", "llama3"))
+        if kind != "llama3":
+            raise ValueError(f"unsupported rope scaling type {kind!r} (supported: 'llama3')")
+        factor = float(scaling["factor"])
+        lo = float(scaling.get("low_freq_factor", 1.0))
+        hi = float(scaling.get("high_freq_factor", 4.0))
+        orig = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        long_wl = orig / lo  # longer than this: slow frequencies, scaled fully
+        short_wl = orig / hi  # shorter than this: fast frequencies, unchanged
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > long_wl, inv / factor, torch.where(wavelen < short_wl, inv, blended))
+    return inv.to(torch.float32)
+
+
+def rope_cos_sin(max_positions: int, rotary_dim: int, base: float = 10000.0, scaling: Optional[dict] = None,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 tables cos[p, i], sin[p, i] of angle p * theta_i, shape [max_positions, rotary_dim // 2].
+
+    Angles are formed in fp64 so that large positions keep their precision, then rounded to fp32.
+    """
+    inv = rope_inv_freq(rotary_dim, base, scaling, device=device).to(torch.float64)
+    pos = torch.arange(max_positions, dtype=torch.float64, device=device)
+    ang = torch.outer(pos, inv)
+    return ang.cos().to(torch.float32), ang.sin().to(torch.float32)
+
+
+def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    # x [B, T, H, d]; cos/sin [B, T, rd/2] fp32 (already gathered at the token positions)
+    rd = cos.shape[-1] * 2
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xr, xpass = x[..., :rd].to(acc), x[..., rd:]
+    c = cos.to(acc).unsqueeze(2)
+    s = sin.to(acc).unsqueeze(2)
+    if interleaved:  # Meta: pairs (2i, 2i+1) rotate as complex numbers
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+    else:  # HF rotate_half: pairs (i, i + rd/2)
+        a, b = xr[..., : rd // 2], xr[..., rd // 2:]
+        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    return torch.cat((out.to(x.dtype), xpass), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         position_ids: Optional[torch.Tensor] = None, offset: int = 0,
+         interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, T, Hq, d] and k [B, T, Hk, d] by angle position * theta_i (tables from rope_cos_sin).
+
+    Positions are offset + t (KV-cache decoding: offset = cached length) or, when given, position_ids [B, T].
+    Only the first rotary_dim = 2 * cos.shape[-1] features rotate; the rest pass through.
+    interleaved=True is Meta's layout (pairs (2i, 2i+1)), False HF's rotate_half (pairs (i, i + rd/2)).
+    Math in fp32 (fp64 for fp64 inputs), result in the input dtype.
+    """
+    B, T = q.shape[0], q.shape[1]
+    if position_ids is None:
+        pos = torch.arange(offset, offset + T, device=q.device).unsqueeze(0).expand(B, T)
+    else:
+        pos = position_ids.to(q.device).long()
+    c, s = cos[pos], sin[pos]
+    return _rope_one(q, c, s, interleaved), _rope_one(k, c, s, interleaved)
+
+
+# --------------------------------------------------------------------------------------------- attention
+def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           pk: Optional[torch.Tensor], pv: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                           causal: bool = True, gate_act: str = "tanh", scale: Optional[float] = None,
+                           kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LLaMA-Adapter attention: word branch + phi(gate) * prompt branch, two separate softmaxes.
+
+    q [B, Tq, H, d]; k, v [B, Tk, Hkv, d]; pk, pv [Bp, K, Hkv, d] with Bp in {1, B} (or None / K = 0: plain
+    attention); gate [H] (phi = tanh for gate_act="tanh", identity for "identity").
+    Query head h uses kv head h // (H // Hkv). Scale defaults to 1/sqrt(d).
+    Word branch: softmax over keys j allowed for query i: j <= i + (Tk - Tq) when causal, and
+    j >= kv_start[b] when kv_start [B] (left padding) is given; a query with no allowed key gets 0 from it.
+    Prompt branch: softmax over all K prompt tokens (prompts carry no RoPE and are never masked).
+    Computed in fp32 (fp64 for fp64 q), returned in q's dtype.
+    """
+    B, Tq, H, d = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"H ({H}) must be a multiple of Hkv ({Hkv})")
+    rep = H // Hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(acc).transpose(1, 2)  # [B, H, Tq, d]
+    kf = k.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)
+    vf = v.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)
+    s = (qf @ kf.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    j = torch.arange(Tk, device=q.device)
+    if causal:
+        i = torch.arange(Tq, device=q.device)
+        allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
+    if kv_start is not None:
+        allowed = allowed & (j[None, None, None, :] >= kv_start.to(q.device).view(B, 1, 1, 1))
+    # masked scores get the most negative finite value (exp underflows to exactly 0); multiplying by the mask
+    # zeroes rows that have no allowed key without producing NaN in either direction.
+    s = s.masked_fill(~allowed, torch.finfo(acc).min)
+    a = torch.softmax(s, dim=-1) * allowed
+    out = a @ vf
+    if pk is not None and pk.shape[1] > 0:
+        pkf = pk.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)  # [Bp, H, K, d]
+        pvf = pv.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)
+        b = torch.softmax((qf @ pkf.transpose(-1, -2)) * scale, dim=-1)
+        g = gate.to(acc)
+        if gate_act == "tanh":
+            g = torch.tanh(g)
+        elif gate_act != "identity":
+            raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
+        out = out + g.view(1, H, 1, 1) * (b @ pvf)
+    return out.transpose(1, 2).to(q.dtype)

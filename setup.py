@@ -1,0 +1,156 @@
+"""Build lladapter_ext._C: a CUDAExtension when the installed torch has CUDA and nvcc is found, else a
+CppExtension with the CPU kernels only.
+
+Environment knobs:
+  LLADAPTER_BUILD_CUDA=0/1   force the CPU-only or the CUDA build (1 fails loudly if CUDA cannot be built)
+  TORCH_CUDA_ARCH_LIST       CUDA archs (default: the visible GPU's, else "8.0;9.0")
+  LLADAPTER_CPU_ISA          auto (default: AVX2+FMA when this machine has them) | avx2 | default
+  LLADAPTER_DEBUG=1          -O0 -g (device code -G) instead of release flags
+  MAX_JOBS                   parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def log(msg):
+    print(f"[lladapter setup] {msg}", file=sys.stderr)
+
+
+def is_cuda_root(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The CUDA toolkit root. /usr/local/bin/nvcc may be a wrapper script, so a candidate only counts when it
+    holds both bin/nvcc and include/cuda_runtime.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"` names the real one
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                for tok in head.decode(errors="ignore").split():
+                    if tok.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if is_cuda_root(c):
+            return os.path.realpath(c)
+    return None
+
+
+def pip_cuda_include_dirs():
+    """Headers shipped by the nvidia-* pip packages (e.g. cusparse.h, which ATen/cuda/CUDAContext.h includes)."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
+
+
+def cpu_isa():
+    want = os.environ.get("LLADAPTER_CPU_ISA", "auto").lower()
+    if want in ("default", "none", "generic"):
+        return "default"
+    if want == "avx2":
+        return "avx2"
+    if want != "auto":
+        raise SystemExit(f"LLADAPTER_CPU_ISA must be auto, avx2 or default, got {want!r}")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((l for l in f if l.startswith("flags")), "").split())
+    except OSError:
+        return "default"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
+
+
+def main():
+    force = os.environ.get("LLADAPTER_BUILD_CUDA")
+    debug = os.environ.get("LLADAPTER_DEBUG", "0") == "1"
+    cuda_home = find_cuda_home()
+    torch_cuda = torch.version.cuda is not None
+    if force == "1":
+        if not torch_cuda:
+            raise SystemExit("LLADAPTER_BUILD_CUDA=1 but the installed torch has no CUDA "
+                             f"(torch {torch.__version__}); install a CUDA build of torch")
+        if cuda_home is None:
+            raise SystemExit("LLADAPTER_BUILD_CUDA=1 but no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) was "
+                             "found; set CUDA_HOME")
+        with_cuda = True
+    elif force == "0":
+        with_cuda = False
+    elif force not in (None, ""):
+        raise SystemExit(f"LLADAPTER_BUILD_CUDA must be 0 or 1, got {force!r}")
+    else:
+        with_cuda = torch_cuda and cuda_home is not None
+
+    isa = cpu_isa()
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-fvisibility=hidden"]
+    defines = [f'-DLLADAPTER_CPU_ISA="{isa}"']
+    if isa == "avx2":
+        # at::vec picks its 256-bit implementation from these macros, as ATen's own AVX2 kernels do.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    extra = {"cxx": cxx + defines}
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home
+        os.environ["CUDA_HOME"] = cuda_home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            archs = None
+            try:
+                if torch.cuda.is_available():
+                    archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                             for i in range(torch.cuda.device_count())}))
+            except Exception:  # noqa: BLE001 - no driver is the normal case on build machines
+                archs = None
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs or DEFAULT_ARCHS
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        log(f"CUDA build: CUDA_HOME={cuda_home}, archs {archs}, torch {torch.__version__}")
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs += pip_cuda_include_dirs()
+        defines += ["-DLLADAPTER_WITH_CUDA", f'-DLLADAPTER_CUDA_ARCHS="{archs}"']
+        extra["cxx"] = cxx + defines
+        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
+            "--expt-relaxed-constexpr"] + defines
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        archs = ""
+        why = "forced by LLADAPTER_BUILD_CUDA=0" if force == "0" else (
+            "torch has no CUDA" if not torch_cuda else "no CUDA toolkit found")
+        log(f"CPU-only build ({why}), torch {torch.__version__}")
+        ext_cls = cpp_extension.CppExtension
+    with open(os.path.join(ROOT, "lladapter_ext", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"TORCH_CUDA = {torch.version.cuda!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+        f.write(f"CUDA_ARCHS = {archs!r}\n")
+        f.write(f"CPU_ISA = {isa!r}\n")
+        f.write(f"DEBUG = {debug!r}\n")
+
+    ext = ext_cls("lladapter_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                  undef_macros=["NDEBUG"] if debug else [])
+    setup(
+        packages=find_packages(include=["lladapter_ext", "lladapter_ext.*"]),
+        ext_modules=[ext],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+main()

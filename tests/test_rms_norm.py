@@ -1,0 +1,230 @@
+"""RMSNorm op: kernels vs reference.py, gradients, opcheck, compile, bad inputs (CPU; CUDA mirrors)."""
+import pytest
+import torch
+
+from lladapter_ext import nn as lnn
+from lladapter_ext import ops, reference
+
+from conftest import DEVICES
+
+# Tolerances by dtype. The kernel and the reference differ only in fp32 summation order (a few ulp of fp32 in
+# rstd); in bf16/fp16 that can flip a rounding of the normalised value and of the product: at most ~2 ulp of
+# the dtype (bf16 ulp = 2^-8 relative, fp16 ulp = 2^-11 relative).
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2 * 2**-8, atol=2 * 2**-8),
+    torch.float16: dict(rtol=2 * 2**-11, atol=2 * 2**-11),
+}
+# Gradients add a reduction over the row in fp32 on both sides plus the cast of dx to the dtype.
+GRAD_TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: dict(rtol=3 * 2**-8, atol=3 * 2**-8),
+    torch.float16: dict(rtol=3 * 2**-11, atol=3 * 2**-11),
+}
+WIDTHS = [1, 3, 64, 4095, 4096, 8193]
+
+
+def _inputs(shape, dtype, device, wdtype=None):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    w = (1 + 0.5 * torch.randn(shape[-1], device=device)).to(wdtype or dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_forward_matches_reference(device, dtype, width):
+    x, w = _inputs((2, 5, width), dtype, device)
+    y = ops.rms_norm(x, w, 1e-6)
+    ref = reference.rms_norm(x, w, 1e-6)
+    assert y.dtype == ref.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_fp32_weight(device, dtype):
+    # AMP case: half activations, fp32 weight -> fp32 output (cast before the weight multiply)
+    x, w = _inputs((7, 4096), dtype, device, wdtype=torch.float32)
+    y = ops.rms_norm(x, w, 1e-5)
+    ref = reference.rms_norm(x, w, 1e-5)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_matches_fp64_math(device):
+    # independent of reference.py: the definition written out in float64
+    x, w = _inputs((3, 257), torch.float32, device)
+    xd, wd = x.double(), w.double()
+    expect = wd * xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6).double(), expect, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("width", [3, 4096, 8193])
+def test_backward_matches_reference(device, dtype, wdtype, width):
+    x, w = _inputs((4, 3, width), dtype, device, wdtype)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x2, w2 = x.float().requires_grad_(), w.float().requires_grad_()
+    y1 = ops.rms_norm(x1, w1, 1e-6)
+    gy = torch.randn_like(y1)
+    y1.backward(gy)
+    # reference gradients from fp32 copies of the same inputs (the fp32 math that the kernel performs)
+    y2 = reference.rms_norm(x2, w2, 1e-6)
+    y2.backward(gy.float())
+    assert x1.grad.dtype == dtype and w1.grad.dtype == w.dtype
+    torch.testing.assert_close(x1.grad.float(), x2.grad, **GRAD_TOL[dtype])
+    # dweight sums `width`-independent row contributions over 12 rows; relative to the largest entry
+    dw_tol = GRAD_TOL[dtype]["rtol"] * w2.grad.abs().max().item()
+    torch.testing.assert_close(w1.grad.float(), w2.grad, rtol=0, atol=dw_tol + 1e-5)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.rms_norm(a, b, 1e-5), (x, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    x, w = _inputs((4, 33), dtype, device)
+    x.requires_grad_()
+    w.requires_grad_()
+    torch.library.opcheck(torch.ops.lladapter.rms_norm.default, (x, w, 1e-6))
+    if device == "cpu":
+        xd = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+        wd = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(torch.ops.lladapter.rms_norm.default, (xd, wd, 1e-6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_op(device):
+    x, w = _inputs((4, 33), torch.float32, device)
+    y, rstd = torch.ops.lladapter.rms_norm(x, w, 1e-6)
+    torch.library.opcheck(torch.ops.lladapter.rms_norm_backward.default, (torch.randn_like(y), x, w, rstd))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x, w = _inputs((0, 16), torch.float32, device)
+    x.requires_grad_()
+    y = ops.rms_norm(x, w)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    base = torch.randn(8, 64, device=device)
+    x = base[:, ::2]  # stride 2 in the normalised dim
+    w = torch.rand(32, device=device) + 0.5
+    torch.testing.assert_close(ops.rms_norm(x, w), reference.rms_norm(x, w), **TOL[torch.float32])
+    xt = torch.randn(16, 8, device=device).t()  # transposed
+    w8 = torch.rand(16, device=device)
+    torch.testing.assert_close(ops.rms_norm(xt, w8), reference.rms_norm(xt, w8), **TOL[torch.float32])
+
+
+def test_dweight_deterministic_across_threads():
+    x, w = _inputs((999, 129), torch.float32, "cpu")
+    gy = torch.randn(999, 129)
+    _, rstd = torch.ops.lladapter.rms_norm(x, w, 1e-6)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        dx1, dw1 = torch.ops.lladapter.rms_norm_backward(gy, x, w, rstd)
+        torch.set_num_threads(max(2, prev))
+        dx2, dw2 = torch.ops.lladapter.rms_norm_backward(gy, x, w, rstd)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(dw1, dw2) and torch.equal(dx1, dx2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_name_the_argument(device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[8\]"):
+        ops.rms_norm(x, torch.ones(7, device=device))
+    with pytest.raises(RuntimeError, match=r"weight must have shape"):
+        ops.rms_norm(x, torch.ones(2, 8, device=device))
+    with pytest.raises(RuntimeError, match=r"weight must have x's dtype"):
+        ops.rms_norm(x, torch.ones(8, dtype=torch.float16, device=device))
+    with pytest.raises(RuntimeError, match=r"x must have dtype in"):
+        ops.rms_norm(torch.ones(4, 8, dtype=torch.int32, device=device), torch.ones(8, device=device))
+    with pytest.raises(RuntimeError, match=r"x must have at least 1 dimension"):
+        ops.rms_norm(torch.tensor(1.0, device=device), torch.ones(1, device=device))
+    with pytest.raises(RuntimeError, match=r"last \(normalised\) dimension must be non-empty"):
+        ops.rms_norm(torch.ones(4, 0, device=device), torch.ones(0, device=device))
+    with pytest.raises(RuntimeError, match=r"eps must be >= 0"):
+        ops.rms_norm(x, torch.ones(8, device=device), -1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_bad_inputs(device):
+    x = torch.randn(4, 8, device=device)
+    w = torch.ones(8, device=device)
+    _, rstd = torch.ops.lladapter.rms_norm(x, w, 1e-6)
+    with pytest.raises(RuntimeError, match=r"grad_y must have x's shape"):
+        torch.ops.lladapter.rms_norm_backward(torch.ones(4, 7, device=device), x, w, rstd)
+    with pytest.raises(RuntimeError, match=r"rstd must hold one value per row"):
+        torch.ops.lladapter.rms_norm_backward(torch.ones(4, 8, device=device), x, w, rstd[:2])
+    with pytest.raises(RuntimeError, match=r"rstd must have dtype"):
+        torch.ops.lladapter.rms_norm_backward(torch.ones(4, 8, device=device), x, w, rstd.double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for a cross-device argument")
+def test_device_mismatch_names_argument():
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"weight"):
+        ops.rms_norm(x, torch.ones(8))
+
+
+def test_cuda_dtype_double_refused_or_cpu_only():
+    # fp64 is a CPU-only (gradcheck) path; the CUDA kernel refuses it by name.
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible: the CUDA fp64 refusal cannot be exercised here")
+    with pytest.raises(RuntimeError, match=r"x must have dtype in"):
+        ops.rms_norm(torch.ones(2, 4, dtype=torch.float64, device="cuda"),
+                     torch.ones(4, dtype=torch.float64, device="cuda"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_and_torch_compile(device):
+    m = lnn.RMSNorm(48, eps=1e-5, device=device)
+    with torch.no_grad():
+        m.weight.normal_()
+
+    def f(x):
+        return m(x * 2.0).relu().sum(-1)
+
+    x = torch.randn(6, 48, device=device, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    out = compiled(x)
+    ref = (reference.rms_norm(x * 2.0, m.weight, 1e-5)).relu().sum(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None and m.weight.grad is not None
+
+
+def test_torch_compile_inductor_cpu():
+    w = torch.rand(32) + 0.5
+
+    @torch.compile(fullgraph=True)
+    def f(x):
+        return ops.rms_norm(x + 1, w, 1e-6) * 3
+
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(f(x), reference.rms_norm(x + 1, w, 1e-6) * 3, rtol=1e-5, atol=1e-5)
+
+
+def test_build_info():
+    import lladapter_ext
+    info = lladapter_ext.build_info()
+    assert set(info) >= {"with_cuda", "cuda_archs", "torch_version", "cpu_isa"}
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    if info["with_cuda"]:
+        assert info["cuda_archs"]
