@@ -1,0 +1,109 @@
+"""Timing helpers shared by the benchmarks: median wall time (CUDA events on GPU), copy-bandwidth anchor,
+and a plain-text table with ratios against anchors measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10,
+          min_time: float = 0.0) -> float:
+    """Median seconds per call of fn over `iters` timed calls (after `warmup`), at least min_time in total."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < iters or (time.perf_counter() - start_all) < min_time:
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * iters:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), the anchor for memory-bound kernels."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    return 2 * n * 4 / t
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when a GPU is visible)")
+    p.add_argument("--quick", action="store_true", help="small shapes and few iterations (smoke run)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per case")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    return p
+
+
+class Table:
+    """Rows of (case, impl, seconds, extra) printed with the ratio anchor_time / time (>1 = faster)."""
+
+    def __init__(self, title: str, device: str):
+        self.title, self.device, self.rows = title, device, []
+
+    def add(self, case: str, impl: str, seconds: float, anchor: Optional[str] = None, **extra):
+        self.rows.append(dict(case=case, impl=impl, seconds=seconds, anchor=anchor, **extra))
+
+    def ratio(self, row) -> Optional[float]:
+        if not row["anchor"]:
+            return None
+        base = next((r for r in self.rows if r["case"] == row["case"] and r["impl"] == row["anchor"]), None)
+        return None if base is None else base["seconds"] / row["seconds"]
+
+    def print(self):
+        print(f"\n== {self.title} — {machine_name(self.device)}, torch {torch.__version__}")
+        print(f"{'case':44s} {'impl':28s} {'time':>11s}  {'speed-up':>16s}  extra")
+        for r in self.rows:
+            rt = self.ratio(r)
+            sp = f"{rt:6.2f}x vs {r['anchor']}" if rt is not None else ""
+            extra = "  ".join(f"{k}={v}" for k, v in r.items()
+                              if k not in ("case", "impl", "seconds", "anchor"))
+            print(f"{r['case']:44s} {r['impl']:28s} {r['seconds'] * 1e3:9.3f}ms  {sp:>16s}  {extra}")
+
+    def dump(self, path: Optional[str]):
+        if not path:
+            return
+        rows = [dict(r, ratio=self.ratio(r)) for r in self.rows]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(title=self.title, machine=machine_name(self.device), torch=torch.__version__,
+                           rows=rows), f, indent=1)
