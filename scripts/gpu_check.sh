@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one prepared script for a CUDA machine (no internet): build from source, run the tests (CUDA variants
+# included), compute-sanitizer over the CUDA tests when time allows, and the GPU benchmarks. Everything it
+# prints goes to OUT/gpu-check.log; results to OUT/*.json. Budget: under 8 minutes on an H100.
+#   scripts/gpu_check.sh [OUT]        (default OUT: $OUT if set, else gpu-check-out)
+#   PYTHON=...  interpreter to use (default: .venv/bin/python if present, else python3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-gpu-check-out}}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG="$OUT_DIR/gpu-check.log"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+step() { echo "== [$(elapsed)s] $*" | tee -a "$LOG"; }
+status=0
+
+: > "$LOG"
+step "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi";
+  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())';
+  nvcc --version 2>&1 | tail -1; } >> "$LOG" 2>&1
+
+step "build from source (setup.py build_ext --inplace)"
+if ! $PY setup.py build_ext --inplace >> "$LOG" 2>&1; then
+  step "BUILD FAILED"; tail -40 "$LOG"; exit 1
+fi
+$PY -c 'import lladapter_ext; print(lladapter_ext.build_info())' >> "$LOG" 2>&1 || status=1
+
+step "pytest (all tests; CUDA variants run when a GPU is visible)"
+timeout 240 $PY -m pytest tests -q -x -rs --junitxml="$OUT_DIR/pytest.xml" >> "$LOG" 2>&1 || { status=1; step "pytest FAILED"; }
+
+if command -v compute-sanitizer >/dev/null 2>&1 && [ "$(elapsed)" -lt 300 ]; then
+  step "compute-sanitizer memcheck on the CUDA tests"
+  timeout $(( 400 - $(elapsed) )) compute-sanitizer --tool memcheck --error-exitcode 3 \
+      $PY -m pytest tests -q -x -k cuda -p no:cacheprovider >> "$LOG" 2>&1
+  rc=$?
+  [ $rc -eq 124 ] && step "compute-sanitizer: out of time (not a failure)"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && { status=1; step "compute-sanitizer FAILED (rc $rc)"; }
+else
+  step "compute-sanitizer skipped (not found or out of time)"
+fi
+
+for b in benchmarks/bench_*.py; do
+  [ "$(elapsed)" -lt 420 ] || { step "skipping $b: out of time"; continue; }
+  name=$(basename "$b" .py)
+  step "$name"
+  timeout 120 $PY "$b" --device cuda --json "$OUT_DIR/$name.json" >> "$LOG" 2>&1 || { status=1; step "$name FAILED"; }
+done
+
+step "done, status $status"
+exit $status
