@@ -35,7 +35,7 @@ $(DEPS_STAMP): Makefile
 # First build: the editable install (registers the package and compiles the extension in place).
 # Later source changes: build_ext --inplace, where ninja recompiles only what changed (build/).
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) pyproject.toml
-	@if $(PIP) show -q lladapter_ext >/dev/null 2>&1 && ls lladapter_ext/_C*.so >/dev/null 2>&1; then \
+	@if [ $(VENV)/bin/lladapter -nt pyproject.toml ] && ls lladapter_ext/_C*.so >/dev/null 2>&1; then \
 		$(PY) setup.py -q build_ext --inplace; \
 	else \
 		$(PIP) install --no-build-isolation --no-deps -e . ; \
