@@ -19,11 +19,12 @@ answer tokens are exactly the ones generation will produce after the prompt. Lab
 on prompt positions; models shift them (position t predicts labels[t + 1]), so labels[0] never counts.
 
 Batching (``Batches``): one epoch is a deterministic function of (seed, epoch): a shuffle, then, when grouping
-by length, a sort inside windows of ``group_window`` global micro-batches (so one batch holds similar lengths and
-little compute goes to padding) and a shuffle of the batch order. A *global* micro-batch holds
-``micro_batch_size * world_size`` rows; rank r takes its r-th slice (what DistributedSampler does, but the global
-batch is identical for any world size with the same global size, so runs on 1 or N processes see the same data).
-The position (epoch, index) is saved in checkpoints; loading it resumes the exact order.
+by length, a sort inside windows of ``group_window`` batches (so one batch holds similar lengths and little
+compute goes to padding) and a shuffle of the batch order. The order is drawn over the rows of whole optimizer
+steps (effective batch); each step is cut into accumulation micro-batches and per-process slices (what
+DistributedSampler does), so 1 or N processes, with or without accumulation, see the same rows per step when
+the effective batch is the same. The position (epoch, index) is saved in checkpoints; loading it resumes the
+exact order.
 """
 from __future__ import annotations
 
@@ -529,26 +530,26 @@ def collate(rows: Sequence[Example], pad_id: int, *, pad_to_multiple_of: int | N
     return batch
 
 
-def epoch_order(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, *,
+def epoch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *,
                 group_by_length: bool = True, group_window: int = 16) -> list[list[int]]:
-    """The global micro-batches of one epoch: lists of ``global_batch`` row indices (an incomplete last batch is
-    dropped). A pure function of its arguments, so any process and any resumed run computes the same order.
+    """The batches of one epoch: lists of ``batch_size`` row indices (an incomplete last batch is dropped).
+    A pure function of its arguments, so any process and any resumed run computes the same order.
 
     With ``group_by_length``: shuffle, sort by length (longest first) inside windows of ``group_window``
     batches, cut into batches, shuffle the batch order. Rows of one batch then have similar lengths.
     """
-    if global_batch < 1:
-        raise ValueError(f"global_batch must be >= 1, got {global_batch}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     rng = random.Random(int(seed) * 1_000_003 + int(epoch))
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if group_by_length:
-        window = global_batch * max(1, group_window)
+        window = batch_size * max(1, group_window)
         order = [i for s in range(0, len(order), window)
                  for i in sorted(order[s:s + window], key=lambda j: -lengths[j])]
-    batches = [order[s:s + global_batch] for s in range(0, len(order) - global_batch + 1, global_batch)]
+    batches = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
     if group_by_length:
         rng.shuffle(batches)
     return batches
@@ -557,9 +558,9 @@ def epoch_order(lengths: Sequence[int], global_batch: int, seed: int, epoch: int
 @dataclass
 class StepBatch:
     """The data of one optimizer step on this process: ``grad_accum_steps`` local micro-batches, and the number
-    of loss tokens in the whole global step (all micro-batches, all processes), which normalises the loss."""
+    of loss tokens in the whole step (all micro-batches, all processes), which normalises the loss."""
     epoch: int
-    index: int  # global micro-batches of this epoch consumed before this step
+    index: int  # optimizer steps of this epoch done before this one
     micro_batches: list[dict[str, torch.Tensor]]
     n_loss_tokens_global: int
     n_tokens_local: int  # real (non-padding) tokens this process runs, for tokens/s
@@ -568,9 +569,12 @@ class StepBatch:
 class Batches:
     """Deterministic, resumable, sharded iteration over optimizer steps.
 
-    ``micro_batch_size`` rows per process per micro-batch; ``grad_accum_steps`` micro-batches per optimizer
-    step; ``world_size`` processes, this one being ``rank``. Every epoch has the same number of steps
-    (``steps_per_epoch``); a tail that does not fill a step is dropped (different rows each epoch).
+    The order is drawn over *step batches* of ``effective_batch = micro_batch_size * world_size *
+    grad_accum_steps`` rows (``epoch_order``); a step batch is cut into ``grad_accum_steps`` micro-batches of
+    ``micro_batch_size * world_size`` rows, and process ``rank`` takes its slice of each. So the rows of every
+    optimizer step depend only on (seed, epoch, effective_batch): 1 process x 4 rows, 1 x 2 rows x 2
+    accumulation steps and 2 processes x 2 rows train on the same data. Every epoch has the same number of
+    steps (``steps_per_epoch``); the rows that do not fill a step are dropped (different rows each epoch).
     """
 
     def __init__(self, dataset: TokenizedDataset, micro_batch_size: int, *, grad_accum_steps: int = 1,
@@ -591,50 +595,46 @@ class Batches:
         self.group_by_length = group_by_length
         self.group_window = group_window
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.global_micro_batch = micro_batch_size * world_size
+        self.effective_batch = micro_batch_size * world_size * grad_accum_steps
         self._lengths = dataset.lengths
         self._loss_tokens = [e.n_loss_tokens for e in dataset.examples]
-        self.steps_per_epoch = (len(dataset) // self.global_micro_batch) // grad_accum_steps
+        self.steps_per_epoch = len(dataset) // self.effective_batch
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the data set has {len(dataset)} rows, fewer than one optimizer step needs "
                 f"(micro_batch_size {micro_batch_size} x world_size {world_size} x grad_accum_steps "
-                f"{grad_accum_steps} = {self.global_micro_batch * grad_accum_steps})")
+                f"{grad_accum_steps} = {self.effective_batch})")
         self.epoch = 0
         self.index = 0
         self._order_cache: tuple[int, list[list[int]]] | None = None
 
-    @property
-    def effective_batch(self) -> int:
-        """Rows per optimizer step over all processes (what lr = blr * effective_batch / 256 uses)."""
-        return self.global_micro_batch * self.grad_accum_steps
-
     def _order(self, epoch: int) -> list[list[int]]:
         if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_order(self._lengths, self.global_micro_batch, self.seed, epoch,
+            self._order_cache = (epoch, epoch_order(self._lengths, self.effective_batch, self.seed, epoch,
                                                     group_by_length=self.group_by_length,
                                                     group_window=self.group_window))
         return self._order_cache[1]
 
-    def local_rows(self, global_rows: Sequence[int]) -> list[int]:
+    def step_rows(self, epoch: int, index: int) -> list[list[int]]:
+        """This process's rows of each micro-batch of step ``index`` of ``epoch``."""
+        rows = self._order(epoch)[index]
+        micro = self.micro_batch_size * self.world_size
         b = self.micro_batch_size
-        return list(global_rows[self.rank * b:(self.rank + 1) * b])
+        return [rows[m * micro + self.rank * b: m * micro + (self.rank + 1) * b]
+                for m in range(self.grad_accum_steps)]
 
     def next_step(self) -> StepBatch:
         """The next optimizer step's data; advances the position."""
-        if self.index >= self.steps_per_epoch * self.grad_accum_steps:
+        if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        order = self._order(self.epoch)
-        global_batches = order[self.index:self.index + self.grad_accum_steps]
-        micro, n_global, n_local = [], 0, 0
-        for rows in global_batches:
-            n_global += sum(self._loss_tokens[i] for i in rows)
-            local = self.local_rows(rows)
+        n_global = sum(self._loss_tokens[i] for i in self._order(self.epoch)[self.index])
+        micro, n_local = [], 0
+        for local in self.step_rows(self.epoch, self.index):
             n_local += sum(self._lengths[i] for i in local)
             micro.append(collate([self.dataset[i] for i in local], self.dataset.pad_id,
                                  pad_to_multiple_of=self.pad_to_multiple_of))
         step = StepBatch(self.epoch, self.index, micro, n_global, n_local)
-        self.index += self.grad_accum_steps
+        self.index += 1
         return step
 
     def __iter__(self) -> Iterator[StepBatch]:
@@ -643,16 +643,16 @@ class Batches:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "global_micro_batch": self.global_micro_batch, "grad_accum_steps": self.grad_accum_steps,
-                "group_by_length": self.group_by_length, "n_rows": len(self.dataset)}
+                "effective_batch": self.effective_batch, "group_by_length": self.group_by_length,
+                "group_window": self.group_window, "n_rows": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved position; the batch layout must match, else the order would differ silently."""
-        for key in ("seed", "global_micro_batch", "grad_accum_steps", "group_by_length", "n_rows"):
-            mine = self.state_dict()[key]
-            if key in state and state[key] != mine:
+        """Resume at a saved position; the order's inputs must match, else the order would differ silently."""
+        mine = self.state_dict()
+        for key in ("seed", "effective_batch", "group_by_length", "group_window", "n_rows"):
+            if key in state and state[key] != mine[key]:
                 raise ValueError(f"cannot resume the data order: {key} was {state[key]} in the checkpoint, "
-                                 f"is {mine} now")
+                                 f"is {mine[key]} now")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 

@@ -194,31 +194,36 @@ def test_batches_resume_at_saved_position_reproduces_order_across_epochs():
     assert straight.steps_per_epoch == 6 and straight.effective_batch == 6
     steps = [straight.next_step() for _ in range(15)]
     assert [s.epoch for s in steps] == [0] * 6 + [1] * 6 + [2] * 3
+    assert all(len(s.micro_batches) == 2 and len(s.micro_batches[0]["input_ids"]) == 3 for s in steps)
     first = D.Batches(ds, 3, grad_accum_steps=2, seed=5)
     for _ in range(8):
         first.next_step()
     state = first.state_dict()
+    assert (state["epoch"], state["index"]) == (1, 2)
     resumed = D.Batches(ds, 3, grad_accum_steps=2, seed=5)
     resumed.load_state_dict(state)
     for k in range(8, 15):
         assert _same(resumed.next_step(), steps[k])
     other = D.Batches(ds, 3, grad_accum_steps=1, seed=5)
-    with pytest.raises(ValueError, match="grad_accum_steps was 2 in the checkpoint, is 1 now"):
+    with pytest.raises(ValueError, match="effective_batch was 6 in the checkpoint, is 3 now"):
         other.load_state_dict(state)
 
 
-def test_batches_shard_the_same_global_batch_across_ranks():
+def _rows(step):  # each row's labels without padding, in step order
+    return [[x for x in row if x != -100] for m in step.micro_batches for row in m["labels"].tolist()]
+
+
+def test_steps_hold_the_same_rows_however_the_effective_batch_is_split():
     ds = _dataset(50)
     single = D.Batches(ds, 4, seed=1)
-    ranks = [D.Batches(ds, 2, world_size=2, rank=r, seed=1) for r in range(2)]
+    accum = D.Batches(ds, 2, grad_accum_steps=2, seed=1)
+    ranks = [D.Batches(ds, 1, grad_accum_steps=2, world_size=2, rank=r, seed=1) for r in range(2)]
     for _ in range(single.steps_per_epoch + 2):
-        s = single.next_step()
+        s, a = single.next_step(), accum.next_step()
         parts = [r.next_step() for r in ranks]
-        assert all(p.n_loss_tokens_global == s.n_loss_tokens_global for p in parts)
-        rows = [row for p in parts for row in p.micro_batches[0]["labels"].tolist()]
-        whole = s.micro_batches[0]["labels"].tolist()
-        strip = lambda r: [x for x in r if x != -100]  # noqa: E731  (padding widths differ per rank)
-        assert [strip(r) for r in rows] == [strip(r) for r in whole]
+        assert all(p.n_loss_tokens_global == s.n_loss_tokens_global for p in parts + [a])
+        assert sorted(_rows(a)) == sorted(_rows(s)) == sorted(_rows(parts[0]) + _rows(parts[1]))
+        assert not set(map(tuple, _rows(parts[0]))) & set(map(tuple, _rows(parts[1])))
         assert s.n_loss_tokens_global == sum(int((m["labels"][:, 1:] != -100).sum()) for m in s.micro_batches)
 
 
