@@ -1,0 +1,509 @@
+"""LLaMA-family decoder with LLaMA-Adapter prompts, built on the lladapter ops.
+
+One config type (`LlamaConfig`) covers LLaMA-1/2/3/3.1, Mistral-7B-style and SmolLM2 models (presets by name in
+`PRESETS`). Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...); the
+loaders in lladapter_ext.loaders map Hugging Face and GGUF names onto them.
+
+Adapter (DESIGN.md section 2): the top `adapter_layer` layers (clipped to the depth) each own a prompt
+`adapter_prompt` [K, D] and a per-head gate `adapter_gate` [H] initialised to zero. The prompt is projected by the
+layer's own wk/wv (no RoPE) and attended with a separate softmax; the result is scaled by phi(gate) (tanh or
+identity) and added to the word attention. Only prompts and gates require grad. Adapter tensors are kept in fp32
+whatever the model dtype (they are what the optimiser updates) and cast to the compute dtype where used.
+
+RoPE layout: `rope_interleaved=True` is Meta's/GGUF's layout of the q/k features (pairs (2i, 2i+1)), False HF's
+rotate_half layout (pairs (i, i + d/2)). The loaders keep the checkpoint's layout and set this flag, so no weight
+is permuted; adapters are layout-independent (prompts live in model space, gates are per head).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, reference
+from .nn import RMSNorm
+
+__all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "config_from_preset"]
+
+GATE_ACTS = ("tanh", "identity")
+
+
+@dataclass
+class LlamaConfig:
+    """Architecture and adapter hyper-parameters of a LLaMA-family decoder."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: = n_heads (multi-head attention)
+    ffn_dim: int = 11008
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama-3.1 "llama3" scaling, see reference.rope_inv_freq
+    rope_interleaved: bool = False  # q/k feature layout: True = Meta/GGUF pairs (2i, 2i+1), False = HF rotate_half
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    # adapter
+    adapter_len: int = 10
+    adapter_layer: int = 30
+    gate_act: str = "tanh"
+    adapter_init_std: float = 1.0  # prompts start as N(0, std^2), like an nn.Embedding
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"LlamaConfig: dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
+                                 "when head_dim is not given")
+            self.head_dim = self.dim // self.n_heads
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LlamaConfig: {name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.adapter_len < 0 or self.adapter_layer < 0:
+            raise ValueError(f"LlamaConfig: adapter_len and adapter_layer must be >= 0, got {self.adapter_len}, "
+                             f"{self.adapter_layer}")
+        if self.gate_act not in GATE_ACTS:
+            raise ValueError(f"LlamaConfig: gate_act must be one of {GATE_ACTS}, got {self.gate_act!r}")
+
+    @property
+    def n_adapted_layers(self) -> int:
+        """Number of layers that carry a prompt: adapter_layer clipped to the depth (0 when adapter_len is 0)."""
+        return min(self.adapter_layer, self.n_layers) if self.adapter_len > 0 else 0
+
+    @property
+    def first_adapted_layer(self) -> int:
+        return self.n_layers - self.n_adapted_layers
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _llama1(dim, n_layers, n_heads, ffn_dim):
+    return dict(vocab_size=32000, dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim, norm_eps=1e-6,
+                max_seq_len=2048)
+
+
+def _llama2(dim, n_layers, n_heads, ffn_dim, n_kv_heads=None):
+    return dict(vocab_size=32000, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                ffn_dim=ffn_dim, norm_eps=1e-5, max_seq_len=4096)
+
+
+_LLAMA3 = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, norm_eps=1e-5,
+               rope_base=500000.0, max_seq_len=8192)
+_SMOLLM2 = dict(vocab_size=49152, norm_eps=1e-5, rope_base=100000.0, max_seq_len=8192, tie_embeddings=True)
+
+# Architecture hyper-parameters of the published checkpoints (their params.json / config.json).
+PRESETS: dict[str, dict] = {
+    "llama-7b": _llama1(4096, 32, 32, 11008),
+    "llama-13b": _llama1(5120, 40, 40, 13824),
+    "llama-33b": _llama1(6656, 60, 52, 17920),
+    "llama-65b": _llama1(8192, 80, 64, 22016),
+    "llama2-7b": _llama2(4096, 32, 32, 11008),
+    "llama2-13b": _llama2(5120, 40, 40, 13824),
+    "llama2-70b": _llama2(8192, 80, 64, 28672, n_kv_heads=8),
+    "llama3-8b": dict(_LLAMA3),
+    "llama3.1-8b": dict(_LLAMA3, max_seq_len=131072, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)),
+    # Mistral-7B v0.1 uses a 4096-token sliding window; this decoder attends to the full context.
+    "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       norm_eps=1e-5, max_seq_len=32768),
+    "smollm2-135m": dict(_SMOLLM2, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536),
+    "smollm2-360m": dict(_SMOLLM2, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560),
+    "smollm2-1.7b": dict(_SMOLLM2, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_dim=8192,
+                         rope_base=130000.0),
+}
+
+
+def config_from_preset(name: str, **overrides) -> LlamaConfig:
+    """LlamaConfig of a preset by name (see PRESETS), with any field overridden."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return LlamaConfig(**{**copy.deepcopy(PRESETS[key]), **overrides})
+
+
+# --------------------------------------------------------------------------------------------- cache
+class KVCache:
+    """Pre-allocated key/value cache for incremental decoding, plus what stays fixed across steps.
+
+    k[i], v[i]: [B, max_len, Hkv, d] for layer i, filled up to `length`. `kv_start` [B] is the index of each
+    sample's first real token (left padding; None when no sample is padded), `next_pos` [B] the RoPE position of
+    each sample's next token. `prompt_kv[i]` holds layer i's adapter prompt keys/values, computed on the first
+    forward that uses this cache and reused afterwards (they do not depend on the tokens).
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: Union[str, torch.device]):
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache: batch_size and max_len must be positive, got {batch_size}, {max_len}")
+        shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
+        self.kv_start: Optional[torch.Tensor] = None
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of one layer at [length, length + T) and return all keys/values so far."""
+        T = k.shape[1]
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {end} positions needed but the cache holds max_len={self.max_len}")
+        self.k[layer][:, self.length:end] = k
+        self.v[layer][:, self.length:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Optional[torch.Tensor]  # [B, T, vocab] (None when labels were given: only labelled positions ran)
+    loss: Optional[torch.Tensor] = None
+    cache: Optional[KVCache] = None
+
+
+# --------------------------------------------------------------------------------------------- modules
+class Attention(torch.nn.Module):
+    def __init__(self, config: LlamaConfig, adapted: bool, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = torch.nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False, device=device, dtype=dtype)
+        self.wk = torch.nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False, device=device, dtype=dtype)
+        self.wv = torch.nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False, device=device, dtype=dtype)
+        self.wo = torch.nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False, device=device, dtype=dtype)
+        self.gate_act = c.gate_act
+        self.rope_interleaved = c.rope_interleaved
+        if adapted:
+            self.adapter_prompt = torch.nn.Parameter(torch.empty(c.adapter_len, c.dim, device=device,
+                                                                 dtype=torch.float32))
+            self.adapter_gate = torch.nn.Parameter(torch.zeros(c.n_heads, device=device, dtype=torch.float32))
+        else:
+            self.adapter_prompt = None
+            self.adapter_gate = None
+
+    def prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's prompt keys/values [1, K, Hkv, d]: the prompt projected by wk/wv, without RoPE."""
+        p = self.adapter_prompt.to(self.wk.weight.dtype)
+        K = p.shape[0]
+        return (self.wk(p).view(1, K, self.n_kv_heads, self.head_dim),
+                self.wv(p).view(1, K, self.n_kv_heads, self.head_dim))
+
+    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache: Optional[KVCache], use_adapter: bool):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = ops.rope(q, k, cos, sin, position_ids=positions, interleaved=self.rope_interleaved)
+        if cache is not None:
+            k, v = cache.write(layer_idx, k, v)
+        pk = pv = gate = None
+        if use_adapter and self.adapter_prompt is not None:
+            if cache is not None:
+                if layer_idx not in cache.prompt_kv:
+                    cache.prompt_kv[layer_idx] = self.prompt_kv()
+                pk, pv = cache.prompt_kv[layer_idx]
+            else:
+                pk, pv = self.prompt_kv()
+            gate = self.adapter_gate
+        out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, gate_act=self.gate_act,
+                                         kv_start=kv_start)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(torch.nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: LlamaConfig, device=None, dtype=None):
+        super().__init__()
+        self.w1 = torch.nn.Linear(config.dim, config.ffn_dim, bias=False, device=device, dtype=dtype)
+        self.w2 = torch.nn.Linear(config.ffn_dim, config.dim, bias=False, device=device, dtype=dtype)
+        self.w3 = torch.nn.Linear(config.dim, config.ffn_dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(torch.nn.Module):
+    def __init__(self, config: LlamaConfig, adapted: bool, device=None, dtype=None):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
+        self.attention = Attention(config, adapted, device=device, dtype=dtype)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
+        self.feed_forward = FeedForward(config, device=device, dtype=dtype)
+
+    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache, use_adapter):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, kv_start, layer_idx, cache, use_adapter)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# --------------------------------------------------------------------------------------------- model
+class LlamaForCausalLM(torch.nn.Module):
+    """LLaMA-family decoder with LLaMA-Adapter prompts in the top layers; the base is frozen at construction.
+
+    `device="meta"` builds the structure without allocating weights (count_trainable() works; the loaders then
+    fill it tensor by tensor). Otherwise weights get a random init (normal std 0.02, norms ones, prompts
+    N(0, adapter_init_std^2), gates zero).
+    """
+
+    def __init__(self, config: LlamaConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"LlamaForCausalLM: config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self.tok_embeddings = torch.nn.Embedding(c.vocab_size, c.dim, device=device, dtype=dtype)
+        first = c.first_adapted_layer
+        self.layers = torch.nn.ModuleList(
+            TransformerBlock(c, adapted=(i >= first and c.n_adapted_layers > 0), device=device, dtype=dtype)
+            for i in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps, device=device, dtype=dtype)
+        self.output = None if c.tie_embeddings else torch.nn.Linear(c.dim, c.vocab_size, bias=False,
+                                                                     device=device, dtype=dtype)
+        self.use_adapter = True  # False runs the frozen base model (prompts ignored)
+        self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if torch.device(device or "cpu").type != "meta":
+            self.reset_parameters()
+        self.freeze_base()
+
+    # ---------------------------------------------------------------- parameters
+    @torch.no_grad()
+    def reset_parameters(self, base: bool = True, adapter: bool = True):
+        """Random init of the base weights (normal std 0.02, norms ones) and/or the adapter (prompts, gates 0)."""
+        for name, p in self.named_parameters():
+            if name.endswith("adapter_prompt"):
+                if adapter:
+                    p.normal_(0.0, self.config.adapter_init_std)
+            elif name.endswith("adapter_gate"):
+                if adapter:
+                    p.zero_()
+            elif base:
+                if p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def adapter_parameters(self) -> Iterator[torch.nn.Parameter]:
+        for name, p in self.named_parameters():
+            if _is_adapter_name(name):
+                yield p
+
+    def freeze_base(self):
+        """Only adapter prompts and gates require grad."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(_is_adapter_name(name))
+        return self
+
+    def count_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors only (prompts and gates), detached, by their parameter names."""
+        return {name: p.detach() for name, p in self.named_parameters() if _is_adapter_name(name)}
+
+    def save_adapter(self, path: Union[str, os.PathLike]):
+        """Write the adapter tensors to a safetensors file, with the adapter hyper-parameters as metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        meta = {"adapter_len": str(self.config.adapter_len), "adapter_layer": str(self.config.adapter_layer),
+                "gate_act": self.config.gate_act, "n_layers": str(self.config.n_layers),
+                "dim": str(self.config.dim), "n_heads": str(self.config.n_heads)}
+        save_file(tensors, os.fspath(path), metadata=meta)
+
+    def load_adapter(self, path_or_state_dict: Union[str, os.PathLike, dict]):
+        """Load prompts and gates from a safetensors file or a state dict; every adapter tensor must be present
+        with the right shape and nothing else may be (mismatches raise, naming the tensor)."""
+        source = "state dict"
+        if isinstance(path_or_state_dict, dict):
+            sd = path_or_state_dict
+        else:
+            from safetensors.torch import load_file
+
+            source = os.fspath(path_or_state_dict)
+            try:
+                sd = load_file(source)
+            except Exception as e:
+                raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
+        own = dict((n, p) for n, p in self.named_parameters() if _is_adapter_name(n))
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"load_adapter: {source} does not match this model's adapter "
+                             f"(adapter_len={self.config.adapter_len}, adapter_layer={self.config.adapter_layer}, "
+                             f"n_layers={self.config.n_layers}): missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        with torch.no_grad():
+            for name, p in own.items():
+                t = sd[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"load_adapter: tensor {name} in {source} has shape {list(t.shape)}, "
+                                     f"expected {list(p.shape)}")
+                if p.is_meta:
+                    _set_tensor(self, name, t.to(dtype=p.dtype), requires_grad=True)
+                else:
+                    p.copy_(t)
+        return self
+
+    # ---------------------------------------------------------------- forward
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        w = self.tok_embeddings.weight
+        return KVCache(self.config, batch_size, max_len, w.dtype, w.device)
+
+    def _rope_tables(self, n_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._rope_cache
+        if cached is None or cached[0].shape[0] < n_positions or cached[0].device != torch.device(device):
+            size = 1 << max(6, math.ceil(math.log2(max(n_positions, 1))))  # grow in powers of two
+            self._rope_cache = reference.rope_cos_sin(size, self.config.head_dim, self.config.rope_base,
+                                                      self.config.rope_scaling, device=device)
+        return self._rope_cache
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> CausalLMOutput:
+        """input_ids [B, T]; attention_mask [B, T] (or [B, cached + T]), 1 = real token, left or right padding;
+        labels [B, T] with -100 ignored, HF convention: the loss compares logits[:, :-1] with labels[:, 1:], and
+        only labelled positions go through the LM head (logits is then None); position_ids [B, T] (default: from
+        the mask, so that each sample's first real token has position 0); cache: a KVCache from new_cache()."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        B, T = input_ids.shape
+        dev = input_ids.device
+        past = cache.length if cache is not None else 0
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache was made for batch size {cache.batch_size}, input_ids has {B}")
+
+        kv_start = cache.kv_start if (cache is not None and past > 0) else None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (
+                    T, past + T):
+                raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]" +
+                                 (f" or [B, cached + T] = [{B}, {past + T}]" if past else "") +
+                                 f", got {list(attention_mask.shape)}")
+            m = attention_mask.to(device=dev) != 0
+            first, contiguous = _mask_first_real(m)
+            if not bool(contiguous.all()):
+                raise ValueError("attention_mask: the real tokens of each sample must be one contiguous run "
+                                 "(left or right padding only)")
+            if cache is not None and not bool(m[:, -1].all()):
+                raise ValueError("attention_mask: with a KV cache, prompts must be left-padded (the last position "
+                                 "of every sample must be a real token)")
+            if past == 0 or m.shape[1] == past + T:  # the mask covers every key
+                kv_start = first if bool((first > 0).any()) else None
+            elif not bool(m.all()):
+                raise ValueError("attention_mask: in decoding steps the new tokens must all be real")
+        if cache is not None and past == 0:
+            cache.kv_start = kv_start
+
+        if position_ids is None:
+            steps = torch.arange(T, device=dev).unsqueeze(0)
+            if cache is not None and past > 0:  # decoding: continue from each sample's last position
+                positions = cache.next_pos.view(B, 1) + steps
+            elif kv_start is not None:  # left padding: each sample's first real token is position 0
+                positions = (steps - kv_start.view(B, 1)).clamp_min(0)
+            else:
+                positions = steps.expand(B, T)
+        else:
+            if tuple(position_ids.shape) != (B, T):
+                raise ValueError(f"position_ids must be [B, T] = [{B}, {T}], got {list(position_ids.shape)}")
+            positions = position_ids.to(device=dev, dtype=torch.long)
+        n_pos = int(positions.max()) + 1 if positions.numel() else 1
+        cos, sin = self._rope_tables(n_pos, dev)
+
+        use_adapter = self.use_adapter and self.config.n_adapted_layers > 0
+        first_trainable = self._first_layer_needing_grad(use_adapter)
+        h = None
+        with torch.no_grad() if first_trainable > 0 else _nullcontext():
+            h = self.tok_embeddings(input_ids)
+            for i in range(first_trainable):
+                h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter)
+        for i in range(first_trainable, self.config.n_layers):
+            h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter)
+
+        if cache is not None:
+            cache.length = past + T
+            cache.next_pos = positions[:, -1] + 1
+
+        h = self.norm(h)
+        if labels is None:
+            logits = F.linear(h, self.lm_head_weight())
+            return CausalLMOutput(logits=logits, loss=None, cache=cache)
+        if tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must be [B, T] = [{B}, {T}], got {list(labels.shape)}")
+        targets = labels[:, 1:].to(dev)
+        keep = targets != -100
+        h_sel = h[:, :-1][keep]  # only labelled positions go through the (large) LM head
+        logits_sel = F.linear(h_sel, self.lm_head_weight()).float()
+        if logits_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
+            loss = h.sum().float() * 0.0
+        else:
+            loss = F.cross_entropy(logits_sel, targets[keep].long())
+        return CausalLMOutput(logits=None, loss=loss, cache=cache)
+
+    def _first_layer_needing_grad(self, use_adapter: bool) -> int:
+        """Layers below this index need no autograd graph: nothing in or below them requires grad."""
+        if not torch.is_grad_enabled():
+            return 0
+        if self.tok_embeddings.weight.requires_grad:
+            return 0
+        for i, layer in enumerate(self.layers):
+            if any(p.requires_grad and (use_adapter or not _is_adapter_name(n)) for n, p in layer.named_parameters()):
+                return i
+        return self.config.n_layers
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"layers={c.n_layers}, dim={c.dim}, heads={c.n_heads}/{c.n_kv_heads}, adapter_len={c.adapter_len}, "
+                f"adapted_layers={c.n_adapted_layers}, gate_act={c.gate_act}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _is_adapter_name(name: str) -> bool:
+    return name.endswith("adapter_prompt") or name.endswith("adapter_gate")
+
+
+def _mask_first_real(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the first real token per row and whether the real tokens form one contiguous run."""
+    L = m.shape[1]
+    idx = torch.arange(L, device=m.device).expand_as(m)
+    count = m.sum(1)
+    first = torch.where(m, idx, torch.full_like(idx, L)).min(1).values
+    last = torch.where(m, idx, torch.full_like(idx, -1)).max(1).values
+    contiguous = (count == 0) | (last - first + 1 == count)
+    return first, contiguous
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, requires_grad: bool):
+    """Replace parameter `name` (dotted) of model by a new Parameter holding value."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    setattr(mod, attr, torch.nn.Parameter(value, requires_grad=requires_grad))

@@ -1,0 +1,669 @@
+"""LLaMA-Adapter fine-tuning loop: optimizer, schedule, accumulation, clipping, AMP, checkpoints, resume, DDP.
+
+Defaults follow the official LLaMA-Adapter v1 recipe (AdamW betas (0.9, 0.95), weight decay 0.02 on prompts
+and not on gates, lr = blr * effective_batch / 256 with blr 9e-3, linear warmup for 2 epochs then half-cycle
+cosine, stepped every optimizer step); every value is a field of ``TrainConfig``.
+
+Loss normalisation: the loss of an optimizer step is the mean over *all* its loss tokens (every micro-batch of
+the accumulation, every process). Each micro-batch contributes sum(token losses) / n_tokens_of_the_whole_step, so
+the gradient does not depend on how the step is split into micro-batches or processes: 2 processes x micro-batch
+2 give the same update as 1 process x micro-batch 4 or 1 process x 2 accumulation steps x micro-batch 2.
+
+Distributed (torchrun, WORLD_SIZE > 1): data parallel over torch.distributed. Only the adapter parameters are
+trainable, so only their gradients are reduced: one flattened all-reduce (SUM) per optimizer step, after the
+accumulation, like DDP under ``no_sync`` (the frozen weights are never broadcast or reduced; every process loads
+them from the same checkpoint, and the adapter is broadcast from rank 0 at start). Rank 0 writes logs,
+checkpoints and the plot.
+
+Checkpoints (``out_dir/checkpoints/step-NNNNNNNN/``): ``adapter.safetensors`` (model.save_adapter) and
+``trainer_state.pt`` (optimizer, grad scaler, step, data position, RNG states of every process, counters),
+written to a temporary directory that is renamed into place, then ``checkpoints/latest`` is replaced
+atomically; a kill at any moment leaves the previous checkpoint intact. ``trainer_state.pt`` holds only tensors
+and plain containers and is loaded with ``weights_only=True``. At the end ``out_dir/adapter.safetensors``, the
+step log ``out_dir/log.jsonl`` and the plot ``out_dir/loss.png`` sit next to each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .data import IGNORE_INDEX, Batches, TokenizedDataset, collate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "loss.png"
+CONFIG_FILE = "train_config.json"
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_bad_steps`` optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a fine-tuning run (defaults: the official LLaMA-Adapter v1 recipe where it has one)."""
+    out_dir: str
+    epochs: float = 5.0                 # schedule length in epochs (fractions allowed)
+    max_steps: int | None = None        # if set: the schedule length in optimizer steps (overrides epochs)
+    micro_batch_size: int = 4           # rows per process per forward/backward
+    grad_accum_steps: int = 1           # micro-batches per optimizer step
+    lr: float | None = None             # absolute lr; None: blr * effective_batch / 256
+    blr: float = 9e-3
+    min_lr: float = 0.0                 # the cosine ends here
+    warmup_epochs: float = 2.0
+    warmup_steps: int | None = None     # if set: overrides warmup_epochs
+    weight_decay: float = 0.02          # on prompts (and other matrices), never on gates / vectors
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    clip_grad_norm: float | None = None  # max global grad norm; None: no clipping (the official default)
+    precision: str = "fp32"             # fp32, or bf16 / fp16 autocast (CUDA only; fp16 uses a GradScaler)
+    activation_checkpointing: bool = False
+    seed: int = 0                       # data order (and torch RNG at start)
+    group_by_length: bool = True
+    save_every: int = 0                 # optimizer steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2           # newest checkpoint directories kept
+    max_bad_steps: int = 5              # stop after this many non-finite steps in a row
+    resume: bool = False                # continue from out_dir's latest checkpoint (start fresh if none)
+    progress: bool = True               # tqdm bar on rank 0
+    plot: bool = True                   # loss/lr PNG at the end
+
+    def __post_init__(self):
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {list(_PRECISIONS)}, got {self.precision!r}")
+        for name in ("micro_batch_size", "grad_accum_steps", "max_bad_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
+        self.betas = tuple(self.betas)
+
+    # fields that may change between a run and its resumption without changing the result
+    _RESUME_FREE = ("out_dir", "resume", "progress", "plot", "save_every", "keep_checkpoints", "max_bad_steps")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule and optimizer
+
+
+def resolve_lr(lr: float | None, blr: float, effective_batch: int) -> float:
+    """The absolute learning rate: ``lr`` when given, else ``blr * effective_batch / 256``."""
+    if lr is not None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        return float(lr)
+    if not blr > 0:
+        raise ValueError(f"blr must be > 0, got {blr}")
+    return blr * effective_batch / 256
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based).
+
+    Linear warmup ``base_lr * (step + 1) / warmup_steps`` for step < warmup_steps (no step runs at lr 0, the
+    last warmup step runs at base_lr), then half-cycle cosine from base_lr towards min_lr:
+    ``min_lr + (base_lr - min_lr) * (1 + cos(pi * p)) / 2`` with ``p = (step - warmup_steps) / (total_steps -
+    warmup_steps)``; steps at or past total_steps get min_lr.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    p = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def adapter_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups over the trainable parameters: "decay" (prompts and other matrices) and "no_decay" (gates,
+    vectors). Checks that the trainable set is exactly ``model.adapter_parameters()``: a trainable tensor that
+    save_adapter does not write would make checkpoints incomplete."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    adapter_ids = {id(p) for p in model.adapter_parameters()}
+    stray = [n for n, p in named if id(p) not in adapter_ids]
+    if stray:
+        raise ValueError(f"trainable parameters outside model.adapter_parameters() (not saved by save_adapter, so "
+                         f"not resumable): {stray[:5]}")
+    if len(named) != len(adapter_ids):
+        frozen = [n for n, p in model.named_parameters() if id(p) in adapter_ids and not p.requires_grad]
+        raise ValueError(f"adapter parameters with requires_grad=False: {frozen[:5]}")
+    if not named:
+        raise ValueError("the model has no trainable (adapter) parameters")
+    decay = [(n, p) for n, p in named if "gate" not in n and p.ndim >= 2]
+    no_decay = [(n, p) for n, p in named if not ("gate" not in n and p.ndim >= 2)]
+    groups = [{"name": "decay", "params": [p for _, p in decay], "param_names": [n for n, _ in decay],
+               "weight_decay": weight_decay},
+              {"name": "no_decay", "params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay],
+               "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 0.02,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the adapter parameters with weight decay on prompts only (see ``adapter_param_groups``)."""
+    groups = adapter_param_groups(model, weight_decay)
+    for g in groups:
+        g.pop("param_names")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on the model's activation checkpointing (``set_activation_checkpointing(True)``, or HF's
+    ``gradient_checkpointing_enable()``); a model with neither raises."""
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(True)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    else:
+        raise ValueError(f"activation_checkpointing=True but {type(model).__name__} has no "
+                         "set_activation_checkpointing(enabled) method")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL when CUDA is
+    available, else gloo; each process uses cuda:LOCAL_RANK. A single process (no WORLD_SIZE) does nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return dist_info()
+
+
+def dist_info() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return DistInfo()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_adapter_atomic(model: torch.nn.Module, path: str) -> None:
+    """model.save_adapter to a temporary file in the same directory, then os.replace onto ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}.safetensors"
+    model.save_adapter(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The directory that ``out_dir/checkpoints/latest`` names, or None when there is no checkpoint."""
+    pointer = os.path.join(out_dir, CHECKPOINT_DIR, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        name = f.read().strip()
+    path = os.path.join(out_dir, CHECKPOINT_DIR, name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{pointer} names {name!r}, which does not exist")
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached": float(cached)}
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
+                             n["cached"]))
+
+
+def plot_history(history: list[dict], path: str) -> None:
+    """Loss and lr against the optimizer step (skipped steps marked), written atomically as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's matplotlib backend alone
+
+    fig = Figure(figsize=(8, 5.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
+    good = [h for h in history if not h["skipped"]]
+    ax_loss.plot([h["step"] for h in good], [h["loss"] for h in good], lw=1.2, label="train loss")
+    bad = [h["step"] for h in history if h["skipped"]]
+    if bad:
+        ax_loss.scatter(bad, [min(h["loss"] for h in good) if good else 0.0] * len(bad), marker="x", color="red",
+                        label=f"skipped (non-finite): {len(bad)}")
+    ax_loss.set_ylabel("loss (mean over answer tokens)")
+    ax_loss.legend(loc="upper right")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot([h["step"] for h in history], [h["lr"] for h in history], color="tab:orange", lw=1.2)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    adapter_path: str
+    log_path: str
+    plot_path: str | None
+    steps: int                          # optimizer steps done (including skipped ones)
+    losses: list[float]                 # per step, all steps of the run incl. resumed ones (nan: skipped)
+    n_bad_steps: int
+    elapsed_s: float
+    tokens_per_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Fine-tunes the adapter of ``model`` on ``dataset`` as ``config`` says; ``train()`` runs to the end.
+
+    ``on_step(record)`` is called on every process after each optimizer step with that step's log record;
+    an exception it raises ends the run there (what a kill does, for tests).
+    """
+
+    def __init__(self, model: torch.nn.Module, dataset: TokenizedDataset, config: TrainConfig, *,
+                 on_step: Callable[[dict], None] | None = None):
+        self.model = model
+        self.config = config
+        self.on_step = on_step
+        self.dist = dist_info()
+        self.device = next(model.parameters()).device
+        self.amp_dtype = _PRECISIONS[config.precision]
+        if self.amp_dtype is not None and self.device.type != "cuda":
+            raise ValueError(f"precision={config.precision!r} (autocast) needs the model on a CUDA device; it is on "
+                             f"{self.device}. Use precision='fp32' on CPU")
+        self.batches = Batches(dataset, config.micro_batch_size, grad_accum_steps=config.grad_accum_steps,
+                               world_size=self.dist.world_size, rank=self.dist.rank, seed=config.seed,
+                               group_by_length=config.group_by_length)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = config.max_steps or max(1, round(config.epochs * self.steps_per_epoch))
+        warmup = config.warmup_steps if config.warmup_steps is not None else round(
+            config.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = min(max(0, warmup), self.total_steps)
+        self.effective_batch = self.batches.effective_batch
+        self.base_lr = resolve_lr(config.lr, config.blr, self.effective_batch)
+        self.optimizer = build_optimizer(model, self.base_lr, weight_decay=config.weight_decay,
+                                         betas=config.betas, eps=config.adam_eps)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.n_bad_total = 0
+        self.history: list[dict] = []
+        self.out_dir = config.out_dir
+        self.ckpt_root = os.path.join(self.out_dir, CHECKPOINT_DIR)
+        self.log_path = os.path.join(self.out_dir, LOG_FILE)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def _config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def _state(self, rng_states: list[dict]) -> dict:
+        return {"format": 1, "step": self.step, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "base_lr": self.base_lr,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "data": self.batches.state_dict(), "rng": rng_states, "world_size": self.dist.world_size,
+                "bad_in_a_row": self.bad_in_a_row, "n_bad_total": self.n_bad_total,
+                "config": json.dumps(self._config_dict(), sort_keys=True)}
+
+    def save_checkpoint(self) -> str | None:
+        """Write checkpoint step-<step> (rank 0 writes; every rank must call it). Returns its path on rank 0."""
+        rng = _rng_state()
+        if self.dist.world_size > 1:
+            gathered: list = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_states = gathered
+        else:
+            rng_states = [rng]
+        path = None
+        if self.dist.is_main:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            name = f"step-{self.step:08d}"
+            final = os.path.join(self.ckpt_root, name)
+            tmp = os.path.join(self.ckpt_root, f".tmp-{name}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            self.model.save_adapter(os.path.join(tmp, ADAPTER_FILE))
+            torch.save(self._state(rng_states), os.path.join(tmp, STATE_FILE))
+            for f in (ADAPTER_FILE, STATE_FILE):
+                with open(os.path.join(tmp, f), "rb+") as fh:
+                    os.fsync(fh.fileno())
+            if os.path.exists(final):  # re-saving the same step (a resumed run that ends where it resumed)
+                old = f"{final}.old-{os.getpid()}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.ckpt_root)
+            _atomic_write_bytes(os.path.join(self.ckpt_root, "latest"), (name + "\n").encode())
+            self._prune_checkpoints(keep=name)
+            path = final
+        if self.dist.world_size > 1:
+            dist.barrier()
+        return path
+
+    def _prune_checkpoints(self, keep: str) -> None:
+        names = sorted(n for n in os.listdir(self.ckpt_root) if n.startswith("step-") and ".old-" not in n)
+        for n in names[:-self.config.keep_checkpoints]:
+            if n != keep:
+                shutil.rmtree(os.path.join(self.ckpt_root, n), ignore_errors=True)
+
+    def _resume(self) -> bool:
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            log.info("resume: no checkpoint in %s, starting from step 0", self.out_dir)
+            return False
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        mine = self._config_dict()
+        changed = {k: (saved.get(k), mine[k]) for k in mine
+                   if k not in TrainConfig._RESUME_FREE and json.dumps(saved.get(k)) != json.dumps(mine[k])}
+        if changed:
+            raise ValueError(f"cannot resume {path}: the run's config differs from the checkpoint's "
+                             f"(key: (checkpoint, now)): {changed}")
+        if state["total_steps"] != self.total_steps or state["base_lr"] != self.base_lr:
+            raise ValueError(f"cannot resume {path}: schedule differs (total_steps {state['total_steps']} vs "
+                             f"{self.total_steps}, base_lr {state['base_lr']} vs {self.base_lr}); the data set or "
+                             "world size changed")
+        self.model.load_adapter(os.path.join(path, ADAPTER_FILE))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])
+        if state["world_size"] == self.dist.world_size:
+            _set_rng_state(state["rng"][self.dist.rank])
+        else:
+            log.warning("resume: world size changed (%d -> %d); RNG states not restored",
+                        state["world_size"], self.dist.world_size)
+        self.step = int(state["step"])
+        self.bad_in_a_row = int(state["bad_in_a_row"])
+        self.n_bad_total = int(state["n_bad_total"])
+        if self.dist.is_main:
+            self.history = self._truncate_log(self.step)
+        if self.dist.world_size > 1:
+            dist.barrier()
+            if not self.dist.is_main:
+                self.history = self._read_log()
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _read_log(self) -> list[dict]:
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def _truncate_log(self, step: int) -> list[dict]:
+        """Keep the log entries of steps <= ``step`` (later ones are redone after a resume)."""
+        kept = [r for r in self._read_log() if r["step"] <= step]
+        _atomic_write_bytes(self.log_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        return kept
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def _forward_backward(self, micro_batches, n_global: int) -> torch.Tensor:
+        """Backward of every micro-batch with loss (sum of its token losses) / n_global; returns the summed token
+        losses of this process (float64 scalar)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for mb in micro_batches:
+            n_local = int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if n_local == 0:
+                continue  # (only possible on one rank of a step; its zero gradient still joins the reduce)
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = self.model(**mb)
+            token_loss_sum = out.loss.float() * n_local
+            scaled = token_loss_sum / n_global
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
+            loss_sum += token_loss_sum.detach().double()
+        return loss_sum
+
+    def _all_reduce(self, loss_sum: torch.Tensor, n_tokens: int) -> tuple[float, int]:
+        """Sum the adapter gradients, the loss sum and the token count over processes (one collective)."""
+        if self.dist.world_size == 1:
+            return float(loss_sum), n_tokens
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads]
+                         + [torch.stack([loss_sum.float(), torch.tensor(float(n_tokens), device=self.device)])])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+        return float(flat[-2]), int(flat[-1].item())
+
+    def train(self) -> TrainResult:
+        cfg = self.config
+        if self.dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        if cfg.resume:
+            self._resume()
+        elif latest_checkpoint(self.out_dir) is not None:  # out_dir must be visible to every process
+            raise FileExistsError(f"{self.out_dir} already holds a checkpoint ({latest_checkpoint(self.out_dir)}); "
+                                  "pass resume=True to continue it, or choose another out_dir")
+        if self.step == 0:
+            torch.manual_seed(cfg.seed)
+            if self.dist.is_main and os.path.exists(self.log_path):
+                os.remove(self.log_path)
+        if self.dist.world_size > 1 and self.step == 0:
+            with torch.no_grad():
+                for p in self.params:
+                    dist.broadcast(p.data, src=0)
+        if self.dist.is_main:
+            _atomic_write_bytes(os.path.join(self.out_dir, CONFIG_FILE),
+                                json.dumps({**self._config_dict(), "total_steps": self.total_steps,
+                                            "warmup_steps": self.warmup_steps, "base_lr": self.base_lr,
+                                            "effective_batch": self.effective_batch,
+                                            "world_size": self.dist.world_size}, indent=1).encode())
+        bar = None
+        if cfg.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True)
+        was_training = self.model.training
+        self.model.train()
+        started = time.perf_counter()
+        tokens_done = 0
+        log_file = open(self.log_path, "a", encoding="utf-8") if self.dist.is_main else None
+        try:
+            while self.step < self.total_steps:
+                record = self._train_step()
+                tokens_done += record["tokens"]
+                self.history.append(record)
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(record)
+            self.save_checkpoint()
+        finally:
+            if log_file is not None:
+                log_file.close()
+            if bar is not None:
+                bar.close()
+            self.model.train(was_training)
+        elapsed = time.perf_counter() - started
+        adapter_path = os.path.join(self.out_dir, ADAPTER_FILE)
+        plot_path = None
+        if self.dist.is_main:
+            save_adapter_atomic(self.model, adapter_path)
+            if cfg.plot and self.history:
+                plot_path = os.path.join(self.out_dir, PLOT_FILE)
+                plot_history(self.history, plot_path)
+        return TrainResult(self.out_dir, adapter_path, self.log_path, plot_path, self.step,
+                           [h["loss"] for h in self.history], self.n_bad_total, elapsed,
+                           tokens_done / elapsed if elapsed > 0 else 0.0, list(self.history))
+
+    def _train_step(self) -> dict:
+        cfg = self.config
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                   min_lr=cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.batches.next_step()
+        loss_sum = self._forward_backward(batch.micro_batches, batch.n_loss_tokens_global)
+        loss_sum, tokens = self._all_reduce(loss_sum, batch.n_tokens_local)
+        loss = loss_sum / batch.n_loss_tokens_global
+        grad_norm = float("nan")
+        skipped = not math.isfinite(loss)
+        if not skipped:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm or float("inf")))
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # skips by itself on inf/nan gradients (loss scale too high)
+                self.scaler.update()
+            elif math.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                skipped = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if skipped:
+            self.bad_in_a_row += 1
+            self.n_bad_total += 1
+            log.warning("step %d: non-finite %s (%s); step skipped (%d in a row, %d total)", self.step,
+                        "loss" if not math.isfinite(loss) else "gradient norm",
+                        loss if not math.isfinite(loss) else grad_norm, self.bad_in_a_row, self.n_bad_total)
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"stopping: the loss or gradient was non-finite for {self.bad_in_a_row} optimizer steps in a "
+                    f"row (steps {self.step - self.bad_in_a_row + 1}-{self.step}; max_bad_steps="
+                    f"{cfg.max_bad_steps}). The adapter was not updated on those steps. Lower the learning rate "
+                    f"(now {lr:.3g}), set clip_grad_norm, or use precision='fp32'/'bf16' instead of 'fp16'")
+        else:
+            self.bad_in_a_row = 0
+        dt = time.perf_counter() - t0
+        return {"step": self.step, "epoch": batch.epoch + (batch.index + 1) / self.steps_per_epoch,
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_tokens": batch.n_loss_tokens_global,
+                "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else 0.0, "step_s": dt,
+                "skipped": skipped}
+
+
+def finetune(model: torch.nn.Module, dataset: TokenizedDataset, config: TrainConfig, *,
+             on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Fine-tune the adapter of ``model`` on ``dataset``; see ``TrainConfig`` and ``Trainer``."""
+    return Trainer(model, dataset, config, on_step=on_step).train()
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, dataset: TokenizedDataset, *, batch_size: int = 8) -> dict:
+    """Mean loss over all answer tokens of ``dataset`` (token-weighted), its perplexity, and the token count."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))  # little padding
+        for s in range(0, len(order), batch_size):
+            batch = collate([dataset[i] for i in order[s:s + batch_size]], dataset.pad_id)
+            k = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if k == 0:
+                continue
+            out = model(**{key: v.to(device) for key, v in batch.items()})
+            total += float(out.loss.float()) * k
+            n += k
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate_loss: the data set has no loss tokens")
+    mean = total / n
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": n}

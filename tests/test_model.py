@@ -1,0 +1,245 @@
+"""LlamaForCausalLM: presets, adapter parameters, zero-init, padding, loss, adapter I/O, parity with PEFT."""
+import pytest
+import torch
+
+from lladapter_ext.model import PRESETS, LlamaConfig, LlamaForCausalLM, config_from_preset
+from llama_helpers import save_hf, tiny_hf_model
+
+
+def small_config(**kw):
+    args = dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=48, adapter_len=3,
+                adapter_layer=2, max_seq_len=64)
+    args.update(kw)
+    return LlamaConfig(**args)
+
+
+def random_gates(model, low=-1.0, high=1.0):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adapter_gate"):
+                p.uniform_(low, high)
+
+
+# ----------------------------------------------------------------------------------------- config / parameters
+def test_llama7b_trainable_params_on_meta():
+    model = LlamaForCausalLM(config_from_preset("llama-7b", adapter_len=10, adapter_layer=30), device="meta")
+    assert model.count_trainable() == 30 * 10 * 4096 + 30 * 32 == 1_229_760
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_on_meta(name):
+    cfg = config_from_preset(name)
+    model = LlamaForCausalLM(cfg, device="meta")
+    L = min(30, cfg.n_layers)
+    assert model.count_trainable() == L * 10 * cfg.dim + L * cfg.n_heads
+    assert cfg.dim == cfg.n_heads * cfg.head_dim
+
+
+def test_preset_facts():
+    assert config_from_preset("llama2-70b").n_kv_heads == 8
+    assert config_from_preset("llama3.1-8b").rope_scaling["factor"] == 8.0
+    s = config_from_preset("smollm2-135m")
+    assert (s.dim, s.n_layers, s.n_heads, s.n_kv_heads, s.ffn_dim, s.tie_embeddings) == (576, 30, 9, 3, 1536, True)
+    with pytest.raises(ValueError, match="unknown preset 'llama-8b'"):
+        config_from_preset("llama-8b")
+
+
+def test_config_validation_names_argument():
+    with pytest.raises(ValueError, match="n_heads \\(6\\) must be a multiple of n_kv_heads \\(4\\)"):
+        LlamaConfig(dim=48, n_heads=6, n_kv_heads=4)
+    with pytest.raises(ValueError, match="gate_act must be one of"):
+        LlamaConfig(gate_act="sigmoid")
+
+
+def test_adapter_layers_clipped_to_depth_and_only_adapter_trains():
+    model = LlamaForCausalLM(small_config(adapter_layer=30))
+    assert model.config.n_adapted_layers == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.attention.adapter_{k}" for i in range(4) for k in ("prompt", "gate")}
+    model2 = LlamaForCausalLM(small_config(adapter_layer=2))
+    assert model2.layers[1].attention.adapter_prompt is None and model2.layers[2].attention.adapter_prompt is not None
+    assert all((p == 0).all() for n, p in model2.named_parameters() if n.endswith("adapter_gate"))
+    assert model2.count_trainable() == 2 * 3 * 32 + 2 * 4
+
+
+# ----------------------------------------------------------------------------------------- math
+@pytest.mark.parametrize("gate_act", ["tanh", "identity"])
+def test_zero_gate_equals_base_exactly(gate_act):
+    model = LlamaForCausalLM(small_config(gate_act=gate_act)).eval()
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        adapted = model(x).logits
+        model.use_adapter = False
+        base = model(x).logits
+        model.use_adapter = True
+    assert torch.equal(adapted, base)
+    # and against a model built without any adapter, holding the same base weights
+    plain = LlamaForCausalLM(small_config(adapter_len=0)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k})
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, base)
+    random_gates(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, base)
+
+
+def test_gate_act_tanh_vs_identity():
+    a = LlamaForCausalLM(small_config(gate_act="tanh")).eval()
+    b = LlamaForCausalLM(small_config(gate_act="identity")).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        for (n, p_a), p_b in zip(a.named_parameters(), b.parameters()):
+            if n.endswith("adapter_gate"):
+                p_a.fill_(0.5)
+                p_b.fill_(float(torch.tanh(torch.tensor(0.5))))
+        torch.testing.assert_close(a(x).logits, b(x).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_the_unpadded_logits(side):
+    model = LlamaForCausalLM(small_config()).eval()
+    random_gates(model)
+    seqs = [torch.randint(0, 64, (n,)) for n in (7, 4)]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(7 - len(s), 7) if side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = s, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for b, s in enumerate(seqs):
+            alone = model(s.view(1, -1)).logits[0]
+            sl = slice(7 - len(s), 7) if side == "left" else slice(0, len(s))
+            # fp32: the same sums with padded (exactly-zero-weight) keys; only reduction order may differ
+            torch.testing.assert_close(batched[b, sl], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_with_a_hole_is_refused():
+    model = LlamaForCausalLM(small_config())
+    with pytest.raises(ValueError, match="attention_mask: the real tokens of each sample must be one contiguous"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1, 1]]))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\] = \[1, 4\]"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5))
+
+
+def test_labels_loss_hf_convention_and_no_graph_below_adapter():
+    model = LlamaForCausalLM(small_config(adapter_layer=2))
+    random_gates(model)
+    x = torch.randint(0, 64, (2, 8))
+    labels = x.clone()
+    labels[0, :3] = -100
+    labels[1, 6:] = -100
+    seen = {}
+
+    def record(key):
+        def hook(module, inputs, output):
+            seen[key] = output.requires_grad  # returns None: the output is left alone
+        return hook
+
+    model.layers[1].register_forward_hook(record("below"))
+    model.layers[2].register_forward_hook(record("adapted"))
+    out = model(x, labels=labels)
+    assert out.logits is None
+    assert seen == {"below": False, "adapted": True}
+    with torch.no_grad():
+        full = model(x).logits
+    keep = labels[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(full[:, :-1][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == {f"layers.{i}.attention.adapter_{k}" for i in (2, 3) for k in ("prompt", "gate")}
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_zero_init_gradient_reaches_gate_not_prompt():
+    model = LlamaForCausalLM(small_config(gate_act="tanh"))
+    x = torch.randint(0, 64, (2, 6))
+    model(x, labels=x).loss.backward()
+    att = model.layers[-1].attention
+    assert att.adapter_gate.grad.abs().sum() > 0  # d tanh(g)/dg = 1 at g = 0
+    assert torch.equal(att.adapter_prompt.grad, torch.zeros_like(att.adapter_prompt))  # scaled by tanh(0) = 0
+
+
+def test_adapter_save_load_roundtrip(tmp_path):
+    a = LlamaForCausalLM(small_config())
+    random_gates(a)
+    path = tmp_path / "adapter.safetensors"
+    a.save_adapter(path)
+    b = LlamaForCausalLM(small_config())
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if "adapter" not in k}, strict=False)
+    b.load_adapter(path)
+    for (n1, p1), (n2, p2) in zip(a.adapter_state_dict().items(), b.adapter_state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    x = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+    assert set(a.adapter_state_dict()) == {n for n, p in a.named_parameters() if p.requires_grad}
+    c = LlamaForCausalLM(small_config(adapter_len=4))
+    with pytest.raises(ValueError, match=r"tensor layers\.2\.attention\.adapter_prompt .* has shape \[3, 32\], "
+                                         r"expected \[4, 32\]"):
+        c.load_adapter(path)
+    d = LlamaForCausalLM(small_config(adapter_layer=3))
+    with pytest.raises(ValueError, match=r"missing \['layers\.1\.attention\.adapter_gate'"):
+        d.load_adapter(a.adapter_state_dict())
+
+
+def test_bf16_forward_runs_and_tracks_fp32():
+    model = LlamaForCausalLM(small_config()).eval()
+    random_gates(model)
+    x = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        ref = model(x).logits
+        model.to(torch.bfloat16)
+        out = model(x).logits
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits (~4e-3 relative) per op; 4 layers of rounding stay within a few 1e-2
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+# ----------------------------------------------------------------------------------------- PEFT parity
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_matches_peft_adaption_prompt(tmp_path, gqa):
+    peft = pytest.importorskip("peft", reason="peft is a test dependency")
+    from lladapter_ext.loaders import load_hf
+
+    hf = tiny_hf_model(gqa)
+    save_hf(hf, tmp_path)
+    K, L = 4, 2
+    peft_model = peft.get_peft_model(hf, peft.AdaptionPromptConfig(adapter_len=K, adapter_layers=L,
+                                                                   task_type="CAUSAL_LM")).eval()
+    adapted = {}
+    for name, mod in peft_model.named_modules():
+        if type(mod).__name__ == "AdaptedAttention":
+            layer = int(name.split("layers.")[1].split(".")[0])
+            adapted[layer] = mod
+    n = hf.config.num_hidden_layers
+    assert sorted(adapted) == list(range(n - L, n))  # PEFT adapts the top L layers, as we do
+
+    ours, _ = load_hf(tmp_path, adapter_len=K, adapter_layer=L, gate_act="identity", tokenizer=False)
+    ours.eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer, mod in adapted.items():
+            mod.adaption_prompt.normal_()
+            mod.adaption_gate.fill_(0.3 + 0.2 * layer)  # PEFT: one scalar gate per layer (identity activation)
+            att = ours.layers[layer].attention
+            att.adapter_prompt.copy_(mod.adaption_prompt[0])
+            att.adapter_gate.fill_(float(mod.adaption_gate))
+    x = torch.randint(0, hf.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        expected = peft_model(input_ids=x).logits
+        got = ours(x).logits
+    assert not torch.allclose(expected, ours_base_logits(ours, x), atol=1e-3)  # the adapter does change things
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def ours_base_logits(model, x):
+    with torch.no_grad():
+        model.use_adapter = False
+        try:
+            return model(x).logits
+        finally:
+            model.use_adapter = True

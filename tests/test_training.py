@@ -1,0 +1,388 @@
+"""Fine-tuning loop: schedule, optimizer groups, NaN guard, atomic checkpoints, exact resume, gloo DDP, learning.
+
+The model is ``_tiny_lm.make_test_model()``: the real lladapter_ext.model.LlamaForCausalLM (tiny config) when it
+is importable, else the test double. LLADAPTER_TEST_MODEL=double|llama forces one.
+"""
+import json
+import math
+import os
+import random
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lladapter_ext import data as D
+from lladapter_ext import training as T
+from _tiny_lm import ByteTokenizer, TinyAdapterLM, make_test_model
+
+TOK = ByteTokenizer(chat_template="toy")  # its toy template keeps rows short (about 45 byte tokens)
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    """32 short chat records whose answers the adapter can learn: a colour's name spelled backwards (plus
+    noise) is answered with the colour."""
+    colours = ["red", "blue", "green", "cyan", "pink", "gold"]
+    rng = random.Random(7)
+    lines = []
+    for _ in range(32):
+        c = rng.choice(colours)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": c[::-1] + "." * rng.randint(0, 9)},
+                                              {"role": "assistant", "content": c}]}))
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(data_path):
+    return D.load_dataset(data_path, TOK, MAX_LEN)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread is fastest, and on a busy 2-core machine extra threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(tmp_path, name="run", **kw):
+    base = dict(out_dir=str(tmp_path / name), epochs=2, micro_batch_size=4, lr=2e-2, warmup_epochs=0.5,
+                progress=False, plot=False)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def adapter(model):
+    return {k: v.clone() for k, v in model.adapter_state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def test_lr_at_values():
+    kw = dict(base_lr=1e-2, total_steps=100, warmup_steps=10, min_lr=1e-4)
+    assert T.lr_at(0, **kw) == pytest.approx(1e-3)
+    assert T.lr_at(4, **kw) == pytest.approx(5e-3)
+    assert T.lr_at(9, **kw) == pytest.approx(1e-2)
+    assert T.lr_at(10, **kw) == pytest.approx(1e-2)
+    assert T.lr_at(55, **kw) == pytest.approx((1e-2 + 1e-4) / 2)  # half way through the cosine
+    assert T.lr_at(32.5, **kw) == pytest.approx(1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi / 4)) / 2)
+    assert T.lr_at(99, **kw) == pytest.approx(1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * 89 / 90)) / 2)
+    assert T.lr_at(100, **kw) == T.lr_at(500, **kw) == 1e-4
+    assert T.lr_at(0, base_lr=1.0, total_steps=4) == 1.0  # no warmup: the cosine starts at base_lr
+    lrs = [T.lr_at(s, **kw) for s in range(100)]
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    with pytest.raises(ValueError, match="warmup_steps must be in"):
+        T.lr_at(0, base_lr=1.0, total_steps=5, warmup_steps=6)
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        T.lr_at(-1, base_lr=1.0, total_steps=5)
+
+
+def test_resolve_lr():
+    assert T.resolve_lr(None, 9e-3, 64) == pytest.approx(2.25e-3)
+    assert T.resolve_lr(1e-3, 9e-3, 64) == 1e-3
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        T.resolve_lr(0.0, 9e-3, 64)
+
+
+def test_trainer_steps_the_schedule_every_iteration(tmp_path, dataset):
+    cfg = config(tmp_path, epochs=3, warmup_epochs=1, blr=9e-3, lr=None, min_lr=1e-5, micro_batch_size=8)
+    trainer = T.Trainer(make_test_model(), dataset, cfg)
+    result = trainer.train()
+    spe = len(dataset) // 8
+    assert (trainer.steps_per_epoch, trainer.total_steps, trainer.warmup_steps) == (spe, 3 * spe, spe)
+    assert trainer.base_lr == pytest.approx(9e-3 * 8 / 256)
+    expected = [T.lr_at(s, base_lr=trainer.base_lr, total_steps=3 * spe, warmup_steps=spe, min_lr=1e-5)
+                for s in range(3 * spe)]
+    assert [h["lr"] for h in result.history] == pytest.approx(expected, rel=1e-12)
+    assert [h["step"] for h in result.history] == list(range(1, 3 * spe + 1))
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+def test_optimizer_groups_decay_prompts_not_gates():
+    model = make_test_model()
+    groups = T.adapter_param_groups(model, 0.02)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"decay", "no_decay"}
+    assert by_name["decay"]["param_names"] and all("prompt" in n for n in by_name["decay"]["param_names"])
+    assert by_name["no_decay"]["param_names"] and all("gate" in n for n in by_name["no_decay"]["param_names"])
+    assert by_name["decay"]["weight_decay"] == 0.02 and by_name["no_decay"]["weight_decay"] == 0.0
+    opt = T.build_optimizer(model, 0.5)
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    # a step with zero gradients moves only what decays: p *= 1 - lr * wd
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.fill_(1.0)
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, value in model.adapter_state_dict().items():
+        want = 1.0 - 0.5 * 0.02 if "prompt" in name else 1.0
+        assert torch.allclose(value, torch.full_like(value, want)), name
+
+
+def test_optimizer_refuses_trainables_outside_the_adapter():
+    model = make_test_model()
+    next(p for p in model.parameters() if not p.requires_grad).requires_grad_(True)
+    with pytest.raises(ValueError, match="trainable parameters outside model.adapter_parameters"):
+        T.build_optimizer(model, 1e-3)
+
+
+def test_config_validation(tmp_path, dataset):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        config(tmp_path, precision="fp8")
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1, got 0"):
+        config(tmp_path, micro_batch_size=0)
+    with pytest.raises(ValueError, match="precision='bf16' .* needs the model on a CUDA device"):
+        T.Trainer(make_test_model(), dataset, config(tmp_path, precision="bf16"))
+
+
+# ---------------------------------------------------------------------------------------------- NaN guard
+
+def poison(model, bad_calls):
+    """Make forward call number k (1-based) return a NaN loss for k in bad_calls."""
+    forward, calls = model.forward, [0]
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            return SimpleNamespace(logits=out.logits, loss=out.loss * float("nan"))
+        return out
+    model.forward = poisoned
+    return model
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, dataset):
+    model = poison(make_test_model(), {3, 4, 7})
+    snapshots = []
+    result = T.finetune(model, dataset, config(tmp_path, max_steps=9, max_bad_steps=3),
+                        on_step=lambda r: snapshots.append(adapter(model)))
+    skipped = [h["skipped"] for h in result.history]
+    assert skipped == [False, False, True, True, False, False, True, False, False]
+    assert result.n_bad_steps == 3
+    for i, was_skipped in enumerate(skipped):
+        if was_skipped:  # no update on a skipped step
+            assert all(torch.equal(snapshots[i][k], snapshots[i - 1][k]) for k in snapshots[i])
+        elif i:
+            assert any(not torch.equal(snapshots[i][k], snapshots[i - 1][k]) for k in snapshots[i])
+    logged = [json.loads(line) for line in open(result.log_path)]
+    assert [r["skipped"] for r in logged] == skipped and math.isnan(logged[2]["loss"])
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, dataset):
+    model = poison(make_test_model(), {2, 3, 4, 5})
+    seen = []
+    with pytest.raises(T.NonFiniteLossError, match=r"non-finite for 3 optimizer steps in a row \(steps 2-4; "
+                                                  r"max_bad_steps=3\)"):
+        T.finetune(model, dataset, config(tmp_path, max_steps=10, max_bad_steps=3),
+                   on_step=lambda r: seen.append(r["step"]))
+    assert seen == [1, 2, 3]
+
+
+def test_non_finite_gradient_is_skipped_too(tmp_path, dataset):
+    model = make_test_model()
+    hook = model.adapter_parameters()[0].register_hook(lambda g: g * float("inf"))
+    result = T.finetune(model, dataset, config(tmp_path, max_steps=2, max_bad_steps=5))
+    hook.remove()
+    # step 1: the gate is zero, so the prompt's gradient is exactly 0 and inf * 0 = nan; both steps skip
+    assert [h["skipped"] for h in result.history] == [True, True]
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_layout_log_and_plot(tmp_path, dataset):
+    model = make_test_model()
+    result = T.finetune(model, dataset, config(tmp_path, max_steps=6, save_every=2, keep_checkpoints=2,
+                                               plot=True))
+    ckpts = os.path.join(result.out_dir, "checkpoints")
+    assert sorted(os.listdir(ckpts)) == ["latest", "step-00000004", "step-00000006"]
+    assert open(os.path.join(ckpts, "latest")).read().strip() == "step-00000006"
+    assert sorted(os.listdir(os.path.join(ckpts, "step-00000006"))) == ["adapter.safetensors", "trainer_state.pt"]
+    from safetensors.torch import load_file
+    final = load_file(result.adapter_path)
+    assert all(torch.equal(final[k], v) for k, v in model.adapter_state_dict().items())
+    state = torch.load(os.path.join(ckpts, "step-00000006", "trainer_state.pt"), weights_only=True)
+    assert state["step"] == 6 and state["data"]["index"] == 6 % (len(dataset) // 4)
+    logged = [json.loads(line) for line in open(result.log_path)]
+    assert [r["step"] for r in logged] == list(range(1, 7))
+    assert set(logged[0]) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped"}
+    assert open(result.plot_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.listdir(result.out_dir) if ".tmp" in n]
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, dataset, monkeypatch):
+    model = make_test_model()
+    cfg = config(tmp_path, max_steps=6, save_every=3)
+    real_save = torch.save
+
+    def save_then_crash(obj, path, *a, **k):
+        if obj.get("step") == 6:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(T.torch, "save", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        T.finetune(model, dataset, cfg)
+    monkeypatch.setattr(T.torch, "save", real_save)
+    assert T.latest_checkpoint(cfg.out_dir).endswith("step-00000003")
+    assert not os.path.exists(os.path.join(cfg.out_dir, "checkpoints", "step-00000006"))
+    # resuming from step 3 redoes steps 4-6
+    cfg.resume = True
+    result = T.finetune(make_test_model(), dataset, cfg)
+    assert result.steps == 6 and [h["step"] for h in result.history] == list(range(1, 7))
+
+
+def test_atomic_adapter_write_keeps_old_file_on_failure(tmp_path):
+    model = make_test_model()
+    path = str(tmp_path / "a.safetensors")
+    T.save_adapter_atomic(model, path)
+    before = open(path, "rb").read()
+
+    def broken(p):
+        with open(p, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("killed mid-write")
+    model.save_adapter = broken
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        T.save_adapter_atomic(model, path)
+    assert open(path, "rb").read() == before
+
+
+def test_refuses_to_overwrite_a_run_or_resume_with_another_config(tmp_path, dataset):
+    cfg = config(tmp_path, max_steps=2)
+    T.finetune(make_test_model(), dataset, cfg)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        T.finetune(make_test_model(), dataset, cfg)
+    with pytest.raises(ValueError, match=r"config differs from the checkpoint's .*'lr': \(0.02, 0.01\)"):
+        T.finetune(make_test_model(), dataset, config(tmp_path, max_steps=2, lr=1e-2, resume=True))
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_after_kill_reproduces_the_straight_run(tmp_path, dataset, accum):
+    common = dict(epochs=2, micro_batch_size=4 // accum, grad_accum_steps=accum, save_every=4)
+    straight_model = make_test_model()
+    straight = T.finetune(straight_model, dataset, config(tmp_path, "straight", **common))
+    assert straight.steps == 2 * (len(dataset) // 4) == 16
+
+    def kill_at_7(record):
+        if record["step"] == 7:
+            raise Killed
+    with pytest.raises(Killed):
+        T.finetune(make_test_model(), dataset, config(tmp_path, "killed", **common), on_step=kill_at_7)
+    out = str(tmp_path / "killed")
+    assert T.latest_checkpoint(out).endswith("step-00000004")
+    assert len(open(os.path.join(out, "log.jsonl")).readlines()) == 7  # steps 5-7 are lost and redone
+    resumed_model = make_test_model()
+    resumed = T.finetune(resumed_model, dataset, config(tmp_path, "killed", resume=True, **common))
+    assert resumed.losses == straight.losses  # exactly, every step
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in straight.history]
+    logged = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert logged == straight.losses
+    for k, v in straight_model.adapter_state_dict().items():
+        assert torch.equal(resumed_model.adapter_state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------- equivalences
+
+def test_accumulation_equals_a_bigger_micro_batch(tmp_path, dataset):
+    """The loss is normalised over the whole step, so splitting a step into micro-batches changes nothing
+    beyond float summation order."""
+    a, b = make_test_model(), make_test_model()
+    ra = T.finetune(a, dataset, config(tmp_path, "a", max_steps=8, micro_batch_size=4))
+    rb = T.finetune(b, dataset, config(tmp_path, "b", max_steps=8, micro_batch_size=1, grad_accum_steps=4))
+    assert ra.losses == pytest.approx(rb.losses, rel=1e-5)
+    for k, v in a.adapter_state_dict().items():
+        # fp32: the grads differ by summation order (~1e-7 relative); Adam's normalised updates keep that small
+        torch.testing.assert_close(b.adapter_state_dict()[k], v, rtol=1e-4, atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_single_process(tmp_path, data_path, dataset):
+    import torch.multiprocessing as mp
+
+    from _train_worker import ddp_worker
+    kw = dict(max_steps=8, lr=2e-2, warmup_steps=2, micro_batch_size=2, save_every=4)
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(ddp_worker, nprocs=2, join=True,
+             args=(2, _free_port(), data_path, MAX_LEN, TOK.chat_template, str(tmp_path / "ddp"), str(results), kw))
+    r0, r1 = (torch.load(results / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for k in r0["adapter"]:
+        assert torch.equal(r0["adapter"][k], r1["adapter"][k]), k  # identical on both ranks, bit for bit
+    assert r0["losses"] == r1["losses"]
+    single = make_test_model()
+    ref = T.finetune(single, dataset, config(tmp_path, "single", **{**kw, "micro_batch_size": 4}))
+    assert r0["losses"] == pytest.approx(ref.losses, rel=1e-5)
+    for k, v in single.adapter_state_dict().items():
+        torch.testing.assert_close(r0["adapter"][k], v, rtol=1e-4, atol=1e-6)  # fp32 summation order only
+    logged = [json.loads(line)["loss"] for line in open(tmp_path / "ddp" / "log.jsonl")]
+    assert logged == r0["losses"]
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+def test_short_run_loss_falls(tmp_path, dataset):
+    model = make_test_model()
+    before = T.evaluate_loss(model, dataset)
+    result = T.finetune(model, dataset, config(tmp_path, epochs=16, lr=1e-1, warmup_epochs=1))
+    after = T.evaluate_loss(model, dataset)
+    # the double goes from about 6.3 to 4.5 here (measured); the bound leaves room for other tiny models
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    assert result.n_bad_steps == 0
+
+
+def test_activation_checkpointing_flag_reaches_the_model_and_changes_no_number(tmp_path, dataset):
+    plain, ckpt = make_test_model(), make_test_model()
+    a = T.finetune(plain, dataset, config(tmp_path, "plain", max_steps=4))
+    b = T.finetune(ckpt, dataset, config(tmp_path, "ckpt", max_steps=4, activation_checkpointing=True))
+    if isinstance(ckpt, TinyAdapterLM):
+        assert ckpt.activation_checkpointing and not plain.activation_checkpointing
+    assert b.losses == pytest.approx(a.losses, rel=1e-6)
+    bare = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="has no set_activation_checkpointing"):
+        T.enable_activation_checkpointing(bare)
+
+
+def test_packed_rows_train_with_position_ids(tmp_path, data_path):
+    packed = D.load_dataset(data_path, TOK, 2 * MAX_LEN, packing=True)
+    plain = D.load_dataset(data_path, TOK, 2 * MAX_LEN)
+    assert len(packed) < len(plain) and sum(packed.lengths) == sum(plain.lengths)
+    seen = []
+    model = make_test_model()
+    forward = model.forward
+    model.forward = lambda **kw: (seen.append("position_ids" in kw), forward(**kw))[1]
+    result = T.finetune(model, packed, config(tmp_path, max_steps=3, micro_batch_size=2))
+    assert seen and all(seen) and all(math.isfinite(x) for x in result.losses)
+
+
+def test_evaluate_loss_is_the_token_weighted_mean(dataset):
+    model = make_test_model()
+    got = T.evaluate_loss(model, dataset, batch_size=5)
+    whole = D.collate(dataset.examples, dataset.pad_id)
+    with torch.no_grad():
+        want = float(model(**whole).loss)
+    assert got["loss"] == pytest.approx(want, rel=1e-5)
+    assert got["tokens"] == sum(e.n_loss_tokens for e in dataset.examples)
+    assert got["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
