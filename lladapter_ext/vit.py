@@ -334,6 +334,9 @@ class ViTConfig:
 
     def __post_init__(self):
         self.img_size = _pair(self.img_size)
+        if self.fc_norm is None:  # timm's default: the final norm moves after pooling for average pooling
+            self.fc_norm = self.global_pool == "avg"
+        self.fc_norm = bool(self.fc_norm)
         if self.global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
@@ -344,7 +347,7 @@ class ViTConfig:
 
     @property
     def use_fc_norm(self) -> bool:
-        return self.global_pool == "avg" if self.fc_norm is None else bool(self.fc_norm)
+        return self.fc_norm
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -561,9 +564,10 @@ class VisionTransformer(PromptAdapterMixin, nn.Module):
     @classmethod
     def from_timm(cls, model: nn.Module) -> "VisionTransformer":
         """Build from an instantiated timm VisionTransformer (config and weights)."""
-        ours = cls(ViTConfig.from_timm(model))
         p = next(model.parameters())
-        ours.to(device=p.device, dtype=p.dtype)
+        with torch.device("meta"):  # every tensor is overwritten by the load: skip the random init
+            ours = cls(ViTConfig.from_timm(model))
+        ours = ours.to_empty(device=p.device).to(dtype=p.dtype)
         ours.load_timm_state_dict(model.state_dict(), source=type(model).__name__)
         return ours
 
