@@ -231,6 +231,22 @@ def _open_clip_name_to_ours(name: str) -> str:
     return tower + rest
 
 
+def _ours_to_open_clip_name(name: str) -> str:
+    """Inverse of _open_clip_name_to_ours (for error messages about tensors a checkpoint lacks)."""
+    if name == "logit_scale":
+        return name
+    tower, rest = name.split(".", 1)
+    m = re.match(r"blocks\.(\d+)\.(.*)$", rest)
+    if m:
+        inner = m.group(2)
+        for theirs, ours in _BLOCK_RENAMES:
+            if inner.startswith(ours):
+                inner = theirs + inner[len(ours):]
+                break
+        rest = f"transformer.resblocks.{m.group(1)}.{inner}"
+    return ("visual." if tower == "visual" else "") + rest
+
+
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, a torch.save'd dict (optionally under 'state_dict', with a 'module.'
     prefix from DDP), or OpenAI's TorchScript CLIP archive."""
@@ -299,7 +315,8 @@ class CLIP(PromptAdapterMixin, nn.Module):
 
         A vision position table for another square grid is resampled to this model's image size.
         """
-        converted, back = {}, {}
+        converted = {}
+        back = {n: _ours_to_open_clip_name(n) for n in self.state_dict()}
         for k, v in sd.items():
             if k in _OPENAI_METADATA and not (isinstance(v, torch.Tensor) and v.is_floating_point()):
                 continue
