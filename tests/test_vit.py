@@ -261,3 +261,49 @@ def test_bad_arguments():
         model(torch.randn(2, 3, 18, 16))
     with pytest.raises(ValueError, match="global_pool='token' needs class_token=True"):
         ViTConfig(class_token=False)
+
+
+def _write_idx(path, tensor):
+    import gzip
+    import struct
+    header = struct.pack(">HBB", 0, 0x08, tensor.dim()) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + tensor.to(torch.uint8).numpy().tobytes())
+
+
+def test_fashion_mnist_example_on_synthetic_idx_files(tmp_path):
+    """The example end to end on tiny IDX files in the Fashion-MNIST layout (the real run is documented in
+    docs/vit_clip.md): four rows with the parameter counts each method must have."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "vit_adapter_fashion_mnist.py")
+    spec = importlib.util.spec_from_file_location("vit_adapter_fashion_mnist", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    gen = torch.Generator().manual_seed(0)
+    for prefix, per_class in (("train", 12), ("t10k", 4)):
+        labels = torch.arange(10).repeat_interleave(per_class)
+        images = torch.randint(0, 256, (len(labels), 28, 28), generator=gen)
+        _write_idx(str(tmp_path / f"{prefix}-images-idx3-ubyte.gz"), images)
+        _write_idx(str(tmp_path / f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    x = example.read_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz"))
+    assert x.shape == (40, 28, 28) and x.dtype == torch.uint8
+    rows = example.main(["--data-dir", str(tmp_path), "--depth", "2", "--dim", "16", "--heads", "2",
+                         "--pretrain-per-class", "10", "--pretrain-epochs", "1", "--adapt-per-class", "5",
+                         "--adapt-epochs", "1", "--adapter-layers", "1", "--prompt-len", "3", "--threads", "1"])
+    D, H, K, head = 16, 2, 3, 16 * 5 + 5
+    params = {r["method"]: r["params"] for r in rows}
+    assert params["linear probe"] == head
+    assert params["VPT-style prompts (no gate)"] == K * D + head
+    assert params["zero-init gated prompts"] == K * D + H + head
+    assert params["full fine-tuning"] > 10 * params["zero-init gated prompts"]
+    assert all(0.0 <= r["acc"] <= 1.0 and r["seconds"] > 0 for r in rows)
+    bad = tmp_path / "bad.gz"
+    _write_idx(str(bad), torch.zeros(2, 3))
+    import gzip
+    with gzip.open(bad, "rb") as f:
+        raw = f.read()
+    with gzip.open(bad, "wb") as f:
+        f.write(raw[:-1])
+    with pytest.raises(ValueError, match="data bytes, header says"):
+        example.read_idx(str(bad))
