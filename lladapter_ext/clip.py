@@ -497,19 +497,24 @@ class ClassNameClassifier(nn.Module):
         return any(b.attn.prompt is not None for b in self.clip.text.blocks)
 
     def class_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
+        """Normalised text embeddings [C, embed_dim] of the class-name prompts.
+
+        Without a text adapter they are cached per (class list, device); call `clear_cache()` after changing
+        the text tower's weights.
+        """
         tokens = self.tokenizer([self.template.format(n.replace("_", " ")) for n in class_names],
                                 context_length=self.clip.config.text.context_length)
         tokens = tokens.to(self.clip.logit_scale.device)
-        if self._text_adapted() and torch.is_grad_enabled():
+        if self._text_adapted():  # the text tower changes as the adapter trains: never cache
             return self.clip.encode_text(tokens, normalize=True)
-        key = tuple(class_names)
-        if self._text_adapted() or key not in self._cache:
+        key = (tuple(class_names), str(tokens.device))
+        if key not in self._cache:
             with torch.no_grad():
-                emb = self.clip.encode_text(tokens, normalize=True)
-            if self._text_adapted():
-                return emb
-            self._cache[key] = emb
+                self._cache[key] = self.clip.encode_text(tokens, normalize=True)
         return self._cache[key]
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
 
     def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         text = self.class_embeddings(class_names)

@@ -81,14 +81,16 @@ def test_open_clip_parity(variant, tokenizer):
         torch.testing.assert_close(ours(images, tokens), img_logits, rtol=1e-5, atol=1e-4)
 
 
-def test_vit_b16_config_and_shapes():
-    """open_clip's ViT-B-16 JSON gives the ViT-B/16 shapes; the converted state dict names and shapes match."""
-    path = os.path.join(os.path.dirname(open_clip.__file__), "model_configs", "ViT-B-16.json")
+@pytest.mark.parametrize("name,vision,text", [("ViT-B-16", (768, 12, 12, 16), (512, 12, 8, 512)),
+                                               ("ViT-L-14", (1024, 24, 16, 14), (768, 12, 12, 768))])
+def test_open_clip_config_shapes(name, vision, text):
+    """open_clip's ViT-B-16 / ViT-L-14 JSON give those shapes; converted state-dict names and shapes match."""
+    path = os.path.join(os.path.dirname(open_clip.__file__), "model_configs", f"{name}.json")
     with open(path) as f:
         raw = json.load(f)
     cfg = CLIPConfig.from_open_clip(path)
-    assert (cfg.vision.width, cfg.vision.layers, cfg.vision.heads, cfg.vision.patch_size) == (768, 12, 12, 16)
-    assert (cfg.text.width, cfg.text.layers, cfg.text.heads, cfg.embed_dim) == (512, 12, 8, 512)
+    assert (cfg.vision.width, cfg.vision.layers, cfg.vision.heads, cfg.vision.patch_size) == vision
+    assert (cfg.text.width, cfg.text.layers, cfg.text.heads, cfg.embed_dim) == text
     with torch.device("meta"):
         ref = open_clip.CLIP(**raw)
         ours = CLIP(cfg)
@@ -129,13 +131,15 @@ def test_zero_init_gates_give_the_frozen_model_exactly(towers, tokenizer):
     assert (changed_img, changed_txt) == (towers[0] > 0, towers[1] > 0)
 
 
-def test_text_prompts_keep_the_causal_mask(tokenizer):
+@pytest.mark.parametrize("mode", ["gated", "joint"])
+def test_text_prompts_keep_the_causal_mask(mode, tokenizer):
     """A causal text tower with prompts: the embedding at position t ignores tokens after t."""
     _, model = _pair()
-    model.add_adapter(text_layers=2, prompt_len=3)
+    model.add_adapter(text_layers=2, prompt_len=3, mode=mode)
     with torch.no_grad():
         for blk in model.text.blocks:
-            blk.attn.gate.fill_(0.7)
+            if mode == "gated":
+                blk.attn.gate.fill_(0.7)
         a = tokenizer(["a photo of a dog"])
         b = a.clone()
         b[0, 8:] = 123  # change only positions after the end-of-text token (index 6)
