@@ -292,9 +292,11 @@ class CLIP(PromptAdapterMixin, nn.Module):
         if vision_layers == 0 and text_layers == 0:
             raise ValueError("add_adapter: give vision_layers and/or text_layers > 0")
         if vision_layers:
-            self._add_tower_adapter("vision", vision_layers, prompt_len, mode, gate_act, prompt_init_std)
+            self._add_tower_adapter("vision", vision_layers, prompt_len, mode, gate_act, prompt_init_std,
+                                    "vision_layers")
         if text_layers:
-            self._add_tower_adapter("text", text_layers, prompt_len, mode, gate_act, prompt_init_std)
+            self._add_tower_adapter("text", text_layers, prompt_len, mode, gate_act, prompt_init_std,
+                                    "text_layers")
         self.adapter_config = dict(vision_layers=vision_layers, text_layers=text_layers, prompt_len=prompt_len,
                                    mode=mode, gate_act=gate_act)
 

@@ -209,10 +209,10 @@ class PromptAdapterMixin:
         return ()
 
     def _add_tower_adapter(self, tower: str, num_layers: int, prompt_len: int, mode: str, gate_act: str,
-                           prompt_init_std: float) -> None:
+                           prompt_init_std: float, arg_name: str = "num_layers") -> None:
         blocks, _ = self._adapter_towers()[tower]
         if not 0 < num_layers <= len(blocks):
-            raise ValueError(f"num_layers for {tower} must be in [1, {len(blocks)}], got {num_layers}")
+            raise ValueError(f"{arg_name} must be in [1, {len(blocks)}] ({tower} blocks), got {num_layers}")
         for blk in blocks[len(blocks) - num_layers:]:
             blk.attn.add_adapter(prompt_len, mode=mode, gate_act=gate_act, prompt_init_std=prompt_init_std)
 
@@ -535,14 +535,25 @@ class VisionTransformer(PromptAdapterMixin, nn.Module):
 
         A position table for another square grid is resampled to this model's grid (as timm does on load).
         The head loads strictly when the checkpoint has one (build the model with the checkpoint's num_classes,
-        then reset_head); a checkpoint without a head (timm num_classes=0) leaves this model's head as it is. Meta's DINOv2 names (register_tokens, mask_token) are
-        accepted too.
+        then reset_head); a checkpoint without a head (timm num_classes=0) leaves this model's head as it is.
+
+        Meta's DINOv2 layout loads too: `mask_token` (masked-image modelling, unused at inference) is dropped,
+        and with registers (`register_tokens`; a position table with a class-token entry, registers inserted
+        after the class token without positions) it is converted to timm's no_embed_class form: the class
+        token absorbs its position entry, which gives the same sums.
         """
         c = self.config
         sd = dict(sd)
-        if "register_tokens" in sd:  # Meta's DINOv2 layout
+        sd.pop("mask_token", None)
+        if "register_tokens" in sd:
             sd["reg_token"] = sd.pop("register_tokens")
-        sd.pop("mask_token", None)  # DINOv2 masked-image-modelling token: unused at inference
+            pos, cls = sd.get("pos_embed"), sd.get("cls_token")
+            # Meta's table is 1 + a square grid; timm's (no_embed_class) is the square grid alone
+            has_cls_entry = (isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[1] > 1
+                             and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1)
+            if c.no_embed_class and c.class_token and has_cls_entry and isinstance(cls, torch.Tensor):
+                sd["cls_token"] = cls + pos[:, :1]
+                sd["pos_embed"] = pos[:, 1:]
         pos = sd.get("pos_embed")
         if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape != self.pos_embed.shape:
             n_prefix = 0 if c.no_embed_class else c.num_prefix_tokens

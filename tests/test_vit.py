@@ -251,7 +251,7 @@ def test_bad_timm_checkpoint_errors_name_the_tensor():
 
 def test_bad_arguments():
     model = _tiny_model()
-    with pytest.raises(ValueError, match="num_layers for vision must be in \\[1, 3\\], got 4"):
+    with pytest.raises(ValueError, match=r"num_layers must be in \[1, 3\] \(vision blocks\), got 4"):
         model.add_adapter(num_layers=4)
     with pytest.raises(ValueError, match="mode must be one of"):
         model.add_adapter(num_layers=1, mode="lora")
@@ -307,3 +307,19 @@ def test_fashion_mnist_example_on_synthetic_idx_files(tmp_path):
         f.write(raw[:-1])
     with pytest.raises(ValueError, match="data bytes, header says"):
         example.read_idx(str(bad))
+
+
+def test_meta_dinov2_register_layout_loads():
+    """Meta's DINOv2 keeps a class-token position entry and inserts registers after adding positions; timm's
+    reg4 model folds that entry into the class token. Both layouts must give the same features."""
+    ref = _perturbed_timm("vit_small_patch14_reg4_dinov2", **TINY["vit_small_patch14_reg4_dinov2"])
+    sd = ref.state_dict()
+    cls_pos = torch.randn(1, 1, sd["cls_token"].shape[-1])
+    meta = {k: v for k, v in sd.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    meta.update(register_tokens=sd["reg_token"], cls_token=sd["cls_token"] - cls_pos,
+                pos_embed=torch.cat((cls_pos, sd["pos_embed"]), dim=1), mask_token=torch.zeros(1, sd["cls_token"].shape[-1]))
+    ours = VisionTransformer(ViTConfig.from_timm(ref))
+    ours.load_timm_state_dict(meta)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval().forward_features(x), ref.forward_features(x), **FP32_TOL)
