@@ -54,7 +54,10 @@ def liger_fn():
 
 def main():
     p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = args.device
     if args.quick:
         cases = [("GQA q[1,256,32,128] k[1,256,8,128]", 1, 256, 32, 8, 128)]
