@@ -6,7 +6,8 @@ Liger-Kernel's rope when it is importable.
 
 Each lladapter layout is compared with the eager formulation of the same layout (rotate_half vs HF-style,
 interleaved vs Meta-style). Eager versions gather cos/sin at the positions inside the timed call, as the models
-do per layer; lladapter reads its [P, rd/2] tables directly.
+do per layer; lladapter reads its [P, rd/2] tables directly. The "clone q,k" row is the floor of any
+out-of-place implementation (fresh outputs written once); the in-place row shows the kernel without allocation.
 """
 from __future__ import annotations
 
@@ -114,6 +115,11 @@ def main():
                         extra["copy_bw_frac"] = f"{(nbytes * (1 if mode == 'fwd' else 2) / t) / copy_bw:.2f}"
                     table.add(case, impl, t, anchor=anchor, **extra)
                 if mode == "fwd":
+                    # the floor of any out-of-place version: fresh q/k-sized outputs written once (on CPU the
+                    # first-touch page faults of new memory dominate; THP_MEM_ALLOC_ENABLE=1 roughly halves them)
+                    t = bench(lambda: (q.clone(), k.clone()), dev, warmup=warmup, iters=iters)
+                    extra = {"copy_bw_frac": f"{(nbytes / t) / copy_bw:.2f}"} if copy_bw else {}
+                    table.add(case, "clone q,k (alloc+copy floor)", t, anchor=HF, **extra)
                     qi, ki = q.clone(), k.clone()
 
                     def run_inplace():

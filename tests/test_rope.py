@@ -47,6 +47,22 @@ def test_forward_matches_reference(device, dtype, interleaved, d):
     torch.testing.assert_close(ko, kr, **TOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("heads", [(32, 8), (40, 40), (1, 1)])
+def test_head_counts(device, dtype, interleaved, heads):
+    # LLaMA-3-8B GQA (32/8), an MHA wider than one CUDA block's head threads (40/40), and a single head
+    Hq, Hk = heads
+    q, k = _qk(1, 3, Hq, Hk, 128, dtype, device)
+    cos, sin = _tables(8, 128, device)
+    pos = torch.tensor([[5, 0, 7]], device=device)
+    qo, ko = ops.rope(q, k, cos, sin, position_ids=pos, interleaved=interleaved)
+    qr, kr = reference.rope(q, k, cos, sin, position_ids=pos, interleaved=interleaved)
+    torch.testing.assert_close(qo, qr, **TOL[dtype])
+    torch.testing.assert_close(ko, kr, **TOL[dtype])
+
+
 def test_forward_float64_cpu():
     q, k = _qk(2, 4, 2, 2, 10, torch.float64, "cpu")
     cos, sin = _tables(8, 10, "cpu")
@@ -206,6 +222,24 @@ def test_strided_views_of_fused_qkv(device, interleaved):
         ops.rope_(qt, kt, cos, sin, interleaved=interleaved)
     torch.testing.assert_close(qt, qr, **TOL[torch.float32])
     torch.testing.assert_close(kt, kr, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_misaligned_storage(device, dtype, interleaved):
+    # data starting one element into the storage: no 16-byte alignment, so the CUDA kernel takes its scalar path
+    B, T, H, d = 2, 3, 2, 64
+    q = torch.randn(B * T * H * d + 1, dtype=dtype, device=device)[1:].view(B, T, H, d)
+    k = torch.randn(B * T * H * d + 1, dtype=dtype, device=device)[1:].view(B, T, H, d)
+    cos, sin = _tables(8, d, device)
+    qr, kr = reference.rope(q, k, cos, sin, offset=2, interleaved=interleaved)
+    qo, ko = ops.rope(q, k, cos, sin, offset=2, interleaved=interleaved)
+    torch.testing.assert_close(qo, qr, **TOL[dtype])
+    torch.testing.assert_close(ko, kr, **TOL[dtype])
+    with torch.no_grad():
+        ops.rope_(q, k, cos, sin, offset=2, interleaved=interleaved)
+    assert torch.equal(q, qo) and torch.equal(k, ko)
 
 
 @pytest.mark.parametrize("device", DEVICES)
