@@ -551,3 +551,19 @@ def test_large_positions_keep_precision():
     a, b = q[..., : d // 2], q[..., d // 2:]
     expect = torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)
     torch.testing.assert_close(qo.double(), expect, rtol=0, atol=1e-5)  # |q| < ~5: a few fp32 ulp
+
+
+def test_module_table_grows_under_compile():
+    # growing the table inside a compiled function: recompiles, stays correct, no graph break (fullgraph)
+    m = lnn.RotaryEmbedding(16, max_positions=4)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(q, k, offset):
+        return m(q, k, offset=offset)
+
+    for offset in (0, 6, 20):
+        q, k = _qk(1, 3, 2, 1, 16, torch.float32, "cpu")
+        cos, sin = reference.rope_cos_sin(64, 16)
+        for a, b in zip(f(q, k, offset), reference.rope(q, k, cos, sin, offset=offset)):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+        assert m.max_positions >= offset + 3
