@@ -63,7 +63,7 @@ def main():
     if args.quick:
         cases = [("GQA q[1,256,32,128] k[1,256,8,128]", 1, 256, 32, 8, 128)]
         dtypes = [torch.float32, torch.bfloat16]
-        warmup, iters = 1, args.iters or 5
+        warmup, iters = 1, args.iters or 3
     else:
         cases = [("GQA q[4,2048,32,128] k[4,2048,8,128]", 4, 2048, 32, 8, 128),
                  ("7B MHA q,k[4,2048,32,128]", 4, 2048, 32, 32, 128)]
