@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import ops
 
 
 class RMSNorm(torch.nn.Module):
@@ -24,6 +24,9 @@ class RMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+from .reference import rope_cos_sin as _rope_cos_sin  # noqa: E402  (kept with the RoPE section)
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -72,7 +75,7 @@ class RotaryEmbedding(torch.nn.Module):
         if tables is None or tables[0].shape[0] < need:
             if need > self.max_positions:
                 self.max_positions = max(need, 2 * self.max_positions)
-            tables = reference.rope_cos_sin(self.max_positions, self.rotary_dim, self.base, self.scaling,
+            tables = _rope_cos_sin(self.max_positions, self.rotary_dim, self.base, self.scaling,
                                                 device=device)
             self._tables[device] = tables
         return tables
