@@ -6,4 +6,13 @@ TORCH_LIBRARY(lladapter, m) {
   // RMSNorm: returns (y, rstd); rstd is fp32 (fp64 for fp64 x) with x's leading shape.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+
+  // RoPE: rotate q [B, T, Hq, d] and k [B, T, Hk, d] by pos * theta_i from fp32 tables cos/sin [P, rd/2];
+  // pos = offset + t or position_ids [B|1, T] (int64). interleaved: Meta pairs (2i, 2i+1), else HF rotate_half
+  // pairs (i, i + rd/2); features rd..d pass through. inverse: rotate by the negated angle (the backward).
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, SymInt offset, bool interleaved, "
+        "bool inverse) -> (Tensor, Tensor)");
+  // In place, for inference: writes through q and k, allocates nothing when their last dim is contiguous.
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, SymInt offset, "
+        "bool interleaved, bool inverse) -> ()");
 }

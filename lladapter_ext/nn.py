@@ -24,3 +24,71 @@ class RMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+from .reference import rope_cos_sin as _rope_cos_sin  # noqa: E402  (kept with the RoPE section)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotary position embedding for q [B, T, Hq, d] and k [B, T, Hk, d] (one fused op call, see ops.rope).
+
+    Keeps fp32 cos/sin tables per device (never cast with the module's dtype; computed on first use on a device)
+    and grows them on demand, doubling, when a call needs more than `max_positions` positions.
+
+    head_dim: d. rotary_dim: how many leading features rotate (default d; smaller = partial rotary, the rest pass
+    through). base: theta_i = base^(-2i/rotary_dim). scaling: Llama-3.1 rope_scaling dict (rope_type "llama3",
+    factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), as in HF configs.
+    interleaved: Meta's pair layout (2i, 2i+1) (Meta/GGUF checkpoints) instead of HF's rotate_half (i, i + rd/2).
+
+    forward(q, k, position_ids=None, offset=0, inplace=False) -> (q, k): positions offset + t, or position_ids
+    [B, T] / [1, T]. The table is sized for offset + T, which bounds the ids of left-padded and packed batches;
+    an id beyond the table is refused by the op (CPU: error; CUDA: device-side assert). inplace=True rotates q and
+    k in place (inference only; no allocation).
+    """
+
+    def __init__(self, head_dim: int, rotary_dim: int | None = None, base: float = 10000.0,
+                 scaling: dict | None = None, max_positions: int = 2048, interleaved: bool = False, device=None):
+        super().__init__()
+        if head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim must be a positive even number, got {head_dim}")
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"RotaryEmbedding: rotary_dim must be a positive even number <= head_dim ({head_dim}), "
+                             f"got {rotary_dim}")
+        if max_positions <= 0:
+            raise ValueError(f"RotaryEmbedding: max_positions must be positive, got {max_positions}")
+        self.head_dim, self.rotary_dim, self.base = head_dim, rotary_dim, float(base)
+        self.scaling = dict(scaling) if scaling else None
+        self.max_positions, self.interleaved = int(max_positions), bool(interleaved)
+        # device -> (cos, sin) fp32 [max_positions, rotary_dim // 2]; not buffers, so .half()/.to(dtype) leave them
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        if device is not None:
+            self.cos_sin(device)
+
+    def cos_sin(self, device, positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp32 tables on `device`, covering at least `positions` positions (default max_positions)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        need = self.max_positions if positions is None else int(positions)
+        tables = self._tables.get(device)
+        if tables is None or tables[0].shape[0] < need:
+            if need > self.max_positions:
+                self.max_positions = max(need, 2 * self.max_positions)
+            tables = _rope_cos_sin(self.max_positions, self.rotary_dim, self.base, self.scaling,
+                                                device=device)
+            self._tables[device] = tables
+        return tables
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None, offset: int = 0,
+                inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.dim() != 4 or q.shape[-1] != self.head_dim:
+            raise ValueError(f"RotaryEmbedding: q must be [batch, seq, heads, {self.head_dim}], got {list(q.shape)}")
+        cos, sin = self.cos_sin(q.device, offset + q.shape[1])
+        fn = ops.rope_ if inplace else ops.rope
+        return fn(q, k, cos, sin, position_ids=position_ids, offset=offset, interleaved=self.interleaved)
+
+    def extra_repr(self) -> str:
+        s = f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, " \
+            f"max_positions={self.max_positions}, interleaved={self.interleaved}"
+        return s + (f", scaling={self.scaling}" if self.scaling else "")

@@ -6,6 +6,7 @@ written against this module today.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -67,11 +68,124 @@ torch.library.register_autograd("lladapter::rms_norm", _rms_norm_backward, setup
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          position_ids: Optional[torch.Tensor] = None, offset: int = 0,
          interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding of q [B, T, Hq, d] and k [B, T, Hk, d]; see reference.rope for the math.
+    """Rotary position embedding of q [B, T, Hq, d] and k [B, T, Hk, d] in one fused call (Hq != Hk: GQA).
 
-    Stand-in: the reference implementation until the RoPE kernel lands.
+    Each pair (a, b) of the first rd = 2 * cos.shape[-1] features of every head rotates by angle pos * theta_i:
+        a' = a cos(pos theta_i) - b sin(pos theta_i),   b' = a sin(pos theta_i) + b cos(pos theta_i),
+    theta_i = base^(-2i/rd) (optionally Llama-3.1-scaled), with cos/sin read from fp32 tables [P, rd/2] made by
+    rope_cos_sin_cache (or reference.rope_cos_sin).
+    - interleaved=True: Meta's layout, pairs (2i, 2i+1) (Meta and GGUF checkpoints);
+      interleaved=False: HF's rotate_half layout, pairs (i, i + rd/2) (HF checkpoints).
+    - pos = offset + t (KV-cache decoding: offset = number of cached tokens), or position_ids[b, t] when given
+      (int64 [B, T] or [1, T]; left-padded batches, packed sequences). Positions must lie in [0, P): checked on
+      the host for offset + T and, on CPU, for position_ids; on CUDA position_ids are checked on the device (an
+      out-of-range id triggers a device-side assert, as torch's own indexing does) so no host sync is needed.
+    - Partial rotary is supported: rd may be smaller than head_dim d (d and rd even); features rd..d pass through.
+    - fp32/bf16/fp16 (and fp64 on CPU) inputs; trigonometry and products in fp32 (fp64 for fp64), results in the
+      input dtype. q and k may be strided views (e.g. slices of a fused qkv projection).
+    Returns new contiguous (q_out, k_out). Differentiable in q and k: the backward is the same rotation by the
+    negated angle. cos/sin are constants (no gradient).
     """
-    return reference.rope(q, k, cos, sin, position_ids=position_ids, offset=offset, interleaved=interleaved)
+    return _lib.rope(q, k, cos, sin, _as_position_ids(position_ids), offset, interleaved, False)
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          position_ids: Optional[torch.Tensor] = None, offset: int = 0,
+          interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place rope (inference): rotates q and k where they are and returns them; same math as rope().
+
+    Allocates nothing when q's and k's last dims are contiguous and cos/sin (and position_ids) are contiguous.
+    Not differentiable: raises if grad mode is on and q or k requires grad.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise RuntimeError("lladapter rope_: q or k requires grad; the in-place variant is for inference "
+                           "(use ops.rope for training, or run under torch.no_grad())")
+    _lib.rope_(q, k, cos, sin, _as_position_ids(position_ids), offset, interleaved, False)
+    return q, k
+
+
+def _as_position_ids(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # the kernels read int64; int32 ids (e.g. from a tokenizer) are widened, anything else is refused by the op
+    if position_ids is not None and position_ids.dtype in (torch.int32, torch.int16, torch.uint8, torch.int8):
+        return position_ids.long()
+    return position_ids
+
+
+def _scaling_key(scaling: Optional[dict]):
+    return None if not scaling else tuple(sorted((str(k), v) for k, v in scaling.items()))
+
+
+@functools.lru_cache(maxsize=32)
+def _cos_sin_cached(max_positions: int, rotary_dim: int, base: float, scaling_key, device: str):
+    scaling = dict(scaling_key) if scaling_key else None
+    return reference.rope_cos_sin(max_positions, rotary_dim, base, scaling, device=torch.device(device))
+
+
+def rope_cos_sin_cache(max_positions: int, rotary_dim: int, base: float = 10000.0,
+                       scaling: Optional[dict] = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 cos/sin tables [max_positions, rotary_dim // 2] for rope(), computed once per (max_positions,
+    rotary_dim, base, scaling, device) and cached (angles formed in fp64, see reference.rope_cos_sin).
+
+    scaling: Llama-3.1 rope_scaling as in HF configs, e.g. {"rope_type": "llama3", "factor": 8.0,
+    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}.
+    The returned tensors are shared by every caller with the same key: do not modify them in place.
+    """
+    if max_positions <= 0:
+        raise ValueError(f"rope_cos_sin_cache: max_positions must be positive, got {max_positions}")
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _cos_sin_cached(int(max_positions), int(rotary_dim), float(base), _scaling_key(scaling), str(dev))
+
+
+def _rope_fake_checks(q, k, cos, sin):
+    torch._check(q.dim() == 4, lambda: f"lladapter::rope: q must have shape [batch, seq, heads, head_dim], got "
+                                       f"{list(q.shape)}")
+    torch._check(k.dim() == 4, lambda: f"lladapter::rope: k must have shape [batch, seq, kv_heads, head_dim], got "
+                                       f"{list(k.shape)}")
+    torch._check(k.shape[0] == q.shape[0] and k.shape[1] == q.shape[1] and k.shape[3] == q.shape[3],
+                 lambda: f"lladapter::rope: k {list(k.shape)} must match q {list(q.shape)} in batch, seq, head_dim")
+    torch._check(k.dtype == q.dtype, lambda: f"lladapter::rope: k must have q's dtype ({q.dtype}), got {k.dtype}")
+    torch._check(cos.dim() == 2 and sin.shape == cos.shape,
+                 lambda: f"lladapter::rope: cos/sin must be [max_positions, rotary_dim / 2], got "
+                         f"{list(cos.shape)} and {list(sin.shape)}")
+
+
+@torch.library.register_fake("lladapter::rope")
+def _rope_fake(q, k, cos, sin, position_ids, offset, interleaved, inverse):
+    _rope_fake_checks(q, k, cos, sin)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake("lladapter::rope_")
+def _rope_inplace_fake(q, k, cos, sin, position_ids, offset, interleaved, inverse):
+    _rope_fake_checks(q, k, cos, sin)
+    return None
+
+
+def _rope_setup_context(ctx, inputs, output):
+    q, k, cos, sin, position_ids, offset, interleaved, inverse = inputs
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.offset, ctx.interleaved, ctx.inverse = offset, interleaved, inverse
+    ctx.q_shape, ctx.k_shape = q.shape, k.shape
+
+
+def _rope_backward(ctx, grad_q, grad_k):
+    # R(theta)^T = R(-theta): the gradient is the same rotation with the angle negated
+    cos, sin, position_ids = ctx.saved_tensors
+    if grad_q is None and grad_k is None:
+        return (None,) * 8
+    ref = grad_q if grad_q is not None else grad_k
+    if grad_q is None:
+        grad_q = ref.new_zeros(ctx.q_shape)
+    if grad_k is None:
+        grad_k = ref.new_zeros(ctx.k_shape)
+    dq, dk = _lib.rope(grad_q, grad_k, cos, sin, position_ids, ctx.offset, ctx.interleaved, not ctx.inverse)
+    return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("lladapter::rope", _rope_backward, setup_context=_rope_setup_context)
 
 
 # --------------------------------------------------------------------------------------------- attention
