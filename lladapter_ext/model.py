@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
@@ -426,10 +426,16 @@ class LlamaForCausalLM(torch.nn.Module):
             else:
                 positions = steps.expand(B, T)
         else:
-            if tuple(position_ids.shape) != (B, T):
-                raise ValueError(f"position_ids must be [B, T] = [{B}, {T}], got {list(position_ids.shape)}")
-            positions = position_ids.to(device=dev, dtype=torch.long)
-        n_pos = int(positions.max()) + 1 if positions.numel() else 1
+            if tuple(position_ids.shape) not in ((B, T), (1, T)):
+                raise ValueError(f"position_ids must be [B, T] = [{B}, {T}] or [1, T], got "
+                                 f"{list(position_ids.shape)}")
+            positions = position_ids.to(device=dev, dtype=torch.long).expand(B, T)
+        if position_ids is None:  # positions never exceed past + T - 1: no device sync needed
+            n_pos = past + T
+        else:
+            n_pos = int(positions.max()) + 1 if positions.numel() else 1
+            if positions.numel() and int(positions.min()) < 0:
+                raise ValueError("position_ids must be >= 0")
         cos, sin = self._rope_tables(n_pos, dev)
 
         use_adapter = self.use_adapter and self.config.n_adapted_layers > 0

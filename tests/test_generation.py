@@ -9,6 +9,7 @@ import torch
 from lladapter_ext.generation import generate, generate_tokens, sample_next
 from lladapter_ext.loaders import load_hf
 from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
+from conftest import DEVICES
 from llama_helpers import mistral_sentencepiece_model, save_hf, tiny_hf_model
 
 
@@ -52,6 +53,18 @@ def test_batched_left_padded_equals_one_by_one(gqa):
     alone = [generate_tokens(model, [p], 12)[0] for p in prompts]
     assert batched == alone
     assert all(len(o) == 12 for o in batched)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_on_device_matches_cpu(device):
+    model = adapted_model()
+    prompts = [[1, 5, 7, 9, 3, 11, 2], [1, 4]]
+    cpu = generate_tokens(model, prompts, 10)
+    model.to(device)
+    assert generate_tokens(model, prompts, 10) == cpu
+    assert [generate_tokens(model, [p], 10)[0] for p in prompts] == cpu
+    a = generate_tokens(model, prompts, 6, temperature=1.0, seed=3)
+    assert a == generate_tokens(model, prompts, 6, temperature=1.0, seed=3)  # the seeded generator is per device
 
 
 def test_prompt_kv_computed_once_per_call():

@@ -13,6 +13,7 @@ from lladapter_ext.generation import generate_tokens
 from lladapter_ext.loaders import (CheckpointError, load_gguf, load_hf, load_meta, load_model,
                                    permute_qk_hf_to_meta, permute_qk_meta_to_hf)
 from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
+from conftest import DEVICES
 from llama_helpers import mistral_sentencepiece_model, save_hf, smollm2_gguf, tiny_hf_model
 
 # fp32 vs fp32 with a different operation order (fused RMSNorm, our attention): a few ulps of the logits' scale
@@ -66,6 +67,23 @@ def test_hf_pytorch_model_bin_and_bf16_target(tmp_path):
     assert {p.dtype for n, p in m16.named_parameters() if "adapter" not in n} == {torch.bfloat16}
     assert {p.dtype for p in m16.adapter_parameters()} == {torch.float32}  # optimiser-facing tensors stay fp32
     assert torch.equal(m16.layers[0].attention.wq.weight, hf.model.layers[0].self_attn.q_proj.weight.bfloat16())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hf_load_to_device_in_target_dtype(tmp_path, device):
+    hf = tiny_hf_model(True)
+    save_hf(hf, tmp_path)
+    x = torch.randint(0, 96, (2, 8))
+    model, _ = load_hf(tmp_path, device=device, tokenizer=False)
+    assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.to(device)).logits.cpu(), hf_logits(hf, x), **FP32_TOL)
+    m16, _ = load_hf(tmp_path, dtype=torch.bfloat16, device=device, tokenizer=False)
+    assert m16.layers[1].feed_forward.w2.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = m16(x.to(device)).logits.float().cpu()
+    # bf16 weights and activations (8-bit mantissa) through 3 layers: agreement to a few percent of the scale
+    torch.testing.assert_close(out, hf_logits(hf, x), rtol=0.05, atol=0.1)
 
 
 def test_permutations_are_inverse_and_match_rope_layouts():
