@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the source tree's package (its compiled extension) rather than another installed copy
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import Table, bench, common_args  # noqa: E402
 
 from lladapter_ext import ops  # noqa: E402

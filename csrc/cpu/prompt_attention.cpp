@@ -26,10 +26,61 @@
 #include "../prompt_attention.h"
 #include "vec_utils.h"
 
+// The Fortran BLAS sgemm that torch's CPU library exports (MKL on x86 wheels, OpenBLAS elsewhere). Declared weak:
+// when a torch build does not export it, the fp32 block products fall back to the at::vec micro-kernels below.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count: the block products run inside at::parallel_for, so each must be sequential
+// (a nested MKL team per worker oversubscribes the cores badly).
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // the C API (mkl_service.h)
+
 namespace lladapter::cpu {
 namespace {
 
-constexpr int64_t kQB = 32;  // query rows per block
+// Makes BLAS calls of the current thread sequential for the guard's lifetime (no-op without MKL).
+struct SequentialBlasGuard {
+  int prev = 0;
+  bool active = false;
+  SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      prev = MKL_Set_Num_Threads_Local(1);
+      active = true;
+    }
+  }
+  ~SequentialBlasGuard() {
+    if (active) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// Row-major C[m, n] = alpha * A[m, k] . op(B) + beta * C, where op(B) is B [k, n] (ldb) or, with b_trans, the
+// transpose of B stored [n, k] (ldb). Returns false when no BLAS is available.
+inline bool blas_gemm_rowmajor(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
+                               int64_t ldb, bool b_trans, float beta, float* C, int64_t ldc) {
+  if (sgemm_ == nullptr) return false;
+  // column-major view: C^T [n, m] = op(B)^T [n, k] . A^T [k, m]
+  const char ta = b_trans ? 'T' : 'N', tb = 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  const float one = 1.f;
+  sgemm_(&ta, &tb, &M, &N, &K, &one, B, &LA, A, &LB, &beta, C, &LC);
+  return true;
+}
+
+// Row-major C[m, n] += op(A) . X[k, n] (ldx), op(A) = A [m, k] (lda) or the transpose of A stored [k, m] (lda).
+inline bool blas_gemm_rowmajor_a(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, bool a_trans,
+                                 const float* X, int64_t ldx, float* C, int64_t ldc) {
+  if (sgemm_ == nullptr) return false;
+  // column-major: C^T [n, m] += X^T [n, k] . op(A)^T [k, m]
+  const char ta = 'N', tb = a_trans ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LX = static_cast<int>(ldx), LA = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  const float one = 1.f;
+  sgemm_(&ta, &tb, &M, &N, &K, &one, X, &LX, A, &LA, &one, C, &LC);
+  return true;
+}
+
+constexpr int64_t kQB = 64;  // query rows per block
 constexpr int64_t kKB = 64;  // keys per block (a multiple of every at::vec width)
 
 template <typename acc_t>
@@ -74,69 +125,114 @@ void load_transposed(acc_t* dst, const scalar_t* src, int64_t stride, int64_t n,
 }
 
 // S[i, 0:kKB] = sum_c A[i, c] * Bt[c, 0:kKB] for i < nrows (A rows of stride lda, Bt [d, kKB]).
+// Register blocking: 2 rows x 4 vectors = 8 accumulators (+ 1 load + 2 broadcasts fit the 16 AVX2 registers);
+// each loaded Bt vector feeds two FMAs.
 template <typename acc_t>
 void block_scores(acc_t* S, const acc_t* A, int64_t lda, int64_t nrows, const acc_t* Bt, int64_t d) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (blas_gemm_rowmajor(nrows, kKB, d, A, lda, Bt, kKB, false, 0.f, S, kKB)) return;
+  }
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
   constexpr int64_t NV = kKB / W;
-  int64_t i = 0;
-  // two rows at a time: each loaded Bt vector feeds two FMAs
-  for (; i + 2 <= nrows; i += 2) {
-    V acc0[NV], acc1[NV];
-    for (int64_t v = 0; v < NV; ++v) acc0[v] = acc1[v] = V(acc_t(0));
-    const acc_t* a0 = A + i * lda;
-    const acc_t* a1 = a0 + lda;
-    for (int64_t c = 0; c < d; ++c) {
-      const V x0(a0[c]), x1(a1[c]);
-      const acc_t* bc = Bt + c * kKB;
-      for (int64_t v = 0; v < NV; ++v) {
-        const V bv = V::loadu(bc + v * W);
-        acc0[v] = at::vec::fmadd(x0, bv, acc0[v]);
-        acc1[v] = at::vec::fmadd(x1, bv, acc1[v]);
+  constexpr int64_t CV = 4;
+  static_assert(NV % CV == 0, "kKB must be a multiple of 4 vectors");
+  for (int64_t v0 = 0; v0 < NV; v0 += CV) {
+    int64_t i = 0;
+    for (; i + 2 <= nrows; i += 2) {
+      V acc0[CV], acc1[CV];
+      for (int64_t v = 0; v < CV; ++v) acc0[v] = acc1[v] = V(acc_t(0));
+      const acc_t* a0 = A + i * lda;
+      const acc_t* a1 = a0 + lda;
+      for (int64_t c = 0; c < d; ++c) {
+        const V x0(a0[c]), x1(a1[c]);
+        const acc_t* bc = Bt + c * kKB + v0 * W;
+        for (int64_t v = 0; v < CV; ++v) {
+          const V bv = V::loadu(bc + v * W);
+          acc0[v] = at::vec::fmadd(x0, bv, acc0[v]);
+          acc1[v] = at::vec::fmadd(x1, bv, acc1[v]);
+        }
+      }
+      for (int64_t v = 0; v < CV; ++v) {
+        acc0[v].store(S + i * kKB + (v0 + v) * W);
+        acc1[v].store(S + (i + 1) * kKB + (v0 + v) * W);
       }
     }
-    for (int64_t v = 0; v < NV; ++v) {
-      acc0[v].store(S + i * kKB + v * W);
-      acc1[v].store(S + (i + 1) * kKB + v * W);
+    for (; i < nrows; ++i) {
+      V acc0[CV];
+      for (int64_t v = 0; v < CV; ++v) acc0[v] = V(acc_t(0));
+      const acc_t* a0 = A + i * lda;
+      for (int64_t c = 0; c < d; ++c) {
+        const V x0(a0[c]);
+        const acc_t* bc = Bt + c * kKB + v0 * W;
+        for (int64_t v = 0; v < CV; ++v) acc0[v] = at::vec::fmadd(x0, V::loadu(bc + v * W), acc0[v]);
+      }
+      for (int64_t v = 0; v < CV; ++v) acc0[v].store(S + i * kKB + (v0 + v) * W);
     }
-  }
-  for (; i < nrows; ++i) {
-    V acc0[NV];
-    for (int64_t v = 0; v < NV; ++v) acc0[v] = V(acc_t(0));
-    const acc_t* a0 = A + i * lda;
-    for (int64_t c = 0; c < d; ++c) {
-      const V x0(a0[c]);
-      const acc_t* bc = Bt + c * kKB;
-      for (int64_t v = 0; v < NV; ++v) acc0[v] = at::vec::fmadd(x0, V::loadu(bc + v * W), acc0[v]);
-    }
-    for (int64_t v = 0; v < NV; ++v) acc0[v].store(S + i * kKB + v * W);
   }
 }
 
 // C[r, 0:dp] += sum_{t < nt} A[r*sr + t*st] * X[t, 0:dp]  for r < nr  (dp a multiple of the vector width).
+// Register blocking: 2 rows of C x 4 vectors; each loaded X vector feeds two FMAs.
 template <typename acc_t>
 void accum_rows(acc_t* C, int64_t ldc, const acc_t* A, int64_t sr, int64_t st, const acc_t* X, int64_t ldx,
                 int64_t nr, int64_t nt, int64_t dp) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // A viewed as a row-major [nr, nt] matrix: (sr, st) = (lda, 1), or its transpose stored [nt, nr]: (1, lda)
+    if (nr > 0 && nt > 0 && (st == 1 || sr == 1)) {
+      const bool a_trans = st != 1;
+      if (!a_trans ? blas_gemm_rowmajor_a(nr, dp, nt, A, sr, false, X, ldx, C, ldc)
+                   : blas_gemm_rowmajor_a(nr, dp, nt, A, st, true, X, ldx, C, ldc))
+        return;
+    }
+  }
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
-  constexpr int64_t CH = 8;  // vectors of C held in registers
-  for (int64_t r = 0; r < nr; ++r) {
-    acc_t* c = C + r * ldc;
-    const acc_t* a = A + r * sr;
+  constexpr int64_t CV = 4;
+  int64_t r = 0;
+  for (; r + 2 <= nr; r += 2) {
+    acc_t* c0p = C + r * ldc;
+    acc_t* c1p = c0p + ldc;
+    const acc_t* a0 = A + r * sr;
+    const acc_t* a1 = a0 + sr;
     int64_t c0 = 0;
-    for (; c0 + CH * W <= dp; c0 += CH * W) {
-      V acc[CH];
-      for (int64_t v = 0; v < CH; ++v) acc[v] = V::loadu(c + c0 + v * W);
-      for (int64_t t = 0; t < nt; ++t) {
-        const acc_t w = a[t * st];
-        if (w == acc_t(0)) continue;  // masked keys (exactly zero probability) cost nothing
-        const V wv(w);
-        const acc_t* x = X + t * ldx + c0;
-        for (int64_t v = 0; v < CH; ++v) acc[v] = at::vec::fmadd(wv, V::loadu(x + v * W), acc[v]);
+    for (; c0 + CV * W <= dp; c0 += CV * W) {
+      V acc0[CV], acc1[CV];
+      for (int64_t v = 0; v < CV; ++v) {
+        acc0[v] = V::loadu(c0p + c0 + v * W);
+        acc1[v] = V::loadu(c1p + c0 + v * W);
       }
-      for (int64_t v = 0; v < CH; ++v) acc[v].store(c + c0 + v * W);
+      for (int64_t t = 0; t < nt; ++t) {
+        const acc_t w0 = a0[t * st], w1 = a1[t * st];
+        if (w0 == acc_t(0) && w1 == acc_t(0)) continue;  // masked keys (exactly zero probability) cost nothing
+        const V wv0(w0), wv1(w1);
+        const acc_t* x = X + t * ldx + c0;
+        for (int64_t v = 0; v < CV; ++v) {
+          const V xv = V::loadu(x + v * W);
+          acc0[v] = at::vec::fmadd(wv0, xv, acc0[v]);
+          acc1[v] = at::vec::fmadd(wv1, xv, acc1[v]);
+        }
+      }
+      for (int64_t v = 0; v < CV; ++v) {
+        acc0[v].store(c0p + c0 + v * W);
+        acc1[v].store(c1p + c0 + v * W);
+      }
     }
     for (; c0 < dp; c0 += W) {
+      V acc0 = V::loadu(c0p + c0), acc1 = V::loadu(c1p + c0);
+      for (int64_t t = 0; t < nt; ++t) {
+        const V xv = V::loadu(X + t * ldx + c0);
+        acc0 = at::vec::fmadd(V(a0[t * st]), xv, acc0);
+        acc1 = at::vec::fmadd(V(a1[t * st]), xv, acc1);
+      }
+      acc0.store(c0p + c0);
+      acc1.store(c1p + c0);
+    }
+  }
+  for (; r < nr; ++r) {
+    acc_t* c = C + r * ldc;
+    const acc_t* a = A + r * sr;
+    for (int64_t c0 = 0; c0 < dp; c0 += W) {
       V acc = V::loadu(c + c0);
       for (int64_t t = 0; t < nt; ++t) {
         const acc_t w = a[t * st];
@@ -332,6 +428,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
 
   if (nsplit == 1) {
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(pr.d, dp);
       std::vector<acc_t> m(kQB), l(kQB);
       for (int64_t it = begin; it < end; ++it) {
@@ -355,6 +452,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   // Split-K: partial states per (item, split), merged in split order.
   std::vector<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
   at::parallel_for(0, items * nsplit, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t it = w / nsplit, s = w % nsplit;
@@ -375,6 +473,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     }
   });
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     std::vector<acc_t> m(kQB), l(kQB);
     for (int64_t it = begin; it < end; ++it) {
@@ -445,7 +544,8 @@ struct BwdBuffers {
 template <typename scalar_t, typename acc_t>
 void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t, acc_t>& bb, bool prompt, int64_t b0,
                    int64_t b1, int64_t hkv, int64_t j0, int64_t nk, acc_t* dK, acc_t* dV, Scratch<acc_t>& sc,
-                   std::vector<acc_t>& dS, std::vector<acc_t>& lse_rows, std::vector<acc_t>& D_rows) {
+                   std::vector<acc_t>& dS, std::vector<acc_t>& lse_rows, std::vector<acc_t>& D_rows,
+                   acc_t* dQ_group = nullptr) {
   const int64_t d = pr.d, dp = pr.dp;
   std::fill(dK, dK + kKB * dp, acc_t(0));
   std::fill(dV, dV + kKB * dp, acc_t(0));
@@ -459,6 +559,7 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       const scalar_t* vb = prompt ? pr.prompt(pr.pv, b, hkv) : pr.word(pr.v, b, hkv);
       load_transposed(sc.Kt.data(), kb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
       load_transposed(sc.Vt.data(), vb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
+      if (dQ_group) load_rows(sc.Kr.data(), dp, kb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d, kKB, acc_t(1));
       loaded_for_b = prompt && pr.Bp == 1;  // a shared prompt block is loaded once
     }
     const int64_t i_start = mk.causal ? std::max<int64_t>(0, j0 - mk.off) : 0;
@@ -480,6 +581,10 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
                           D_rows.data(), factor);
         accum_rows(dV, dp, sc.P.data(), 1, kKB, sc.dO.data(), dp, nk, nrows, dp);
         accum_rows(dK, dp, dS.data(), 1, kKB, sc.Qs.data(), dp, nk, nrows, dp);
+        if (dQ_group) {  // single-pass mode: this item owns the dq rows of its group, key blocks in order
+          acc_t* dq_rows = dQ_group + ((h - hkv * pr.rep) * pr.Tq + i0) * dp;
+          accum_rows(dq_rows, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+        }
       }
     }
   }
@@ -513,6 +618,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
 
   // pass 0: D_word and D_prompt per row
   at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(d, dp);
     std::vector<acc_t> m(kQB), l(kQB), pacc(kQB * dp), orow(dp);
     for (int64_t it = begin; it < end; ++it) {
@@ -545,63 +651,111 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     }
   });
 
-  // pass 1: dk, dv per (b, kv head, key block)
   const int64_t nkb = (pr.Tk + kKB - 1) / kKB;
-  at::parallel_for(0, pr.B * pr.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> sc(d, dp);
-    std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t j0 = (it % nkb) * kKB, hkv = (it / nkb) % pr.Hkv, b = it / (nkb * pr.Hkv);
-      const int64_t nk = std::min(kKB, pr.Tk - j0);
-      kv_grad_block(pr, bb, false, b, b + 1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
-      for (int64_t r = 0; r < nk; ++r) {
-        scalar_t* ko = dk + ((b * pr.Tk + j0 + r) * pr.Hkv + hkv) * d;
-        scalar_t* vo = dv + ((b * pr.Tk + j0 + r) * pr.Hkv + hkv) * d;
-        for (int64_t c = 0; c < d; ++c) {
-          ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
-          vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = pr.B * pr.Hkv;
+  // Single pass (5 block products per key/query block pair instead of 7) when the (b, kv head) items alone
+  // occupy the threads evenly: each item then owns the dq rows of its heads and accumulates them in key order.
+  const bool single_pass = groups % threads == 0 || groups >= 4 * threads;
+  auto write_kv = [&](int64_t b, int64_t hkv, int64_t j0, int64_t nk, const acc_t* dK, const acc_t* dV) {
+    for (int64_t r = 0; r < nk; ++r) {
+      scalar_t* ko = dk + ((b * pr.Tk + j0 + r) * pr.Hkv + hkv) * d;
+      scalar_t* vo = dv + ((b * pr.Tk + j0 + r) * pr.Hkv + hkv) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
+        vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
+      }
+    }
+  };
+  // dq of one query block: acc holds the word-key part (scaled-query units); adds the prompt part and writes.
+  auto finish_dq = [&](Scratch<acc_t>& sc, std::vector<acc_t>& dS, std::vector<acc_t>& dP, int64_t b, int64_t h,
+                       int64_t i0, int64_t nrows, acc_t* acc) {
+    if (pr.has_prompt) {
+      std::vector<acc_t> plse_rows(kQB), Dp_rows(kQB);
+      for (int64_t r = 0; r < nrows; ++r) {
+        plse_rows[r] = bb.plse[pr.stat(b, h, i0 + r)];
+        Dp_rows[r] = bb.Dp[pr.stat(b, h, i0 + r)];
+      }
+      const int64_t hkv = h / pr.rep;
+      q_grad_keys(pr, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.prompt_mask(), 0, pr.K, i0, nrows,
+                  plse_rows.data(), Dp_rows.data(), pr.phi[h], acc, sc, dS, dP);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      scalar_t* o = dq + ((b * pr.Tq + i0 + r) * pr.H + h) * d;
+      const acc_t* a = acc + r * dp;
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c] * pr.scale);
+    }
+  };
+
+  if (single_pass) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(d, dp);
+      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      std::vector<acc_t> dQ_group(pr.rep * pr.Tq * dp);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
+        std::fill(dQ_group.begin(), dQ_group.end(), acc_t(0));
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          const int64_t j0 = kb * kKB, nk = std::min(kKB, pr.Tk - j0);
+          kv_grad_block(pr, bb, false, b, b + 1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows,
+                        dQ_group.data());
+          write_kv(b, hkv, j0, nk, dK.data(), dV.data());
+        }
+        for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
+          for (int64_t i0 = 0; i0 < pr.Tq; i0 += kQB) {
+            const int64_t nrows = std::min(kQB, pr.Tq - i0);
+            load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+            load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+            finish_dq(sc, dS, dP, b, h, i0, nrows, dQ_group.data() + ((h - hkv * pr.rep) * pr.Tq + i0) * dp);
+          }
         }
       }
-    }
-  });
-
-  // pass 2: dq per (b, h, query block)
-  at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> sc(d, dp);
-    std::vector<acc_t> dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB), plse_rows(kQB), Dp_rows(kQB);
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
-      const int64_t nrows = std::min(kQB, pr.Tq - i0), hkv = h / pr.rep;
-      load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
-      load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
-      for (int64_t r = 0; r < nrows; ++r) {
-        const int64_t si = pr.stat(b, h, i0 + r);
-        lse_rows[r] = bb.lse[si];
-        D_rows[r] = bb.Dw[si];
-        plse_rows[r] = bb.plse[si];
-        Dp_rows[r] = bb.Dp[si];
+    });
+  } else {
+    // pass 1: dk, dv per (b, kv head, key block)
+    at::parallel_for(0, groups * nkb, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(d, dp);
+      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t j0 = (it % nkb) * kKB, hkv = (it / nkb) % pr.Hkv, b = it / (nkb * pr.Hkv);
+        const int64_t nk = std::min(kKB, pr.Tk - j0);
+        kv_grad_block(pr, bb, false, b, b + 1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
+        write_kv(b, hkv, j0, nk, dK.data(), dV.data());
       }
-      std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
-      const KeyMask mk = pr.word_mask(b);
-      auto [kbeg, kend] = block_key_range(mk, i0, nrows);
-      q_grad_keys(pr, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), mk, kbeg, kend, i0, nrows, lse_rows.data(),
-                  D_rows.data(), acc_t(1), sc.acc.data(), sc, dS, dP);
-      if (pr.has_prompt) {
-        q_grad_keys(pr, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.prompt_mask(), 0, pr.K, i0, nrows,
-                    plse_rows.data(), Dp_rows.data(), pr.phi[h], sc.acc.data(), sc, dS, dP);
+    });
+    // pass 2: dq per (b, h, query block), recomputing the scores
+    at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(d, dp);
+      std::vector<acc_t> dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
+        const int64_t nrows = std::min(kQB, pr.Tq - i0), hkv = h / pr.rep;
+        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+        load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+        for (int64_t r = 0; r < nrows; ++r) {
+          lse_rows[r] = bb.lse[pr.stat(b, h, i0 + r)];
+          D_rows[r] = bb.Dw[pr.stat(b, h, i0 + r)];
+        }
+        std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+        const KeyMask mk = pr.word_mask(b);
+        auto [kbeg, kend] = block_key_range(mk, i0, nrows);
+        // key blocks aligned as in the single-pass mode, so both modes give bit-identical dq
+        kbeg = kbeg / kKB * kKB;
+        q_grad_keys(pr, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), mk, kbeg, kend, i0, nrows, lse_rows.data(),
+                    D_rows.data(), acc_t(1), sc.acc.data(), sc, dS, dP);
+        finish_dq(sc, dS, dP, b, h, i0, nrows, sc.acc.data());
       }
-      for (int64_t r = 0; r < nrows; ++r) {
-        scalar_t* o = dq + ((b * pr.Tq + i0 + r) * pr.H + h) * d;
-        const acc_t* a = sc.acc.data() + r * dp;
-        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c] * pr.scale);
-      }
-    }
-  });
+    });
+  }
 
   // pass 3: dpk, dpv per (prompt batch, kv head, prompt block)
   if (pr.has_prompt) {
     const int64_t npb = (pr.K + kKB - 1) / kKB;
     at::parallel_for(0, pr.Bp * pr.Hkv * npb, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
       for (int64_t it = begin; it < end; ++it) {
