@@ -291,12 +291,79 @@ struct Scratch {
         P(kQB * kKB), dP(kQB * kKB), acc(kQB * dp), m(kQB), l(kQB) {}
 };
 
+// Few query rows (decode): reading the keys and values straight from their rows beats converting whole blocks.
+constexpr int64_t kDirectRows = 4;
+
+// dot(a[0:d], row[0:d]) with a in acc_t (zero padded to a multiple of the vector width) and row in scalar_t.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_src(const acc_t* a, const scalar_t* row, int64_t d) {
+  int64_t c = 0;
+  acc_t s = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    fVec acc(0.f);
+    for (; c + kFVecSize <= d; c += kFVecSize) acc = at::vec::fmadd(fVec::loadu(a + c), load_as_float(row + c), acc);
+    s = hsum(acc);
+  }
+  for (; c < d; ++c) s += a[c] * static_cast<acc_t>(row[c]);
+  return s;
+}
+
+// acc[0:d] += w * row[0:d]
+template <typename scalar_t, typename acc_t>
+inline void axpy_src(acc_t* acc, acc_t w, const scalar_t* row, int64_t d) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const fVec wv(w);
+    for (; c + kFVecSize <= d; c += kFVecSize)
+      at::vec::fmadd(wv, load_as_float(row + c), fVec::loadu(acc + c)).store(acc + c);
+  }
+  for (; c < d; ++c) acc[c] += w * static_cast<acc_t>(row[c]);
+}
+
+// attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
+template <typename scalar_t, typename acc_t>
+void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase,
+                   int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
+                   acc_t* l, acc_t* acc) {
+  acc_t s[kKB];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const acc_t* q = Qs + r * dp;
+    acc_t* a = acc + r * dp;
+    const int64_t lo = std::max(kbeg, mk.lo), hi = std::min(kend, mk.hi(i0 + r));
+    for (int64_t j0 = lo; j0 < hi; j0 += kKB) {
+      const int64_t nk = std::min(kKB, hi - j0);
+      acc_t mb = kNegInf<acc_t>;
+      for (int64_t c = 0; c < nk; ++c) {
+        s[c] = dot_src(q, kbase + (j0 + c) * kstride, d);
+        mb = std::max(mb, s[c]);
+      }
+      const acc_t m_new = std::max(m[r], mb);
+      const acc_t alpha = std::exp(m[r] - m_new);
+      acc_t ps = 0;
+      for (int64_t c = 0; c < nk; ++c) {
+        s[c] = std::exp(s[c] - m_new);
+        ps += s[c];
+      }
+      l[r] = l[r] * alpha + ps;
+      m[r] = m_new;
+      if (alpha != acc_t(1)) {
+        for (int64_t c = 0; c < dp; ++c) a[c] *= alpha;
+      }
+      for (int64_t c = 0; c < nk; ++c) axpy_src(a, s[c], vbase + (j0 + c) * kstride, d);
+    }
+  }
+}
+
 // Online-softmax attention of nrows scaled query rows (query index i0 + r) over keys [kbeg, kend) of one head:
 // updates the running max m, sum l and unnormalised accumulator acc [nrows, dp].
 template <typename scalar_t, typename acc_t>
 void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase,
             int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
             acc_t* l, acc_t* acc, Scratch<acc_t>& sc) {
+  if (nrows <= kDirectRows) {
+    attend_direct(Qs, nrows, i0, kbase, vbase, kstride, mk, kbeg, kend, d, dp, m, l, acc);
+    return;
+  }
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
   for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
