@@ -588,24 +588,30 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
 // P = exp(S - lse_i) on allowed keys (0 elsewhere and on rows whose branch is empty); then
 // dS = factor * P * (dP - D_i) and P *= factor, where dP = dout . v_j (factor = phi(g_h) for the prompt branch).
 template <typename acc_t>
-void probs_and_dscores(acc_t* P, acc_t* dS, const acc_t* S, const acc_t* dP, int64_t nrows, int64_t i0, int64_t j0,
+void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t nrows, int64_t i0, int64_t j0,
                        int64_t nk, const KeyMask& mk, const acc_t* lse_rows, const acc_t* D_rows, acc_t factor) {
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
   for (int64_t r = 0; r < nrows; ++r) {
     acc_t* p = P + r * kKB;
     acc_t* ds = dS + r * kKB;
     const int64_t lo = std::max<int64_t>(mk.lo - j0, 0);
     const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
     const acc_t L = lse_rows[r];
-    std::fill(p, p + kKB, acc_t(0));
-    std::fill(ds, ds + kKB, acc_t(0));
-    if (hi <= lo || L == kNegInf<acc_t>) continue;
-    const acc_t* s = S + r * kKB;
+    if (hi <= lo || L == kNegInf<acc_t>) {
+      std::fill(p, p + kKB, acc_t(0));
+      std::fill(ds, ds + kKB, acc_t(0));
+      continue;
+    }
+    acc_t* s = S + r * kKB;
+    for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;  // exp gives exactly 0 on masked keys
+    for (int64_t c = hi; c < kKB; ++c) s[c] = kNegInf<acc_t>;
     const acc_t* dp = dP + r * kKB;
-    const acc_t D = D_rows[r];
-    for (int64_t c = lo; c < hi; ++c) {
-      const acc_t pc = std::exp(s[c] - L);
-      ds[c] = factor * pc * (dp[c] - D);
-      p[c] = factor * pc;
+    const V Lv(L), Dv(D_rows[r]), fv(factor);
+    for (int64_t c = 0; c < kKB; c += W) {
+      const V e = (V::loadu(s + c) - Lv).exp() * fv;
+      (e * (V::loadu(dp + c) - Dv)).store(ds + c);
+      e.store(p + c);
     }
   }
 }
