@@ -15,4 +15,13 @@ TORCH_LIBRARY(lladapter, m) {
   // In place, for inference: writes through q and k, allocates nothing when their last dim is contiguous.
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, SymInt offset, "
         "bool interleaved, bool inverse) -> ()");
+
+  // Gated prompt attention (LLaMA-Adapter). Returns (out, lse, prompt_lse): lse / prompt_lse are the fp32 (fp64 for
+  // fp64 q) log-sum-exps of the scaled scores of the word and the prompt branch, [B, H, Tq], -inf where empty.
+  // The backward returns (dq, dk, dv, dpk, dpv, dgate); dpk/dpv are [0] when pk is None, dgate [0] when gate is.
+  m.def("gated_prompt_attention(Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, Tensor? gate, "
+        "Tensor? kv_start, bool causal, str gate_act, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("gated_prompt_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, "
+        "Tensor? gate, Tensor? kv_start, Tensor out, Tensor lse, Tensor prompt_lse, bool causal, str gate_act, "
+        "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -7,9 +7,11 @@ written against this module today.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -189,13 +191,138 @@ torch.library.register_autograd("lladapter::rope", _rope_backward, setup_context
 
 
 # --------------------------------------------------------------------------------------------- attention
+_ATTN_BACKENDS = ("auto", "fused", "split", "reference")
+# Head dims the CUDA kernels are instantiated for (the CPU kernels take any d).
+CUDA_HEAD_DIMS = (64, 80, 96, 128)
+
+
 def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            pk: Optional[torch.Tensor] = None, pv: Optional[torch.Tensor] = None,
                            gate: Optional[torch.Tensor] = None, causal: bool = True, gate_act: str = "tanh",
-                           scale: Optional[float] = None, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """LLaMA-Adapter zero-init gated attention; see reference.gated_prompt_attention for the math.
+                           scale: Optional[float] = None, kv_start: Optional[torch.Tensor] = None,
+                           *, backend: str = "auto") -> torch.Tensor:
+    """LLaMA-Adapter zero-init gated attention (word branch + phi(gate) * prompt branch, two softmaxes).
 
-    Stand-in: the reference implementation until the fused kernel lands.
+    out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p, with a = softmax over the allowed word keys of
+    scale * q_i.k_j (causal: j <= i + Tk - Tq; kv_start [B] left padding: j >= kv_start[b]; a row with no allowed
+    key gets 0) and b = softmax over the K prompt keys of scale * q_i.pk_p; phi = tanh or identity (gate_act).
+    q [B, Tq, H, d]; k, v [B, Tk, Hkv, d] (H a multiple of Hkv; head h reads kv head h // (H // Hkv));
+    pk, pv [Bp, K, Hkv, d] with Bp in {1, B}, or None / K = 0 for plain attention; gate [H] (fp32 parameter);
+    scale defaults to 1/sqrt(d). fp32 accumulation; out in q's dtype. Differentiable in q, k, v, pk, pv, gate.
+
+    backend:
+      "fused"     one kernel (CPU or CUDA) for both branches, flash-style (never materialises Tq x Tk);
+      "split"     word branch through torch's scaled_dot_product_attention, prompt branch through the fused
+                  op with no word keys, gated and added;
+      "reference" the plain-PyTorch oracle (materialises the scores);
+      "auto"      CPU: fused (measured faster than split on CPU; decode uses the kernel's split-K path);
+                  CUDA: split (SDPA's flash/cuDNN word branch) when d is one of CUDA_HEAD_DIMS, else reference.
     """
-    return reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act, scale=scale,
-                                            kv_start=kv_start)
+    if backend not in _ATTN_BACKENDS:
+        raise ValueError(f"backend must be one of {_ATTN_BACKENDS}, got {backend!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if backend == "auto":
+        backend = _auto_attention_backend(q)
+    if backend == "reference":
+        return reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act,
+                                                scale=scale, kv_start=kv_start)
+    if backend == "fused":
+        out, _, _ = _lib.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start, causal, gate_act, float(scale))
+        return out
+    return _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, float(scale), kv_start)
+
+
+def _auto_attention_backend(q: torch.Tensor) -> str:
+    if q.device.type == "cuda":
+        return "split" if q.shape[-1] in CUDA_HEAD_DIMS else "reference"
+    return "fused"
+
+
+def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: Optional[torch.Tensor]) -> torch.Tensor:
+    """The word branch alone through torch SDPA, with the same masking semantics as the fused op."""
+    B, Tq, H, d = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if Tk == 0:
+        return q.new_zeros(q.shape)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if causal and Tq == 1:
+        causal = False  # decode: the one query sees every cached key (j <= 0 + Tk - 1)
+    if kv_start is None and (not causal or Tq == Tk):
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
+        return o.transpose(1, 2)
+    # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right (offset Tk - Tq), plus left padding.
+    i = torch.arange(Tq, device=q.device)
+    j = torch.arange(Tk, device=q.device)
+    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
+    if kv_start is not None:
+        allowed = allowed & (j.view(1, 1, 1, Tk) >= kv_start.to(q.device).view(B, 1, 1, 1))
+    has_key = allowed.any(-1, keepdim=True)
+    # rows without an allowed key attend everywhere (no NaN, forward or backward) and are zeroed after
+    mask = allowed | ~has_key
+    if Hkv != H:  # the masked SDPA kernels do not all take enable_gqa
+        kt = kt.repeat_interleave(H // Hkv, dim=1)
+        vt = vt.repeat_interleave(H // Hkv, dim=1)
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return o.masked_fill(~has_key, 0.0).transpose(1, 2)
+
+
+def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale, kv_start):
+    word = _word_attention_sdpa(q, k, v, causal, scale, kv_start)
+    if pk is None or pk.shape[1] == 0:
+        if gate_act not in ("tanh", "identity"):
+            raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
+        return word
+    # the fused op with no word keys returns phi(gate) * prompt branch
+    prompt, _, _ = _lib.gated_prompt_attention(q, k[:, :0], v[:, :0], pk, pv, gate, None, False, gate_act, scale)
+    return word + prompt
+
+
+@torch.library.register_fake("lladapter::gated_prompt_attention")
+def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_act, scale):
+    op = "lladapter::gated_prompt_attention"
+    torch._check(q.dim() == 4, lambda: f"{op}: q must have shape [B, Tq, H, d], got {list(q.shape)}")
+    torch._check(k.dim() == 4 and tuple(v.shape) == tuple(k.shape),
+                 lambda: f"{op}: k and v must have shape [B, Tk, Hkv, d], got {list(k.shape)}, {list(v.shape)}")
+    torch._check(q.shape[2] % k.shape[2] == 0,
+                 lambda: f"{op}: H ({q.shape[2]}) must be a multiple of Hkv ({k.shape[2]})")
+    B, Tq, H, _ = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=stat), q.new_empty((B, H, Tq), dtype=stat))
+
+
+@torch.library.register_fake("lladapter::gated_prompt_attention_backward")
+def _gated_prompt_attention_backward_fake(grad_out, q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse, causal,
+                                          gate_act, scale):
+    cf = torch.contiguous_format
+    dpk = pk.new_empty(pk.shape) if pk is not None else q.new_empty((0,))
+    dpv = pv.new_empty(pv.shape) if pv is not None else q.new_empty((0,))
+    dgate = gate.new_empty(gate.shape) if gate is not None else q.new_empty((0,), dtype=torch.float32)
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf), dpk, dpv, dgate)
+
+
+def _gated_prompt_attention_setup_context(ctx, inputs, output):
+    q, k, v, pk, pv, gate, kv_start, causal, gate_act, scale = inputs
+    out, lse, prompt_lse = output
+    ctx.save_for_backward(q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse)
+    ctx.causal, ctx.gate_act, ctx.scale = causal, gate_act, scale
+    ctx.mark_non_differentiable(lse, prompt_lse)
+
+
+def _gated_prompt_attention_backward(ctx, grad_out, _grad_lse, _grad_prompt_lse):
+    q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 10
+    dq, dk, dv, dpk, dpv, dgate = _lib.gated_prompt_attention_backward(
+        grad_out, q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse, ctx.causal, ctx.gate_act, ctx.scale)
+    n = ctx.needs_input_grad
+    return (dq if n[0] else None, dk if n[1] else None, dv if n[2] else None,
+            dpk if pk is not None and n[3] else None, dpv if pv is not None and n[4] else None,
+            dgate if gate is not None and n[5] else None, None, None, None, None)
+
+
+torch.library.register_autograd("lladapter::gated_prompt_attention", _gated_prompt_attention_backward,
+                                setup_context=_gated_prompt_attention_setup_context)

@@ -1,0 +1,156 @@
+"""Gated prompt attention: our fused and split paths against anchors measured in the same run.
+
+Anchors:
+  eager_2softmax  eager PyTorch as PEFT / the official code do it: materialised scores, two fp32 softmaxes
+  sdpa_x2_gated   two scaled_dot_product_attention calls (words causal, prompt) plus the gated add (LitGPT)
+  sdpa_plain      plain causal SDPA without prompts (the floor: what the prompt costs)
+Ratios are anchor_time / time (> 1: ours is faster). Forward and forward+backward (grads for q, k, v, pk, pv,
+gate, as in adapter fine-tuning where activations also need gradients).
+
+  python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the source tree's package (its compiled extension) rather than another installed copy
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import Table, bench, common_args  # noqa: E402
+
+from lladapter_ext import ops  # noqa: E402
+
+
+def eager_two_softmax(q, k, v, pk, pv, gate):
+    """PEFT AdaptionPrompt / official LLaMA-Adapter style: materialised scores and two softmaxes."""
+    B, T, H, d = q.shape
+    rep = H // k.shape[2]
+    qt = q.transpose(1, 2)
+    kt = k.transpose(1, 2).repeat_interleave(rep, 1)
+    vt = v.transpose(1, 2).repeat_interleave(rep, 1)
+    s = (qt @ kt.transpose(-1, -2)) / math.sqrt(d)
+    mask = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+    a = F.softmax(s.float() + mask, dim=-1).to(q.dtype)
+    out = a @ vt
+    pkt = pk.transpose(1, 2).repeat_interleave(rep, 1)
+    pvt = pv.transpose(1, 2).repeat_interleave(rep, 1)
+    b = F.softmax(((qt @ pkt.transpose(-1, -2)) / math.sqrt(d)).float(), dim=-1).to(q.dtype)
+    out = out + torch.tanh(gate).to(q.dtype).view(1, H, 1, 1) * (b @ pvt)
+    return out.transpose(1, 2)
+
+
+def sdpa_two_calls(q, k, v, pk, pv, gate):
+    """LitGPT style: SDPA on the words (causal), SDPA on the prompt, gated add."""
+    B, H = q.shape[0], q.shape[2]
+    gqa = k.shape[2] != H
+    qt = q.transpose(1, 2)
+    word = F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
+    pkt = pk.transpose(1, 2).expand(B, -1, -1, -1)
+    pvt = pv.transpose(1, 2).expand(B, -1, -1, -1)
+    prompt = F.scaled_dot_product_attention(qt, pkt, pvt, enable_gqa=gqa)
+    return (word + torch.tanh(gate).to(q.dtype).view(1, H, 1, 1) * prompt).transpose(1, 2)
+
+
+def sdpa_plain(q, k, v, pk, pv, gate):
+    gqa = k.shape[2] != q.shape[2]
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=gqa).transpose(1, 2)
+
+
+def ours(backend):
+    def f(q, k, v, pk, pv, gate):
+        return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
+    return f
+
+
+def decode_inputs(B, Tk, H, Hkv, d, K, dtype, device):
+    q = torch.randn(B, 1, H, d, device=device, dtype=dtype)
+    k = torch.randn(B, Tk, Hkv, d, device=device, dtype=dtype)
+    v = torch.randn(B, Tk, Hkv, d, device=device, dtype=dtype)
+    pk = torch.randn(1, K, Hkv, d, device=device, dtype=dtype)
+    pv = torch.randn(1, K, Hkv, d, device=device, dtype=dtype)
+    gate = torch.randn(H, device=device)
+    return q, k, v, pk, pv, gate
+
+
+def main():
+    p = common_args(__doc__)
+    args = p.parse_args()
+    dev = args.device
+    if dev == "cuda":
+        shapes = [(4, 512, 32, 32, 128, 10, torch.bfloat16), (4, 2048, 32, 32, 128, 10, torch.bfloat16),
+                  (4, 2048, 32, 8, 128, 10, torch.bfloat16)]
+        decode = [(4, 4096, 32, 8, 128, 10, torch.bfloat16)]
+        impls = ["fused", "split"]
+    elif args.quick:
+        shapes = [(1, 256, 8, 8, 64, 10, torch.float32), (1, 256, 8, 2, 64, 10, torch.bfloat16)]
+        decode = [(1, 2048, 8, 2, 64, 10, torch.float32)]
+        impls = ["fused", "split"]
+    else:
+        shapes = [(1, 512, 8, 8, 128, 10, torch.float32), (1, 1024, 8, 8, 64, 10, torch.float32),
+                  (1, 512, 8, 8, 128, 10, torch.bfloat16), (1, 512, 32, 8, 128, 10, torch.float32)]
+        decode = [(1, 4096, 32, 8, 128, 10, torch.float32), (4, 2048, 32, 32, 128, 10, torch.float32)]
+        impls = ["fused", "split"]
+    iters = args.iters or (3 if args.quick else 5)
+    warm = 1 if args.quick else 2
+    table = Table("gated prompt attention", dev)
+    anchors = {"eager_2softmax": eager_two_softmax, "sdpa_x2_gated": sdpa_two_calls, "sdpa_plain": sdpa_plain}
+    impl_fns = {f"ours_{b}": ours(b) for b in impls}
+
+    for (B, T, H, Hkv, d, K, dtype) in shapes:
+        inputs = decode_inputs(B, T, H, Hkv, d, K, dtype, dev)
+        q = torch.randn(B, T, H, d, device=dev, dtype=dtype)
+        inputs = (q,) + inputs[1:]
+        name = f"B{B} T{T} H{H}/{Hkv} d{d} K{K} {str(dtype).split('.')[-1]}"
+        for mode in ("fwd", "fwd+bwd"):
+            case = f"{name} {mode}"
+            leaves = [t.detach().clone().requires_grad_(mode != "fwd") for t in inputs]
+            g = torch.randn(B, T, H, d, device=dev, dtype=dtype)
+
+            for nm, fn in list(anchors.items()) + list(impl_fns.items()):
+                if nm == "eager_2softmax" and T * T * B * H * 4 > (1 << 31):
+                    continue  # the materialised score matrix alone would not fit comfortably
+                if mode == "fwd":
+                    def f(fn=fn):
+                        with torch.no_grad():
+                            fn(*leaves)
+                else:
+                    def f(fn=fn):
+                        fn(*leaves).backward(g)
+                t = bench(f, dev, warmup=warm, iters=iters)
+                table.add(case, nm, t, anchor=None if nm in anchors else "sdpa_x2_gated")
+            for nm in impl_fns:
+                for a in ("eager_2softmax", "sdpa_plain"):
+                    base = next((r for r in table.rows if r["case"] == case and r["impl"] == a), None)
+                    me = next(r for r in table.rows if r["case"] == case and r["impl"] == nm)
+                    if base is not None:
+                        me[f"vs_{a}"] = f"{base['seconds'] / me['seconds']:.2f}x"
+
+    for (B, Tk, H, Hkv, d, K, dtype) in decode:
+        inputs = decode_inputs(B, Tk, H, Hkv, d, K, dtype, dev)
+        case = f"decode B{B} Tq1 Tk{Tk} H{H}/{Hkv} d{d} {str(dtype).split('.')[-1]}"
+
+        def sdpa_decode(q, k, v, pk, pv, gate):
+            gqa = k.shape[2] != q.shape[2]
+            qt = q.transpose(1, 2)
+            word = F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), enable_gqa=gqa)
+            prompt = F.scaled_dot_product_attention(qt, pk.transpose(1, 2).expand(B, -1, -1, -1),
+                                                    pv.transpose(1, 2).expand(B, -1, -1, -1), enable_gqa=gqa)
+            return word + torch.tanh(gate).to(q.dtype).view(1, -1, 1, 1) * prompt
+
+        with torch.no_grad():
+            table.add(case, "sdpa_x2_gated", bench(lambda: sdpa_decode(*inputs), dev, warmup=warm, iters=iters * 3))
+            for nm, fn in impl_fns.items():
+                table.add(case, nm, bench(lambda fn=fn: fn(*inputs), dev, warmup=warm, iters=iters * 3),
+                          anchor="sdpa_x2_gated")
+    table.print()
+    table.dump(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1020 @@
+// Gated prompt attention, CPU kernels (forward and backward), flash-style.
+//
+// Never materialises Tq x Tk: queries are processed in blocks of kQB rows against key blocks of kKB keys with
+// an online softmax (running max m, sum l, unnormalised accumulator). The prompt branch is a second, separate
+// online softmax over the K prompt keys in the same pass, combined with the gate before the single write of out.
+// All math is in acc_t = fp32 (fp64 for fp64 inputs, the gradcheck path); blocks are converted into fp32/fp64
+// scratch once and the inner products run on at::vec lanes (keys along the lanes: no horizontal sums).
+//
+// Parallelism and determinism:
+//  forward   items (b, h, query block); for decode-like shapes with few items, keys are also split (split-K) and
+//            the partial softmax states are merged in split order.
+//  backward  pass 0: D_word = dout.out_word and D_prompt = dout.out_prompt per row (prompt recomputed; K small)
+//            pass 1: dk, dv per (b, kv head, key block) looping over the query heads of the group (no races)
+//            pass 2: dq per (b, h, query block), word keys then prompt keys
+//            pass 3: dpk, dpv per (prompt batch, kv head, prompt block), looping over the batch when Bp = 1
+//            dgate_h = phi'(g_h) * sum_{b,i} D_prompt, summed in a fixed order.
+//  Every sum has a fixed order independent of the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../prompt_attention.h"
+#include "vec_utils.h"
+
+// The Fortran BLAS sgemm that torch's CPU library exports (MKL on x86 wheels, OpenBLAS elsewhere). Declared weak:
+// when a torch build does not export it, the fp32 block products fall back to the at::vec micro-kernels below.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count: the block products run inside at::parallel_for, so each must be sequential
+// (a nested MKL team per worker oversubscribes the cores badly).
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // the C API (mkl_service.h)
+
+namespace lladapter::cpu {
+namespace {
+
+// Makes BLAS calls of the current thread sequential for the guard's lifetime (no-op without MKL).
+struct SequentialBlasGuard {
+  int prev = 0;
+  bool active = false;
+  SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      prev = MKL_Set_Num_Threads_Local(1);
+      active = true;
+    }
+  }
+  ~SequentialBlasGuard() {
+    if (active) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// Row-major C[m, n] = alpha * A[m, k] . op(B) + beta * C, where op(B) is B [k, n] (ldb) or, with b_trans, the
+// transpose of B stored [n, k] (ldb). Returns false when no BLAS is available.
+inline bool blas_gemm_rowmajor(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
+                               int64_t ldb, bool b_trans, float beta, float* C, int64_t ldc) {
+  if (sgemm_ == nullptr) return false;
+  // column-major view: C^T [n, m] = op(B)^T [n, k] . A^T [k, m]
+  const char ta = b_trans ? 'T' : 'N', tb = 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  const float one = 1.f;
+  sgemm_(&ta, &tb, &M, &N, &K, &one, B, &LA, A, &LB, &beta, C, &LC);
+  return true;
+}
+
+// Row-major C[m, n] += op(A) . X[k, n] (ldx), op(A) = A [m, k] (lda) or the transpose of A stored [k, m] (lda).
+inline bool blas_gemm_rowmajor_a(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, bool a_trans,
+                                 const float* X, int64_t ldx, float* C, int64_t ldc) {
+  if (sgemm_ == nullptr) return false;
+  // column-major: C^T [n, m] += X^T [n, k] . op(A)^T [k, m]
+  const char ta = 'N', tb = a_trans ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LX = static_cast<int>(ldx), LA = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  const float one = 1.f;
+  sgemm_(&ta, &tb, &M, &N, &K, &one, X, &LX, A, &LA, &one, C, &LC);
+  return true;
+}
+
+constexpr int64_t kQB = 64;  // query rows per block
+constexpr int64_t kKB = 64;  // keys per block (a multiple of every at::vec width)
+
+template <typename acc_t>
+using AVec = at::vec::Vectorized<acc_t>;
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// Allowed keys of query i: [lo, causal ? min(kend, i + off + 1) : kend).
+struct KeyMask {
+  int64_t lo, kend, off;
+  bool causal;
+  int64_t hi(int64_t i) const { return causal ? std::min(kend, i + off + 1) : kend; }
+};
+
+// Rows of a [n, d] strided source into dst [rows_total, ld] in acc_t, times mul; zero padding beyond n and d.
+template <typename scalar_t, typename acc_t>
+void load_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t stride, int64_t n, int64_t d, int64_t rows_total,
+               acc_t mul) {
+  for (int64_t r = 0; r < rows_total; ++r) {
+    acc_t* o = dst + r * ld;
+    if (r < n) {
+      const scalar_t* s = src + r * stride;
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<acc_t>(s[c]) * mul;
+      for (int64_t c = d; c < ld; ++c) o[c] = acc_t(0);
+    } else {
+      std::fill(o, o + ld, acc_t(0));
+    }
+  }
+}
+
+// dst [d, kKB] = transpose of n source rows (zero columns beyond n).
+template <typename scalar_t, typename acc_t>
+void load_transposed(acc_t* dst, const scalar_t* src, int64_t stride, int64_t n, int64_t d) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* s = src + r * stride;
+    for (int64_t c = 0; c < d; ++c) dst[c * kKB + r] = static_cast<acc_t>(s[c]);
+  }
+  if (n < kKB) {
+    for (int64_t c = 0; c < d; ++c) std::fill(dst + c * kKB + n, dst + (c + 1) * kKB, acc_t(0));
+  }
+}
+
+// S[i, 0:kKB] = sum_c A[i, c] * Bt[c, 0:kKB] for i < nrows (A rows of stride lda, Bt [d, kKB]).
+// Register blocking: 2 rows x 4 vectors = 8 accumulators (+ 1 load + 2 broadcasts fit the 16 AVX2 registers);
+// each loaded Bt vector feeds two FMAs.
+template <typename acc_t>
+void block_scores(acc_t* S, const acc_t* A, int64_t lda, int64_t nrows, const acc_t* Bt, int64_t d) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (blas_gemm_rowmajor(nrows, kKB, d, A, lda, Bt, kKB, false, 0.f, S, kKB)) return;
+  }
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  constexpr int64_t NV = kKB / W;
+  constexpr int64_t CV = 4;
+  static_assert(NV % CV == 0, "kKB must be a multiple of 4 vectors");
+  for (int64_t v0 = 0; v0 < NV; v0 += CV) {
+    int64_t i = 0;
+    for (; i + 2 <= nrows; i += 2) {
+      V acc0[CV], acc1[CV];
+      for (int64_t v = 0; v < CV; ++v) acc0[v] = acc1[v] = V(acc_t(0));
+      const acc_t* a0 = A + i * lda;
+      const acc_t* a1 = a0 + lda;
+      for (int64_t c = 0; c < d; ++c) {
+        const V x0(a0[c]), x1(a1[c]);
+        const acc_t* bc = Bt + c * kKB + v0 * W;
+        for (int64_t v = 0; v < CV; ++v) {
+          const V bv = V::loadu(bc + v * W);
+          acc0[v] = at::vec::fmadd(x0, bv, acc0[v]);
+          acc1[v] = at::vec::fmadd(x1, bv, acc1[v]);
+        }
+      }
+      for (int64_t v = 0; v < CV; ++v) {
+        acc0[v].store(S + i * kKB + (v0 + v) * W);
+        acc1[v].store(S + (i + 1) * kKB + (v0 + v) * W);
+      }
+    }
+    for (; i < nrows; ++i) {
+      V acc0[CV];
+      for (int64_t v = 0; v < CV; ++v) acc0[v] = V(acc_t(0));
+      const acc_t* a0 = A + i * lda;
+      for (int64_t c = 0; c < d; ++c) {
+        const V x0(a0[c]);
+        const acc_t* bc = Bt + c * kKB + v0 * W;
+        for (int64_t v = 0; v < CV; ++v) acc0[v] = at::vec::fmadd(x0, V::loadu(bc + v * W), acc0[v]);
+      }
+      for (int64_t v = 0; v < CV; ++v) acc0[v].store(S + i * kKB + (v0 + v) * W);
+    }
+  }
+}
+
+// C[r, 0:dp] += sum_{t < nt} A[r*sr + t*st] * X[t, 0:dp]  for r < nr  (dp a multiple of the vector width).
+// Register blocking: 2 rows of C x 4 vectors; each loaded X vector feeds two FMAs.
+template <typename acc_t>
+void accum_rows(acc_t* C, int64_t ldc, const acc_t* A, int64_t sr, int64_t st, const acc_t* X, int64_t ldx,
+                int64_t nr, int64_t nt, int64_t dp) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // A viewed as a row-major [nr, nt] matrix: (sr, st) = (lda, 1), or its transpose stored [nt, nr]: (1, lda)
+    if (nr > 0 && nt > 0 && (st == 1 || sr == 1)) {
+      const bool a_trans = st != 1;
+      if (!a_trans ? blas_gemm_rowmajor_a(nr, dp, nt, A, sr, false, X, ldx, C, ldc)
+                   : blas_gemm_rowmajor_a(nr, dp, nt, A, st, true, X, ldx, C, ldc))
+        return;
+    }
+  }
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  constexpr int64_t CV = 4;
+  int64_t r = 0;
+  for (; r + 2 <= nr; r += 2) {
+    acc_t* c0p = C + r * ldc;
+    acc_t* c1p = c0p + ldc;
+    const acc_t* a0 = A + r * sr;
+    const acc_t* a1 = a0 + sr;
+    int64_t c0 = 0;
+    for (; c0 + CV * W <= dp; c0 += CV * W) {
+      V acc0[CV], acc1[CV];
+      for (int64_t v = 0; v < CV; ++v) {
+        acc0[v] = V::loadu(c0p + c0 + v * W);
+        acc1[v] = V::loadu(c1p + c0 + v * W);
+      }
+      for (int64_t t = 0; t < nt; ++t) {
+        const acc_t w0 = a0[t * st], w1 = a1[t * st];
+        if (w0 == acc_t(0) && w1 == acc_t(0)) continue;  // masked keys (exactly zero probability) cost nothing
+        const V wv0(w0), wv1(w1);
+        const acc_t* x = X + t * ldx + c0;
+        for (int64_t v = 0; v < CV; ++v) {
+          const V xv = V::loadu(x + v * W);
+          acc0[v] = at::vec::fmadd(wv0, xv, acc0[v]);
+          acc1[v] = at::vec::fmadd(wv1, xv, acc1[v]);
+        }
+      }
+      for (int64_t v = 0; v < CV; ++v) {
+        acc0[v].store(c0p + c0 + v * W);
+        acc1[v].store(c1p + c0 + v * W);
+      }
+    }
+    for (; c0 < dp; c0 += W) {
+      V acc0 = V::loadu(c0p + c0), acc1 = V::loadu(c1p + c0);
+      for (int64_t t = 0; t < nt; ++t) {
+        const V xv = V::loadu(X + t * ldx + c0);
+        acc0 = at::vec::fmadd(V(a0[t * st]), xv, acc0);
+        acc1 = at::vec::fmadd(V(a1[t * st]), xv, acc1);
+      }
+      acc0.store(c0p + c0);
+      acc1.store(c1p + c0);
+    }
+  }
+  for (; r < nr; ++r) {
+    acc_t* c = C + r * ldc;
+    const acc_t* a = A + r * sr;
+    for (int64_t c0 = 0; c0 < dp; c0 += W) {
+      V acc = V::loadu(c + c0);
+      for (int64_t t = 0; t < nt; ++t) {
+        const acc_t w = a[t * st];
+        if (w == acc_t(0)) continue;
+        acc = at::vec::fmadd(V(w), V::loadu(X + t * ldx + c0), acc);
+      }
+      acc.store(c + c0);
+    }
+  }
+}
+
+template <typename acc_t>
+acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t dp) {
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  V acc(acc_t(0));
+  for (int64_t c = 0; c < dp; c += W) acc = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc);
+  alignas(64) acc_t lanes[W];
+  acc.store(lanes);
+  acc_t s = 0;
+  for (int64_t i = 0; i < W; ++i) s += lanes[i];
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+struct Problem {
+  int64_t B, Tq, Tk, H, Hkv, d, dp, K, Bp, rep;
+  bool causal, has_prompt;
+  acc_t scale;
+  const scalar_t *q, *k, *v, *pk, *pv;
+  const int64_t* kv_start;  // [B] or nullptr
+  const acc_t* phi;         // [H] phi(gate), or nullptr when there is no prompt
+
+  int64_t q_stride() const { return H * d; }
+  int64_t kv_stride() const { return Hkv * d; }
+  const scalar_t* q_row(const scalar_t* base, int64_t b, int64_t i, int64_t h) const {
+    return base + ((b * Tq + i) * H + h) * d;
+  }
+  const scalar_t* word(const scalar_t* base, int64_t b, int64_t hkv) const { return base + (b * Tk * Hkv + hkv) * d; }
+  const scalar_t* prompt(const scalar_t* base, int64_t b, int64_t hkv) const {
+    return base + ((Bp == 1 ? 0 : b) * K * Hkv + hkv) * d;
+  }
+  KeyMask word_mask(int64_t b) const {
+    const int64_t lo = kv_start ? std::clamp<int64_t>(kv_start[b], 0, Tk) : 0;
+    return KeyMask{lo, Tk, Tk - Tq, causal};
+  }
+  KeyMask prompt_mask() const { return KeyMask{0, K, 0, false}; }
+  int64_t stat(int64_t b, int64_t h, int64_t i) const { return (b * H + h) * Tq + i; }
+};
+
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> Qs, dO, Kt, Vt, Kr, Vr, S, P, dP, acc, m, l;
+  Scratch(int64_t d, int64_t dp)
+      : Qs(kQB * dp), dO(kQB * dp), Kt(d * kKB), Vt(d * kKB), Kr(kKB * dp), Vr(kKB * dp), S(kQB * kKB),
+        P(kQB * kKB), dP(kQB * kKB), acc(kQB * dp), m(kQB), l(kQB) {}
+};
+
+// Few query rows (decode): reading the keys and values straight from their rows beats converting whole blocks.
+constexpr int64_t kDirectRows = 4;
+
+constexpr int64_t kPrefetchAhead = 4;
+
+// Touches the cache lines of one row ahead of use (a hint only).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(p + off);
+}
+
+// dot(a[0:d], row[0:d]) with a in acc_t (zero padded to a multiple of the vector width) and row in scalar_t.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_src(const acc_t* a, const scalar_t* row, int64_t d) {
+  int64_t c = 0;
+  acc_t s = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    fVec acc(0.f);
+    for (; c + kFVecSize <= d; c += kFVecSize) acc = at::vec::fmadd(fVec::loadu(a + c), load_as_float(row + c), acc);
+    s = hsum(acc);
+  }
+  for (; c < d; ++c) s += a[c] * static_cast<acc_t>(row[c]);
+  return s;
+}
+
+// acc[0:d] += w * row[0:d]
+template <typename scalar_t, typename acc_t>
+inline void axpy_src(acc_t* acc, acc_t w, const scalar_t* row, int64_t d) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const fVec wv(w);
+    for (; c + kFVecSize <= d; c += kFVecSize)
+      at::vec::fmadd(wv, load_as_float(row + c), fVec::loadu(acc + c)).store(acc + c);
+  }
+  for (; c < d; ++c) acc[c] += w * static_cast<acc_t>(row[c]);
+}
+
+// attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
+template <typename scalar_t, typename acc_t>
+void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase,
+                   int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
+                   acc_t* l, acc_t* acc) {
+  acc_t s[kKB];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const acc_t* q = Qs + r * dp;
+    acc_t* a = acc + r * dp;
+    const int64_t lo = std::max(kbeg, mk.lo), hi = std::min(kend, mk.hi(i0 + r));
+    for (int64_t j0 = lo; j0 < hi; j0 += kKB) {
+      const int64_t nk = std::min(kKB, hi - j0);
+      acc_t mb = kNegInf<acc_t>;
+      for (int64_t c = 0; c < nk; ++c) {
+        // key rows are kstride apart (other heads in between): prefetch ahead, the hardware prefetcher does not
+        if (j0 + c + kPrefetchAhead < hi) {
+          prefetch_row(kbase + (j0 + c + kPrefetchAhead) * kstride, d);
+          prefetch_row(vbase + (j0 + c + kPrefetchAhead) * kstride, d);
+        }
+        s[c] = dot_src(q, kbase + (j0 + c) * kstride, d);
+        mb = std::max(mb, s[c]);
+      }
+      const acc_t m_new = std::max(m[r], mb);
+      const acc_t alpha = std::exp(m[r] - m_new);
+      acc_t ps = 0;
+      for (int64_t c = 0; c < nk; ++c) {
+        s[c] = std::exp(s[c] - m_new);
+        ps += s[c];
+      }
+      l[r] = l[r] * alpha + ps;
+      m[r] = m_new;
+      if (alpha != acc_t(1)) {
+        for (int64_t c = 0; c < dp; ++c) a[c] *= alpha;
+      }
+      for (int64_t c = 0; c < nk; ++c) axpy_src(a, s[c], vbase + (j0 + c) * kstride, d);
+    }
+  }
+}
+
+// Online-softmax attention of nrows scaled query rows (query index i0 + r) over keys [kbeg, kend) of one head:
+// updates the running max m, sum l and unnormalised accumulator acc [nrows, dp].
+template <typename scalar_t, typename acc_t>
+void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase,
+            int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
+            acc_t* l, acc_t* acc, Scratch<acc_t>& sc) {
+  if (nrows <= kDirectRows) {
+    attend_direct(Qs, nrows, i0, kbase, vbase, kstride, mk, kbeg, kend, d, dp, m, l, acc);
+    return;
+  }
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
+    const int64_t nk = std::min(kKB, kend - j0);
+    load_transposed(sc.Kt.data(), kbase + j0 * kstride, kstride, nk, d);
+    load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
+    block_scores(sc.S.data(), Qs, dp, nrows, sc.Kt.data(), d);
+    for (int64_t r = 0; r < nrows; ++r) {
+      acc_t* s = sc.S.data() + r * kKB;
+      acc_t* p = sc.P.data() + r * kKB;
+      const int64_t lo = std::max<int64_t>(mk.lo - j0, 0);
+      const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
+      if (hi <= lo) {
+        std::fill(p, p + kKB, acc_t(0));
+        continue;
+      }
+      acc_t mb = kNegInf<acc_t>;
+      for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;
+      for (int64_t c = lo; c < hi; ++c) mb = std::max(mb, s[c]);
+      for (int64_t c = hi; c < kKB; ++c) s[c] = kNegInf<acc_t>;
+      const acc_t m_new = std::max(m[r], mb);
+      const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first block (m = -inf)
+      const V mv(m_new);
+      V sum(acc_t(0));
+      for (int64_t c = 0; c < kKB; c += W) {
+        V e = (V::loadu(s + c) - mv).exp();
+        e.store(p + c);
+        sum = sum + e;
+      }
+      alignas(64) acc_t lanes[W];
+      sum.store(lanes);
+      acc_t ps = 0;
+      for (int64_t t = 0; t < W; ++t) ps += lanes[t];
+      l[r] = l[r] * alpha + ps;
+      m[r] = m_new;
+      if (alpha != acc_t(1)) {
+        acc_t* a = acc + r * dp;
+        const V av(alpha);
+        for (int64_t c = 0; c < dp; c += W) (V::loadu(a + c) * av).store(a + c);
+      }
+    }
+    accum_rows(acc, dp, sc.P.data(), kKB, 1, sc.Vr.data(), dp, nrows, nk, dp);
+  }
+}
+
+// The key range [kbeg, kend) that any of the rows [i0, i0 + nrows) may see.
+inline std::pair<int64_t, int64_t> block_key_range(const KeyMask& mk, int64_t i0, int64_t nrows) {
+  const int64_t kbeg = mk.lo;
+  const int64_t kend = mk.hi(i0 + nrows - 1);
+  return {kbeg, std::max(kbeg, kend)};
+}
+
+// Finishes one query block: normalises the word state, computes the prompt branch, writes out and both LSEs.
+template <typename scalar_t, typename acc_t>
+void finalize_block(const Problem<scalar_t, acc_t>& pr, int64_t b, int64_t h, int64_t i0, int64_t nrows,
+                    const acc_t* m, const acc_t* l, acc_t* acc, scalar_t* out, acc_t* lse, acc_t* plse,
+                    Scratch<acc_t>& sc) {
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t d = pr.d, dp = pr.dp;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t si = pr.stat(b, h, i0 + r);
+    acc_t* a = acc + r * dp;
+    if (l[r] > acc_t(0)) {
+      lse[si] = m[r] + std::log(l[r]);
+      const V inv(acc_t(1) / l[r]);
+      for (int64_t c = 0; c < dp; c += W) (V::loadu(a + c) * inv).store(a + c);
+    } else {
+      lse[si] = kNegInf<acc_t>;  // no allowed word key: the word branch gives 0
+      std::fill(a, a + dp, acc_t(0));
+    }
+  }
+  if (pr.has_prompt) {
+    const int64_t hkv = h / pr.rep;
+    acc_t* pm = sc.m.data();
+    acc_t* pl = sc.l.data();
+    std::vector<acc_t> pacc(nrows * dp, acc_t(0));
+    std::fill(pm, pm + nrows, kNegInf<acc_t>);
+    std::fill(pl, pl + nrows, acc_t(0));
+    attend(sc.Qs.data(), nrows, i0, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.kv_stride(),
+           pr.prompt_mask(), 0, pr.K, d, dp, pm, pl, pacc.data(), sc);
+    const acc_t g = pr.phi[h];
+    for (int64_t r = 0; r < nrows; ++r) {
+      plse[pr.stat(b, h, i0 + r)] = pm[r] + std::log(pl[r]);
+      const acc_t w = g / pl[r];
+      acc_t* a = acc + r * dp;
+      const acc_t* pa = pacc.data() + r * dp;
+      for (int64_t c = 0; c < d; ++c) a[c] += w * pa[c];
+    }
+  } else {
+    for (int64_t r = 0; r < nrows; ++r) plse[pr.stat(b, h, i0 + r)] = kNegInf<acc_t>;
+  }
+  for (int64_t r = 0; r < nrows; ++r) {
+    scalar_t* o = out + ((b * pr.Tq + i0 + r) * pr.H + h) * d;
+    const acc_t* a = acc + r * dp;
+    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse, acc_t* plse) {
+  const int64_t nqb = (pr.Tq + kQB - 1) / kQB;
+  const int64_t items = pr.B * pr.H * nqb;
+  const int64_t dp = pr.dp;
+  // Split-K when there are too few (b, h, query block) items to occupy the threads and many keys (decode).
+  const int64_t threads = at::get_num_threads();
+  int64_t nsplit = 1;
+  if (items < 2 * threads && pr.Tk > 2 * kKB) {
+    nsplit = std::min<int64_t>((2 * threads + items - 1) / items, (pr.Tk + kKB - 1) / kKB);
+  }
+  auto item_geom = [&](int64_t it, int64_t& b, int64_t& h, int64_t& i0, int64_t& nrows) {
+    const int64_t qb = it % nqb;
+    h = (it / nqb) % pr.H;
+    b = it / (nqb * pr.H);
+    i0 = qb * kQB;
+    nrows = std::min(kQB, pr.Tq - i0);
+  };
+  auto load_q = [&](Scratch<acc_t>& sc, int64_t b, int64_t h, int64_t i0, int64_t nrows) {
+    load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, pr.d, kQB, pr.scale);
+  };
+  // The word-key sub-range of split s of an item (key blocks split evenly, aligned to kKB).
+  auto split_range = [&](const KeyMask& mk, int64_t i0, int64_t nrows, int64_t s) {
+    auto [kbeg, kend] = block_key_range(mk, i0, nrows);
+    const int64_t nblk = (kend - kbeg + kKB - 1) / kKB;
+    const int64_t per = (nblk + nsplit - 1) / nsplit;
+    const int64_t a = std::min(kend, kbeg + s * per * kKB), e = std::min(kend, kbeg + (s + 1) * per * kKB);
+    return std::pair<int64_t, int64_t>{a, e};
+  };
+
+  if (nsplit == 1) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(pr.d, dp);
+      std::vector<acc_t> m(kQB), l(kQB);
+      for (int64_t it = begin; it < end; ++it) {
+        int64_t b, h, i0, nrows;
+        item_geom(it, b, h, i0, nrows);
+        load_q(sc, b, h, i0, nrows);
+        std::fill(m.begin(), m.end(), kNegInf<acc_t>);
+        std::fill(l.begin(), l.end(), acc_t(0));
+        std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+        const KeyMask mk = pr.word_mask(b);
+        auto [kbeg, kend] = block_key_range(mk, i0, nrows);
+        const int64_t hkv = h / pr.rep;
+        attend(sc.Qs.data(), nrows, i0, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), pr.kv_stride(), mk, kbeg, kend,
+               pr.d, dp, m.data(), l.data(), sc.acc.data(), sc);
+        finalize_block(pr, b, h, i0, nrows, m.data(), l.data(), sc.acc.data(), out, lse, plse, sc);
+      }
+    });
+    return;
+  }
+
+  // Split-K: partial states per (item, split), merged in split order.
+  std::vector<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
+  at::parallel_for(0, items * nsplit, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+    Scratch<acc_t> sc(pr.d, dp);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t it = w / nsplit, s = w % nsplit;
+      int64_t b, h, i0, nrows;
+      item_geom(it, b, h, i0, nrows);
+      load_q(sc, b, h, i0, nrows);
+      acc_t* m = pm.data() + w * kQB;
+      acc_t* l = pl.data() + w * kQB;
+      acc_t* a = pacc.data() + w * kQB * dp;
+      std::fill(m, m + kQB, kNegInf<acc_t>);
+      std::fill(l, l + kQB, acc_t(0));
+      std::fill(a, a + kQB * dp, acc_t(0));
+      const KeyMask mk = pr.word_mask(b);
+      auto [ka, ke] = split_range(mk, i0, nrows, s);
+      const int64_t hkv = h / pr.rep;
+      attend(sc.Qs.data(), nrows, i0, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), pr.kv_stride(), mk, ka, ke, pr.d,
+             dp, m, l, a, sc);
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+    Scratch<acc_t> sc(pr.d, dp);
+    std::vector<acc_t> m(kQB), l(kQB);
+    for (int64_t it = begin; it < end; ++it) {
+      int64_t b, h, i0, nrows;
+      item_geom(it, b, h, i0, nrows);
+      load_q(sc, b, h, i0, nrows);
+      std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+      for (int64_t r = 0; r < nrows; ++r) {
+        acc_t mx = kNegInf<acc_t>;
+        for (int64_t s = 0; s < nsplit; ++s) mx = std::max(mx, pm[(it * nsplit + s) * kQB + r]);
+        m[r] = mx;
+        l[r] = 0;
+        if (mx == kNegInf<acc_t>) continue;
+        acc_t* a = sc.acc.data() + r * dp;
+        for (int64_t s = 0; s < nsplit; ++s) {
+          const int64_t w = it * nsplit + s;
+          const acc_t ms = pm[w * kQB + r];
+          if (ms == kNegInf<acc_t>) continue;
+          const acc_t f = std::exp(ms - mx);
+          l[r] += f * pl[w * kQB + r];
+          const acc_t* src = pacc.data() + (w * kQB + r) * dp;
+          for (int64_t c = 0; c < dp; ++c) a[c] += f * src[c];
+        }
+      }
+      finalize_block(pr, b, h, i0, nrows, m.data(), l.data(), sc.acc.data(), out, lse, plse, sc);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------- backward
+// P = exp(S - lse_i) on allowed keys (0 elsewhere and on rows whose branch is empty); then
+// dS = factor * P * (dP - D_i) and P *= factor, where dP = dout . v_j (factor = phi(g_h) for the prompt branch).
+template <typename acc_t>
+void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t nrows, int64_t i0, int64_t j0,
+                       int64_t nk, const KeyMask& mk, const acc_t* lse_rows, const acc_t* D_rows, acc_t factor) {
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  for (int64_t r = 0; r < nrows; ++r) {
+    acc_t* p = P + r * kKB;
+    acc_t* ds = dS + r * kKB;
+    const int64_t lo = std::max<int64_t>(mk.lo - j0, 0);
+    const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
+    const acc_t L = lse_rows[r];
+    if (hi <= lo || L == kNegInf<acc_t>) {
+      std::fill(p, p + kKB, acc_t(0));
+      std::fill(ds, ds + kKB, acc_t(0));
+      continue;
+    }
+    acc_t* s = S + r * kKB;
+    for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;  // exp gives exactly 0 on masked keys
+    for (int64_t c = hi; c < kKB; ++c) s[c] = kNegInf<acc_t>;
+    const acc_t* dp = dP + r * kKB;
+    const V Lv(L), Dv(D_rows[r]), fv(factor);
+    for (int64_t c = 0; c < kKB; c += W) {
+      const V e = (V::loadu(s + c) - Lv).exp() * fv;
+      (e * (V::loadu(dp + c) - Dv)).store(ds + c);
+      e.store(p + c);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BwdBuffers {
+  const scalar_t* dout;
+  const scalar_t* out;
+  const acc_t* lse;
+  const acc_t* plse;
+  acc_t* Dw;  // [B, H, Tq] dout . out_word
+  acc_t* Dp;  // [B, H, Tq] dout . out_prompt (before the gate)
+};
+
+// Gradient contributions to a block of keys [j0, j0 + nk) of one kv head (word or prompt keys) from the query
+// rows of batches [b0, b1) and the heads of the group: dK += dS^T Qs (Qs already scaled), dV += P^T dout.
+template <typename scalar_t, typename acc_t>
+void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t, acc_t>& bb, bool prompt, int64_t b0,
+                   int64_t b1, int64_t hkv, int64_t j0, int64_t nk, acc_t* dK, acc_t* dV, Scratch<acc_t>& sc,
+                   std::vector<acc_t>& dS, std::vector<acc_t>& lse_rows, std::vector<acc_t>& D_rows,
+                   acc_t* dQ_group = nullptr) {
+  const int64_t d = pr.d, dp = pr.dp;
+  std::fill(dK, dK + kKB * dp, acc_t(0));
+  std::fill(dV, dV + kKB * dp, acc_t(0));
+  bool loaded_for_b = false;
+  for (int64_t b = b0; b < b1; ++b) {
+    const KeyMask mk = prompt ? pr.prompt_mask() : pr.word_mask(b);
+    if (mk.lo >= j0 + nk) continue;  // every key of the block is left padding for this row
+    // prompt keys are per-sample when Bp = B (then b0 + 1 == b1); word keys always are (one item per b)
+    if (!loaded_for_b) {
+      const scalar_t* kb = prompt ? pr.prompt(pr.pk, b, hkv) : pr.word(pr.k, b, hkv);
+      const scalar_t* vb = prompt ? pr.prompt(pr.pv, b, hkv) : pr.word(pr.v, b, hkv);
+      load_transposed(sc.Kt.data(), kb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
+      load_transposed(sc.Vt.data(), vb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
+      if (dQ_group) load_rows(sc.Kr.data(), dp, kb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d, kKB, acc_t(1));
+      loaded_for_b = prompt && pr.Bp == 1;  // a shared prompt block is loaded once
+    }
+    const int64_t i_start = mk.causal ? std::max<int64_t>(0, j0 - mk.off) : 0;
+    for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
+      const acc_t factor = prompt ? pr.phi[h] : acc_t(1);
+      const acc_t* lse = prompt ? bb.plse : bb.lse;
+      const acc_t* D = prompt ? bb.Dp : bb.Dw;
+      for (int64_t i0 = i_start; i0 < pr.Tq; i0 += kQB) {
+        const int64_t nrows = std::min(kQB, pr.Tq - i0);
+        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+        load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+        for (int64_t r = 0; r < nrows; ++r) {
+          lse_rows[r] = lse[pr.stat(b, h, i0 + r)];
+          D_rows[r] = D[pr.stat(b, h, i0 + r)];
+        }
+        block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
+        block_scores(sc.dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
+        probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), sc.dP.data(), nrows, i0, j0, nk, mk, lse_rows.data(),
+                          D_rows.data(), factor);
+        accum_rows(dV, dp, sc.P.data(), 1, kKB, sc.dO.data(), dp, nk, nrows, dp);
+        accum_rows(dK, dp, dS.data(), 1, kKB, sc.Qs.data(), dp, nk, nrows, dp);
+        if (dQ_group) {  // single-pass mode: this item owns the dq rows of its group, key blocks in order
+          acc_t* dq_rows = dQ_group + ((h - hkv * pr.rep) * pr.Tq + i0) * dp;
+          accum_rows(dq_rows, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+        }
+      }
+    }
+  }
+}
+
+// dq contributions (in units of the scaled query) of keys [kbeg, kend) of one head, word or prompt.
+template <typename scalar_t, typename acc_t>
+void q_grad_keys(const Problem<scalar_t, acc_t>& pr, const scalar_t* kbase, const scalar_t* vbase, const KeyMask& mk,
+                 int64_t kbeg, int64_t kend, int64_t i0, int64_t nrows, const acc_t* lse_rows, const acc_t* D_rows,
+                 acc_t factor, acc_t* dQ, Scratch<acc_t>& sc, std::vector<acc_t>& dS, std::vector<acc_t>& dP) {
+  const int64_t d = pr.d, dp = pr.dp;
+  for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
+    const int64_t nk = std::min(kKB, kend - j0);
+    load_transposed(sc.Kt.data(), kbase + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
+    load_transposed(sc.Vt.data(), vbase + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
+    load_rows(sc.Kr.data(), dp, kbase + j0 * pr.kv_stride(), pr.kv_stride(), nk, d, kKB, acc_t(1));
+    block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
+    block_scores(dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
+    probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), dP.data(), nrows, i0, j0, nk, mk, lse_rows, D_rows,
+                      factor);
+    accum_rows(dQ, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t, acc_t>& bb, scalar_t* dq,
+                   scalar_t* dk, scalar_t* dv, scalar_t* dpk, scalar_t* dpv) {
+  const int64_t d = pr.d, dp = pr.dp;
+  const int64_t nqb = (pr.Tq + kQB - 1) / kQB;
+  const int64_t q_items = pr.B * pr.H * nqb;
+
+  // pass 0: D_word and D_prompt per row
+  at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+    Scratch<acc_t> sc(d, dp);
+    std::vector<acc_t> m(kQB), l(kQB), pacc(kQB * dp), orow(dp);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
+      const int64_t nrows = std::min(kQB, pr.Tq - i0);
+      load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+      if (pr.has_prompt) {
+        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+        std::fill(m.begin(), m.end(), kNegInf<acc_t>);
+        std::fill(l.begin(), l.end(), acc_t(0));
+        std::fill(pacc.begin(), pacc.end(), acc_t(0));
+        const int64_t hkv = h / pr.rep;
+        attend(sc.Qs.data(), nrows, i0, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.kv_stride(),
+               pr.prompt_mask(), 0, pr.K, d, dp, m.data(), l.data(), pacc.data(), sc);
+      }
+      for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t si = pr.stat(b, h, i0 + r);
+        const acc_t* g = sc.dO.data() + r * dp;
+        acc_t dpr = 0;
+        if (pr.has_prompt) {
+          const acc_t inv = acc_t(1) / l[r];
+          dpr = dot_padded(g, pacc.data() + r * dp, dp) * inv;
+        }
+        const scalar_t* o = pr.q_row(bb.out, b, i0 + r, h);
+        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<acc_t>(o[c]);
+        for (int64_t c = d; c < dp; ++c) orow[c] = 0;
+        bb.Dp[si] = dpr;
+        bb.Dw[si] = dot_padded(g, orow.data(), dp) - (pr.has_prompt ? pr.phi[h] * dpr : acc_t(0));
+      }
+    }
+  });
+
+  const int64_t nkb = (pr.Tk + kKB - 1) / kKB;
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = pr.B * pr.Hkv;
+  // Single pass (5 block products per key/query block pair instead of 7) when the (b, kv head) items alone
+  // occupy the threads evenly: each item then owns the dq rows of its heads and accumulates them in key order.
+  const bool single_pass = groups % threads == 0 || groups >= 4 * threads;
+  auto write_kv = [&](int64_t b, int64_t hkv, int64_t j0, int64_t nk, const acc_t* dK, const acc_t* dV) {
+    for (int64_t r = 0; r < nk; ++r) {
+      scalar_t* ko = dk + ((b * pr.Tk + j0 + r) * pr.Hkv + hkv) * d;
+      scalar_t* vo = dv + ((b * pr.Tk + j0 + r) * pr.Hkv + hkv) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
+        vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
+      }
+    }
+  };
+  // dq of one query block: acc holds the word-key part (scaled-query units); adds the prompt part and writes.
+  auto finish_dq = [&](Scratch<acc_t>& sc, std::vector<acc_t>& dS, std::vector<acc_t>& dP, int64_t b, int64_t h,
+                       int64_t i0, int64_t nrows, acc_t* acc) {
+    if (pr.has_prompt) {
+      std::vector<acc_t> plse_rows(kQB), Dp_rows(kQB);
+      for (int64_t r = 0; r < nrows; ++r) {
+        plse_rows[r] = bb.plse[pr.stat(b, h, i0 + r)];
+        Dp_rows[r] = bb.Dp[pr.stat(b, h, i0 + r)];
+      }
+      const int64_t hkv = h / pr.rep;
+      q_grad_keys(pr, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.prompt_mask(), 0, pr.K, i0, nrows,
+                  plse_rows.data(), Dp_rows.data(), pr.phi[h], acc, sc, dS, dP);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      scalar_t* o = dq + ((b * pr.Tq + i0 + r) * pr.H + h) * d;
+      const acc_t* a = acc + r * dp;
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c] * pr.scale);
+    }
+  };
+
+  if (single_pass) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(d, dp);
+      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      std::vector<acc_t> dQ_group(pr.rep * pr.Tq * dp);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
+        std::fill(dQ_group.begin(), dQ_group.end(), acc_t(0));
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          const int64_t j0 = kb * kKB, nk = std::min(kKB, pr.Tk - j0);
+          kv_grad_block(pr, bb, false, b, b + 1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows,
+                        dQ_group.data());
+          write_kv(b, hkv, j0, nk, dK.data(), dV.data());
+        }
+        for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
+          for (int64_t i0 = 0; i0 < pr.Tq; i0 += kQB) {
+            const int64_t nrows = std::min(kQB, pr.Tq - i0);
+            load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+            load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+            finish_dq(sc, dS, dP, b, h, i0, nrows, dQ_group.data() + ((h - hkv * pr.rep) * pr.Tq + i0) * dp);
+          }
+        }
+      }
+    });
+  } else {
+    // pass 1: dk, dv per (b, kv head, key block)
+    at::parallel_for(0, groups * nkb, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(d, dp);
+      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t j0 = (it % nkb) * kKB, hkv = (it / nkb) % pr.Hkv, b = it / (nkb * pr.Hkv);
+        const int64_t nk = std::min(kKB, pr.Tk - j0);
+        kv_grad_block(pr, bb, false, b, b + 1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
+        write_kv(b, hkv, j0, nk, dK.data(), dV.data());
+      }
+    });
+    // pass 2: dq per (b, h, query block), recomputing the scores
+    at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(d, dp);
+      std::vector<acc_t> dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
+        const int64_t nrows = std::min(kQB, pr.Tq - i0), hkv = h / pr.rep;
+        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+        load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+        for (int64_t r = 0; r < nrows; ++r) {
+          lse_rows[r] = bb.lse[pr.stat(b, h, i0 + r)];
+          D_rows[r] = bb.Dw[pr.stat(b, h, i0 + r)];
+        }
+        std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+        const KeyMask mk = pr.word_mask(b);
+        auto [kbeg, kend] = block_key_range(mk, i0, nrows);
+        // key blocks aligned as in the single-pass mode, so both modes give bit-identical dq
+        kbeg = kbeg / kKB * kKB;
+        q_grad_keys(pr, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), mk, kbeg, kend, i0, nrows, lse_rows.data(),
+                    D_rows.data(), acc_t(1), sc.acc.data(), sc, dS, dP);
+        finish_dq(sc, dS, dP, b, h, i0, nrows, sc.acc.data());
+      }
+    });
+  }
+
+  // pass 3: dpk, dpv per (prompt batch, kv head, prompt block)
+  if (pr.has_prompt) {
+    const int64_t npb = (pr.K + kKB - 1) / kKB;
+    at::parallel_for(0, pr.Bp * pr.Hkv * npb, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(d, dp);
+      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t j0 = (it % npb) * kKB, hkv = (it / npb) % pr.Hkv, bp = it / (npb * pr.Hkv);
+        const int64_t nk = std::min(kKB, pr.K - j0);
+        const int64_t b0 = pr.Bp == 1 ? 0 : bp, b1 = pr.Bp == 1 ? pr.B : bp + 1;
+        kv_grad_block(pr, bb, true, b0, b1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
+        for (int64_t r = 0; r < nk; ++r) {
+          scalar_t* ko = dpk + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
+          scalar_t* vo = dpv + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
+          for (int64_t c = 0; c < d; ++c) {
+            ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
+            vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
+          }
+        }
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------- op entry points
+constexpr const char* kOp = "lladapter::gated_prompt_attention";
+constexpr const char* kBwdOp = "lladapter::gated_prompt_attention_backward";
+
+template <typename scalar_t, typename acc_t>
+Problem<scalar_t, acc_t> make_problem(const PromptAttnShape& s, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv,
+                                      const at::Tensor& kv_start, const std::vector<acc_t>& phi, bool causal,
+                                      double scale) {
+  Problem<scalar_t, acc_t> pr{};
+  pr.B = s.B;
+  pr.Tq = s.Tq;
+  pr.Tk = s.Tk;
+  pr.H = s.H;
+  pr.Hkv = s.Hkv;
+  pr.d = s.d;
+  constexpr int64_t W = AVec<acc_t>::size();
+  pr.dp = (s.d + W - 1) / W * W;
+  pr.K = s.K;
+  pr.Bp = s.Bp;
+  pr.rep = s.H / s.Hkv;
+  pr.causal = causal;
+  pr.has_prompt = s.has_prompt;
+  pr.scale = static_cast<acc_t>(scale);
+  pr.q = q.const_data_ptr<scalar_t>();
+  pr.k = k.const_data_ptr<scalar_t>();
+  pr.v = v.const_data_ptr<scalar_t>();
+  pr.pk = s.has_prompt ? pk.const_data_ptr<scalar_t>() : nullptr;
+  pr.pv = s.has_prompt ? pv.const_data_ptr<scalar_t>() : nullptr;
+  pr.kv_start = kv_start.defined() ? kv_start.const_data_ptr<int64_t>() : nullptr;
+  pr.phi = s.has_prompt ? phi.data() : nullptr;
+  return pr;
+}
+
+struct Prepared {
+  PromptAttnShape s;
+  at::Tensor q, k, v, pk, pv, kv_start;
+  std::vector<double> phi, dphi;  // phi(g_h), phi'(g_h)
+};
+
+Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& pk, const std::optional<at::Tensor>& pv,
+                 const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
+                 const std::string& gate_act, double scale) {
+  Prepared p;
+  p.s = prompt_attn_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, scale, c10::DeviceType::CPU);
+  p.q = q.contiguous();
+  p.k = k.contiguous();
+  p.v = v.contiguous();
+  if (p.s.has_prompt) {
+    p.pk = pk->contiguous();
+    p.pv = pv->contiguous();
+  }
+  if (kv_start.has_value()) p.kv_start = kv_start->to(at::kLong).contiguous();
+  if (gate.has_value()) {
+    const at::Tensor g = gate->to(at::kDouble).contiguous();
+    const double* gp = g.const_data_ptr<double>();
+    for (int64_t h = 0; h < p.s.H; ++h) {
+      const double t = p.s.tanh_gate ? std::tanh(gp[h]) : gp[h];
+      p.phi.push_back(t);
+      p.dphi.push_back(p.s.tanh_gate ? 1.0 - t * t : 1.0);
+    }
+  }
+  return p;
+}
+
+template <typename F>
+void dispatch_attn(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kDouble: return f.template operator()<double, double>();
+    case at::kFloat: return f.template operator()<float, float>();
+    case at::kBFloat16: return f.template operator()<at::BFloat16, float>();
+    case at::kHalf: return f.template operator()<at::Half, float>();
+    default: TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& pk_in,
+    const std::optional<at::Tensor>& pv_in, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& kv_start_in, bool causal, std::string gate_act, double scale) {
+  Prepared p = prepare(kOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, scale);
+  const auto& s = p.s;
+  at::Tensor out = at::empty(p.q.sizes(), p.q.options());
+  const auto stat = prompt_attn_stat_dtype(p.q);
+  at::Tensor lse = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
+  at::Tensor plse = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
+  if (out.numel() == 0) return {out, lse, plse};
+  dispatch_attn(p.q.scalar_type(), [&]<typename scalar_t, typename acc_t>() {
+    const std::vector<acc_t> phi(p.phi.begin(), p.phi.end());
+    auto pr = make_problem<scalar_t, acc_t>(s, p.q, p.k, p.v, p.pk, p.pv, p.kv_start, phi, causal, scale);
+    forward_impl(pr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(), plse.mutable_data_ptr<acc_t>());
+  });
+  return {out, lse, plse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& pk_in, const std::optional<at::Tensor>& pv_in,
+    const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, const at::Tensor& plse_in, bool causal, std::string gate_act, double scale) {
+  Prepared p = prepare(kBwdOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, scale);
+  const auto& s = p.s;
+  prompt_attn_check_backward_inputs(kBwdOp, s, grad_out, q_in, out_in, lse_in, plse_in, c10::DeviceType::CPU);
+  const at::Tensor dout = grad_out.contiguous();
+  const at::Tensor out = out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor plse = plse_in.contiguous();
+  at::Tensor dq = at::zeros(p.q.sizes(), p.q.options());
+  at::Tensor dk = at::zeros(p.k.sizes(), p.k.options());
+  at::Tensor dv = at::zeros(p.v.sizes(), p.v.options());
+  at::Tensor dpk = pk_in.has_value() ? at::zeros(pk_in->sizes(), p.q.options()) : at::empty({0}, p.q.options());
+  at::Tensor dpv = pk_in.has_value() ? at::zeros(pk_in->sizes(), p.q.options()) : at::empty({0}, p.q.options());
+  at::Tensor dgate = gate.has_value() ? at::zeros({s.H}, gate->options()) : at::empty({0}, p.q.options().dtype(at::kFloat));
+  if (p.q.numel() == 0) return {dq, dk, dv, dpk, dpv, dgate};
+  const auto stat = prompt_attn_stat_dtype(p.q);
+  at::Tensor Dw = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
+  at::Tensor Dp = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
+  dispatch_attn(p.q.scalar_type(), [&]<typename scalar_t, typename acc_t>() {
+    const std::vector<acc_t> phi(p.phi.begin(), p.phi.end());
+    auto pr = make_problem<scalar_t, acc_t>(s, p.q, p.k, p.v, p.pk, p.pv, p.kv_start, phi, causal, scale);
+    BwdBuffers<scalar_t, acc_t> bb{dout.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+                                   lse.const_data_ptr<acc_t>(),      plse.const_data_ptr<acc_t>(),
+                                   Dw.mutable_data_ptr<acc_t>(),     Dp.mutable_data_ptr<acc_t>()};
+    backward_impl(pr, bb, dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                  dv.mutable_data_ptr<scalar_t>(), s.has_prompt ? dpk.mutable_data_ptr<scalar_t>() : nullptr,
+                  s.has_prompt ? dpv.mutable_data_ptr<scalar_t>() : nullptr);
+    if (s.has_prompt) {
+      // dgate_h = phi'(g_h) * sum_{b, i} dout_i . prompt_out_i, summed in (b, i) order
+      at::Tensor dg = at::empty({s.H}, at::TensorOptions().dtype(at::kDouble));
+      double* dgp = dg.mutable_data_ptr<double>();
+      const acc_t* dpp = Dp.const_data_ptr<acc_t>();
+      for (int64_t h = 0; h < s.H; ++h) {
+        acc_t tot = 0;
+        for (int64_t b = 0; b < s.B; ++b) {
+          acc_t part = 0;
+          for (int64_t i = 0; i < s.Tq; ++i) part += dpp[(b * s.H + h) * s.Tq + i];
+          tot += part;
+        }
+        dgp[h] = p.dphi[h] * static_cast<double>(tot);
+      }
+      dgate.copy_(dg);
+    }
+  });
+  return {dq, dk, dv, dpk, dpv, dgate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lladapter, CPU, m) {
+  m.impl("gated_prompt_attention", &gated_prompt_attention_cpu);
+  m.impl("gated_prompt_attention_backward", &gated_prompt_attention_backward_cpu);
+}
+
+}  // namespace lladapter::cpu

@@ -1,0 +1,146 @@
+// Gated prompt attention (LLaMA-Adapter zero-init attention): argument checks and shape helpers shared by the
+// CPU and CUDA kernels.
+//
+//   out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p
+//   a_ij = softmax over allowed word keys j of s*q_i.k_j   (causal: j <= i + Tk - Tq; kv_start: j >= kv_start[b])
+//   b_ip = softmax over the K prompt keys of s*q_i.pk_p    (a separate softmax; prompts are never masked)
+// Layouts: q [B, Tq, H, d]; k, v [B, Tk, Hkv, d]; pk, pv [Bp, K, Hkv, d], Bp in {1, B}; gate [H];
+// query head h reads kv head h / (H / Hkv). A row with no allowed word key gets 0 from the word branch.
+// The forward also returns the log-sum-exp (in units of the scaled scores) of each branch per (b, h, i),
+// fp32 (fp64 for fp64 q), -inf where the branch has no key; the backward recomputes probabilities from them.
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "common.h"
+
+namespace lladapter {
+
+struct PromptAttnShape {
+  int64_t B, Tq, Tk, H, Hkv, d, K, Bp;
+  bool has_prompt;  // pk/pv given with K > 0
+  bool tanh_gate;
+};
+
+inline bool prompt_attn_gate_is_tanh(const char* op, const std::string& gate_act) {
+  TORCH_CHECK(gate_act == "tanh" || gate_act == "identity", op, ": gate_act must be 'tanh' or 'identity', got '",
+              gate_act, "'");
+  return gate_act == "tanh";
+}
+
+inline at::ScalarType prompt_attn_stat_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const std::optional<at::Tensor>& pk,
+                                                const std::optional<at::Tensor>& pv,
+                                                const std::optional<at::Tensor>& gate,
+                                                const std::optional<at::Tensor>& kv_start, const std::string& gate_act,
+                                                double scale, c10::DeviceType dev) {
+  PromptAttnShape s{};
+  s.tanh_gate = prompt_attn_gate_is_tanh(op, gate_act);
+  check_device(op, "q", q, dev);
+  check_device(op, "k", k, dev);
+  check_device(op, "v", v, dev);
+  check_same_device(op, "k", k, "q", q);
+  check_same_device(op, "v", v, "q", q);
+  if (dev == c10::DeviceType::CPU) {
+    check_dtype_in(op, "q", q, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  } else {
+    check_dtype_in(op, "q", q, {at::kFloat, at::kBFloat16, at::kHalf});
+  }
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, Tq, H, d], got ", shape_str(q));
+  TORCH_CHECK(k.dim() == 4, op, ": k must have shape [B, Tk, Hkv, d], got ", shape_str(k));
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", shape_str(k), ", got ", shape_str(v));
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k must have q's dtype (", q.scalar_type(), "), got ",
+              k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), op, ": v must have q's dtype (", q.scalar_type(), "), got ",
+              v.scalar_type());
+  s.B = q.size(0);
+  s.Tq = q.size(1);
+  s.H = q.size(2);
+  s.d = q.size(3);
+  s.Tk = k.size(1);
+  s.Hkv = k.size(2);
+  TORCH_CHECK(s.d > 0, op, ": head dim d (q.size(3)) must be positive, got ", s.d);
+  TORCH_CHECK(k.size(0) == s.B, op, ": k must have q's batch size ", s.B, " in dim 0, got k of shape ", shape_str(k));
+  TORCH_CHECK(k.size(3) == s.d, op, ": k must have q's head dim d = ", s.d, " in dim 3, got k of shape ",
+              shape_str(k));
+  TORCH_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, op, ": the number of query heads H = ", s.H,
+              " (q.size(2)) must be a multiple of the number of kv heads Hkv = ", s.Hkv, " (k.size(2))");
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+
+  TORCH_CHECK(pk.has_value() == pv.has_value(), op, ": pk and pv must be given together (got pk ",
+              pk.has_value() ? "given" : "None", ", pv ", pv.has_value() ? "given" : "None", ")");
+  s.K = 0;
+  s.Bp = 1;
+  if (pk.has_value()) {
+    const at::Tensor& P = *pk;
+    check_device(op, "pk", P, dev);
+    check_device(op, "pv", *pv, dev);
+    check_same_device(op, "pk", P, "q", q);
+    check_same_device(op, "pv", *pv, "q", q);
+    TORCH_CHECK(P.dim() == 4, op, ": pk must have shape [Bp, K, Hkv, d], got ", shape_str(P));
+    TORCH_CHECK(pv->sizes() == P.sizes(), op, ": pv must have pk's shape ", shape_str(P), ", got ", shape_str(*pv));
+    TORCH_CHECK(P.scalar_type() == q.scalar_type(), op, ": pk must have q's dtype (", q.scalar_type(), "), got ",
+                P.scalar_type());
+    TORCH_CHECK(pv->scalar_type() == q.scalar_type(), op, ": pv must have q's dtype (", q.scalar_type(), "), got ",
+                pv->scalar_type());
+    TORCH_CHECK(P.size(0) == 1 || P.size(0) == s.B, op, ": pk's batch dim Bp must be 1 (shared prompt) or B = ",
+                s.B, ", got pk of shape ", shape_str(P));
+    TORCH_CHECK(P.size(2) == s.Hkv, op, ": pk must have k's number of kv heads Hkv = ", s.Hkv,
+                " in dim 2, got pk of shape ", shape_str(P));
+    TORCH_CHECK(P.size(3) == s.d, op, ": pk must have q's head dim d = ", s.d, " in dim 3, got pk of shape ",
+                shape_str(P));
+    s.Bp = P.size(0);
+    s.K = P.size(1);
+  }
+  s.has_prompt = s.K > 0;
+  if (gate.has_value()) {
+    check_device(op, "gate", *gate, dev);
+    check_same_device(op, "gate", *gate, "q", q);
+    TORCH_CHECK(gate->dim() == 1 && gate->size(0) == s.H, op, ": gate must have shape [", s.H,
+                "] (one value per query head), got ", shape_str(*gate));
+    check_dtype_in(op, "gate", *gate, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  } else {
+    TORCH_CHECK(!pk.has_value(), op, ": gate must be given when pk/pv are given");
+  }
+  if (kv_start.has_value()) {
+    check_device(op, "kv_start", *kv_start, dev);
+    check_same_device(op, "kv_start", *kv_start, "q", q);
+    TORCH_CHECK(kv_start->dim() == 1 && kv_start->size(0) == s.B, op, ": kv_start must have shape [", s.B,
+                "] (one start index per batch row), got ", shape_str(*kv_start));
+    check_dtype_in(op, "kv_start", *kv_start, {at::kLong, at::kInt});
+  }
+  return s;
+}
+
+inline void prompt_attn_check_backward_inputs(const char* op, const PromptAttnShape& s, const at::Tensor& grad_out,
+                                              const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                                              const at::Tensor& prompt_lse, c10::DeviceType dev) {
+  check_device(op, "grad_out", grad_out, dev);
+  check_device(op, "out", out, dev);
+  check_device(op, "lse", lse, dev);
+  check_device(op, "prompt_lse", prompt_lse, dev);
+  check_same_device(op, "grad_out", grad_out, "q", q);
+  check_same_device(op, "out", out, "q", q);
+  check_same_device(op, "lse", lse, "q", q);
+  check_same_device(op, "prompt_lse", prompt_lse, "q", q);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), op, ": grad_out must have q's shape ", shape_str(q), ", got ",
+              shape_str(grad_out));
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", shape_str(q), ", got ", shape_str(out));
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), op, ": grad_out must have q's dtype (", q.scalar_type(),
+              "), got ", grad_out.scalar_type());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), op, ": out must have q's dtype (", q.scalar_type(), "), got ",
+              out.scalar_type());
+  const auto stat = prompt_attn_stat_dtype(q);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"lse", &lse}, {"prompt_lse", &prompt_lse}}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == s.B && t->size(1) == s.H && t->size(2) == s.Tq, op, ": ", name,
+                " must have shape [", s.B, ", ", s.H, ", ", s.Tq, "] ([B, H, Tq]), got ", shape_str(*t));
+    TORCH_CHECK(t->scalar_type() == stat, op, ": ", name, " must have dtype ", stat, ", got ", t->scalar_type());
+  }
+}
+
+}  // namespace lladapter

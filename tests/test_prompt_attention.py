@@ -1,0 +1,422 @@
+"""Gated prompt attention op: kernels vs reference.py, gradients, opcheck, zero-init identity, long sequences,
+the split path, bad inputs (CPU; CUDA mirrors via DEVICES)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lladapter_ext import ops, reference
+
+from conftest import DEVICES
+
+# Forward tolerances. fp32: kernel and reference differ in summation order and exp implementation (a few ulp
+# of fp32 per term, sums over <= a few hundred terms). bf16/fp16: the inputs are the same rounded values on both
+# sides and both accumulate in fp32; the only extra error is the final rounding of out to the dtype (1/2 ulp,
+# plus one ulp when the fp32 results straddle a rounding boundary): 2 ulp of the dtype.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.bfloat16: dict(rtol=2 * 2**-8, atol=2 * 2**-8),
+    torch.float16: dict(rtol=2 * 2**-11, atol=2 * 2**-11),
+}
+# Gradients: the kernel's backward reads out (rounded to the dtype) for D_i = dout.out_i, as flash attention does,
+# and rounds each gradient once; compared with fp32 reference gradients from the same rounded inputs. The
+# reductions (over Tq, over heads of a group, over the batch for a shared prompt) add fp32 reordering only.
+GRAD_TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.bfloat16: dict(rtol=4 * 2**-8, atol=4 * 2**-8),
+    torch.float16: dict(rtol=4 * 2**-11, atol=4 * 2**-11),
+}
+# gate gradients are sums over B * Tq * d products: compare relative to their magnitude
+GATE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def make_inputs(B=2, Tq=5, Tk=None, H=4, Hkv=None, d=16, K=3, Bp=1, dtype=torch.float32, device="cpu",
+                gate_scale=1.0, kv_start=None):
+    Tk = Tq if Tk is None else Tk
+    Hkv = H if Hkv is None else Hkv
+    q = torch.randn(B, Tq, H, d, device=device).to(dtype)
+    k = torch.randn(B, Tk, Hkv, d, device=device).to(dtype)
+    v = torch.randn(B, Tk, Hkv, d, device=device).to(dtype)
+    if K is None:
+        pk = pv = gate = None
+    else:
+        pk = torch.randn(Bp, K, Hkv, d, device=device).to(dtype)
+        pv = torch.randn(Bp, K, Hkv, d, device=device).to(dtype)
+        gate = (gate_scale * torch.randn(H, device=device)).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ks = None if kv_start is None else torch.tensor(kv_start, device=device, dtype=torch.long)
+    return q, k, v, pk, pv, gate, ks
+
+
+def run_both(inp, causal=True, gate_act="tanh", backend="fused"):
+    q, k, v, pk, pv, gate, ks = inp
+    out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act, kv_start=ks,
+                                     backend=backend)
+    ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act, kv_start=ks)
+    return out, ref
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("K", [None, 0, 1, 10, 30])
+def test_forward_matches_reference(device, dtype, causal, K):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("fp64 is the CPU gradcheck path; CUDA refuses it (tested in test_bad_inputs)")
+    d = 64 if device == "cuda" else 24
+    inp = make_inputs(B=2, Tq=37, H=4, d=d, K=K, dtype=dtype, device=device)
+    out, ref = run_both(inp, causal=causal)
+    assert out.dtype == dtype and out.shape == inp[0].shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,Hkv", [(3, 3), (6, 2), (8, 2), (8, 1)])  # GQA ratios 1, 3, 4, 8
+@pytest.mark.parametrize("Bp", [1, 3])
+@pytest.mark.parametrize("gate_act", ["tanh", "identity"])
+def test_forward_gqa_bp_gate_act(device, H, Hkv, Bp, gate_act):
+    d = 64 if device == "cuda" else 8
+    inp = make_inputs(B=3, Tq=19, H=H, Hkv=Hkv, d=d, K=10, Bp=Bp, device=device)
+    out, ref = run_both(inp, gate_act=gate_act)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 77), (1, 300), (16, 100), (33, 129), (7, 7), (70, 70), (100, 37)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_offsets_decode_and_chunked_prefill(device, Tq, Tk, causal):
+    # Tq < Tk: queries are the last Tq positions (KV cache); Tq > Tk: the first rows see no key when causal
+    d = 64 if device == "cuda" else 16
+    inp = make_inputs(B=2, Tq=Tq, Tk=Tk, H=4, Hkv=2, d=d, K=10, device=device)
+    out, ref = run_both(inp, causal=causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_left_padding(device, causal):
+    d = 64 if device == "cuda" else 16
+    # row 1 starts at 5, row 2 at 70 (past some whole key blocks), row 3 is all padding (no allowed key)
+    inp = make_inputs(B=4, Tq=80, H=2, d=d, K=4, kv_start=[0, 5, 70, 80], device=device)
+    out, ref = run_both(inp, causal=causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    # the all-padding row gets exactly the gated prompt branch (word branch 0)
+    q, k, v, pk, pv, gate, ks = inp
+    prompt_only = ops.gated_prompt_attention(q[3:], k[3:, :0], v[3:, :0], pk, pv, gate, causal=False)
+    torch.testing.assert_close(out[3:], prompt_only, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_start_int32_and_decode_left_padding(device):
+    d = 64 if device == "cuda" else 16
+    q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=1, Tk=200, H=4, Hkv=1, d=d, K=10, device=device)
+    ks = torch.tensor([0, 17, 150], dtype=torch.int32, device=device)
+    out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=ks, backend="fused")
+    ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=ks)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_decode_split_k_is_used_and_exact():
+    # B*H = 1 with one query and many keys: the forward splits the keys over threads and merges the partial
+    # softmax states; the result must not depend on the number of threads beyond fp32 rounding of the merge.
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=1, Tk=1000, H=1, d=32, K=10)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        o1 = ops.gated_prompt_attention(q, k, v, pk, pv, gate, backend="fused")
+        torch.set_num_threads(max(prev, 4))
+        o4 = ops.gated_prompt_attention(q, k, v, pk, pv, gate, backend="fused")
+    finally:
+        torch.set_num_threads(prev)
+    ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate)
+    torch.testing.assert_close(o1, ref, **TOL[torch.float32])
+    torch.testing.assert_close(o4, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lse_outputs(device):
+    d = 64 if device == "cuda" else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=6, Tk=9, H=2, d=d, K=5, device=device)
+    scale = 1 / math.sqrt(d)
+    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * scale
+    allowed = torch.arange(9, device=device)[None, :] <= torch.arange(6, device=device)[:, None] + 3
+    ref_lse = torch.logsumexp(s.masked_fill(~allowed, -math.inf), -1)
+    ref_plse = torch.logsumexp(torch.einsum("bihd,pjhd->bhij", q.double(), pk.double()) * scale, -1)
+    assert lse.dtype == plse.dtype == torch.float32 and lse.shape == (2, 2, 6)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plse.double(), ref_plse, rtol=1e-5, atol=1e-5)
+    # no prompt: the prompt LSE is -inf
+    _, _, plse0 = torch.ops.lladapter.gated_prompt_attention(q, k, v, None, None, None, None, True, "tanh", scale)
+    assert torch.isneginf(plse0).all()
+
+
+# ------------------------------------------------------------------------------------------------ zero-init
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_gate_is_plain_attention(device, dtype):
+    d = 64 if device == "cuda" else 32
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=40, H=4, Hkv=2, d=d, K=10, dtype=dtype, device=device)
+    zero = torch.zeros_like(gate)
+    adapted = ops.gated_prompt_attention(q, k, v, pk, pv, zero, backend="fused")
+    plain = ops.gated_prompt_attention(q, k, v, None, None, None, backend="fused")
+    # bit-for-bit: phi(0) = 0 adds exactly 0 to the fp32 accumulator before the single rounding of out
+    assert torch.equal(adapted, plain)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                          v.transpose(1, 2).float(), is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(plain.float(), sdpa, **(TOL[torch.float32] if dtype == torch.float32 else TOL[dtype]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_word_branch_equals_sdpa(device):
+    d = 64 if device == "cuda" else 16
+    for causal in (True, False):
+        q, k, v, *_ = make_inputs(B=2, Tq=50, H=4, d=d, K=None, device=device)
+        out = ops.gated_prompt_attention(q, k, v, causal=causal, backend="fused")
+        sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=causal).transpose(1, 2)
+        torch.testing.assert_close(out, sdpa, **TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------------------------ backward
+def _grads(fn, inp, gout, causal, gate_act):
+    q, k, v, pk, pv, gate, ks = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point()
+                                 else t for t in inp]
+    out = fn(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act, kv_start=ks)
+    out.backward(gout)
+    return [t.grad if t is not None else None for t in (q, k, v, pk, pv, gate)]
+
+
+def _check_grads(inp, dtype, causal=True, gate_act="tanh", backend="fused"):
+    out = ops.gated_prompt_attention(*inp[:6], causal=causal, gate_act=gate_act, kv_start=inp[6], backend=backend)
+    gout = torch.randn_like(out)
+    got = _grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend=backend), inp, gout, causal, gate_act)
+    f32 = [t.float() if t is not None and t.is_floating_point() and dtype != torch.float64 else t for t in inp]
+    want = _grads(reference.gated_prompt_attention, f32, gout.to(f32[0].dtype), causal, gate_act)
+    names = ["dq", "dk", "dv", "dpk", "dpv", "dgate"]
+    for name, g, w, t in zip(names, got, want, inp[:6]):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        if w is None:  # the reference does not use it (K = 0): ours must be an exact zero gradient
+            assert not g.any(), name
+            continue
+        if name == "dgate":
+            tol = GATE_RTOL[dtype] * w.abs().max().item() + 1e-6
+            torch.testing.assert_close(g.to(w.dtype), w, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+        else:
+            torch.testing.assert_close(g.to(w.dtype), w, **GRAD_TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_matches_reference(device, dtype, causal):
+    d = 64 if device == "cuda" else 16
+    inp = make_inputs(B=2, Tq=70, H=4, Hkv=2, d=d, K=10, dtype=dtype, device=device)
+    _check_grads(inp, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    dict(Tq=1, Tk=90, Bp=2), dict(Tq=20, Tk=100, Bp=1), dict(Tq=40, Tk=30, Bp=2),
+    dict(Tq=70, kv_start=[3, 66], Bp=1), dict(Tq=30, kv_start=[30, 0], Bp=2), dict(Tq=9, K=0), dict(Tq=9, K=None),
+    dict(Tq=9, K=40, H=8, Hkv=1), dict(Tq=12, H=6, Hkv=2, gate_act="identity")])
+def test_backward_cases(device, case):
+    case = dict(case)
+    gate_act = case.pop("gate_act", "tanh")
+    d = 64 if device == "cuda" else 8
+    params = dict(B=2, H=4, Hkv=2, d=d, K=10, device=device)
+    params.update(case)
+    _check_grads(make_inputs(**params), torch.float32, gate_act=gate_act)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("gate_act", ["tanh", "identity"])
+@pytest.mark.parametrize("Bp", [1, 2])
+def test_gradcheck_float64(causal, gate_act, Bp):
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=5, Tk=7, H=4, Hkv=2, d=3, K=3, Bp=Bp, dtype=torch.float64)
+    ks = torch.tensor([0, 2])
+    args = [t.requires_grad_() for t in (q, k, v, pk, pv, gate)]
+    fn = lambda *a: ops.gated_prompt_attention(*a, causal=causal, gate_act=gate_act, kv_start=ks, backend="fused")
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_gradcheck_float64_no_prompt_and_row_without_keys():
+    # Tq > Tk with causal: the first two rows have no allowed key (word branch 0, zero gradient there)
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=6, Tk=4, H=2, d=4, K=2, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (q, k, v, pk, pv, gate)]
+    assert torch.autograd.gradcheck(lambda *a: ops.gated_prompt_attention(*a, backend="fused"), args)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.gated_prompt_attention(a, b, c, backend="fused"),
+                                    args[:3])
+
+
+def test_backward_deterministic_across_threads():
+    # B * Hkv = 1: one thread takes the single-pass backward, two threads the two-pass one (dk/dv per key block,
+    # dq per query block); both must give bit-identical gradients
+    inp = make_inputs(B=1, Tq=100, H=4, Hkv=1, d=16, K=10, Bp=1)
+    prev = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, max(2, prev)):
+            torch.set_num_threads(n)
+            out = ops.gated_prompt_attention(*inp[:6], backend="fused")
+            res.append(_grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend="fused"), inp,
+                              torch.ones_like(out), True, "tanh") + [out])
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ split path
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [dict(Tq=33), dict(Tq=1, Tk=80), dict(Tq=20, Tk=50, kv_start=[0, 45]),
+                                  dict(Tq=30, Tk=10), dict(Tq=16, K=None)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_backend_matches_reference(device, case, causal):
+    d = 64 if device == "cuda" else 16
+    params = dict(B=2, H=4, Hkv=2, d=d, K=10, Bp=2, device=device)
+    params.update(case)
+    inp = make_inputs(**params)
+    out, ref = run_both(inp, causal=causal, backend="split")
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    _check_grads(inp, torch.float32, causal=causal, backend="split")
+
+
+def test_auto_backend_choice():
+    assert ops._auto_attention_backend(torch.empty(1, 1, 1, 128)) == "fused"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.gated_prompt_attention(*make_inputs()[:3], backend="flash")
+
+
+# ------------------------------------------------------------------------------------------------ long sequences
+def _peak_cpu_alloc(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    return out, max(e.cpu_memory_usage for e in prof.key_averages())
+
+
+def test_long_sequence_does_not_materialise_scores():
+    # Tq = Tk = 4096, one head: a materialised fp32 score matrix is 64 MiB. The profiler records every ATen
+    # allocation of the op (out, LSEs); the kernel's own scratch is a few fixed-size blocks per thread.
+    T, d = 4096, 16
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=T, H=1, d=d, K=10)
+    out, peak = _peak_cpu_alloc(lambda: ops.gated_prompt_attention(q, k, v, pk, pv, gate, backend="fused"))
+    limit = T * T * 4 // 16  # 1/16 of one score matrix
+    assert peak < limit, f"op allocated {peak} bytes"
+    # the measurement can fail: the materialising reference at a quarter of the length exceeds the same limit
+    Tr = T // 4
+    _, ref_peak = _peak_cpu_alloc(lambda: reference.gated_prompt_attention(
+        q[:, :Tr], k[:, :Tr], v[:, :Tr], pk, pv, gate))
+    assert ref_peak > limit
+    # spot-check a few rows against a direct fp64 computation (the reference would materialise 64 MiB)
+    rows = torch.tensor([0, 1, 2047, 4095])
+    s = (q[0, rows, 0].double() @ k[0, :, 0].double().T) / math.sqrt(d)
+    s = s.masked_fill(torch.arange(T)[None, :] > rows[:, None], -math.inf)
+    word = torch.softmax(s, -1) @ v[0, :, 0].double()
+    ps = torch.softmax((q[0, rows, 0].double() @ pk[0, :, 0].double().T) / math.sqrt(d), -1)
+    expect = word + torch.tanh(gate[0].double()) * (ps @ pv[0, :, 0].double())
+    torch.testing.assert_close(out[0, rows, 0].double(), expect, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ opcheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_prompt", [True, False])
+def test_opcheck(device, with_prompt):
+    d = 64 if device == "cuda" else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=5, Tk=7, H=4, Hkv=2, d=d, K=3 if with_prompt else None,
+                                           device=device)
+    ks = torch.tensor([0, 2], device=device)
+    for t in (q, k, v, pk, pv, gate):
+        if t is not None:
+            t.requires_grad_()
+    args = (q, k, v, pk, pv, gate, ks, True, "tanh", 1 / math.sqrt(d))
+    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention.default, args)
+    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(*args)
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None if pk is None else pk.detach(),
+             None if pv is None else pv.detach(), None if gate is None else gate.detach(), ks, out.detach(), lse, plse,
+             True, "tanh", 1 / math.sqrt(d))
+    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention_backward.default, bargs)
+
+
+def test_torch_compile():
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=8, H=2, d=8, K=3)
+    gate.requires_grad_()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q):
+        return ops.gated_prompt_attention(q * 2, k, v, pk, pv, gate, backend="fused").sum()
+
+    loss = f(q)
+    torch.testing.assert_close(loss, reference.gated_prompt_attention(q * 2, k, v, pk, pv, gate).sum(),
+                               rtol=1e-4, atol=1e-4)
+    loss.backward()
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_name_the_argument(device):
+    d = 64 if device == "cuda" else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, H=4, Hkv=2, d=d, K=3, device=device)
+
+    def call(**kw):
+        a = dict(q=q, k=k, v=v, pk=pk, pv=pv, gate=gate)
+        a.update(kw)
+        return ops.gated_prompt_attention(a["q"], a["k"], a["v"], a["pk"], a["pv"], a["gate"],
+                                          kv_start=kw.get("kv_start"), gate_act=kw.get("gate_act", "tanh"),
+                                          backend="fused")
+
+    cases = [
+        (dict(k=k[:, :, :1].expand(2, 4, 3, d).contiguous(), v=v[:, :, :1].expand(2, 4, 3, d).contiguous()),
+         r"multiple of the number of kv heads Hkv = 3"),
+        (dict(k=k[..., :d // 2].contiguous(), v=v[..., :d // 2].contiguous()), r"k must have q's head dim"),
+        (dict(v=v[:, :3]), r"v must have k's shape"),
+        (dict(k=k.double(), v=v.double()), r"k must have q's dtype"),
+        (dict(pk=pk.half()), r"pv must have pk's shape|pk must have q's dtype"),
+        (dict(pk=pk.expand(3, -1, -1, -1), pv=pv.expand(3, -1, -1, -1)), r"pk's batch dim Bp must be 1"),
+        (dict(pk=pk[:, :, :1], pv=pv[:, :, :1]), r"pk must have k's number of kv heads"),
+        (dict(pk=pk[..., :4], pv=pv[..., :4]), r"pk must have q's head dim"),
+        (dict(pv=None), r"pk and pv must be given together"),
+        (dict(gate=None), r"gate must be given"),
+        (dict(gate=gate[:3]), r"gate must have shape \[4\]"),
+        (dict(kv_start=torch.zeros(3, dtype=torch.long, device=device)), r"kv_start must have shape \[2\]"),
+        (dict(kv_start=torch.zeros(2, device=device)), r"kv_start must have dtype in"),
+        (dict(gate_act="relu"), r"gate_act must be 'tanh' or 'identity'"),
+        (dict(q=q[0]), r"q must have shape \[B, Tq, H, d\]"),
+        (dict(q=q.int()), r"q must have dtype in"),
+    ]
+    for kw, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            call(**kw)
+
+
+def test_backward_bad_inputs():
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, H=2, d=8, K=3)
+    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", 0.3)
+    bwd = torch.ops.lladapter.gated_prompt_attention_backward
+    with pytest.raises(RuntimeError, match=r"grad_out must have q's shape"):
+        bwd(out[:, :2], q, k, v, pk, pv, gate, None, out, lse, plse, True, "tanh", 0.3)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[2, 2, 4\]"):
+        bwd(out, q, k, v, pk, pv, gate, None, out, lse[:, :1], plse, True, "tanh", 0.3)
+    with pytest.raises(RuntimeError, match=r"prompt_lse must have dtype Float"):
+        bwd(out, q, k, v, pk, pv, gate, None, out, lse, plse.double(), True, "tanh", 0.3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for cross-device and fp64 refusals")
+def test_cuda_device_mismatch_and_fp64_refused():
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, H=2, d=64, K=3, device="cuda")
+    with pytest.raises(RuntimeError, match=r"pk must be a CUDA tensor"):
+        ops.gated_prompt_attention(q, k, v, pk.cpu(), pv.cpu(), gate, backend="fused")
+    with pytest.raises(RuntimeError, match=r"gate must be a CUDA tensor"):
+        ops.gated_prompt_attention(q, k, v, pk, pv, gate.cpu(), backend="fused")
+    with pytest.raises(RuntimeError, match=r"q must have dtype in"):
+        ops.gated_prompt_attention(q.double(), k.double(), v.double(), backend="fused")
+    qb, kb, vb, *_ = make_inputs(B=1, Tq=4, H=2, d=40, K=None, device="cuda")
+    with pytest.raises(RuntimeError, match=r"head_dim"):
+        ops.gated_prompt_attention(qb, kb, vb, backend="fused")
