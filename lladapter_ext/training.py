@@ -331,7 +331,7 @@ class TrainResult:
     log_path: str
     plot_path: str | None
     steps: int                          # optimizer steps done (including skipped ones)
-    losses: list[float]                 # per step, all steps of the run incl. resumed ones (nan: skipped)
+    losses: list[float]                 # per step, from step 1 (also across a resume); see history[i]['skipped']
     n_bad_steps: int
     elapsed_s: float
     tokens_per_s: float
@@ -480,7 +480,16 @@ class Trainer:
         if not os.path.exists(self.log_path):
             return []
         with open(self.log_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a kill in the middle of writing the last line
+                    break
+                raise ValueError(f"{self.log_path}:{i + 1}: corrupt log line") from None
+        return records
 
     def _truncate_log(self, step: int) -> list[dict]:
         """Keep the log entries of steps <= ``step`` (later ones are redone after a resume)."""

@@ -314,15 +314,17 @@ def test_demo_data_is_regenerable_and_correct():
     inputs = lambda rs: {(r.data["instruction"], r.data["input"]) for r in rs}  # noqa: E731
     assert not inputs(train) & inputs(evaluation) and len(inputs(train)) == 400
     for r in train + evaluation:
-        task, inp, out = r.data["task"], r.data["input"], r.data["output"]
+        task, instruction, out = r.data["task"], r.data["instruction"], r.data["output"]
+        assert r.data["input"] == ""
+        query = instruction.split(": ", 1)[-1]
         if task == "sort":
-            assert out == ", ".join(map(str, sorted(int(x) for x in inp.split(", "))))
+            assert out == ", ".join(map(str, sorted(int(x) for x in query.split(", "))))
         elif task == "json":
             obj = json.loads(out)
-            assert obj["name"] in inp and str(obj["age"]) in inp and obj["city"] in inp
+            assert obj["name"] in query and str(obj["age"]) in query and obj["city"] in query
         elif task == "unit":
-            value, unit = inp.split()
+            _, value, unit, _, _ = instruction.split()
             factor = {"km": 1000, "kg": 1000, "m": 100, "L": 1000}[unit]
             assert out.split()[0] == str(int(value) * factor)
         else:
-            assert task == "date" and out[:4] in inp
+            assert task == "date" and out[:4] in query and len(out) == 10
