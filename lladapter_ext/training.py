@@ -173,16 +173,40 @@ def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on the model's activation checkpointing (``set_activation_checkpointing(True)``, or HF's
-    ``gradient_checkpointing_enable()``); a model with neither raises."""
+def enable_activation_checkpointing(model: torch.nn.Module) -> str:
+    """Turn on activation checkpointing: the model's own switch when it has one
+    (``set_activation_checkpointing(True)``, or HF's ``gradient_checkpointing_enable()``), else every block of its
+    ``layers`` ModuleList is wrapped so that, while training with grad enabled, its forward runs under
+    ``torch.utils.checkpoint`` (non-reentrant; activations inside a block are recomputed in backward). Inference
+    (no grad or eval mode) runs the block as before, so a KV cache is never written twice. Returns which way
+    was used; a model with none of these raises."""
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(True)
-    elif hasattr(model, "gradient_checkpointing_enable"):
+        return "model"
+    if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    else:
-        raise ValueError(f"activation_checkpointing=True but {type(model).__name__} has no "
-                         "set_activation_checkpointing(enabled) method")
+        return "model"
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        for layer in layers:
+            _checkpoint_forward(layer)
+        return "layers"
+    raise ValueError(f"activation_checkpointing=True but {type(model).__name__} has no "
+                     "set_activation_checkpointing(enabled) method and no `layers` ModuleList to wrap")
+
+
+def _checkpoint_forward(module: torch.nn.Module) -> None:
+    if getattr(module, "_lladapter_checkpointed", False):
+        return
+    from torch.utils.checkpoint import checkpoint
+    forward = module.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    module.forward = checkpointed_forward
+    module._lladapter_checkpointed = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
