@@ -359,7 +359,24 @@ class TrainResult:
     n_bad_steps: int
     elapsed_s: float
     tokens_per_s: float
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        """One human-readable paragraph: steps, loss first -> last, where the files are, speed."""
+        good = [h["loss"] for h in self.history if not h["skipped"]]
+
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else float("nan")
+        k = max(1, min(5, len(good) // 4))
+        size = os.path.getsize(self.adapter_path) if os.path.exists(self.adapter_path) else 0
+        lines = [f"trained {self.steps} steps ({self.n_bad_steps} skipped as non-finite) in {self.elapsed_s:.1f}s, "
+                 f"{self.tokens_per_s:.0f} tokens/s",
+                 f"loss: first {k} steps {mean(good[:k]):.4f} -> last {k} steps {mean(good[-k:]):.4f}",
+                 f"adapter: {self.adapter_path} ({size / 1024:.1f} KiB)",
+                 f"log: {self.log_path}"]
+        if self.plot_path:
+            lines.append(f"plot: {self.plot_path}")
+        return "\n".join(lines)
 
 
 class Trainer:

@@ -214,6 +214,8 @@ def test_checkpoint_layout_log_and_plot(tmp_path, dataset):
     assert [r["step"] for r in logged] == list(range(1, 7))
     assert set(logged[0]) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped"}
     assert open(result.plot_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    text = result.summary()
+    assert "trained 6 steps (0 skipped" in text and result.adapter_path in text and result.plot_path in text
     assert not [n for n in os.listdir(result.out_dir) if ".tmp" in n]
 
 
