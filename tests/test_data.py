@@ -328,3 +328,27 @@ def test_demo_data_is_regenerable_and_correct():
             assert out.split()[0] == str(int(value) * factor)
         else:
             assert task == "date" and out[:4] in query and len(out) == 10
+
+
+# ---------------------------------------------------------------------------------------------- real tokenizer
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer():
+    tokenizer_mod = pytest.importorskip("lladapter_ext.tokenizer", reason="needs the model branch's tokenizers")
+    from lladapter_ext.cli import default_model_path
+    return tokenizer_mod.load_tokenizer(default_model_path())
+
+
+def test_masks_with_the_real_smollm2_tokenizer_and_chat_template(smollm_tokenizer):
+    tok = smollm_tokenizer
+    msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
+    [chat] = D.tokenize_record(D.Record("chat", {"messages": msgs}, "x:1"), tok, 512)
+    first = next(i for i, x in enumerate(chat.labels) if x != -100)
+    assert chat.input_ids[:first] == tok.encode(tok.apply_chat_template(msgs[:1], add_generation_prompt=True))
+    # the answer, then the template's end of turn (<|im_end|> is the EOS, so no second EOS is appended)
+    assert chat.labels[first:] == chat.input_ids[first:] == tok.encode("hi<|im_end|>\n", bos=False)
+    assert chat.input_ids.count(tok.eos_id) == 3  # system, user and assistant turns each end with it
+    [alp] = D.tokenize_record(D.Record("alpaca", {"instruction": "Say hi.", "output": "hi"}, "x:2"), tok, 512)
+    first = next(i for i, x in enumerate(alp.labels) if x != -100)
+    assert alp.input_ids[:first] == tok.encode(NO_INPUT)
+    assert alp.labels[first:] == tok.encode("hi", bos=False) + [tok.eos_id]
