@@ -68,6 +68,15 @@ def test_chat_with_template_trains_assistant_turns_only():
     assert TOK.decode(ex.input_ids[:first]) == CHAT_TOK.apply_chat_template(msgs[:2], add_generation_prompt=True)
 
 
+def test_chat_template_that_rewrites_history_is_refused_with_the_record_source():
+    class Unstable(ByteTokenizer):
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return f"[{len(messages)} messages]" + super().apply_chat_template(messages, add_generation_prompt)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(D.DataFormatError, match="^f.jsonl:9: the tokenizer's chat template is not prefix-stable"):
+        D.tokenize_record(D.Record("chat", {"messages": msgs}, "f.jsonl:9"), Unstable("toy"), 512)
+
+
 def test_chat_without_template_equals_alpaca_no_input():
     msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
     [chat] = D.tokenize_record(D.Record("chat", {"messages": msgs}, "x:1"), TOK, 512)
