@@ -336,7 +336,11 @@ def record_segments(record: Record, tokenizer) -> list[tuple[list[int], bool]]:
                 (_encode(tokenizer, d["output"], bos=False) + [_eos_id(tokenizer)], True)]
     if record.kind == "chat":
         out = []
-        for i, (text, trained) in enumerate(chat_segments(record.data["messages"], tokenizer)):
+        try:
+            segments = chat_segments(record.data["messages"], tokenizer)
+        except ValueError as e:
+            raise DataFormatError(f"{record.source}: {e}") from None
+        for i, (text, trained) in enumerate(segments):
             ids = _encode(tokenizer, text, bos=(i == 0))
             if trained and not has_chat_template(tokenizer):
                 ids.append(_eos_id(tokenizer))

@@ -173,16 +173,40 @@ def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on the model's activation checkpointing (``set_activation_checkpointing(True)``, or HF's
-    ``gradient_checkpointing_enable()``); a model with neither raises."""
+def enable_activation_checkpointing(model: torch.nn.Module) -> str:
+    """Turn on activation checkpointing: the model's own switch when it has one
+    (``set_activation_checkpointing(True)``, or HF's ``gradient_checkpointing_enable()``), else every block of its
+    ``layers`` ModuleList is wrapped so that, while training with grad enabled, its forward runs under
+    ``torch.utils.checkpoint`` (non-reentrant; activations inside a block are recomputed in backward). Inference
+    (no grad or eval mode) runs the block as before, so a KV cache is never written twice. Returns which way
+    was used; a model with none of these raises."""
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(True)
-    elif hasattr(model, "gradient_checkpointing_enable"):
+        return "model"
+    if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    else:
-        raise ValueError(f"activation_checkpointing=True but {type(model).__name__} has no "
-                         "set_activation_checkpointing(enabled) method")
+        return "model"
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        for layer in layers:
+            _checkpoint_forward(layer)
+        return "layers"
+    raise ValueError(f"activation_checkpointing=True but {type(model).__name__} has no "
+                     "set_activation_checkpointing(enabled) method and no `layers` ModuleList to wrap")
+
+
+def _checkpoint_forward(module: torch.nn.Module) -> None:
+    if getattr(module, "_lladapter_checkpointed", False):
+        return
+    from torch.utils.checkpoint import checkpoint
+    forward = module.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    module.forward = checkpointed_forward
+    module._lladapter_checkpointed = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,11 +355,28 @@ class TrainResult:
     log_path: str
     plot_path: str | None
     steps: int                          # optimizer steps done (including skipped ones)
-    losses: list[float]                 # per step, all steps of the run incl. resumed ones (nan: skipped)
+    losses: list[float]                 # per step, from step 1 (also across a resume); see history[i]['skipped']
     n_bad_steps: int
     elapsed_s: float
     tokens_per_s: float
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        """One human-readable paragraph: steps, loss first -> last, where the files are, speed."""
+        good = [h["loss"] for h in self.history if not h["skipped"]]
+
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else float("nan")
+        k = max(1, min(5, len(good) // 4))
+        size = os.path.getsize(self.adapter_path) if os.path.exists(self.adapter_path) else 0
+        lines = [f"trained {self.steps} steps ({self.n_bad_steps} skipped as non-finite) in {self.elapsed_s:.1f}s, "
+                 f"{self.tokens_per_s:.0f} tokens/s",
+                 f"loss: first {k} steps {mean(good[:k]):.4f} -> last {k} steps {mean(good[-k:]):.4f}",
+                 f"adapter: {self.adapter_path} ({size / 1024:.1f} KiB)",
+                 f"log: {self.log_path}"]
+        if self.plot_path:
+            lines.append(f"plot: {self.plot_path}")
+        return "\n".join(lines)
 
 
 class Trainer:
@@ -480,7 +521,16 @@ class Trainer:
         if not os.path.exists(self.log_path):
             return []
         with open(self.log_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a kill in the middle of writing the last line
+                    break
+                raise ValueError(f"{self.log_path}:{i + 1}: corrupt log line") from None
+        return records
 
     def _truncate_log(self, step: int) -> list[dict]:
         """Keep the log entries of steps <= ``step`` (later ones are redone after a resume)."""

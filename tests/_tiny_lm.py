@@ -150,7 +150,7 @@ class TinyAdapterLM(nn.Module):
 # The real model with a tiny configuration; the keyword names follow issue 5's LlamaConfig (adjust here if the
 # merged config spells them differently).
 TINY_LLAMA_KWARGS = dict(vocab_size=ByteTokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                         hidden_dim=64, adapter_len=6, adapter_layer=1, gate_act="tanh")
+                         ffn_dim=64, adapter_len=6, adapter_layer=1, gate_act="tanh")
 
 
 def model_kind() -> str:
@@ -171,5 +171,13 @@ def make_test_model(seed: int = 1234) -> nn.Module:
     if model_kind() == "llama":
         from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
         torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA_KWARGS)).float()
+        model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA_KWARGS)).float()
+        # The model's own init (std 0.02) leaves a random 2-layer model nearly insensitive to anything; unit-scale
+        # frozen weights (std 1/sqrt(fan_in), embeddings std 1) make it behave more like a trained network, so a
+        # few adapter steps move the loss.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if not p.requires_grad and p.ndim == 2:
+                    p.normal_(0.0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
+        return model
     return TinyAdapterLM(seed=seed)

@@ -29,3 +29,33 @@ def ddp_worker(rank: int, world_size: int, port: int, data_path: str, max_seq_le
                    os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    """``python tests/_train_worker.py DATA OUT_DIR CONFIG_JSON``: a run for the kill test (sleeps after each step
+    so the parent can kill it part-way)."""
+    import argparse
+    import json
+    import sys
+    import time
+
+    sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    from _tiny_lm import ByteTokenizer, make_test_model
+    from lladapter_ext import data as D
+    from lladapter_ext import training as T
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data")
+    parser.add_argument("out_dir")
+    parser.add_argument("config_json")
+    parser.add_argument("--max-seq-len", type=int, default=64)
+    parser.add_argument("--sleep", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dataset = D.load_dataset(args.data, ByteTokenizer("toy"), args.max_seq_len)
+    T.finetune(make_test_model(), dataset, T.TrainConfig(out_dir=args.out_dir, **json.loads(args.config_json)),
+               on_step=lambda record: time.sleep(args.sleep))
+
+
+if __name__ == "__main__":
+    main()

@@ -68,6 +68,15 @@ def test_chat_with_template_trains_assistant_turns_only():
     assert TOK.decode(ex.input_ids[:first]) == CHAT_TOK.apply_chat_template(msgs[:2], add_generation_prompt=True)
 
 
+def test_chat_template_that_rewrites_history_is_refused_with_the_record_source():
+    class Unstable(ByteTokenizer):
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return f"[{len(messages)} messages]" + super().apply_chat_template(messages, add_generation_prompt)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(D.DataFormatError, match="^f.jsonl:9: the tokenizer's chat template is not prefix-stable"):
+        D.tokenize_record(D.Record("chat", {"messages": msgs}, "f.jsonl:9"), Unstable("toy"), 512)
+
+
 def test_chat_without_template_equals_alpaca_no_input():
     msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
     [chat] = D.tokenize_record(D.Record("chat", {"messages": msgs}, "x:1"), TOK, 512)
@@ -314,15 +323,41 @@ def test_demo_data_is_regenerable_and_correct():
     inputs = lambda rs: {(r.data["instruction"], r.data["input"]) for r in rs}  # noqa: E731
     assert not inputs(train) & inputs(evaluation) and len(inputs(train)) == 400
     for r in train + evaluation:
-        task, inp, out = r.data["task"], r.data["input"], r.data["output"]
+        task, instruction, out = r.data["task"], r.data["instruction"], r.data["output"]
+        assert r.data["input"] == ""
+        query = instruction.split(": ", 1)[-1]
         if task == "sort":
-            assert out == ", ".join(map(str, sorted(int(x) for x in inp.split(", "))))
+            assert out == ", ".join(map(str, sorted(int(x) for x in query.split(", "))))
         elif task == "json":
             obj = json.loads(out)
-            assert obj["name"] in inp and str(obj["age"]) in inp and obj["city"] in inp
+            assert obj["name"] in query and str(obj["age"]) in query and obj["city"] in query
         elif task == "unit":
-            value, unit = inp.split()
+            _, value, unit, _, _ = instruction.split()
             factor = {"km": 1000, "kg": 1000, "m": 100, "L": 1000}[unit]
             assert out.split()[0] == str(int(value) * factor)
         else:
-            assert task == "date" and out[:4] in inp
+            assert task == "date" and out[:4] in query and len(out) == 10
+
+
+# ---------------------------------------------------------------------------------------------- real tokenizer
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer():
+    tokenizer_mod = pytest.importorskip("lladapter_ext.tokenizer", reason="needs the model branch's tokenizers")
+    from lladapter_ext.cli import default_model_path
+    return tokenizer_mod.load_tokenizer(default_model_path())
+
+
+def test_masks_with_the_real_smollm2_tokenizer_and_chat_template(smollm_tokenizer):
+    tok = smollm_tokenizer
+    msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
+    [chat] = D.tokenize_record(D.Record("chat", {"messages": msgs}, "x:1"), tok, 512)
+    first = next(i for i, x in enumerate(chat.labels) if x != -100)
+    assert chat.input_ids[:first] == tok.encode(tok.apply_chat_template(msgs[:1], add_generation_prompt=True))
+    # the answer, then the template's end of turn (<|im_end|> is the EOS, so no second EOS is appended)
+    assert chat.labels[first:] == chat.input_ids[first:] == tok.encode("hi<|im_end|>\n", bos=False)
+    assert chat.input_ids.count(tok.eos_id) == 3  # system, user and assistant turns each end with it
+    [alp] = D.tokenize_record(D.Record("alpaca", {"instruction": "Say hi.", "output": "hi"}, "x:2"), tok, 512)
+    first = next(i for i, x in enumerate(alp.labels) if x != -100)
+    assert alp.input_ids[:first] == tok.encode(NO_INPUT)
+    assert alp.labels[first:] == tok.encode("hi", bos=False) + [tok.eos_id]
