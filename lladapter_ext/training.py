@@ -618,6 +618,13 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                if self.bad_in_a_row >= cfg.max_bad_steps:  # after logging, so the bad steps are in the log
+                    raise NonFiniteLossError(
+                        f"stopping: the loss or gradient was non-finite for {self.bad_in_a_row} optimizer steps in "
+                        f"a row (steps {self.step - self.bad_in_a_row + 1}-{self.step}; max_bad_steps="
+                        f"{cfg.max_bad_steps}). The adapter was not updated on those steps. Lower the learning "
+                        f"rate (now {record['lr']:.3g}), set clip_grad_norm, or use precision='fp32'/'bf16' "
+                        "instead of 'fp16'")
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
                 if self.on_step is not None:
@@ -673,12 +680,6 @@ class Trainer:
             log.warning("step %d: non-finite %s (%s); step skipped (%d in a row, %d total)", self.step,
                         "loss" if not math.isfinite(loss) else "gradient norm",
                         loss if not math.isfinite(loss) else grad_norm, self.bad_in_a_row, self.n_bad_total)
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"stopping: the loss or gradient was non-finite for {self.bad_in_a_row} optimizer steps in a "
-                    f"row (steps {self.step - self.bad_in_a_row + 1}-{self.step}; max_bad_steps="
-                    f"{cfg.max_bad_steps}). The adapter was not updated on those steps. Lower the learning rate "
-                    f"(now {lr:.3g}), set clip_grad_norm, or use precision='fp32'/'bf16' instead of 'fp16'")
         else:
             self.bad_in_a_row = 0
         dt = time.perf_counter() - t0

@@ -7,7 +7,7 @@ learn in minutes:
 
   date  -- a date written in words ("March 5, 2021", "5 Mar 2021", ...) -> ISO "2021-03-05"
   unit  -- an integer quantity in km/kg/m/L -> the same quantity in m/g/cm/mL, written "<number> <unit>"
-  sort  -- four or five numbers -> the same numbers in ascending order, comma separated
+  sort  -- three or four numbers -> the same numbers in ascending order, comma separated
   json  -- a sentence about a person -> compact JSON {"name":...,"age":...,"city":...}
 
 Records are Alpaca-style (instruction, input, output) plus a "task" key naming the family; the query is part of
@@ -72,7 +72,7 @@ def make_unit(rng: random.Random) -> dict:
 
 
 def make_sort(rng: random.Random) -> dict:
-    numbers = rng.sample(range(1, 100), rng.choice([4, 5]))
+    numbers = rng.sample(range(1, 100), rng.choice([3, 4]))
     return {"task": "sort", "instruction": "Sort in ascending order: " + ", ".join(map(str, numbers)), "input": "",
             "output": ", ".join(map(str, sorted(numbers)))}
 
@@ -94,12 +94,17 @@ def make_json(rng: random.Random) -> dict:
 FAMILIES = {"date": make_date, "unit": make_unit, "sort": make_sort, "json": make_json}
 
 
-def generate(seed: int, n_train_per_task: int, n_eval_per_task: int) -> tuple[list[dict], list[dict]]:
+def generate(seed: int, n_train_per_task: int, n_eval_per_task: int, families=tuple(FAMILIES)
+             ) -> tuple[list[dict], list[dict]]:
     """Train and eval records, interleaved by family; an input never appears twice in either split."""
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise ValueError(f"families must be a non-empty subset of {list(FAMILIES)}, got {list(families)}")
     rng = random.Random(seed)
     seen: set[tuple[str, str]] = set()
     per_task: dict[str, list[dict]] = {}
-    for task, make in FAMILIES.items():
+    for task in families:
+        make = FAMILIES[task]
         records = []
         while len(records) < n_train_per_task + n_eval_per_task:
             record = make(rng)
@@ -109,8 +114,8 @@ def generate(seed: int, n_train_per_task: int, n_eval_per_task: int) -> tuple[li
                 records.append(record)
         per_task[task] = records
     # eval takes each family's first records, train the rest; both interleave the families round-robin
-    train = [per_task[t][n_eval_per_task + i] for i in range(n_train_per_task) for t in FAMILIES]
-    evaluation = [per_task[t][i] for i in range(n_eval_per_task) for t in FAMILIES]
+    train = [per_task[t][n_eval_per_task + i] for i in range(n_train_per_task) for t in families]
+    evaluation = [per_task[t][i] for i in range(n_eval_per_task) for t in families]
     return train, evaluation
 
 
@@ -126,9 +131,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="generator seed (default: 1234)")
     parser.add_argument("--train-per-task", type=int, default=100, help="train records per family (default: 100)")
     parser.add_argument("--eval-per-task", type=int, default=25, help="eval records per family (default: 25)")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"comma-separated task families (default: {','.join(FAMILIES)})")
     parser.add_argument("--check", action="store_true", help="do not write; fail if the files on disk differ")
     args = parser.parse_args(argv)
-    train, evaluation = generate(args.seed, args.train_per_task, args.eval_per_task)
+    try:
+        train, evaluation = generate(args.seed, args.train_per_task, args.eval_per_task,
+                                     tuple(f for f in args.families.split(",") if f))
+    except ValueError as e:
+        parser.error(f"--families: {e}")
     outputs = {"train.jsonl": to_jsonl(train), "eval.jsonl": to_jsonl(evaluation)}
     if args.check:
         stale = []

@@ -178,11 +178,13 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, dataset):
 def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, dataset):
     model = poison(make_test_model(), {2, 3, 4, 5})
     seen = []
+    cfg = config(tmp_path, max_steps=10, max_bad_steps=3)
     with pytest.raises(T.NonFiniteLossError, match=r"non-finite for 3 optimizer steps in a row \(steps 2-4; "
                                                   r"max_bad_steps=3\)"):
-        T.finetune(model, dataset, config(tmp_path, max_steps=10, max_bad_steps=3),
-                   on_step=lambda r: seen.append(r["step"]))
+        T.finetune(model, dataset, cfg, on_step=lambda r: seen.append(r["step"]))
     assert seen == [1, 2, 3]
+    logged = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    assert [r["skipped"] for r in logged] == [False, True, True, True]
 
 
 def test_non_finite_gradient_is_skipped_too(tmp_path, dataset):
