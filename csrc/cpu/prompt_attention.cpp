@@ -394,10 +394,14 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
         std::fill(p, p + kKB, acc_t(0));
         continue;
       }
-      acc_t mb = kNegInf<acc_t>;
       for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;
-      for (int64_t c = lo; c < hi; ++c) mb = std::max(mb, s[c]);
       for (int64_t c = hi; c < kKB; ++c) s[c] = kNegInf<acc_t>;
+      V bmax = V::loadu(s);
+      for (int64_t c = W; c < kKB; c += W) bmax = at::vec::maximum(bmax, V::loadu(s + c));
+      alignas(64) acc_t mlanes[W];
+      bmax.store(mlanes);
+      acc_t mb = mlanes[0];
+      for (int64_t t = 1; t < W; ++t) mb = std::max(mb, mlanes[t]);
       const acc_t m_new = std::max(m[r], mb);
       const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first block (m = -inf)
       const V mv(m_new);
