@@ -85,7 +85,7 @@ def test_forward_gqa_bp_gate_act(device, H, Hkv, Bp, gate_act):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 77), (1, 300), (16, 100), (33, 129), (7, 7), (70, 70), (100, 37)])
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 77), (1, 300), (3, 130), (4, 3), (16, 100), (33, 129), (7, 7), (70, 70), (100, 37)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_offsets_decode_and_chunked_prefill(device, Tq, Tk, causal):
     # Tq < Tk: queries are the last Tq positions (KV cache); Tq > Tk: the first rows see no key when causal

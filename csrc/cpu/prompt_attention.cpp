@@ -330,21 +330,27 @@ inline void axpy_src(acc_t* acc, acc_t w, const scalar_t* row, int64_t d) {
 }
 
 // attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
+// attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
+// Row r is query position i0 + r % npos (rows may be several heads of one kv group at the same positions); the
+// key blocks are the outer loop so a block read for the first row is in cache for the others.
 template <typename scalar_t, typename acc_t>
-void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase,
-                   int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
-                   acc_t* l, acc_t* acc) {
+void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, int64_t npos, const scalar_t* kbase,
+                   const scalar_t* vbase, int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d,
+                   int64_t dp, acc_t* m, acc_t* l, acc_t* acc) {
   acc_t s[kKB];
-  for (int64_t r = 0; r < nrows; ++r) {
-    const acc_t* q = Qs + r * dp;
-    acc_t* a = acc + r * dp;
-    const int64_t lo = std::max(kbeg, mk.lo), hi = std::min(kend, mk.hi(i0 + r));
-    for (int64_t j0 = lo; j0 < hi; j0 += kKB) {
-      const int64_t nk = std::min(kKB, hi - j0);
+  const int64_t lo_all = std::max(kbeg, mk.lo), hi_all = std::min(kend, mk.hi(i0 + npos - 1));
+  for (int64_t jb = lo_all; jb < hi_all; jb += kKB) {
+    const int64_t jb_end = std::min(jb + kKB, hi_all);
+    for (int64_t r = 0; r < nrows; ++r) {
+      const acc_t* q = Qs + r * dp;
+      acc_t* a = acc + r * dp;
+      const int64_t j0 = jb, hi = std::min(jb_end, mk.hi(i0 + r % npos));
+      if (hi <= j0) continue;
+      const int64_t nk = hi - j0;
       acc_t mb = kNegInf<acc_t>;
       for (int64_t c = 0; c < nk; ++c) {
         // key rows are kstride apart (other heads in between): prefetch ahead, the hardware prefetcher does not
-        if (j0 + c + kPrefetchAhead < hi) {
+        if (r == 0 && j0 + c + kPrefetchAhead < hi_all) {
           prefetch_row(kbase + (j0 + c + kPrefetchAhead) * kstride, d);
           prefetch_row(vbase + (j0 + c + kPrefetchAhead) * kstride, d);
         }
@@ -375,7 +381,7 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
             int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
             acc_t* l, acc_t* acc, Scratch<acc_t>& sc) {
   if (nrows <= kDirectRows) {
-    attend_direct(Qs, nrows, i0, kbase, vbase, kstride, mk, kbeg, kend, d, dp, m, l, acc);
+    attend_direct(Qs, nrows, i0, nrows, kbase, vbase, kstride, mk, kbeg, kend, d, dp, m, l, acc);
     return;
   }
   using V = AVec<acc_t>;
@@ -510,6 +516,38 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     const int64_t a = std::min(kend, kbeg + s * per * kKB), e = std::min(kend, kbeg + (s + 1) * per * kKB);
     return std::pair<int64_t, int64_t>{a, e};
   };
+
+  // Decode with grouped-query attention: the heads of a kv group share one item, so each key/value row is read
+  // from memory once per group (enough groups to occupy the threads, else split-K below).
+  if (pr.Tq <= kDirectRows && pr.rep > 1 && pr.B * pr.Hkv >= threads) {
+    const int64_t nrows = pr.Tq, rows = pr.rep * nrows;
+    at::parallel_for(0, pr.B * pr.Hkv, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(pr.d, dp);
+      std::vector<acc_t> Qg(rows * dp), m(rows), l(rows), acc(rows * dp);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
+        for (int64_t hl = 0; hl < pr.rep; ++hl) {
+          load_rows(Qg.data() + hl * nrows * dp, dp, pr.q_row(pr.q, b, 0, hkv * pr.rep + hl), pr.q_stride(), nrows,
+                    pr.d, nrows, pr.scale);
+        }
+        std::fill(m.begin(), m.end(), kNegInf<acc_t>);
+        std::fill(l.begin(), l.end(), acc_t(0));
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const KeyMask mk = pr.word_mask(b);
+        auto [kbeg, kend] = block_key_range(mk, 0, nrows);
+        attend_direct(Qg.data(), rows, 0, nrows, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), pr.kv_stride(), mk,
+                      kbeg, kend, pr.d, dp, m.data(), l.data(), acc.data());
+        for (int64_t hl = 0; hl < pr.rep; ++hl) {
+          const int64_t h = hkv * pr.rep + hl;
+          load_q(sc, b, h, 0, nrows);  // finalize_block reads the head's scaled rows for the prompt branch
+          finalize_block(pr, b, h, 0, nrows, m.data() + hl * nrows, l.data() + hl * nrows,
+                         acc.data() + hl * nrows * dp, out, lse, plse, sc);
+        }
+      }
+    });
+    return;
+  }
 
   if (nsplit == 1) {
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
