@@ -291,6 +291,13 @@ struct Scratch {
         P(kQB * kKB), dP(kQB * kKB), acc(kQB * dp), m(kQB), l(kQB) {}
 };
 
+// Items whose work (multiply-adds, roughly) is below this share a thread: an OpenMP region costs more than a tiny
+// problem (gradcheck shapes); large problems get grain 1.
+constexpr int64_t kMinParallelWork = int64_t(1) << 17;
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+}
+
 // Few query rows (decode): reading the keys and values straight from their rows beats converting whole blocks.
 constexpr int64_t kDirectRows = 4;
 
@@ -521,7 +528,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   // from memory once per group (enough groups to occupy the threads, else split-K below).
   if (pr.Tq <= kDirectRows && pr.rep > 1 && pr.B * pr.Hkv >= threads) {
     const int64_t nrows = pr.Tq, rows = pr.rep * nrows;
-    at::parallel_for(0, pr.B * pr.Hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pr.B * pr.Hkv, grain_for(pr.rep * pr.Tq * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(pr.d, dp);
       std::vector<acc_t> Qg(rows * dp), m(rows), l(rows), acc(rows * dp);
@@ -550,7 +557,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   }
 
   if (nsplit == 1) {
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, grain_for(std::min(kQB, pr.Tq) * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(pr.d, dp);
       std::vector<acc_t> m(kQB), l(kQB);
@@ -574,7 +581,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
 
   // Split-K: partial states per (item, split), merged in split order.
   std::vector<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
-  at::parallel_for(0, items * nsplit, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items * nsplit, grain_for(pr.Tq * pr.Tk / nsplit * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     for (int64_t w = begin; w < end; ++w) {
@@ -595,7 +602,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
              dp, m, l, a, sc);
     }
   });
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, grain_for(pr.Tq * (nsplit + pr.K) * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     std::vector<acc_t> m(kQB), l(kQB);
@@ -746,7 +753,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   const int64_t q_items = pr.B * pr.H * nqb;
 
   // pass 0: D_word and D_prompt per row
-  at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * (pr.K + 1) * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(d, dp);
     std::vector<acc_t> m(kQB), l(kQB), pacc(kQB * dp), orow(dp);
@@ -817,7 +824,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   };
 
   if (single_pass) {
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups, grain_for(pr.rep * pr.Tq * pr.Tk * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
@@ -843,7 +850,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     });
   } else {
     // pass 1: dk, dv per (b, kv head, key block)
-    at::parallel_for(0, groups * nkb, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups * nkb, grain_for(pr.rep * pr.Tq * kKB * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
@@ -855,7 +862,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       }
     });
     // pass 2: dq per (b, h, query block), recomputing the scores
-    at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * pr.Tk * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
@@ -883,7 +890,8 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   // pass 3: dpk, dpv per (prompt batch, kv head, prompt block)
   if (pr.has_prompt) {
     const int64_t npb = (pr.K + kKB - 1) / kKB;
-    at::parallel_for(0, pr.Bp * pr.Hkv * npb, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pr.Bp * pr.Hkv * npb, grain_for(pr.B * pr.rep * pr.Tq * kKB * d),
+                     [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
