@@ -6,15 +6,23 @@
 // All math is in acc_t = fp32 (fp64 for fp64 inputs, the gradcheck path); blocks are converted into fp32/fp64
 // scratch once and the inner products run on at::vec lanes (keys along the lanes: no horizontal sums).
 //
+// fp32 block products go through the BLAS sgemm that torch's CPU library exports (sequential per worker);
+// without it, and for fp64, through the at::vec micro-kernels. Few query rows (decode) skip the block
+// conversion and read key/value rows directly (load_as_float), with the heads of a kv group sharing one pass.
+//
 // Parallelism and determinism:
-//  forward   items (b, h, query block); for decode-like shapes with few items, keys are also split (split-K) and
-//            the partial softmax states are merged in split order.
+//  forward   items (b, h, query block); decode with GQA: items (b, kv head); for decode-like shapes with too few
+//            items, keys are also split (split-K) and the partial softmax states are merged in split order.
 //  backward  pass 0: D_word = dout.out_word and D_prompt = dout.out_prompt per row (prompt recomputed; K small)
-//            pass 1: dk, dv per (b, kv head, key block) looping over the query heads of the group (no races)
-//            pass 2: dq per (b, h, query block), word keys then prompt keys
-//            pass 3: dpk, dpv per (prompt batch, kv head, prompt block), looping over the batch when Bp = 1
+//            then either (single pass, when the (b, kv head) items occupy the threads) one item per (b, kv head)
+//            computing dk, dv and its heads' dq in key-block order, or two passes:
+//              dk, dv per (b, kv head, key block) looping over the query heads of the group (no races), and
+//              dq per (b, h, query block) recomputing the scores (same key blocks: bit-identical to single pass)
+//            last: dpk, dpv per (prompt batch, kv head, prompt block), looping over the batch when Bp = 1;
 //            dgate_h = phi'(g_h) * sum_{b,i} D_prompt, summed in a fixed order.
-//  Every sum has a fixed order independent of the thread count.
+//  Every backward sum has a fixed order independent of the thread count (the forward's split-K merge depends on
+//  the number of splits, i.e. on the thread count, within fp32 rounding).
+//  at::parallel_for only runs in parallel when this file is compiled with -fopenmp (see docs/attention.md).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
