@@ -85,7 +85,7 @@ def test_forward_gqa_bp_gate_act(device, H, Hkv, Bp, gate_act):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 77), (1, 300), (16, 100), (33, 129), (7, 7), (70, 70), (100, 37)])
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 77), (1, 300), (3, 130), (4, 3), (16, 100), (33, 129), (7, 7), (70, 70), (100, 37)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_offsets_decode_and_chunked_prefill(device, Tq, Tk, causal):
     # Tq < Tk: queries are the last Tq positions (KV cache); Tq > Tk: the first rows see no key when causal
@@ -420,3 +420,37 @@ def test_cuda_device_mismatch_and_fp64_refused():
     qb, kb, vb, *_ = make_inputs(B=1, Tq=4, H=2, d=40, K=None, device="cuda")
     with pytest.raises(RuntimeError, match=r"head_dim"):
         ops.gated_prompt_attention(qb, kb, vb, backend="fused")
+
+
+# ------------------------------------------------------------------------------------------------ layouts, partial grads
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    # models produce q/k/v as transposes of [B, H, T, d] projections; the op must read them through their strides
+    d = 64 if device == "cuda" else 16
+    B, T, H, Hkv = 2, 21, 4, 2
+    q = torch.randn(B, H, T, d, device=device).transpose(1, 2)
+    k = torch.randn(B, Hkv, T, d, device=device).transpose(1, 2)
+    v = torch.randn(B, Hkv, T, d, device=device).transpose(1, 2)
+    pk = torch.randn(1, Hkv, 5, d, device=device).transpose(1, 2)
+    pv = torch.randn(1, Hkv, 5, d, device=device).transpose(1, 2)
+    gate = torch.randn(H, device=device)
+    assert not q.is_contiguous()
+    out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, backend="fused")
+    ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_adapter_parameters_require_grad(device):
+    # the first adapted layer of a frozen model: only the prompt K/V (through the prompt) and the gate train
+    d = 64 if device == "cuda" else 16
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=12, H=4, Hkv=2, d=d, K=10, device=device)
+    pk.requires_grad_()
+    pv.requires_grad_()
+    gate.requires_grad_()
+    ops.gated_prompt_attention(q, k, v, pk, pv, gate, backend="fused").square().sum().backward()
+    pk2, pv2, g2 = (t.detach().clone().requires_grad_() for t in (pk, pv, gate))
+    reference.gated_prompt_attention(q, k, v, pk2, pv2, g2).square().sum().backward()
+    for got, want in ((pk.grad, pk2.grad), (pv.grad, pv2.grad), (gate.grad, g2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert q.grad is None and k.grad is None

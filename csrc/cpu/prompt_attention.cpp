@@ -6,15 +6,23 @@
 // All math is in acc_t = fp32 (fp64 for fp64 inputs, the gradcheck path); blocks are converted into fp32/fp64
 // scratch once and the inner products run on at::vec lanes (keys along the lanes: no horizontal sums).
 //
+// fp32 block products go through the BLAS sgemm that torch's CPU library exports (sequential per worker);
+// without it, and for fp64, through the at::vec micro-kernels. Few query rows (decode) skip the block
+// conversion and read key/value rows directly (load_as_float), with the heads of a kv group sharing one pass.
+//
 // Parallelism and determinism:
-//  forward   items (b, h, query block); for decode-like shapes with few items, keys are also split (split-K) and
-//            the partial softmax states are merged in split order.
+//  forward   items (b, h, query block); decode with GQA: items (b, kv head); for decode-like shapes with too few
+//            items, keys are also split (split-K) and the partial softmax states are merged in split order.
 //  backward  pass 0: D_word = dout.out_word and D_prompt = dout.out_prompt per row (prompt recomputed; K small)
-//            pass 1: dk, dv per (b, kv head, key block) looping over the query heads of the group (no races)
-//            pass 2: dq per (b, h, query block), word keys then prompt keys
-//            pass 3: dpk, dpv per (prompt batch, kv head, prompt block), looping over the batch when Bp = 1
+//            then either (single pass, when the (b, kv head) items occupy the threads) one item per (b, kv head)
+//            computing dk, dv and its heads' dq in key-block order, or two passes:
+//              dk, dv per (b, kv head, key block) looping over the query heads of the group (no races), and
+//              dq per (b, h, query block) recomputing the scores (same key blocks: bit-identical to single pass)
+//            last: dpk, dpv per (prompt batch, kv head, prompt block), looping over the batch when Bp = 1;
 //            dgate_h = phi'(g_h) * sum_{b,i} D_prompt, summed in a fixed order.
-//  Every sum has a fixed order independent of the thread count.
+//  Every backward sum has a fixed order independent of the thread count (the forward's split-K merge depends on
+//  the number of splits, i.e. on the thread count, within fp32 rounding).
+//  at::parallel_for only runs in parallel when this file is compiled with -fopenmp (see docs/attention.md).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -291,6 +299,13 @@ struct Scratch {
         P(kQB * kKB), dP(kQB * kKB), acc(kQB * dp), m(kQB), l(kQB) {}
 };
 
+// Items whose work (multiply-adds, roughly) is below this share a thread: an OpenMP region costs more than a tiny
+// problem (gradcheck shapes); large problems get grain 1.
+constexpr int64_t kMinParallelWork = int64_t(1) << 17;
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+}
+
 // Few query rows (decode): reading the keys and values straight from their rows beats converting whole blocks.
 constexpr int64_t kDirectRows = 4;
 
@@ -330,21 +345,27 @@ inline void axpy_src(acc_t* acc, acc_t w, const scalar_t* row, int64_t d) {
 }
 
 // attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
+// attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
+// Row r is query position i0 + r % npos (rows may be several heads of one kv group at the same positions); the
+// key blocks are the outer loop so a block read for the first row is in cache for the others.
 template <typename scalar_t, typename acc_t>
-void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase,
-                   int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
-                   acc_t* l, acc_t* acc) {
+void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, int64_t npos, const scalar_t* kbase,
+                   const scalar_t* vbase, int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d,
+                   int64_t dp, acc_t* m, acc_t* l, acc_t* acc) {
   acc_t s[kKB];
-  for (int64_t r = 0; r < nrows; ++r) {
-    const acc_t* q = Qs + r * dp;
-    acc_t* a = acc + r * dp;
-    const int64_t lo = std::max(kbeg, mk.lo), hi = std::min(kend, mk.hi(i0 + r));
-    for (int64_t j0 = lo; j0 < hi; j0 += kKB) {
-      const int64_t nk = std::min(kKB, hi - j0);
+  const int64_t lo_all = std::max(kbeg, mk.lo), hi_all = std::min(kend, mk.hi(i0 + npos - 1));
+  for (int64_t jb = lo_all; jb < hi_all; jb += kKB) {
+    const int64_t jb_end = std::min(jb + kKB, hi_all);
+    for (int64_t r = 0; r < nrows; ++r) {
+      const acc_t* q = Qs + r * dp;
+      acc_t* a = acc + r * dp;
+      const int64_t j0 = jb, hi = std::min(jb_end, mk.hi(i0 + r % npos));
+      if (hi <= j0) continue;
+      const int64_t nk = hi - j0;
       acc_t mb = kNegInf<acc_t>;
       for (int64_t c = 0; c < nk; ++c) {
         // key rows are kstride apart (other heads in between): prefetch ahead, the hardware prefetcher does not
-        if (j0 + c + kPrefetchAhead < hi) {
+        if (r == 0 && j0 + c + kPrefetchAhead < hi_all) {
           prefetch_row(kbase + (j0 + c + kPrefetchAhead) * kstride, d);
           prefetch_row(vbase + (j0 + c + kPrefetchAhead) * kstride, d);
         }
@@ -375,7 +396,7 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
             int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
             acc_t* l, acc_t* acc, Scratch<acc_t>& sc) {
   if (nrows <= kDirectRows) {
-    attend_direct(Qs, nrows, i0, kbase, vbase, kstride, mk, kbeg, kend, d, dp, m, l, acc);
+    attend_direct(Qs, nrows, i0, nrows, kbase, vbase, kstride, mk, kbeg, kend, d, dp, m, l, acc);
     return;
   }
   using V = AVec<acc_t>;
@@ -394,10 +415,14 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
         std::fill(p, p + kKB, acc_t(0));
         continue;
       }
-      acc_t mb = kNegInf<acc_t>;
       for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;
-      for (int64_t c = lo; c < hi; ++c) mb = std::max(mb, s[c]);
       for (int64_t c = hi; c < kKB; ++c) s[c] = kNegInf<acc_t>;
+      V bmax = V::loadu(s);
+      for (int64_t c = W; c < kKB; c += W) bmax = at::vec::maximum(bmax, V::loadu(s + c));
+      alignas(64) acc_t mlanes[W];
+      bmax.store(mlanes);
+      acc_t mb = mlanes[0];
+      for (int64_t t = 1; t < W; ++t) mb = std::max(mb, mlanes[t]);
       const acc_t m_new = std::max(m[r], mb);
       const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first block (m = -inf)
       const V mv(m_new);
@@ -507,8 +532,40 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     return std::pair<int64_t, int64_t>{a, e};
   };
 
+  // Decode with grouped-query attention: the heads of a kv group share one item, so each key/value row is read
+  // from memory once per group (enough groups to occupy the threads, else split-K below).
+  if (pr.Tq <= kDirectRows && pr.rep > 1 && pr.B * pr.Hkv >= threads) {
+    const int64_t nrows = pr.Tq, rows = pr.rep * nrows;
+    at::parallel_for(0, pr.B * pr.Hkv, grain_for(pr.rep * pr.Tq * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
+      SequentialBlasGuard blas_guard;
+      Scratch<acc_t> sc(pr.d, dp);
+      std::vector<acc_t> Qg(rows * dp), m(rows), l(rows), acc(rows * dp);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
+        for (int64_t hl = 0; hl < pr.rep; ++hl) {
+          load_rows(Qg.data() + hl * nrows * dp, dp, pr.q_row(pr.q, b, 0, hkv * pr.rep + hl), pr.q_stride(), nrows,
+                    pr.d, nrows, pr.scale);
+        }
+        std::fill(m.begin(), m.end(), kNegInf<acc_t>);
+        std::fill(l.begin(), l.end(), acc_t(0));
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const KeyMask mk = pr.word_mask(b);
+        auto [kbeg, kend] = block_key_range(mk, 0, nrows);
+        attend_direct(Qg.data(), rows, 0, nrows, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), pr.kv_stride(), mk,
+                      kbeg, kend, pr.d, dp, m.data(), l.data(), acc.data());
+        for (int64_t hl = 0; hl < pr.rep; ++hl) {
+          const int64_t h = hkv * pr.rep + hl;
+          load_q(sc, b, h, 0, nrows);  // finalize_block reads the head's scaled rows for the prompt branch
+          finalize_block(pr, b, h, 0, nrows, m.data() + hl * nrows, l.data() + hl * nrows,
+                         acc.data() + hl * nrows * dp, out, lse, plse, sc);
+        }
+      }
+    });
+    return;
+  }
+
   if (nsplit == 1) {
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, grain_for(std::min(kQB, pr.Tq) * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(pr.d, dp);
       std::vector<acc_t> m(kQB), l(kQB);
@@ -532,7 +589,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
 
   // Split-K: partial states per (item, split), merged in split order.
   std::vector<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
-  at::parallel_for(0, items * nsplit, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items * nsplit, grain_for(pr.Tq * pr.Tk / nsplit * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     for (int64_t w = begin; w < end; ++w) {
@@ -553,7 +610,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
              dp, m, l, a, sc);
     }
   });
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, grain_for(pr.Tq * (nsplit + pr.K) * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     std::vector<acc_t> m(kQB), l(kQB);
@@ -704,7 +761,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   const int64_t q_items = pr.B * pr.H * nqb;
 
   // pass 0: D_word and D_prompt per row
-  at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * (pr.K + 1) * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(d, dp);
     std::vector<acc_t> m(kQB), l(kQB), pacc(kQB * dp), orow(dp);
@@ -775,7 +832,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   };
 
   if (single_pass) {
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups, grain_for(pr.rep * pr.Tq * pr.Tk * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
@@ -801,7 +858,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     });
   } else {
     // pass 1: dk, dv per (b, kv head, key block)
-    at::parallel_for(0, groups * nkb, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups * nkb, grain_for(pr.rep * pr.Tq * kKB * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
@@ -813,7 +870,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       }
     });
     // pass 2: dq per (b, h, query block), recomputing the scores
-    at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * pr.Tk * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
@@ -841,7 +898,8 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   // pass 3: dpk, dpv per (prompt batch, kv head, prompt block)
   if (pr.has_prompt) {
     const int64_t npb = (pr.K + kKB - 1) / kKB;
-    at::parallel_for(0, pr.Bp * pr.Hkv * npb, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pr.Bp * pr.Hkv * npb, grain_for(pr.B * pr.rep * pr.Tq * kKB * d),
+                     [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
