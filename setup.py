@@ -101,7 +101,8 @@ def main():
     isa = cpu_isa()
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fvisibility=hidden"]
+    # at::parallel_for is header code: without OpenMP in this compile it runs on one thread.
+    cxx += ["-fvisibility=hidden", "-fopenmp"]
     defines = [f'-DLLADAPTER_CPU_ISA="{isa}"']
     if isa == "avx2":
         # at::vec picks its 256-bit implementation from these macros, as ATen's own AVX2 kernels do.
@@ -145,6 +146,7 @@ def main():
         f.write(f"DEBUG = {debug!r}\n")
 
     ext = ext_cls("lladapter_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                  extra_link_args=["-fopenmp"],
                   undef_macros=["NDEBUG"] if debug else [])
     setup(
         packages=find_packages(include=["lladapter_ext", "lladapter_ext.*"]),

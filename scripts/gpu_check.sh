@@ -29,13 +29,19 @@ if ! $PY setup.py build_ext --inplace >> "$LOG" 2>&1; then
 fi
 $PY -c 'import lladapter_ext; print(lladapter_ext.build_info())' >> "$LOG" 2>&1 || status=1
 
-step "pytest (all tests; CUDA variants run when a GPU is visible)"
-timeout 240 $PY -m pytest tests -q -x -rs --junitxml="$OUT_DIR/pytest.xml" >> "$LOG" 2>&1 || { status=1; step "pytest FAILED"; }
+KERNEL_TESTS="tests/test_rms_norm.py tests/test_rope.py tests/test_prompt_attention.py"
+step "pytest: the op tests, CPU and CUDA variants"
+timeout 240 $PY -m pytest $KERNEL_TESTS -q -rs --junitxml="$OUT_DIR/pytest-kernels.xml" >> "$LOG" 2>&1 \
+  || { status=1; step "kernel tests FAILED"; }
+step "pytest: every other CUDA test (model, loaders, generation), whatever packages this machine has"
+timeout 120 $PY -m pytest tests -q -rs -k cuda --continue-on-collection-errors \
+  --deselect tests/test_rms_norm.py --deselect tests/test_rope.py --deselect tests/test_prompt_attention.py \
+  >> "$LOG" 2>&1 || { status=1; step "other CUDA tests FAILED (collection errors from missing packages count)"; }
 
 if command -v compute-sanitizer >/dev/null 2>&1 && [ "$(elapsed)" -lt 300 ]; then
   step "compute-sanitizer memcheck on the CUDA tests"
   timeout $(( 400 - $(elapsed) )) compute-sanitizer --tool memcheck --error-exitcode 3 \
-      $PY -m pytest tests -q -x -k cuda -p no:cacheprovider >> "$LOG" 2>&1
+      $PY -m pytest $KERNEL_TESTS -q -x -k cuda -p no:cacheprovider >> "$LOG" 2>&1
   rc=$?
   [ $rc -eq 124 ] && step "compute-sanitizer: out of time (not a failure)"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && { status=1; step "compute-sanitizer FAILED (rc $rc)"; }

@@ -1,0 +1,97 @@
+"""Smoke tests of every `lladapter` subcommand on a tiny random LLaMA in HF format with a real SentencePiece
+tokenizer (mistral-common's), run as a user would: `python -m lladapter_ext ...` in a subprocess."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from llama_helpers import mistral_sentencepiece_model, save_hf, tiny_hf_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, check=True, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "lladapter_ext", *args], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lladapter {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_hf")
+    save_hf(tiny_hf_model(gqa=True, vocab_size=32000), d)
+    shutil.copy(mistral_sentencepiece_model(), d / "tokenizer.model")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": w}
+            for w in ["apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "lemon"]]
+    with open(d / "train.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(d / "train.jsonl")
+
+
+@pytest.mark.parametrize("sub", ["finetune", "generate", "eval", "info"])
+def test_help_documents_every_option(sub):
+    out = run_cli(sub, "--help").stdout
+    assert "usage: lladapter " + sub in out
+    assert "(default:" in out  # defaults are shown
+
+
+def test_info_preset_counts_llama7b_adapter():
+    out = run_cli("info", "--preset", "llama-7b").stdout
+    assert "1,229,760 trainable" in out
+    assert "CUDA kernels" in out
+
+
+def test_finetune_generate_eval_roundtrip(tiny_model_dir, tiny_data, tmp_path):
+    out_dir = tmp_path / "run"
+    p = run_cli("finetune", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out_dir),
+                "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1",
+                "--adapter-layer", "2", "--adapter-len", "4", "--max-seq-len", "64", "--no-progress", "--no-plot",
+                "--device", "cpu")
+    assert "trainable adapter parameters" in p.stdout
+    adapter = out_dir / "adapter.safetensors"
+    assert adapter.is_file() and adapter.stat().st_size > 0
+    log = [json.loads(l) for l in open(out_dir / "log.jsonl")]
+    assert len(log) == 4 and all("loss" in r for r in log)
+
+    g = run_cli("generate", "--model", tiny_model_dir, "--adapter", str(out_dir), "--adapter-layer", "2",
+                "--adapter-len", "4", "--prompt", "Repeat the word apple.", "--max-new-tokens", "5",
+                "--temperature", "0", "--no-stream", "--device", "cpu")
+    assert "### Repeat the word apple." in g.stdout
+
+    e = run_cli("eval", "--model", tiny_model_dir, "--adapter", str(adapter), "--adapter-layer", "2",
+                "--adapter-len", "4", "--data", tiny_data, "--max-new-tokens", "4", "--device", "cpu")
+    assert "exact match" in e.stdout and "perplexity" in e.stdout
+
+    # resuming a finished run into the same dir without --resume is refused, with a clear message
+    again = run_cli("finetune", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out_dir),
+                    "--max-steps", "4", "--no-progress", "--device", "cpu", check=False)
+    assert again.returncode != 0 and "resume" in (again.stderr + again.stdout)
+
+
+def test_generate_without_prompt_is_a_clear_error(tiny_model_dir):
+    p = subprocess.run([sys.executable, "-m", "lladapter_ext", "generate", "--model", tiny_model_dir, "--device",
+                        "cpu"], capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode != 0 and "--prompt" in (p.stderr + p.stdout)
+
+
+def test_adapter_mismatch_names_the_problem(tiny_model_dir, tiny_data, tmp_path):
+    out_dir = tmp_path / "run"
+    run_cli("finetune", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out_dir), "--max-steps", "1",
+            "--adapter-layer", "2", "--adapter-len", "4", "--no-progress", "--no-plot", "--device", "cpu")
+    p = run_cli("generate", "--model", tiny_model_dir, "--adapter", str(out_dir), "--adapter-layer", "3",
+                "--adapter-len", "4", "--prompt", "x", "--max-new-tokens", "2", "--device", "cpu", check=False)
+    assert p.returncode != 0 and "adapter" in (p.stderr + p.stdout).lower()
