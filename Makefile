@@ -35,11 +35,13 @@ $(DEPS_STAMP): Makefile
 # First build: the editable install (registers the package and compiles the extension in place).
 # Later source changes: build_ext --inplace, where ninja recompiles only what changed (build/).
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) pyproject.toml
-	@if [ $(VENV)/bin/lladapter -nt pyproject.toml ] && ls lladapter_ext/_C*.so >/dev/null 2>&1; then \
+	@set -o pipefail; if [ $(VENV)/bin/lladapter -nt pyproject.toml ] && ls lladapter_ext/_C*.so >/dev/null 2>&1; then \
 		$(PY) setup.py -q build_ext --inplace; \
 	else \
-		$(PIP) install --no-build-isolation --no-deps -e . ; \
+		$(PIP) install -v --no-build-isolation --no-deps -e . 2>&1 \
+			| grep -E "lladapter setup|/nvcc |rror|Successfully installed" | cut -c1-400; \
 	fi
+	@$(PY) -c 'import lladapter_ext; print("built:", lladapter_ext.build_info())'
 	@touch $@
 
 build: setup
