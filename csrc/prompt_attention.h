@@ -11,7 +11,9 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include "common.h"
 
@@ -141,6 +143,17 @@ inline void prompt_attn_check_backward_inputs(const char* op, const PromptAttnSh
                 " must have shape [", s.B, ", ", s.H, ", ", s.Tq, "] ([B, H, Tq]), got ", shape_str(*t));
     TORCH_CHECK(t->scalar_type() == stat, op, ": ", name, " must have dtype ", stat, ", got ", t->scalar_type());
   }
+}
+
+// Zero-filled gradient buffers of the backward, as its schema returns them: dq, dk, dv like the (contiguous)
+// inputs; dpk, dpv like pk (or [0] when there is no prompt); dgate [H] like gate (or fp32 [0] without a gate).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_attn_zero_grads(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pk,
+    const std::optional<at::Tensor>& gate, int64_t H) {
+  auto prompt_grad = [&] { return pk.has_value() ? at::zeros(pk->sizes(), q.options()) : at::empty({0}, q.options()); };
+  return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
+          prompt_grad(), prompt_grad(),
+          gate.has_value() ? at::zeros({H}, gate->options()) : at::empty({0}, q.options().dtype(at::kFloat))};
 }
 
 }  // namespace lladapter

@@ -1029,12 +1029,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor plse = plse_in.contiguous();
-  at::Tensor dq = at::zeros(p.q.sizes(), p.q.options());
-  at::Tensor dk = at::zeros(p.k.sizes(), p.k.options());
-  at::Tensor dv = at::zeros(p.v.sizes(), p.v.options());
-  at::Tensor dpk = pk_in.has_value() ? at::zeros(pk_in->sizes(), p.q.options()) : at::empty({0}, p.q.options());
-  at::Tensor dpv = pk_in.has_value() ? at::zeros(pk_in->sizes(), p.q.options()) : at::empty({0}, p.q.options());
-  at::Tensor dgate = gate.has_value() ? at::zeros({s.H}, gate->options()) : at::empty({0}, p.q.options().dtype(at::kFloat));
+  at::Tensor dq, dk, dv, dpk, dpv, dgate;  // lambdas below capture these, so no structured binding
+  std::tie(dq, dk, dv, dpk, dpv, dgate) = prompt_attn_zero_grads(p.q, p.k, p.v, pk_in, gate, s.H);
   if (p.q.numel() == 0) return {dq, dk, dv, dpk, dpv, dgate};
   const auto stat = prompt_attn_stat_dtype(p.q);
   at::Tensor Dw = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
