@@ -6,18 +6,11 @@
 #include <cstdio>
 #include <string>
 
+#include "check.h"
+
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using lladapter_test::expect;
 
 auto rms_norm_op() {
   return c10::Dispatcher::singleton()
@@ -87,6 +80,5 @@ int main() {
     threw = std::string(e.what()).find("weight must have shape") != std::string::npos;
   }
   expect(threw, "rms_norm rejects a weight of the wrong width, naming weight");
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return lladapter_test::finish();
 }

@@ -7,18 +7,11 @@
 #include <optional>
 #include <string>
 
+#include "check.h"
+
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using lladapter_test::expect;
 
 using RopeSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const at::Tensor&, const std::optional<at::Tensor>&, c10::SymInt,
@@ -122,6 +115,5 @@ int main() {
          "rope rejects positions beyond the table");
   expect(raises(at::randn({1, 2, 2, 16}), at::randn({1, 2, 1, 8}), 0, "k's head_dim must equal q's head_dim"),
          "rope rejects mismatched head dims");
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return lladapter_test::finish();
 }
