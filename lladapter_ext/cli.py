@@ -82,10 +82,9 @@ def _adapter_file(path):
     """An adapter file, or the newest adapter inside a fine-tuning output directory."""
     if path is None or os.path.isfile(path):
         return path
-    for name in ("adapter.safetensors",):
-        cand = os.path.join(path, name)
-        if os.path.isfile(cand):
-            return cand
+    cand = os.path.join(path, "adapter.safetensors")  # what a finished `lladapter finetune --out` holds
+    if os.path.isfile(cand):
+        return cand
     from .training import latest_checkpoint
     ck = latest_checkpoint(path)
     if ck:
@@ -118,7 +117,7 @@ def cmd_finetune(args) -> int:
               f"| train examples: {len(ds)} | tokens: {ds.n_tokens}")
     result = training.finetune(model, ds, cfg)
     if dist.rank == 0:
-        print(result.summary() if hasattr(result, "summary") else result)
+        print(result.summary())
         if args.eval_data:
             _print_eval(model, tok, args.eval_data, args.max_seq_len, args.max_new_tokens, limit=args.eval_limit)
     return 0
