@@ -5,7 +5,8 @@ Anchors:
   sdpa_x2_gated   two scaled_dot_product_attention calls (words causal, prompt) plus the gated add (LitGPT)
   sdpa_plain      plain causal SDPA without prompts (the floor: what the prompt costs)
 Ratios are anchor_time / time (> 1: ours is faster). Forward and forward+backward (grads for q, k, v, pk, pv,
-gate, as in adapter fine-tuning where activations also need gradients).
+gate, as in adapter fine-tuning where activations also need gradients). On CUDA the fused op is measured with
+each forward kernel (LLADAPTER_CUDA_ATTN=mma: tensor cores, the default; =simt: the SIMT kernel).
 
   python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--json out.json]
 """
@@ -62,9 +63,21 @@ def sdpa_plain(q, k, v, pk, pv, gate):
                                           enable_gqa=gqa).transpose(1, 2)
 
 
-def ours(backend):
+def ours(backend, cuda_attn=None):
+    """Our op; cuda_attn sets LLADAPTER_CUDA_ATTN (simt|mma: the CUDA forward kernel, read on every call) for the
+    duration of the call, restoring the previous value."""
     def f(q, k, v, pk, pv, gate):
-        return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
+        if cuda_attn is None:
+            return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
+        prev = os.environ.get("LLADAPTER_CUDA_ATTN")
+        os.environ["LLADAPTER_CUDA_ATTN"] = cuda_attn
+        try:
+            return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
+        finally:
+            if prev is None:
+                del os.environ["LLADAPTER_CUDA_ATTN"]
+            else:
+                os.environ["LLADAPTER_CUDA_ATTN"] = prev
     return f
 
 
@@ -101,6 +114,11 @@ def main():
     table = Table("gated prompt attention", dev)
     anchors = {"eager_2softmax": eager_two_softmax, "sdpa_x2_gated": sdpa_two_calls, "sdpa_plain": sdpa_plain}
     impl_fns = {f"ours_{b}": ours(b) for b in impls}
+    if dev == "cuda":
+        # the fused forward with each CUDA kernel: tensor cores (wmma, the default for bf16/fp16) and SIMT; the
+        # backward is the SIMT one in both
+        impl_fns = {"ours_fused_mma": ours("fused", "mma"), "ours_fused_simt": ours("fused", "simt"),
+                    "ours_split": ours("split")}
 
     for (B, T, H, Hkv, d, K, dtype) in shapes:
         inputs = decode_inputs(B, T, H, Hkv, d, K, dtype, dev)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lladapter_ext import ops, reference
 
-from conftest import DEVICES
+from conftest import CUDA_SKIP_REASON, DEVICES, HAS_CUDA_GPU
 
 # Forward tolerances. fp32: kernel and reference differ in summation order and exp implementation (a few ulp
 # of fp32 per term, sums over <= a few hundred terms). bf16/fp16: the inputs are the same rounded values on both
@@ -454,3 +454,161 @@ def test_only_adapter_parameters_require_grad(device):
     for got, want in ((pk.grad, pk2.grad), (pv.grad, pv2.grad), (gate.grad, g2.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert q.grad is None and k.grad is None
+
+
+# ------------------------------------------------------------------------------------------------ tensor-core forward
+# The CUDA forward takes csrc/cuda/prompt_attention_mma.cu (wmma) for bf16/fp16, d in {64, 80, 96, 128} and
+# kv_start None or [B] on sm_80+; LLADAPTER_CUDA_ATTN=simt|mma picks the kernel (read on every call). The backward
+# is the SIMT one in every case: it only needs the forward's lse / prompt_lse and out.
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA_GPU, reason=CUDA_SKIP_REASON)
+UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+def mma_tol(dtype, v, pv, gate, gate_act="tanh"):
+    """Tolerance of the tensor-core forward against the fp32 reference. Besides the final rounding of out (TOL),
+    the kernel rounds the softmax numerators P = exp(s - m) to the dtype before P @ V (tensor cores take 16-bit
+    operands) while the normaliser l sums the fp32 values: every weight p_j / l gets a relative error <= u, so the
+    word branch moves by at most u * max|v| and the prompt branch by u * max|phi| * max|pv|. The scores are fp32
+    sums of exact products of the same rounded inputs, as in the reference (a few fp32 ulp)."""
+    u = UNIT_ROUNDOFF[dtype]
+    bound = v.float().abs().max().item() if v.numel() else 0.0
+    if pv is not None and pv.shape[1] > 0:
+        phi = gate.tanh() if gate_act == "tanh" else gate
+        bound += phi.abs().max().item() * pv.float().abs().max().item()
+    return dict(rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] + u * bound)
+
+
+def reference_lses(q, k, pk, causal, kv_start, scale):
+    """fp64 log-sum-exps of both branches [B, H, Tq] (-inf where a branch has no key), from the same inputs."""
+    B, Tq, H, _ = q.shape
+    Tk, rep = k.shape[1], H // k.shape[2]
+    qd = q.double()
+    s = torch.einsum("bihd,bjhd->bhij", qd, k.double().repeat_interleave(rep, 2)) * scale
+    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    i, j = torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device)
+    if causal:
+        allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
+    if kv_start is not None:
+        allowed = allowed & (j.view(1, 1, 1, Tk) >= kv_start.view(B, 1, 1, 1))
+    lse = torch.logsumexp(s.masked_fill(~allowed, -math.inf), -1)
+    if pk is None or pk.shape[1] == 0:
+        return lse, torch.full_like(lse, -math.inf)
+    ps = torch.einsum("bihd,pjhd->bhij", qd, pk.double().repeat_interleave(rep, 2)) * scale
+    return lse, torch.logsumexp(ps, -1)
+
+
+MMA_CASES = [
+    dict(Tq=37, Tk=37),                                  # one partial query block and one partial key block
+    dict(Tq=1, Tk=77),                                   # decode (one valid row of the 64-row block)
+    dict(Tq=1, Tk=1, K=1),
+    dict(Tq=70, Tk=200, K=30, Bp=2),                     # KV-cache offset, per-sample prompt, 4 key blocks
+    dict(Tq=130, Tk=70, K=0),                            # causal: the first 60 rows have no key; K = 0
+    dict(Tq=100, Tk=100, K=None, kv_start=[3, 70]),      # left padding past a whole key block, no prompt
+    dict(Tq=65, Tk=65, K=70),                            # two prompt blocks (the prompt is reloaded per pass)
+    dict(Tq=33, Tk=0),                                   # no word keys: prompt branch only
+    dict(Tq=64, Tk=129, K=1, kv_start=[129, 0]),         # batch row 0 is all padding
+    dict(Tq=257, Tk=257, H=8, Hkv=2, Bp=2, kv_start=[0, 100]),  # several query and key blocks, GQA 4
+    dict(Tq=45, Tk=90, H=4, Hkv=4, Bp=2),                # no GQA
+]
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_cuda_mma_forward_matches_reference(monkeypatch, dtype, d, causal, case):
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    params = dict(B=2, H=4, Hkv=1, K=10, Bp=1)  # default GQA 4: heads 0-3 share kv head 0
+    params.update(case)
+    q, k, v, pk, pv, gate, ks = make_inputs(d=d, dtype=dtype, device="cuda", **params)
+    scale = 1 / math.sqrt(d)
+    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, ks, causal, "tanh", scale)
+    ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, kv_start=ks)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **mma_tol(dtype, v, pv, gate))
+    ref_lse, ref_plse = reference_lses(q, k, pk, causal, ks, scale)
+    # fp32 scores of exact bf16/fp16 products: ~1e-6 relative; -inf (no key) must match exactly
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plse.double(), ref_plse, rtol=1e-5, atol=1e-5)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate_act", ["tanh", "identity"])
+def test_cuda_mma_and_simt_forward_agree(monkeypatch, dtype, gate_act):
+    q, k, v, pk, pv, gate, ks = make_inputs(B=2, Tq=150, Tk=300, H=8, Hkv=2, d=128, K=10, Bp=2, dtype=dtype,
+                                            device="cuda", kv_start=[0, 40])
+    scale = 1 / math.sqrt(128)
+
+    def call():
+        return torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, ks, True, gate_act, scale)
+
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")
+    o_simt, lse_simt, plse_simt = call()
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    o_mma, lse_mma, plse_mma = call()
+    monkeypatch.delenv("LLADAPTER_CUDA_ATTN")
+    o_default, _, _ = call()
+    assert torch.equal(o_default, o_mma)  # mma is the default; the kernel is deterministic (no atomics)
+    # the variable is read on every call: the two runs took different kernels (rounding P to the dtype in the
+    # mma kernel changes the last bit of some of the 307k outputs; the SIMT kernel keeps P in fp32)
+    assert not torch.equal(o_simt, o_mma)
+    ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate, gate_act=gate_act, kv_start=ks)
+    tol = mma_tol(dtype, v, pv, gate, gate_act)
+    torch.testing.assert_close(o_simt, ref, **TOL[dtype])
+    torch.testing.assert_close(o_mma, ref, **tol)
+    torch.testing.assert_close(o_mma, o_simt, **tol)
+    torch.testing.assert_close(lse_mma, lse_simt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plse_mma, plse_simt, rtol=1e-5, atol=1e-5)
+
+
+@CUDA_ONLY
+def test_cuda_mma_env_value_is_checked_and_unsupported_cases_fall_back(monkeypatch):
+    q, k, v, pk, pv, gate, ks = make_inputs(B=2, Tq=40, Tk=60, H=4, Hkv=2, d=64, K=10, dtype=torch.bfloat16,
+                                            device="cuda")
+    scale = 0.125
+
+    def call(q, k, v):
+        return torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale)[0]
+
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "tensorcore")
+    with pytest.raises(RuntimeError, match=r"LLADAPTER_CUDA_ATTN must be 'mma' or 'simt'"):
+        call(q, k, v)
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")
+    o_simt = call(q, k, v)
+    o32_simt = call(q.float(), k.float(), v.float())
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    # fp32 has no tensor-core path: the SIMT kernel runs, bit-identical
+    assert torch.equal(call(q.float(), k.float(), v.float()), o32_simt)
+    # a contiguous q whose storage starts 2 bytes past a 16-byte boundary cannot take 16-byte vector loads
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    q_odd = buf[1:].view(q.shape).copy_(q)
+    assert q_odd.is_contiguous() and q_odd.data_ptr() % 16 != 0
+    assert torch.equal(call(q_odd, k, v), o_simt)
+    assert not torch.equal(call(q, k, v), o_simt)  # while the aligned q takes the mma kernel
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [80, 128])
+def test_cuda_mma_zero_gate_is_plain_attention(monkeypatch, dtype, d):
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=100, Tk=130, H=4, Hkv=2, d=d, K=10, dtype=dtype, device="cuda")
+    adapted = ops.gated_prompt_attention(q, k, v, pk, pv, torch.zeros_like(gate), backend="fused")
+    plain = ops.gated_prompt_attention(q, k, v, None, None, None, backend="fused")
+    # the word branch takes the same path with or without a prompt, and phi(0) / l_p = 0 adds exact zeros to the
+    # fp32 accumulator before the single rounding of out
+    assert torch.equal(adapted, plain)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [dict(Tq=70, Tk=70, kv_start=[0, 66], Bp=1, d=128),
+                                  dict(Tq=1, Tk=90, Bp=2, d=80), dict(Tq=40, Tk=100, K=70, Bp=2, d=96)])
+def test_cuda_mma_forward_then_simt_backward(monkeypatch, dtype, case):
+    # the SIMT backward recomputes probabilities from the mma forward's lse / prompt_lse and reads its out
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    params = dict(B=2, H=8, Hkv=2, K=10, dtype=dtype, device="cuda")
+    params.update(case)
+    _check_grads(make_inputs(**params), dtype)

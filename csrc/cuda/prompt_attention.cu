@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "../prompt_attention.h"
+#include "prompt_attention_mma.h"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -450,6 +451,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cuda(
   at::Tensor lse = at::empty({g.B, g.H, g.Tq}, p.q.options().dtype(at::kFloat));
   at::Tensor plse = at::empty({g.B, g.H, g.Tq}, p.q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse, plse};
+  // bf16/fp16, d in {64, 80, 96, 128}, kv_start absent or [B], sm_80+: the tensor-core kernel
+  // (prompt_attention_mma.cu); LLADAPTER_CUDA_ATTN=simt keeps the SIMT kernel below
+  if (try_prompt_attn_mma_forward(p.q, p.k, p.v, p.pk, p.pv, p.kv_start, p.phi, causal, scale, out, lse, plse)) {
+    return {out, lse, plse};
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_cuda(p.q.scalar_type(), g.d, [&]<typename T, int DMAX>() {
     gpa_fwd_kernel<T, DMAX><<<blocks_for(g.B * g.H * g.Tq), kWarps * 32, 0, stream>>>(
