@@ -153,20 +153,25 @@ __device__ __forceinline__ void warp_pv(const T* P, const T* Vs, float* X, int n
   }
 }
 
-// Online-softmax step of one row over a block of scores (xrow: the row's fp32 scores, column c is key key0 + c,
-// allowed when lo <= key0 + c < hi; only allowed columns are read). The two lanes of a pair (half = 0, 1) each
+// Column range [c_lo, c_hi) of a block starting at key key0 that holds the keys [lo, hi) (empty when hi <= lo).
+__device__ __forceinline__ void block_cols(int64_t key0, int64_t lo, int64_t hi, int& c_lo, int& c_hi) {
+  c_lo = static_cast<int>(imin(imax(lo - key0, int64_t(0)), int64_t(kBlockN)));
+  c_hi = static_cast<int>(imin(imax(hi - key0, int64_t(0)), int64_t(kBlockN)));
+}
+
+// Online-softmax step of one row over a block of scores (xrow: the row's fp32 scores; column c is allowed when
+// c_lo <= c < c_hi, see block_cols; only allowed columns are read). The two lanes of a pair (half = 0, 1) each
 // take the columns c = half + 2t and combine by shuffle, so both hold the same m and l. Writes
 // P = exp(s - m_new) (0 where not allowed) to prow in the dtype, updates m and l (l from the unrounded fp32 P,
 // as the lse contract needs), and returns alpha = exp(m_old - m_new), the factor for the old accumulator.
 template <typename T>
-__device__ __forceinline__ float softmax_step(const float* xrow, T* prow, int64_t key0, int64_t lo, int64_t hi,
-                                              float scale, float& m, float& l, int half) {
+__device__ __forceinline__ float softmax_step(const float* xrow, T* prow, int c_lo, int c_hi, float scale, float& m,
+                                              float& l, int half) {
   float bmax = -INFINITY;
 #pragma unroll
   for (int t = 0; t < kBlockN / 2; ++t) {
     const int c = half + 2 * t;
-    const int64_t j = key0 + c;
-    if (j >= lo && j < hi) bmax = fmaxf(bmax, xrow[c] * scale);
+    if (c >= c_lo && c < c_hi) bmax = fmaxf(bmax, xrow[c] * scale);
   }
   bmax = fmaxf(bmax, __shfl_xor_sync(kFullMask, bmax, 1));
   const float m_new = fmaxf(m, bmax);
@@ -177,9 +182,8 @@ __device__ __forceinline__ float softmax_step(const float* xrow, T* prow, int64_
 #pragma unroll
   for (int t = 0; t < kBlockN / 2; ++t) {
     const int c = half + 2 * t;
-    const int64_t j = key0 + c;
     float p = 0.f;
-    if (any && j >= lo && j < hi) p = expf(xrow[c] * scale - m_new);
+    if (any && c >= c_lo && c < c_hi) p = expf(xrow[c] * scale - m_new);
     psum += p;
     prow[c] = from_float<T>(p);
   }
@@ -191,14 +195,13 @@ __device__ __forceinline__ float softmax_step(const float* xrow, T* prow, int64_
 
 // P = exp(s - m) for a row whose final maximum m is known (prompt pass 1); 0 where not allowed.
 template <typename T>
-__device__ __forceinline__ void probs_final(const float* xrow, T* prow, int64_t key0, int64_t lo, int64_t hi,
-                                            float scale, float m, int half) {
+__device__ __forceinline__ void probs_final(const float* xrow, T* prow, int c_lo, int c_hi, float scale, float m,
+                                            int half) {
 #pragma unroll
   for (int t = 0; t < kBlockN / 2; ++t) {
     const int c = half + 2 * t;
-    const int64_t j = key0 + c;
     float p = 0.f;
-    if (m != -INFINITY && j >= lo && j < hi) p = expf(xrow[c] * scale - m);
+    if (m != -INFINITY && c >= c_lo && c < c_hi) p = expf(xrow[c] * scale - m);
     prow[c] = from_float<T>(p);
   }
 }
@@ -269,7 +272,9 @@ __global__ void __launch_bounds__(kThreads)
       const int n16 = (n_keys + 15) / 16;  // allowed columns are < n_keys <= 16 * n16: the rest is never read
       warp_scores<T, D>(qa, Ks, X, n16);
       __syncwarp();
-      const float alpha = softmax_step<T>(xrow, prow, j0, lo, row_hi, g.scale, m, l, half);
+      int c_lo, c_hi;
+      block_cols(j0, lo, row_hi, c_lo, c_hi);
+      const float alpha = softmax_step<T>(xrow, prow, c_lo, c_hi, g.scale, m, l, half);
       __syncwarp();  // P written and S read by all lanes before P V overwrites X
       warp_pv<T, D>(P, Vs, X, n16);
       __syncwarp();
@@ -303,11 +308,13 @@ __global__ void __launch_bounds__(kThreads)
         if (warp_active) {
           warp_scores<T, D>(qa, Ks, X, n16);
           __syncwarp();
+          int c_lo, c_hi;
+          block_cols(p0, 0, p_hi, c_lo, c_hi);
           if (pass == 0) {
-            softmax_step<T>(xrow, prow, p0, 0, p_hi, g.scale, pm, pl, half);  // statistics only
+            softmax_step<T>(xrow, prow, c_lo, c_hi, g.scale, pm, pl, half);  // statistics only
             __syncwarp();
           } else {
-            probs_final<T>(xrow, prow, p0, 0, p_hi, g.scale, pm, half);
+            probs_final<T>(xrow, prow, c_lo, c_hi, g.scale, pm, half);
             __syncwarp();
             warp_pv<T, D>(P, Vs, X, n16);
             __syncwarp();
