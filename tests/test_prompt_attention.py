@@ -493,7 +493,8 @@ def reference_lses(q, k, pk, causal, kv_start, scale):
     lse = torch.logsumexp(s.masked_fill(~allowed, -math.inf), -1)
     if pk is None or pk.shape[1] == 0:
         return lse, torch.full_like(lse, -math.inf)
-    ps = torch.einsum("bihd,pjhd->bhij", qd, pk.double().repeat_interleave(rep, 2)) * scale
+    pkb = pk.double().repeat_interleave(rep, 2).expand(B, -1, -1, -1)  # Bp = 1: one prompt for every batch row
+    ps = torch.einsum("bihd,bjhd->bhij", qd, pkb) * scale
     return lse, torch.logsumexp(ps, -1)
 
 
