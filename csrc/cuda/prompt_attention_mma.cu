@@ -91,7 +91,11 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
                                           int n_valid) {
   constexpr int kVecs = D / 8;  // 8 16-bit elements per 16-byte vector
   constexpr int LDT = Layout<D>::LDT;
-  for (int x = threadIdx.x; x < kBlockN * kVecs; x += kThreads) {
+  constexpr int kPerThread = kBlockN * kVecs / kThreads;
+  static_assert(kBlockN * kVecs % kThreads == 0, "every thread copies the same number of vectors");
+#pragma unroll  // a fixed trip count: the loads of one thread can all be in flight together
+  for (int it = 0; it < kPerThread; ++it) {
+    const int x = threadIdx.x + it * kThreads;
     const int r = x / kVecs, c = (x % kVecs) * 8;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
     if (r < n_valid) val = *reinterpret_cast<const uint4*>(src + r * src_stride + c);
