@@ -320,14 +320,19 @@ class LlamaForCausalLM(torch.nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors only (prompts and gates), detached, by their parameter names."""
-        return {name: p.detach() for name, p in self.named_parameters() if _is_adapter_name(name)}
+        """The adapter tensors only (prompts and gates), detached, by their parameter names. Parameters sharded by
+        FSDP are gathered to full tensors (a collective: every process must call it)."""
+        return {name: (p.full_tensor() if _is_dtensor(p) else p).detach() for name, p in self.named_parameters()
+                if _is_adapter_name(name)}
 
-    def save_adapter(self, path: Union[str, os.PathLike]):
-        """Write the adapter tensors to a safetensors file, with the adapter hyper-parameters as metadata."""
+    def save_adapter(self, path: Union[str, os.PathLike], state_dict: Optional[dict[str, torch.Tensor]] = None):
+        """Write the adapter tensors to a safetensors file, with the adapter hyper-parameters as metadata.
+        state_dict: tensors from adapter_state_dict() to write instead of calling it (FSDP: gathered on every
+        process, written by one)."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        state_dict = self.adapter_state_dict() if state_dict is None else state_dict
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         meta = {"adapter_len": str(self.config.adapter_len), "adapter_layer": str(self.config.adapter_layer),
                 "gate_act": self.config.gate_act, "n_layers": str(self.config.n_layers),
                 "dim": str(self.config.dim), "n_heads": str(self.config.n_heads)}
@@ -363,6 +368,9 @@ class LlamaForCausalLM(torch.nn.Module):
                                      f"expected {list(p.shape)}")
                 if p.is_meta:
                     _set_tensor(self, name, t.to(dtype=p.dtype), requires_grad=True)
+                elif _is_dtensor(p):  # sharded (FSDP): keep this process's shard of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+                    p.copy_(distribute_tensor(t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements))
                 else:
                     p.copy_(t)
         return self
@@ -522,6 +530,10 @@ def _mask_first_real(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     last = torch.where(m, idx, torch.full_like(idx, -1)).max(1).values
     contiguous = (count == 0) | (last - first + 1 == count)
     return first, contiguous
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")  # torch.distributed.tensor.DTensor (FSDP2)
 
 
 def _segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
