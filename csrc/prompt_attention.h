@@ -2,7 +2,9 @@
 // CPU and CUDA kernels.
 //
 //   out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p
-//   a_ij = softmax over allowed word keys j of s*q_i.k_j   (causal: j <= i + Tk - Tq; kv_start: j >= kv_start[b])
+//   a_ij = softmax over allowed word keys j of s*q_i.k_j   (causal: j <= i + Tk - Tq; kv_start [B]: j >= kv_start[b],
+//          left padding; kv_start [B, Tq]: j >= kv_start[b, i], per query: with causal, block-diagonal causal
+//          attention of packed sequences when kv_start[b, i] is the first index of the sequence holding token i)
 //   b_ip = softmax over the K prompt keys of s*q_i.pk_p    (a separate softmax; prompts are never masked)
 // Layouts: q [B, Tq, H, d]; k, v [B, Tk, Hkv, d]; pk, pv [Bp, K, Hkv, d], Bp in {1, B}; gate [H];
 // query head h reads kv head h / (H / Hkv). A row with no allowed word key gets 0 from the word branch.
@@ -21,8 +23,9 @@ namespace lladapter {
 
 struct PromptAttnShape {
   int64_t B, Tq, Tk, H, Hkv, d, K, Bp;
-  bool has_prompt;  // pk/pv given with K > 0
+  bool has_prompt;    // pk/pv given with K > 0
   bool tanh_gate;
+  bool kv_per_query;  // kv_start given with shape [B, Tq] (else [B] or absent)
 };
 
 inline bool prompt_attn_gate_is_tanh(const char* op, const std::string& gate_act) {
@@ -112,9 +115,13 @@ inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor
   if (kv_start.has_value()) {
     check_device(op, "kv_start", *kv_start, dev);
     check_same_device(op, "kv_start", *kv_start, "q", q);
-    TORCH_CHECK(kv_start->dim() == 1 && kv_start->size(0) == s.B, op, ": kv_start must have shape [", s.B,
-                "] (one start index per batch row), got ", shape_str(*kv_start));
+    const bool per_row = kv_start->dim() == 1 && kv_start->size(0) == s.B;
+    const bool per_query = kv_start->dim() == 2 && kv_start->size(0) == s.B && kv_start->size(1) == s.Tq;
+    TORCH_CHECK(per_row || per_query, op, ": kv_start must have shape [", s.B,
+                "] (one start index per batch row: left padding) or [", s.B, ", ", s.Tq,
+                "] (one per query: packed sequences), got ", shape_str(*kv_start));
     check_dtype_in(op, "kv_start", *kv_start, {at::kLong, at::kInt});
+    s.kv_per_query = per_query;
   }
   return s;
 }

@@ -99,9 +99,13 @@ def cmd_finetune(args) -> int:
     from . import data, training
 
     dist = training.init_distributed()
+    if args.fsdp and args.eval_data:
+        raise SystemExit("finetune --fsdp: --eval-data is not supported (the sharded model runs on every process); "
+                         "evaluate the result afterwards with `lladapter eval --adapter OUT`")
     if dist.world_size > 1 and args.device is None:
         import torch
-        args.device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
+        # FSDP: each process loads the full model on the CPU; sharding moves its shards to cuda:LOCAL_RANK
+        args.device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() and not args.fsdp else "cpu"
     model, tok = _load(args)
     ds = data.load_dataset(args.data, tok, args.max_seq_len, packing=args.packing)
     cfg = training.TrainConfig(
@@ -110,7 +114,7 @@ def cmd_finetune(args) -> int:
         warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         clip_grad_norm=args.clip_grad_norm, precision=args.precision,
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, save_every=args.save_every,
-        resume=args.resume, progress=not args.no_progress, plot=not args.no_plot)
+        resume=args.resume, progress=not args.no_progress, plot=not args.no_plot, fsdp=args.fsdp)
     if dist.rank == 0:
         n = model.count_trainable()
         print(f"model: {args.model or default_model_path()} | trainable adapter parameters: {n:,} "
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--packing", action="store_true", help="pack several examples into each row")
     f.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast (CUDA)")
     f.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    f.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: shard base weights and adapter over the processes (FSDP2)")
     f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     f.add_argument("--seed", type=int, default=0, help="data order and RNG seed")

@@ -270,7 +270,8 @@ def chat_segments(messages: Sequence[dict], tokenizer) -> list[tuple[str, bool]]
 class Example:
     """One training row: token ids, labels (-100 = no loss), and where it came from.
 
-    ``position_ids`` is set only for packed rows (positions restart at 0 for every packed example).
+    ``position_ids`` is set only for packed rows (positions restart at 0 for every packed example, which is how
+    ``collate`` finds the example boundaries).
     """
     input_ids: list[int]
     labels: list[int]
@@ -404,9 +405,10 @@ def pack_examples(examples: Sequence[Example], max_seq_len: int) -> list[Example
     """Pack examples into rows of at most ``max_seq_len`` tokens (best-fit decreasing, deterministic).
 
     Each packed example keeps its own labels and gets position ids from 0, and its first label is masked (it
-    would be predicted from the previous example's last token). Packed examples attend to each other (the model
-    takes a padding mask, not a block-diagonal one): the usual packing trade-off, which the per-example
-    positions soften; disable packing where that matters.
+    would be predicted from the previous example's last token). Packing is exact: ``collate`` turns the
+    position ids into ``segment_ids``, with which the model attends block-diagonally (each example only to its
+    own earlier tokens, and to the adapter prompt), so a packed example's logits and loss are those it gets
+    alone (up to float summation order).
     """
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
     bins: list[list[int]] = []
@@ -507,8 +509,10 @@ def load_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeniz
 
 def collate(rows: Sequence[Example], pad_id: int, *, pad_to_multiple_of: int | None = None
             ) -> dict[str, torch.Tensor]:
-    """Right-pad rows into a batch: input_ids, labels (-100 on padding), attention_mask (1 = real token), and
-    position_ids when the rows are packed (padding positions continue counting; they are masked anyway)."""
+    """Right-pad rows into a batch: input_ids, labels (-100 on padding), attention_mask (1 = real token), and,
+    when the rows are packed, position_ids (padding positions continue counting; they are masked anyway) and
+    segment_ids (the index of each token's example in its row, padding one more segment; the model keeps the
+    examples of a row from attending to each other)."""
     if not rows:
         raise ValueError("collate: rows is empty")
     width = max(len(r) for r in rows)
@@ -520,6 +524,7 @@ def collate(rows: Sequence[Example], pad_id: int, *, pad_to_multiple_of: int | N
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     packed = any(r.position_ids is not None for r in rows)
     position_ids = torch.arange(width).repeat(n, 1) if packed else None
+    segment_ids = torch.zeros((n, width), dtype=torch.long) if packed else None
     for i, r in enumerate(rows):
         t = len(r)
         input_ids[i, :t] = torch.tensor(r.input_ids, dtype=torch.long)
@@ -528,9 +533,13 @@ def collate(rows: Sequence[Example], pad_id: int, *, pad_to_multiple_of: int | N
         if packed and r.position_ids is not None:
             position_ids[i, :t] = torch.tensor(r.position_ids, dtype=torch.long)
             position_ids[i, t:] = torch.arange(r.position_ids[-1] + 1, r.position_ids[-1] + 1 + width - t)
+            segment_ids[i, :t] = torch.cumsum(position_ids[i, :t] == 0, 0) - 1  # a new example at each position 0
+        if packed:
+            segment_ids[i, t:] = int(segment_ids[i, t - 1]) + 1 if t else 0
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if packed:
         batch["position_ids"] = position_ids
+        batch["segment_ids"] = segment_ids
     return batch
 
 

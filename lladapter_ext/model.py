@@ -320,14 +320,19 @@ class LlamaForCausalLM(torch.nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors only (prompts and gates), detached, by their parameter names."""
-        return {name: p.detach() for name, p in self.named_parameters() if _is_adapter_name(name)}
+        """The adapter tensors only (prompts and gates), detached, by their parameter names. Parameters sharded by
+        FSDP are gathered to full tensors (a collective: every process must call it)."""
+        return {name: (p.full_tensor() if _is_dtensor(p) else p).detach() for name, p in self.named_parameters()
+                if _is_adapter_name(name)}
 
-    def save_adapter(self, path: Union[str, os.PathLike]):
-        """Write the adapter tensors to a safetensors file, with the adapter hyper-parameters as metadata."""
+    def save_adapter(self, path: Union[str, os.PathLike], state_dict: Optional[dict[str, torch.Tensor]] = None):
+        """Write the adapter tensors to a safetensors file, with the adapter hyper-parameters as metadata.
+        state_dict: tensors from adapter_state_dict() to write instead of calling it (FSDP: gathered on every
+        process, written by one)."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        state_dict = self.adapter_state_dict() if state_dict is None else state_dict
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         meta = {"adapter_len": str(self.config.adapter_len), "adapter_layer": str(self.config.adapter_layer),
                 "gate_act": self.config.gate_act, "n_layers": str(self.config.n_layers),
                 "dim": str(self.config.dim), "n_heads": str(self.config.n_heads)}
@@ -363,6 +368,9 @@ class LlamaForCausalLM(torch.nn.Module):
                                      f"expected {list(p.shape)}")
                 if p.is_meta:
                     _set_tensor(self, name, t.to(dtype=p.dtype), requires_grad=True)
+                elif _is_dtensor(p):  # sharded (FSDP): keep this process's shard of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+                    p.copy_(distribute_tensor(t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements))
                 else:
                     p.copy_(t)
         return self
@@ -382,11 +390,14 @@ class LlamaForCausalLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> CausalLMOutput:
+                cache: Optional[KVCache] = None, segment_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (or [B, cached + T]), 1 = real token, left or right padding;
         labels [B, T] with -100 ignored, HF convention: the loss compares logits[:, :-1] with labels[:, 1:], and
         only labelled positions go through the LM head (logits is then None); position_ids [B, T] (default: from
-        the mask, so that each sample's first real token has position 0); cache: a KVCache from new_cache()."""
+        segment_ids, else from the mask, so that each sample's first real token has position 0); cache: a KVCache
+        from new_cache(); segment_ids [B, T] (packed rows, no cache): each run of equal consecutive ids is one
+        sequence, attending only to its own earlier tokens (and the adapter prompt), with positions from 0 when
+        position_ids is not given, so every packed sequence gets the outputs it would get alone."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
@@ -416,11 +427,20 @@ class LlamaForCausalLM(torch.nn.Module):
                 raise ValueError("attention_mask: in decoding steps the new tokens must all be real")
         if cache is not None and past == 0:
             cache.kv_start = kv_start
+        starts = None  # [B, T]: index of the first token of the packed sequence holding each token
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
+            if tuple(segment_ids.shape) != (B, T):
+                raise ValueError(f"segment_ids must be [B, T] = [{B}, {T}], got {list(segment_ids.shape)}")
+            starts = _segment_starts(segment_ids.to(dev))
 
         if position_ids is None:
             steps = torch.arange(T, device=dev).unsqueeze(0)
             if cache is not None and past > 0:  # decoding: continue from each sample's last position
                 positions = cache.next_pos.view(B, 1) + steps
+            elif starts is not None:  # packed rows: every sequence starts at position 0
+                positions = steps - starts
             elif kv_start is not None:  # left padding: each sample's first real token is position 0
                 positions = (steps - kv_start.view(B, 1)).clamp_min(0)
             else:
@@ -437,6 +457,10 @@ class LlamaForCausalLM(torch.nn.Module):
             if positions.numel() and int(positions.min()) < 0:
                 raise ValueError("position_ids must be >= 0")
         cos, sin = self._rope_tables(n_pos, dev)
+        if starts is not None and bool((starts > 0).any()):
+            # per-query key bounds [B, T]: block-diagonal causal attention (left padding, if any, still applies);
+            # rows without a boundary keep the cheaper [B] / no bound
+            kv_start = starts if kv_start is None else torch.maximum(starts, kv_start.view(B, 1))
 
         use_adapter = self.use_adapter and self.config.n_adapted_layers > 0
         first_trainable = self._first_layer_needing_grad(use_adapter)
@@ -506,6 +530,19 @@ def _mask_first_real(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     last = torch.where(m, idx, torch.full_like(idx, -1)).max(1).values
     contiguous = (count == 0) | (last - first + 1 == count)
     return first, contiguous
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")  # torch.distributed.tensor.DTensor (FSDP2)
+
+
+def _segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] index of the first token of the run of equal consecutive segment ids that holds each token."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    new_run = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
+    new_run[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.where(new_run, idx, 0).cummax(1).values
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, requires_grad: bool):

@@ -204,8 +204,11 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """LLaMA-Adapter zero-init gated attention (word branch + phi(gate) * prompt branch, two softmaxes).
 
     out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p, with a = softmax over the allowed word keys of
-    scale * q_i.k_j (causal: j <= i + Tk - Tq; kv_start [B] left padding: j >= kv_start[b]; a row with no allowed
-    key gets 0) and b = softmax over the K prompt keys of scale * q_i.pk_p; phi = tanh or identity (gate_act).
+    scale * q_i.k_j (causal: j <= i + Tk - Tq; kv_start [B] left padding: j >= kv_start[b]; kv_start [B, Tq] one
+    start per query: j >= kv_start[b, i]; a row with no allowed key gets 0) and b = softmax over the K prompt keys
+    of scale * q_i.pk_p; phi = tanh or identity (gate_act). Packed sequences: causal with kv_start[b, i] = the
+    index of the first token of the sequence holding token i is block-diagonal causal attention (each sequence
+    sees only its own earlier tokens), while every query still sees the whole prompt.
     q [B, Tq, H, d]; k, v [B, Tk, Hkv, d] (H a multiple of Hkv; head h reads kv head h // (H // Hkv));
     pk, pv [Bp, K, Hkv, d] with Bp in {1, B}, or None / K = 0 for plain attention; gate [H] (fp32 parameter);
     scale defaults to 1/sqrt(d). fp32 accumulation; out in q's dtype. Differentiable in q, k, v, pk, pv, gate.
@@ -258,7 +261,9 @@ def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: Optional
     if causal:
         allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
     if kv_start is not None:
-        allowed = allowed & (j.view(1, 1, 1, Tk) >= kv_start.to(q.device).view(B, 1, 1, 1))
+        starts = kv_start.to(q.device)
+        starts = starts.view(B, 1, 1, 1) if starts.dim() == 1 else starts.view(B, 1, Tq, 1)  # [B] or [B, Tq]
+        allowed = allowed & (j.view(1, 1, 1, Tk) >= starts)
     has_key = allowed.any(-1, keepdim=True)
     # rows without an allowed key attend everywhere (no NaN, forward or backward) and are zeroed after
     mask = allowed | ~has_key
@@ -289,6 +294,9 @@ def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_a
     torch._check(q.shape[2] % k.shape[2] == 0,
                  lambda: f"{op}: H ({q.shape[2]}) must be a multiple of Hkv ({k.shape[2]})")
     B, Tq, H, _ = q.shape
+    if kv_start is not None:
+        torch._check(tuple(kv_start.shape) in ((B,), (B, Tq)),
+                     lambda: f"{op}: kv_start must have shape [{B}] or [{B}, {Tq}], got {list(kv_start.shape)}")
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=stat), q.new_empty((B, H, Tq), dtype=stat))
 

@@ -120,7 +120,9 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     attention); gate [H] (phi = tanh for gate_act="tanh", identity for "identity").
     Query head h uses kv head h // (H // Hkv). Scale defaults to 1/sqrt(d).
     Word branch: softmax over keys j allowed for query i: j <= i + (Tk - Tq) when causal, and
-    j >= kv_start[b] when kv_start [B] (left padding) is given; a query with no allowed key gets 0 from it.
+    j >= kv_start[b] when kv_start [B] (left padding) is given, or j >= kv_start[b, i] when kv_start [B, Tq] (one
+    start per query; with causal and kv_start[b, i] = first index of the packed sequence holding token i, this is
+    block-diagonal causal attention over packed sequences); a query with no allowed key gets 0 from it.
     Prompt branch: softmax over all K prompt tokens (prompts carry no RoPE and are never masked).
     Computed in fp32 (fp64 for fp64 q), returned in q's dtype.
     """
@@ -141,7 +143,9 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         i = torch.arange(Tq, device=q.device)
         allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
     if kv_start is not None:
-        allowed = allowed & (j[None, None, None, :] >= kv_start.to(q.device).view(B, 1, 1, 1))
+        starts = kv_start.to(q.device)
+        starts = starts.view(B, 1, 1, 1) if starts.dim() == 1 else starts.view(B, 1, Tq, 1)
+        allowed = allowed & (j[None, None, None, :] >= starts)
     # masked scores get the most negative finite value (exp underflows to exactly 0); multiplying by the mask
     # zeroes rows that have no allowed key without producing NaN in either direction.
     s = s.masked_fill(~allowed, torch.finfo(acc).min)

@@ -15,6 +15,15 @@ accumulation, like DDP under ``no_sync`` (the frozen weights are never broadcast
 them from the same checkpoint, and the adapter is broadcast from rank 0 at start). Rank 0 writes logs,
 checkpoints and the plot.
 
+FSDP (``fsdp=True``, for models that do not fit one device): FSDP2 ``fully_shard`` on every block of
+``model.layers`` and on the root, over all processes. Every parameter, the frozen base weights included, is
+sharded (each process keeps 1/world_size of it, all-gathered block by block for forward and backward); the
+adapter gradients are reduce-scattered with SUM (same normalisation as above) and AdamW updates each process's
+shard. Checkpoints stay in the same format: the adapter is gathered to full tensors and the optimizer state to
+a full, FQN-keyed state dict (torch.distributed.checkpoint.state_dict), written by rank 0; resuming shards them
+again. Each process builds the full model first (on CPU when it does not fit the device: ``fully_shard`` moves
+each block's shard to the process's device as it shards it).
+
 Checkpoints (``out_dir/checkpoints/step-NNNNNNNN/``): ``adapter.safetensors`` (model.save_adapter) and
 ``trainer_state.pt`` (optimizer, grad scaler, step, data position, RNG states of every process, counters),
 written to a temporary directory that is renamed into place, then ``checkpoints/latest`` is replaced
@@ -82,6 +91,7 @@ class TrainConfig:
     resume: bool = False                # continue from out_dir's latest checkpoint (start fresh if none)
     progress: bool = True               # tqdm bar on rank 0
     plot: bool = True                   # loss/lr PNG at the end
+    fsdp: bool = False                  # shard base weights and adapter over the processes (FSDP2); see module doc
 
     def __post_init__(self):
         if self.precision not in _PRECISIONS:
@@ -97,6 +107,9 @@ class TrainConfig:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
+        if self.fsdp and self.precision == "fp16":
+            raise ValueError("fsdp=True with precision='fp16' is not supported (the fp16 GradScaler does not "
+                             "handle sharded gradients); use precision='bf16'")
         self.betas = tuple(self.betas)
 
     # fields that may change between a run and its resumption without changing the result
@@ -244,6 +257,35 @@ def dist_info() -> DistInfo:
     return DistInfo()
 
 
+def apply_fsdp(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2: ``fully_shard`` every block of ``model.layers``, then the root (embeddings, final norm, head), over
+    all processes of the default group on ``device``'s type. Gradients are reduce-scattered with SUM (no division
+    by the world size): the trainer normalises the loss by the token count of the whole step itself."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"fsdp=True needs a model with a `layers` ModuleList of blocks to shard; "
+                         f"{type(model).__name__} has none")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")  # a DTensor (FSDP2 parameter)
+
+
+def _scalar(x) -> float:
+    return float(x.full_tensor()) if _is_sharded(x) else float(x)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Files
 
@@ -268,10 +310,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_adapter_atomic(model: torch.nn.Module, path: str) -> None:
-    """model.save_adapter to a temporary file in the same directory, then os.replace onto ``path``."""
+def save_adapter_atomic(model: torch.nn.Module, path: str, state_dict: dict | None = None) -> None:
+    """model.save_adapter to a temporary file in the same directory, then os.replace onto ``path``. ``state_dict``:
+    the (gathered) adapter tensors to write instead of the model's own parameters (FSDP)."""
     tmp = f"{path}.tmp-{os.getpid()}.safetensors"
-    model.save_adapter(tmp)
+    if state_dict is None:
+        model.save_adapter(tmp)
+    else:
+        model.save_adapter(tmp, state_dict=state_dict)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -392,6 +438,20 @@ class Trainer:
         self.config = config
         self.on_step = on_step
         self.dist = dist_info()
+        self.fsdp = config.fsdp and self.dist.world_size > 1
+        if config.fsdp and not self.fsdp:
+            log.info("fsdp=True with one process: nothing to shard, training unsharded")
+        if config.activation_checkpointing:  # before sharding: FSDP then wraps the checkpointed blocks
+            enable_activation_checkpointing(model)
+        if self.fsdp:
+            comm_device = torch.device("cuda", self.dist.local_rank) if dist.get_backend() == "nccl" else \
+                torch.device("cpu")
+            with torch.no_grad():  # rank 0's adapter everywhere, while each rank still holds full tensors
+                for p in model.adapter_parameters():
+                    buf = p.detach().to(comm_device)
+                    dist.broadcast(buf, src=0)
+                    p.copy_(buf)
+            apply_fsdp(model, comm_device)
         self.device = next(model.parameters()).device
         self.amp_dtype = _PRECISIONS[config.precision]
         if self.amp_dtype is not None and self.device.type != "cuda":
@@ -411,8 +471,6 @@ class Trainer:
                                          betas=config.betas, eps=config.adam_eps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-        if config.activation_checkpointing:
-            enable_activation_checkpointing(model)
         self.step = 0
         self.bad_in_a_row = 0
         self.n_bad_total = 0
@@ -426,10 +484,10 @@ class Trainer:
     def _config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
-    def _state(self, rng_states: list[dict]) -> dict:
+    def _state(self, rng_states: list[dict], optimizer_state: dict) -> dict:
         return {"format": 1, "step": self.step, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "base_lr": self.base_lr,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "data": self.batches.state_dict(), "rng": rng_states, "world_size": self.dist.world_size,
                 "bad_in_a_row": self.bad_in_a_row, "n_bad_total": self.n_bad_total,
@@ -444,6 +502,12 @@ class Trainer:
             rng_states = gathered
         else:
             rng_states = [rng]
+        adapter_state = optimizer_state = None
+        if self.fsdp:  # collectives: every rank gathers, rank 0 writes
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            adapter_state = self.model.adapter_state_dict()
+            optimizer_state = get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = None
         if self.dist.is_main:
             os.makedirs(self.ckpt_root, exist_ok=True)
@@ -452,8 +516,12 @@ class Trainer:
             tmp = os.path.join(self.ckpt_root, f".tmp-{name}-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            self.model.save_adapter(os.path.join(tmp, ADAPTER_FILE))
-            torch.save(self._state(rng_states), os.path.join(tmp, STATE_FILE))
+            if self.fsdp:
+                self.model.save_adapter(os.path.join(tmp, ADAPTER_FILE), state_dict=adapter_state)
+            else:
+                self.model.save_adapter(os.path.join(tmp, ADAPTER_FILE))
+            torch.save(self._state(rng_states, optimizer_state if self.fsdp else self.optimizer.state_dict()),
+                       os.path.join(tmp, STATE_FILE))
             for f in (ADAPTER_FILE, STATE_FILE):
                 with open(os.path.join(tmp, f), "rb+") as fh:
                     os.fsync(fh.fileno())
@@ -486,6 +554,9 @@ class Trainer:
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
         saved = json.loads(state["config"])
         mine = self._config_dict()
+        # a field added after the checkpoint was written counts as its default (e.g. fsdp)
+        saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)
+                    if f.default is not dataclasses.MISSING}, **saved}
         changed = {k: (saved.get(k), mine[k]) for k in mine
                    if k not in TrainConfig._RESUME_FREE and json.dumps(saved.get(k)) != json.dumps(mine[k])}
         if changed:
@@ -495,8 +566,13 @@ class Trainer:
             raise ValueError(f"cannot resume {path}: schedule differs (total_steps {state['total_steps']} vs "
                              f"{self.total_steps}, base_lr {state['base_lr']} vs {self.base_lr}); the data set or "
                              "world size changed")
-        self.model.load_adapter(os.path.join(path, ADAPTER_FILE))
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_adapter(os.path.join(path, ADAPTER_FILE))  # (sharded models: each rank keeps its shard)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data"])
@@ -546,8 +622,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             n_local = int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
-            if n_local == 0:
+            if n_local == 0 and not self.fsdp:
                 continue  # (only possible on one rank of a step; its zero gradient still joins the reduce)
+            # (FSDP runs it anyway, with weight 0: every rank must join the same all-gathers and reduce-scatters)
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
@@ -564,6 +641,10 @@ class Trainer:
         """Sum the adapter gradients, the loss sum and the token count over processes (one collective)."""
         if self.dist.world_size == 1:
             return float(loss_sum), n_tokens
+        if self.fsdp:  # the gradients were reduce-scattered (SUM) in backward already
+            flat = torch.stack([loss_sum.float(), torch.tensor(float(n_tokens), device=self.device)])
+            dist.all_reduce(flat)
+            return float(flat[0]), int(flat[1].item())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads]
                          + [torch.stack([loss_sum.float(), torch.tensor(float(n_tokens), device=self.device)])])
@@ -587,7 +668,7 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             if self.dist.is_main and os.path.exists(self.log_path):
                 os.remove(self.log_path)
-        if self.dist.world_size > 1 and self.step == 0:
+        if self.dist.world_size > 1 and self.step == 0 and not self.fsdp:  # (FSDP: before sharding, in __init__)
             with torch.no_grad():
                 for p in self.params:
                     dist.broadcast(p.data, src=0)
@@ -639,8 +720,9 @@ class Trainer:
         elapsed = time.perf_counter() - started
         adapter_path = os.path.join(self.out_dir, ADAPTER_FILE)
         plot_path = None
+        final_state = self.model.adapter_state_dict() if self.fsdp else None  # a collective under FSDP
         if self.dist.is_main:
-            save_adapter_atomic(self.model, adapter_path)
+            save_adapter_atomic(self.model, adapter_path, final_state)
             if cfg.plot and self.history:
                 plot_path = os.path.join(self.out_dir, PLOT_FILE)
                 plot_history(self.history, plot_path)
@@ -664,7 +746,7 @@ class Trainer:
         if not skipped:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm or float("inf")))
+            grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm or float("inf")))
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)  # skips by itself on inf/nan gradients (loss scale too high)
                 self.scaler.update()
@@ -697,7 +779,8 @@ def finetune(model: torch.nn.Module, dataset: TokenizedDataset, config: TrainCon
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, dataset: TokenizedDataset, *, batch_size: int = 8) -> dict:
-    """Mean loss over all answer tokens of ``dataset`` (token-weighted), its perplexity, and the token count."""
+    """Mean loss over all answer tokens of ``dataset`` (token-weighted), its perplexity, and the token count.
+    (A model sharded by FSDP runs collectives in its forward: every process must call this.)"""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -3,8 +3,8 @@
 - ``ByteTokenizer``: one token per UTF-8 byte (ids 3..258), BOS 1, EOS 2, PAD 0, optional toy chat template.
 - ``TinyAdapterLM``: a one-layer causal LM with a LLaMA-Adapter-style gated prompt branch (frozen embedding and
   projections; trainable ``adapter_prompt`` and ``adapter_gate``, the gate zero-initialised) that satisfies the
-  model contract the trainer codes against (forward(input_ids, attention_mask, labels, position_ids, cache) ->
-  .logits/.loss with the HF shift; adapter_parameters / adapter_state_dict / load_adapter / save_adapter;
+  model contract the trainer codes against (forward(input_ids, attention_mask, labels, position_ids, cache,
+  segment_ids) -> .logits/.loss with the HF shift; adapter_parameters / adapter_state_dict / load_adapter / save_adapter;
   config.adapter_len / adapter_layer / gate_act; set_activation_checkpointing).
 
 ``make_test_model()`` returns the real ``lladapter_ext.model.LlamaForCausalLM`` with a tiny config when that module
@@ -81,7 +81,7 @@ class TinyAdapterLM(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.config.n_heads, -1).transpose(1, 2)
 
-    def _mix(self, h, attention_mask):
+    def _mix(self, h, attention_mask, segment_ids=None):
         c = self.config
         b, t, d = h.shape
         q, k, v = self._heads(self.wq(h)), self._heads(self.wk(h)), self._heads(self.wv(h))
@@ -90,6 +90,8 @@ class TinyAdapterLM(nn.Module):
         allowed = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
+        if segment_ids is not None:  # packed rows: block-diagonal
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         words = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
         pk = self.wk(self.adapter_prompt).view(1, c.adapter_len, c.n_heads, -1).transpose(1, 2)
         pv = self.wv(self.adapter_prompt).view(1, c.adapter_len, c.n_heads, -1).transpose(1, 2)
@@ -98,7 +100,7 @@ class TinyAdapterLM(nn.Module):
         out = words + gate.view(1, -1, 1, 1) * prompt
         return h + self.wo(out.transpose(1, 2).reshape(b, t, d))
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None, segment_ids=None):
         if cache is not None:
             raise NotImplementedError("the test double has no KV cache")
         b, t = input_ids.shape
@@ -109,9 +111,9 @@ class TinyAdapterLM(nn.Module):
         angle = position_ids[..., None].float() * freq
         h = self.embed(input_ids) + torch.cat([angle.sin(), angle.cos()], -1)
         if self.activation_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(self._mix, h, attention_mask, use_reentrant=False)
+            x = checkpoint(self._mix, h, attention_mask, segment_ids, use_reentrant=False)
         else:
-            x = self._mix(h, attention_mask)
+            x = self._mix(h, attention_mask, segment_ids)
         logits = x @ self.embed.weight.t()
         loss = None
         if labels is not None:

@@ -96,3 +96,22 @@ def test_adapter_mismatch_names_the_problem(tiny_model_dir, tiny_data, tmp_path)
     p = run_cli("generate", "--model", tiny_model_dir, "--adapter", str(out_dir), "--adapter-layer", "3",
                 "--adapter-len", "4", "--prompt", "x", "--max-new-tokens", "2", "--device", "cpu", check=False)
     assert p.returncode != 0 and "adapter" in (p.stderr + p.stdout).lower()
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_fsdp_with_packing(tiny_model_dir, tiny_data, tmp_path):
+    """`torchrun ... finetune --fsdp --packing` on 2 CPU processes (gloo) end to end; FSDP refuses --eval-data."""
+    out_dir = tmp_path / "fsdp"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    args = ["finetune", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out_dir), "--max-steps", "2",
+            "--batch-size", "1", "--lr", "1e-2", "--warmup-steps", "1", "--adapter-layer", "2", "--adapter-len", "4",
+            "--max-seq-len", "128", "--no-progress", "--no-plot", "--fsdp", "--packing"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "lladapter_ext", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    log = [json.loads(l) for l in open(out_dir / "log.jsonl")]
+    assert len(log) == 2 and all(r["loss"] > 0 for r in log)
+    assert json.load(open(out_dir / "train_config.json"))["world_size"] == 2
+    assert (out_dir / "adapter.safetensors").stat().st_size > 0
+    refused = run_cli(*args, "--eval-data", tiny_data, check=False)
+    assert refused.returncode != 0 and "--eval-data is not supported" in refused.stderr

@@ -150,6 +150,19 @@ def test_packing_fits_rows_keeps_every_example_once_and_masks_boundaries():
     assert D.pack_examples(examples, 32)[0].input_ids == rows[0].input_ids  # deterministic
 
 
+def test_collate_packed_rows_segments_and_padding():
+    # rows of 2 examples and of 1 (each example of length 1 somewhere), plus an unpacked row in the same batch
+    rows = [D.pack_examples(_examples([1, 4]), 8)[0], D.pack_examples(_examples([3]), 8)[0], _examples([2])[0]]
+    batch = D.collate(rows, pad_id=0, pad_to_multiple_of=4)
+    assert batch["input_ids"].shape == (3, 8)
+    assert batch["position_ids"].tolist() == [[0, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7],
+                                              [0, 1, 2, 3, 4, 5, 6, 7]]
+    # padding is one more segment of its own; an unpacked row is one segment
+    assert batch["segment_ids"].tolist() == [[0, 1, 1, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 1, 1, 1],
+                                             [0, 0, 1, 1, 1, 1, 1, 1]]
+    assert batch["labels"][0, :2].tolist() == [-100, -100]  # a new example's first label is never predicted
+
+
 def test_packing_rejects_an_overlong_example():
     with pytest.raises(ValueError, match="x:0: example of 40 tokens exceeds max_seq_len=32"):
         D.pack_examples(_examples([40]), 32)
@@ -163,8 +176,10 @@ def test_collate_right_pads_and_masks():
     assert batch["input_ids"][0, :3].tolist() == ex[0].input_ids and batch["input_ids"][0, 3:].eq(0).all()
     assert batch["labels"][0].tolist() == ex[0].labels + [-100] * 5
     assert "position_ids" not in batch
+    assert "segment_ids" not in batch
     packed = D.collate(D.pack_examples(ex, 8), pad_id=0)
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]  # data order kept in a row
+    assert packed["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]]  # the model attends within a segment
     with pytest.raises(ValueError, match="rows is empty"):
         D.collate([], 0)
 

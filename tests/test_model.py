@@ -116,6 +116,83 @@ def test_padding_gives_the_unpadded_logits(side):
             torch.testing.assert_close(batched[b, sl], alone, rtol=1e-5, atol=1e-5)
 
 
+def _packed_row(lengths, width):
+    """ids, segment_ids [1, width] of sequences of the given lengths packed into one row (then padding), and the
+    sequences themselves."""
+    seqs = [torch.randint(0, 64, (n,)) for n in lengths]
+    ids = torch.zeros(1, width, dtype=torch.long)
+    seg = torch.full((1, width), len(lengths), dtype=torch.long)  # padding: one more segment
+    pos = 0
+    for k, sq in enumerate(seqs):
+        ids[0, pos:pos + len(sq)] = sq
+        seg[0, pos:pos + len(sq)] = k
+        pos += len(sq)
+    return ids, seg, seqs
+
+
+def test_packed_row_gives_each_sequence_its_own_logits_loss_and_gradients():
+    """The key property of exact packing: with segment_ids, each packed sequence (lengths 1 included) gets the
+    logits, loss and adapter gradients it gets alone."""
+    model = LlamaForCausalLM(small_config())
+    random_gates(model)
+    ids, seg, seqs = _packed_row([5, 1, 9, 3, 1], 22)
+    with torch.no_grad():
+        packed = model(ids, segment_ids=seg).logits[0]
+        pos = 0
+        for sq in seqs:
+            alone = model(sq.view(1, -1)).logits[0]
+            # fp32: the same sums (keys of other sequences get weight exactly 0); only reduction order may differ
+            torch.testing.assert_close(packed[pos:pos + len(sq)], alone, rtol=1e-5, atol=1e-5)
+            pos += len(sq)
+        plain = model(ids).logits[0]  # without segment_ids the later sequences see the earlier ones
+        assert not torch.allclose(plain[5:], packed[5:], rtol=1e-3, atol=1e-3)
+    # loss and gradients: labels as pack_examples makes them (each sequence's first label masked)
+    labels = ids.clone()
+    labels[seg == len(seqs)] = -100
+    starts = torch.tensor([0, 5, 6, 15, 18])
+    labels[0, starts] = -100
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    packed_loss = model(ids, labels=labels, segment_ids=seg).loss * n_tokens
+    packed_loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for sq in seqs:
+        if len(sq) > 1:
+            loss = model(sq.view(1, -1), labels=sq.view(1, -1)).loss * (len(sq) - 1)
+            loss.backward()
+            total += float(loss)
+    assert n_tokens == sum(len(sq) - 1 for sq in seqs)
+    assert float(packed_loss) == pytest.approx(total, rel=1e-5)
+    assert packed_grads and set(packed_grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, g in packed_grads.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[n].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_segment_ids_with_left_padding_and_without_boundaries():
+    model = LlamaForCausalLM(small_config()).eval()
+    random_gates(model)
+    # left padding (its own segment, masked) then two sequences: positions restart at 0 for each
+    ids, seg, seqs = _packed_row([2, 4, 3], 9)
+    mask = (seg != 0).long()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, segment_ids=seg).logits[0]
+        torch.testing.assert_close(out[2:6], model(seqs[1].view(1, -1)).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[6:9], model(seqs[2].view(1, -1)).logits[0], rtol=1e-5, atol=1e-5)
+        # one segment per row: exactly the unpacked forward
+        x = torch.randint(0, 64, (2, 7))
+        assert torch.equal(model(x, segment_ids=torch.zeros(2, 7, dtype=torch.long)).logits, model(x).logits)
+
+
+def test_segment_ids_bad_shape_or_with_cache_is_refused():
+    model = LlamaForCausalLM(small_config())
+    x = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"segment_ids must be \[B, T\] = \[2, 4\], got \[2, 3\]"):
+        model(x, segment_ids=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="segment_ids .* cannot be used with a KV cache"):
+        model(x, segment_ids=torch.zeros(2, 4, dtype=torch.long), cache=model.new_cache(2, 8))
+
+
 def test_mask_with_a_hole_is_refused():
     model = LlamaForCausalLM(small_config())
     with pytest.raises(ValueError, match="attention_mask: the real tokens of each sample must be one contiguous"):

@@ -616,3 +616,160 @@ def test_cuda_mma_forward_then_simt_backward(monkeypatch, dtype, case):
     params = dict(B=2, H=8, Hkv=2, K=10, dtype=dtype, device="cuda")
     params.update(case)
     _check_grads(make_inputs(**params), dtype)
+
+
+# ------------------------------------------------------------------------------------------------ per-query kv_start
+def packed_starts(rows, Tq, device="cpu"):
+    """kv_start [B, Tq] of packed rows: rows[b] lists the sequence lengths of row b (the rest of the row, if any,
+    is one more sequence); each token's start is the index of the first token of its sequence."""
+    out = torch.empty(len(rows), Tq, dtype=torch.long)
+    for b, lengths in enumerate(rows):
+        pos = 0
+        for n in list(lengths) + [Tq - sum(lengths)]:
+            out[b, pos:pos + n] = pos
+            pos += n
+    return out.to(device)
+
+
+# sequences of length 1, sequences crossing the 64-row query blocks and 64-key blocks, one sequence filling a row
+PACKED_ROWS = [[1, 70, 1, 1, 50], [150], [3, 64, 65, 1]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,K", [(4, 4, None), (4, 2, 10), (6, 2, 0)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_packed_kv_start_matches_reference(device, dtype, H, Hkv, K, causal):
+    d = 64 if device == "cuda" else 16
+    q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=150, H=H, Hkv=Hkv, d=d, K=K, dtype=dtype, device=device)
+    ks = packed_starts(PACKED_ROWS, 150, device)
+    out, ref = run_both((q, k, v, pk, pv, gate, ks), causal=causal)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [None, 10])
+def test_packed_row_equals_each_sequence_alone(device, K):
+    # the point of per-query kv_start: a packed sequence's outputs are those of the sequence run alone (causal),
+    # and every query still sees the whole prompt
+    d = 64 if device == "cuda" else 16
+    lengths = PACKED_ROWS[0] + [150 - sum(PACKED_ROWS[0])]
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=150, H=4, Hkv=2, d=d, K=K, device=device)
+    ks = packed_starts([PACKED_ROWS[0]], 150, device)
+    out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=ks, backend="fused")
+    pos = 0
+    for n in lengths:
+        s = slice(pos, pos + n)
+        alone = ops.gated_prompt_attention(q[:, s], k[:, s], v[:, s], pk, pv, gate, backend="fused")
+        torch.testing.assert_close(out[:, s], alone, **TOL[torch.float32])
+        pos += n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(1, 300), (3, 130), (20, 100), (40, 30), (70, 70)])
+def test_forward_arbitrary_per_query_kv_start(device, causal, Tq, Tk):
+    # any per-query bounds, not only packed ones: decreasing, past i (no allowed key when causal), past Tk,
+    # negative; with a KV-cache offset (Tq < Tk: decode and its split-K / grouped-head paths) or Tq > Tk
+    d = 64 if device == "cuda" else 16
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=Tq, Tk=Tk, H=4, Hkv=2, d=d, K=10, device=device)
+    ks = torch.randint(-3, Tk + 3, (2, Tq), device=device)
+    ks[0, 0] = Tk  # a row with every key masked
+    out, ref = run_both((q, k, v, pk, pv, gate, ks), causal=causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    out32, _ = run_both((q, k, v, pk, pv, gate, ks.int()), causal=causal)
+    assert torch.equal(out32, out)
+
+
+# GQA 8 runs in fp32 only: a sequence of length 1 has an exact dk of 0 (P = 1, dP = D), and the kernel's
+# D = dout.out uses out rounded to the dtype (flash-style), so its dk there is the sum over the group's heads of that
+# rounding error; with 8 heads per kv head in bf16 that exceeds GRAD_TOL's per-element bound.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,case", [
+    (torch.float32, dict(H=4, Hkv=2, K=10, Bp=1)), (torch.bfloat16, dict(H=4, Hkv=2, K=10, Bp=1)),
+    (torch.float32, dict(H=8, Hkv=1, K=5, Bp=3)),
+    (torch.float32, dict(H=4, Hkv=4, K=None)), (torch.bfloat16, dict(H=4, Hkv=4, K=None))])
+def test_backward_packed_kv_start(device, dtype, case):
+    d = 64 if device == "cuda" else 16
+    q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=150, d=d, dtype=dtype, device=device, **case)
+    _check_grads((q, k, v, pk, pv, gate, packed_starts(PACKED_ROWS, 150, device)), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(1, 90), (20, 100), (40, 30)])
+def test_backward_arbitrary_per_query_kv_start(device, causal, Tq, Tk):
+    d = 64 if device == "cuda" else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=Tq, Tk=Tk, H=4, Hkv=2, d=d, K=10, Bp=2, device=device)
+    ks = torch.randint(-3, Tk + 3, (2, Tq), device=device)
+    _check_grads((q, k, v, pk, pv, gate, ks), torch.float32, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Bp", [1, 2])
+def test_gradcheck_float64_per_query_kv_start(causal, Bp):
+    # two packed rows with sequences of length 1, and a row whose second query sees no key (start past it)
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=6, H=4, Hkv=2, d=3, K=3, Bp=Bp, dtype=torch.float64)
+    ks = torch.tensor([[0, 1, 1, 3, 3, 3], [0, 5, 2, 2, 4, 5]])
+    args = [t.requires_grad_() for t in (q, k, v, pk, pv, gate)]
+    fn = lambda *a: ops.gated_prompt_attention(*a, causal=causal, kv_start=ks, backend="fused")
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_backward_per_query_kv_start_deterministic_across_threads():
+    # single-pass (1 thread) and two-pass backward skip different blocks of fully masked keys: still bit-identical
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=200, H=4, Hkv=1, d=16, K=10, Bp=1)
+    inp = (q, k, v, pk, pv, gate, packed_starts([[5, 90, 1, 70]], 200))
+    prev = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, max(2, prev)):
+            torch.set_num_threads(n)
+            out = ops.gated_prompt_attention(*inp[:6], kv_start=inp[6], backend="fused")
+            res.append(_grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend="fused"), inp,
+                              torch.ones_like(out), True, "tanh") + [out])
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_backend_per_query_kv_start(device, causal):
+    d = 64 if device == "cuda" else 16
+    q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=150, H=4, Hkv=2, d=d, K=10, Bp=3, device=device)
+    inp = (q, k, v, pk, pv, gate, packed_starts(PACKED_ROWS, 150, device))
+    out, ref = run_both(inp, causal=causal, backend="split")
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    _check_grads(inp, torch.float32, causal=causal, backend="split")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_per_query_kv_start(device):
+    d = 64 if device == "cuda" else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=5, H=4, Hkv=2, d=d, K=3, device=device)
+    ks = torch.tensor([[0, 0, 2, 2, 4], [0, 1, 2, 3, 3]], device=device)
+    for t in (q, k, v, pk, pv, gate):
+        t.requires_grad_()
+    args = (q, k, v, pk, pv, gate, ks, True, "tanh", 1 / math.sqrt(d))
+    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention.default, args)
+    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(*args)
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), gate.detach(), ks,
+             out.detach(), lse, plse, True, "tanh", 1 / math.sqrt(d))
+    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention_backward.default, bargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_per_query_kv_start_names_the_argument(device):
+    d = 64 if device == "cuda" else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, Tk=6, H=4, Hkv=2, d=d, K=3, device=device)
+    # [B, Tk] instead of [B, Tq], a 3-D tensor, a transposed [Tq, B]
+    for bad in (torch.zeros(2, 6), torch.zeros(2, 4, 1), torch.zeros(4, 2)):
+        with pytest.raises(RuntimeError, match=r"kv_start must have shape \[2\] .* or \[2, 4\] .*got \["):
+            ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=bad.long().to(device), backend="fused")
+    with pytest.raises(RuntimeError, match=r"kv_start must have dtype in"):
+        ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=torch.zeros(2, 4, device=device), backend="fused")
+    with pytest.raises(RuntimeError, match=r"kv_start must have shape \[2\] or \[2, 4\]"):
+        torch.compile(lambda a: ops.gated_prompt_attention(a, k, v, pk, pv, gate, kv_start=torch.zeros(
+            2, 6, dtype=torch.long, device=device), backend="fused"), backend="eager", fullgraph=True)(q)

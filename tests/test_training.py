@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ import torch
 
 from lladapter_ext import data as D
 from lladapter_ext import training as T
-from _tiny_lm import ByteTokenizer, TinyAdapterLM, make_test_model
+from _tiny_lm import ByteTokenizer, TinyAdapterLM, make_test_model, model_kind
 
 TOK = ByteTokenizer(chat_template="toy")  # its toy template keeps rows short (about 45 byte tokens)
 MAX_LEN = 64
@@ -267,6 +268,16 @@ def test_refuses_to_overwrite_a_run_or_resume_with_another_config(tmp_path, data
         T.finetune(make_test_model(), dataset, cfg)
     with pytest.raises(ValueError, match=r"config differs from the checkpoint's .*'lr': \(0.02, 0.01\)"):
         T.finetune(make_test_model(), dataset, config(tmp_path, max_steps=2, lr=1e-2, resume=True))
+    # a checkpoint written before TrainConfig had the fsdp field: the missing field counts as its default
+    state_path = os.path.join(T.latest_checkpoint(cfg.out_dir), T.STATE_FILE)
+    state = torch.load(state_path, weights_only=True)
+    saved = json.loads(state["config"])
+    del saved["fsdp"]
+    state["config"] = json.dumps(saved, sort_keys=True)
+    torch.save(state, state_path)
+    assert T.finetune(make_test_model(), dataset, config(tmp_path, max_steps=2, resume=True)).steps == 2
+    with pytest.raises(ValueError, match=r"config differs from the checkpoint's .*'fsdp': \(False, True\)"):
+        T.finetune(make_test_model(), dataset, config(tmp_path, max_steps=2, fsdp=True, resume=True))
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -378,6 +389,69 @@ def test_two_process_gloo_run_matches_single_process(tmp_path, data_path, datase
     assert logged == r0["losses"]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(model_kind() != "llama", reason="FSDP shards model.layers: needs the real model")
+def test_two_process_fsdp_run_matches_single_process_and_resumes(tmp_path, data_path, dataset):
+    """FSDP2 over 2 gloo processes (base weights and adapter sharded): the same adapter as one unsharded process
+    with the same global batch; its checkpoints hold the full adapter and optimizer state, and resuming one
+    (re-sharding them) reproduces the straight run bit for bit."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from _train_worker import ddp_worker
+    # (with activation checkpointing, which changes no number: FSDP then shards the checkpointed blocks)
+    kw = dict(max_steps=8, lr=2e-2, warmup_steps=2, micro_batch_size=2, save_every=4, fsdp=True,
+              activation_checkpointing=True)
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(ddp_worker, nprocs=2, join=True,
+             args=(2, _free_port(), data_path, MAX_LEN, TOK.chat_template, str(tmp_path / "fsdp"), str(results), kw))
+    r0, r1 = (torch.load(results / f"rank{r}.pt", weights_only=True) for r in range(2))
+    single = make_test_model()
+    ref = T.finetune(single, dataset, config(tmp_path, "single", **{**kw, "micro_batch_size": 4, "fsdp": False}))
+    assert r0["losses"] == r1["losses"]
+    # fp32 summation order only: the reduce-scatter adds the 2 ranks' partial gradients in another order than one
+    # process's backward over 4 rows (~1e-7 relative), and Adam's normalised updates keep that small
+    assert r0["losses"] == pytest.approx(ref.losses, rel=1e-5)
+    # gradients summed, not averaged, over the ranks (Adam would hide a constant factor in the adapter)
+    logged = [json.loads(line) for line in open(tmp_path / "fsdp" / "log.jsonl")]
+    assert [r["grad_norm"] for r in logged] == pytest.approx([h["grad_norm"] for h in ref.history], rel=1e-5)
+    for k, v in single.adapter_state_dict().items():
+        assert torch.equal(r0["adapter"][k], r1["adapter"][k]), k  # gathered: the same full tensor on both ranks
+        torch.testing.assert_close(r0["adapter"][k], v, rtol=1e-4, atol=1e-6)
+    # the checkpoint holds the full (gathered) adapter and optimizer state, keyed by parameter name
+    ck = tmp_path / "fsdp" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step-00000008"
+    saved = load_file(str(ck / "step-00000008" / "adapter.safetensors"))
+    assert saved.keys() == r0["adapter"].keys() and all(torch.equal(saved[k], r0["adapter"][k]) for k in saved)
+    opt = torch.load(ck / "step-00000008" / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert {k: v["exp_avg"].shape for k, v in opt["state"].items()} == {k: v.shape for k, v in saved.items()}
+    # resume from step 4 (as after a kill there) on 2 processes: the same run, bit for bit
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ck / "step-00000004", resumed / "checkpoints" / "step-00000004")
+    (resumed / "checkpoints" / "latest").write_text("step-00000004\n")
+    shutil.copy(tmp_path / "fsdp" / "log.jsonl", resumed / "log.jsonl")
+    results2 = tmp_path / "results2"
+    results2.mkdir()
+    mp.spawn(ddp_worker, nprocs=2, join=True,
+             args=(2, _free_port(), data_path, MAX_LEN, TOK.chat_template, str(resumed), str(results2),
+                   {**kw, "resume": True}))
+    r0b = torch.load(results2 / "rank0.pt", weights_only=True)
+    assert r0b["losses"] == r0["losses"]
+    for k, v in r0["adapter"].items():
+        assert torch.equal(r0b["adapter"][k], v), k
+
+
+def test_fsdp_config_checks(tmp_path, dataset):
+    with pytest.raises(ValueError, match="fsdp=True with precision='fp16' is not supported"):
+        config(tmp_path, fsdp=True, precision="fp16")
+    # one process: nothing to shard, an ordinary run
+    model = make_test_model()
+    result = T.finetune(model, dataset, config(tmp_path, "one", max_steps=2, fsdp=True))
+    assert result.steps == 2 and not any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------- learning
 
 def test_short_run_loss_falls(tmp_path, dataset):
@@ -442,14 +516,21 @@ def test_activation_checkpointing_wraps_layers_of_a_model_without_a_switch():
     assert len(counts) == 3  # only each block's input is kept (one per checkpointed block)
 
 
-def test_packed_rows_train_with_position_ids(tmp_path, data_path):
+def test_packed_rows_train_with_position_and_segment_ids(tmp_path, data_path):
     packed = D.load_dataset(data_path, TOK, 2 * MAX_LEN, packing=True)
     plain = D.load_dataset(data_path, TOK, 2 * MAX_LEN)
     assert len(packed) < len(plain) and sum(packed.lengths) == sum(plain.lengths)
     seen = []
     model = make_test_model()
+    with torch.no_grad():
+        for p in model.adapter_parameters():  # non-zero gates: the prompt branch takes part too
+            p.normal_(0.0, 0.5)
+    # exact packing: the same loss tokens, each predicted as in its own row, so the same mean loss
+    want, got = T.evaluate_loss(model, plain, batch_size=4), T.evaluate_loss(model, packed, batch_size=4)
+    assert got["tokens"] == want["tokens"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)  # fp32 summation order only
     forward = model.forward
-    model.forward = lambda **kw: (seen.append("position_ids" in kw), forward(**kw))[1]
+    model.forward = lambda **kw: (seen.append({"position_ids", "segment_ids"} <= set(kw)), forward(**kw))[1]
     result = T.finetune(model, packed, config(tmp_path, max_steps=3, micro_batch_size=2))
     assert seen and all(seen) and all(math.isfinite(x) for x in result.losses)
 

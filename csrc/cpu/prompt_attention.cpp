@@ -97,10 +97,21 @@ using AVec = at::vec::Vectorized<acc_t>;
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-// Allowed keys of query i: [lo, causal ? min(kend, i + off + 1) : kend).
+// Allowed keys of query i: [lo_at(i), causal ? min(kend, i + off + 1) : kend). The lower bound is one value for
+// every query (left padding: kv_start [B]) or, with lo_rows, one per query (kv_start [B, Tq]: packed sequences);
+// bounds are already clamped to [0, kend].
 struct KeyMask {
   int64_t lo, kend, off;
   bool causal;
+  const int64_t* lo_rows = nullptr;  // [Tq] lower bound of each query of this batch row, or nullptr: lo for all
+  int64_t lo_at(int64_t i) const { return lo_rows ? lo_rows[i] : lo; }
+  // The smallest lower bound of queries [i0, i0 + n): keys below it are masked for all of them.
+  int64_t lo_min(int64_t i0, int64_t n) const {
+    if (!lo_rows) return lo;
+    int64_t m = kend;
+    for (int64_t i = i0; i < i0 + n; ++i) m = std::min(m, lo_rows[i]);
+    return m;
+  }
   int64_t hi(int64_t i) const { return causal ? std::min(kend, i + off + 1) : kend; }
 };
 
@@ -271,7 +282,8 @@ struct Problem {
   bool causal, has_prompt;
   acc_t scale;
   const scalar_t *q, *k, *v, *pk, *pv;
-  const int64_t* kv_start;  // [B] or nullptr
+  const int64_t* kv_start;  // [B] or [B, Tq] (kv_per_query), clamped to [0, Tk]; or nullptr
+  bool kv_per_query;
   const acc_t* phi;         // [H] phi(gate), or nullptr when there is no prompt
 
   int64_t q_stride() const { return H * d; }
@@ -284,8 +296,8 @@ struct Problem {
     return base + ((Bp == 1 ? 0 : b) * K * Hkv + hkv) * d;
   }
   KeyMask word_mask(int64_t b) const {
-    const int64_t lo = kv_start ? std::clamp<int64_t>(kv_start[b], 0, Tk) : 0;
-    return KeyMask{lo, Tk, Tk - Tq, causal};
+    if (kv_start && kv_per_query) return KeyMask{0, Tk, Tk - Tq, causal, kv_start + b * Tq};
+    return KeyMask{kv_start ? kv_start[b] : 0, Tk, Tk - Tq, causal};
   }
   KeyMask prompt_mask() const { return KeyMask{0, K, 0, false}; }
   int64_t stat(int64_t b, int64_t h, int64_t i) const { return (b * H + h) * Tq + i; }
@@ -353,13 +365,14 @@ void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, int64_t npos, con
                    const scalar_t* vbase, int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d,
                    int64_t dp, acc_t* m, acc_t* l, acc_t* acc) {
   acc_t s[kKB];
-  const int64_t lo_all = std::max(kbeg, mk.lo), hi_all = std::min(kend, mk.hi(i0 + npos - 1));
+  const int64_t lo_all = std::max(kbeg, mk.lo_min(i0, npos)), hi_all = std::min(kend, mk.hi(i0 + npos - 1));
   for (int64_t jb = lo_all; jb < hi_all; jb += kKB) {
     const int64_t jb_end = std::min(jb + kKB, hi_all);
     for (int64_t r = 0; r < nrows; ++r) {
       const acc_t* q = Qs + r * dp;
       acc_t* a = acc + r * dp;
-      const int64_t j0 = jb, hi = std::min(jb_end, mk.hi(i0 + r % npos));
+      const int64_t pos = i0 + r % npos;
+      const int64_t j0 = std::max(jb, mk.lo_at(pos)), hi = std::min(jb_end, mk.hi(pos));
       if (hi <= j0) continue;
       const int64_t nk = hi - j0;
       acc_t mb = kNegInf<acc_t>;
@@ -409,7 +422,7 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
     for (int64_t r = 0; r < nrows; ++r) {
       acc_t* s = sc.S.data() + r * kKB;
       acc_t* p = sc.P.data() + r * kKB;
-      const int64_t lo = std::max<int64_t>(mk.lo - j0, 0);
+      const int64_t lo = std::max<int64_t>(mk.lo_at(i0 + r) - j0, 0);
       const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
       if (hi <= lo) {
         std::fill(p, p + kKB, acc_t(0));
@@ -450,7 +463,7 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
 
 // The key range [kbeg, kend) that any of the rows [i0, i0 + nrows) may see.
 inline std::pair<int64_t, int64_t> block_key_range(const KeyMask& mk, int64_t i0, int64_t nrows) {
-  const int64_t kbeg = mk.lo;
+  const int64_t kbeg = mk.lo_min(i0, nrows);
   const int64_t kend = mk.hi(i0 + nrows - 1);
   return {kbeg, std::max(kbeg, kend)};
 }
@@ -652,7 +665,7 @@ void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t n
   for (int64_t r = 0; r < nrows; ++r) {
     acc_t* p = P + r * kKB;
     acc_t* ds = dS + r * kKB;
-    const int64_t lo = std::max<int64_t>(mk.lo - j0, 0);
+    const int64_t lo = std::max<int64_t>(mk.lo_at(i0 + r) - j0, 0);
     const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
     const acc_t L = lse_rows[r];
     if (hi <= lo || L == kNegInf<acc_t>) {
@@ -696,7 +709,7 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   bool loaded_for_b = false;
   for (int64_t b = b0; b < b1; ++b) {
     const KeyMask mk = prompt ? pr.prompt_mask() : pr.word_mask(b);
-    if (mk.lo >= j0 + nk) continue;  // every key of the block is left padding for this row
+    if (!mk.lo_rows && mk.lo >= j0 + nk) continue;  // every key of the block is left padding for this row
     // prompt keys are per-sample when Bp = B (then b0 + 1 == b1); word keys always are (one item per b)
     if (!loaded_for_b) {
       const scalar_t* kb = prompt ? pr.prompt(pr.pk, b, hkv) : pr.word(pr.k, b, hkv);
@@ -713,6 +726,9 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       const acc_t* D = prompt ? bb.Dp : bb.Dw;
       for (int64_t i0 = i_start; i0 < pr.Tq; i0 += kQB) {
         const int64_t nrows = std::min(kQB, pr.Tq - i0);
+        // per-query bounds (packed sequences): the block's keys lie below every row's first key, so all its
+        // probabilities are 0 (skipping adds nothing anywhere, dq included)
+        if (mk.lo_rows && mk.lo_min(i0, nrows) >= j0 + nk) continue;
         load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
         load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
         for (int64_t r = 0; r < nrows; ++r) {
@@ -951,6 +967,7 @@ Problem<scalar_t, acc_t> make_problem(const PromptAttnShape& s, const at::Tensor
   pr.pk = s.has_prompt ? pk.const_data_ptr<scalar_t>() : nullptr;
   pr.pv = s.has_prompt ? pv.const_data_ptr<scalar_t>() : nullptr;
   pr.kv_start = kv_start.defined() ? kv_start.const_data_ptr<int64_t>() : nullptr;
+  pr.kv_per_query = s.kv_per_query;
   pr.phi = s.has_prompt ? phi.data() : nullptr;
   return pr;
 }
@@ -974,7 +991,8 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
     p.pk = pk->contiguous();
     p.pv = pv->contiguous();
   }
-  if (kv_start.has_value()) p.kv_start = kv_start->to(at::kLong).contiguous();
+  // clamped once here, so the kernels read bounds in [0, Tk] (a start past Tk masks every key, below 0 none)
+  if (kv_start.has_value()) p.kv_start = kv_start->to(at::kLong).clamp(0, p.s.Tk).contiguous();
   if (gate.has_value()) {
     const at::Tensor g = gate->to(at::kDouble).contiguous();
     const double* gp = g.const_data_ptr<double>();

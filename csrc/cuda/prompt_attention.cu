@@ -35,6 +35,7 @@ struct Geo {
   int64_t B, Tq, Tk, H, Hkv, d, K, Bp, rep;
   bool causal, has_prompt;
   float scale;
+  bool kv_per_query;  // kv_start is [B, Tq] (one start per query: packed sequences), else [B] (left padding)
 };
 
 __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -65,10 +66,10 @@ __device__ __forceinline__ float dot_rows(const T* __restrict__ a, const float* 
   return s;
 }
 
-// Word keys allowed for query i of batch b: [lo, hi).
+// Word keys allowed for query i of batch b: [lo, hi). kv_start is [B] or, with g.kv_per_query, [B, Tq].
 __device__ __forceinline__ void word_range(const Geo& g, const int64_t* kv_start, int64_t b, int64_t i, int64_t& lo,
                                            int64_t& hi) {
-  lo = kv_start ? min(max(kv_start[b], int64_t(0)), g.Tk) : 0;
+  lo = kv_start ? min(max(kv_start[g.kv_per_query ? b * g.Tq + i : b], int64_t(0)), g.Tk) : 0;
   hi = g.causal ? min(g.Tk, i + g.Tk - g.Tq + 1) : g.Tk;
 }
 
@@ -416,7 +417,8 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
     p.phi = s.tanh_gate ? gf.tanh().contiguous() : gf.contiguous();
     p.dphi = s.tanh_gate ? (1 - p.phi * p.phi) : at::ones_like(gf);
   }
-  p.g = Geo{s.B, s.Tq, s.Tk, s.H, s.Hkv, s.d, s.K, s.Bp, s.H / s.Hkv, causal, s.has_prompt, static_cast<float>(scale)};
+  p.g = Geo{s.B, s.Tq, s.Tk, s.H, s.Hkv, s.d, s.K, s.Bp, s.H / s.Hkv, causal, s.has_prompt,
+            static_cast<float>(scale), s.kv_per_query};
   return p;
 }
 
