@@ -75,7 +75,8 @@ def _load(args, adapter_path=None, attach=True):
                             **hp)
     if adapter_path and attach:
         if meta.get("multimodal") == "1":
-            raise SystemExit(f"--adapter {adapter_path} is a multi-modal adapter: give --image PATH")
+            raise SystemExit(f"--adapter {adapter_path} is a multi-modal adapter: give --image PATH (generate) or "
+                             "--images DIR (eval)")
         model.load_adapter(adapter_path)
     return model, tok
 
@@ -104,6 +105,8 @@ def cmd_finetune(args) -> int:
     if dist.world_size > 1 and args.device is None:
         import torch
         args.device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
+    if args.images and args.packing:
+        raise SystemExit("finetune --images: --packing is not supported (each row carries its own image)")
     model, tok = _load(args)
     if args.images:
         model, ds = _mm_train_setup(args, model, tok)
@@ -124,7 +127,7 @@ def cmd_finetune(args) -> int:
     if dist.rank == 0:
         print(result.summary())
         if args.images and args.eval_split:
-            _mm_print_eval(args, model, tok)
+            _mm_print_eval(args, model, tok, args.eval_split, args.eval_limit)
         elif args.eval_data:
             _print_eval(model, tok, args.eval_data, args.max_seq_len, args.max_new_tokens, limit=args.eval_limit)
     return 0
@@ -155,17 +158,17 @@ def _mm_train_setup(args, llm, tok):
     return model, ds
 
 
-def _mm_print_eval(args, model, tok):
+def _mm_print_eval(args, model, tok, split, limit=None):
     from .mm_data import score_answers, tokenize_questions
     from .multimodal import answer_questions, question_features
 
-    qs = _mm_questions(args, args.eval_split)[:args.eval_limit]
+    qs = _mm_questions(args, split)[:limit]
     ds = tokenize_questions(qs, tok, args.max_seq_len)
-    _mm_features(args, model, ds, args.eval_split)
+    _mm_features(args, model, ds, split)
     feats, mask = question_features(ds)
     res = score_answers(answer_questions(model, tok, qs, feats, mask), qs)
     groups = " | ".join(f"{g} {c}/{n}" for g, (c, n) in res["groups"].items())
-    print(f"eval ({args.eval_split}): exact-choice accuracy {res['correct']}/{res['n']} = "
+    print(f"eval ({split or 'all'}): exact-choice accuracy {res['correct']}/{res['n']} = "
           f"{100 * res['accuracy']:.1f}% ({res['unparsed']} answers unparsed)" + (f" | {groups}" if groups else ""))
     return res
 
@@ -217,22 +220,26 @@ def _repeat_rows(kwargs, n):
     return None if kwargs is None else {k: v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
 
 
-def _mm_generate_setup(args, llm, adapter):
-    """Wrap the LLM with the encoder and projection the multi-modal --adapter was trained with; the --image's
-    feature (one row) is what every prompt sees."""
+def _mm_model_from_adapter(args, llm, adapter, what):
+    """The LLM wrapped with the encoder and projection that the multi-modal --adapter was trained with."""
     from .multimodal import MultiModalLlama, build_encoder
 
     if adapter is None:
-        raise SystemExit("generate --image: give the multi-modal --adapter it was trained with")
+        raise SystemExit(f"{what}: give the multi-modal --adapter it was trained with")
     meta = _adapter_metadata(adapter)
     if meta.get("multimodal") != "1":
-        raise SystemExit(f"generate --image: --adapter {adapter} is a text-only adapter (no image projection)")
+        raise SystemExit(f"{what}: --adapter {adapter} is a text-only adapter (no image projection)")
     spec = args.encoder or meta.get("encoder")
     if not spec or spec == "precomputed":
-        raise SystemExit("generate --image: the adapter does not record its encoder; give --encoder SPEC")
+        raise SystemExit(f"{what}: the adapter does not record its encoder; give --encoder SPEC")
     model = MultiModalLlama(llm, build_encoder(spec), projection=meta.get("projection", "linear"),
                             projection_hidden=int(meta["projection_hidden"]) if "projection_hidden" in meta else None)
-    model.load_adapter(adapter)
+    return model.load_adapter(adapter)
+
+
+def _mm_generate_setup(args, llm, adapter):
+    """The multi-modal model and the --image's feature (one row), which every prompt sees."""
+    model = _mm_model_from_adapter(args, llm, adapter, "generate --image")
     images = model.encoder.preprocess.batch([args.image])
     return model, {"image_features": model.encode_images(images)}
 
@@ -264,6 +271,13 @@ def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, batc
 
 
 def cmd_eval(args) -> int:
+    if args.images:
+        adapter = _adapter_file(args.adapter)
+        llm, tok = _load(args, adapter, attach=False)
+        model = _mm_model_from_adapter(args, llm, adapter, "eval --images").eval()
+        args.out, args.no_progress = None, True
+        _mm_print_eval(args, model, tok, args.split, args.limit)
+        return 0
     model, tok = _load(args, _adapter_file(args.adapter))
     model.eval()
     _print_eval(model, tok, args.data, args.max_seq_len, args.max_new_tokens, limit=args.limit, show=args.show)
@@ -372,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=48, help="generation length for exact match")
     e.add_argument("--limit", type=int, default=None, help="only the first N records")
     e.add_argument("--show", type=int, default=5, help="print this many predictions")
+    e.add_argument("--images", default=None, help="multi-modal: image directory of ScienceQA-format --data; "
+                   "reports exact-choice accuracy")
+    e.add_argument("--split", default=None, help="multi-modal: evaluate this split only (e.g. test)")
+    e.add_argument("--encoder", default=None, help="image encoder spec (default: the one the adapter records)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="build, kernels, model and parameter counts", formatter_class=fmt)

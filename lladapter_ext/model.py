@@ -205,11 +205,9 @@ class Attention(torch.nn.Module):
         """This layer's prompt keys/values: the prompt projected by wk/wv, without RoPE. [1, K, Hkv, d] when shared
         by the batch; with prompt_offset [B, D] (multi-modal: the projected image feature, added to every prompt
         token) they are per sample, [B, K, Hkv, d]."""
-        p = self.adapter_prompt.to(self.wk.weight.dtype)
+        p = self.adapter_prompt.to(self.wk.weight.dtype).unsqueeze(0)  # [1, K, D]
         if prompt_offset is not None:
-            p = p.unsqueeze(0) + prompt_offset.to(p.dtype).unsqueeze(1)  # [B, K, D]
-        else:
-            p = p.unsqueeze(0)
+            p = p + prompt_offset.to(p.dtype).unsqueeze(1)  # [B, K, D]
         B, K = p.shape[0], p.shape[1]
         return (self.wk(p).view(B, K, self.n_kv_heads, self.head_dim),
                 self.wv(p).view(B, K, self.n_kv_heads, self.head_dim))

@@ -4,14 +4,16 @@
 Every image is drawn with Pillow on a light background and gets one multiple-choice question of one of four
 skills, each answerable only by looking at the picture:
 
-  colour    -- "What colour is the shape?"            one shape; 4 of red/green/blue/yellow/purple/orange
-  shape     -- "Which shape is shown in the picture?"  one shape; 4 of circle/square/triangle/diamond
-  count     -- "How many shapes are in the picture?"   1-4 shapes of one kind and colour; choices 1, 2, 3, 4
-  position  -- "Where is the shape?"                  one shape near the left/right/top/bottom edge
+  colour    -- "What colour is the shape?"            one shape; red, green, blue, yellow
+  shape     -- "Which shape is shown in the picture?"  one shape; circle, square, triangle, diamond
+  count     -- "How many shapes are in the picture?"   1-4 shapes of one kind and colour; 1, 2, 3, 4
+  position  -- "Where is the shape in the picture?"   one shape near the left/right/top/bottom edge
 
-Skills, correct answers and the correct letter are balanced (a text-only model can do no better than chance,
-25%), and the choices are shuffled per question. Irrelevant attributes (colour, kind, size, exact place,
-background shade) vary at random so no single pixel statistic answers every skill.
+Every skill has 4 options listed in a fixed order (``--shuffle-choices`` shuffles them per question, which
+makes the task a harder binding problem: the model must match the picture to the option text, not to a
+letter). Skills and correct answers are balanced, so the correct letter is too: a model that cannot see the
+picture can do no better than chance, 25%. Irrelevant attributes (colour, kind, size, exact place, background
+shade) vary at random so no single pixel statistic answers every skill.
 
 Layout (what lladapter_ext.mm_data.load_scienceqa reads; the real ScienceQA has the same):
 
@@ -35,8 +37,8 @@ import sys
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-           "purple": (140, 60, 180), "orange": (245, 130, 20)}
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+OTHER_COLOURS = [(140, 60, 180), (245, 130, 20), (120, 120, 120)]  # purple, orange, grey: never asked about
 KINDS = ("circle", "square", "triangle", "diamond")
 SIDES = ("left", "right", "top", "bottom")
 SKILLS = ("colour", "shape", "count", "position")
@@ -74,39 +76,37 @@ def place_apart(rng: random.Random, n: int, size: int, r: float) -> list[tuple[f
 
 def make_item(rng: random.Random, skill: str, answer_value: str, size: int) -> tuple[Image.Image, dict]:
     img, d = canvas(rng, size)
-    colour = rng.choice(list(COLOURS))
+    fill = rng.choice(list(COLOURS.values()) + OTHER_COLOURS)  # for the skills that are not about colour
     kind = rng.choice(KINDS)
     r = size * rng.uniform(0.12, 0.2)
     if skill == "colour":
-        colour = answer_value
         cx, cy = (rng.uniform(size * 0.3, size * 0.7) for _ in range(2))
-        draw_shape(d, kind, cx, cy, r, COLOURS[colour])
+        draw_shape(d, kind, cx, cy, r, COLOURS[answer_value])
         question, pool = "What colour is the shape?", list(COLOURS)
     elif skill == "shape":
         kind = answer_value
         cx, cy = (rng.uniform(size * 0.3, size * 0.7) for _ in range(2))
-        draw_shape(d, kind, cx, cy, r, COLOURS[colour])
+        draw_shape(d, kind, cx, cy, r, fill)
         question, pool = "Which shape is shown in the picture?", list(KINDS)
     elif skill == "count":
         n = int(answer_value)
         r = size * rng.uniform(0.08, 0.12)
         for cx, cy in place_apart(rng, n, size, r):
-            draw_shape(d, kind, cx, cy, r, COLOURS[colour])
+            draw_shape(d, kind, cx, cy, r, fill)
         question, pool = "How many shapes are in the picture?", ["1", "2", "3", "4"]
     elif skill == "position":
         near, far = size * rng.uniform(0.18, 0.24), size * rng.uniform(0.35, 0.65)
         cx, cy = {"left": (near, far), "right": (size - near, far), "top": (far, near),
                   "bottom": (far, size - near)}[answer_value]
         r = size * rng.uniform(0.1, 0.15)
-        draw_shape(d, kind, cx, cy, r, COLOURS[colour])
+        draw_shape(d, kind, cx, cy, r, fill)
         question, pool = "Where is the shape in the picture?", list(SIDES)
     else:
         raise ValueError(f"unknown skill {skill!r}")
-    distractors = rng.sample([v for v in pool if v != answer_value], len(LETTERS) - 1)
-    return img, {"question": question, "distractors": distractors}
+    return img, {"question": question, "choices": pool}
 
 
-def generate(out: str, n_train: int, n_test: int, size: int, seed: int) -> dict:
+def generate(out: str, n_train: int, n_test: int, size: int, seed: int, shuffle_choices: bool = False) -> dict:
     rng = random.Random(seed)
     problems: dict[str, dict] = {}
     splits: dict[str, list[str]] = {"train": [], "test": []}
@@ -124,9 +124,14 @@ def generate(out: str, n_train: int, n_test: int, size: int, seed: int) -> dict:
             vals = values[skill]
             answer_value = vals[k % len(vals)]
             img, item = make_item(rng, skill, answer_value, size)
-            answer = letter_order[skill][k % len(LETTERS)]
-            choices = list(item["distractors"])
-            choices.insert(answer, answer_value)
+            choices = list(item["choices"])
+            if shuffle_choices:  # the correct letter cycles through a fresh permutation every 4 questions
+                answer = letter_order[skill][k % len(LETTERS)]
+                choices.remove(answer_value)
+                rng.shuffle(choices)
+                choices.insert(answer, answer_value)
+            else:
+                answer = choices.index(answer_value)
             key = f"{pid:05d}"
             pid += 1
             rel = os.path.join("images", split, key)
@@ -154,11 +159,12 @@ def main(argv=None) -> int:
     p.add_argument("--n-test", type=int, default=100, help="held-out questions (one image each)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle-choices", action="store_true", help="shuffle the options of every question")
     args = p.parse_args(argv)
     if args.n_train < 1 or args.n_test < 1 or args.size < 32:
         p.error("--n-train and --n-test must be >= 1 and --size >= 32")
     os.makedirs(args.out, exist_ok=True)
-    problems = generate(args.out, args.n_train, args.n_test, args.size, args.seed)
+    problems = generate(args.out, args.n_train, args.n_test, args.size, args.seed, args.shuffle_choices)
     print(f"wrote {len(problems)} questions ({args.n_train} train, {args.n_test} test) to {args.out}")
     return 0
 

@@ -401,27 +401,34 @@ def test_trainer_and_answering_on_image_text_data(tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
-def test_cli_finetune_images_and_generate_image(tmp_path):
-    from llama_helpers import mistral_sentencepiece_model, save_hf, tiny_hf_model
-    from test_cli import run_cli
+def test_cli_finetune_images_eval_and_generate_image(tmp_path, capsys):
+    """`lladapter finetune --images`, `eval --images`, `generate --image` (in-process: the subprocess start-up of
+    the text CLI tests would triple the time)."""
     import shutil
+
+    from llama_helpers import mistral_sentencepiece_model, save_hf, tiny_hf_model
+    from lladapter_ext.cli import main
 
     model_dir = tmp_path / "tiny_hf"
     save_hf(tiny_hf_model(gqa=True, vocab_size=32000), model_dir)
     shutil.copy(mistral_sentencepiece_model(), model_dir / "tokenizer.model")
     path = write_scienceqa(str(tmp_path / "sqa"), size=32)
+    images = str(tmp_path / "sqa" / "images")
     out = tmp_path / "run"
-    enc = "efficientnet-lite0:weights=random:size=32"
-    p = run_cli("finetune", "--model", str(model_dir), "--data", path, "--images", str(tmp_path / "sqa" / "images"),
-                "--split", "train", "--eval-split", "test", "--encoder", enc, "--out", str(out), "--max-steps", "2",
-                "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--adapter-layer", "2",
-                "--max-new-tokens", "4", "--no-progress", "--no-plot", "--device", "cpu")
-    assert "trainable adapter parameters" in p.stdout and "eval (test): exact-choice accuracy" in p.stdout
-    g = run_cli("generate", "--model", str(model_dir), "--adapter", str(out), "--image",
-                str(tmp_path / "sqa" / "images" / "test" / "106" / "image.png"), "--prompt", "What colour?",
-                "--choices", "red|blue", "--max-new-tokens", "4", "--temperature", "0", "--no-stream",
-                "--device", "cpu")
-    assert "### What colour?" in g.stdout
-    bad = run_cli("generate", "--model", str(model_dir), "--adapter", str(out), "--prompt", "x", "--device", "cpu",
-                  check=False)
-    assert bad.returncode != 0 and "multi-modal adapter: give --image PATH" in bad.stderr
+    common = ["--model", str(model_dir), "--device", "cpu"]
+    assert main(["finetune", *common, "--data", path, "--images", images, "--split", "train", "--eval-split", "test",
+                 "--encoder", "efficientnet-lite0:weights=random:size=32", "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--adapter-layer", "2",
+                 "--no-progress", "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable adapter parameters" in printed and "eval (test): exact-choice accuracy" in printed
+    assert main(["eval", *common, "--adapter", str(out), "--data", path, "--images", images, "--split", "test"]) == 0
+    assert "eval (test): exact-choice accuracy" in capsys.readouterr().out
+    assert main(["generate", *common, "--adapter", str(out), "--image", os.path.join(images, "test", "106",
+                 "image.png"), "--prompt", "What colour?", "--choices", "red|blue", "--max-new-tokens", "4",
+                 "--temperature", "0", "--no-stream"]) == 0
+    assert "### What colour?" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="multi-modal adapter: give --image PATH"):
+        main(["generate", *common, "--adapter", str(out), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="--packing is not supported"):
+        main(["finetune", *common, "--data", path, "--images", images, "--packing", "--out", str(tmp_path / "x")])
