@@ -34,17 +34,36 @@ from lladapter_ext.multimodal import (EfficientNetLite0Encoder, MultiModalLlama,
 
 
 def accuracy_table(rows: dict[str, dict]) -> str:
-    names = list(rows)
+    """Per-skill and overall correct/n and percentage, one column per evaluated model."""
+    def cell(correct, n):
+        return f"{correct:3d}/{n:<3d} {100 * correct / max(1, n):5.1f}%"
+
     groups = sorted(next(iter(rows.values()))["groups"])
-    head = f"{'skill':10s}" + "".join(f"{n:>22s}" for n in names)
-    lines = [head]
+    lines = [f"{'skill':10s}" + "".join(f"{name:>22s}" for name in rows)]
     for g in groups:
-        lines.append(f"{g:10s}" + "".join(
-            f"{'%3d/%-3d %5.1f%%' % (r['groups'][g][0], r['groups'][g][1], 100 * r['groups'][g][0] / r['groups'][g][1]):>22s}"
-            for r in rows.values()))
-    lines.append(f"{'overall':10s}" + "".join(
-        f"{'%3d/%-3d %5.1f%%' % (r['correct'], r['n'], 100 * r['accuracy']):>22s}" for r in rows.values()))
+        lines.append(f"{g:10s}" + "".join(f"{cell(*r['groups'][g]):>22s}" for r in rows.values()))
+    lines.append(f"{'overall':10s}" + "".join(f"{cell(r['correct'], r['n']):>22s}" for r in rows.values()))
     return "\n".join(lines)
+
+
+def plot_losses(losses: dict[str, list[float]], path: str) -> None:
+    """Training loss of each run against the step (5-step running mean), and the chance level of the answer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, ls in losses.items():
+        smooth = [sum(ls[max(0, i - 4):i + 1]) / len(ls[max(0, i - 4):i + 1]) for i in range(len(ls))]
+        ax.plot(range(1, len(ls) + 1), smooth, label=name)
+    ax.set_ylim(0, 0.6)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (answer tokens, 5-step mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def main():
@@ -120,7 +139,9 @@ def main():
     if not args.skip_text_only:
         llm.load_adapter(adapter_init)  # the text-only run starts from the same prompts (gates 0)
         torch.manual_seed(args.seed)
-        train(llm, train_ds.text_only(), "text-only")
+        r_text = train(llm, train_ds.text_only(), "text-only")
+        plot_losses({"multi-modal adapter": r.losses, "text-only adapter": r_text.losses},
+                    os.path.join(args.out, "loss_compare.png"))
         results["text-only adapter"] = mm_data.score_answers(answer_questions(llm, tok, test_q), test_q)
     results["multi-modal adapter"] = mm_result
 
@@ -128,7 +149,8 @@ def main():
     print(accuracy_table(results))
     for q, pred in list(zip(test_q, preds))[:4]:
         print(f"- {q.question} {q.choices} -> expected ({q.answer_letter}), multi-modal adapter: {pred.strip()!r}")
-    print(f"\nmulti-modal adapter: {r.adapter_path}; loss/lr plot: {r.plot_path}")
+    print(f"\nmulti-modal adapter: {r.adapter_path}; loss/lr plot: {r.plot_path}"
+          + ("" if args.skip_text_only else f"; both runs' losses: {os.path.join(args.out, 'loss_compare.png')}"))
 
 
 if __name__ == "__main__":
