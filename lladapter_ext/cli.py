@@ -62,7 +62,7 @@ def _adapter_metadata(path) -> dict:
         raise SystemExit(f"--adapter {path}: not a readable safetensors adapter file ({e})") from e
 
 
-def _load(args, adapter_path=None):
+def _load(args, adapter_path=None, attach=True):
     from .loaders import load_model
     device = args.device or _default_device()
     meta = _adapter_metadata(adapter_path) if adapter_path else {}
@@ -73,7 +73,10 @@ def _load(args, adapter_path=None):
             hp[key] = getattr(args, key)
     model, tok = load_model(args.model or default_model_path(), dtype=_torch_dtype(args.dtype), device=device,
                             **hp)
-    if adapter_path:
+    if adapter_path and attach:
+        if meta.get("multimodal") == "1":
+            raise SystemExit(f"--adapter {adapter_path} is a multi-modal adapter: give --image PATH (generate) or "
+                             "--images DIR (eval)")
         model.load_adapter(adapter_path)
     return model, tok
 
@@ -106,8 +109,15 @@ def cmd_finetune(args) -> int:
         import torch
         # FSDP: each process loads the full model on the CPU; sharding moves its shards to cuda:LOCAL_RANK
         args.device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() and not args.fsdp else "cpu"
+    if args.images and args.packing:
+        raise SystemExit("finetune --images: --packing is not supported (each row carries its own image)")
+    if args.images and args.fsdp:
+        raise SystemExit("finetune --images: --fsdp is not supported yet (the encoder and projection are not sharded)")
     model, tok = _load(args)
-    ds = data.load_dataset(args.data, tok, args.max_seq_len, packing=args.packing)
+    if args.images:
+        model, ds = _mm_train_setup(args, model, tok)
+    else:
+        ds = data.load_dataset(args.data, tok, args.max_seq_len, packing=args.packing)
     cfg = training.TrainConfig(
         out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.batch_size,
         grad_accum_steps=args.grad_accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr,
@@ -122,9 +132,51 @@ def cmd_finetune(args) -> int:
     result = training.finetune(model, ds, cfg)
     if dist.rank == 0:
         print(result.summary())
-        if args.eval_data:
+        if args.images and args.eval_split:
+            _mm_print_eval(args, model, tok, args.eval_split, args.eval_limit)
+        elif args.eval_data:
             _print_eval(model, tok, args.eval_data, args.max_seq_len, args.max_new_tokens, limit=args.eval_limit)
     return 0
+
+
+def _mm_questions(args, split):
+    from .mm_data import load_scienceqa
+    qs = []
+    for path in args.data:
+        qs += load_scienceqa(path, images_dir=args.images, split=split)
+    return qs
+
+
+def _mm_features(args, model, ds, tag):
+    cache = os.path.join(args.out, f"image-features-{tag}.pt") if getattr(args, "out", None) else None
+    ds.set_features(model.encode_paths(ds.image_paths, cache_file=cache, progress=not args.no_progress))
+
+
+def _mm_train_setup(args, llm, tok):
+    """Multi-modal fine-tuning: ScienceQA-format --data with images under --images; the frozen --encoder's
+    features are computed once per image; the projection, prompts and gates train."""
+    from .mm_data import tokenize_questions
+    from .multimodal import MultiModalLlama, build_encoder
+
+    model = MultiModalLlama(llm, build_encoder(args.encoder), projection=args.projection)
+    ds = tokenize_questions(_mm_questions(args, args.split), tok, args.max_seq_len)
+    _mm_features(args, model, ds, args.split or "all")
+    return model, ds
+
+
+def _mm_print_eval(args, model, tok, split, limit=None):
+    from .mm_data import score_answers, tokenize_questions
+    from .multimodal import answer_questions, question_features
+
+    qs = _mm_questions(args, split)[:limit]
+    ds = tokenize_questions(qs, tok, args.max_seq_len)
+    _mm_features(args, model, ds, split)
+    feats, mask = question_features(ds)
+    res = score_answers(answer_questions(model, tok, qs, feats, mask), qs)
+    groups = " | ".join(f"{g} {c}/{n}" for g, (c, n) in res["groups"].items())
+    print(f"eval ({split or 'all'}): exact-choice accuracy {res['correct']}/{res['n']} = "
+          f"{100 * res['accuracy']:.1f}% ({res['unparsed']} answers unparsed)" + (f" | {groups}" if groups else ""))
+    return res
 
 
 # ----------------------------------------------------------------------------------------------- generate
@@ -132,14 +184,21 @@ def cmd_generate(args) -> int:
     from .data import alpaca_prompt
     from .generation import generate
 
-    model, tok = _load(args, _adapter_file(args.adapter))
+    adapter = _adapter_file(args.adapter)
+    model, tok = _load(args, adapter, attach=not args.image)
+    model_kwargs = None
+    if args.image:
+        model, model_kwargs = _mm_generate_setup(args, model, adapter)
     model.eval()
     prompts = list(args.prompt or [])
     if not prompts and not sys.stdin.isatty():
         prompts = [l.rstrip("\n") for l in sys.stdin if l.strip()]
     if not prompts:
         raise SystemExit("generate: give --prompt TEXT (repeatable) or prompts on standard input, one a line")
-    if args.chat:
+    if args.choices:
+        from .mm_data import MCQuestion, format_question
+        texts = [format_question(MCQuestion("prompt", p, args.choices.split("|"), 0)) for p in prompts]
+    elif args.chat:
         if not tok.chat_template:
             raise SystemExit("generate --chat: this model's tokenizer has no chat template")
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -153,13 +212,42 @@ def cmd_generate(args) -> int:
         def stream(i, piece):
             print(piece, end="", flush=True)
     outs = generate(model, tok, texts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed, stop=args.stop or None, stream=stream)
+                    top_p=args.top_p, seed=args.seed, stop=args.stop or None, stream=stream,
+                    model_kwargs=_repeat_rows(model_kwargs, len(texts)))
     if stream is not None:
         print()
     else:
         for p, o in zip(prompts, outs):
             print(f"### {p}\n{o}\n")
     return 0
+
+
+def _repeat_rows(kwargs, n):
+    return None if kwargs is None else {k: v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
+
+
+def _mm_model_from_adapter(args, llm, adapter, what):
+    """The LLM wrapped with the encoder and projection that the multi-modal --adapter was trained with."""
+    from .multimodal import MultiModalLlama, build_encoder
+
+    if adapter is None:
+        raise SystemExit(f"{what}: give the multi-modal --adapter it was trained with")
+    meta = _adapter_metadata(adapter)
+    if meta.get("multimodal") != "1":
+        raise SystemExit(f"{what}: --adapter {adapter} is a text-only adapter (no image projection)")
+    spec = args.encoder or meta.get("encoder")
+    if not spec or spec == "precomputed":
+        raise SystemExit(f"{what}: the adapter does not record its encoder; give --encoder SPEC")
+    model = MultiModalLlama(llm, build_encoder(spec), projection=meta.get("projection", "linear"),
+                            projection_hidden=int(meta["projection_hidden"]) if "projection_hidden" in meta else None)
+    return model.load_adapter(adapter)
+
+
+def _mm_generate_setup(args, llm, adapter):
+    """The multi-modal model and the --image's feature (one row), which every prompt sees."""
+    model = _mm_model_from_adapter(args, llm, adapter, "generate --image")
+    images = model.encoder.preprocess.batch([args.image])
+    return model, {"image_features": model.encode_images(images)}
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -189,6 +277,13 @@ def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, batc
 
 
 def cmd_eval(args) -> int:
+    if args.images:
+        adapter = _adapter_file(args.adapter)
+        llm, tok = _load(args, adapter, attach=False)
+        model = _mm_model_from_adapter(args, llm, adapter, "eval --images").eval()
+        args.out, args.no_progress = None, True
+        _mm_print_eval(args, model, tok, args.split, args.limit)
+        return 0
     model, tok = _load(args, _adapter_file(args.adapter))
     model.eval()
     _print_eval(model, tok, args.data, args.max_seq_len, args.max_new_tokens, limit=args.limit, show=args.show)
@@ -263,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="data order and RNG seed")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("--no-plot", action="store_true", help="no loss/lr PNG at the end")
+    f.add_argument("--images", default=None, help="multi-modal: image directory of ScienceQA-format --data "
+                   "(images/<split>/<pid>/<file>); trains a projection of frozen --encoder features too")
+    f.add_argument("--split", default=None, help="multi-modal: train on this split only (e.g. train)")
+    f.add_argument("--eval-split", default=None, help="multi-modal: exact-choice accuracy on this split at the end")
+    f.add_argument("--encoder", default="efficientnet-lite0", help="multi-modal image encoder: "
+                   "efficientnet-lite0[:grid=G][:size=S], clip:CONFIG.json:CKPT[:layers=i,j], vit:TIMM_NAME:CKPT")
+    f.add_argument("--projection", default="linear", choices=["linear", "mlp"], help="image feature projection")
     f.set_defaults(func=cmd_finetune)
 
     g = sub.add_parser("generate", help="generate text, with or without an adapter", formatter_class=fmt)
@@ -278,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--no-stream", dest="stream", action="store_false", help="print only when done")
+    g.add_argument("--image", default=None, help="an image for a multi-modal --adapter")
+    g.add_argument("--encoder", default=None, help="image encoder spec (default: the one the adapter records)")
+    g.add_argument("--choices", default=None, help="options 'a|b|c': render the prompt as a ScienceQA question")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="loss/perplexity and exact-match accuracy on a JSONL split",
@@ -289,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=48, help="generation length for exact match")
     e.add_argument("--limit", type=int, default=None, help="only the first N records")
     e.add_argument("--show", type=int, default=5, help="print this many predictions")
+    e.add_argument("--images", default=None, help="multi-modal: image directory of ScienceQA-format --data; "
+                   "reports exact-choice accuracy")
+    e.add_argument("--split", default=None, help="multi-modal: evaluate this split only (e.g. test)")
+    e.add_argument("--encoder", default=None, help="image encoder spec (default: the one the adapter records)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="build, kernels, model and parameter counts", formatter_class=fmt)

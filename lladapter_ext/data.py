@@ -642,9 +642,10 @@ class Batches:
             self.epoch, self.index = self.epoch + 1, 0
         n_global = sum(self._loss_tokens[i] for i in self._order(self.epoch)[self.index])
         micro, n_local = [], 0
+        collate_rows = getattr(self.dataset, "collate", collate)  # a data set may add tensors (e.g. image features)
         for local in self.step_rows(self.epoch, self.index):
             n_local += sum(self._lengths[i] for i in local)
-            micro.append(collate([self.dataset[i] for i in local], self.dataset.pad_id,
+            micro.append(collate_rows([self.dataset[i] for i in local], self.dataset.pad_id,
                                  pad_to_multiple_of=self.pad_to_multiple_of))
         step = StepBatch(self.epoch, self.index, micro, n_global, n_local)
         self.index += 1

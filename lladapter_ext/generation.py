@@ -40,11 +40,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 @torch.no_grad()
 def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
-                    pad_id: int = 0, on_token: Optional[Callable[[int, int], bool]] = None) -> list[list[int]]:
+                    pad_id: int = 0, on_token: Optional[Callable[[int, int], bool]] = None,
+                    model_kwargs: Optional[dict] = None) -> list[list[int]]:
     """Generate up to max_new_tokens ids after each prompt (a list of id lists), batched and left-padded.
 
     A sample stops at eos_id (not included in its output) or when on_token(sample, token_id) returns True
-    (the token is kept). Returns the new ids of each sample.
+    (the token is kept). model_kwargs go to every forward call (e.g. a multi-modal model's image_features, one
+    row per prompt). Returns the new ids of each sample.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -76,7 +78,8 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     model.eval()
     try:
         cache = model.new_cache(B, L + max_new_tokens)
-        logits = model(ids, attention_mask=mask if padded else None, cache=cache).logits[:, -1]
+        extra = dict(model_kwargs or {})
+        logits = model(ids, attention_mask=mask if padded else None, cache=cache, **extra).logits[:, -1]
         done = [False] * B
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_p, gen)
@@ -91,7 +94,7 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
                     done[b] = True
             if all(done) or step == max_new_tokens - 1:
                 break
-            logits = model(nxt.view(B, 1), cache=cache).logits[:, -1]
+            logits = model(nxt.view(B, 1), cache=cache, **extra).logits[:, -1]
     finally:
         model.train(was_training)
     return out
@@ -114,13 +117,13 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-             stream: Optional[Callable[[int, str], None]] = None) -> list[str]:
+             stream: Optional[Callable[[int, str], None]] = None, model_kwargs: Optional[dict] = None) -> list[str]:
     """Continue each prompt; returns the generated texts (without the prompt, the EOS token or the stop string).
 
     temperature 0 is greedy; otherwise sampling with top_p, reproducible with seed. A sample stops at the
     tokenizer's EOS, at the first occurrence of any string in stop (cut there), or after max_new_tokens.
     stream(i, piece) is called with each new piece of text of prompt i as it is generated (pieces concatenate to
-    the returned text).
+    the returned text). model_kwargs go to every forward call (see generate_tokens).
     """
     if isinstance(prompts, str):
         raise TypeError("generate: prompts must be a list of strings, got a single str")
@@ -147,7 +150,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     new_ids = generate_tokens(model, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              eos_id=tokenizer.eos_id, pad_id=pad, on_token=on_token if track else None)
+                              eos_id=tokenizer.eos_id, pad_id=pad, on_token=on_token if track else None,
+                              model_kwargs=model_kwargs)
     if not track:
         return [tokenizer.decode(ids) for ids in new_ids]
     for b in range(len(prompts)):  # flush what was held back when the sample ended

@@ -201,14 +201,19 @@ class Attention(torch.nn.Module):
             self.adapter_prompt = None
             self.adapter_gate = None
 
-    def prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's prompt keys/values [1, K, Hkv, d]: the prompt projected by wk/wv, without RoPE."""
-        p = self.adapter_prompt.to(self.wk.weight.dtype)
-        K = p.shape[0]
-        return (self.wk(p).view(1, K, self.n_kv_heads, self.head_dim),
-                self.wv(p).view(1, K, self.n_kv_heads, self.head_dim))
+    def prompt_kv(self, prompt_offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's prompt keys/values: the prompt projected by wk/wv, without RoPE. [1, K, Hkv, d] when shared
+        by the batch; with prompt_offset [B, D] (multi-modal: the projected image feature, added to every prompt
+        token) they are per sample, [B, K, Hkv, d]."""
+        p = self.adapter_prompt.to(self.wk.weight.dtype).unsqueeze(0)  # [1, K, D]
+        if prompt_offset is not None:
+            p = p + prompt_offset.to(p.dtype).unsqueeze(1)  # [B, K, D]
+        B, K = p.shape[0], p.shape[1]
+        return (self.wk(p).view(B, K, self.n_kv_heads, self.head_dim),
+                self.wv(p).view(B, K, self.n_kv_heads, self.head_dim))
 
-    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache: Optional[KVCache], use_adapter: bool):
+    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache: Optional[KVCache], use_adapter: bool,
+                prompt_offset: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -220,10 +225,10 @@ class Attention(torch.nn.Module):
         if use_adapter and self.adapter_prompt is not None:
             if cache is not None:
                 if layer_idx not in cache.prompt_kv:
-                    cache.prompt_kv[layer_idx] = self.prompt_kv()
+                    cache.prompt_kv[layer_idx] = self.prompt_kv(prompt_offset)
                 pk, pv = cache.prompt_kv[layer_idx]
             else:
-                pk, pv = self.prompt_kv()
+                pk, pv = self.prompt_kv(prompt_offset)
             gate = self.adapter_gate
         out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, gate_act=self.gate_act,
                                          kv_start=kv_start)
@@ -251,8 +256,9 @@ class TransformerBlock(torch.nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
         self.feed_forward = FeedForward(config, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache, use_adapter):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, kv_start, layer_idx, cache, use_adapter)
+    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache, use_adapter, prompt_offset=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, kv_start, layer_idx, cache, use_adapter,
+                               prompt_offset)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -390,14 +396,17 @@ class LlamaForCausalLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, segment_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
+                cache: Optional[KVCache] = None, segment_ids: Optional[torch.Tensor] = None,
+                prompt_offset: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (or [B, cached + T]), 1 = real token, left or right padding;
         labels [B, T] with -100 ignored, HF convention: the loss compares logits[:, :-1] with labels[:, 1:], and
         only labelled positions go through the LM head (logits is then None); position_ids [B, T] (default: from
         segment_ids, else from the mask, so that each sample's first real token has position 0); cache: a KVCache
         from new_cache(); segment_ids [B, T] (packed rows, no cache): each run of equal consecutive ids is one
         sequence, attending only to its own earlier tokens (and the adapter prompt), with positions from 0 when
-        position_ids is not given, so every packed sequence gets the outputs it would get alone."""
+        position_ids is not given, so every packed sequence gets the outputs it would get alone;
+        prompt_offset [B, D]: added to every adaption prompt token of every adapted layer, so prompt keys/values are
+        per sample (the multi-modal adapter's projected image feature; with a cache, the first call's is kept)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
@@ -463,14 +472,17 @@ class LlamaForCausalLM(torch.nn.Module):
             kv_start = starts if kv_start is None else torch.maximum(starts, kv_start.view(B, 1))
 
         use_adapter = self.use_adapter and self.config.n_adapted_layers > 0
+        if prompt_offset is not None and tuple(prompt_offset.shape) != (B, self.config.dim):
+            raise ValueError(f"prompt_offset must be [B, dim] = [{B}, {self.config.dim}], got "
+                             f"{list(prompt_offset.shape)}")
         first_trainable = self._first_layer_needing_grad(use_adapter)
         h = None
         with torch.no_grad() if first_trainable > 0 else _nullcontext():
             h = self.tok_embeddings(input_ids)
             for i in range(first_trainable):
-                h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter)
+                h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter, prompt_offset)
         for i in range(first_trainable, self.config.n_layers):
-            h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter)
+            h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter, prompt_offset)
 
         if cache is not None:
             cache.length = past + T

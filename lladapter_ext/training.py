@@ -788,7 +788,7 @@ def evaluate_loss(model: torch.nn.Module, dataset: TokenizedDataset, *, batch_si
     try:
         order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))  # little padding
         for s in range(0, len(order), batch_size):
-            batch = collate([dataset[i] for i in order[s:s + batch_size]], dataset.pad_id)
+            batch = getattr(dataset, "collate", collate)([dataset[i] for i in order[s:s + batch_size]], dataset.pad_id)
             k = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if k == 0:
                 continue
