@@ -347,17 +347,7 @@ class LlamaForCausalLM(torch.nn.Module):
     def load_adapter(self, path_or_state_dict: Union[str, os.PathLike, dict]):
         """Load prompts and gates from a safetensors file or a state dict; every adapter tensor must be present
         with the right shape and nothing else may be (mismatches raise, naming the tensor)."""
-        source = "state dict"
-        if isinstance(path_or_state_dict, dict):
-            sd = path_or_state_dict
-        else:
-            from safetensors.torch import load_file
-
-            source = os.fspath(path_or_state_dict)
-            try:
-                sd = load_file(source)
-            except Exception as e:
-                raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
+        sd, source = read_adapter_tensors(path_or_state_dict)
         own = dict((n, p) for n, p in self.named_parameters() if _is_adapter_name(n))
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
@@ -527,6 +517,19 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def read_adapter_tensors(path_or_state_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
+    """(tensors, a name for error messages) of an adapter given as a safetensors file or a state dict."""
+    if isinstance(path_or_state_dict, dict):
+        return path_or_state_dict, "state dict"
+    from safetensors.torch import load_file
+
+    source = os.fspath(path_or_state_dict)
+    try:
+        return load_file(source), source
+    except Exception as e:
+        raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
 
 
 def _is_adapter_name(name: str) -> bool:

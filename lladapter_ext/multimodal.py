@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .mm_data import ImagePreprocess
-from .model import LlamaForCausalLM
+from .model import LlamaForCausalLM, read_adapter_tensors
 
 __all__ = ["ImageEncoder", "CLIPImageEncoder", "ViTImageEncoder", "EfficientNetLite0Encoder", "ModuleImageEncoder",
            "VisualProjection", "MultiModalLlama", "efficientnet_lite0_weights_path",
@@ -306,9 +306,7 @@ def build_encoder(spec: str) -> ImageEncoder:
         weights = opts.get("weights", "package")
         enc = EfficientNetLite0Encoder(None if weights == "random" else weights, grid=int(opts.get("grid", 1)),
                                        image_size=int(opts.get("size", 224)))
-        enc.spec = spec
-        return enc
-    if kind == "clip":
+    elif kind == "clip":
         if len(pos) != 2:
             raise ValueError(f"--encoder {spec!r}: expected clip:CONFIG_JSON:CHECKPOINT[:layers=...]")
         from .clip import CLIP, CLIPConfig, load_checkpoint_file
@@ -316,9 +314,7 @@ def build_encoder(spec: str) -> ImageEncoder:
         model = CLIP(CLIPConfig.from_open_clip(pos[0]))
         model.load_open_clip_state_dict(load_checkpoint_file(pos[1]), source=pos[1])
         enc = CLIPImageEncoder(model, layers=layers)
-        enc.spec = spec
-        return enc
-    if kind == "vit":
+    elif kind == "vit":
         if len(pos) != 2:
             raise ValueError(f"--encoder {spec!r}: expected vit:TIMM_NAME:CHECKPOINT[:layers=...]")
         from .clip import load_checkpoint_file
@@ -327,9 +323,11 @@ def build_encoder(spec: str) -> ImageEncoder:
         vit = VisionTransformer(ViTConfig.from_timm_name(pos[0]))
         vit.load_timm_state_dict(load_checkpoint_file(pos[1]), source=pos[1])
         enc = ViTImageEncoder(vit, layers=layers)
-        enc.spec = spec
-        return enc
-    raise ValueError(f"--encoder {spec!r}: unknown encoder kind {kind!r}; expected efficientnet-lite0, clip or vit")
+    else:
+        raise ValueError(f"--encoder {spec!r}: unknown encoder kind {kind!r}; expected efficientnet-lite0, clip or "
+                         "vit")
+    enc.spec = spec
+    return enc
 
 
 # --------------------------------------------------------------------------------------------- projection
@@ -465,16 +463,7 @@ class MultiModalLlama(nn.Module):
         save_file(tensors, os.fspath(path), metadata=self.adapter_metadata())
 
     def load_adapter(self, path_or_state_dict: Union[str, os.PathLike, dict]):
-        if isinstance(path_or_state_dict, dict):
-            sd, source = path_or_state_dict, "state dict"
-        else:
-            from safetensors.torch import load_file
-
-            source = os.fspath(path_or_state_dict)
-            try:
-                sd = load_file(source)
-            except Exception as e:
-                raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
+        sd, source = read_adapter_tensors(path_or_state_dict)
         proj = {k[len(PROJECTION_PREFIX):]: v for k, v in sd.items() if k.startswith(PROJECTION_PREFIX)}
         if not proj:
             raise ValueError(f"load_adapter: {source} has no {PROJECTION_PREFIX}* tensors: it is a text-only adapter")

@@ -257,13 +257,17 @@ def test_gradcheck_float64_no_prompt_and_row_without_keys():
 def test_backward_deterministic_across_threads():
     # B * Hkv = 1: one thread takes the single-pass backward, two threads the two-pass one (dk/dv per key block,
     # dq per query block); both must give bit-identical gradients
-    inp = make_inputs(B=1, Tq=100, H=4, Hkv=1, d=16, K=10, Bp=1)
+    _assert_same_on_one_and_more_threads(make_inputs(B=1, Tq=100, H=4, Hkv=1, d=16, K=10, Bp=1))
+
+
+def _assert_same_on_one_and_more_threads(inp):
+    """Output and gradients of the fused op on 1 thread and on >= 2 threads are bit-identical."""
     prev = torch.get_num_threads()
     res = []
     try:
         for n in (1, max(2, prev)):
             torch.set_num_threads(n)
-            out = ops.gated_prompt_attention(*inp[:6], backend="fused")
+            out = ops.gated_prompt_attention(*inp[:6], kv_start=inp[6], backend="fused")
             res.append(_grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend="fused"), inp,
                               torch.ones_like(out), True, "tanh") + [out])
     finally:
@@ -719,19 +723,7 @@ def test_gradcheck_float64_per_query_kv_start(causal, Bp):
 def test_backward_per_query_kv_start_deterministic_across_threads():
     # single-pass (1 thread) and two-pass backward skip different blocks of fully masked keys: still bit-identical
     q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=200, H=4, Hkv=1, d=16, K=10, Bp=1)
-    inp = (q, k, v, pk, pv, gate, packed_starts([[5, 90, 1, 70]], 200))
-    prev = torch.get_num_threads()
-    res = []
-    try:
-        for n in (1, max(2, prev)):
-            torch.set_num_threads(n)
-            out = ops.gated_prompt_attention(*inp[:6], kv_start=inp[6], backend="fused")
-            res.append(_grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend="fused"), inp,
-                              torch.ones_like(out), True, "tanh") + [out])
-    finally:
-        torch.set_num_threads(prev)
-    for a, b in zip(*res):
-        assert torch.equal(a, b)
+    _assert_same_on_one_and_more_threads((q, k, v, pk, pv, gate, packed_starts([[5, 90, 1, 70]], 200)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
