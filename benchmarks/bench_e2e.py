@@ -406,7 +406,7 @@ def main():
         if not runs[v]:
             continue
         med = lambda k: statistics.median(x[k] for x in runs[v]) if runs[v][0][k] is not None else None  # noqa
-        rows.append(dict(variant=v, step_s=med("step_s"), tokens_per_s=med("tokens_per_s"),
+        rows.append(dict(variant=v, step_s=med("step_s"), tokens_per_s=args.batch * args.seq / med("step_s"),
                          peak_bytes=med("peak_bytes"), decode_tokens_per_s=med("decode_tokens_per_s"),
                          trainable=runs[v][0]["trainable"], first_loss=runs[v][0]["first_loss"],
                          repeats=len(runs[v])))
