@@ -22,7 +22,7 @@ DEPS_STAMP := $(VENV)/.lladapter-deps
 BUILD_STAMP:= $(VENV)/.lladapter-build
 GPU_OUT    ?= gpu-check-out
 
-.PHONY: setup build test pytest ctest demo demo-mm bench gpu-check clean
+.PHONY: setup build test pytest ctest demo demo-mm bench bench-e2e gpu-check clean
 
 setup: $(BUILD_STAMP)
 
@@ -62,9 +62,18 @@ demo: setup
 demo-mm: setup
 	$(PY) examples/multimodal_demo.py
 
-BENCHES := $(sort $(wildcard benchmarks/bench_*.py))
+BENCHES := $(filter-out benchmarks/bench_e2e.py,$(sort $(wildcard benchmarks/bench_*.py)))
 bench: setup
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
+
+# End-to-end vs HF+PEFT and LitGPT. LitGPT goes into .deps (--target, no deps: what its model/adapter modules import),
+# never into the venv; gpu_check.sh puts .deps on PYTHONPATH when it exists.
+LITGPT_DEPS := litgpt==0.5.13 "lightning>=2.6.1" lightning-utilities torchmetrics \
+               "jsonargparse[signatures]>=4.37,<=4.41" docstring-parser typeshed-client
+.deps/.stamp: Makefile
+	$(PIP) install -q --target .deps --no-deps --upgrade $(LITGPT_DEPS) && touch $@
+bench-e2e: setup .deps/.stamp
+	PYTHONPATH=.deps $(PY) benchmarks/bench_e2e.py $(BENCH_ARGS)
 
 # On the GPU machine (no internet): builds with the python it finds there, never creates a venv.
 gpu-check:

@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Optional
 
@@ -107,3 +110,39 @@ class Table:
         with open(path, "w") as f:
             json.dump(dict(title=self.title, machine=machine_name(self.device), torch=torch.__version__,
                            rows=rows), f, indent=1)
+
+
+# ------------------------------------------------------------------ variants in child processes
+def run_child(script: str, variant: str, argv: list[str], env: Optional[dict] = None) -> dict:
+    """Run `python script --variant VARIANT *argv` and return the JSON dict its last stdout line holds.
+    Each variant gets its own process so that peak memory is its own and no state (patched ops, allocator
+    caches, imported libraries) leaks between variants. A failing child raises with the tail of its stderr."""
+    cmd = [sys.executable, script, "--variant", variant, *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"variant {variant!r} failed (rc {res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def host_rss_high_water() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: str) -> int:
+    """Start a peak-memory measurement; returns the baseline that peak_memory() subtracts on CPU (the RSS high
+    water mark so far: interpreter and imported libraries, which differ between variants)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return 0
+    return host_rss_high_water()
+
+
+def peak_memory(device: str, baseline: int) -> int:
+    """Bytes: peak CUDA allocation since reset_peak_memory(), or on CPU the growth of the RSS high water mark
+    over the baseline (what the variant allocated beyond its imports)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return host_rss_high_water() - baseline

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import common_args, machine_name  # noqa: E402
+from _common import common_args, host_rss_high_water, machine_name, run_child  # noqa: E402
 
 
 def use_reference_ops():
@@ -63,8 +61,7 @@ def run_variant(variant, args):
         times.append(time.perf_counter() - t)
     times.sort()
     t = times[len(times) // 2]
-    peak = (torch.cuda.max_memory_allocated() if dev == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else host_rss_high_water()
     return dict(variant=variant, step_s=t, tokens_per_s=args.batch * args.seq / t, peak_bytes=peak)
 
 
@@ -86,11 +83,9 @@ def main():
         return
     rows = []
     for variant in ("lladapter kernels", "reference ops"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--preset", args.preset,
-               "--adapter-layer", str(args.adapter_layer), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--dtype", args.dtype, "--iters", str(args.iters)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        rows.append(run_child(__file__, variant, [
+            "--device", args.device, "--preset", args.preset, "--adapter-layer", str(args.adapter_layer),
+            "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--iters", str(args.iters)]))
     base = rows[-1]
     print(f"\n== training step, {args.preset} ({args.dtype}), batch {args.batch} x {args.seq} tokens, adapter in the "
           f"top {args.adapter_layer} layers — {machine_name(args.device)}, torch {torch.__version__}")

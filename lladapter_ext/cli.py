@@ -318,7 +318,8 @@ def cmd_info(args) -> int:
         print(f"model: {src}")
         print(f"  config           {model.config}")
         print(f"  parameters       {total:,} total, {n:,} trainable (adapter prompts + gates)")
-        print(f"  adapter file     {n * 4 / 1e6:.2f} MB in fp32 ({n * 4:,} bytes of tensors)")
+        # MiB too: the paper's "4.7 MB" for LLaMA-7B is 4,919,040 bytes in MiB
+        print(f"  adapter file     {n * 4 / 2**20:.2f} MiB = {n * 4 / 1e6:.2f} MB in fp32 ({n * 4:,} bytes of tensors)")
     if args.json:
         print(json.dumps(info))
     return 0

@@ -51,6 +51,7 @@ def test_help_documents_every_option(sub):
 def test_info_preset_counts_llama7b_adapter():
     out = run_cli("info", "--preset", "llama-7b").stdout
     assert "1,229,760 trainable" in out
+    assert "4.69 MiB" in out  # the paper's "4.7 MB" adapter
     assert "CUDA kernels" in out
 
 

@@ -1,0 +1,451 @@
+"""End-to-end LLaMA-Adapter fine-tuning and decoding against the peers, one run, same everything:
+
+  (1) lladapter with our kernels           (2) lladapter on the reference ops (reference.py patched in)
+  (3) transformers LlamaForCausalLM + PEFT AdaptionPrompt (the anchor: every ratio is to this row)
+  (4) LitGPT's adapter model (litgpt.adapter.GPT), when litgpt imports (PYTHONPATH=.deps, see the Makefile)
+
+Every variant gets the same config, the same random weights (each tensor drawn from a generator seeded by its
+Hugging Face name, so every model gets bit-identical values), the same adapter (K prompt tokens in the top L
+layers, prompts N(0, 1), gates 0), the same token batch with the loss on the second half, and the same optimizer:
+AdamW(lr 1e-3, betas (0.9, 0.95), weight decay 0.02) over the adapter parameters only.
+Measured per variant, each in its own process: training step (forward + backward + optimizer step) time and
+tokens/s, peak memory of training (CUDA: max allocated; CPU: growth of the RSS high-water mark over the process
+after its imports), then greedy decoding of --decode-new tokens after a --decode-prompt token prompt with a KV
+cache (ours and LitGPT keep the prompt K/V across steps; PEFT recomputes them every step), tokens/s.
+On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats.
+
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--shape smollm2-135m|tinyllama-1.1b|llama-7b]
+        [--dtype float32|bfloat16] [--batch B] [--seq T] [--iters N] [--repeats R] [--json OUT.json]
+
+Defaults: on cuda the LLaMA-7B shape in bf16, B 4, T 512; on cpu SmolLM2-135M in fp32, B 4, T 128.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+from _common import common_args, machine_name, peak_memory, reset_peak_memory, run_child  # noqa: E402
+
+VARIANTS = ("lladapter kernels", "lladapter reference ops", "HF + PEFT", "LitGPT adapter")
+ANCHOR = "HF + PEFT"
+# Shapes by name: our presets plus a ~1B LLaMA shape (TinyLlama-1.1B's: 22 layers, width 2048, GQA 32/4).
+EXTRA_SHAPES = {"tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                             max_seq_len=512),  # smoke runs
+                "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                       ffn_dim=5632, norm_eps=1e-5, max_seq_len=2048)}
+OPT = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
+
+
+def llama_config(args):
+    from lladapter_ext.model import LlamaConfig, config_from_preset
+
+    kw = dict(adapter_len=args.adapter_len, adapter_layer=args.adapter_layer, gate_act="tanh")
+    if args.shape in EXTRA_SHAPES:
+        return LlamaConfig(**EXTRA_SHAPES[args.shape], **kw)
+    return config_from_preset(args.shape, **kw)
+
+
+# ------------------------------------------------------------------ the shared random weights
+def canonical_tensors(c):
+    """(Hugging Face name, shape, kind) of every weight; kind: 'w' = N(0, 0.02), 'norm' = ones,
+    'prompt' = N(0, 1) (the adapter prompt of a layer, named adapter.<layer>.prompt)."""
+    D, Dh, H, Hkv = c.dim, c.head_dim, c.n_heads, c.n_kv_heads
+    out = [("model.embed_tokens.weight", (c.vocab_size, D), "w")]
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (H * Dh, D), "w"), (p + "self_attn.k_proj.weight", (Hkv * Dh, D), "w"),
+                (p + "self_attn.v_proj.weight", (Hkv * Dh, D), "w"), (p + "self_attn.o_proj.weight", (D, H * Dh), "w"),
+                (p + "mlp.gate_proj.weight", (c.ffn_dim, D), "w"), (p + "mlp.up_proj.weight", (c.ffn_dim, D), "w"),
+                (p + "mlp.down_proj.weight", (D, c.ffn_dim), "w"),
+                (p + "input_layernorm.weight", (D,), "norm"), (p + "post_attention_layernorm.weight", (D,), "norm")]
+    out.append(("model.norm.weight", (D,), "norm"))
+    if not c.tie_embeddings:
+        out.append(("lm_head.weight", (c.vocab_size, D), "w"))
+    for i in range(c.first_adapted_layer, c.n_layers):
+        out.append((f"adapter.{i}.prompt", (c.adapter_len, D), "prompt"))
+    return out
+
+
+@torch.no_grad()
+def fill(t: torch.Tensor, name: str, kind: str):
+    """Deterministic values for tensor `name`, whatever model holds it: a generator seeded by the name."""
+    if kind == "norm":
+        t.fill_(1.0)
+        return
+    gen = torch.Generator(device=t.device).manual_seed(zlib.crc32(name.encode()))
+    t.normal_(0.0, 0.02 if kind == "w" else 1.0, generator=gen)
+
+
+def build_ours(c, dev, dtype):
+    from lladapter_ext.loaders import _hf_to_ours
+    from lladapter_ext.model import LlamaForCausalLM
+
+    model = LlamaForCausalLM(c, device="meta", dtype=dtype).to_empty(device=dev)  # no random init to discard
+    params = dict(model.named_parameters())
+    for name, _, kind in canonical_tensors(c):
+        if kind == "prompt":
+            fill(params[f"layers.{name.split('.')[1]}.attention.adapter_prompt"], name, kind)
+        else:
+            fill(params[_hf_to_ours(name)], name, kind)
+    for n, p in params.items():
+        if n.endswith("adapter_gate"):
+            p.data.zero_()
+    return model
+
+
+def hf_config(c):
+    from transformers import LlamaConfig as HFConfig
+
+    return HFConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+                    num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                    head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base,
+                    max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+
+
+def build_peft(c, dev, dtype):
+    import peft
+    from transformers import LlamaForCausalLM as HFLlama
+
+    hcfg = hf_config(c)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # meta parameters in the target dtype: no full-size fp32 copy on the way
+    try:
+        with torch.device("meta"):
+            hf = HFLlama(hcfg)
+    finally:
+        torch.set_default_dtype(default)
+    hf.to_empty(device=dev)
+    hf.tie_weights()  # to_empty gives the tied lm_head its own tensor: tie it again
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hcfg).to(dev)  # its buffers were left empty
+    params = dict(hf.named_parameters())
+    for name, _, kind in canonical_tensors(c):
+        if kind != "prompt":
+            fill(params[name], name, kind)
+    # PEFT's adapter_layers counts the top layers, like our adapter_layer
+    model = peft.get_peft_model(hf, peft.AdaptionPromptConfig(adapter_len=c.adapter_len,
+                                                              adapter_layers=c.n_adapted_layers,
+                                                              task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if name.endswith("adaption_prompt"):
+            layer = int(name.split("layers.")[1].split(".")[0])
+            fill(p.data[0], f"adapter.{layer}.prompt", "prompt")
+        elif name.endswith("adaption_gate"):
+            p.data.zero_()
+    return model
+
+
+def import_litgpt():
+    try:
+        from litgpt.adapter import GPT, Config  # noqa: F401
+        from litgpt.utils import chunked_cross_entropy  # noqa: F401
+    except Exception as e:  # not installed, or a dependency (lightning) missing
+        return f"litgpt does not import here ({type(e).__name__}: {e})"
+    return None
+
+
+def build_litgpt(c, dev, dtype):
+    from litgpt.adapter import GPT, Config, mark_only_adapter_as_trainable
+
+    cfg = Config(name="bench", block_size=c.max_seq_len, vocab_size=c.vocab_size, padded_vocab_size=c.vocab_size,
+                 n_layer=c.n_layers, n_head=c.n_heads, n_query_groups=c.n_kv_heads, n_embd=c.dim,
+                 head_size=c.head_dim, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                 norm_class_name="RMSNorm", norm_eps=c.norm_eps, mlp_class_name="LLaMAMLP",
+                 intermediate_size=c.ffn_dim, rope_base=int(c.rope_base),
+                 adapter_prompt_length=c.adapter_len, adapter_start_layer=c.first_adapted_layer)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = GPT(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=dev)
+    model.cos, model.sin = model.rope_cache(device=dev)  # RoPE tables made on the meta device hold nothing
+    params = dict(model.named_parameters())
+    qs, ks = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    for name, _, kind in canonical_tensors(c):
+        if kind == "prompt":
+            fill(params[f"transformer.h.{name.split('.')[1]}.attn.adapter_wte.weight"], name, kind)
+            continue
+        if name == "model.embed_tokens.weight":
+            fill(params["transformer.wte.weight"], name, kind)
+            if c.tie_embeddings:  # LitGPT has no tied head: it holds a copy, as its converted checkpoints do
+                params["lm_head.weight"].data.copy_(params["transformer.wte.weight"].data)
+            continue
+        top = {"model.norm.weight": "transformer.ln_f.weight", "lm_head.weight": "lm_head.weight"}
+        if name in top:
+            fill(params[top[name]], name, kind)
+            continue
+        i, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+        p = f"transformer.h.{i}."
+        qkv = params[p + "attn.qkv.weight"].data  # [q; k; v] stacked (LitGPT 0.5's layout)
+        slot = {"self_attn.q_proj.weight": qkv[:qs], "self_attn.k_proj.weight": qkv[qs:qs + ks],
+                "self_attn.v_proj.weight": qkv[qs + ks:],
+                "self_attn.o_proj.weight": params[p + "attn.proj.weight"],
+                "mlp.gate_proj.weight": params[p + "mlp.fc_1.weight"], "mlp.up_proj.weight": params[p + "mlp.fc_2.weight"],
+                "mlp.down_proj.weight": params[p + "mlp.proj.weight"],
+                "input_layernorm.weight": params[p + "norm_1.weight"],
+                "post_attention_layernorm.weight": params[p + "norm_2.weight"]}[rest]
+        fill(slot, name, kind)
+    for n, p in params.items():
+        if n.endswith("gating_factor"):
+            p.data.zero_()
+    mark_only_adapter_as_trainable(model)
+    return model
+
+
+# ------------------------------------------------------------------ one variant (child process)
+def run_variant(variant, args):
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    if variant == "LitGPT adapter":
+        why = import_litgpt()
+        if why:
+            return dict(variant=variant, skipped=why)
+    if variant == "lladapter reference ops":
+        from bench_train import use_reference_ops
+        use_reference_ops()
+    # every module the variant uses is imported before the memory baseline (imports are not the variant's memory)
+    import lladapter_ext.generation  # noqa: F401
+    import lladapter_ext.loaders  # noqa: F401
+    if variant == ANCHOR:
+        import peft  # noqa: F401
+        from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
+        from transformers.models.llama import modeling_llama  # noqa: F401
+    # the first meta-device tensor imports torch's meta kernels (~150 MB of modules): before the baseline too
+    torch.nn.Embedding(2, 2, device="meta").to_empty(device=dev).weight.data.normal_(
+        generator=torch.Generator(device=dev).manual_seed(0))
+    c = llama_config(args)
+    torch.manual_seed(0)
+    ids = torch.randint(3, c.vocab_size, (args.batch, args.seq), device=dev)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100  # loss on the answer half, as instruction data has it
+    base = reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    if variant.startswith("lladapter"):
+        model = build_ours(c, dev, dtype)
+        loss_fn = lambda: model(ids, labels=labels).loss  # noqa: E731
+    elif variant == ANCHOR:
+        model = build_peft(c, dev, dtype)
+        loss_fn = lambda: model(input_ids=ids, labels=labels).loss  # noqa: E731
+    else:
+        from litgpt.utils import chunked_cross_entropy
+
+        model = build_litgpt(c, dev, dtype)
+
+        def loss_fn():  # as litgpt/finetune/adapter.py computes it
+            for m in model.modules():  # LitGPT fills this cache in every forward; a training step must start
+                if hasattr(m, "adapter_kv_cache"):  # without the previous step's (freed) graph
+                    m.adapter_kv_cache = None
+            logits = model(ids, lm_head_chunk_size=128)
+            logits[-1] = logits[-1][..., :-1, :]
+            return chunked_cross_entropy(logits, labels[..., 1:])
+    build_s = time.perf_counter() - t0
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    opt = torch.optim.AdamW(trainable, **OPT)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss
+
+    first_loss = float(step())
+    step()
+    times = []
+    for _ in range(args.iters):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    peak = peak_memory(dev, base)
+    del opt
+    decode_tps = decode(variant, model, c, args) if args.decode_new > 0 else None
+    return dict(variant=variant, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s, peak_bytes=peak,
+                decode_tokens_per_s=decode_tps, trainable=n_trainable, first_loss=first_loss, build_s=build_s)
+
+
+@torch.no_grad()
+def decode(variant, model, c, args):
+    """Greedy decoding of args.decode_new tokens after a random args.decode_prompt-token prompt, batch
+    args.decode_batch, each library's KV-cached generation; new tokens per second (prefill included)."""
+    dev = args.device
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, c.vocab_size, (args.decode_batch, args.decode_prompt), generator=gen).to(dev)
+    n = args.decode_new
+    if variant.startswith("lladapter"):
+        from lladapter_ext.generation import generate_tokens
+
+        run = lambda: generate_tokens(model, prompt.tolist(), n, eos_id=None)  # noqa: E731
+    elif variant == ANCHOR:
+        run = lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),  # noqa: E731
+                                     max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+    else:
+        run = lambda: litgpt_greedy(model, prompt, n)  # noqa: E731
+    out_lengths = []
+
+    def timed():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = run()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        out_lengths.append(len(out[0]) - (prompt.shape[1] if variant == ANCHOR else 0))  # HF returns prompt + new
+        return time.perf_counter() - t
+
+    timed()  # warm-up (allocator, caches)
+    s = statistics.median(timed() for _ in range(args.decode_iters))
+    if out_lengths[-1] != n:
+        raise RuntimeError(f"{variant}: generated {out_lengths[-1]} tokens, expected {n}")
+    return args.decode_batch * n / s
+
+
+def litgpt_greedy(model, prompt, n):
+    """Greedy decoding with LitGPT's KV cache (what litgpt.generate does, without its sampling options)."""
+    B, P = prompt.shape
+    model.max_seq_length = P + n
+    model.set_kv_cache(batch_size=B, device=prompt.device)
+    for m in model.modules():
+        if hasattr(m, "adapter_kv_cache"):
+            m.adapter_kv_cache = None
+    pos = torch.arange(P, device=prompt.device)
+    logits = model(prompt, input_pos=pos)[:, -1]
+    out = []
+    for i in range(n):
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        if i + 1 < n:
+            logits = model(nxt, input_pos=torch.tensor([P + i], device=prompt.device), input_pos_maxp1=P + i + 1)[:, -1]
+    model.clear_kv_cache()
+    return torch.cat(out, 1)
+
+
+# ------------------------------------------------------------------ parent: run, repeat, tabulate
+def main():
+    p = common_args(__doc__)
+    p.add_argument("--shape", default=None, help="model shape: a preset name or tinyllama-1.1b (default: "
+                   "llama-7b on cuda, smollm2-135m on cpu)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--adapter-len", type=int, default=10)
+    p.add_argument("--adapter-layer", type=int, default=30, help="adapted top layers (clipped to the depth)")
+    p.add_argument("--repeats", type=int, default=None, help="rounds over all variants (median taken)")
+    p.add_argument("--decode-prompt", type=int, default=None)
+    p.add_argument("--decode-new", type=int, default=None)
+    p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--decode-iters", type=int, default=None)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    gpu = args.device == "cuda"
+    args.shape = args.shape or ("llama-7b" if gpu else "smollm2-135m")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.batch = args.batch or (2 if args.quick else 4)
+    args.seq = args.seq or (64 if args.quick else (512 if gpu else 128))
+    args.iters = args.iters or (10 if gpu else 3)
+    args.repeats = args.repeats or (1 if gpu or args.quick else 2)
+    args.decode_prompt = args.decode_prompt or (128 if gpu else 32)
+    args.decode_new = args.decode_new if args.decode_new is not None else (128 if gpu else 24)
+    args.decode_iters = args.decode_iters or (3 if gpu else 2)
+    if args.variant:  # child process
+        print(json.dumps(run_variant(args.variant, args)))
+        return
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; expected a subset of {list(VARIANTS)}")
+    argv = ["--device", args.device, "--shape", args.shape, "--dtype", args.dtype, "--batch", str(args.batch),
+            "--seq", str(args.seq), "--iters", str(args.iters), "--adapter-len", str(args.adapter_len),
+            "--adapter-layer", str(args.adapter_layer), "--decode-prompt", str(args.decode_prompt),
+            "--decode-new", str(args.decode_new), "--decode-batch", str(args.decode_batch),
+            "--decode-iters", str(args.decode_iters)]
+    runs = {v: [] for v in variants}
+    skipped, failed = {}, {}
+    for r in range(args.repeats):  # interleaved rounds: load changes on a shared machine hit every variant
+        for v in variants:
+            if v in skipped or v in failed:
+                continue
+            try:
+                res = run_child(__file__, v, argv)
+            except RuntimeError as e:
+                failed[v] = str(e).strip().splitlines()[-1]
+                print(f"[{v}] FAILED: {e}", file=sys.stderr)
+                continue
+            if "skipped" in res:
+                skipped[v] = res["skipped"]
+            else:
+                runs[v].append(res)
+            print(f"  round {r + 1}/{args.repeats} {v}: " + (res.get("skipped") or
+                  f"step {res['step_s'] * 1e3:.0f} ms, decode {res['decode_tokens_per_s'] or 0:.1f} tok/s"),
+                  file=sys.stderr, flush=True)
+    rows = []
+    for v in variants:
+        if not runs[v]:
+            continue
+        med = lambda k: statistics.median(x[k] for x in runs[v]) if runs[v][0][k] is not None else None  # noqa
+        rows.append(dict(variant=v, step_s=med("step_s"), tokens_per_s=args.batch * args.seq / med("step_s"),
+                         peak_bytes=med("peak_bytes"), decode_tokens_per_s=med("decode_tokens_per_s"),
+                         trainable=runs[v][0]["trainable"], first_loss=runs[v][0]["first_loss"],
+                         repeats=len(runs[v])))
+    anchor = next((r for r in rows if r["variant"] == ANCHOR), None)
+    for r in rows:
+        r["train_speedup_vs_peft"] = anchor and anchor["step_s"] / r["step_s"]
+        r["memory_vs_peft"] = anchor and r["peak_bytes"] / anchor["peak_bytes"]
+        r["decode_speedup_vs_peft"] = (anchor and r["decode_tokens_per_s"] and anchor["decode_tokens_per_s"]
+                                       and r["decode_tokens_per_s"] / anchor["decode_tokens_per_s"])
+    c = llama_config(args)
+    title = (f"end-to-end, {args.shape} shape ({c.n_layers} layers, width {c.dim}, heads {c.n_heads}/{c.n_kv_heads}) "
+             f"{args.dtype}, random weights; train batch {args.batch} x {args.seq} (loss on the second half), "
+             f"adapter K={c.adapter_len} in the top {c.n_adapted_layers} layers, AdamW; decode: batch "
+             f"{args.decode_batch}, {args.decode_prompt}-token prompt + {args.decode_new} greedy tokens")
+    mem_note = "CUDA max allocated" if gpu else "RSS growth over imports"
+    print(f"\n== {title}\n   {machine_name(args.device)}, torch {torch.__version__}; median of {args.repeats} "
+          f"interleaved round(s); ratios vs {ANCHOR}")
+    print(f"{'variant':24s} {'trainable':>10s} {'step':>9s} {'tokens/s':>9s} {'peak mem':>9s} {'decode':>9s}   "
+          f"{'train':>6s} {'memory':>6s} {'decode':>6s}  loss@step0")
+    for r in rows:
+        f = lambda x: f"{x:5.2f}x" if x else "   -  "  # noqa: E731
+        dec = f"{r['decode_tokens_per_s']:7.1f}/s" if r["decode_tokens_per_s"] else "      -  "
+        print(f"{r['variant']:24s} {r['trainable']:10,d} {r['step_s'] * 1e3:7.0f}ms {r['tokens_per_s']:9.0f} "
+              f"{r['peak_bytes'] / 2**20:6.0f}MiB {dec}   {f(r['train_speedup_vs_peft'])} {f(r['memory_vs_peft'])} "
+              f"{f(r['decode_speedup_vs_peft'])}  {r['first_loss']:.4f}")
+    print(f"   peak mem = {mem_note}. Trainable parameters: ours and LitGPT have one gate per head and layer, PEFT "
+          f"one per layer (the prompts, K x width per layer, are the same size in all). loss@step0: the first\n"
+          f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).")
+    for v, why in skipped.items():
+        print(f"   {v}: skipped: {why}")
+    for v, why in failed.items():
+        print(f"   {v}: FAILED: {why}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(title=title, machine=machine_name(args.device), torch=torch.__version__,
+                           memory=mem_note, rows=rows, skipped=skipped, failed=failed), fh, indent=1)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
