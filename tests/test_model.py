@@ -161,7 +161,7 @@ def test_packed_row_gives_each_sequence_its_own_logits_loss_and_gradients():
         if len(sq) > 1:
             loss = model(sq.view(1, -1), labels=sq.view(1, -1)).loss * (len(sq) - 1)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
     assert n_tokens == sum(len(sq) - 1 for sq in seqs)
     assert float(packed_loss) == pytest.approx(total, rel=1e-5)
     assert packed_grads and set(packed_grads) == {n for n, p in model.named_parameters() if p.grad is not None}
