@@ -169,15 +169,19 @@ class CLIPVisionTower(nn.Module):
             raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
         if images.shape[-2] % c.patch_size or images.shape[-1] % c.patch_size:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of patch {c.patch_size}")
+        x = self.embed(images)
+        for blk in self.blocks:
+            x = blk(x, causal=False)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The tokens entering the first block: [class token, patch embeddings] + positions, after ln_pre."""
         x = self.conv1(images)
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        pos = resample_pos_embed(self.positional_embedding.unsqueeze(0), c.grid, grid, 1)
-        x = self.ln_pre(torch.cat((cls, x), dim=1) + pos.to(x.dtype))
-        for blk in self.blocks:
-            x = blk(x, causal=False)
-        return self.ln_post(x[:, 0]) @ self.proj
+        pos = resample_pos_embed(self.positional_embedding.unsqueeze(0), self.config.grid, grid, 1)
+        return self.ln_pre(torch.cat((cls, x), dim=1) + pos.to(x.dtype))
 
 
 class CLIPTextTower(nn.Module):

@@ -124,15 +124,7 @@ class CLIPImageEncoder(ImageEncoder):
         t = self.tower
         if self.layers is None:
             return t(images)
-        from .vit import resample_pos_embed
-
-        c = t.config
-        x = t.conv1(images)
-        grid = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2)
-        cls = t.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        pos = resample_pos_embed(t.positional_embedding.unsqueeze(0), c.grid, grid, 1)
-        x = t.ln_pre(torch.cat((cls, x), dim=1) + pos.to(x.dtype))
+        x = t.embed(images)
         outs = []
         for i, blk in enumerate(t.blocks[:max(self.layers) + 1]):
             x = blk(x, causal=False)
