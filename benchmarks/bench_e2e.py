@@ -22,6 +22,7 @@ Defaults: on cuda the LLaMA-7B shape in bf16, B 4, T 512; on cpu SmolLM2-135M in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -46,6 +47,18 @@ EXTRA_SHAPES = {"tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv
                 "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                                        ffn_dim=5632, norm_eps=1e-5, max_seq_len=2048)}
 OPT = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
+
+
+@contextlib.contextmanager
+def _on_meta(dtype):
+    """Build modules on the meta device with parameters in `dtype` (no full-size fp32 copy on the way)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def llama_config(args):
@@ -120,13 +133,8 @@ def build_peft(c, dev, dtype):
     from transformers import LlamaForCausalLM as HFLlama
 
     hcfg = hf_config(c)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # meta parameters in the target dtype: no full-size fp32 copy on the way
-    try:
-        with torch.device("meta"):
-            hf = HFLlama(hcfg)
-    finally:
-        torch.set_default_dtype(default)
+    with _on_meta(dtype):
+        hf = HFLlama(hcfg)
     hf.to_empty(device=dev)
     hf.tie_weights()  # to_empty gives the tied lm_head its own tensor: tie it again
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hcfg).to(dev)  # its buffers were left empty
@@ -165,13 +173,8 @@ def build_litgpt(c, dev, dtype):
                  norm_class_name="RMSNorm", norm_eps=c.norm_eps, mlp_class_name="LLaMAMLP",
                  intermediate_size=c.ffn_dim, rope_base=int(c.rope_base),
                  adapter_prompt_length=c.adapter_len, adapter_start_layer=c.first_adapted_layer)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = GPT(cfg)
-    finally:
-        torch.set_default_dtype(default)
+    with _on_meta(dtype):
+        model = GPT(cfg)
     model.to_empty(device=dev)
     model.cos, model.sin = model.rope_cache(device=dev)  # RoPE tables made on the meta device hold nothing
     params = dict(model.named_parameters())
