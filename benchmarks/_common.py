@@ -33,6 +33,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _time_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds of one call of fn (CUDA events on GPU, so only device time counts)."""
+    if device == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10,
           min_time: float = 0.0) -> float:
     """Median seconds per call of fn over `iters` timed calls (after `warmup`), at least min_time in total."""
@@ -42,20 +56,29 @@ def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 1
     times = []
     start_all = time.perf_counter()
     while len(times) < iters or (time.perf_counter() - start_all) < min_time:
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times.append(_time_call(fn, device))
         if len(times) >= 10 * iters:
             break
     return statistics.median(times)
+
+
+def bench_group(fns: dict[str, Callable[[], object]], device: str, warmup: int = 2,
+                iters: int = 10) -> dict[str, float]:
+    """Median seconds per call of each fn, measured round-robin: every round calls each fn once (the order
+    rotates from round to round), so load that comes and goes on a shared machine hits all variants alike and
+    the ratios between them stay meaningful even when the absolute times swing. Timing one variant's
+    iterations in a block and then the next's turned a 1.3x win into a 0.8x loss under such load."""
+    names = list(fns)
+    for _ in range(warmup):
+        for nm in names:
+            fns[nm]()
+    sync(device)
+    times: dict[str, list[float]] = {nm: [] for nm in names}
+    for it in range(iters):
+        shift = it % len(names)
+        for nm in names[shift:] + names[:shift]:
+            times[nm].append(_time_call(fns[nm], device))
+    return {nm: statistics.median(ts) for nm, ts in times.items()}
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:

@@ -6,7 +6,8 @@ Anchors:
   sdpa_plain      plain causal SDPA without prompts (the floor: what the prompt costs)
 Ratios are anchor_time / time (> 1: ours is faster). Forward and forward+backward (grads for q, k, v, pk, pv,
 gate, as in adapter fine-tuning where activations also need gradients). On CUDA the fused op is measured with
-each forward kernel (LLADAPTER_CUDA_ATTN=mma: tensor cores, the default; =simt: the SIMT kernel).
+each forward kernel (LLADAPTER_CUDA_ATTN=mma: tensor cores, the default; =simt: the SIMT kernel). The variants
+of one case are timed round-robin (bench_group), so load on a shared machine hits them alike.
 
   python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--json out.json]
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the source tree's package (its compiled extension) rather than another installed copy
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import Table, bench, common_args  # noqa: E402
+from _common import Table, bench_group, common_args  # noqa: E402
 
 from lladapter_ext import ops  # noqa: E402
 
@@ -130,6 +131,7 @@ def main():
             leaves = [t.detach().clone().requires_grad_(mode != "fwd") for t in inputs]
             g = torch.randn(B, T, H, d, device=dev, dtype=dtype)
 
+            runs = {}
             for nm, fn in list(anchors.items()) + list(impl_fns.items()):
                 if nm == "eager_2softmax" and T * T * B * H * 4 > (1 << 31):
                     continue  # the materialised score matrix alone would not fit comfortably
@@ -139,8 +141,11 @@ def main():
                             fn(*leaves)
                 else:
                     def f(fn=fn):
+                        for t in leaves:
+                            t.grad = None
                         fn(*leaves).backward(g)
-                t = bench(f, dev, warmup=warm, iters=iters)
+                runs[nm] = f
+            for nm, t in bench_group(runs, dev, warmup=warm, iters=iters).items():
                 table.add(case, nm, t, anchor=None if nm in anchors else "sdpa_x2_gated")
             for nm in impl_fns:
                 for a in ("eager_2softmax", "sdpa_plain"):
@@ -162,10 +167,10 @@ def main():
             return word + torch.tanh(gate).to(q.dtype).view(1, -1, 1, 1) * prompt
 
         with torch.no_grad():
-            table.add(case, "sdpa_x2_gated", bench(lambda: sdpa_decode(*inputs), dev, warmup=warm, iters=iters * 3))
-            for nm, fn in impl_fns.items():
-                table.add(case, nm, bench(lambda fn=fn: fn(*inputs), dev, warmup=warm, iters=iters * 3),
-                          anchor="sdpa_x2_gated")
+            runs = {"sdpa_x2_gated": lambda: sdpa_decode(*inputs)}
+            runs.update({nm: (lambda fn=fn: fn(*inputs)) for nm, fn in impl_fns.items()})
+            for nm, t in bench_group(runs, dev, warmup=warm, iters=iters * 3).items():
+                table.add(case, nm, t, anchor=None if nm == "sdpa_x2_gated" else "sdpa_x2_gated")
     table.print()
     table.dump(args.json)
 

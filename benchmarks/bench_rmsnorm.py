@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Table, bench, common_args, copy_bandwidth  # noqa: E402
+from _common import Table, bench_group, common_args, copy_bandwidth  # noqa: E402
 
 from lladapter_ext import ops, reference  # noqa: E402
 
@@ -55,20 +55,20 @@ def main():
             gy = torch.randn_like(x)
             elt = x.element_size()
             name = f"{rows}x{n} {str(dtype).replace('torch.', '')}"
-            for impl, fn in impls.items():
-                t = bench(lambda: fn(x, w), dev, iters=iters)
+            times = bench_group({impl: (lambda fn=fn: fn(x, w)) for impl, fn in impls.items()}, dev, iters=iters)
+            for impl, t in times.items():
                 extra = {}
                 if bw:  # read x, write y
                     extra["copy_bw_frac"] = f"{2 * x.numel() * elt / t / bw:.2f}"
                 table.add(name + " fwd", impl, t, anchor="eager (reference.py)", **extra)
             xg = x.clone().requires_grad_()
             wg = w.clone().requires_grad_()
-            for impl, fn in impls.items():
-                def step():
-                    xg.grad = None
-                    wg.grad = None
-                    fn(xg, wg).backward(gy)
-                t = bench(step, dev, iters=iters)
+            def step(fn):
+                xg.grad = None
+                wg.grad = None
+                fn(xg, wg).backward(gy)
+            times = bench_group({impl: (lambda fn=fn: step(fn)) for impl, fn in impls.items()}, dev, iters=iters)
+            for impl, t in times.items():
                 extra = {}
                 if bw:  # fwd: read x, write y; bwd: read dy and x, write dx (minimal traffic)
                     extra["copy_bw_frac"] = f"{5 * x.numel() * elt / t / bw:.2f}"

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Table, bench, common_args, copy_bandwidth  # noqa: E402
+from _common import Table, bench_group, common_args, copy_bandwidth  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lladapter_ext import ops, reference  # noqa: E402
@@ -97,6 +97,8 @@ def main():
                 s2 = torch.cat((sin, sin), -1)[:T].unsqueeze(0).to(dtype)
             for mode in ("fwd", "fwd+bwd"):
                 case = f"{name} {dt} {mode}"
+                traffic = nbytes * (1 if mode == "fwd" else 2)
+                runs, anchors, traffics = {}, {}, {}
                 for impl, (fn, anchor) in impls.items():
                     if mode == "fwd":
                         def run(fn=fn):
@@ -109,25 +111,19 @@ def main():
                             qo, ko = fn(qg, kg)
                             torch.autograd.backward((qo, ko), (gq, gk))
                             qg.grad = kg.grad = None
-                    t = bench(run, dev, warmup=warmup, iters=iters)
-                    extra = {}
-                    if copy_bw:
-                        extra["copy_bw_frac"] = f"{(nbytes * (1 if mode == 'fwd' else 2) / t) / copy_bw:.2f}"
-                    table.add(case, impl, t, anchor=anchor, **extra)
+                    runs[impl], anchors[impl], traffics[impl] = run, anchor, traffic
                 if mode == "fwd":
                     # the floor of any out-of-place version: fresh q/k-sized outputs written once (on CPU the
                     # first-touch page faults of new memory dominate; THP_MEM_ALLOC_ENABLE=1 roughly halves them)
-                    t = bench(lambda: (q.clone(), k.clone()), dev, warmup=warmup, iters=iters)
-                    extra = {"copy_bw_frac": f"{(nbytes / t) / copy_bw:.2f}"} if copy_bw else {}
-                    table.add(case, "clone q,k (alloc+copy floor)", t, anchor=HF, **extra)
+                    floor = "clone q,k (alloc+copy floor)"
+                    runs[floor], anchors[floor], traffics[floor] = (lambda: (q.clone(), k.clone())), HF, nbytes
                     qi, ki = q.clone(), k.clone()
 
                     def run_inplace():
                         with torch.no_grad():
                             ops.rope_(qi, ki, cos, sin)  # repeated rotation: same memory traffic
-                    t = bench(run_inplace, dev, warmup=warmup, iters=iters)
-                    extra = {"copy_bw_frac": f"{(nbytes / t) / copy_bw:.2f}"} if copy_bw else {}
-                    table.add(case, "lladapter rope_ (in place)", t, anchor=HF, **extra)
+                    inplace = "lladapter rope_ (in place)"
+                    runs[inplace], anchors[inplace], traffics[inplace] = run_inplace, HF, nbytes
                 if liger is not None:
                     if mode == "fwd":
                         def run_liger():
@@ -141,9 +137,11 @@ def main():
                             qo, ko = liger(qlg, klg, c2, s2)
                             torch.autograd.backward((qo, ko), (gqh, gkh))
                             qlg.grad = klg.grad = None
-                    t = bench(run_liger, dev, warmup=warmup, iters=iters)
-                    extra = {"copy_bw_frac": f"{(nbytes * (1 if mode == 'fwd' else 2) / t) / copy_bw:.2f}"}
-                    table.add(case, "Liger-Kernel rope", t, anchor=HF, **extra)
+                    lg = "Liger-Kernel rope"
+                    runs[lg], anchors[lg], traffics[lg] = run_liger, HF, traffic
+                for impl, t in bench_group(runs, dev, warmup=warmup, iters=iters).items():
+                    extra = {"copy_bw_frac": f"{(traffics[impl] / t) / copy_bw:.2f}"} if copy_bw else {}
+                    table.add(case, impl, t, anchor=anchors[impl], **extra)
             del q, k, gq, gk
     if copy_bw:
         print(f"device copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
