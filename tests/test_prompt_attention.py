@@ -635,7 +635,7 @@ def packed_starts(rows, Tq, device="cpu"):
     return out.to(device)
 
 
-# sequences of length 1, sequences crossing the 64-row query blocks and 64-key blocks, one sequence filling a row
+# sequences of length 1, sequences crossing the query and key blocks (64 on CUDA, 128 on CPU), one filling a row
 PACKED_ROWS = [[1, 70, 1, 1, 50], [150], [3, 64, 65, 1]]
 
 

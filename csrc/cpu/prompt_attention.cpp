@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../prompt_attention.h"
@@ -64,14 +65,13 @@ struct SequentialBlasGuard {
 // Row-major C[m, n] = alpha * A[m, k] . op(B) + beta * C, where op(B) is B [k, n] (ldb) or, with b_trans, the
 // transpose of B stored [n, k] (ldb). Returns false when no BLAS is available.
 inline bool blas_gemm_rowmajor(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
-                               int64_t ldb, bool b_trans, float beta, float* C, int64_t ldc) {
+                               int64_t ldb, bool b_trans, float beta, float* C, int64_t ldc, float alpha = 1.f) {
   if (sgemm_ == nullptr) return false;
   // column-major view: C^T [n, m] = op(B)^T [n, k] . A^T [k, m]
   const char ta = b_trans ? 'T' : 'N', tb = 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
-  const float one = 1.f;
-  sgemm_(&ta, &tb, &M, &N, &K, &one, B, &LA, A, &LB, &beta, C, &LC);
+  sgemm_(&ta, &tb, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
   return true;
 }
 
@@ -88,8 +88,32 @@ inline bool blas_gemm_rowmajor_a(int64_t m, int64_t n, int64_t k, const float* A
   return true;
 }
 
-constexpr int64_t kQB = 64;  // query rows per block
-constexpr int64_t kKB = 64;  // keys per block (a multiple of every at::vec width)
+// fp32 inputs (with a BLAS, and d a multiple of the vector width so that no padding columns exist): the block
+// products read the source rows of q, k, v, dout in place, strided, instead of converting each block into a
+// scratch copy first; with d = 64 those copies cost as much as the products.
+template <typename scalar_t, typename acc_t>
+inline bool blas_reads_rows_in_place(int64_t d, int64_t dp) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    return sgemm_ != nullptr && d == dp;
+  } else {
+    return false;
+  }
+}
+
+// Row-major C[m, n] = alpha * A[m, k] . op(B) + beta * C for source rows of any element type; only called where
+// blas_reads_rows_in_place holds (scalar_t = acc_t = float), the other instantiations never run.
+template <typename scalar_t, typename acc_t>
+inline void gemm_rows_in_place(int64_t m, int64_t n, int64_t k, const acc_t* A, int64_t lda, const scalar_t* B,
+                               int64_t ldb, bool b_trans, acc_t alpha, acc_t beta, acc_t* C, int64_t ldc) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    blas_gemm_rowmajor(m, n, k, A, lda, B, ldb, b_trans, beta, C, ldc, alpha);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "gemm_rows_in_place is fp32 only");
+  }
+}
+
+constexpr int64_t kQB = 128;  // query rows per block
+constexpr int64_t kKB = 128;  // keys per block (a multiple of every at::vec width)
 
 template <typename acc_t>
 using AVec = at::vec::Vectorized<acc_t>;
@@ -357,7 +381,6 @@ inline void axpy_src(acc_t* acc, acc_t w, const scalar_t* row, int64_t d) {
 }
 
 // attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
-// attend() for a few rows, straight from the source rows (same online softmax, per key block of kKB keys).
 // Row r is query position i0 + r % npos (rows may be several heads of one kv group at the same positions); the
 // key blocks are the outer loop so a block read for the first row is in cache for the others.
 template <typename scalar_t, typename acc_t>
@@ -414,11 +437,17 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
   }
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
+  const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
     const int64_t nk = std::min(kKB, kend - j0);
-    load_transposed(sc.Kt.data(), kbase + j0 * kstride, kstride, nk, d);
-    load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
-    block_scores(sc.S.data(), Qs, dp, nrows, sc.Kt.data(), d);
+    if (in_place) {  // S[:, 0:nk] = Qs . K^T from the key rows (columns >= nk are masked below, never read)
+      gemm_rows_in_place(nrows, nk, d, Qs, dp, kbase + j0 * kstride, kstride, true, acc_t(1), acc_t(0), sc.S.data(),
+                         kKB);
+    } else {
+      load_transposed(sc.Kt.data(), kbase + j0 * kstride, kstride, nk, d);
+      load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
+      block_scores(sc.S.data(), Qs, dp, nrows, sc.Kt.data(), d);
+    }
     for (int64_t r = 0; r < nrows; ++r) {
       acc_t* s = sc.S.data() + r * kKB;
       acc_t* p = sc.P.data() + r * kKB;
@@ -457,7 +486,12 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
         for (int64_t c = 0; c < dp; c += W) (V::loadu(a + c) * av).store(a + c);
       }
     }
-    accum_rows(acc, dp, sc.P.data(), kKB, 1, sc.Vr.data(), dp, nrows, nk, dp);
+    if (in_place) {  // acc += P[:, 0:nk] . V from the value rows
+      gemm_rows_in_place(nrows, d, nk, sc.P.data(), kKB, vbase + j0 * kstride, kstride, false, acc_t(1), acc_t(1),
+                         acc, dp);
+    } else {
+      accum_rows(acc, dp, sc.P.data(), kKB, 1, sc.Vr.data(), dp, nrows, nk, dp);
+    }
   }
 }
 
