@@ -163,7 +163,7 @@ def test_packed_row_gives_each_sequence_its_own_logits_loss_and_gradients():
             loss.backward()
             total += float(loss.detach())
     assert n_tokens == sum(len(sq) - 1 for sq in seqs)
-    assert float(packed_loss) == pytest.approx(total, rel=1e-5)
+    assert float(packed_loss.detach()) == pytest.approx(total, rel=1e-5)
     assert packed_grads and set(packed_grads) == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, g in packed_grads.items():
         torch.testing.assert_close(g, dict(model.named_parameters())[n].grad, rtol=1e-4, atol=1e-5)

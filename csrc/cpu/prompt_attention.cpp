@@ -100,15 +100,20 @@ inline bool blas_reads_rows_in_place(int64_t d, int64_t dp) {
   }
 }
 
-// Row-major C[m, n] = alpha * A[m, k] . op(B) + beta * C for source rows of any element type; only called where
-// blas_reads_rows_in_place holds (scalar_t = acc_t = float), the other instantiations never run.
-template <typename scalar_t, typename acc_t>
-inline void gemm_rows_in_place(int64_t m, int64_t n, int64_t k, const acc_t* A, int64_t lda, const scalar_t* B,
-                               int64_t ldb, bool b_trans, acc_t alpha, acc_t beta, acc_t* C, int64_t ldc) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    blas_gemm_rowmajor(m, n, k, A, lda, B, ldb, b_trans, beta, C, ldc, alpha);
+// Row-major C[m, n] = alpha * op(A) . op(B) + beta * C (op: transpose when the flag is set; lda / ldb are the
+// row strides of A and B as stored). A and B may be source rows or fp32 scratch. Only called where
+// blas_reads_rows_in_place holds (everything fp32); the other instantiations never run.
+template <typename TA, typename TB, typename TC>
+inline void gemm_in_place(int64_t m, int64_t n, int64_t k, TC alpha, const TA* A, int64_t lda, bool a_trans,
+                          const TB* B, int64_t ldb, bool b_trans, TC beta, TC* C, int64_t ldc) {
+  if constexpr (std::is_same_v<TA, float> && std::is_same_v<TB, float> && std::is_same_v<TC, float>) {
+    // column-major view: C^T [n, m] = op(B)^T [n, k] . op(A)^T [k, m]
+    const char tb = b_trans ? 'T' : 'N', ta = a_trans ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LB = static_cast<int>(ldb), LA = static_cast<int>(lda), LC = static_cast<int>(ldc);
+    sgemm_(&tb, &ta, &M, &N, &K, &alpha, B, &LB, A, &LA, &beta, C, &LC);
   } else {
-    TORCH_INTERNAL_ASSERT(false, "gemm_rows_in_place is fp32 only");
+    TORCH_INTERNAL_ASSERT(false, "gemm_in_place is fp32 only");
   }
 }
 
@@ -441,8 +446,8 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
   for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
     const int64_t nk = std::min(kKB, kend - j0);
     if (in_place) {  // S[:, 0:nk] = Qs . K^T from the key rows (columns >= nk are masked below, never read)
-      gemm_rows_in_place(nrows, nk, d, Qs, dp, kbase + j0 * kstride, kstride, true, acc_t(1), acc_t(0), sc.S.data(),
-                         kKB);
+      gemm_in_place(nrows, nk, d, acc_t(1), Qs, dp, false, kbase + j0 * kstride, kstride, true, acc_t(0), sc.S.data(),
+                    kKB);
     } else {
       load_transposed(sc.Kt.data(), kbase + j0 * kstride, kstride, nk, d);
       load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
@@ -487,8 +492,8 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
       }
     }
     if (in_place) {  // acc += P[:, 0:nk] . V from the value rows
-      gemm_rows_in_place(nrows, d, nk, sc.P.data(), kKB, vbase + j0 * kstride, kstride, false, acc_t(1), acc_t(1),
-                         acc, dp);
+      gemm_in_place(nrows, d, nk, acc_t(1), sc.P.data(), kKB, false, vbase + j0 * kstride, kstride, false, acc_t(1),
+                    acc, dp);
     } else {
       accum_rows(acc, dp, sc.P.data(), kKB, 1, sc.Vr.data(), dp, nrows, nk, dp);
     }
@@ -689,6 +694,14 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
 }
 
 // ------------------------------------------------------------------------------------------------- backward
+// Columns [nk, kKB) of the first nrows rows of a [kQB, kKB] block that an in-place product of nk keys left
+// untouched: zeroed, so that stale values (possibly inf) never meet the zero probabilities of masked keys.
+template <typename acc_t>
+void zero_tail_columns(acc_t* X, int64_t nrows, int64_t nk) {
+  if (nk == kKB) return;
+  for (int64_t r = 0; r < nrows; ++r) std::fill(X + r * kKB + nk, X + (r + 1) * kKB, acc_t(0));
+}
+
 // P = exp(S - lse_i) on allowed keys (0 elsewhere and on rows whose branch is empty); then
 // dS = factor * P * (dP - D_i) and P *= factor, where dP = dout . v_j (factor = phi(g_h) for the prompt branch).
 template <typename acc_t>
@@ -738,6 +751,7 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
                    std::vector<acc_t>& dS, std::vector<acc_t>& lse_rows, std::vector<acc_t>& D_rows,
                    acc_t* dQ_group = nullptr) {
   const int64_t d = pr.d, dp = pr.dp;
+  const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   std::fill(dK, dK + kKB * dp, acc_t(0));
   std::fill(dV, dV + kKB * dp, acc_t(0));
   bool loaded_for_b = false;
@@ -745,12 +759,12 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     const KeyMask mk = prompt ? pr.prompt_mask() : pr.word_mask(b);
     if (!mk.lo_rows && mk.lo >= j0 + nk) continue;  // every key of the block is left padding for this row
     // prompt keys are per-sample when Bp = B (then b0 + 1 == b1); word keys always are (one item per b)
-    if (!loaded_for_b) {
-      const scalar_t* kb = prompt ? pr.prompt(pr.pk, b, hkv) : pr.word(pr.k, b, hkv);
-      const scalar_t* vb = prompt ? pr.prompt(pr.pv, b, hkv) : pr.word(pr.v, b, hkv);
-      load_transposed(sc.Kt.data(), kb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
-      load_transposed(sc.Vt.data(), vb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
-      if (dQ_group) load_rows(sc.Kr.data(), dp, kb + j0 * pr.kv_stride(), pr.kv_stride(), nk, d, kKB, acc_t(1));
+    const scalar_t* kblk = (prompt ? pr.prompt(pr.pk, b, hkv) : pr.word(pr.k, b, hkv)) + j0 * pr.kv_stride();
+    const scalar_t* vblk = (prompt ? pr.prompt(pr.pv, b, hkv) : pr.word(pr.v, b, hkv)) + j0 * pr.kv_stride();
+    if (!in_place && !loaded_for_b) {
+      load_transposed(sc.Kt.data(), kblk, pr.kv_stride(), nk, d);
+      load_transposed(sc.Vt.data(), vblk, pr.kv_stride(), nk, d);
+      if (dQ_group) load_rows(sc.Kr.data(), dp, kblk, pr.kv_stride(), nk, d, kKB, acc_t(1));
       loaded_for_b = prompt && pr.Bp == 1;  // a shared prompt block is loaded once
     }
     const int64_t i_start = mk.causal ? std::max<int64_t>(0, j0 - mk.off) : 0;
@@ -763,21 +777,40 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
         // per-query bounds (packed sequences): the block's keys lie below every row's first key, so all its
         // probabilities are 0 (skipping adds nothing anywhere, dq included)
         if (mk.lo_rows && mk.lo_min(i0, nrows) >= j0 + nk) continue;
-        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
-        load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+        const scalar_t* q_rows = pr.q_row(pr.q, b, i0, h);
+        const scalar_t* do_rows = pr.q_row(bb.dout, b, i0, h);
+        if (in_place) {  // S = scale * q . K^T and dP = dout . V^T from the source rows
+          gemm_in_place(nrows, nk, d, pr.scale, q_rows, pr.q_stride(), false, kblk, pr.kv_stride(), true, acc_t(0),
+                        sc.S.data(), kKB);
+          gemm_in_place(nrows, nk, d, acc_t(1), do_rows, pr.q_stride(), false, vblk, pr.kv_stride(), true, acc_t(0),
+                        sc.dP.data(), kKB);
+          zero_tail_columns(sc.dP.data(), nrows, nk);
+        } else {
+          load_rows(sc.Qs.data(), dp, q_rows, pr.q_stride(), nrows, d, kQB, pr.scale);
+          load_rows(sc.dO.data(), dp, do_rows, pr.q_stride(), nrows, d, kQB, acc_t(1));
+          block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
+          block_scores(sc.dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
+        }
         for (int64_t r = 0; r < nrows; ++r) {
           lse_rows[r] = lse[pr.stat(b, h, i0 + r)];
           D_rows[r] = D[pr.stat(b, h, i0 + r)];
         }
-        block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
-        block_scores(sc.dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
         probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), sc.dP.data(), nrows, i0, j0, nk, mk, lse_rows.data(),
                           D_rows.data(), factor);
-        accum_rows(dV, dp, sc.P.data(), 1, kKB, sc.dO.data(), dp, nk, nrows, dp);
-        accum_rows(dK, dp, dS.data(), 1, kKB, sc.Qs.data(), dp, nk, nrows, dp);
-        if (dQ_group) {  // single-pass mode: this item owns the dq rows of its group, key blocks in order
-          acc_t* dq_rows = dQ_group + ((h - hkv * pr.rep) * pr.Tq + i0) * dp;
-          accum_rows(dq_rows, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+        acc_t* dq_rows = dQ_group ? dQ_group + ((h - hkv * pr.rep) * pr.Tq + i0) * dp : nullptr;
+        if (in_place) {  // dV += P^T dout, dK += scale * dS^T q, dq (scaled-query units) += dS K
+          gemm_in_place(nk, d, nrows, acc_t(1), sc.P.data(), kKB, true, do_rows, pr.q_stride(), false, acc_t(1),
+                        dV, dp);
+          gemm_in_place(nk, d, nrows, pr.scale, dS.data(), kKB, true, q_rows, pr.q_stride(), false, acc_t(1), dK, dp);
+          if (dq_rows) {
+            gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1),
+                          dq_rows, dp);
+          }
+        } else {
+          accum_rows(dV, dp, sc.P.data(), 1, kKB, sc.dO.data(), dp, nk, nrows, dp);
+          accum_rows(dK, dp, dS.data(), 1, kKB, sc.Qs.data(), dp, nk, nrows, dp);
+          // single-pass mode: this item owns the dq rows of its group, key blocks in order
+          if (dq_rows) accum_rows(dq_rows, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
         }
       }
     }
@@ -790,16 +823,31 @@ void q_grad_keys(const Problem<scalar_t, acc_t>& pr, const scalar_t* kbase, cons
                  int64_t kbeg, int64_t kend, int64_t i0, int64_t nrows, const acc_t* lse_rows, const acc_t* D_rows,
                  acc_t factor, acc_t* dQ, Scratch<acc_t>& sc, std::vector<acc_t>& dS, std::vector<acc_t>& dP) {
   const int64_t d = pr.d, dp = pr.dp;
+  const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
     const int64_t nk = std::min(kKB, kend - j0);
-    load_transposed(sc.Kt.data(), kbase + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
-    load_transposed(sc.Vt.data(), vbase + j0 * pr.kv_stride(), pr.kv_stride(), nk, d);
-    load_rows(sc.Kr.data(), dp, kbase + j0 * pr.kv_stride(), pr.kv_stride(), nk, d, kKB, acc_t(1));
-    block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
-    block_scores(dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
+    const scalar_t* kblk = kbase + j0 * pr.kv_stride();
+    const scalar_t* vblk = vbase + j0 * pr.kv_stride();
+    if (in_place) {
+      gemm_in_place(nrows, nk, d, acc_t(1), sc.Qs.data(), dp, false, kblk, pr.kv_stride(), true, acc_t(0),
+                    sc.S.data(), kKB);
+      gemm_in_place(nrows, nk, d, acc_t(1), sc.dO.data(), dp, false, vblk, pr.kv_stride(), true, acc_t(0),
+                    dP.data(), kKB);
+      zero_tail_columns(dP.data(), nrows, nk);
+    } else {
+      load_transposed(sc.Kt.data(), kblk, pr.kv_stride(), nk, d);
+      load_transposed(sc.Vt.data(), vblk, pr.kv_stride(), nk, d);
+      load_rows(sc.Kr.data(), dp, kblk, pr.kv_stride(), nk, d, kKB, acc_t(1));
+      block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
+      block_scores(dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
+    }
     probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), dP.data(), nrows, i0, j0, nk, mk, lse_rows, D_rows,
                       factor);
-    accum_rows(dQ, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+    if (in_place) {
+      gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1), dQ, dp);
+    } else {
+      accum_rows(dQ, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+    }
   }
 }
 
