@@ -6,13 +6,15 @@ Anchors:
   sdpa_plain      plain causal SDPA without prompts (the floor: what the prompt costs)
 Ratios are anchor_time / time (> 1: ours is faster). Forward and forward+backward (grads for q, k, v, pk, pv,
 gate, as in adapter fine-tuning where activations also need gradients). On CUDA the fused op is measured with
-each forward kernel (LLADAPTER_CUDA_ATTN=mma: tensor cores, the default; =simt: the SIMT kernel). The variants
-of one case are timed round-robin (bench_group), so load on a shared machine hits them alike.
+each kernel set (LLADAPTER_CUDA_ATTN=mma: the tensor-core forward and backward, the default; =simt: the SIMT
+kernels); the variable picks the forward and the backward kernels alike. The variants of one case are timed
+round-robin (bench_group), so load on a shared machine hits them alike.
 
   python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--json out.json]
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -64,21 +66,31 @@ def sdpa_plain(q, k, v, pk, pv, gate):
                                           enable_gqa=gqa).transpose(1, 2)
 
 
+@contextlib.contextmanager
+def cuda_attn_env(value):
+    """Sets LLADAPTER_CUDA_ATTN (simt|mma: the CUDA forward and backward kernels, read on every call) inside the
+    block and restores the previous value afterwards; None leaves it alone."""
+    if value is None:
+        yield
+        return
+    prev = os.environ.get("LLADAPTER_CUDA_ATTN")
+    os.environ["LLADAPTER_CUDA_ATTN"] = value
+    try:
+        yield
+    finally:
+        if prev is None:
+            del os.environ["LLADAPTER_CUDA_ATTN"]
+        else:
+            os.environ["LLADAPTER_CUDA_ATTN"] = prev
+
+
 def ours(backend, cuda_attn=None):
-    """Our op; cuda_attn sets LLADAPTER_CUDA_ATTN (simt|mma: the CUDA forward kernel, read on every call) for the
-    duration of the call, restoring the previous value."""
+    """Our op, under cuda_attn_env(cuda_attn). Autograd runs the backward op after f returns, so f.cuda_attn tells
+    the timing loop to hold the variable over .backward() too."""
     def f(q, k, v, pk, pv, gate):
-        if cuda_attn is None:
+        with cuda_attn_env(cuda_attn):
             return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
-        prev = os.environ.get("LLADAPTER_CUDA_ATTN")
-        os.environ["LLADAPTER_CUDA_ATTN"] = cuda_attn
-        try:
-            return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
-        finally:
-            if prev is None:
-                del os.environ["LLADAPTER_CUDA_ATTN"]
-            else:
-                os.environ["LLADAPTER_CUDA_ATTN"] = prev
+    f.cuda_attn = cuda_attn
     return f
 
 
@@ -116,8 +128,7 @@ def main():
     anchors = {"eager_2softmax": eager_two_softmax, "sdpa_x2_gated": sdpa_two_calls, "sdpa_plain": sdpa_plain}
     impl_fns = {f"ours_{b}": ours(b) for b in impls}
     if dev == "cuda":
-        # the fused forward with each CUDA kernel: tensor cores (wmma, the default for bf16/fp16) and SIMT; the
-        # backward is the SIMT one in both
+        # the fused op with each CUDA kernel set: tensor cores (wmma, the default for bf16/fp16) and SIMT
         impl_fns = {"ours_fused_mma": ours("fused", "mma"), "ours_fused_simt": ours("fused", "simt"),
                     "ours_split": ours("split")}
 
@@ -143,7 +154,8 @@ def main():
                     def f(fn=fn):
                         for t in leaves:
                             t.grad = None
-                        fn(*leaves).backward(g)
+                        with cuda_attn_env(getattr(fn, "cuda_attn", None)):  # the backward kernels follow it too
+                            fn(*leaves).backward(g)
                 runs[nm] = f
             for nm, t in bench_group(runs, dev, warmup=warm, iters=iters).items():
                 table.add(case, nm, t, anchor=None if nm in anchors else "sdpa_x2_gated")

@@ -182,18 +182,21 @@ def test_word_branch_equals_sdpa(device):
 
 
 # ------------------------------------------------------------------------------------------------ backward
-def _grads(fn, inp, gout, causal, gate_act):
+def _grads(fn, inp, gout, causal, gate_act, before_backward=None):
     q, k, v, pk, pv, gate, ks = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point()
                                  else t for t in inp]
     out = fn(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act, kv_start=ks)
+    if before_backward is not None:
+        before_backward()
     out.backward(gout)
     return [t.grad if t is not None else None for t in (q, k, v, pk, pv, gate)]
 
 
-def _check_grads(inp, dtype, causal=True, gate_act="tanh", backend="fused"):
+def _check_grads(inp, dtype, causal=True, gate_act="tanh", backend="fused", before_backward=None):
     out = ops.gated_prompt_attention(*inp[:6], causal=causal, gate_act=gate_act, kv_start=inp[6], backend=backend)
     gout = torch.randn_like(out)
-    got = _grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend=backend), inp, gout, causal, gate_act)
+    got = _grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend=backend), inp, gout, causal, gate_act,
+                 before_backward)
     f32 = [t.float() if t is not None and t.is_floating_point() and dtype != torch.float64 else t for t in inp]
     want = _grads(reference.gated_prompt_attention, f32, gout.to(f32[0].dtype), causal, gate_act)
     names = ["dq", "dk", "dv", "dpk", "dpv", "dgate"]
@@ -217,7 +220,11 @@ def _check_grads(inp, dtype, causal=True, gate_act="tanh", backend="fused"):
 def test_backward_matches_reference(device, dtype, causal):
     d = 64 if device == "cuda" else 16
     inp = make_inputs(B=2, Tq=70, H=4, Hkv=2, d=d, K=10, dtype=dtype, device=device)
-    _check_grads(inp, dtype, causal=causal)
+    if device == "cuda" and dtype != torch.float32:
+        # the default CUDA path for bf16/fp16 is the tensor-core forward and backward: their rounding bounds
+        _check_fused_grads_mma(inp, causal, "tanh")
+    else:
+        _check_grads(inp, dtype, causal=causal)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -463,7 +470,8 @@ def test_only_adapter_parameters_require_grad(device):
 # ------------------------------------------------------------------------------------------------ tensor-core forward
 # The CUDA forward takes csrc/cuda/prompt_attention_mma.cu (wmma) for bf16/fp16, d in {64, 80, 96, 128} and
 # kv_start None or [B] on sm_80+; LLADAPTER_CUDA_ATTN=simt|mma picks the kernel (read on every call). The backward
-# is the SIMT one in every case: it only needs the forward's lse / prompt_lse and out.
+# only needs the forward's lse / prompt_lse and out, whichever kernels ran; its tensor-core kernels are tested in the
+# last section.
 CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA_GPU, reason=CUDA_SKIP_REASON)
 UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
@@ -612,14 +620,16 @@ def test_cuda_mma_zero_gate_is_plain_attention(monkeypatch, dtype, d):
 @pytest.mark.parametrize("case", [dict(Tq=50, Tk=120, kv_start=[0, 30], Bp=1, d=128),
                                   dict(Tq=1, Tk=90, Bp=2, d=80), dict(Tq=40, Tk=100, K=70, Bp=2, d=96)])
 def test_cuda_mma_forward_then_simt_backward(monkeypatch, dtype, case):
-    # the SIMT backward recomputes probabilities from the mma forward's lse / prompt_lse and reads its out for
+    # the SIMT backward (the variable is read again when autograd runs the backward op: "simt" from then on)
+    # recomputes probabilities from the mma forward's lse / prompt_lse and reads its out for
     # D = dout . out. The mma out differs from the reference by about as much as rounding out to the dtype does
     # (which GRAD_TOL already carries); every row here sees >= 40 keys (no row averages only a few v / k rows,
     # where the D error shows most in dq), so GRAD_TOL holds with margin.
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
     params = dict(B=2, H=8, Hkv=2, K=10, dtype=dtype, device="cuda")
     params.update(case)
-    _check_grads(make_inputs(**params), dtype)
+    simt_backward = lambda: monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")  # after the mma forward
+    _check_grads(make_inputs(**params), dtype, before_backward=simt_backward)
 
 
 # ------------------------------------------------------------------------------------------------ per-query kv_start
@@ -765,3 +775,230 @@ def test_bad_per_query_kv_start_names_the_argument(device):
     with pytest.raises(RuntimeError, match=r"kv_start must have shape \[2\] or \[2, 4\]"):
         torch.compile(lambda a: ops.gated_prompt_attention(a, k, v, pk, pv, gate, kv_start=torch.zeros(
             2, 6, dtype=torch.long, device=device), backend="fused"), backend="eager", fullgraph=True)(q)
+
+
+# ------------------------------------------------------------------------------------------------ tensor-core backward
+# The CUDA backward takes the wmma kernels of csrc/cuda/prompt_attention_mma.cu for dq (word and prompt keys) and the
+# word keys' dk, dv under the forward's conditions (bf16/fp16, d in {64, 80, 96, 128}, kv_start None or [B], sm_80+);
+# LLADAPTER_CUDA_ATTN=simt forces the SIMT kernels (read on every call). dpk, dpv and dgate, and the D pass, stay on
+# the SIMT kernels in every case.
+def mma_grad_bounds(inp, gout, out, causal, gate_act, scale):
+    """Elementwise bounds [dq, dk, dv] on |tensor-core gradient - fp32 reference gradient| beyond GRAD_TOL (which
+    carries the final rounding of each gradient and fp32 reordering), first order in u, the dtype's unit roundoff
+    (|fl(x) - x| <= u |x|). With P, dS the fp32 probabilities and dS = P (dP - D) of the reference:
+      - D_i = dout_i . out_i reads the forward's out: rounded to the dtype (u |out_i|), and from the tensor-core
+        forward, whose P rounding moves out_i by up to u sum_j P_ij |v_j| (+ u |phi| sum_p P'_ip |pv_p|, see
+        mma_tol). So |dD_i| <= sum_c |dout_ic| err(out_ic); dS_ij moves by P_ij dD_i: dq_i by
+        scale dD_i sum_j P_ij |k_j|, dk_j by scale sum_i P_ij dD_i |q_i|.
+      - dS is rounded to the dtype before dq += dS K and dk += dS^T Q: scale u (|dS| |K| + |dS'| |PK|) for dq
+        (dS' the prompt's, phi included), scale u |dS|^T |Q| for dk, summed over the heads of the kv group.
+      - P is rounded to the dtype before dv += P^T dout: u P^T |dout|.
+    The kernels' fp32 P and dS differ from the reference's by fp32 rounding only (the scores are fp32 sums of
+    exact products of the same rounded inputs), which the callers' factor 2 on these bounds carries together with
+    the second-order terms."""
+    q, k, v, pk, pv, gate, ks = inp
+    u = UNIT_ROUNDOFF[q.dtype]
+    B, Tq, H, d = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    rep = H // Hkv
+
+    def heads(t):  # [Bx, T, Hkv, d] -> fp32 [Bx, H, T, d], query head h reading kv head h // rep
+        return t.float().repeat_interleave(rep, 2).transpose(1, 2)
+
+    qh, kh, vh = q.float().transpose(1, 2), heads(k), heads(v)
+    g = gout.float().transpose(1, 2)
+    i, j = torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device)
+    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
+    if ks is not None:
+        allowed = allowed & (j.view(1, 1, 1, Tk) >= ks.view(B, 1, 1, 1))
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    P = torch.softmax(s.masked_fill(~allowed, torch.finfo(torch.float32).min), -1) * allowed
+    dP = g @ vh.transpose(-1, -2)
+    dS = P * (dP - (P * dP).sum(-1, keepdim=True))
+    out_err = u * (out.float().abs().transpose(1, 2) + P @ vh.abs())
+    dq_b = u * dS.abs() @ kh.abs()
+    if pk is not None and pk.shape[1] > 0:
+        phi = (gate.tanh() if gate_act == "tanh" else gate).float().view(1, H, 1, 1)
+        pkh, pvh = heads(pk), heads(pv)  # Bp = 1 broadcasts over the batch in the products
+        Pp = torch.softmax((qh @ pkh.transpose(-1, -2)) * scale, -1)
+        dPp = phi * (g @ pvh.transpose(-1, -2))
+        dSp = Pp * (dPp - (Pp * dPp).sum(-1, keepdim=True))
+        out_err = out_err + u * phi.abs() * (Pp @ pvh.abs())
+        dq_b = dq_b + u * dSp.abs() @ pkh.abs()
+    dD = (g.abs() * out_err).sum(-1, keepdim=True)
+    dq_b = scale * (dq_b + dD * (P @ kh.abs()))
+    dk_b = scale * (P * dD + u * dS.abs()).transpose(-1, -2) @ qh.abs()
+    dv_b = u * P.transpose(-1, -2) @ g.abs()
+
+    def group(t):  # [B, H, Tk, d] -> [B, Tk, Hkv, d], summed over the heads of each kv group
+        return t.reshape(B, Hkv, rep, Tk, d).sum(2).transpose(1, 2)
+
+    return [dq_b.transpose(1, 2), group(dk_b), group(dv_b)]
+
+
+def assert_within(name, got, want, dtype, extra=None):
+    """|got - want| <= GRAD_TOL(dtype) (+ 2 * extra elementwise); got must be finite (NaN fails every comparison)."""
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.to(want.dtype) - want).abs()
+    allowed = GRAD_TOL[dtype]["atol"] + GRAD_TOL[dtype]["rtol"] * want.abs()
+    if extra is not None:
+        allowed = allowed + 2 * extra
+    bad = err > allowed
+    if bad.any():
+        worst = (err - allowed).flatten().argmax().item()
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements outside the bound; worst at flat "
+                             f"index {worst}: got {got.flatten()[worst].item():.6g}, want "
+                             f"{want.flatten()[worst].item():.6g}, allowed {allowed.flatten()[worst].item():.3g}")
+
+
+def _check_mma_grads(got, want, inp, gout, out, causal, gate_act):
+    """got (the CUDA op's gradients) against want (fp32 reference gradients): dq, dk, dv within GRAD_TOL plus the
+    tensor-core bounds; dpk, dpv (SIMT kernels) within GRAD_TOL, dgate within GATE_RTOL of its largest entry."""
+    dtype = inp[0].dtype
+    bounds = mma_grad_bounds(inp, gout, out, causal, gate_act, 1 / math.sqrt(inp[0].shape[-1]))
+    names = ["dq", "dk", "dv", "dpk", "dpv", "dgate"]
+    for n, (name, g, w, t) in enumerate(zip(names, got, want, inp[:6])):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        if w is None:  # the reference does not use it (K = 0): ours must be an exact zero gradient
+            assert not g.any(), name
+        elif name == "dgate":
+            tol = GATE_RTOL[dtype] * w.abs().max().item() + 1e-6
+            torch.testing.assert_close(g.to(w.dtype), w, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+        else:
+            assert_within(name, g, w, dtype, bounds[n] if n < 3 else None)
+
+
+def _reference_grads(inp, gout, causal, gate_act):
+    f32 = [t.float() if t is not None and t.is_floating_point() else t for t in inp]
+    return _grads(reference.gated_prompt_attention, f32, gout.float(), causal, gate_act)
+
+
+def _check_fused_grads_mma(inp, causal, gate_act):
+    """The fused op's forward and backward (whichever CUDA kernels the variable picks) against the reference."""
+    fused = lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend="fused")
+    out = fused(*inp[:6], causal=causal, gate_act=gate_act, kv_start=inp[6])
+    gout = torch.randn_like(out)
+    got = _grads(fused, inp, gout, causal, gate_act)
+    _check_mma_grads(got, _reference_grads(inp, gout, causal, gate_act), inp, gout, out, causal, gate_act)
+
+
+MMA_BWD_CASES = [
+    dict(Tq=1, Tk=1, K=1, d=64),                                          # one key, one row
+    dict(Tq=1, Tk=130, H=8, Hkv=1, K=70, Bp=2, d=80),                     # decode, GQA 8, two prompt blocks
+    dict(Tq=63, Tk=63, H=4, Hkv=4, K=0, d=96),                            # no GQA, K = 0
+    dict(Tq=65, Tk=65, H=8, Hkv=2, K=10, d=128, gate_act="identity"),     # one full block and one row
+    dict(Tq=130, Tk=130, K=10, Bp=2, d=64, kv_start=[0, 70]),             # GQA 4, padding past a key block
+    dict(Tq=65, Tk=130, K=1, d=128),                                      # chunked prefill (Tq < Tk)
+    dict(Tq=130, Tk=63, K=10, d=80, gate_act="identity"),                 # Tq > Tk: causal rows without keys
+    dict(Tq=63, Tk=65, K=None, d=96, kv_start=[65, 3]),                   # batch row 0 all padding, no prompt
+    dict(Tq=33, Tk=0, K=10, d=64),                                        # no word keys: prompt part of dq only
+    dict(Tq=100, Tk=100, H=8, Hkv=1, K=70, Bp=1, d=128, kv_start=[3, 64]),  # GQA 8, shared prompt over 2 blocks
+    dict(Tq=1, Tk=65, K=10, Bp=2, d=96, kv_start=[64, 0]),                # decode, one allowed key in batch row 0
+]
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", MMA_BWD_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_cuda_mma_backward_matches_reference(monkeypatch, dtype, causal, case):
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    params = dict(B=2, H=4, Hkv=1, Bp=1)  # default GQA 4
+    params.update(case)
+    gate_act = params.pop("gate_act", "tanh")
+    _check_fused_grads_mma(make_inputs(dtype=dtype, device="cuda", **params), causal, gate_act)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate_act", ["tanh", "identity"])
+def test_cuda_mma_and_simt_backward_agree(monkeypatch, dtype, gate_act):
+    inp = make_inputs(B=2, Tq=150, Tk=300, H=8, Hkv=2, d=128, K=10, Bp=2, dtype=dtype, device="cuda",
+                      kv_start=[0, 40])
+    q, k, v, pk, pv, gate, ks = inp
+    scale = 1 / math.sqrt(128)
+    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, ks, True, gate_act, scale)
+    gout = torch.randn_like(out)
+
+    def backward():  # the same saved forward for every run: only the backward kernels change
+        return torch.ops.lladapter.gated_prompt_attention_backward(gout, q, k, v, pk, pv, gate, ks, out, lse, plse,
+                                                                   True, gate_act, scale)
+
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")
+    g_simt = backward()
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    g_mma, g_mma_again = backward(), backward()
+    monkeypatch.delenv("LLADAPTER_CUDA_ATTN")
+    g_default = backward()
+    for name, a, b, c in zip(["dq", "dk", "dv", "dpk", "dpv", "dgate"], g_mma, g_mma_again, g_default):
+        # mma is the default, and deterministic (no atomics, a fixed order)
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    for a, b in zip(g_simt[3:], g_mma[3:]):
+        assert torch.equal(a, b)  # dpk, dpv, dgate come from the same SIMT kernels in both runs
+    # the variable was read: dv took another kernel (the mma kernel rounds P to the dtype, the SIMT one keeps fp32)
+    assert not torch.equal(g_simt[2], g_mma[2])
+    want = _reference_grads(inp, gout, True, gate_act)
+    _check_mma_grads(g_simt, want, inp, gout, out, True, gate_act)
+    _check_mma_grads(g_mma, want, inp, gout, out, True, gate_act)
+
+
+@CUDA_ONLY
+def test_cuda_mma_backward_env_value_is_checked_and_unsupported_cases_fall_back(monkeypatch):
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=40, Tk=60, H=4, Hkv=2, d=64, K=10, dtype=torch.bfloat16,
+                                            device="cuda")
+    scale = 0.125
+    gout = torch.randn(q.shape, device="cuda").to(q.dtype)
+    per_query = torch.randint(-3, 63, (2, 40), device="cuda")  # kv_start [B, Tq]: SIMT kernels only
+    low = (q, k, v, pk, pv)
+    f32 = tuple(t.float() for t in low)
+
+    def saved_forward(qkv, ks):
+        return torch.ops.lladapter.gated_prompt_attention(*qkv, gate, ks, True, "tanh", scale)
+
+    def backward(gout, qkv, ks, saved):
+        return torch.ops.lladapter.gated_prompt_attention_backward(gout, *qkv, gate, ks, *saved, True, "tanh", scale)
+
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")  # every forward below: the SIMT kernel, saved once
+    saved, saved32, saved_pq = saved_forward(low, None), saved_forward(f32, None), saved_forward(low, per_query)
+    simt = backward(gout, low, None, saved)
+    simt32 = backward(gout.float(), f32, None, saved32)
+    simt_pq = backward(gout, low, per_query, saved_pq)
+
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "tensorcore")
+    with pytest.raises(RuntimeError, match=r"LLADAPTER_CUDA_ATTN must be 'mma' or 'simt'"):
+        backward(gout, low, None, saved)
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    # fp32 and per-query kv_start have no tensor-core backward: the SIMT kernels run, bit-identical
+    for a, b in zip(backward(gout.float(), f32, None, saved32), simt32):
+        assert torch.equal(a, b)
+    for a, b in zip(backward(gout, low, per_query, saved_pq), simt_pq):
+        assert torch.equal(a, b)
+    # a contiguous dout whose storage starts 2 bytes past a 16-byte boundary cannot take 16-byte vector loads
+    buf = torch.empty(gout.numel() + 1, dtype=gout.dtype, device="cuda")
+    gout_odd = buf[1:].view(gout.shape).copy_(gout)
+    assert gout_odd.is_contiguous() and gout_odd.data_ptr() % 16 != 0
+    for a, b in zip(backward(gout_odd, low, None, saved), simt):
+        assert torch.equal(a, b)
+    assert not torch.equal(backward(gout, low, None, saved)[2], simt[2])  # the aligned call takes the mma kernels
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_mma_backward_zero_gate_is_plain_attention(monkeypatch, dtype):
+    monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=100, Tk=130, H=4, Hkv=2, d=96, K=10, dtype=dtype, device="cuda")
+    gout = torch.randn(q.shape, device="cuda").to(dtype)
+
+    def word_grads(pk, pv, gate):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ops.gated_prompt_attention(*leaves, pk, pv, gate, backend="fused").backward(gout)
+        return [t.grad for t in leaves]
+
+    # phi(0) = 0: out and lse equal plain attention's bit for bit, D_word = dout . out - 0 * D_prompt is the same
+    # value, and the prompt part of dq adds dS' = 0 * P' * (...) = +-0 products to the fp32 accumulators
+    for name, a, b in zip(["dq", "dk", "dv"], word_grads(pk, pv, torch.zeros_like(gate)), word_grads(None, None, None)):
+        assert torch.equal(a, b), name

@@ -14,6 +14,7 @@
 //            dpkv: warp per (row chunk, prompt batch, hkv, prompt key): fp32 partials per chunk, summed over
 //                  chunks in order by at::sum (deterministic)
 //            dgate = phi'(g) * sum_{b,i} D_prompt via at::sum.
+//            bf16/fp16 on sm_80+ (prompt_attention_mma.h): tensor-core kernels replace dq and dkv.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -496,16 +497,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         g, qp, ptr_or_null<T>(p.pk), ptr_or_null<T>(p.pv), phip, dop, out.const_data_ptr<T>(),
         Dw.mutable_data_ptr<float>(), Dp.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gpa_bwd_dq_kernel<T, DMAX><<<blocks_for(g.B * g.H * g.Tq), kWarps * 32, 0, stream>>>(
-        g, qp, p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(), ptr_or_null<T>(p.pk), ptr_or_null<T>(p.pv),
-        ptr_or_null<int64_t>(p.kv_start), phip, dop, lse.const_data_ptr<float>(), plse.const_data_ptr<float>(),
-        Dw.const_data_ptr<float>(), Dp.const_data_ptr<float>(), dq.mutable_data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (g.Tk > 0) {
-      gpa_bwd_dkv_kernel<T, DMAX><<<blocks_for(g.B * g.Hkv * g.Tk), kWarps * 32, 0, stream>>>(
-          g, qp, p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(), ptr_or_null<int64_t>(p.kv_start), dop,
-          lse.const_data_ptr<float>(), Dw.const_data_ptr<float>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>());
+    // bf16/fp16, d in {64, 80, 96, 128}, kv_start absent or [B], sm_80+: dq (both branches) and the word keys' dk,
+    // dv on tensor cores (prompt_attention_mma.cu); LLADAPTER_CUDA_ATTN=simt keeps the SIMT kernels
+    if (!try_prompt_attn_mma_backward(p.q, p.k, p.v, p.pk, p.pv, p.kv_start, p.phi, dout, lse, plse, Dw, Dp, causal,
+                                      scale, dq, dk, dv)) {
+      gpa_bwd_dq_kernel<T, DMAX><<<blocks_for(g.B * g.H * g.Tq), kWarps * 32, 0, stream>>>(
+          g, qp, p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(), ptr_or_null<T>(p.pk), ptr_or_null<T>(p.pv),
+          ptr_or_null<int64_t>(p.kv_start), phip, dop, lse.const_data_ptr<float>(), plse.const_data_ptr<float>(),
+          Dw.const_data_ptr<float>(), Dp.const_data_ptr<float>(), dq.mutable_data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (g.Tk > 0) {
+        gpa_bwd_dkv_kernel<T, DMAX><<<blocks_for(g.B * g.Hkv * g.Tk), kWarps * 32, 0, stream>>>(
+            g, qp, p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(), ptr_or_null<int64_t>(p.kv_start), dop,
+            lse.const_data_ptr<float>(), Dw.const_data_ptr<float>(), dk.mutable_data_ptr<T>(),
+            dv.mutable_data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
     if (g.has_prompt) {
       const int64_t rows = (g.Bp == 1 ? g.B : 1) * g.rep * g.Tq;

@@ -1,5 +1,6 @@
-// Gated prompt attention, tensor-core forward (nvcuda::wmma, bf16/fp16 operands, fp32 accumulation), sm_80+.
-// NOTE: written without a GPU; it compiles here (sm_80, sm_90) but has never run (see docs/attention.md).
+// Gated prompt attention, tensor-core forward and backward (nvcuda::wmma, bf16/fp16 operands, fp32 accumulation),
+// sm_80+. NOTE: written without a GPU; it compiles here (sm_80, sm_90) but has never run, the backward included
+// (see docs/attention.md).
 // Same contract and masking rules as the SIMT kernel (prompt_attention.cu) and the CPU kernel:
 //   out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p, two separate softmaxes, lse / prompt_lse per (b, h, i) in
 //   units of the scaled scores, -inf where a branch has no key; a row with no allowed word key gets 0 from it.
@@ -15,6 +16,27 @@
 //    (phi(g_h) / l_p) * exp(s - m_p) pv to the normalised word output in registers; with K <= 64 the prompt
 //    tile is loaded once. Then the single write of out.
 // The fp32 scratch X holds S, then (after a __syncwarp) the P V product: the two never live at the same time.
+//
+// Backward (FlashAttention-2 recomputation from the saved lse / prompt_lse; the caller's SIMT pre pass has written
+// Dw_i = dout_i . out_word_i and Dp_i = dout_i . prompt_out_i; dpk, dpv, dgate stay on the SIMT kernels):
+//   P_ij = exp(scale q_i . k_j - lse_i) on allowed keys, dP_ij = dout_i . v_j, dS_ij = P_ij (dP_ij - Dw_i);
+//   dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i, dq_i = scale (sum_j dS_ij k_j + sum_p dS'_ip pk_p)
+//   with the prompt's dS'_ip = phi(g_h) P'_ip (dP'_ip - Dp_i) from prompt_lse.
+//  - dq kernel: one CTA per (query block of 64, head, batch), the forward's tiling: warp w owns 16 rows, Q_w
+//    and dout_w are A fragments in registers; per block of 64 word keys (then of prompt keys) S = Q K^T and
+//    dP = dout V^T (wmma, fp32) into two per-warp scratch tiles, dS by lane pairs (lane 2r + half: row r,
+//    columns half + 2t) rounded to the dtype into a per-warp tile, dq += dS K (wmma) into fp32 accumulator
+//    fragments that stay in registers over all key blocks. The same block ranges and skips as the forward.
+//  - dk/dv kernel: one CTA per (block of 64 word keys, kv head, batch); warp w owns keys j0 + 16w .. + 15,
+//    K_w and V_w are A fragments in registers, dk_w and dv_w fp32 accumulator fragments. The CTA loops over the
+//    H / Hkv query heads of the kv head and, from the first query row that sees one of its keys (causal), over
+//    blocks of 64 query rows: Q and dout tiles and the rows' lse / Dw in shared memory; S^T = K_w Q^T and
+//    dP^T = V_w dout^T (wmma) into the scratch tiles, P^T and dS^T by lane pairs (row r: a key, columns: queries)
+//    rounded to the dtype, then dv += P^T dout and dk += dS^T Q (wmma). Keys left of kv_start get 0.
+//  - Both write once (fp32 accumulators -> the row tiles' shared memory, no longer in use -> the dtype):
+//    no atomics, a fixed summation order, so the backward is deterministic.
+//  - Rounding: P (for dv) and dS (for dq, dk) are rounded to the dtype before the products, as FlashAttention
+//    does; everything else is fp32.
 #include "prompt_attention_mma.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -110,11 +132,12 @@ template <typename T>
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
 using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// X[16, 16 * n16] = Q_w (16 x D, A fragments) . K_tile[0 : 16 * n16, :]^T, fp32. K is stored row-major
-// (key n, dim k at Ks[n * LDT + k]), i.e. the B operand (k x n) in column-major with ldm = LDT.
-template <typename T, int D>
+// X[16, 16 * n16] = Q_w (16 x D, A fragments) . K_tile[0 : 16 * n16, :]^T, fp32, X with row stride LDX. K is
+// stored row-major (key n, dim k at Ks[n * LDT + k]), i.e. the B operand (k x n) in column-major with ldm = LDT.
+// (The backward passes other row tiles in both roles: K_w . Q_tile^T, V_w . dout_tile^T, dout_w . V_tile^T.)
+template <typename T, int D, int LDX = Layout<D>::LDX>
 __device__ __forceinline__ void warp_scores(const FragA<T> (&qa)[D / 16], const T* Ks, float* X, int n16) {
-  constexpr int LDT = Layout<D>::LDT, LDX = Layout<D>::LDX;
+  constexpr int LDT = Layout<D>::LDT;
 #pragma unroll
   for (int nt = 0; nt < kBlockN / 16; ++nt) {
     if (nt < n16) {
@@ -343,6 +366,322 @@ __global__ void __launch_bounds__(kThreads)
 #endif  // __CUDA_ARCH__ >= 800
 }
 
+// ---------------------------------------------------------------------------------------------- backward
+// Shared memory of one backward CTA (bytes; regions at multiples of 128 bytes): two 16-bit row tiles (kBlockN x
+// LDT: K and V in the dq kernel, Q and dout in the dk/dv kernel), two per-warp fp32 scratch tiles of 16 x LDS
+// (the scores and dP of one 16 x 64 block), two per-warp 16-bit tiles of 16 x LDP (P and dS), and the lse / D of
+// the dk/dv kernel's 64 query rows. At the end the two row tiles hold each warp's 16 x D fp32 result (16 x LDX)
+// on its way to global memory (LDX <= LDT: it fits).
+template <int D>
+struct BwdLayout {
+  using F = Layout<D>;
+  static constexpr int LDT = F::LDT, LDP = F::LDP, LDX = F::LDX;
+  static constexpr int LDS = kBlockN + 4;
+  static constexpr size_t kScratchBytes = size_t(kMmaWarps) * 16 * LDS * 4;
+  static constexpr size_t kTileA = 0, kTileB = F::kTileBytes;
+  static constexpr size_t kX = 2 * F::kTileBytes, kY = kX + kScratchBytes;
+  static constexpr size_t kP0 = kY + kScratchBytes, kP1 = kP0 + F::kPBytes;
+  static constexpr size_t kStats = kP1 + F::kPBytes;
+  static constexpr size_t kSmemBytes = kStats + 2 * kBlockM * sizeof(float);
+  static_assert(kScratchBytes % 128 == 0 && F::kPBytes % 128 == 0, "regions must stay 128-byte aligned");
+  static_assert(size_t(kMmaWarps) * 16 * LDX * 4 <= 2 * F::kTileBytes, "the fp32 results must fit the row tiles");
+};
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+// acc[dt] += A_w[16, 0 : 16 * n16] . Bs[0 : 16 * n16, 16 dt : 16 dt + 16] for every column tile dt, fp32
+// accumulators kept in registers across calls. A (row-major, ldm LDP: a per-warp P or dS tile) is the A operand,
+// Bs (row-major, row k at Bs + k * LDT: a kBlockN-row tile) the B operand, as V in warp_pv.
+template <typename T, int D>
+__device__ __forceinline__ void warp_accumulate(const T* A, const T* Bs, FragAcc (&acc)[D / 16], int n16) {
+  constexpr int LDT = Layout<D>::LDT, LDP = Layout<D>::LDP;
+#pragma unroll
+  for (int kt = 0; kt < kBlockN / 16; ++kt) {  // one A fragment live at a time (the callers hold many registers)
+    if (kt < n16) {
+      FragA<T> a;
+      wmma::load_matrix_sync(a, A + kt * 16, LDP);
+#pragma unroll
+      for (int dt = 0; dt < D / 16; ++dt) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+        wmma::load_matrix_sync(bf, Bs + kt * 16 * LDT + dt * 16, LDT);
+        wmma::mma_sync(acc[dt], a, bf, acc[dt]);
+      }
+    }
+  }
+}
+
+// Writes the warp's 16 x D accumulators to X (fp32, row stride LDX), then lane pair 2r + half writes columns
+// half + 2t of row r times mult, rounded to the dtype, to dst_row (nullptr: row r is not written).
+template <typename T, int D>
+__device__ __forceinline__ void warp_write_rows(const FragAcc (&acc)[D / 16], float* X, T* dst_row, float mult,
+                                                int r, int half) {
+  constexpr int LDX = Layout<D>::LDX;
+#pragma unroll
+  for (int dt = 0; dt < D / 16; ++dt) wmma::store_matrix_sync(X + dt * 16, acc[dt], LDX, wmma::mem_row_major);
+  __syncwarp();
+  if (dst_row != nullptr) {
+#pragma unroll
+    for (int t = 0; t < D / 2; ++t) dst_row[half + 2 * t] = from_float<T>(X[r * LDX + half + 2 * t] * mult);
+  }
+  __syncwarp();  // X read by every lane before anything overwrites it
+}
+
+// dq kernel, one query row over a block of keys: xrow = q_i . k_c (unscaled), yrow = dout_i . v_c (fp32); column
+// c is allowed when c_lo <= c < c_hi (block_cols). Lane pair columns c = half + 2t. Writes
+// dS = factor * P * (dP - D), P = exp(scale * s - L), to dsrow in the dtype (0 where not allowed, and everywhere
+// when L = -inf: the branch has no key for this row), all kBlockN columns (the product reads 16 * n16 of them).
+template <typename T>
+__device__ __forceinline__ void dscores_row(const float* xrow, const float* yrow, T* dsrow, int c_lo, int c_hi,
+                                            float scale, float L, float D, float factor, int half) {
+  const bool any = L != -INFINITY;
+#pragma unroll
+  for (int t = 0; t < kBlockN / 2; ++t) {
+    const int c = half + 2 * t;
+    float ds = 0.f;
+    if (any && c >= c_lo && c < c_hi) ds = factor * expf(xrow[c] * scale - L) * (yrow[c] - D);
+    dsrow[c] = from_float<T>(ds);
+  }
+}
+
+// dk/dv kernel, one key row j over a block of query columns: xrow = k_j . q_c (unscaled), yrow = v_j . dout_c
+// (fp32); lse_c, D_c: the columns' statistics (shared memory; lse -inf: a row with no key). Column c is allowed
+// when key_ok (j inside [lo, Tk)), c_first <= c (causal: earlier queries do not see key j) and c < n_cols.
+// Writes P = exp(scale * s - lse_c) to prow and dS = P * (dP - D_c) to dsrow in the dtype, 0 where not allowed,
+// all kBlockN columns.
+template <typename T>
+__device__ __forceinline__ void probs_dscores_col(const float* xrow, const float* yrow, T* prow, T* dsrow,
+                                                  const float* lse_c, const float* D_c, bool key_ok, int c_first,
+                                                  int n_cols, float scale, int half) {
+#pragma unroll
+  for (int t = 0; t < kBlockN / 2; ++t) {
+    const int c = half + 2 * t;
+    float p = 0.f, ds = 0.f;
+    if (key_ok && c >= c_first && c < n_cols && lse_c[c] != -INFINITY) {
+      p = expf(xrow[c] * scale - lse_c[c]);
+      ds = p * (yrow[c] - D_c[c]);
+    }
+    prow[c] = from_float<T>(p);
+    dsrow[c] = from_float<T>(ds);
+  }
+}
+#endif  // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+
+// dq, both branches: grid (ceil(Tq / kBlockM), H, B), kThreads threads, BwdLayout<D>::kSmemBytes dynamic shared
+// memory. Warp w owns query rows q0 + 16w .. + 15; Q_w and dout_w stay in registers as A fragments, dq_w in fp32
+// accumulator fragments across all key blocks (word then prompt); one write.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    gpa_bwd_dq_mma_kernel(MmaGeo g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                          const T* __restrict__ pk, const T* __restrict__ pv, const int64_t* __restrict__ kv_start,
+                          const float* __restrict__ phi, const T* __restrict__ dout, const float* __restrict__ lse,
+                          const float* __restrict__ plse, const float* __restrict__ Dw, const float* __restrict__ Dp,
+                          T* __restrict__ dq) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using BL = BwdLayout<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Ks = reinterpret_cast<T*>(smem + BL::kTileA);
+  T* Vs = reinterpret_cast<T*>(smem + BL::kTileB);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane >> 1, half = lane & 1;  // this lane's row within the warp's 16, and its column parity
+  float* X = reinterpret_cast<float*>(smem + BL::kX) + warp * 16 * BL::LDS;  // scores
+  float* Y = reinterpret_cast<float*>(smem + BL::kY) + warp * 16 * BL::LDS;  // dP
+  T* dS = reinterpret_cast<T*>(smem + BL::kP0) + warp * 16 * BL::LDP;
+
+  // the last query blocks see the most keys (causal): launch them first
+  const int64_t qblk = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t h = blockIdx.y, b = blockIdx.z, hkv = h / g.rep;
+  const int64_t q0 = qblk * kBlockM;
+  const int n_rows = static_cast<int>(imin(kBlockM, g.Tq - q0));  // >= 1 by the grid size
+  const int64_t q_stride = g.H * D, kv_stride = g.Hkv * D;        // elements between consecutive rows
+  const int64_t q_off = (b * g.Tq * g.H + h) * D;                   // row i of q, dout, dq at + q_off + i * q_stride
+  const int64_t kv_off = (b * g.Tk * g.Hkv + hkv) * D;              // key j at k + kv_off + j * kv_stride
+
+  // Word keys [lo, row_hi) per row, as in the forward; the CTA loops over [lo, cta_hi).
+  const int64_t lo = kv_start ? imin(imax(kv_start[b], int64_t(0)), g.Tk) : int64_t(0);
+  const int64_t cta_hi = word_hi(g, q0 + n_rows - 1);
+  const int64_t warp_row0 = q0 + warp * 16;
+  const bool warp_active = warp_row0 < g.Tq;  // uniform per warp: a warp past Tq only joins the block syncs
+  const int64_t warp_hi = warp_active ? word_hi(g, imin(warp_row0 + 15, g.Tq - 1)) : int64_t(0);
+  const int64_t i = warp_row0 + r;
+  const bool row_valid = i < g.Tq;
+  const int64_t row_hi = row_valid ? word_hi(g, i) : lo;  // an invalid (tail) row allows no key
+  const int64_t si = (b * g.H + h) * g.Tq + i;
+
+  // Q and dout tiles -> shared memory (the K and V tiles' space) -> this warp's A fragments.
+  load_tile<T, D>(Ks, q + q_off + q0 * q_stride, q_stride, n_rows);
+  load_tile<T, D>(Vs, dout + q_off + q0 * q_stride, q_stride, n_rows);
+  __syncthreads();
+  FragA<T> qa[D / 16], da[D / 16];
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+    wmma::load_matrix_sync(qa[kt], Ks + warp * 16 * BL::LDT + kt * 16, BL::LDT);
+    wmma::load_matrix_sync(da[kt], Vs + warp * 16 * BL::LDT + kt * 16, BL::LDT);
+  }
+  // (every loop below starts with __syncthreads before it overwrites Ks / Vs, which orders these reads first)
+  FragAcc acc[D / 16];  // dq_w in units of the scaled query (times scale at the write)
+#pragma unroll
+  for (int dt = 0; dt < D / 16; ++dt) wmma::fill_fragment(acc[dt], 0.f);
+
+  // ------------------------------------------------------------------ word keys: dS = P (dP - D_word)
+  {
+    const float row_lse = row_valid ? lse[si] : -INFINITY;
+    const float row_D = row_valid ? Dw[si] : 0.f;
+    for (int64_t j0 = lo; j0 < cta_hi; j0 += kBlockN) {
+      const int n_keys = static_cast<int>(imin(kBlockN, cta_hi - j0));
+      __syncthreads();  // the previous block's (or the staging) reads are done
+      load_tile<T, D>(Ks, k + kv_off + j0 * kv_stride, kv_stride, n_keys);
+      load_tile<T, D>(Vs, v + kv_off + j0 * kv_stride, kv_stride, n_keys);
+      __syncthreads();
+      if (warp_active && j0 < warp_hi) {  // warp-uniform
+        const int n16 = (n_keys + 15) / 16;
+        warp_scores<T, D, BL::LDS>(qa, Ks, X, n16);
+        warp_scores<T, D, BL::LDS>(da, Vs, Y, n16);
+        __syncwarp();
+        int c_lo, c_hi;
+        block_cols(j0, lo, row_hi, c_lo, c_hi);
+        dscores_row<T>(X + r * BL::LDS, Y + r * BL::LDS, dS + r * BL::LDP, c_lo, c_hi, g.scale, row_lse, row_D, 1.f,
+                       half);
+        __syncwarp();  // dS written, X / Y read by all lanes
+        warp_accumulate<T, D>(dS, Ks, acc, n16);
+        __syncwarp();
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ prompt keys: dS = phi(g_h) P (dP - D_prompt)
+  if (g.K > 0) {
+    const int64_t p_off = ((g.Bp == 1 ? 0 : b) * g.K * g.Hkv + hkv) * D;  // prompt key p at pk + p_off + p * kv_stride
+    const float row_lse = row_valid ? plse[si] : -INFINITY;
+    const float row_D = row_valid ? Dp[si] : 0.f;
+    const float factor = phi[h];
+    const int64_t p_hi = row_valid ? g.K : 0;
+    for (int64_t p0 = 0; p0 < g.K; p0 += kBlockN) {
+      const int n_keys = static_cast<int>(imin(kBlockN, g.K - p0));
+      __syncthreads();
+      load_tile<T, D>(Ks, pk + p_off + p0 * kv_stride, kv_stride, n_keys);
+      load_tile<T, D>(Vs, pv + p_off + p0 * kv_stride, kv_stride, n_keys);
+      __syncthreads();
+      if (warp_active) {
+        const int n16 = (n_keys + 15) / 16;
+        warp_scores<T, D, BL::LDS>(qa, Ks, X, n16);
+        warp_scores<T, D, BL::LDS>(da, Vs, Y, n16);
+        __syncwarp();
+        int c_lo, c_hi;
+        block_cols(p0, 0, p_hi, c_lo, c_hi);
+        dscores_row<T>(X + r * BL::LDS, Y + r * BL::LDS, dS + r * BL::LDP, c_lo, c_hi, g.scale, row_lse, row_D,
+                       factor, half);
+        __syncwarp();
+        warp_accumulate<T, D>(dS, Ks, acc, n16);
+        __syncwarp();
+      }
+    }
+  }
+
+  __syncthreads();  // every warp is done with the row tiles: they now hold the fp32 result rows
+  float* Xo = reinterpret_cast<float*>(smem + BL::kTileA) + warp * 16 * BL::LDX;
+  if (warp_active) warp_write_rows<T, D>(acc, Xo, row_valid ? dq + q_off + i * q_stride : nullptr, g.scale, r, half);
+#endif  // __CUDA_ARCH__ >= 800
+}
+
+// dk, dv of the word keys: grid (ceil(Tk / kBlockN), Hkv, B), kThreads threads, BwdLayout<D>::kSmemBytes dynamic
+// shared memory. Warp w owns keys j0 + 16w .. + 15; K_w and V_w stay in registers as A fragments, dk_w and dv_w in
+// fp32 accumulator fragments while the CTA loops over the query heads of the kv group and their query blocks
+// (no atomics; a fixed order).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    gpa_bwd_dkv_mma_kernel(MmaGeo g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           const int64_t* __restrict__ kv_start, const T* __restrict__ dout,
+                           const float* __restrict__ lse, const float* __restrict__ Dw, T* __restrict__ dk,
+                           T* __restrict__ dv) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using BL = BwdLayout<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + BL::kTileA);
+  T* Os = reinterpret_cast<T*>(smem + BL::kTileB);  // dout rows
+  float* lse_s = reinterpret_cast<float*>(smem + BL::kStats);
+  float* D_s = lse_s + kBlockM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane >> 1, half = lane & 1;  // this lane's key row within the warp's 16, and its column parity
+  float* X = reinterpret_cast<float*>(smem + BL::kX) + warp * 16 * BL::LDS;  // S^T: key rows, query columns
+  float* Y = reinterpret_cast<float*>(smem + BL::kY) + warp * 16 * BL::LDS;  // dP^T
+  T* Pt = reinterpret_cast<T*>(smem + BL::kP0) + warp * 16 * BL::LDP;
+  T* dSt = reinterpret_cast<T*>(smem + BL::kP1) + warp * 16 * BL::LDP;
+
+  const int64_t hkv = blockIdx.y, b = blockIdx.z;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
+  const int n_keys = static_cast<int>(imin(kBlockN, g.Tk - j0));  // >= 1 by the grid size
+  const int64_t q_stride = g.H * D, kv_stride = g.Hkv * D;
+  const int64_t kv_off = (b * g.Tk * g.Hkv + hkv) * D;  // key j at k + kv_off + j * kv_stride
+  const int64_t lo = kv_start ? imin(imax(kv_start[b], int64_t(0)), g.Tk) : int64_t(0);
+  const int64_t off = g.Tk - g.Tq;  // causal: query i sees key j iff j <= i + off
+  const int64_t warp_key0 = j0 + warp * 16;
+  const int64_t j = warp_key0 + r;
+  const bool key_ok = j >= lo && j < g.Tk;  // no query sees a key left of kv_start
+  const bool warp_active = warp_key0 < g.Tk && warp_key0 + 16 > lo;  // uniform per warp
+  // first query row that sees a key of the CTA / of the warp (causal: key kk is seen from row kk - off on);
+  // Tq (no query block) when the whole CTA block is left padding
+  const int64_t cta_key_lo = imax(j0, lo);
+  const int64_t i_first =
+      cta_key_lo >= j0 + n_keys ? g.Tq : imin(g.causal ? imax(cta_key_lo - off, int64_t(0)) : int64_t(0), g.Tq);
+  const int64_t warp_i_first = g.causal ? imax(imax(warp_key0, lo) - off, int64_t(0)) : int64_t(0);
+
+  // K and V tiles -> shared memory (the Q and dout tiles' space) -> this warp's A fragments.
+  load_tile<T, D>(Qs, k + kv_off + j0 * kv_stride, kv_stride, n_keys);
+  load_tile<T, D>(Os, v + kv_off + j0 * kv_stride, kv_stride, n_keys);
+  __syncthreads();
+  FragA<T> ka[D / 16], va[D / 16];
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+    wmma::load_matrix_sync(ka[kt], Qs + warp * 16 * BL::LDT + kt * 16, BL::LDT);
+    wmma::load_matrix_sync(va[kt], Os + warp * 16 * BL::LDT + kt * 16, BL::LDT);
+  }
+  // (the loop starts with __syncthreads before it overwrites Qs / Os, which orders these reads first)
+  FragAcc dka[D / 16], dva[D / 16];  // dk_w (times scale at the write) and dv_w
+#pragma unroll
+  for (int dt = 0; dt < D / 16; ++dt) {
+    wmma::fill_fragment(dka[dt], 0.f);
+    wmma::fill_fragment(dva[dt], 0.f);
+  }
+
+  for (int64_t h = hkv * g.rep; h < (hkv + 1) * g.rep; ++h) {
+    const int64_t q_off = (b * g.Tq * g.H + h) * D;  // row i of q, dout at + q_off + i * q_stride
+    const int64_t stat_off = (b * g.H + h) * g.Tq;   // lse / Dw of row i at + stat_off + i
+    for (int64_t i0 = i_first; i0 < g.Tq; i0 += kBlockM) {
+      const int n_rows = static_cast<int>(imin(kBlockM, g.Tq - i0));
+      __syncthreads();  // the previous block's (or the staging) reads are done
+      load_tile<T, D>(Qs, q + q_off + i0 * q_stride, q_stride, n_rows);
+      load_tile<T, D>(Os, dout + q_off + i0 * q_stride, q_stride, n_rows);
+      if (threadIdx.x < kBlockM) {
+        const int c = threadIdx.x;
+        lse_s[c] = c < n_rows ? lse[stat_off + i0 + c] : -INFINITY;
+        D_s[c] = c < n_rows ? Dw[stat_off + i0 + c] : 0.f;
+      }
+      __syncthreads();
+      if (warp_active && i0 + n_rows > warp_i_first) {  // warp-uniform: some row of the block sees a key of the warp
+        const int n16 = (n_rows + 15) / 16;
+        warp_scores<T, D, BL::LDS>(ka, Qs, X, n16);
+        warp_scores<T, D, BL::LDS>(va, Os, Y, n16);
+        __syncwarp();
+        const int c_first = g.causal ? static_cast<int>(imin(imax(j - off - i0, int64_t(0)), int64_t(kBlockM))) : 0;
+        probs_dscores_col<T>(X + r * BL::LDS, Y + r * BL::LDS, Pt + r * BL::LDP, dSt + r * BL::LDP, lse_s, D_s, key_ok,
+                             c_first, n_rows, g.scale, half);
+        __syncwarp();  // P^T, dS^T written, X / Y read by all lanes
+        warp_accumulate<T, D>(Pt, Os, dva, n16);   // dv_j += sum_i P_ij dout_i
+        warp_accumulate<T, D>(dSt, Qs, dka, n16);  // dk_j += sum_i dS_ij q_i
+        __syncwarp();
+      }
+    }
+  }
+
+  __syncthreads();  // every warp is done with the row tiles: they now hold the fp32 result rows
+  float* Xo = reinterpret_cast<float*>(smem + BL::kTileA) + warp * 16 * BL::LDX;
+  if (warp_key0 < g.Tk) {  // warp-uniform; keys left of kv_start get their (zero) gradient written too
+    const bool key_valid = j < g.Tk;
+    warp_write_rows<T, D>(dka, Xo, key_valid ? dk + kv_off + j * kv_stride : nullptr, g.scale, r, half);
+    warp_write_rows<T, D>(dva, Xo, key_valid ? dv + kv_off + j * kv_stride : nullptr, 1.f, r, half);
+  }
+#endif  // __CUDA_ARCH__ >= 800
+}
+
 // ---------------------------------------------------------------------------------------------- host side
 bool aligned16(const at::Tensor& t) {
   return !t.defined() || t.numel() == 0 || reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0;
@@ -404,6 +743,60 @@ bool mma_allowed_by_env() {
   return mode == "mma";
 }
 
+size_t bwd_smem_bytes_for(int64_t d) {
+  switch (d) {
+    case 64: return BwdLayout<64>::kSmemBytes;
+    case 80: return BwdLayout<80>::kSmemBytes;
+    case 96: return BwdLayout<96>::kSmemBytes;
+    case 128: return BwdLayout<128>::kSmemBytes;
+    default: return 0;
+  }
+}
+
+// Calls f.template operator()<D>() for a head dim the tensor-core kernels support.
+template <typename F>
+void dispatch_mma_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 64: return f.template operator()<64>();
+    case 80: return f.template operator()<80>();
+    case 96: return f.template operator()<96>();
+    case 128: return f.template operator()<128>();
+    default: TORCH_CHECK(false, "lladapter::gated_prompt_attention_backward: no tensor-core kernel for head dim ", d);
+  }
+}
+
+template <typename T, int D>
+void launch_mma_backward(const MmaGeo& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& kv_start,
+                         const at::Tensor& phi, const at::Tensor& dout, const at::Tensor& lse,
+                         const at::Tensor& plse, const at::Tensor& Dw, const at::Tensor& Dp, at::Tensor& dq,
+                         at::Tensor& dk, at::Tensor& dv) {
+  constexpr size_t smem = BwdLayout<D>::kSmemBytes;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t* ks = kv_start.defined() ? kv_start.const_data_ptr<int64_t>() : nullptr;
+  auto dq_kernel = gpa_bwd_dq_mma_kernel<T, D>;
+  // above 48 KiB dynamic shared memory needs the opt-in (70.5 KiB at d = 64 to 86.5 KiB at d = 128)
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 q_grid(static_cast<unsigned>((g.Tq + kBlockM - 1) / kBlockM), static_cast<unsigned>(g.H),
+                    static_cast<unsigned>(g.B));
+  dq_kernel<<<q_grid, kThreads, smem, stream>>>(
+      g, native_ptr_or_null<T>(q), native_ptr_or_null<T>(k), native_ptr_or_null<T>(v), native_ptr_or_null<T>(pk),
+      native_ptr_or_null<T>(pv), ks, phi.defined() ? phi.const_data_ptr<float>() : nullptr,
+      native_ptr_or_null<T>(dout), lse.const_data_ptr<float>(), plse.const_data_ptr<float>(),
+      Dw.const_data_ptr<float>(), Dp.const_data_ptr<float>(), reinterpret_cast<T*>(dq.mutable_data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (g.Tk == 0) return;  // no word keys: dk, dv are empty
+  auto dkv_kernel = gpa_bwd_dkv_mma_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 kv_grid(static_cast<unsigned>((g.Tk + kBlockN - 1) / kBlockN), static_cast<unsigned>(g.Hkv),
+                     static_cast<unsigned>(g.B));
+  dkv_kernel<<<kv_grid, kThreads, smem, stream>>>(
+      g, native_ptr_or_null<T>(q), native_ptr_or_null<T>(k), native_ptr_or_null<T>(v), ks, native_ptr_or_null<T>(dout),
+      lse.const_data_ptr<float>(), Dw.const_data_ptr<float>(), reinterpret_cast<T*>(dk.mutable_data_ptr()),
+      reinterpret_cast<T*>(dv.mutable_data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 bool try_prompt_attn_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
@@ -447,6 +840,55 @@ bool try_prompt_attn_mma_forward(const at::Tensor& q, const at::Tensor& k, const
   } else {
     launch_for_head_dim<__half>(d, g, q, k, v, pk_used, pv_used, kv_start, phi, out, lse, prompt_lse);
   }
+  return true;
+}
+
+bool try_prompt_attn_mma_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
+                                  const at::Tensor& pv, const at::Tensor& kv_start, const at::Tensor& phi,
+                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& prompt_lse,
+                                  const at::Tensor& Dw, const at::Tensor& Dp, bool causal, double scale,
+                                  at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if (!mma_allowed_by_env()) return false;  // the one place that reads LLADAPTER_CUDA_ATTN (forward and backward)
+  const auto dtype = q.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // fp32 keeps the SIMT kernels
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), d = q.size(3);
+  const int64_t Tk = k.size(1), Hkv = k.size(2);
+  const size_t smem = bwd_smem_bytes_for(d);
+  if (smem == 0) return false;
+  // per-row starts ([B, Tq]) and anything but int64 [B] stay on the SIMT kernels
+  if (kv_start.defined() && (kv_start.dim() != 1 || kv_start.scalar_type() != at::kLong)) return false;
+  const bool grid_ok = B <= 65535 && H <= 65535 && (Tq + kBlockM - 1) / kBlockM <= 0x7fffffff &&
+                       (Tk + kBlockN - 1) / kBlockN <= 0x7fffffff;  // grid limits (Hkv <= H)
+  if (!grid_ok) return false;
+  const bool has_prompt = pk.defined() && pk.size(1) > 0;
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&q, &k, &v, &pk, &pv, &dout, &dq, &dk, &dv}) {
+    if (t->defined() && (!t->is_contiguous() || !aligned16(*t))) return false;
+  }
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&lse, &prompt_lse, &Dw, &Dp}) {
+    if (t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
+  }
+  if (has_prompt && !phi.defined()) return false;  // the caller's checks require a gate with a prompt
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(q.get_device());
+  if (props->major < 8) return false;
+  if (smem > props->sharedMemPerBlockOptin) return false;
+  if (q.numel() == 0) return true;  // nothing to compute (the caller returns earlier anyway)
+
+  const MmaGeo g{B, Tq, Tk, H, Hkv, has_prompt ? pk.size(1) : 0, has_prompt ? pk.size(0) : 1, H / Hkv, causal,
+                 static_cast<float>(scale)};
+  const at::Tensor no_tensor;
+  const at::Tensor& pk_used = has_prompt ? pk : no_tensor;
+  const at::Tensor& pv_used = has_prompt ? pv : no_tensor;
+  dispatch_mma_head_dim(d, [&]<int D>() {
+    if (dtype == at::kBFloat16) {
+      launch_mma_backward<__nv_bfloat16, D>(g, q, k, v, pk_used, pv_used, kv_start, phi, dout, lse, prompt_lse, Dw,
+                                            Dp, dq, dk, dv);
+    } else {
+      launch_mma_backward<__half, D>(g, q, k, v, pk_used, pv_used, kv_start, phi, dout, lse, prompt_lse, Dw, Dp, dq,
+                                     dk, dv);
+    }
+  });
   return true;
 }
 
