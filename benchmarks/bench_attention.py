@@ -6,7 +6,9 @@ Anchors:
   sdpa_plain      plain causal SDPA without prompts (the floor: what the prompt costs)
 Ratios are anchor_time / time (> 1: ours is faster). Forward and forward+backward (grads for q, k, v, pk, pv,
 gate, as in adapter fine-tuning where activations also need gradients). On CUDA the fused op is measured with
-each forward kernel (LLADAPTER_CUDA_ATTN=mma: tensor cores, the default; =simt: the SIMT kernel).
+each forward kernel (LLADAPTER_CUDA_ATTN=mma: tensor cores, the default; =simt: the SIMT kernel; both with
+LLADAPTER_CUDA_DECODE=off) and, on the decode rows, with the split-K decode kernels (LLADAPTER_CUDA_DECODE=auto,
+the default, which takes them for Tq <= 4 and Tk >= 256).
 
   python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--json out.json]
 """
@@ -63,21 +65,23 @@ def sdpa_plain(q, k, v, pk, pv, gate):
                                           enable_gqa=gqa).transpose(1, 2)
 
 
-def ours(backend, cuda_attn=None):
-    """Our op; cuda_attn sets LLADAPTER_CUDA_ATTN (simt|mma: the CUDA forward kernel, read on every call) for the
-    duration of the call, restoring the previous value."""
+def ours(backend, env=None):
+    """Our op; env sets environment variables (LLADAPTER_CUDA_ATTN: simt|mma, LLADAPTER_CUDA_DECODE:
+    auto|splitk|off; the CUDA forward reads them on every call) for the duration of the call, restoring the
+    previous values."""
     def f(q, k, v, pk, pv, gate):
-        if cuda_attn is None:
+        if not env:
             return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
-        prev = os.environ.get("LLADAPTER_CUDA_ATTN")
-        os.environ["LLADAPTER_CUDA_ATTN"] = cuda_attn
+        prev = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
         finally:
-            if prev is None:
-                del os.environ["LLADAPTER_CUDA_ATTN"]
-            else:
-                os.environ["LLADAPTER_CUDA_ATTN"] = prev
+            for name, value in prev.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
     return f
 
 
@@ -117,7 +121,8 @@ def main():
     if dev == "cuda":
         # the fused forward with each CUDA kernel: tensor cores (wmma, the default for bf16/fp16) and SIMT; the
         # backward is the SIMT one in both
-        impl_fns = {"ours_fused_mma": ours("fused", "mma"), "ours_fused_simt": ours("fused", "simt"),
+        impl_fns = {"ours_fused_mma": ours("fused", {"LLADAPTER_CUDA_ATTN": "mma", "LLADAPTER_CUDA_DECODE": "off"}),
+                    "ours_fused_simt": ours("fused", {"LLADAPTER_CUDA_ATTN": "simt", "LLADAPTER_CUDA_DECODE": "off"}),
                     "ours_split": ours("split")}
 
     for (B, T, H, Hkv, d, K, dtype) in shapes:
@@ -161,9 +166,12 @@ def main():
                                                     pv.transpose(1, 2).expand(B, -1, -1, -1), enable_gqa=gqa)
             return word + torch.tanh(gate).to(q.dtype).view(1, -1, 1, 1) * prompt
 
+        decode_fns = dict(impl_fns)
+        if dev == "cuda":  # the split-K decode kernels (what the fused op takes for this shape by default)
+            decode_fns["ours_fused_decode"] = ours("fused", {"LLADAPTER_CUDA_DECODE": "auto"})
         with torch.no_grad():
             table.add(case, "sdpa_x2_gated", bench(lambda: sdpa_decode(*inputs), dev, warmup=warm, iters=iters * 3))
-            for nm, fn in impl_fns.items():
+            for nm, fn in decode_fns.items():
                 table.add(case, nm, bench(lambda fn=fn: fn(*inputs), dev, warmup=warm, iters=iters * 3),
                           anchor="sdpa_x2_gated")
     table.print()
