@@ -7,8 +7,9 @@ Anchors:
 Ratios are anchor_time / time (> 1: ours is faster). Forward and forward+backward (grads for q, k, v, pk, pv,
 gate, as in adapter fine-tuning where activations also need gradients). On CUDA the fused op is measured with
 each kernel set (LLADAPTER_CUDA_ATTN=mma: the tensor-core forward and backward, the default; =simt: the SIMT
-kernels); the variable picks the forward and the backward kernels alike. The variants of one case are timed
-round-robin (bench_group), so load on a shared machine hits them alike.
+kernels; both with LLADAPTER_CUDA_DECODE=off) and, on the decode rows, with the split-K decode kernels
+(LLADAPTER_CUDA_DECODE=auto, the default, which takes them for Tq <= 4 and Tk >= 256). The variants of one case
+are timed round-robin (bench_group), so load on a shared machine hits them alike.
 
   python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--json out.json]
 """
@@ -67,30 +68,29 @@ def sdpa_plain(q, k, v, pk, pv, gate):
 
 
 @contextlib.contextmanager
-def cuda_attn_env(value):
-    """Sets LLADAPTER_CUDA_ATTN (simt|mma: the CUDA forward and backward kernels, read on every call) inside the
-    block and restores the previous value afterwards; None leaves it alone."""
-    if value is None:
-        yield
-        return
-    prev = os.environ.get("LLADAPTER_CUDA_ATTN")
-    os.environ["LLADAPTER_CUDA_ATTN"] = value
+def env_vars(env):
+    """Sets the environment variables in env (LLADAPTER_CUDA_ATTN: simt|mma, the CUDA forward and backward
+    kernels; LLADAPTER_CUDA_DECODE: auto|splitk|off; both read on every call) inside the block and restores the
+    previous values afterwards; None or {} leaves the environment alone."""
+    prev = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
     try:
         yield
     finally:
-        if prev is None:
-            del os.environ["LLADAPTER_CUDA_ATTN"]
-        else:
-            os.environ["LLADAPTER_CUDA_ATTN"] = prev
+        for name, value in prev.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
-def ours(backend, cuda_attn=None):
-    """Our op, under cuda_attn_env(cuda_attn). Autograd runs the backward op after f returns, so f.cuda_attn tells
-    the timing loop to hold the variable over .backward() too."""
+def ours(backend, env=None):
+    """Our op, under env_vars(env). Autograd runs the backward op after f returns, so f.env tells the timing loop
+    to hold the variables over .backward() too."""
     def f(q, k, v, pk, pv, gate):
-        with cuda_attn_env(cuda_attn):
+        with env_vars(env):
             return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, backend=backend)
-    f.cuda_attn = cuda_attn
+    f.env = env
     return f
 
 
@@ -128,8 +128,10 @@ def main():
     anchors = {"eager_2softmax": eager_two_softmax, "sdpa_x2_gated": sdpa_two_calls, "sdpa_plain": sdpa_plain}
     impl_fns = {f"ours_{b}": ours(b) for b in impls}
     if dev == "cuda":
-        # the fused op with each CUDA kernel set: tensor cores (wmma, the default for bf16/fp16) and SIMT
-        impl_fns = {"ours_fused_mma": ours("fused", "mma"), "ours_fused_simt": ours("fused", "simt"),
+        # the fused op with each CUDA kernel set: tensor cores (wmma, the default for bf16/fp16) and SIMT, both
+        # without the split-K decode kernels (timed on the decode rows as ours_fused_decode)
+        impl_fns = {"ours_fused_mma": ours("fused", {"LLADAPTER_CUDA_ATTN": "mma", "LLADAPTER_CUDA_DECODE": "off"}),
+                    "ours_fused_simt": ours("fused", {"LLADAPTER_CUDA_ATTN": "simt", "LLADAPTER_CUDA_DECODE": "off"}),
                     "ours_split": ours("split")}
 
     for (B, T, H, Hkv, d, K, dtype) in shapes:
@@ -154,7 +156,7 @@ def main():
                     def f(fn=fn):
                         for t in leaves:
                             t.grad = None
-                        with cuda_attn_env(getattr(fn, "cuda_attn", None)):  # the backward kernels follow it too
+                        with env_vars(getattr(fn, "env", None)):  # the backward kernels follow the variables too
                             fn(*leaves).backward(g)
                 runs[nm] = f
             for nm, t in bench_group(runs, dev, warmup=warm, iters=iters).items():
@@ -178,9 +180,12 @@ def main():
                                                     pv.transpose(1, 2).expand(B, -1, -1, -1), enable_gqa=gqa)
             return word + torch.tanh(gate).to(q.dtype).view(1, -1, 1, 1) * prompt
 
+        decode_fns = dict(impl_fns)
+        if dev == "cuda":  # the split-K decode kernels (what the fused op takes for this shape by default)
+            decode_fns["ours_fused_decode"] = ours("fused", {"LLADAPTER_CUDA_DECODE": "auto"})
         with torch.no_grad():
             runs = {"sdpa_x2_gated": lambda: sdpa_decode(*inputs)}
-            runs.update({nm: (lambda fn=fn: fn(*inputs)) for nm, fn in impl_fns.items()})
+            runs.update({nm: (lambda fn=fn: fn(*inputs)) for nm, fn in decode_fns.items()})
             for nm, t in bench_group(runs, dev, warmup=warm, iters=iters * 3).items():
                 table.add(case, nm, t, anchor=None if nm == "sdpa_x2_gated" else "sdpa_x2_gated")
     table.print()
