@@ -100,9 +100,19 @@ inline bool blas_reads_rows_in_place(int64_t d, int64_t dp) {
   }
 }
 
+// fp32 accumulation with a BLAS: the block products of converted (bf16/fp16) blocks can go through sgemm too.
+template <typename acc_t>
+inline bool blas_fp32() {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return sgemm_ != nullptr;
+  } else {
+    return false;
+  }
+}
+
 // Row-major C[m, n] = alpha * op(A) . op(B) + beta * C (op: transpose when the flag is set; lda / ldb are the
 // row strides of A and B as stored). A and B may be source rows or fp32 scratch. Only called where
-// blas_reads_rows_in_place holds (everything fp32); the other instantiations never run.
+// blas_reads_rows_in_place or blas_fp32 holds (everything fp32); the other instantiations never run.
 template <typename TA, typename TB, typename TC>
 inline void gemm_in_place(int64_t m, int64_t n, int64_t k, TC alpha, const TA* A, int64_t lda, bool a_trans,
                           const TB* B, int64_t ldb, bool b_trans, TC beta, TC* C, int64_t ldc) {
@@ -448,6 +458,12 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
     if (in_place) {  // S[:, 0:nk] = Qs . K^T from the key rows (columns >= nk are masked below, never read)
       gemm_in_place(nrows, nk, d, acc_t(1), Qs, dp, false, kbase + j0 * kstride, kstride, true, acc_t(0), sc.S.data(),
                     kKB);
+    } else if (blas_fp32<acc_t>()) {
+      // bf16/fp16 (or padded d): the block converted row-major (contiguous writes; a transposed 128 x 128 fp32
+      // copy does not fit L1), S = Qs . Kr^T through BLAS
+      load_rows(sc.Kr.data(), dp, kbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
+      load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
+      gemm_in_place(nrows, kKB, dp, acc_t(1), Qs, dp, false, sc.Kr.data(), dp, true, acc_t(0), sc.S.data(), kKB);
     } else {
       load_transposed(sc.Kt.data(), kbase + j0 * kstride, kstride, nk, d);
       load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
@@ -475,7 +491,7 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
       const V mv(m_new);
       V sum(acc_t(0));
       for (int64_t c = 0; c < kKB; c += W) {
-        V e = (V::loadu(s + c) - mv).exp();
+        V e = (V::loadu(s + c) - mv).exp_u20();
         e.store(p + c);
         sum = sum + e;
       }
@@ -726,7 +742,7 @@ void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t n
     const acc_t* dp = dP + r * kKB;
     const V Lv(L), Dv(D_rows[r]), fv(factor);
     for (int64_t c = 0; c < kKB; c += W) {
-      const V e = (V::loadu(s + c) - Lv).exp() * fv;
+      const V e = (V::loadu(s + c) - Lv).exp_u20() * fv;
       (e * (V::loadu(dp + c) - Dv)).store(ds + c);
       e.store(p + c);
     }
