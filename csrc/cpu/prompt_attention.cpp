@@ -469,19 +469,22 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
       load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
       block_scores(sc.S.data(), Qs, dp, nrows, sc.Kt.data(), d);
     }
+    // the products read P's columns < nk only: the softmax stops at the vector holding the last key (a short
+    // prompt block of K = 10 keys would otherwise pay for kKB columns)
+    const int64_t ncol = (nk + W - 1) / W * W;
     for (int64_t r = 0; r < nrows; ++r) {
       acc_t* s = sc.S.data() + r * kKB;
       acc_t* p = sc.P.data() + r * kKB;
       const int64_t lo = std::max<int64_t>(mk.lo_at(i0 + r) - j0, 0);
       const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
       if (hi <= lo) {
-        std::fill(p, p + kKB, acc_t(0));
+        std::fill(p, p + ncol, acc_t(0));
         continue;
       }
       for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;
-      for (int64_t c = hi; c < kKB; ++c) s[c] = kNegInf<acc_t>;
+      for (int64_t c = hi; c < ncol; ++c) s[c] = kNegInf<acc_t>;
       V bmax = V::loadu(s);
-      for (int64_t c = W; c < kKB; c += W) bmax = at::vec::maximum(bmax, V::loadu(s + c));
+      for (int64_t c = W; c < ncol; c += W) bmax = at::vec::maximum(bmax, V::loadu(s + c));
       alignas(64) acc_t mlanes[W];
       bmax.store(mlanes);
       acc_t mb = mlanes[0];
@@ -490,7 +493,7 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
       const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first block (m = -inf)
       const V mv(m_new);
       V sum(acc_t(0));
-      for (int64_t c = 0; c < kKB; c += W) {
+      for (int64_t c = 0; c < ncol; c += W) {
         V e = (V::loadu(s + c) - mv).exp_u20();
         e.store(p + c);
         sum = sum + e;
@@ -725,6 +728,7 @@ void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t n
                        int64_t nk, const KeyMask& mk, const acc_t* lse_rows, const acc_t* D_rows, acc_t factor) {
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
+  const int64_t ncol = (nk + W - 1) / W * W;  // columns >= nk of P and dS are never read
   for (int64_t r = 0; r < nrows; ++r) {
     acc_t* p = P + r * kKB;
     acc_t* ds = dS + r * kKB;
@@ -732,16 +736,16 @@ void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t n
     const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
     const acc_t L = lse_rows[r];
     if (hi <= lo || L == kNegInf<acc_t>) {
-      std::fill(p, p + kKB, acc_t(0));
-      std::fill(ds, ds + kKB, acc_t(0));
+      std::fill(p, p + ncol, acc_t(0));
+      std::fill(ds, ds + ncol, acc_t(0));
       continue;
     }
     acc_t* s = S + r * kKB;
     for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;  // exp gives exactly 0 on masked keys
-    for (int64_t c = hi; c < kKB; ++c) s[c] = kNegInf<acc_t>;
+    for (int64_t c = hi; c < ncol; ++c) s[c] = kNegInf<acc_t>;
     const acc_t* dp = dP + r * kKB;
     const V Lv(L), Dv(D_rows[r]), fv(factor);
-    for (int64_t c = 0; c < kKB; c += W) {
+    for (int64_t c = 0; c < ncol; c += W) {
       const V e = (V::loadu(s + c) - Lv).exp_u20() * fv;
       (e * (V::loadu(dp + c) - Dv)).store(ds + c);
       e.store(p + c);
