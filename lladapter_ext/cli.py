@@ -136,6 +136,7 @@ def cmd_finetune(args) -> int:
             _mm_print_eval(args, model, tok, args.eval_split, args.eval_limit)
         elif args.eval_data:
             _print_eval(model, tok, args.eval_data, args.max_seq_len, args.max_new_tokens, limit=args.eval_limit)
+    training.finish_distributed()
     return 0
 
 

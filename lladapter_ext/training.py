@@ -251,6 +251,15 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     return dist_info()
 
 
+def finish_distributed() -> None:
+    """Leave the process group init_distributed joined, after a barrier: a process that tears its group down while
+    a peer still finishes its last collective can make gloo abort that peer ("terminate called without an active
+    exception"). No-op for a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def dist_info() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))

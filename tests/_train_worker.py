@@ -27,8 +27,10 @@ def ddp_worker(rank: int, world_size: int, port: int, data_path: str, max_seq_le
         result = T.finetune(model, dataset, T.TrainConfig(out_dir=out_dir, progress=False, **config_kwargs))
         torch.save({"adapter": model.adapter_state_dict(), "losses": result.losses},
                    os.path.join(result_dir, f"rank{rank}.pt"))
+        T.finish_distributed()  # barrier first: a rank that leaves early can make gloo abort its peer
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # after an error: leave without the barrier (the peer may never reach it)
+            dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
