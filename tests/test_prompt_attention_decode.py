@@ -49,15 +49,8 @@ def kv_starts(kind, Tq, Tk, device):
 
 def make_case(Tq, Tk, variant, d, dtype, device):
     H, Hkv, kind, Bp, K, gate_act = variant
-    q = torch.randn(B, Tq, H, d, device=device).to(dtype)
-    k = torch.randn(B, Tk, Hkv, d, device=device).to(dtype)
-    v = torch.randn(B, Tk, Hkv, d, device=device).to(dtype)
-    if K is None:
-        pk = pv = gate = None
-    else:
-        pk = torch.randn(Bp, K, Hkv, d, device=device).to(dtype)
-        pv = torch.randn(Bp, K, Hkv, d, device=device).to(dtype)
-        gate = torch.randn(H, device=device)
+    q, k, v, pk, pv, gate, _ = make_inputs(B=B, Tq=Tq, Tk=Tk, H=H, Hkv=Hkv, d=d, K=K, Bp=Bp, dtype=dtype,
+                                           device=device)
     return (q, k, v, pk, pv, gate, kv_starts(kind, Tq, Tk, device)), gate_act
 
 
