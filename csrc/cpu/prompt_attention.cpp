@@ -62,29 +62,16 @@ struct SequentialBlasGuard {
   }
 };
 
-// Row-major C[m, n] = alpha * A[m, k] . op(B) + beta * C, where op(B) is B [k, n] (ldb) or, with b_trans, the
-// transpose of B stored [n, k] (ldb). Returns false when no BLAS is available.
-inline bool blas_gemm_rowmajor(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
-                               int64_t ldb, bool b_trans, float beta, float* C, int64_t ldc, float alpha = 1.f) {
+// Row-major C[m, n] = alpha * op(A) . op(B) + beta * C (op: transpose when the flag is set; lda / ldb are the
+// row strides of A and B as stored, e.g. A stored [k, m] when a_trans). Returns false when no BLAS is available.
+inline bool sgemm_rowmajor(int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda, bool a_trans,
+                           const float* B, int64_t ldb, bool b_trans, float beta, float* C, int64_t ldc) {
   if (sgemm_ == nullptr) return false;
-  // column-major view: C^T [n, m] = op(B)^T [n, k] . A^T [k, m]
-  const char ta = b_trans ? 'T' : 'N', tb = 'N';
+  // column-major view: C^T [n, m] = op(B)^T [n, k] . op(A)^T [k, m]
+  const char tb = b_trans ? 'T' : 'N', ta = a_trans ? 'T' : 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
-  sgemm_(&ta, &tb, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
-  return true;
-}
-
-// Row-major C[m, n] += op(A) . X[k, n] (ldx), op(A) = A [m, k] (lda) or the transpose of A stored [k, m] (lda).
-inline bool blas_gemm_rowmajor_a(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, bool a_trans,
-                                 const float* X, int64_t ldx, float* C, int64_t ldc) {
-  if (sgemm_ == nullptr) return false;
-  // column-major: C^T [n, m] += X^T [n, k] . op(A)^T [k, m]
-  const char ta = 'N', tb = a_trans ? 'T' : 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LX = static_cast<int>(ldx), LA = static_cast<int>(lda), LC = static_cast<int>(ldc);
-  const float one = 1.f;
-  sgemm_(&ta, &tb, &M, &N, &K, &one, X, &LX, A, &LA, &one, C, &LC);
+  const int LB = static_cast<int>(ldb), LA = static_cast<int>(lda), LC = static_cast<int>(ldc);
+  sgemm_(&tb, &ta, &M, &N, &K, &alpha, B, &LB, A, &LA, &beta, C, &LC);
   return true;
 }
 
@@ -110,18 +97,13 @@ inline bool blas_fp32() {
   }
 }
 
-// Row-major C[m, n] = alpha * op(A) . op(B) + beta * C (op: transpose when the flag is set; lda / ldb are the
-// row strides of A and B as stored). A and B may be source rows or fp32 scratch. Only called where
+// sgemm_rowmajor for operands that may be source rows (scalar_t) or fp32 scratch. Only called where
 // blas_reads_rows_in_place or blas_fp32 holds (everything fp32); the other instantiations never run.
 template <typename TA, typename TB, typename TC>
 inline void gemm_in_place(int64_t m, int64_t n, int64_t k, TC alpha, const TA* A, int64_t lda, bool a_trans,
                           const TB* B, int64_t ldb, bool b_trans, TC beta, TC* C, int64_t ldc) {
   if constexpr (std::is_same_v<TA, float> && std::is_same_v<TB, float> && std::is_same_v<TC, float>) {
-    // column-major view: C^T [n, m] = op(B)^T [n, k] . op(A)^T [k, m]
-    const char tb = b_trans ? 'T' : 'N', ta = a_trans ? 'T' : 'N';
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int LB = static_cast<int>(ldb), LA = static_cast<int>(lda), LC = static_cast<int>(ldc);
-    sgemm_(&tb, &ta, &M, &N, &K, &alpha, B, &LB, A, &LA, &beta, C, &LC);
+    sgemm_rowmajor(m, n, k, alpha, A, lda, a_trans, B, ldb, b_trans, beta, C, ldc);
   } else {
     TORCH_INTERNAL_ASSERT(false, "gemm_in_place is fp32 only");
   }
@@ -188,7 +170,7 @@ void load_transposed(acc_t* dst, const scalar_t* src, int64_t stride, int64_t n,
 template <typename acc_t>
 void block_scores(acc_t* S, const acc_t* A, int64_t lda, int64_t nrows, const acc_t* Bt, int64_t d) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (blas_gemm_rowmajor(nrows, kKB, d, A, lda, Bt, kKB, false, 0.f, S, kKB)) return;
+    if (sgemm_rowmajor(nrows, kKB, d, 1.f, A, lda, false, Bt, kKB, false, 0.f, S, kKB)) return;
   }
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
@@ -239,8 +221,7 @@ void accum_rows(acc_t* C, int64_t ldc, const acc_t* A, int64_t sr, int64_t st, c
     // A viewed as a row-major [nr, nt] matrix: (sr, st) = (lda, 1), or its transpose stored [nt, nr]: (1, lda)
     if (nr > 0 && nt > 0 && (st == 1 || sr == 1)) {
       const bool a_trans = st != 1;
-      if (!a_trans ? blas_gemm_rowmajor_a(nr, dp, nt, A, sr, false, X, ldx, C, ldc)
-                   : blas_gemm_rowmajor_a(nr, dp, nt, A, st, true, X, ldx, C, ldc))
+      if (sgemm_rowmajor(nr, dp, nt, 1.f, A, a_trans ? st : sr, a_trans, X, ldx, false, 1.f, C, ldc))
         return;
     }
   }
