@@ -212,7 +212,7 @@ std::string site_str(const std::source_location& l) {
   return short_path(l.file_name()) + ":" + std::to_string(l.line());
 }
 
-static bool same_site(const std::source_location& a, const std::source_location& b) {
+static inline bool same_site(const std::source_location& a, const std::source_location& b) {
   return a.line() == b.line() && a.column() == b.column() &&
          (a.file_name() == b.file_name() || std::strcmp(a.file_name(), b.file_name()) == 0);
 }
@@ -489,22 +489,27 @@ static void release_barrier(Worker* w, BlockCtx& b) {
   release(b, tmp, n);
 }
 
+[[gnu::cold, gnu::noinline, noreturn]] static void barrier_site_fail(Worker* w, BlockCtx& b,
+                                                                     const std::source_location& loc) {
+  const Fiber* other = nullptr;
+  for (unsigned i = 0; i < b.nthreads && other == nullptr; ++i) {
+    if (w->fibers[i].wait == Wait::kBarrier) other = &w->fibers[i];
+  }
+  fail("barrier-divergence",
+       fmt("__syncthreads at different call sites: this thread at %s while %u thread(s) (first: thread (%u,%u,%u)) "
+           "wait at %s",
+           site_str(loc).c_str(), b.bar_count, other ? other->thread_idx.x : 0, other ? other->thread_idx.y : 0,
+           other ? other->thread_idx.z : 0, site_str(b.bar_site).c_str()));
+}
+
 void syncthreads(const std::source_location& loc) {
   Fiber* self = current_fiber("__syncthreads");
   Worker* w = self->worker;
   BlockCtx& b = w->blk;
   if (b.bar_count == 0) {
     b.bar_site = loc;
-  } else if (!same_site(b.bar_site, loc)) {
-    const Fiber* other = nullptr;
-    for (unsigned i = 0; i < b.nthreads && other == nullptr; ++i) {
-      if (w->fibers[i].wait == Wait::kBarrier) other = &w->fibers[i];
-    }
-    fail("barrier-divergence",
-         fmt("__syncthreads at different call sites: this thread at %s while %u thread(s) (first: thread (%u,%u,%u)) "
-             "wait at %s",
-             site_str(loc).c_str(), b.bar_count, other ? other->thread_idx.x : 0, other ? other->thread_idx.y : 0,
-             other ? other->thread_idx.z : 0, site_str(b.bar_site).c_str()));
+  } else if (__builtin_expect(!same_site(b.bar_site, loc), 0)) {
+    barrier_site_fail(w, b, loc);
   }
   self->wait = Wait::kBarrier;
   self->site = loc;
@@ -596,13 +601,12 @@ static void complete_group(Worker* w, BlockCtx& b, Fiber* self, unsigned warp, c
   }
 }
 
-static uint64_t arrive(WarpOp op, unsigned mask, unsigned bytes, const std::source_location& loc, Fiber* self) {
-  Worker* w = self->worker;
-  BlockCtx& b = w->blk;
-  ++w->collectives;
-  WarpState& W = b.warps[self->warp];
-  const unsigned bit = 1u << self->lane;
-  if (!(mask & bit)) {
+// Failure paths of arrive(), kept out of its hot path.
+[[gnu::cold, gnu::noinline, noreturn]] static void arrive_mask_fail(WarpOp op, unsigned mask,
+                                                                    const std::source_location& loc, Fiber* self) {
+  BlockCtx& b = self->worker->blk;
+  const WarpState& W = b.warps[self->warp];
+  if (!(mask & (1u << self->lane))) {
     fail("warp-mask", fmt("%s at %s with mask 0x%08x, which does not contain the calling lane %u", op_name(op),
                           site_str(loc).c_str(), mask, self->lane));
   }
@@ -612,11 +616,33 @@ static uint64_t arrive(WarpOp op, unsigned mask, unsigned bytes, const std::sour
                           op_name(op), site_str(loc).c_str(), mask, lane_list(mask & ~W.existing).c_str(), b.nthreads,
                           self->warp, lane_list(W.existing).c_str()));
   }
-  if (mask & W.exited) {
-    fail("exited-lane", fmt("%s at %s with mask 0x%08x names lane(s) %s, which already exited: the call would hang "
-                            "or read undefined values on a GPU",
-                            op_name(op), site_str(loc).c_str(), mask, lane_list(mask & W.exited).c_str()));
+  fail("exited-lane", fmt("%s at %s with mask 0x%08x names lane(s) %s, which already exited: the call would hang "
+                          "or read undefined values on a GPU",
+                          op_name(op), site_str(loc).c_str(), mask, lane_list(mask & W.exited).c_str()));
+}
+
+[[gnu::cold, gnu::noinline, noreturn]] static void arrive_group_fail(WarpOp op, unsigned mask,
+                                                                     const std::source_location& loc, Fiber* self,
+                                                                     const Group* g) {
+  if (g->mask != mask) {
+    fail("warp-divergence", fmt("%s at %s with mask 0x%08x while lanes %s of the warp wait at %s (%s) with the "
+                                "overlapping mask 0x%08x",
+                                op_name(op), site_str(loc).c_str(), mask, lane_list(g->arrived).c_str(),
+                                op_name(g->op), site_str(g->site).c_str(), g->mask));
   }
+  fail("warp-divergence", fmt("lanes of warp %u at different collectives: lane %u at %s (%s), lanes %s at %s (%s), "
+                              "mask 0x%08x",
+                              self->warp, self->lane, op_name(op), site_str(loc).c_str(),
+                              lane_list(g->arrived).c_str(), op_name(g->op), site_str(g->site).c_str(), mask));
+}
+
+static uint64_t arrive(WarpOp op, unsigned mask, unsigned bytes, const std::source_location& loc, Fiber* self) {
+  Worker* w = self->worker;
+  BlockCtx& b = w->blk;
+  ++w->collectives;
+  WarpState& W = b.warps[self->warp];
+  const unsigned bit = 1u << self->lane;
+  if (__builtin_expect(!(mask & bit) || (mask & (~W.existing | W.exited)), 0)) arrive_mask_fail(op, mask, loc, self);
   Group* g = nullptr;
   for (int i = 0; i < W.ngroups; ++i) {
     if (W.groups[i].mask & mask) {
@@ -631,19 +657,8 @@ static uint64_t arrive(WarpOp op, unsigned mask, unsigned bytes, const std::sour
     g->op = op;
     g->bytes = static_cast<uint8_t>(bytes);
     g->site = loc;
-  } else {
-    if (g->mask != mask) {
-      fail("warp-divergence", fmt("%s at %s with mask 0x%08x while lanes %s of the warp wait at %s (%s) with the "
-                                  "overlapping mask 0x%08x",
-                                  op_name(op), site_str(loc).c_str(), mask, lane_list(g->arrived).c_str(),
-                                  op_name(g->op), site_str(g->site).c_str(), g->mask));
-    }
-    if (g->op != op || g->bytes != bytes || !same_site(g->site, loc)) {
-      fail("warp-divergence", fmt("lanes of warp %u at different collectives: lane %u at %s (%s), lanes %s at %s (%s), "
-                                  "mask 0x%08x",
-                                  self->warp, self->lane, op_name(op), site_str(loc).c_str(),
-                                  lane_list(g->arrived).c_str(), op_name(g->op), site_str(g->site).c_str(), mask));
-    }
+  } else if (__builtin_expect(g->mask != mask || g->op != op || g->bytes != bytes || !same_site(g->site, loc), 0)) {
+    arrive_group_fail(op, mask, loc, self, g);
   }
   self->wait = Wait::kWarp;
   self->op = op;
