@@ -186,6 +186,7 @@ BROKEN = {
     "null_deref": ["[fault]", "null pointer", "thread (0,0,0)"],
     "int_div_zero": ["[fault]", "SIGFPE", "division by zero", "thread (7,0,0)"],
     "kernel_throws": ["[exception]", "thread (3,0,0)", "selftest exception from kernel code"],
+    "nested_launch": ["[launch-config]", "st_nested_launch", "thread (0,0,0)", "dynamic parallelism"],
 }
 
 

@@ -267,12 +267,6 @@ Fiber* current_fiber(const char* what) {
   return static_cast<Fiber*>(h);
 }
 
-void warn_site(Worker* w, const std::source_location& loc, const char* kind, const std::string& msg) {
-  std::string key = site_str(loc) + "|" + kind;
-  WarnEntry& e = w->warns[key];
-  if (e.count++ == 0) e.msg = msg;
-}
-
 [[noreturn]] void kernel_assert_fail(const char* cond, const char* file, int line, const char* func) {
   fail("kernel-assert", fmt("CUDA_KERNEL_ASSERT(%s) failed in %s at %s:%d", cond, func, short_path(file).c_str(), line));
 }
@@ -1265,6 +1259,10 @@ static void validate_launch(const LaunchState& L) {
 }
 
 void launch(const LaunchSpec& s) {
+  if (tv.cur != nullptr) {
+    fail("launch-config", fmt("a kernel launch from inside a kernel (%s at %s:%d): dynamic parallelism is not emulated",
+                              s.name, short_path(s.file).c_str(), s.line));
+  }
   std::unique_lock<std::mutex> lk(launch_mu());
   LaunchState L;
   L.spec = &s;

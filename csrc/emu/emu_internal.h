@@ -140,6 +140,20 @@ struct WarnEntry {
   std::string msg;
   uint64_t count = 0;
 };
+struct WarnKey {  // a warning is counted per (site, kind); its message is formatted once
+  const char* file;
+  unsigned line, column;
+  const char* kind;
+  bool operator==(const WarnKey& o) const {
+    return file == o.file && line == o.line && column == o.column && kind == o.kind;
+  }
+};
+struct WarnKeyHash {
+  size_t operator()(const WarnKey& k) const {
+    return std::hash<const void*>()(k.file) ^ (static_cast<size_t>(k.line) * 0x9e3779b97f4a7c15ULL) ^
+           (static_cast<size_t>(k.column) << 20) ^ std::hash<const void*>()(k.kind);
+  }
+};
 
 struct Worker {
   int index = 0;
@@ -155,7 +169,7 @@ struct Worker {
   Ctx sched;
   // counters (merged into the global stats after each launch)
   uint64_t switches = 0, barriers = 0, collectives = 0, wmma_ops = 0, fibers_run = 0, blocks_run = 0;
-  std::unordered_map<std::string, WarnEntry> warns;  // keyed by site + kind
+  std::unordered_map<WarnKey, WarnEntry, WarnKeyHash> warns;
   char* altstack = nullptr;
   size_t altstack_size = 0;
 };
@@ -187,7 +201,15 @@ Fiber* current_fiber(const char* what);
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
 std::string site_str(const std::source_location& l);
 const char* op_name(WarpOp op);
-void warn_site(Worker* w, const std::source_location& loc, const char* kind, const std::string& msg);
+// Counts a warning of `kind` (a string literal) at `loc`; make_msg() runs only for the first occurrence.
+template <class F>
+void warn_site(Worker* w, const std::source_location& loc, const char* kind, F&& make_msg);
+
+template <class F>
+void warn_site(Worker* w, const std::source_location& loc, const char* kind, F&& make_msg) {
+  WarnEntry& e = w->warns[WarnKey{loc.file_name(), loc.line(), loc.column(), kind}];
+  if (e.count++ == 0) e.msg = make_msg();
+}
 
 bool in_fiber();
 [[noreturn]] void assert_fail_in_fiber(const char* msg);

@@ -492,6 +492,10 @@ __global__ void st_null_deref(float* p) { p[threadIdx.x + 4] = 1.f; }
 
 __global__ void st_int_div_zero(int* out, int d) { out[threadIdx.x] = 100 / (d - static_cast<int>(threadIdx.x)); }
 
+__global__ void st_nested_launch() {
+  if (threadIdx.x == 0) LL_LAUNCH(1, 32, 0, current_stream(), st_noop)();
+}
+
 __global__ void st_throws() {
   if (threadIdx.x == 3) throw std::runtime_error("selftest exception from kernel code");
 }
@@ -732,6 +736,10 @@ std::map<std::string, Entry>& registry() {
       {"int_div_zero", {"an integer division by zero (SIGFPE)", [] {
          int out[32];
          LL_LAUNCH(1, 32, 0, current_stream(), st_int_div_zero)(out, 7);
+         return none();
+       }}},
+      {"nested_launch", {"a launch from inside a kernel (dynamic parallelism)", [] {
+         LL_LAUNCH(1, 32, 0, current_stream(), st_nested_launch)();
          return none();
        }}},
       {"kernel_throws", {"a C++ exception thrown by kernel code", [] {

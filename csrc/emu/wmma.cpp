@@ -139,17 +139,23 @@ void wmma_complete(BlockCtx& b, Fiber* self, unsigned warp, const Group& g) {
                          site_str(g.site).c_str(), o0.ldm, elem_name(o0.elem), static_cast<size_t>(o0.ldm) * es));
   }
   if (o0.ldm < 16) {
-    warn_site(self->worker, g.site, "wmma-ldm-small",
-              fmt("%s at %s: ldm %u is smaller than the tile's 16 %s (rows or columns overlap)", name,
-                  site_str(g.site).c_str(), o0.ldm, o0.col_major ? "rows" : "columns"));
+    warn_site(self->worker, g.site, "wmma-ldm-small", [&] {
+      return fmt("%s at %s: ldm %u is smaller than the tile's 16 %s (rows or columns overlap)", name,
+                 site_str(g.site).c_str(), o0.ldm, o0.col_major ? "rows" : "columns");
+    });
   }
-  if ((static_cast<size_t>(o0.ldm) * es) % (16 * es) != 0) {
-    warn_site(self->worker, g.site, "wmma-row-align",
-              fmt("%s at %s: ldm %u (%zu bytes): rows/columns of the tile start only %zu-byte aligned; the PTX ISA "
-                  "asks each to be aligned to the tile row's size (%zu bytes)",
-                  name, site_str(g.site).c_str(), o0.ldm, static_cast<size_t>(o0.ldm) * es,
-                  static_cast<size_t>(1) << __builtin_ctzll(static_cast<unsigned long long>(o0.ldm) * es),
-                  16 * es));
+  // PTX ISA, "Matrix Storage for WMMA": the start of each row (or column) must be aligned to the size of the
+  // fragment in bytes (per thread: 32 for f16 A/B, 16 for bf16 A/B, 32 for an f32 accumulator).
+  const size_t frag_bytes = static_cast<size_t>(o0.num_elements) * es;
+  const size_t stride_bytes = static_cast<size_t>(o0.ldm) * es;
+  if (stride_bytes % frag_bytes != 0) {
+    warn_site(self->worker, g.site, "wmma-row-align", [&] {
+      return fmt("%s at %s: ldm %u (%zu bytes): the rows/columns of the tile start only %zu-byte aligned; the PTX ISA "
+                  "asks each to be aligned to the fragment size (%zu bytes for %s)",
+                  name, site_str(g.site).c_str(), o0.ldm, stride_bytes,
+                  static_cast<size_t>(1) << __builtin_ctzll(static_cast<unsigned long long>(stride_bytes)), frag_bytes,
+                 elem_name(o0.elem));
+    });
   }
   const int kind = static_cast<int>(o0.kind);
   const size_t ldm = o0.ldm;
