@@ -805,17 +805,20 @@ static uint64_t current_csr() {
 #endif
 }
 
+// PROT_NONE below each fiber stack: 64 KiB, so that a frame larger than a page cannot jump over it into the next
+// stack (address space only).
+constexpr size_t kStackGuard = 64 * 1024;
+
 static void ensure_stacks(Worker* w, unsigned n) {
-  const size_t page = page_size();
   while (w->stacks.size() < n) {
-    const size_t total = w->stack_size + page;
+    const size_t total = w->stack_size + kStackGuard;
     void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
                    -1, 0);
     if (m == MAP_FAILED) throw std::bad_alloc();
-    mprotect(m, page, PROT_NONE);  // guard page below the stack
+    mprotect(m, kStackGuard, PROT_NONE);  // guard below the stack
     Worker::Stack s{static_cast<char*>(m), total};
     Fiber& f = w->fibers[w->stacks.size()];
-    f.stack_lo = s.map + page;
+    f.stack_lo = s.map + kStackGuard;
     f.stack_size = w->stack_size;
     w->stacks.push_back(s);
   }
@@ -1030,15 +1033,15 @@ static std::string describe_fault(Worker* w, Fiber* f, const char** category) {
     *category = "kernel-assert";
     return f->net_msg ? f->net_msg : "assertion failed";
   }
-  if (a >= lo - page && a < lo) {
+  if (a >= lo - kStackGuard && a < lo) {
     *category = "stack-overflow";
-    return fmt("stack overflow: %s at 0x%" PRIxPTR " in the guard page below this thread's %zu KiB fiber stack "
+    return fmt("stack overflow: %s at 0x%" PRIxPTR " in the guard region below this thread's %zu KiB fiber stack "
                "(raise stack_kib / LLADAPTER_EMU_STACK_KIB if the kernel needs more)",
                rw, a, f->stack_size / 1024);
   }
   for (unsigned i = 0; i < w->stacks.size(); ++i) {
     const uintptr_t l2 = reinterpret_cast<uintptr_t>(w->fibers[i].stack_lo);
-    if (a >= l2 - page && a < l2) {
+    if (a >= l2 - kStackGuard && a < l2) {
       *category = "fault";
       return fmt("invalid %s at 0x%" PRIxPTR " in the stack guard page of thread %u", rw, a, i);
     }
