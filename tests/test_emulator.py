@@ -33,7 +33,7 @@ emu = _load_emu()
 if emu is None:
     pytest.skip("lladapter_ext._emu is not built (the CPU emulator of the CUDA kernels)", allow_module_level=True)
 
-DEFAULTS = dict(schedule="inorder", seed=0, layout="sm80", layout_seed=0, workers=0, stack_kib=128)
+DEFAULTS = dict(schedule="inorder", seed=0, layout="sm80", layout_seed=0, workers=0, stack_kib=128, timeout_s=300.0)
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +206,7 @@ def test_every_selftest_is_covered():
     positive = {"warp_ops", "block_2d", "block_1024", "exited_barrier", "partial_warp", "global_read_ok",
                 "dyn_smem_with_attr", "many_blocks", "smem_nan", "race_missing_barrier", "race_with_barrier",
                 "wmma_gemm_half", "wmma_gemm_half_bcol", "wmma_gemm_bf16", "wmma_gemm_bf16_bcol", "wmma_layout_probe",
-                "bench"}
+                "bench", "endless_loop"}
     assert names == positive | set(BROKEN), names ^ (positive | set(BROKEN))
 
 
@@ -217,6 +217,17 @@ def test_errors_under_every_schedule_and_two_workers(name):
         emu.configure(schedule=schedule, seed=3, workers=2)
         with pytest.raises(RuntimeError, match=r"^llemu: \["):
             emu.selftest(name)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_endless_loop_ends_at_the_timeout(workers):
+    emu.configure(timeout_s=0.5, workers=workers)
+    with pytest.raises(RuntimeError) as ei:
+        emu.selftest("endless_loop")
+    msg = str(ei.value)
+    for part in ["[timeout]", "st_endless_loop", "thread (0,0,0)", "0.5 s", "busy-wait"]:
+        assert part in msg, msg
+    emu.selftest("warp_ops")
 
 
 def test_stack_size_knob():
@@ -242,8 +253,10 @@ def test_device_profiles():
 
 
 def test_config_roundtrip_and_validation():
-    c = emu.configure(schedule="random", seed=42, layout="scrambled", layout_seed=9, workers=1, stack_kib=256)
-    assert c == dict(schedule="random", seed=42, layout="scrambled", layout_seed=9, workers=1, stack_kib=256)
+    c = emu.configure(schedule="random", seed=42, layout="scrambled", layout_seed=9, workers=1, stack_kib=256,
+                      timeout_s=60)
+    assert c == dict(schedule="random", seed=42, layout="scrambled", layout_seed=9, workers=1, stack_kib=256,
+                     timeout_s=60.0)
     assert emu.config() == c
     assert emu.configure(seed=43)["schedule"] == "random"  # None keeps a value
     with pytest.raises(ValueError):
@@ -252,6 +265,8 @@ def test_config_roundtrip_and_validation():
         emu.configure(layout="sm70")
     with pytest.raises(ValueError):
         emu.configure(stack_kib=1)
+    with pytest.raises(ValueError):
+        emu.configure(timeout_s=-1)
 
 
 def test_stats_and_kernel_registry():

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cinttypes>
 #include <condition_variable>
 #include <cstdio>
@@ -138,6 +139,7 @@ Config config_from_env() {
   c.layout_seed = env_u64("LLADAPTER_EMU_LAYOUT_SEED", 0);
   c.workers = static_cast<int>(env_u64("LLADAPTER_EMU_WORKERS", 0));
   c.stack_kib = static_cast<int>(env_u64("LLADAPTER_EMU_STACK_KIB", 128));
+  if (const char* t = std::getenv("LLADAPTER_EMU_TIMEOUT_S"); t && *t) c.timeout_s = std::atof(t);
   return c;
 }
 
@@ -736,6 +738,7 @@ static void fiber_entry(Fiber* f) {
   Worker* w = f->worker;
   BlockCtx& b = w->blk;
   if (sigsetjmp(f->jb, 0) == 0) {
+    f->jb_valid = true;
     run_kernel_body(w, b, f);
   } else {  // from the fault handler (or the __assert_fail net): the fiber's frames above are abandoned
     tv.cur = f;
@@ -868,6 +871,7 @@ static std::string run_block(Worker* w, LaunchState* L, uint64_t lin) {
     f.warp = i >> 5;
     f.exited = false;
     f.wait = Wait::kNone;
+    f.jb_valid = false;
     init_ctx(&f, csr);
     tmp[i] = &f;
   }
@@ -949,10 +953,13 @@ static std::string deadlock_report(Worker* w, BlockCtx& b) {
 
 // ------------------------------------------------------------------------------------------------ faults
 namespace {
-struct sigaction g_old_segv, g_old_bus, g_old_fpe;
+struct sigaction g_old_segv, g_old_bus, g_old_fpe, g_old_timeout;
 int g_installed = 0;
+// Sent by the launching thread to the workers when a launch runs over its timeout.
+int timeout_signal() { return SIGRTMIN + 5; }
 
 void chain(int sig, siginfo_t* si, void* uc) {
+  if (sig == timeout_signal()) return;  // a worker between fibers: it stops taking blocks anyway
   struct sigaction* old = sig == SIGSEGV ? &g_old_segv : sig == SIGBUS ? &g_old_bus : &g_old_fpe;
   if (old->sa_flags & SA_SIGINFO) {
     if (old->sa_sigaction != nullptr) {
@@ -970,7 +977,7 @@ void chain(int sig, siginfo_t* si, void* uc) {
 
 void fault_handler(int sig, siginfo_t* si, void* uc) {
   FiberHead* h = tv.cur;
-  if (h != nullptr) {
+  if (h != nullptr && static_cast<Fiber*>(h)->jb_valid) {
     Fiber* f = static_cast<Fiber*>(h);
     f->fault_sig = sig;
     f->fault_code = si ? si->si_code : 0;
@@ -999,6 +1006,7 @@ void install_handlers() {
   sigaction(SIGSEGV, &sa, &g_old_segv);
   sigaction(SIGBUS, &sa, &g_old_bus);
   sigaction(SIGFPE, &sa, &g_old_fpe);
+  sigaction(timeout_signal(), &sa, &g_old_timeout);
 }
 
 void uninstall_handlers() {
@@ -1011,6 +1019,7 @@ void uninstall_handlers() {
   restore(SIGSEGV, &g_old_segv);
   restore(SIGBUS, &g_old_bus);
   restore(SIGFPE, &g_old_fpe);
+  restore(timeout_signal(), &g_old_timeout);
 }
 }  // namespace
 
@@ -1018,6 +1027,13 @@ static std::string describe_fault(Worker* w, Fiber* f, const char** category) {
   const uintptr_t a = f->fault_addr;
   const size_t page = page_size();
   const char* sig = f->fault_sig == SIGSEGV ? "SIGSEGV" : f->fault_sig == SIGBUS ? "SIGBUS" : "SIGFPE";
+  if (f->fault_sig == timeout_signal()) {
+    *category = "timeout";
+    return fmt("the launch ran over its timeout of %g s and this thread was still running (at pc 0x%" PRIxPTR
+               "): an endless loop or a busy-wait? (threads are not preempted here; raise the limit with "
+               "configure(timeout_s=...) / LLADAPTER_EMU_TIMEOUT_S if the kernel is just slow)",
+               w->blk.launch->cfg.timeout_s, f->fault_pc);
+  }
   if (f->fault_sig == SIGFPE) {
     *category = "fault";
     return fmt("SIGFPE (%s) at pc 0x%" PRIxPTR,
@@ -1308,7 +1324,19 @@ void launch(const LaunchSpec& s) {
   p->cv.notify_all();
   {
     std::unique_lock<std::mutex> pl(p->mu);
-    p->done_cv.wait(pl, [&] { return p->active == 0; });
+    if (L.cfg.timeout_s > 0) {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(L.cfg.timeout_s);
+      if (!p->done_cv.wait_until(pl, deadline, [&] { return p->active == 0; })) {
+        // over time: stop handing out blocks and interrupt the fibers still running, until every worker is back
+        L.timed_out = true;
+        L.failed.store(true);
+        do {
+          for (auto& t : p->threads) pthread_kill(t.native_handle(), timeout_signal());
+        } while (!p->done_cv.wait_for(pl, std::chrono::milliseconds(100), [&] { return p->active == 0; }));
+      }
+    } else {
+      p->done_cv.wait(pl, [&] { return p->active == 0; });
+    }
     p->cur = nullptr;
   }
   uninstall_handlers();
@@ -1380,6 +1408,7 @@ Config config() {
 void configure(const Config& c) {
   if (c.workers < 0 || c.workers > 64) throw std::invalid_argument("llemu: workers must be in [0, 64]");
   if (c.stack_kib < 16 || c.stack_kib > 65536) throw std::invalid_argument("llemu: stack_kib must be in [16, 65536]");
+  if (!(c.timeout_s >= 0)) throw std::invalid_argument("llemu: timeout_s must be >= 0 (0: no timeout)");
   std::lock_guard<std::mutex> lk(detail::launch_mu());
   std::lock_guard<std::mutex> sl(detail::g_state_mu);
   const bool relayout = c.layout != G().cfg.layout || c.layout_seed != G().cfg.layout_seed;

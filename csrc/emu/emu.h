@@ -97,7 +97,8 @@ struct Config {
   WmmaLayout layout = WmmaLayout::kSm80;   // per-lane element layout of wmma fragments
   uint64_t layout_seed = 0;                // for WmmaLayout::kScrambled
   int workers = 0;                         // OS threads running blocks; 0: min(2, hardware_concurrency)
-  int stack_kib = 128;                     // fiber stack size (a guard page below each)
+  int stack_kib = 128;                     // fiber stack size (a guard region below each)
+  double timeout_s = 300;                  // a launch running longer is interrupted ([timeout]); 0: never
 };
 Config config();
 void configure(const Config& c);  // not while a launch runs; the pool is rebuilt at the next launch if needed

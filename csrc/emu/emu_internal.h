@@ -63,6 +63,7 @@ struct Fiber : FiberHead {
   int fault_write = -1;  // 1 write, 0 read, -1 unknown
   uintptr_t fault_addr = 0, fault_pc = 0;
   const char* net_msg = nullptr;  // message from the __assert_fail net (fault_sig == 0)
+  volatile bool jb_valid = false;  // jb holds this block's fiber_entry frame
   sigjmp_buf jb;
 };
 
@@ -186,6 +187,7 @@ struct LaunchState {
   unsigned nthreads = 0;
   std::atomic<uint64_t> next{0};
   std::atomic<bool> failed{false};
+  bool timed_out = false;
   std::mutex err_mu;
   std::string error;
   uint64_t error_block = ~0ULL;

@@ -20,6 +20,7 @@ py::dict config_dict(const llemu::Config& c) {
   d["layout_seed"] = c.layout_seed;
   d["workers"] = c.workers;
   d["stack_kib"] = c.stack_kib;
+  d["timeout_s"] = c.timeout_s;
   return d;
 }
 
@@ -50,7 +51,7 @@ void lladapter_emu_bind(py::module_& m) {
   m.def(
       "configure",
       [](py::object schedule, py::object seed, py::object layout, py::object layout_seed, py::object workers,
-         py::object stack_kib) {
+         py::object stack_kib, py::object timeout_s) {
         llemu::Config c = llemu::config();
         if (!schedule.is_none()) c.schedule = llemu::parse_schedule(schedule.cast<std::string>());
         if (!seed.is_none()) c.seed = seed.cast<uint64_t>();
@@ -58,13 +59,15 @@ void lladapter_emu_bind(py::module_& m) {
         if (!layout_seed.is_none()) c.layout_seed = layout_seed.cast<uint64_t>();
         if (!workers.is_none()) c.workers = workers.cast<int>();
         if (!stack_kib.is_none()) c.stack_kib = stack_kib.cast<int>();
+        if (!timeout_s.is_none()) c.timeout_s = timeout_s.cast<double>();
         llemu::configure(c);
         return config_dict(llemu::config());
       },
       py::kw_only(), py::arg("schedule") = py::none(), py::arg("seed") = py::none(), py::arg("layout") = py::none(),
       py::arg("layout_seed") = py::none(), py::arg("workers") = py::none(), py::arg("stack_kib") = py::none(),
+      py::arg("timeout_s") = py::none(),
       "Set knobs (None keeps a value): schedule 'inorder'|'reverse'|'random', seed, layout 'sm80'|'scrambled', "
-      "layout_seed, workers (0: min(2, cores)), stack_kib. Returns the new configuration.");
+      "layout_seed, workers (0: min(2, cores)), stack_kib, timeout_s (0: none). Returns the new configuration.");
   m.def("config", [] { return config_dict(llemu::config()); }, "The current configuration as a dict.");
 
   m.def(

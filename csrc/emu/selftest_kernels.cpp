@@ -492,6 +492,15 @@ __global__ void st_null_deref(float* p) { p[threadIdx.x + 4] = 1.f; }
 
 __global__ void st_int_div_zero(int* out, int d) { out[threadIdx.x] = 100 / (d - static_cast<int>(threadIdx.x)); }
 
+// Thread 0 of every block waits for a flag nobody sets (a busy-wait: threads are not preempted, so only the
+// launch timeout ends it).
+__global__ void st_endless_loop(const volatile int* flag) {
+  if (threadIdx.x == 0) {
+    while (*flag == 0) {
+    }
+  }
+}
+
 __global__ void st_nested_launch() {
   if (threadIdx.x == 0) LL_LAUNCH(1, 32, 0, current_stream(), st_noop)();
 }
@@ -736,6 +745,11 @@ std::map<std::string, Entry>& registry() {
       {"int_div_zero", {"an integer division by zero (SIGFPE)", [] {
          int out[32];
          LL_LAUNCH(1, 32, 0, current_stream(), st_int_div_zero)(out, 7);
+         return none();
+       }}},
+      {"endless_loop", {"a busy-wait that never ends (needs a small timeout_s)", [] {
+         static volatile int flag = 0;
+         LL_LAUNCH(4, 64, 0, current_stream(), st_endless_loop)(&flag);
          return none();
        }}},
       {"nested_launch", {"a launch from inside a kernel (dynamic parallelism)", [] {
