@@ -49,14 +49,47 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-inline float elem_to_float(const void* frag, int i, FragElem e) {
-  if (e == FragElem::kF32) return static_cast<const float*>(frag)[i];
-  uint16_t h;
-  std::memcpy(&h, static_cast<const char*>(frag) + 2 * i, 2);
-  return e == FragElem::kHalf ? half_to_float(h) : bf16_to_float(h);
+size_t elem_size(FragElem e) { return e == FragElem::kF32 ? 4 : 2; }
+
+template <FragElem E>
+inline float to_float16(uint16_t h) {
+  return E == FragElem::kHalf ? half_to_float(h) : bf16_to_float(h);
 }
 
-size_t elem_size(FragElem e) { return e == FragElem::kF32 ? 4 : 2; }
+template <FragElem E>
+void gather_ab(Fiber* lanes, const WmmaLayoutTables& T, float (&A)[16][16], float (&B)[16][16]) {
+  for (int l = 0; l < 32; ++l) {
+    const WmmaOperands& o = *lanes[l].wmma;
+    const uint16_t* a = static_cast<const uint16_t*>(o.frag_in);
+    const uint16_t* b = static_cast<const uint16_t*>(o.frag_b);
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t pa = T.pos[0][l][i], pb = T.pos[1][l][i];
+      A[pa >> 4][pa & 15] = to_float16<E>(a[i]);
+      B[pb >> 4][pb & 15] = to_float16<E>(b[i]);
+    }
+  }
+}
+
+// Moves every lane's 8 (distinct) elements between memory and its fragment; ES: element size in bytes.
+template <size_t ES>
+void transfer(Fiber* lanes, const WmmaLayoutTables& T, int kind, char* mem, size_t ldm, bool col_major, bool store) {
+  for (int l = 0; l < 32; ++l) {
+    const WmmaOperands& o = *lanes[l].wmma;
+    char* f = static_cast<char*>(store ? const_cast<void*>(o.frag_in) : o.frag);
+    const bool dup = o.num_elements == 16;
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t pos = T.pos[kind][l][i];
+      const size_t r = pos >> 4, c = pos & 15;
+      char* addr = mem + (col_major ? c * ldm + r : r * ldm + c) * ES;
+      if (store) {
+        std::memcpy(addr, f + i * ES, ES);
+      } else {
+        std::memcpy(f + i * ES, addr, ES);
+        if (dup) std::memcpy(f + (i + 8) * ES, addr, ES);
+      }
+    }
+  }
+}
 const char* elem_name(FragElem e) { return e == FragElem::kHalf ? "__half" : e == FragElem::kBf16 ? "__nv_bfloat16" : "float"; }
 
 }  // namespace
@@ -87,25 +120,33 @@ void wmma_complete(BlockCtx& b, Fiber* self, unsigned warp, const Group& g) {
   const char* name = op_name(g.op);
 
   if (g.op == WarpOp::kWmmaMma) {
-    float A[16][16], B[16][16], D[16][16];
+    alignas(16) float A[16][16], B[16][16], D[16][16];
+    if (o0.elem == FragElem::kHalf) {
+      gather_ab<FragElem::kHalf>(lanes, T, A, B);
+    } else {
+      gather_ab<FragElem::kBf16>(lanes, T, A, B);
+    }
     for (int l = 0; l < 32; ++l) {
-      const WmmaOperands& o = *lanes[l].wmma;
-      const float* c = static_cast<const float*>(o.frag_c);
+      const float* c = static_cast<const float*>(lanes[l].wmma->frag_c);
       for (int i = 0; i < 8; ++i) {
-        const uint8_t pa = T.pos[0][l][i], pb = T.pos[1][l][i], pc = T.pos[2][l][i];
-        A[pa >> 4][pa & 15] = elem_to_float(o.frag_in, i, o.elem);
-        B[pb >> 4][pb & 15] = elem_to_float(o.frag_b, i, o.elem);
+        const uint8_t pc = T.pos[2][l][i];
         D[pc >> 4][pc & 15] = c[i];
       }
     }
-    for (int m = 0; m < 16; ++m) {  // fp32 accumulation in k order; every product is exact in fp32
-      float acc[16];
-      for (int n = 0; n < 16; ++n) acc[n] = D[m][n];
+    // fp32 accumulation in k order; every product of two halves / bf16 is exact in fp32, so the vector form below
+    // gives the same bits as d += a * b element by element
+    typedef float v4 __attribute__((vector_size(16)));
+    for (int m = 0; m < 16; ++m) {
+      v4 acc[4];
+      std::memcpy(acc, D[m], sizeof acc);
       for (int k = 0; k < 16; ++k) {
         const float a = A[m][k];
-        for (int n = 0; n < 16; ++n) acc[n] += a * B[k][n];
+        const v4 av = {a, a, a, a};
+        v4 bk[4];
+        std::memcpy(bk, B[k], sizeof bk);
+        for (int j = 0; j < 4; ++j) acc[j] += av * bk[j];
       }
-      for (int n = 0; n < 16; ++n) D[m][n] = acc[n];
+      std::memcpy(D[m], acc, sizeof acc);
     }
     for (int l = 0; l < 32; ++l) {
       float* d = static_cast<float*>(lanes[l].wmma->frag);
@@ -158,23 +199,12 @@ void wmma_complete(BlockCtx& b, Fiber* self, unsigned warp, const Group& g) {
     });
   }
   const int kind = static_cast<int>(o0.kind);
-  const size_t ldm = o0.ldm;
   const bool store = g.op == WarpOp::kWmmaStoreC;
   char* mem = static_cast<char*>(const_cast<void*>(o0.ptr));
-  for (int l = 0; l < 32; ++l) {
-    const WmmaOperands& o = *lanes[l].wmma;
-    for (int i = 0; i < 8; ++i) {
-      const uint8_t pos = T.pos[kind][l][i];
-      const size_t r = pos >> 4, c = pos & 15;
-      char* addr = mem + (o0.col_major ? c * ldm + r : r * ldm + c) * es;
-      if (store) {
-        std::memcpy(addr, static_cast<const char*>(o.frag_in) + i * es, es);
-      } else {
-        char* f = static_cast<char*>(o.frag);
-        std::memcpy(f + i * es, addr, es);
-        if (o.num_elements == 16) std::memcpy(f + (i + 8) * es, addr, es);
-      }
-    }
+  if (es == 4) {
+    transfer<4>(lanes, T, kind, mem, o0.ldm, o0.col_major, store);
+  } else {
+    transfer<2>(lanes, T, kind, mem, o0.ldm, o0.col_major, store);
   }
 }
 
