@@ -236,6 +236,11 @@ def test_stack_size_knob():
     with pytest.raises(RuntimeError, match="512 KiB fiber stack"):
         emu.selftest("stack_overflow")
     emu.selftest("block_1024")
+    emu.configure(stack_kib=16)  # the smallest: the kernels' frames and an error path still fit
+    emu.selftest("block_1024")
+    emu.selftest("warp_ops")
+    with pytest.raises(RuntimeError, match=r"\[kernel-assert\]"):
+        emu.selftest("kernel_assert")
 
 
 # ------------------------------------------------------------------------------------------------ profiles, knobs, stats

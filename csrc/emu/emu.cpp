@@ -476,7 +476,7 @@ namespace detail {
 static void release_barrier(Worker* w, BlockCtx& b) {
   ++w->barriers;
   b.bar_count = 0;
-  Fiber* tmp[kMaxThreads];
+  Fiber** tmp = b.scratch;
   unsigned n = 0;
   Fiber* fibers = w->fibers.get();
   for (unsigned i = 0; i < b.nthreads; ++i) {
@@ -862,7 +862,7 @@ static std::string run_block(Worker* w, LaunchState* L, uint64_t lin) {
   const uint64_t csr = current_csr();
   Fiber* fibers = w->fibers.get();
   const unsigned bx = s.block.x, by = s.block.y;
-  Fiber* tmp[kMaxThreads];
+  Fiber** tmp = b.scratch;
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = fibers[i];
     f.thread_idx = uint3{i % bx, (i / bx) % by, i / (bx * by)};

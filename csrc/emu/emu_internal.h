@@ -128,6 +128,7 @@ struct BlockCtx {
   // ready queue (ring; every fiber is in it at most once)
   Fiber* q[kMaxThreads];
   unsigned qhead = 0, qcount = 0;
+  Fiber* scratch[kMaxThreads];  // release lists (kept off the fiber stacks, which may be small)
   // __syncthreads
   unsigned bar_count = 0;
   std::source_location bar_site;
