@@ -72,10 +72,21 @@ llemu_ctx_trampoline:
 )ASM");
 #endif
 
+thread_local uint3 threadIdx{};
+thread_local uint3 blockIdx{};
+thread_local uint3 blockDim{1, 1, 1};
+thread_local uint3 gridDim{1, 1, 1};
+
 namespace llemu {
 namespace detail {
 
 thread_local ThreadVars tv;
+
+// Makes f the running fiber of this OS thread (the built-in variables follow it).
+static inline void set_running(Fiber* f) {
+  tv.cur = f;
+  if (f != nullptr) threadIdx = f->thread_idx;
+}
 
 namespace {
 
@@ -324,13 +335,13 @@ static inline void wait_here(Worker* w, BlockCtx& b, Fiber* self) {
   Fiber* next = pop_ready(b);
   if (next == self) return;
   if (next != nullptr) {
-    tv.cur = next;
+    set_running(next);
     ctx_swap(w, &self->ctx, &next->ctx);
   } else {
     tv.cur = nullptr;
     ctx_swap(w, &self->ctx, &w->sched);
   }
-  // resumed: whoever switched here set tv.cur = self
+  // resumed: whoever switched here called set_running(self)
 }
 
 // ------------------------------------------------------------------------------------------------ shared memory
@@ -741,7 +752,7 @@ static void fiber_entry(Fiber* f) {
     f->jb_valid = true;
     run_kernel_body(w, b, f);
   } else {  // from the fault handler (or the __assert_fail net): the fiber's frames above are abandoned
-    tv.cur = f;
+    set_running(f);
     const char* cat = "fault";
     std::string what = describe_fault(w, f, &cat);
     record_block_error(b, std::string("llemu: [") + cat + "] " + fiber_context(f) + ": " + what);
@@ -756,7 +767,7 @@ static void fiber_entry(Fiber* f) {
   }
   Fiber* next = b.failed ? nullptr : pop_ready(b);
   if (next != nullptr) {
-    tv.cur = next;
+    set_running(next);
     ctx_swap(w, &f->ctx, &next->ctx);
   } else {
     tv.cur = nullptr;
@@ -836,9 +847,9 @@ static std::string run_block(Worker* w, LaunchState* L, uint64_t lin) {
   b.linear = lin;
   b.idx = uint3{static_cast<unsigned>(lin % s.grid.x), static_cast<unsigned>((lin / s.grid.x) % s.grid.y),
                 static_cast<unsigned>(lin / (static_cast<uint64_t>(s.grid.x) * s.grid.y))};
-  tv.block_idx = b.idx;
-  tv.block_dim = s.block;
-  tv.grid_dim = s.grid;
+  blockIdx = b.idx;
+  blockDim = uint3{s.block.x, s.block.y, s.block.z};
+  gridDim = uint3{s.grid.x, s.grid.y, s.grid.z};
   const unsigned n = L->nthreads;
   b.nthreads = n;
   b.nwarps = (n + 31) / 32;
@@ -877,7 +888,7 @@ static std::string run_block(Worker* w, LaunchState* L, uint64_t lin) {
   }
   release(b, tmp, n);
   Fiber* first = pop_ready(b);
-  tv.cur = first;
+  set_running(first);
   ctx_swap(w, &w->sched, &first->ctx);
   tv.cur = nullptr;
   ++w->blocks_run;

@@ -34,6 +34,9 @@
 #define __CUDA_NO_BFLOAT16_CONVERSIONS__
 #endif
 
+// CUDA's declarations of threadIdx & co (device_launch_parameters.h, nvcc only) must never meet ours.
+#define __DEVICE_LAUNCH_PARAMETERS_H__
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -264,18 +267,10 @@ struct FiberHead {
 };
 struct ThreadVars {
   FiberHead* cur = nullptr;  // the running fiber of this OS thread (nullptr outside a kernel)
-  uint3 block_idx{};
-  dim3 block_dim{1, 1, 1};
-  dim3 grid_dim{1, 1, 1};
 };
 extern thread_local ThreadVars tv;
 
 [[noreturn]] void outside_kernel(const char* what);
-inline const uint3& cur_thread_idx() {
-  FiberHead* f = tv.cur;
-  if (__builtin_expect(f == nullptr, 0)) outside_kernel("threadIdx");
-  return f->thread_idx;
-}
 
 // Warp collectives. Values travel as up to 8 raw bytes.
 enum class WarpOp : uint8_t {
@@ -317,11 +312,14 @@ inline T from_bits(uint64_t b) {
 }  // namespace llemu
 
 // ------------------------------------------------------------------------------------------------ built-ins
-#define threadIdx (::llemu::detail::cur_thread_idx())
-#define blockIdx (static_cast<const uint3&>(::llemu::detail::tv.block_idx))
-#define blockDim (static_cast<const dim3&>(::llemu::detail::tv.block_dim))
-#define gridDim (static_cast<const dim3&>(::llemu::detail::tv.grid_dim))
-// A variable, not a macro: cudaDeviceProp has a member of that name.
+// Variables, not macros (CUDA's host headers use these names for parameters and members): per OS thread, and the
+// scheduler stores the running fiber's values whenever it switches to it (all fibers of a block share one OS
+// thread). All four are uint3 (CUDA's blockDim / gridDim are dim3, which converts from uint3). Kernel code must not
+// write them (nvcc would reject it). Outside a kernel they hold stale values.
+extern thread_local uint3 threadIdx;
+extern thread_local uint3 blockIdx;
+extern thread_local uint3 blockDim;
+extern thread_local uint3 gridDim;
 inline constexpr int warpSize = 32;
 
 #ifndef __launch_bounds__
