@@ -63,9 +63,14 @@ def test_correct_kernels_run(name, schedule):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_many_blocks_over_workers(workers):
     emu.configure(workers=workers)
-    r = emu.selftest("many_blocks")
-    assert r["os_threads"] == [float(workers)]
-    assert len(r["out"]) == 2048
+    seen = set()
+    for _ in range(5):  # a busy machine may not wake the second worker before the first has run every block
+        r = emu.selftest("many_blocks")
+        assert len(r["out"]) == 2048
+        seen.add(int(r["os_threads"][0]))
+        if workers in seen:
+            break
+    assert workers in seen and max(seen) <= workers, seen
 
 
 def test_shared_memory_reads_nan_before_written():
