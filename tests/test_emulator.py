@@ -287,9 +287,14 @@ def test_stats_and_kernel_registry():
     rec = k["st_block2d"]
     assert (rec["launches"], rec["blocks"], rec["threads"]) == (1, 6, 768)
     assert len(rec["sites"]) == 1 and "selftest_kernels.cpp:" in rec["sites"][0]
+    assert rec["instantiations"] == 1
+    emu.selftest("race_missing_barrier")
+    emu.selftest("race_with_barrier")
+    rec = emu.launched_kernels()
+    assert rec["st_race<false>"]["instantiations"] == 1 and rec["st_race<true>"]["launches"] == 1
     s = emu.stats()
-    assert s["launches"] == 1 and s["blocks"] == 6 and s["fibers"] == 768
-    assert s["barriers"] == 6 and s["warp_collectives"] == 768 and s["context_switches"] > 768
+    assert s["launches"] == 3 and s["blocks"] == 6 + 8 and s["fibers"] == 768 + 1024
+    assert s["barriers"] == 6 + 8 + 4 and s["warp_collectives"] == 768 and s["context_switches"] > 768 + 1024
     with pytest.raises(RuntimeError):
         emu.selftest("zero_grid")
     assert emu.stats()["errors"] == 1

@@ -1320,6 +1320,9 @@ void launch(const LaunchSpec& s) {
     r.threads += L.nblocks * L.nthreads;
     const std::string site = short_path(s.file) + ":" + std::to_string(s.line);
     if (std::find(r.sites.begin(), r.sites.end(), site) == r.sites.end()) r.sites.push_back(site);
+    if (std::find(r.functions.begin(), r.functions.end(), s.kernel_key) == r.functions.end()) {
+      r.functions.push_back(s.kernel_key);
+    }
   }
   L.seed_base = (L.cfg.seed * 0x9e3779b97f4a7c15ULL) ^ fnv1a(s.name);
 

@@ -113,7 +113,8 @@ WmmaLayout parse_layout(const std::string& s);   // "sm80" | "scrambled"
 // ---- coverage and statistics
 struct KernelRecord {
   uint64_t launches = 0, blocks = 0, threads = 0;
-  std::vector<std::string> sites;  // "file:line" of each launch site seen
+  std::vector<std::string> sites;        // "file:line" of each launch site seen
+  std::vector<const void*> functions;    // each distinct kernel function (template instantiation) launched
 };
 // Kernel name as written at the launch site -> counts (successful and failed launches that passed the
 // configuration checks).

@@ -91,11 +91,13 @@ void lladapter_emu_bind(py::module_& m) {
           r["blocks"] = kv.second.blocks;
           r["threads"] = kv.second.threads;
           r["sites"] = kv.second.sites;
+          r["instantiations"] = kv.second.functions.size();
           d[py::str(kv.first)] = r;
         }
         return d;
       },
-      "Kernel name as written at the launch site -> {launches, blocks, threads, sites}.");
+      "Kernel name as written at the launch site -> {launches, blocks, threads, sites, instantiations} "
+      "(instantiations: distinct kernel functions launched under that name, e.g. template arguments).");
   m.def("stats", [] {
     const llemu::Stats s = llemu::stats();
     py::dict d;
