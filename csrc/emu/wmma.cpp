@@ -8,7 +8,8 @@ namespace llemu::detail {
 namespace {
 
 // sm_80 / sm_90 per-lane layout of m16n16k16 fragments: two mma.m16n8k16 fragments (PTX ISA), g = lane >> 2,
-// t = lane & 3, i < 8 (half A/B: x[i + 8] duplicates x[i]).
+// t = lane & 3, i < 8 (half A/B: x[i + 8] duplicates x[i]). Checked on an H200 for half and bf16 A/B (row and col
+// major) and the f32 accumulator (csrc/emu/probe/wmma_layout_probe.cu).
 void sm80_position(int kind, int lane, int i, int* r, int* c) {
   const int g = lane >> 2, t = lane & 3;
   if (kind == 1) {  // B: row k, col n
