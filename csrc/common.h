@@ -8,6 +8,15 @@
 
 namespace lladapter {
 
+// Which kernels an op call runs, as the argument checks need to know it: the tensors' device type, and whether the
+// kernels are the CPU ones (which also take float64) or the CUDA ones (fp32/bf16/fp16 only). The CUDA kernels run
+// on CUDA tensors, or on CPU tensors under the emulator (csrc/emu, torch.ops.lladapter_emu).
+struct KernelTarget {
+  c10::DeviceType device;
+  bool cuda_kernels;
+};
+inline constexpr KernelTarget kCpuKernels{c10::DeviceType::CPU, false};
+
 inline std::string shape_str(const at::Tensor& t) {
   std::string s = "[";
   for (int64_t i = 0; i < t.dim(); ++i) {
@@ -39,6 +48,15 @@ inline void check_dtype_in(const char* op, const char* name, const at::Tensor& t
     list += c10::toString(s);
   }
   TORCH_CHECK(ok, op, ": ", name, " must have dtype in {", list, "}, got ", t.scalar_type());
+}
+
+// The dtypes of the target's kernels for a floating-point input (float64 only on the CPU kernels).
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t, const KernelTarget& target) {
+  if (target.cuda_kernels) {
+    check_dtype_in(op, name, t, {at::kFloat, at::kBFloat16, at::kHalf});
+  } else {
+    check_dtype_in(op, name, t, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  }
 }
 
 }  // namespace lladapter

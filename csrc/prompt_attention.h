@@ -1,5 +1,5 @@
-// Gated prompt attention (LLaMA-Adapter zero-init attention): argument checks and shape helpers shared by the
-// CPU and CUDA kernels.
+// Gated prompt attention (LLaMA-Adapter zero-init attention): the problem description and the argument checks
+// shared by every attention kernel (CPU, CUDA SIMT, tensor-core and split-K decode).
 //
 //   out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p
 //   a_ij = softmax over allowed word keys j of s*q_i.k_j   (causal: j <= i + Tk - Tq; kv_start [B]: j >= kv_start[b],
@@ -21,11 +21,17 @@
 
 namespace lladapter {
 
-struct PromptAttnShape {
-  int64_t B, Tq, Tk, H, Hkv, d, K, Bp;
+// One attention call as every kernel sees it (passed by value to the CUDA kernels: plain fields only).
+struct PromptAttnProblem {
+  int64_t B, Tq, Tk, H, Hkv, d;
+  int64_t K;          // prompt keys (0: plain attention)
+  int64_t Bp;         // prompt batch: 1 (one prompt shared by the batch) or B
+  int64_t rep;        // H / Hkv: query heads per kv head
+  bool causal;        // word keys j <= i + Tk - Tq
   bool has_prompt;    // pk/pv given with K > 0
-  bool tanh_gate;
+  bool tanh_gate;     // phi = tanh (else identity)
   bool kv_per_query;  // kv_start given with shape [B, Tq] (else [B] or absent)
+  double scale;       // of the scores q.k (the kernels compute in their accumulation type)
 };
 
 inline bool prompt_attn_gate_is_tanh(const char* op, const std::string& gate_act) {
@@ -38,24 +44,23 @@ inline at::ScalarType prompt_attn_stat_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const std::optional<at::Tensor>& pk,
-                                                const std::optional<at::Tensor>& pv,
-                                                const std::optional<at::Tensor>& gate,
-                                                const std::optional<at::Tensor>& kv_start, const std::string& gate_act,
-                                                double scale, c10::DeviceType dev) {
-  PromptAttnShape s{};
+inline PromptAttnProblem prompt_attn_check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, const std::optional<at::Tensor>& pk,
+                                                  const std::optional<at::Tensor>& pv,
+                                                  const std::optional<at::Tensor>& gate,
+                                                  const std::optional<at::Tensor>& kv_start,
+                                                  const std::string& gate_act, bool causal, double scale,
+                                                  const KernelTarget& target) {
+  PromptAttnProblem s{};
+  s.causal = causal;
+  s.scale = scale;
   s.tanh_gate = prompt_attn_gate_is_tanh(op, gate_act);
-  check_device(op, "q", q, dev);
-  check_device(op, "k", k, dev);
-  check_device(op, "v", v, dev);
+  check_device(op, "q", q, target.device);
+  check_device(op, "k", k, target.device);
+  check_device(op, "v", v, target.device);
   check_same_device(op, "k", k, "q", q);
   check_same_device(op, "v", v, "q", q);
-  if (dev == c10::DeviceType::CPU) {
-    check_dtype_in(op, "q", q, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  } else {
-    check_dtype_in(op, "q", q, {at::kFloat, at::kBFloat16, at::kHalf});
-  }
+  check_float_dtype(op, "q", q, target);
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, Tq, H, d], got ", shape_str(q));
   TORCH_CHECK(k.dim() == 4, op, ": k must have shape [B, Tk, Hkv, d], got ", shape_str(k));
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", shape_str(k), ", got ", shape_str(v));
@@ -76,6 +81,7 @@ inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor
   TORCH_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, op, ": the number of query heads H = ", s.H,
               " (q.size(2)) must be a multiple of the number of kv heads Hkv = ", s.Hkv, " (k.size(2))");
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  s.rep = s.H / s.Hkv;
 
   TORCH_CHECK(pk.has_value() == pv.has_value(), op, ": pk and pv must be given together (got pk ",
               pk.has_value() ? "given" : "None", ", pv ", pv.has_value() ? "given" : "None", ")");
@@ -83,8 +89,8 @@ inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor
   s.Bp = 1;
   if (pk.has_value()) {
     const at::Tensor& P = *pk;
-    check_device(op, "pk", P, dev);
-    check_device(op, "pv", *pv, dev);
+    check_device(op, "pk", P, target.device);
+    check_device(op, "pv", *pv, target.device);
     check_same_device(op, "pk", P, "q", q);
     check_same_device(op, "pv", *pv, "q", q);
     TORCH_CHECK(P.dim() == 4, op, ": pk must have shape [Bp, K, Hkv, d], got ", shape_str(P));
@@ -104,7 +110,7 @@ inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor
   }
   s.has_prompt = s.K > 0;
   if (gate.has_value()) {
-    check_device(op, "gate", *gate, dev);
+    check_device(op, "gate", *gate, target.device);
     check_same_device(op, "gate", *gate, "q", q);
     TORCH_CHECK(gate->dim() == 1 && gate->size(0) == s.H, op, ": gate must have shape [", s.H,
                 "] (one value per query head), got ", shape_str(*gate));
@@ -113,7 +119,7 @@ inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor
     TORCH_CHECK(!pk.has_value(), op, ": gate must be given when pk/pv are given");
   }
   if (kv_start.has_value()) {
-    check_device(op, "kv_start", *kv_start, dev);
+    check_device(op, "kv_start", *kv_start, target.device);
     check_same_device(op, "kv_start", *kv_start, "q", q);
     const bool per_row = kv_start->dim() == 1 && kv_start->size(0) == s.B;
     const bool per_query = kv_start->dim() == 2 && kv_start->size(0) == s.B && kv_start->size(1) == s.Tq;
@@ -126,13 +132,13 @@ inline PromptAttnShape prompt_attn_check_inputs(const char* op, const at::Tensor
   return s;
 }
 
-inline void prompt_attn_check_backward_inputs(const char* op, const PromptAttnShape& s, const at::Tensor& grad_out,
+inline void prompt_attn_check_backward_inputs(const char* op, const PromptAttnProblem& s, const at::Tensor& grad_out,
                                               const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
-                                              const at::Tensor& prompt_lse, c10::DeviceType dev) {
-  check_device(op, "grad_out", grad_out, dev);
-  check_device(op, "out", out, dev);
-  check_device(op, "lse", lse, dev);
-  check_device(op, "prompt_lse", prompt_lse, dev);
+                                              const at::Tensor& prompt_lse, const KernelTarget& target) {
+  check_device(op, "grad_out", grad_out, target.device);
+  check_device(op, "out", out, target.device);
+  check_device(op, "lse", lse, target.device);
+  check_device(op, "prompt_lse", prompt_lse, target.device);
   check_same_device(op, "grad_out", grad_out, "q", q);
   check_same_device(op, "out", out, "q", q);
   check_same_device(op, "lse", lse, "q", q);

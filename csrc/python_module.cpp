@@ -9,6 +9,12 @@
 #define LLADAPTER_CPU_ISA "default"
 #endif
 
+#ifdef LLADAPTER_WITH_CUDA
+namespace lladapter::cuda_impl {
+at::Tensor wmma_fragment_layouts();  // csrc/cuda/wmma_layout_probe.cu
+}
+#endif
+
 namespace {
 
 pybind11::dict build_info() {
@@ -35,4 +41,9 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lladapter compiled kernels (ops live in torch.ops.lladapter)";
   m.def("build_info", &build_info, "What this extension was compiled with.");
+#ifdef LLADAPTER_WITH_CUDA
+  m.def("wmma_fragment_layouts", &lladapter::cuda_impl::wmma_fragment_layouts,
+        "[8, 32, 16]: the matrix element (r * 16 + c) each lane holds in x[i] of each wmma fragment kind, on the "
+        "current GPU (csrc/cuda/wmma_layout_probe.cu)");
+#endif
 }

@@ -7,20 +7,16 @@
 
 namespace lladapter {
 
-inline void rms_norm_check_inputs(const at::Tensor& x, const at::Tensor& weight, c10::DeviceType dev) {
+inline void rms_norm_check_inputs(const at::Tensor& x, const at::Tensor& weight, const KernelTarget& target) {
   constexpr const char* op = "lladapter::rms_norm";
-  check_device(op, "x", x, dev);
-  check_device(op, "weight", weight, dev);
+  check_device(op, "x", x, target.device);
+  check_device(op, "weight", weight, target.device);
   check_same_device(op, "weight", weight, "x", x);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (the normalised one last), got a 0-d tensor");
   TORCH_CHECK(x.size(-1) > 0, op, ": x's last (normalised) dimension must be non-empty, got x of shape ", shape_str(x));
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must have shape [", x.size(-1),
               "] (x.size(-1)), got ", shape_str(weight));
-  if (dev == c10::DeviceType::CPU) {
-    check_dtype_in(op, "x", x, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  } else {
-    check_dtype_in(op, "x", x, {at::kFloat, at::kBFloat16, at::kHalf});
-  }
+  check_float_dtype(op, "x", x, target);
   const bool half_x = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() || (half_x && weight.scalar_type() == at::kFloat), op,
               ": weight must have x's dtype (", x.scalar_type(), ")",
@@ -28,11 +24,11 @@ inline void rms_norm_check_inputs(const at::Tensor& x, const at::Tensor& weight,
 }
 
 inline void rms_norm_check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                           const at::Tensor& rstd, c10::DeviceType dev) {
+                                           const at::Tensor& rstd, const KernelTarget& target) {
   constexpr const char* op = "lladapter::rms_norm_backward";
-  rms_norm_check_inputs(x, weight, dev);
-  check_device(op, "grad_y", grad_y, dev);
-  check_device(op, "rstd", rstd, dev);
+  rms_norm_check_inputs(x, weight, target);
+  check_device(op, "grad_y", grad_y, target.device);
+  check_device(op, "rstd", rstd, target.device);
   check_same_device(op, "grad_y", grad_y, "x", x);
   check_same_device(op, "rstd", rstd, "x", x);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", shape_str(x), ", got ",

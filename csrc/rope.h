@@ -25,11 +25,11 @@ struct RopeGeometry {
 inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& cos, const at::Tensor& sin,
                                       const std::optional<at::Tensor>& position_ids, int64_t offset,
-                                      c10::DeviceType dev) {
-  check_device(op, "q", q, dev);
-  check_device(op, "k", k, dev);
-  check_device(op, "cos", cos, dev);
-  check_device(op, "sin", sin, dev);
+                                      const KernelTarget& target) {
+  check_device(op, "q", q, target.device);
+  check_device(op, "k", k, target.device);
+  check_device(op, "cos", cos, target.device);
+  check_device(op, "sin", sin, target.device);
   check_same_device(op, "k", k, "q", q);
   check_same_device(op, "cos", cos, "q", q);
   check_same_device(op, "sin", sin, "q", q);
@@ -42,11 +42,7 @@ inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const
   const int64_t d = q.size(3);
   TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even (features rotate in pairs), got head_dim ", d,
               " (q of shape ", shape_str(q), ")");
-  if (dev == c10::DeviceType::CPU) {
-    check_dtype_in(op, "q", q, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  } else {
-    check_dtype_in(op, "q", q, {at::kFloat, at::kBFloat16, at::kHalf});
-  }
+  check_float_dtype(op, "q", q, target);
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k must have q's dtype (", q.scalar_type(), "), got ",
               k.scalar_type());
   TORCH_CHECK(cos.scalar_type() == at::kFloat, op, ": cos must be a float32 table, got ", cos.scalar_type());
@@ -62,7 +58,7 @@ inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const
   const int64_t P = cos.size(0), B = q.size(0), T = q.size(1);
   if (position_ids.has_value()) {
     const at::Tensor& pos = *position_ids;
-    check_device(op, "position_ids", pos, dev);
+    check_device(op, "position_ids", pos, target.device);
     check_same_device(op, "position_ids", pos, "q", q);
     TORCH_CHECK(pos.scalar_type() == at::kLong, op, ": position_ids must be int64, got ", pos.scalar_type());
     TORCH_CHECK(pos.dim() == 2 && pos.size(1) == T && (pos.size(0) == B || pos.size(0) == 1), op,

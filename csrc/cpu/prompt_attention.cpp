@@ -296,14 +296,14 @@ acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t dp) {
   return s;
 }
 
+// The problem (prompt_attention.h) plus what the CPU kernels add: padded head dim, the scale in the accumulation
+// type, and the data.
 template <typename scalar_t, typename acc_t>
-struct Problem {
-  int64_t B, Tq, Tk, H, Hkv, d, dp, K, Bp, rep;
-  bool causal, has_prompt;
-  acc_t scale;
+struct Problem : PromptAttnProblem {
+  int64_t dp;               // d padded to the vector width
+  acc_t qk_scale;           // scale in acc_t
   const scalar_t *q, *k, *v, *pk, *pv;
   const int64_t* kv_start;  // [B] or [B, Tq] (kv_per_query), clamped to [0, Tk]; or nullptr
-  bool kv_per_query;
   const acc_t* phi;         // [H] phi(gate), or nullptr when there is no prompt
 
   int64_t q_stride() const { return H * d; }
@@ -573,7 +573,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     nrows = std::min(kQB, pr.Tq - i0);
   };
   auto load_q = [&](Scratch<acc_t>& sc, int64_t b, int64_t h, int64_t i0, int64_t nrows) {
-    load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, pr.d, kQB, pr.scale);
+    load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, pr.d, kQB, pr.qk_scale);
   };
   // The word-key sub-range of split s of an item (key blocks split evenly, aligned to kKB).
   auto split_range = [&](const KeyMask& mk, int64_t i0, int64_t nrows, int64_t s) {
@@ -596,7 +596,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
         const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
         for (int64_t hl = 0; hl < pr.rep; ++hl) {
           load_rows(Qg.data() + hl * nrows * dp, dp, pr.q_row(pr.q, b, 0, hkv * pr.rep + hl), pr.q_stride(), nrows,
-                    pr.d, nrows, pr.scale);
+                    pr.d, nrows, pr.qk_scale);
         }
         std::fill(m.begin(), m.end(), kNegInf<acc_t>);
         std::fill(l.begin(), l.end(), acc_t(0));
@@ -781,13 +781,13 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
         const scalar_t* q_rows = pr.q_row(pr.q, b, i0, h);
         const scalar_t* do_rows = pr.q_row(bb.dout, b, i0, h);
         if (in_place) {  // S = scale * q . K^T and dP = dout . V^T from the source rows
-          gemm_in_place(nrows, nk, d, pr.scale, q_rows, pr.q_stride(), false, kblk, pr.kv_stride(), true, acc_t(0),
+          gemm_in_place(nrows, nk, d, pr.qk_scale, q_rows, pr.q_stride(), false, kblk, pr.kv_stride(), true, acc_t(0),
                         sc.S.data(), kKB);
           gemm_in_place(nrows, nk, d, acc_t(1), do_rows, pr.q_stride(), false, vblk, pr.kv_stride(), true, acc_t(0),
                         sc.dP.data(), kKB);
           zero_tail_columns(sc.dP.data(), nrows, nk);
         } else {
-          load_rows(sc.Qs.data(), dp, q_rows, pr.q_stride(), nrows, d, kQB, pr.scale);
+          load_rows(sc.Qs.data(), dp, q_rows, pr.q_stride(), nrows, d, kQB, pr.qk_scale);
           load_rows(sc.dO.data(), dp, do_rows, pr.q_stride(), nrows, d, kQB, acc_t(1));
           block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
           block_scores(sc.dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
@@ -802,7 +802,7 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
         if (in_place) {  // dV += P^T dout, dK += scale * dS^T q, dq (scaled-query units) += dS K
           gemm_in_place(nk, d, nrows, acc_t(1), sc.P.data(), kKB, true, do_rows, pr.q_stride(), false, acc_t(1),
                         dV, dp);
-          gemm_in_place(nk, d, nrows, pr.scale, dS.data(), kKB, true, q_rows, pr.q_stride(), false, acc_t(1), dK, dp);
+          gemm_in_place(nk, d, nrows, pr.qk_scale, dS.data(), kKB, true, q_rows, pr.q_stride(), false, acc_t(1), dK, dp);
           if (dq_rows) {
             gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1),
                           dq_rows, dp);
@@ -869,7 +869,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       const int64_t nrows = std::min(kQB, pr.Tq - i0);
       load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
       if (pr.has_prompt) {
-        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
         std::fill(m.begin(), m.end(), kNegInf<acc_t>);
         std::fill(l.begin(), l.end(), acc_t(0));
         std::fill(pacc.begin(), pacc.end(), acc_t(0));
@@ -926,7 +926,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     for (int64_t r = 0; r < nrows; ++r) {
       scalar_t* o = dq + ((b * pr.Tq + i0 + r) * pr.H + h) * d;
       const acc_t* a = acc + r * dp;
-      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c] * pr.scale);
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c] * pr.qk_scale);
     }
   };
 
@@ -948,7 +948,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
         for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
           for (int64_t i0 = 0; i0 < pr.Tq; i0 += kQB) {
             const int64_t nrows = std::min(kQB, pr.Tq - i0);
-            load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+            load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
             load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
             finish_dq(sc, dS, dP, b, h, i0, nrows, dQ_group.data() + ((h - hkv * pr.rep) * pr.Tq + i0) * dp);
           }
@@ -976,7 +976,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       for (int64_t it = begin; it < end; ++it) {
         const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
         const int64_t nrows = std::min(kQB, pr.Tq - i0), hkv = h / pr.rep;
-        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.scale);
+        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
         load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
         for (int64_t r = 0; r < nrows; ++r) {
           lse_rows[r] = bb.lse[pr.stat(b, h, i0 + r)];
@@ -1025,38 +1025,26 @@ constexpr const char* kOp = "lladapter::gated_prompt_attention";
 constexpr const char* kBwdOp = "lladapter::gated_prompt_attention_backward";
 
 template <typename scalar_t, typename acc_t>
-Problem<scalar_t, acc_t> make_problem(const PromptAttnShape& s, const at::Tensor& q, const at::Tensor& k,
+Problem<scalar_t, acc_t> make_problem(const PromptAttnProblem& s, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv,
-                                      const at::Tensor& kv_start, const std::vector<acc_t>& phi, bool causal,
-                                      double scale) {
+                                      const at::Tensor& kv_start, const std::vector<acc_t>& phi) {
   Problem<scalar_t, acc_t> pr{};
-  pr.B = s.B;
-  pr.Tq = s.Tq;
-  pr.Tk = s.Tk;
-  pr.H = s.H;
-  pr.Hkv = s.Hkv;
-  pr.d = s.d;
+  static_cast<PromptAttnProblem&>(pr) = s;
   constexpr int64_t W = AVec<acc_t>::size();
   pr.dp = (s.d + W - 1) / W * W;
-  pr.K = s.K;
-  pr.Bp = s.Bp;
-  pr.rep = s.H / s.Hkv;
-  pr.causal = causal;
-  pr.has_prompt = s.has_prompt;
-  pr.scale = static_cast<acc_t>(scale);
+  pr.qk_scale = static_cast<acc_t>(s.scale);
   pr.q = q.const_data_ptr<scalar_t>();
   pr.k = k.const_data_ptr<scalar_t>();
   pr.v = v.const_data_ptr<scalar_t>();
   pr.pk = s.has_prompt ? pk.const_data_ptr<scalar_t>() : nullptr;
   pr.pv = s.has_prompt ? pv.const_data_ptr<scalar_t>() : nullptr;
   pr.kv_start = kv_start.defined() ? kv_start.const_data_ptr<int64_t>() : nullptr;
-  pr.kv_per_query = s.kv_per_query;
   pr.phi = s.has_prompt ? phi.data() : nullptr;
   return pr;
 }
 
 struct Prepared {
-  PromptAttnShape s;
+  PromptAttnProblem s;
   at::Tensor q, k, v, pk, pv, kv_start;
   std::vector<double> phi, dphi;  // phi(g_h), phi'(g_h)
 };
@@ -1064,9 +1052,9 @@ struct Prepared {
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pk, const std::optional<at::Tensor>& pv,
                  const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
-                 const std::string& gate_act, double scale) {
+                 const std::string& gate_act, bool causal, double scale) {
   Prepared p;
-  p.s = prompt_attn_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, scale, c10::DeviceType::CPU);
+  p.s = prompt_attn_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, causal, scale, kCpuKernels);
   p.q = q.contiguous();
   p.k = k.contiguous();
   p.v = v.contiguous();
@@ -1103,7 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& pk_in,
     const std::optional<at::Tensor>& pv_in, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& kv_start_in, bool causal, std::string gate_act, double scale) {
-  Prepared p = prepare(kOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, scale);
+  Prepared p = prepare(kOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale);
   const auto& s = p.s;
   at::Tensor out = at::empty(p.q.sizes(), p.q.options());
   const auto stat = prompt_attn_stat_dtype(p.q);
@@ -1112,7 +1100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cpu(
   if (out.numel() == 0) return {out, lse, plse};
   dispatch_attn(p.q.scalar_type(), [&]<typename scalar_t, typename acc_t>() {
     const std::vector<acc_t> phi(p.phi.begin(), p.phi.end());
-    auto pr = make_problem<scalar_t, acc_t>(s, p.q, p.k, p.v, p.pk, p.pv, p.kv_start, phi, causal, scale);
+    auto pr = make_problem<scalar_t, acc_t>(s, p.q, p.k, p.v, p.pk, p.pv, p.kv_start, phi);
     forward_impl(pr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(), plse.mutable_data_ptr<acc_t>());
   });
   return {out, lse, plse};
@@ -1123,9 +1111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& pk_in, const std::optional<at::Tensor>& pv_in,
     const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, const at::Tensor& plse_in, bool causal, std::string gate_act, double scale) {
-  Prepared p = prepare(kBwdOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, scale);
+  Prepared p = prepare(kBwdOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale);
   const auto& s = p.s;
-  prompt_attn_check_backward_inputs(kBwdOp, s, grad_out, q_in, out_in, lse_in, plse_in, c10::DeviceType::CPU);
+  prompt_attn_check_backward_inputs(kBwdOp, s, grad_out, q_in, out_in, lse_in, plse_in, kCpuKernels);
   const at::Tensor dout = grad_out.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
@@ -1138,7 +1126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor Dp = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
   dispatch_attn(p.q.scalar_type(), [&]<typename scalar_t, typename acc_t>() {
     const std::vector<acc_t> phi(p.phi.begin(), p.phi.end());
-    auto pr = make_problem<scalar_t, acc_t>(s, p.q, p.k, p.v, p.pk, p.pv, p.kv_start, phi, causal, scale);
+    auto pr = make_problem<scalar_t, acc_t>(s, p.q, p.k, p.v, p.pk, p.pv, p.kv_start, phi);
     BwdBuffers<scalar_t, acc_t> bb{dout.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
                                    lse.const_data_ptr<acc_t>(),      plse.const_data_ptr<acc_t>(),
                                    Dw.mutable_data_ptr<acc_t>(),     Dp.mutable_data_ptr<acc_t>()};

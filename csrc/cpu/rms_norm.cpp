@@ -172,7 +172,7 @@ void dispatch_x_w(at::ScalarType xt, at::ScalarType wt, F&& f) {
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
-  rms_norm_check_inputs(x_in, weight_in, c10::DeviceType::CPU);
+  rms_norm_check_inputs(x_in, weight_in, kCpuKernels);
   TORCH_CHECK(eps >= 0, "lladapter::rms_norm: eps must be >= 0, got ", eps);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight_in.contiguous();
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in,
                                                          const at::Tensor& weight_in, const at::Tensor& rstd_in) {
-  rms_norm_check_backward_inputs(grad_y, x_in, weight_in, rstd_in, c10::DeviceType::CPU);
+  rms_norm_check_backward_inputs(grad_y, x_in, weight_in, rstd_in, kCpuKernels);
   const at::Tensor dy = grad_y.contiguous();
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight_in.contiguous();

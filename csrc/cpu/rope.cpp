@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                                             int64_t offset, bool interleaved, bool inverse) {
   constexpr const char* op = "lladapter::rope";
-  const RopeGeometry g = rope_check_inputs(op, q, k, cos, sin, position_ids, offset, c10::DeviceType::CPU);
+  const RopeGeometry g = rope_check_inputs(op, q, k, cos, sin, position_ids, offset, kCpuKernels);
   const at::Tensor qi = last_dim_contiguous(q), ki = last_dim_contiguous(k);
   at::Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
   launch(op, qi, ki, q_out, k_out, cos, sin, position_ids, offset, interleaved, inverse, g, /*copy_pass=*/true);
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
 void rope_inplace_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& position_ids, int64_t offset, bool interleaved, bool inverse) {
   constexpr const char* op = "lladapter::rope_";
-  const RopeGeometry g = rope_check_inputs(op, q, k, cos, sin, position_ids, offset, c10::DeviceType::CPU);
+  const RopeGeometry g = rope_check_inputs(op, q, k, cos, sin, position_ids, offset, kCpuKernels);
   rope_check_inplace(op, q, k);
   // a last dim with a stride is rare: rotate a contiguous copy and write it back
   at::Tensor qw = last_dim_contiguous(q), kw = last_dim_contiguous(k);

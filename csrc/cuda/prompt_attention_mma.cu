@@ -37,20 +37,13 @@
 //    no atomics, a fixed summation order, so the backward is deterministic.
 //  - Rounding: P (for dv) and dS (for dq, dk) are rounded to the dtype before the products, as FlashAttention
 //    does; everything else is fp32.
-#include "prompt_attention_mma.h"
-
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <initializer_list>
-#include <string>
+
+#include "compat.h"
+#include "device_utils.cuh"
+#include "prompt_attention_cuda.h"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -59,14 +52,7 @@ constexpr int kMmaWarps = 4;
 constexpr int kBlockM = 16 * kMmaWarps;  // query rows per CTA (16 per warp: one wmma row tile)
 constexpr int kBlockN = 64;              // keys per block; the Q staging tile reuses the K tile, so kBlockM == kBlockN
 constexpr int kThreads = 32 * kMmaWarps;
-constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kBlockM == kBlockN, "the Q tile is staged in the K tile's shared memory");
-
-struct MmaGeo {
-  int64_t B, Tq, Tk, H, Hkv, K, Bp, rep;
-  bool causal;
-  float scale;
-};
 
 // Shared memory of one CTA (bytes; every region starts at a multiple of 128 bytes, which wmma's 32-byte
 // alignment of fragment pointers needs): K tile, V tile (16-bit, kBlockN x LDT), per-warp fp32 scratch
@@ -100,7 +86,7 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 }
 
 // Exclusive end of the word keys query row i may see (causal: bottom-right aligned, j <= i + Tk - Tq).
-__device__ __forceinline__ int64_t word_hi(const MmaGeo& g, int64_t i) {
+__device__ __forceinline__ int64_t word_hi(const PromptAttnProblem& g, int64_t i) {
   return g.causal ? imin(g.Tk, i + g.Tk - g.Tq + 1) : g.Tk;
 }
 
@@ -125,7 +111,7 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
   }
 }
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#if LL_MMA_DECLS
 namespace wmma = nvcuda::wmma;
 
 template <typename T>
@@ -232,18 +218,18 @@ __device__ __forceinline__ void probs_final(const float* xrow, T* prow, int c_lo
     prow[c] = from_float<T>(p);
   }
 }
-#endif  // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#endif  // LL_MMA_DECLS
 
 // grid (ceil(Tq / kBlockM), H, B), kThreads threads, Layout<D>::kSmemBytes dynamic shared memory.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_fwd_mma_kernel(MmaGeo g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    gpa_fwd_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        const T* __restrict__ pk, const T* __restrict__ pv, const int64_t* __restrict__ kv_start,
                        const float* __restrict__ phi, T* __restrict__ out, float* __restrict__ lse,
                        float* __restrict__ plse) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LL_MMA_CODE
   using L = Layout<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LL_DYNAMIC_SHARED(unsigned char, smem, 128);
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = reinterpret_cast<T*>(smem + L::kTileBytes);
   float* X_all = reinterpret_cast<float*>(smem + 2 * L::kTileBytes);
@@ -363,7 +349,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int t = 0; t < D / 2; ++t) orow[half + 2 * t] = from_float<T>(o[t]);
   }
-#endif  // __CUDA_ARCH__ >= 800
+#endif  // LL_MMA_CODE
 }
 
 // ---------------------------------------------------------------------------------------------- backward
@@ -387,7 +373,7 @@ struct BwdLayout {
   static_assert(size_t(kMmaWarps) * 16 * LDX * 4 <= 2 * F::kTileBytes, "the fp32 results must fit the row tiles");
 };
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#if LL_MMA_DECLS
 // acc[dt] += A_w[16, 0 : 16 * n16] . Bs[0 : 16 * n16, 16 dt : 16 dt + 16] for every column tile dt, fp32
 // accumulators kept in registers across calls. A (row-major, ldm LDP: a per-warp P or dS tile) is the A operand,
 // Bs (row-major, row k at Bs + k * LDT: a kBlockN-row tile) the B operand, as V in warp_pv.
@@ -463,21 +449,21 @@ __device__ __forceinline__ void probs_dscores_col(const float* xrow, const float
     dsrow[c] = from_float<T>(ds);
   }
 }
-#endif  // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#endif  // LL_MMA_DECLS
 
 // dq, both branches: grid (ceil(Tq / kBlockM), H, B), kThreads threads, BwdLayout<D>::kSmemBytes dynamic shared
 // memory. Warp w owns query rows q0 + 16w .. + 15; Q_w and dout_w stay in registers as A fragments, dq_w in fp32
 // accumulator fragments across all key blocks (word then prompt); one write.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_bwd_dq_mma_kernel(MmaGeo g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    gpa_bwd_dq_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                           const T* __restrict__ pk, const T* __restrict__ pv, const int64_t* __restrict__ kv_start,
                           const float* __restrict__ phi, const T* __restrict__ dout, const float* __restrict__ lse,
                           const float* __restrict__ plse, const float* __restrict__ Dw, const float* __restrict__ Dp,
                           T* __restrict__ dq) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LL_MMA_CODE
   using BL = BwdLayout<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LL_DYNAMIC_SHARED(unsigned char, smem, 128);
   T* Ks = reinterpret_cast<T*>(smem + BL::kTileA);
   T* Vs = reinterpret_cast<T*>(smem + BL::kTileB);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -579,7 +565,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();  // every warp is done with the row tiles: they now hold the fp32 result rows
   float* Xo = reinterpret_cast<float*>(smem + BL::kTileA) + warp * 16 * BL::LDX;
   if (warp_active) warp_write_rows<T, D>(acc, Xo, row_valid ? dq + q_off + i * q_stride : nullptr, g.scale, r, half);
-#endif  // __CUDA_ARCH__ >= 800
+#endif  // LL_MMA_CODE
 }
 
 // dk, dv of the word keys: grid (ceil(Tk / kBlockN), Hkv, B), kThreads threads, BwdLayout<D>::kSmemBytes dynamic
@@ -588,13 +574,13 @@ __global__ void __launch_bounds__(kThreads)
 // (no atomics; a fixed order).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_bwd_dkv_mma_kernel(MmaGeo g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    gpa_bwd_dkv_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            const int64_t* __restrict__ kv_start, const T* __restrict__ dout,
                            const float* __restrict__ lse, const float* __restrict__ Dw, T* __restrict__ dk,
                            T* __restrict__ dv) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LL_MMA_CODE
   using BL = BwdLayout<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LL_DYNAMIC_SHARED(unsigned char, smem, 128);
   T* Qs = reinterpret_cast<T*>(smem + BL::kTileA);
   T* Os = reinterpret_cast<T*>(smem + BL::kTileB);  // dout rows
   float* lse_s = reinterpret_cast<float*>(smem + BL::kStats);
@@ -679,217 +665,107 @@ __global__ void __launch_bounds__(kThreads)
     warp_write_rows<T, D>(dka, Xo, key_valid ? dk + kv_off + j * kv_stride : nullptr, g.scale, r, half);
     warp_write_rows<T, D>(dva, Xo, key_valid ? dv + kv_off + j * kv_stride : nullptr, 1.f, r, half);
   }
-#endif  // __CUDA_ARCH__ >= 800
+#endif  // LL_MMA_CODE
 }
 
 // ---------------------------------------------------------------------------------------------- host side
-bool aligned16(const at::Tensor& t) {
-  return !t.defined() || t.numel() == 0 || reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
-template <typename T>
-const T* native_ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
-}
-
-template <typename T, int D>
-void launch_mma_forward(const MmaGeo& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& kv_start, const at::Tensor& phi,
-                        at::Tensor& out, at::Tensor& lse, at::Tensor& plse) {
-  constexpr size_t smem = Layout<D>::kSmemBytes;
-  auto kernel = gpa_fwd_mma_kernel<T, D>;
-  // above 48 KiB dynamic shared memory needs the opt-in (d = 128: 76 KiB)
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>((g.Tq + kBlockM - 1) / kBlockM), static_cast<unsigned>(g.H),
-                  static_cast<unsigned>(g.B));
-  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      g, native_ptr_or_null<T>(q), native_ptr_or_null<T>(k), native_ptr_or_null<T>(v), native_ptr_or_null<T>(pk),
-      native_ptr_or_null<T>(pv), kv_start.defined() ? kv_start.const_data_ptr<int64_t>() : nullptr,
-      phi.defined() ? phi.const_data_ptr<float>() : nullptr, reinterpret_cast<T*>(out.mutable_data_ptr()),
-      lse.mutable_data_ptr<float>(), plse.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T>
-void launch_for_head_dim(int64_t d, const MmaGeo& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& kv_start,
-                         const at::Tensor& phi, at::Tensor& out, at::Tensor& lse, at::Tensor& plse) {
+size_t smem_bytes_for(int64_t d, bool backward) {
   switch (d) {
-    case 64: return launch_mma_forward<T, 64>(g, q, k, v, pk, pv, kv_start, phi, out, lse, plse);
-    case 80: return launch_mma_forward<T, 80>(g, q, k, v, pk, pv, kv_start, phi, out, lse, plse);
-    case 96: return launch_mma_forward<T, 96>(g, q, k, v, pk, pv, kv_start, phi, out, lse, plse);
-    case 128: return launch_mma_forward<T, 128>(g, q, k, v, pk, pv, kv_start, phi, out, lse, plse);
-    default: TORCH_CHECK(false, "lladapter::gated_prompt_attention: no tensor-core kernel for head dim ", d);
-  }
-}
-
-size_t smem_bytes_for(int64_t d) {
-  switch (d) {
-    case 64: return Layout<64>::kSmemBytes;
-    case 80: return Layout<80>::kSmemBytes;
-    case 96: return Layout<96>::kSmemBytes;
-    case 128: return Layout<128>::kSmemBytes;
+    case 64: return backward ? BwdLayout<64>::kSmemBytes : Layout<64>::kSmemBytes;
+    case 80: return backward ? BwdLayout<80>::kSmemBytes : Layout<80>::kSmemBytes;
+    case 96: return backward ? BwdLayout<96>::kSmemBytes : Layout<96>::kSmemBytes;
+    case 128: return backward ? BwdLayout<128>::kSmemBytes : Layout<128>::kSmemBytes;
     default: return 0;
   }
 }
 
-// LLADAPTER_CUDA_ATTN: unset / "" / "mma" -> the tensor-core kernel where supported, "simt" -> the SIMT kernel.
-bool mma_allowed_by_env() {
-  const char* env = std::getenv("LLADAPTER_CUDA_ATTN");
-  if (env == nullptr || env[0] == '\0') return true;
-  const std::string mode(env);
-  TORCH_CHECK(mode == "mma" || mode == "simt", "lladapter::gated_prompt_attention: the environment variable ",
-              "LLADAPTER_CUDA_ATTN must be 'mma' or 'simt' (or unset), got '", mode, "'");
-  return mode == "mma";
-}
-
-size_t bwd_smem_bytes_for(int64_t d) {
-  switch (d) {
-    case 64: return BwdLayout<64>::kSmemBytes;
-    case 80: return BwdLayout<80>::kSmemBytes;
-    case 96: return BwdLayout<96>::kSmemBytes;
-    case 128: return BwdLayout<128>::kSmemBytes;
-    default: return 0;
-  }
-}
-
-// Calls f.template operator()<D>() for a head dim the tensor-core kernels support.
+// Calls f.template operator()<T, D>() with T the CUDA 16-bit type of q's dtype and D the head dim.
 template <typename F>
-void dispatch_mma_head_dim(int64_t d, F&& f) {
-  switch (d) {
-    case 64: return f.template operator()<64>();
-    case 80: return f.template operator()<80>();
-    case 96: return f.template operator()<96>();
-    case 128: return f.template operator()<128>();
-    default: TORCH_CHECK(false, "lladapter::gated_prompt_attention_backward: no tensor-core kernel for head dim ", d);
+void dispatch_mma(at::ScalarType dtype, int64_t d, F&& f) {
+  auto by_dim = [&]<typename T>() {
+    switch (d) {
+      case 64: return f.template operator()<T, 64>();
+      case 80: return f.template operator()<T, 80>();
+      case 96: return f.template operator()<T, 96>();
+      case 128: return f.template operator()<T, 128>();
+      default: TORCH_CHECK(false, "lladapter::gated_prompt_attention: no tensor-core kernel for head dim ", d);
+    }
+  };
+  switch (dtype) {
+    case at::kBFloat16: return by_dim.template operator()<__nv_bfloat16>();
+    case at::kHalf: return by_dim.template operator()<__half>();
+    default: TORCH_CHECK(false, "lladapter::gated_prompt_attention: no tensor-core kernel for dtype ", dtype);
   }
-}
-
-template <typename T, int D>
-void launch_mma_backward(const MmaGeo& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& kv_start,
-                         const at::Tensor& phi, const at::Tensor& dout, const at::Tensor& lse,
-                         const at::Tensor& plse, const at::Tensor& Dw, const at::Tensor& Dp, at::Tensor& dq,
-                         at::Tensor& dk, at::Tensor& dv) {
-  constexpr size_t smem = BwdLayout<D>::kSmemBytes;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t* ks = kv_start.defined() ? kv_start.const_data_ptr<int64_t>() : nullptr;
-  auto dq_kernel = gpa_bwd_dq_mma_kernel<T, D>;
-  // above 48 KiB dynamic shared memory needs the opt-in (70.5 KiB at d = 64 to 86.5 KiB at d = 128)
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 q_grid(static_cast<unsigned>((g.Tq + kBlockM - 1) / kBlockM), static_cast<unsigned>(g.H),
-                    static_cast<unsigned>(g.B));
-  dq_kernel<<<q_grid, kThreads, smem, stream>>>(
-      g, native_ptr_or_null<T>(q), native_ptr_or_null<T>(k), native_ptr_or_null<T>(v), native_ptr_or_null<T>(pk),
-      native_ptr_or_null<T>(pv), ks, phi.defined() ? phi.const_data_ptr<float>() : nullptr,
-      native_ptr_or_null<T>(dout), lse.const_data_ptr<float>(), plse.const_data_ptr<float>(),
-      Dw.const_data_ptr<float>(), Dp.const_data_ptr<float>(), reinterpret_cast<T*>(dq.mutable_data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (g.Tk == 0) return;  // no word keys: dk, dv are empty
-  auto dkv_kernel = gpa_bwd_dkv_mma_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dkv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 kv_grid(static_cast<unsigned>((g.Tk + kBlockN - 1) / kBlockN), static_cast<unsigned>(g.Hkv),
-                     static_cast<unsigned>(g.B));
-  dkv_kernel<<<kv_grid, kThreads, smem, stream>>>(
-      g, native_ptr_or_null<T>(q), native_ptr_or_null<T>(k), native_ptr_or_null<T>(v), ks, native_ptr_or_null<T>(dout),
-      lse.const_data_ptr<float>(), Dw.const_data_ptr<float>(), reinterpret_cast<T*>(dk.mutable_data_ptr()),
-      reinterpret_cast<T*>(dv.mutable_data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-bool try_prompt_attn_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-                                 const at::Tensor& pv, const at::Tensor& kv_start, const at::Tensor& phi, bool causal,
-                                 double scale, at::Tensor& out, at::Tensor& lse, at::Tensor& prompt_lse) {
-  if (!mma_allowed_by_env()) return false;
-  const auto dtype = q.scalar_type();
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // fp32 keeps the SIMT kernel
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), d = q.size(3);
-  if (smem_bytes_for(d) == 0) return false;
-  // per-row starts ([B, Tq]) and anything but int64 [B] stay on the SIMT kernels
-  if (kv_start.defined() && (kv_start.dim() != 1 || kv_start.scalar_type() != at::kLong)) return false;
-  if (B > 65535 || H > 65535 || (Tq + kBlockM - 1) / kBlockM > 0x7fffffff) return false;  // grid limits
-  const bool has_prompt = pk.defined() && pk.size(1) > 0;
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &pk, &pv, &out}) {
-    if (t->defined() && (!t->is_contiguous() || !aligned16(*t))) return false;
+bool mma_supports(const PromptAttnProblem& g, const AttnTensors& t, std::initializer_list<const at::Tensor*> io,
+                  const ll::DeviceProps& props, bool backward) {
+  const auto dtype = t.q.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // fp32 keeps the SIMT kernels
+  const size_t smem = smem_bytes_for(g.d, backward);
+  if (smem == 0) return false;
+  // per-query starts ([B, Tq]) stay on the SIMT kernels
+  if (t.kv_start.defined() && t.kv_start.dim() != 1) return false;
+  const bool grid_ok = g.B <= 65535 && g.H <= 65535 && (g.Tq + kBlockM - 1) / kBlockM <= 0x7fffffff &&
+                       (g.Tk + kBlockN - 1) / kBlockN <= 0x7fffffff;  // grid limits (Hkv <= H)
+  if (!grid_ok) return false;
+  for (const at::Tensor* x : {&t.q, &t.k, &t.v, &t.pk, &t.pv}) {
+    if (x->defined() && (!x->is_contiguous() || !aligned16(*x))) return false;
   }
-  if (has_prompt && !phi.defined()) return false;  // the caller's checks require a gate with a prompt
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaDeviceProp* props = at::cuda::getDeviceProperties(q.get_device());
-  if (props->major < 8) return false;
-  if (smem_bytes_for(d) > props->sharedMemPerBlockOptin) return false;
-  if (out.numel() == 0) return true;  // nothing to compute (the caller returns earlier anyway)
-
-  const int64_t Hkv = k.size(2);
-  const MmaGeo g{B,
-                 Tq,
-                 k.size(1),
-                 H,
-                 Hkv,
-                 has_prompt ? pk.size(1) : 0,
-                 has_prompt ? pk.size(0) : 1,
-                 H / Hkv,
-                 causal,
-                 static_cast<float>(scale)};
-  const at::Tensor no_tensor;
-  const at::Tensor& pk_used = has_prompt ? pk : no_tensor;
-  const at::Tensor& pv_used = has_prompt ? pv : no_tensor;
-  if (dtype == at::kBFloat16) {
-    launch_for_head_dim<__nv_bfloat16>(d, g, q, k, v, pk_used, pv_used, kv_start, phi, out, lse, prompt_lse);
-  } else {
-    launch_for_head_dim<__half>(d, g, q, k, v, pk_used, pv_used, kv_start, phi, out, lse, prompt_lse);
+  for (const at::Tensor* x : io) {
+    if (x->defined() && (!x->is_contiguous() || !aligned16(*x))) return false;
   }
-  return true;
+  if (g.has_prompt && !t.phi.defined()) return false;  // the op's checks require a gate with a prompt
+  return props.major >= 8 && smem <= props.smem_optin_bytes;
 }
 
-bool try_prompt_attn_mma_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-                                  const at::Tensor& pv, const at::Tensor& kv_start, const at::Tensor& phi,
-                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& prompt_lse,
-                                  const at::Tensor& Dw, const at::Tensor& Dp, bool causal, double scale,
-                                  at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  if (!mma_allowed_by_env()) return false;  // the one place that reads LLADAPTER_CUDA_ATTN (forward and backward)
-  const auto dtype = q.scalar_type();
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // fp32 keeps the SIMT kernels
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), d = q.size(3);
-  const int64_t Tk = k.size(1), Hkv = k.size(2);
-  const size_t smem = bwd_smem_bytes_for(d);
-  if (smem == 0) return false;
-  // per-row starts ([B, Tq]) and anything but int64 [B] stay on the SIMT kernels
-  if (kv_start.defined() && (kv_start.dim() != 1 || kv_start.scalar_type() != at::kLong)) return false;
-  const bool grid_ok = B <= 65535 && H <= 65535 && (Tq + kBlockM - 1) / kBlockM <= 0x7fffffff &&
-                       (Tk + kBlockN - 1) / kBlockN <= 0x7fffffff;  // grid limits (Hkv <= H)
-  if (!grid_ok) return false;
-  const bool has_prompt = pk.defined() && pk.size(1) > 0;
-  for (const at::Tensor* t :
-       std::initializer_list<const at::Tensor*>{&q, &k, &v, &pk, &pv, &dout, &dq, &dk, &dv}) {
-    if (t->defined() && (!t->is_contiguous() || !aligned16(*t))) return false;
-  }
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&lse, &prompt_lse, &Dw, &Dp}) {
-    if (t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
-  }
-  if (has_prompt && !phi.defined()) return false;  // the caller's checks require a gate with a prompt
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaDeviceProp* props = at::cuda::getDeviceProperties(q.get_device());
-  if (props->major < 8) return false;
-  if (smem > props->sharedMemPerBlockOptin) return false;
-  if (q.numel() == 0) return true;  // nothing to compute (the caller returns earlier anyway)
-
-  const MmaGeo g{B, Tq, Tk, H, Hkv, has_prompt ? pk.size(1) : 0, has_prompt ? pk.size(0) : 1, H / Hkv, causal,
-                 static_cast<float>(scale)};
-  const at::Tensor no_tensor;
-  const at::Tensor& pk_used = has_prompt ? pk : no_tensor;
-  const at::Tensor& pv_used = has_prompt ? pv : no_tensor;
-  dispatch_mma_head_dim(d, [&]<int D>() {
-    if (dtype == at::kBFloat16) {
-      launch_mma_backward<__nv_bfloat16, D>(g, q, k, v, pk_used, pv_used, kv_start, phi, dout, lse, prompt_lse, Dw,
-                                            Dp, dq, dk, dv);
-    } else {
-      launch_mma_backward<__half, D>(g, q, k, v, pk_used, pv_used, kv_start, phi, dout, lse, prompt_lse, Dw, Dp, dq,
-                                     dk, dv);
-    }
+void launch_mma_forward(const PromptAttnProblem& g, const AttnTensors& t, at::Tensor& out, at::Tensor& lse,
+                        at::Tensor& plse) {
+  const ll::Stream stream = ll::current_stream();
+  dispatch_mma(t.q.scalar_type(), g.d, [&]<typename T, int D>() {
+    constexpr size_t smem = Layout<D>::kSmemBytes;
+    auto kernel = gpa_fwd_mma_kernel<T, D>;
+    // above 48 KiB dynamic shared memory needs the opt-in (d = 128: 76 KiB)
+    ll::allow_dynamic_smem(kernel, smem);
+    const dim3 grid(static_cast<unsigned>((g.Tq + kBlockM - 1) / kBlockM), static_cast<unsigned>(g.H),
+                    static_cast<unsigned>(g.B));
+    LL_LAUNCH(grid, kThreads, smem, stream, kernel)(
+        g, ptr_or_null<T>(t.q), ptr_or_null<T>(t.k), ptr_or_null<T>(t.v), ptr_or_null<T>(t.pk), ptr_or_null<T>(t.pv),
+        ptr_or_null<int64_t>(t.kv_start), ptr_or_null<float>(t.phi), reinterpret_cast<T*>(out.mutable_data_ptr()),
+        lse.mutable_data_ptr<float>(), plse.mutable_data_ptr<float>());
+    LL_LAUNCH_CHECK();
   });
-  return true;
+}
+
+void launch_mma_backward(const PromptAttnProblem& g, const AttnTensors& t, AttnBackwardTensors& b) {
+  const ll::Stream stream = ll::current_stream();
+  dispatch_mma(t.q.scalar_type(), g.d, [&]<typename T, int D>() {
+    constexpr size_t smem = BwdLayout<D>::kSmemBytes;
+    const int64_t* ks = ptr_or_null<int64_t>(t.kv_start);
+    auto dq_kernel = gpa_bwd_dq_mma_kernel<T, D>;
+    // above 48 KiB dynamic shared memory needs the opt-in (70.5 KiB at d = 64 to 86.5 KiB at d = 128)
+    ll::allow_dynamic_smem(dq_kernel, smem);
+    const dim3 q_grid(static_cast<unsigned>((g.Tq + kBlockM - 1) / kBlockM), static_cast<unsigned>(g.H),
+                      static_cast<unsigned>(g.B));
+    LL_LAUNCH(q_grid, kThreads, smem, stream, dq_kernel)(
+        g, ptr_or_null<T>(t.q), ptr_or_null<T>(t.k), ptr_or_null<T>(t.v), ptr_or_null<T>(t.pk), ptr_or_null<T>(t.pv),
+        ks, ptr_or_null<float>(t.phi), ptr_or_null<T>(b.dout), b.lse.const_data_ptr<float>(),
+        b.plse.const_data_ptr<float>(), b.Dw.const_data_ptr<float>(), b.Dp.const_data_ptr<float>(),
+        reinterpret_cast<T*>(b.dq.mutable_data_ptr()));
+    LL_LAUNCH_CHECK();
+    if (g.Tk == 0) return;  // no word keys: dk, dv are empty
+    auto dkv_kernel = gpa_bwd_dkv_mma_kernel<T, D>;
+    ll::allow_dynamic_smem(dkv_kernel, smem);
+    const dim3 kv_grid(static_cast<unsigned>((g.Tk + kBlockN - 1) / kBlockN), static_cast<unsigned>(g.Hkv),
+                       static_cast<unsigned>(g.B));
+    LL_LAUNCH(kv_grid, kThreads, smem, stream, dkv_kernel)(
+        g, ptr_or_null<T>(t.q), ptr_or_null<T>(t.k), ptr_or_null<T>(t.v), ks, ptr_or_null<T>(b.dout),
+        b.lse.const_data_ptr<float>(), b.Dw.const_data_ptr<float>(), reinterpret_cast<T*>(b.dk.mutable_data_ptr()),
+        reinterpret_cast<T*>(b.dv.mutable_data_ptr()));
+    LL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace lladapter::cuda_impl

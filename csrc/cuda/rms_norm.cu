@@ -2,26 +2,14 @@
 // Forward and dx: one row per warp (narrow rows) or per block (wide rows), 16-byte vector loads when the width
 // and the pointers allow it (else scalar), fp32 accumulation, rsqrt of the fp32 mean square.
 // dweight: a deterministic two-stage column reduction (fixed row splits -> fp32 partials -> ordered sum), no atomics.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../rms_norm.h"
+#include "compat_host.h"
+#include "device_utils.cuh"
 
 namespace lladapter::cuda_impl {
 namespace {
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) VecT {
-  T v[N];
-};
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Sum over threadIdx.x (the threads of one row). blockDim.x is 32 (warp per row) or a multiple of 32 with
 // blockDim.y == 1 (block per row), so the __syncthreads below are reached by the whole block.
@@ -41,7 +29,7 @@ template <typename scalar_t, typename weight_t, typename out_t, int VEC>
 __global__ void rms_norm_fwd_kernel(const scalar_t* __restrict__ x, const weight_t* __restrict__ w,
                                     out_t* __restrict__ y, float* __restrict__ rstd, int64_t rows, int64_t n,
                                     float eps) {
-  __shared__ float smem[32];
+  LL_SHARED(float, smem, [32]);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;  // warp mode: whole warps leave; block mode (blockDim.y == 1): the whole block
   using XV = VecT<scalar_t, VEC>;
@@ -81,7 +69,7 @@ template <typename scalar_t, typename weight_t, typename out_t, int VEC>
 __global__ void rms_norm_bwd_dx_kernel(const out_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                        const weight_t* __restrict__ w, const float* __restrict__ rstd,
                                        scalar_t* __restrict__ dx, int64_t rows, int64_t n) {
-  __shared__ float smem[32];
+  LL_SHARED(float, smem, [32]);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   using XV = VecT<scalar_t, VEC>;
@@ -148,8 +136,6 @@ __global__ void rms_norm_bwd_dw_final_kernel(const float* __restrict__ partial, 
   dw[col] = static_cast<weight_t>(s);
 }
 
-bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 struct RowLaunch {
   dim3 grid, block;
 };
@@ -175,8 +161,8 @@ RowLaunch row_launch(int64_t rows, int64_t n, int vec) {
 template <typename scalar_t, typename weight_t, typename out_t>
 int pick_vec(int64_t n, const void* a, const void* b, const void* c) {
   constexpr int V = 16 / sizeof(scalar_t);
-  if (n % V == 0 && aligned_to(a, sizeof(scalar_t) * V) && aligned_to(b, sizeof(weight_t) * V) &&
-      aligned_to(c, sizeof(out_t) * V))
+  if (n % V == 0 && ll::aligned_to(a, sizeof(scalar_t) * V) && ll::aligned_to(b, sizeof(weight_t) * V) &&
+      ll::aligned_to(c, sizeof(out_t) * V))
     return V;
   return 1;
 }
@@ -192,15 +178,15 @@ void fwd_launch(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Ten
   auto* rp = rstd.mutable_data_ptr<float>();
   const int vec = pick_vec<scalar_t, weight_t, out_t>(n, xp, wp, yp);
   const RowLaunch l = row_launch(rows, n, vec);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const ll::Stream stream = ll::current_stream();
   if (vec == V) {
-    rms_norm_fwd_kernel<scalar_t, weight_t, out_t, V><<<l.grid, l.block, 0, stream>>>(xp, wp, yp, rp, rows, n,
-                                                                                      static_cast<float>(eps));
+    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_fwd_kernel<scalar_t, weight_t, out_t, V>)(
+        xp, wp, yp, rp, rows, n, static_cast<float>(eps));
   } else {
-    rms_norm_fwd_kernel<scalar_t, weight_t, out_t, 1><<<l.grid, l.block, 0, stream>>>(xp, wp, yp, rp, rows, n,
-                                                                                      static_cast<float>(eps));
+    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_fwd_kernel<scalar_t, weight_t, out_t, 1>)(
+        xp, wp, yp, rp, rows, n, static_cast<float>(eps));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename weight_t>
@@ -214,38 +200,40 @@ void bwd_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, 
   const auto* wp = w.const_data_ptr<weight_t>();
   const auto* rp = rstd.const_data_ptr<float>();
   auto* dxp = dx.mutable_data_ptr<scalar_t>();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const ll::Stream stream = ll::current_stream();
   int vec = pick_vec<scalar_t, weight_t, out_t>(n, xp, wp, dyp);
-  if (!aligned_to(dxp, sizeof(scalar_t) * V)) vec = 1;
+  if (!ll::aligned_to(dxp, sizeof(scalar_t) * V)) vec = 1;
   const RowLaunch l = row_launch(rows, n, vec);
   if (vec == V) {
-    rms_norm_bwd_dx_kernel<scalar_t, weight_t, out_t, V><<<l.grid, l.block, 0, stream>>>(dyp, xp, wp, rp, dxp, rows, n);
+    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_bwd_dx_kernel<scalar_t, weight_t, out_t, V>)(dyp, xp, wp, rp, dxp,
+                                                                                               rows, n);
   } else {
-    rms_norm_bwd_dx_kernel<scalar_t, weight_t, out_t, 1><<<l.grid, l.block, 0, stream>>>(dyp, xp, wp, rp, dxp, rows, n);
+    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_bwd_dx_kernel<scalar_t, weight_t, out_t, 1>)(dyp, xp, wp, rp, dxp,
+                                                                                               rows, n);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LL_LAUNCH_CHECK();
 
   constexpr int kColThreads = 256;
   const int64_t col_blocks = (n + kColThreads - 1) / kColThreads;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = ll::device_props().sm_count;
   int64_t splits = std::max<int64_t>(1, (4 * sms + col_blocks - 1) / col_blocks);
   splits = std::min<int64_t>({splits, rows, 1024});
   const int64_t rows_per_split = (rows + splits - 1) / splits;
   splits = (rows + rows_per_split - 1) / rows_per_split;
   at::Tensor partial = at::empty({splits, n}, x.options().dtype(at::kFloat));
-  rms_norm_bwd_dw_partial_kernel<scalar_t, out_t>
-      <<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits)), kColThreads, 0, stream>>>(
-          dyp, xp, rp, partial.mutable_data_ptr<float>(), rows, n, rows_per_split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  rms_norm_bwd_dw_final_kernel<weight_t><<<static_cast<unsigned>(col_blocks), kColThreads, 0, stream>>>(
+  LL_LAUNCH(dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits)), kColThreads, 0, stream,
+            rms_norm_bwd_dw_partial_kernel<scalar_t, out_t>)(dyp, xp, rp, partial.mutable_data_ptr<float>(), rows, n,
+                                                             rows_per_split);
+  LL_LAUNCH_CHECK();
+  LL_LAUNCH(static_cast<unsigned>(col_blocks), kColThreads, 0, stream, rms_norm_bwd_dw_final_kernel<weight_t>)(
       partial.const_data_ptr<float>(), dw.mutable_data_ptr<weight_t>(), splits, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
-  rms_norm_check_inputs(x_in, weight_in, c10::DeviceType::CUDA);
+  rms_norm_check_inputs(x_in, weight_in, ll::kTarget);
   TORCH_CHECK(eps >= 0, "lladapter::rms_norm: eps must be >= 0, got ", eps);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const ll::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight_in.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), w.scalar_type())));
@@ -269,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x_in, const a
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x_in,
                                                           const at::Tensor& weight_in, const at::Tensor& rstd_in) {
-  rms_norm_check_backward_inputs(grad_y, x_in, weight_in, rstd_in, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  rms_norm_check_backward_inputs(grad_y, x_in, weight_in, rstd_in, ll::kTarget);
+  const ll::DeviceGuard guard(x_in.device());
   const at::Tensor dy = grad_y.contiguous();
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight_in.contiguous();
@@ -294,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lladapter, CUDA, m) {
+LL_KERNELS_LIBRARY_IMPL(m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
 }

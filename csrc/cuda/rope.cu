@@ -6,22 +6,16 @@
 // Explicit position ids are range-checked on the device (CUDA_KERNEL_ASSERT, as torch's own indexing kernels
 // do) so that no host synchronisation is needed; offset + seq is checked on the host.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <limits>
 
 #include "../rope.h"
+#include "compat_host.h"
+#include "device_utils.cuh"
 
 namespace lladapter::cuda_impl {
 namespace {
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) VecT {
-  T v[N];
-};
 
 template <typename T, int N, bool VEC>
 __device__ __forceinline__ void load_n(const T* p, T (&out)[N]) {
@@ -132,17 +126,15 @@ __global__ void rope_kernel(const RopeParams<scalar_t> p) {
   }
 }
 
-bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 template <typename scalar_t>
 bool view_vectorizable(const HeadsView<scalar_t>& v, int64_t elems) {
   const size_t bytes = sizeof(scalar_t) * elems;
-  return aligned_to(v.in, bytes) && aligned_to(v.out, bytes) && v.in_sb % elems == 0 && v.in_st % elems == 0 &&
+  return ll::aligned_to(v.in, bytes) && ll::aligned_to(v.out, bytes) && v.in_sb % elems == 0 && v.in_st % elems == 0 &&
          v.in_sh % elems == 0 && v.out_sb % elems == 0 && v.out_st % elems == 0 && v.out_sh % elems == 0;
 }
 
 template <typename scalar_t, int PAIRS, bool INTERLEAVED, bool VEC>
-void launch_kernel(const RopeParams<scalar_t>& p, cudaStream_t stream) {
+void launch_kernel(const RopeParams<scalar_t>& p, ll::Stream stream) {
   const int groups = p.half / PAIRS;
   const int heads = p.q.heads + p.k.heads;
   constexpr int kTargetThreads = 256;
@@ -151,19 +143,19 @@ void launch_kernel(const RopeParams<scalar_t>& p, cudaStream_t stream) {
   const int max_ty = std::max(1, kTargetThreads / tx);
   const int heads_per_thread = (heads + max_ty - 1) / max_ty;
   const int ty = std::max(1, (heads + heads_per_thread - 1) / heads_per_thread);
-  const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 64;
+  const int64_t max_blocks = ll::device_props().sm_count * 64;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(p.rows, std::max<int64_t>(max_blocks, 1)));
-  rope_kernel<scalar_t, PAIRS, INTERLEAVED, VEC><<<blocks, dim3(tx, ty), 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LL_LAUNCH(blocks, dim3(tx, ty), 0, stream, rope_kernel<scalar_t, PAIRS, INTERLEAVED, VEC>)(p);
+  LL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void dispatch_launch(const RopeParams<scalar_t>& p, bool interleaved, cudaStream_t stream) {
+void dispatch_launch(const RopeParams<scalar_t>& p, bool interleaved, ll::Stream stream) {
   constexpr int E = 16 / sizeof(scalar_t);  // elements per 16-byte access
   // rotate_half: E pairs per thread (two E-element loads); interleaved: E/2 pairs (one E-element load).
   constexpr int PH = E, PI = E / 2;
   const bool cs_ok = [&](int pairs) {
-    return p.half % pairs == 0 && aligned_to(p.cos, sizeof(float) * pairs) && aligned_to(p.sin, sizeof(float) * pairs);
+    return p.half % pairs == 0 && ll::aligned_to(p.cos, sizeof(float) * pairs) && ll::aligned_to(p.sin, sizeof(float) * pairs);
   }(interleaved ? PI : PH);
   const bool vec = cs_ok && view_vectorizable(p.q, E) && view_vectorizable(p.k, E);
   if (interleaved) {
@@ -188,7 +180,7 @@ void launch(const at::Tensor& q_in, const at::Tensor& k_in, at::Tensor& q_out, a
   TORCH_CHECK(g.Hq + g.Hk <= std::numeric_limits<int>::max() && g.d <= std::numeric_limits<int>::max(),
               "lladapter::rope: head count or head_dim too large for the CUDA kernel");
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const ll::Stream stream = ll::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_in.scalar_type(), "lladapter_rope_cuda", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "lladapter::rope: float64 is CPU-only");
@@ -224,8 +216,8 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tens
                                              const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                                              int64_t offset, bool interleaved, bool inverse) {
   const RopeGeometry g =
-      rope_check_inputs("lladapter::rope", q, k, cos, sin, position_ids, offset, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(q.device());
+      rope_check_inputs("lladapter::rope", q, k, cos, sin, position_ids, offset, ll::kTarget);
+  const ll::DeviceGuard guard(q.device());
   const at::Tensor qi = last_dim_contiguous(q), ki = last_dim_contiguous(k);
   at::Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
   launch(qi, ki, q_out, k_out, cos, sin, position_ids, offset, interleaved, inverse, g, /*copy_pass=*/true);
@@ -235,9 +227,9 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tens
 void rope_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                        const std::optional<at::Tensor>& position_ids, int64_t offset, bool interleaved, bool inverse) {
   constexpr const char* op = "lladapter::rope_";
-  const RopeGeometry g = rope_check_inputs(op, q, k, cos, sin, position_ids, offset, c10::DeviceType::CUDA);
+  const RopeGeometry g = rope_check_inputs(op, q, k, cos, sin, position_ids, offset, ll::kTarget);
   rope_check_inplace(op, q, k);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const ll::DeviceGuard guard(q.device());
   at::Tensor qw = last_dim_contiguous(q), kw = last_dim_contiguous(k);
   launch(qw, kw, qw, kw, cos, sin, position_ids, offset, interleaved, inverse, g, /*copy_pass=*/false);
   if (!qw.is_same(q)) q.copy_(qw);
@@ -246,7 +238,7 @@ void rope_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lladapter, CUDA, m) {
+LL_KERNELS_LIBRARY_IMPL(m) {
   m.impl("rope", &rope_cuda);
   m.impl("rope_", &rope_inplace_cuda);
 }
