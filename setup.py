@@ -6,6 +6,8 @@ Environment knobs:
   TORCH_CUDA_ARCH_LIST       CUDA archs (default: the visible GPU's, else "8.0;9.0")
   LLADAPTER_CPU_ISA          auto (default: AVX2+FMA when this machine has them) | avx2 | default
   LLADAPTER_DEBUG=1          -O0 -g (device code -G) instead of release flags
+  LLADAPTER_BUILD_EMU=0/1    skip / require lladapter_ext._emu, the CUDA kernels compiled for the CPU emulator
+                             (default: built when the CUDA toolkit's headers are found; no GPU or nvcc needed)
   MAX_JOBS                   parallel compile jobs (ninja)
 """
 import glob
@@ -78,6 +80,41 @@ def cpu_isa():
     return "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
 
 
+def cuda_include_dir(cuda_home):
+    """The CUDA toolkit's include dir (cuda_fp16.h and friends), which the emulator build needs; nvcc is not."""
+    for root in [cuda_home, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+def emulator_extension(cuda_home, debug):
+    """lladapter_ext._emu: csrc/cuda compiled by the host compiler against the SIMT emulator (csrc/emu), registered
+    as torch.ops.lladapter_emu on CPU tensors (docs/emulator.md). None when it is not to be built."""
+    want = os.environ.get("LLADAPTER_BUILD_EMU", "")
+    if want not in ("", "0", "1"):
+        raise SystemExit(f"LLADAPTER_BUILD_EMU must be 0 or 1, got {want!r}")
+    if want == "0":
+        log("emulator (lladapter_ext._emu): skipped, LLADAPTER_BUILD_EMU=0")
+        return None
+    include = cuda_include_dir(cuda_home)
+    if include is None:
+        if want == "1":
+            raise SystemExit("LLADAPTER_BUILD_EMU=1 but the CUDA toolkit's headers (include/cuda_fp16.h) were not "
+                             "found; set CUDA_HOME")
+        log("emulator (lladapter_ext._emu): skipped, no CUDA toolkit headers found (set CUDA_HOME)")
+        return None
+    log(f"emulator (lladapter_ext._emu): CUDA headers from {include}")
+    sources = (sorted(glob.glob("csrc/emu/*.cpp")) + sorted(glob.glob("csrc/emu_kernels/*.cpp")))
+    flags = ["-O0", "-g"] if debug else ["-O2"]
+    # -g0: no debug info (the interpreter's CFLAGS add -g), a third off the compile time
+    flags += ["-std=c++20", "-g0", "-fvisibility=hidden", "-pthread", "-Wno-unknown-pragmas", "-DLLADAPTER_EMU"]
+    return cpp_extension.CppExtension(
+        "lladapter_ext._emu", sources, include_dirs=[os.path.join(ROOT, "csrc"), include],
+        extra_compile_args={"cxx": flags}, extra_link_args=["-pthread"],
+        undef_macros=["NDEBUG"] if debug else [])
+
+
 def main():
     force = os.environ.get("LLADAPTER_BUILD_CUDA")
     debug = os.environ.get("LLADAPTER_DEBUG", "0") == "1"
@@ -148,9 +185,10 @@ def main():
     ext = ext_cls("lladapter_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
                   extra_link_args=["-fopenmp"],
                   undef_macros=["NDEBUG"] if debug else [])
+    emu = emulator_extension(cuda_home, debug)
     setup(
         packages=find_packages(include=["lladapter_ext", "lladapter_ext.*"]),
-        ext_modules=[ext],
+        ext_modules=[ext] + ([emu] if emu is not None else []),
         cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     )
 

@@ -1,8 +1,8 @@
 """The Python face of the lladapter ops (torch.ops.lladapter.*): autograd and fake (meta) registrations, so
 they work with autograd, torch.compile and FakeTensor tracing, and one documented function per op.
 
-Ops whose kernels have not landed yet call lladapter_ext.reference with the same signature, so models can be
-written against this module today.
+The same registrations cover torch.ops.lladapter_emu.*, the CUDA kernels run on CPU tensors by the emulator
+(lladapter_ext.emulator): inside `emulator.kernels()`, every function here calls those instead of the real kernels.
 """
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from . import reference
 
+# The op namespace the functions below call: torch.ops.lladapter (the CPU/CUDA kernels), or torch.ops.lladapter_emu
+# inside lladapter_ext.emulator.kernels().
 _lib = torch.ops.lladapter
+
+
+def kernel_namespace() -> str:
+    """'lladapter', or 'lladapter_emu' while the emulated CUDA kernels are active (lladapter_ext.emulator)."""
+    return _lib.name
 
 
 # --------------------------------------------------------------------------------------------- RMSNorm
@@ -30,7 +37,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return y
 
 
-@torch.library.register_fake("lladapter::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     torch._check(x.dim() >= 1, lambda: "lladapter::rms_norm: x must have at least 1 dimension")
     torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
@@ -42,13 +48,13 @@ def _rms_norm_fake(x, weight, eps):
     return y, rstd
 
 
-@torch.library.register_fake("lladapter::rms_norm_backward")
 def _rms_norm_backward_fake(grad_y, x, weight, rstd):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format)
 
 
-def _rms_norm_setup_context(ctx, inputs, output):
+def _rms_norm_setup_context(ctx, inputs, output, lib):
+    ctx.lib = lib
     x, weight, _ = inputs
     _, rstd = output
     ctx.save_for_backward(x, weight, rstd)
@@ -59,11 +65,8 @@ def _rms_norm_backward(ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
     if grad_y is None:
         return None, None, None
-    dx, dw = _lib.rms_norm_backward(grad_y, x, weight, rstd)
+    dx, dw = ctx.lib.rms_norm_backward(grad_y, x, weight, rstd)
     return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None
-
-
-torch.library.register_autograd("lladapter::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup_context)
 
 
 # --------------------------------------------------------------------------------------------- RoPE
@@ -153,19 +156,18 @@ def _rope_fake_checks(q, k, cos, sin):
                          f"{list(cos.shape)} and {list(sin.shape)}")
 
 
-@torch.library.register_fake("lladapter::rope")
 def _rope_fake(q, k, cos, sin, position_ids, offset, interleaved, inverse):
     _rope_fake_checks(q, k, cos, sin)
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.register_fake("lladapter::rope_")
 def _rope_inplace_fake(q, k, cos, sin, position_ids, offset, interleaved, inverse):
     _rope_fake_checks(q, k, cos, sin)
     return None
 
 
-def _rope_setup_context(ctx, inputs, output):
+def _rope_setup_context(ctx, inputs, output, lib):
+    ctx.lib = lib
     q, k, cos, sin, position_ids, offset, interleaved, inverse = inputs
     ctx.save_for_backward(cos, sin, position_ids)
     ctx.offset, ctx.interleaved, ctx.inverse = offset, interleaved, inverse
@@ -182,12 +184,9 @@ def _rope_backward(ctx, grad_q, grad_k):
         grad_q = ref.new_zeros(ctx.q_shape)
     if grad_k is None:
         grad_k = ref.new_zeros(ctx.k_shape)
-    dq, dk = _lib.rope(grad_q, grad_k, cos, sin, position_ids, ctx.offset, ctx.interleaved, not ctx.inverse)
+    dq, dk = ctx.lib.rope(grad_q, grad_k, cos, sin, position_ids, ctx.offset, ctx.interleaved, not ctx.inverse)
     return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
             None, None, None, None, None, None)
-
-
-torch.library.register_autograd("lladapter::rope", _rope_backward, setup_context=_rope_setup_context)
 
 
 # --------------------------------------------------------------------------------------------- attention
@@ -237,7 +236,8 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _auto_attention_backend(q: torch.Tensor) -> str:
-    if q.device.type == "cuda":
+    # the emulated CUDA kernels (CPU tensors) choose as CUDA does, so that the emulator runs the GPU's paths
+    if q.device.type == "cuda" or kernel_namespace() != "lladapter":
         return "split" if q.shape[-1] in CUDA_HEAD_DIMS else "reference"
     return "fused"
 
@@ -285,7 +285,6 @@ def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale
     return word + prompt
 
 
-@torch.library.register_fake("lladapter::gated_prompt_attention")
 def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_act, scale):
     op = "lladapter::gated_prompt_attention"
     torch._check(q.dim() == 4, lambda: f"{op}: q must have shape [B, Tq, H, d], got {list(q.shape)}")
@@ -301,7 +300,6 @@ def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_a
     return (q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=stat), q.new_empty((B, H, Tq), dtype=stat))
 
 
-@torch.library.register_fake("lladapter::gated_prompt_attention_backward")
 def _gated_prompt_attention_backward_fake(grad_out, q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse, causal,
                                           gate_act, scale):
     cf = torch.contiguous_format
@@ -312,7 +310,8 @@ def _gated_prompt_attention_backward_fake(grad_out, q, k, v, pk, pv, gate, kv_st
             torch.empty_like(v, memory_format=cf), dpk, dpv, dgate)
 
 
-def _gated_prompt_attention_setup_context(ctx, inputs, output):
+def _gated_prompt_attention_setup_context(ctx, inputs, output, lib):
+    ctx.lib = lib
     q, k, v, pk, pv, gate, kv_start, causal, gate_act, scale = inputs
     out, lse, prompt_lse = output
     ctx.save_for_backward(q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse)
@@ -324,7 +323,7 @@ def _gated_prompt_attention_backward(ctx, grad_out, _grad_lse, _grad_prompt_lse)
     q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 10
-    dq, dk, dv, dpk, dpv, dgate = _lib.gated_prompt_attention_backward(
+    dq, dk, dv, dpk, dpv, dgate = ctx.lib.gated_prompt_attention_backward(
         grad_out, q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse, ctx.causal, ctx.gate_act, ctx.scale)
     n = ctx.needs_input_grad
     return (dq if n[0] else None, dk if n[1] else None, dv if n[2] else None,
@@ -332,5 +331,23 @@ def _gated_prompt_attention_backward(ctx, grad_out, _grad_lse, _grad_prompt_lse)
             dgate if gate is not None and n[5] else None, None, None, None, None)
 
 
-torch.library.register_autograd("lladapter::gated_prompt_attention", _gated_prompt_attention_backward,
-                                setup_context=_gated_prompt_attention_setup_context)
+# --------------------------------------------------------------------------------------------- registrations
+def register_implementations(namespace: str) -> None:
+    """Registers the fake (meta) and autograd implementations of every op of torch.ops.<namespace>: 'lladapter'
+    (at import) and 'lladapter_emu' (the emulated CUDA kernels, by lladapter_ext.emulator), which share the schemas
+    (csrc/schemas.h). A backward calls the backward op of the namespace its forward ran in."""
+    lib = getattr(torch.ops, namespace)
+    fakes = {"rms_norm": _rms_norm_fake, "rms_norm_backward": _rms_norm_backward_fake, "rope": _rope_fake,
+             "rope_": _rope_inplace_fake, "gated_prompt_attention": _gated_prompt_attention_fake,
+             "gated_prompt_attention_backward": _gated_prompt_attention_backward_fake}
+    for op, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{op}", fake)
+    autograd = {"rms_norm": (_rms_norm_backward, _rms_norm_setup_context),
+                "rope": (_rope_backward, _rope_setup_context),
+                "gated_prompt_attention": (_gated_prompt_attention_backward, _gated_prompt_attention_setup_context)}
+    for op, (backward, setup_context) in autograd.items():
+        torch.library.register_autograd(f"{namespace}::{op}", backward,
+                                        setup_context=functools.partial(setup_context, lib=lib))
+
+
+register_implementations("lladapter")
