@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lladapter_ext import ops, reference
 
-from conftest import CUDA_SKIP_REASON, DEVICES, HAS_CUDA_GPU
+from conftest import CUDA_DEVICES, DEVICES, kernel_ops
 
 # Forward tolerances. fp32: kernel and reference differ in summation order and exp implementation (a few ulp
 # of fp32 per term, sums over <= a few hundred terms). bf16/fp16: the inputs are the same rounded values on both
@@ -64,9 +64,9 @@ def run_both(inp, causal=True, gate_act="tanh", backend="fused"):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("K", [None, 0, 1, 10, 30])
 def test_forward_matches_reference(device, dtype, causal, K):
-    if device == "cuda" and dtype == torch.float64:
+    if device.cuda_kernels and dtype == torch.float64:
         pytest.skip("fp64 is the CPU gradcheck path; CUDA refuses it (tested in test_bad_inputs)")
-    d = 64 if device == "cuda" else 24
+    d = 64 if device.cuda_kernels else 24
     inp = make_inputs(B=2, Tq=37, H=4, d=d, K=K, dtype=dtype, device=device)
     out, ref = run_both(inp, causal=causal)
     assert out.dtype == dtype and out.shape == inp[0].shape
@@ -78,7 +78,7 @@ def test_forward_matches_reference(device, dtype, causal, K):
 @pytest.mark.parametrize("Bp", [1, 3])
 @pytest.mark.parametrize("gate_act", ["tanh", "identity"])
 def test_forward_gqa_bp_gate_act(device, H, Hkv, Bp, gate_act):
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     inp = make_inputs(B=3, Tq=19, H=H, Hkv=Hkv, d=d, K=10, Bp=Bp, device=device)
     out, ref = run_both(inp, gate_act=gate_act)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
@@ -89,7 +89,7 @@ def test_forward_gqa_bp_gate_act(device, H, Hkv, Bp, gate_act):
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_offsets_decode_and_chunked_prefill(device, Tq, Tk, causal):
     # Tq < Tk: queries are the last Tq positions (KV cache); Tq > Tk: the first rows see no key when causal
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     inp = make_inputs(B=2, Tq=Tq, Tk=Tk, H=4, Hkv=2, d=d, K=10, device=device)
     out, ref = run_both(inp, causal=causal)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
@@ -98,7 +98,7 @@ def test_forward_offsets_decode_and_chunked_prefill(device, Tq, Tk, causal):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_left_padding(device, causal):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     # row 1 starts at 5, row 2 at 70 (past some whole key blocks), row 3 is all padding (no allowed key)
     inp = make_inputs(B=4, Tq=80, H=2, d=d, K=4, kv_start=[0, 5, 70, 80], device=device)
     out, ref = run_both(inp, causal=causal)
@@ -111,7 +111,7 @@ def test_forward_left_padding(device, causal):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kv_start_int32_and_decode_left_padding(device):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=1, Tk=200, H=4, Hkv=1, d=d, K=10, device=device)
     ks = torch.tensor([0, 17, 150], dtype=torch.int32, device=device)
     out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=ks, backend="fused")
@@ -138,10 +138,10 @@ def test_decode_split_k_is_used_and_exact():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_lse_outputs(device):
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=6, Tk=9, H=2, d=d, K=5, device=device)
     scale = 1 / math.sqrt(d)
-    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale)
+    out, lse, plse = kernel_ops().gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale)
     s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * scale
     allowed = torch.arange(9, device=device)[None, :] <= torch.arange(6, device=device)[:, None] + 3
     ref_lse = torch.logsumexp(s.masked_fill(~allowed, -math.inf), -1)
@@ -150,7 +150,7 @@ def test_lse_outputs(device):
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plse.double(), ref_plse, rtol=1e-5, atol=1e-5)
     # no prompt: the prompt LSE is -inf
-    _, _, plse0 = torch.ops.lladapter.gated_prompt_attention(q, k, v, None, None, None, None, True, "tanh", scale)
+    _, _, plse0 = kernel_ops().gated_prompt_attention(q, k, v, None, None, None, None, True, "tanh", scale)
     assert torch.isneginf(plse0).all()
 
 
@@ -158,7 +158,7 @@ def test_lse_outputs(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_zero_gate_is_plain_attention(device, dtype):
-    d = 64 if device == "cuda" else 32
+    d = 64 if device.cuda_kernels else 32
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=40, H=4, Hkv=2, d=d, K=10, dtype=dtype, device=device)
     zero = torch.zeros_like(gate)
     adapted = ops.gated_prompt_attention(q, k, v, pk, pv, zero, backend="fused")
@@ -172,7 +172,7 @@ def test_zero_gate_is_plain_attention(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_word_branch_equals_sdpa(device):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     for causal in (True, False):
         q, k, v, *_ = make_inputs(B=2, Tq=50, H=4, d=d, K=None, device=device)
         out = ops.gated_prompt_attention(q, k, v, causal=causal, backend="fused")
@@ -218,9 +218,9 @@ def _check_grads(inp, dtype, causal=True, gate_act="tanh", backend="fused", befo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_matches_reference(device, dtype, causal):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     inp = make_inputs(B=2, Tq=70, H=4, Hkv=2, d=d, K=10, dtype=dtype, device=device)
-    if device == "cuda" and dtype != torch.float32:
+    if device.cuda_kernels and dtype != torch.float32:
         # the default CUDA path for bf16/fp16 is the tensor-core forward and backward: their rounding bounds
         _check_fused_grads_mma(inp, causal, "tanh")
     else:
@@ -235,7 +235,7 @@ def test_backward_matches_reference(device, dtype, causal):
 def test_backward_cases(device, case):
     case = dict(case)
     gate_act = case.pop("gate_act", "tanh")
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     params = dict(B=2, H=4, Hkv=2, d=d, K=10, device=device)
     params.update(case)
     _check_grads(make_inputs(**params), torch.float32, gate_act=gate_act)
@@ -289,7 +289,7 @@ def _assert_same_on_one_and_more_threads(inp):
                                   dict(Tq=30, Tk=10), dict(Tq=16, K=None)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_split_backend_matches_reference(device, case, causal):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     params = dict(B=2, H=4, Hkv=2, d=d, K=10, Bp=2, device=device)
     params.update(case)
     inp = make_inputs(**params)
@@ -339,7 +339,7 @@ def test_long_sequence_does_not_materialise_scores():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_prompt", [True, False])
 def test_opcheck(device, with_prompt):
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=5, Tk=7, H=4, Hkv=2, d=d, K=3 if with_prompt else None,
                                            device=device)
     ks = torch.tensor([0, 2], device=device)
@@ -347,12 +347,12 @@ def test_opcheck(device, with_prompt):
         if t is not None:
             t.requires_grad_()
     args = (q, k, v, pk, pv, gate, ks, True, "tanh", 1 / math.sqrt(d))
-    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention.default, args)
-    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(*args)
+    torch.library.opcheck(kernel_ops().gated_prompt_attention.default, args)
+    out, lse, plse = kernel_ops().gated_prompt_attention(*args)
     bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None if pk is None else pk.detach(),
              None if pv is None else pv.detach(), None if gate is None else gate.detach(), ks, out.detach(), lse, plse,
              True, "tanh", 1 / math.sqrt(d))
-    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention_backward.default, bargs)
+    torch.library.opcheck(kernel_ops().gated_prompt_attention_backward.default, bargs)
 
 
 def test_torch_compile():
@@ -373,7 +373,7 @@ def test_torch_compile():
 # ------------------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_name_the_argument(device):
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, H=4, Hkv=2, d=d, K=3, device=device)
 
     def call(**kw):
@@ -409,8 +409,8 @@ def test_bad_inputs_name_the_argument(device):
 
 def test_backward_bad_inputs():
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, H=2, d=8, K=3)
-    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", 0.3)
-    bwd = torch.ops.lladapter.gated_prompt_attention_backward
+    out, lse, plse = kernel_ops().gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", 0.3)
+    bwd = kernel_ops().gated_prompt_attention_backward
     with pytest.raises(RuntimeError, match=r"grad_out must have q's shape"):
         bwd(out[:, :2], q, k, v, pk, pv, gate, None, out, lse, plse, True, "tanh", 0.3)
     with pytest.raises(RuntimeError, match=r"lse must have shape \[2, 2, 4\]"):
@@ -437,7 +437,7 @@ def test_cuda_device_mismatch_and_fp64_refused():
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     # models produce q/k/v as transposes of [B, H, T, d] projections; the op must read them through their strides
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     B, T, H, Hkv = 2, 21, 4, 2
     q = torch.randn(B, H, T, d, device=device).transpose(1, 2)
     k = torch.randn(B, Hkv, T, d, device=device).transpose(1, 2)
@@ -454,7 +454,7 @@ def test_non_contiguous_inputs(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_only_adapter_parameters_require_grad(device):
     # the first adapted layer of a frozen model: only the prompt K/V (through the prompt) and the gate train
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=12, H=4, Hkv=2, d=d, K=10, device=device)
     pk.requires_grad_()
     pv.requires_grad_()
@@ -472,7 +472,6 @@ def test_only_adapter_parameters_require_grad(device):
 # kv_start None or [B] on sm_80+; LLADAPTER_CUDA_ATTN=simt|mma picks the kernel (read on every call). The backward
 # only needs the forward's lse / prompt_lse and out, whichever kernels ran; its tensor-core kernels are tested in the
 # last section.
-CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA_GPU, reason=CUDA_SKIP_REASON)
 UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
@@ -525,18 +524,18 @@ MMA_CASES = [
 ]
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 80, 96, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_cuda_mma_forward_matches_reference(monkeypatch, dtype, d, causal, case):
+def test_cuda_mma_forward_matches_reference(device, monkeypatch, dtype, d, causal, case):
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
     params = dict(B=2, H=4, Hkv=1, K=10, Bp=1)  # default GQA 4: heads 0-3 share kv head 0
     params.update(case)
-    q, k, v, pk, pv, gate, ks = make_inputs(d=d, dtype=dtype, device="cuda", **params)
+    q, k, v, pk, pv, gate, ks = make_inputs(d=d, dtype=dtype, device=device, **params)
     scale = 1 / math.sqrt(d)
-    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, ks, causal, "tanh", scale)
+    out, lse, plse = kernel_ops().gated_prompt_attention(q, k, v, pk, pv, gate, ks, causal, "tanh", scale)
     ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, kv_start=ks)
     assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, **mma_tol(dtype, v, pv, gate))
@@ -546,16 +545,16 @@ def test_cuda_mma_forward_matches_reference(monkeypatch, dtype, d, causal, case)
     torch.testing.assert_close(plse.double(), ref_plse, rtol=1e-5, atol=1e-5)
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate_act", ["tanh", "identity"])
-def test_cuda_mma_and_simt_forward_agree(monkeypatch, dtype, gate_act):
+def test_cuda_mma_and_simt_forward_agree(device, monkeypatch, dtype, gate_act):
     q, k, v, pk, pv, gate, ks = make_inputs(B=2, Tq=150, Tk=300, H=8, Hkv=2, d=128, K=10, Bp=2, dtype=dtype,
-                                            device="cuda", kv_start=[0, 40])
+                                            device=device, kv_start=[0, 40])
     scale = 1 / math.sqrt(128)
 
     def call():
-        return torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, ks, True, gate_act, scale)
+        return kernel_ops().gated_prompt_attention(q, k, v, pk, pv, gate, ks, True, gate_act, scale)
 
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")
     o_simt, lse_simt, plse_simt = call()
@@ -576,14 +575,14 @@ def test_cuda_mma_and_simt_forward_agree(monkeypatch, dtype, gate_act):
     torch.testing.assert_close(plse_mma, plse_simt, rtol=1e-5, atol=1e-5)
 
 
-@CUDA_ONLY
-def test_cuda_mma_env_value_is_checked_and_unsupported_cases_fall_back(monkeypatch):
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_mma_env_value_is_checked_and_unsupported_cases_fall_back(device, monkeypatch):
     q, k, v, pk, pv, gate, ks = make_inputs(B=2, Tq=40, Tk=60, H=4, Hkv=2, d=64, K=10, dtype=torch.bfloat16,
-                                            device="cuda")
+                                            device=device)
     scale = 0.125
 
     def call(q, k, v):
-        return torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale)[0]
+        return kernel_ops().gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale)[0]
 
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "tensorcore")
     with pytest.raises(RuntimeError, match=r"LLADAPTER_CUDA_ATTN must be 'mma' or 'simt'"):
@@ -595,19 +594,19 @@ def test_cuda_mma_env_value_is_checked_and_unsupported_cases_fall_back(monkeypat
     # fp32 has no tensor-core path: the SIMT kernel runs, bit-identical
     assert torch.equal(call(q.float(), k.float(), v.float()), o32_simt)
     # a contiguous q whose storage starts 2 bytes past a 16-byte boundary cannot take 16-byte vector loads
-    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=device)
     q_odd = buf[1:].view(q.shape).copy_(q)
     assert q_odd.is_contiguous() and q_odd.data_ptr() % 16 != 0
     assert torch.equal(call(q_odd, k, v), o_simt)
     assert not torch.equal(call(q, k, v), o_simt)  # while the aligned q takes the mma kernel
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [80, 128])
-def test_cuda_mma_zero_gate_is_plain_attention(monkeypatch, dtype, d):
+def test_cuda_mma_zero_gate_is_plain_attention(device, monkeypatch, dtype, d):
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
-    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=100, Tk=130, H=4, Hkv=2, d=d, K=10, dtype=dtype, device="cuda")
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=100, Tk=130, H=4, Hkv=2, d=d, K=10, dtype=dtype, device=device)
     adapted = ops.gated_prompt_attention(q, k, v, pk, pv, torch.zeros_like(gate), backend="fused")
     plain = ops.gated_prompt_attention(q, k, v, None, None, None, backend="fused")
     # the word branch takes the same path with or without a prompt, and phi(0) / l_p = 0 adds exact zeros to the
@@ -615,18 +614,18 @@ def test_cuda_mma_zero_gate_is_plain_attention(monkeypatch, dtype, d):
     assert torch.equal(adapted, plain)
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [dict(Tq=50, Tk=120, kv_start=[0, 30], Bp=1, d=128),
                                   dict(Tq=1, Tk=90, Bp=2, d=80), dict(Tq=40, Tk=100, K=70, Bp=2, d=96)])
-def test_cuda_mma_forward_then_simt_backward(monkeypatch, dtype, case):
+def test_cuda_mma_forward_then_simt_backward(device, monkeypatch, dtype, case):
     # the SIMT backward (the variable is read again when autograd runs the backward op: "simt" from then on)
     # recomputes probabilities from the mma forward's lse / prompt_lse and reads its out for
     # D = dout . out. The mma out differs from the reference by about as much as rounding out to the dtype does
     # (which GRAD_TOL already carries); every row here sees >= 40 keys (no row averages only a few v / k rows,
     # where the D error shows most in dq), so GRAD_TOL holds with margin.
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
-    params = dict(B=2, H=8, Hkv=2, K=10, dtype=dtype, device="cuda")
+    params = dict(B=2, H=8, Hkv=2, K=10, dtype=dtype, device=device)
     params.update(case)
     simt_backward = lambda: monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")  # after the mma forward
     _check_grads(make_inputs(**params), dtype, before_backward=simt_backward)
@@ -654,7 +653,7 @@ PACKED_ROWS = [[1, 70, 1, 1, 50], [150], [3, 64, 65, 1]]
 @pytest.mark.parametrize("H,Hkv,K", [(4, 4, None), (4, 2, 10), (6, 2, 0)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_packed_kv_start_matches_reference(device, dtype, H, Hkv, K, causal):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=150, H=H, Hkv=Hkv, d=d, K=K, dtype=dtype, device=device)
     ks = packed_starts(PACKED_ROWS, 150, device)
     out, ref = run_both((q, k, v, pk, pv, gate, ks), causal=causal)
@@ -666,7 +665,7 @@ def test_forward_packed_kv_start_matches_reference(device, dtype, H, Hkv, K, cau
 def test_packed_row_equals_each_sequence_alone(device, K):
     # the point of per-query kv_start: a packed sequence's outputs are those of the sequence run alone (causal),
     # and every query still sees the whole prompt
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     lengths = PACKED_ROWS[0] + [150 - sum(PACKED_ROWS[0])]
     q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=150, H=4, Hkv=2, d=d, K=K, device=device)
     ks = packed_starts([PACKED_ROWS[0]], 150, device)
@@ -685,7 +684,7 @@ def test_packed_row_equals_each_sequence_alone(device, K):
 def test_forward_arbitrary_per_query_kv_start(device, causal, Tq, Tk):
     # any per-query bounds, not only packed ones: decreasing, past i (no allowed key when causal), past Tk,
     # negative; with a KV-cache offset (Tq < Tk: decode and its split-K / grouped-head paths) or Tq > Tk
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=Tq, Tk=Tk, H=4, Hkv=2, d=d, K=10, device=device)
     ks = torch.randint(-3, Tk + 3, (2, Tq), device=device)
     ks[0, 0] = Tk  # a row with every key masked
@@ -704,7 +703,7 @@ def test_forward_arbitrary_per_query_kv_start(device, causal, Tq, Tk):
     (torch.float32, dict(H=8, Hkv=1, K=5, Bp=3)),
     (torch.float32, dict(H=4, Hkv=4, K=None)), (torch.bfloat16, dict(H=4, Hkv=4, K=None))])
 def test_backward_packed_kv_start(device, dtype, case):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=150, d=d, dtype=dtype, device=device, **case)
     _check_grads((q, k, v, pk, pv, gate, packed_starts(PACKED_ROWS, 150, device)), dtype)
 
@@ -713,7 +712,7 @@ def test_backward_packed_kv_start(device, dtype, case):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Tq,Tk", [(1, 90), (20, 100), (40, 30)])
 def test_backward_arbitrary_per_query_kv_start(device, causal, Tq, Tk):
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=Tq, Tk=Tk, H=4, Hkv=2, d=d, K=10, Bp=2, device=device)
     ks = torch.randint(-3, Tk + 3, (2, Tq), device=device)
     _check_grads((q, k, v, pk, pv, gate, ks), torch.float32, causal=causal)
@@ -739,7 +738,7 @@ def test_backward_per_query_kv_start_deterministic_across_threads():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_split_backend_per_query_kv_start(device, causal):
-    d = 64 if device == "cuda" else 16
+    d = 64 if device.cuda_kernels else 16
     q, k, v, pk, pv, gate, _ = make_inputs(B=3, Tq=150, H=4, Hkv=2, d=d, K=10, Bp=3, device=device)
     inp = (q, k, v, pk, pv, gate, packed_starts(PACKED_ROWS, 150, device))
     out, ref = run_both(inp, causal=causal, backend="split")
@@ -749,22 +748,22 @@ def test_split_backend_per_query_kv_start(device, causal):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_per_query_kv_start(device):
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=5, H=4, Hkv=2, d=d, K=3, device=device)
     ks = torch.tensor([[0, 0, 2, 2, 4], [0, 1, 2, 3, 3]], device=device)
     for t in (q, k, v, pk, pv, gate):
         t.requires_grad_()
     args = (q, k, v, pk, pv, gate, ks, True, "tanh", 1 / math.sqrt(d))
-    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention.default, args)
-    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(*args)
+    torch.library.opcheck(kernel_ops().gated_prompt_attention.default, args)
+    out, lse, plse = kernel_ops().gated_prompt_attention(*args)
     bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), gate.detach(), ks,
              out.detach(), lse, plse, True, "tanh", 1 / math.sqrt(d))
-    torch.library.opcheck(torch.ops.lladapter.gated_prompt_attention_backward.default, bargs)
+    torch.library.opcheck(kernel_ops().gated_prompt_attention_backward.default, bargs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_per_query_kv_start_names_the_argument(device):
-    d = 64 if device == "cuda" else 8
+    d = 64 if device.cuda_kernels else 8
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, Tk=6, H=4, Hkv=2, d=d, K=3, device=device)
     # [B, Tk] instead of [B, Tq], a 3-D tensor, a transposed [Tq, B]
     for bad in (torch.zeros(2, 6), torch.zeros(2, 4, 1), torch.zeros(4, 2)):
@@ -901,31 +900,31 @@ MMA_BWD_CASES = [
 ]
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", MMA_BWD_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_cuda_mma_backward_matches_reference(monkeypatch, dtype, causal, case):
+def test_cuda_mma_backward_matches_reference(device, monkeypatch, dtype, causal, case):
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
     params = dict(B=2, H=4, Hkv=1, Bp=1)  # default GQA 4
     params.update(case)
     gate_act = params.pop("gate_act", "tanh")
-    _check_fused_grads_mma(make_inputs(dtype=dtype, device="cuda", **params), causal, gate_act)
+    _check_fused_grads_mma(make_inputs(dtype=dtype, device=device, **params), causal, gate_act)
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate_act", ["tanh", "identity"])
-def test_cuda_mma_and_simt_backward_agree(monkeypatch, dtype, gate_act):
-    inp = make_inputs(B=2, Tq=150, Tk=300, H=8, Hkv=2, d=128, K=10, Bp=2, dtype=dtype, device="cuda",
+def test_cuda_mma_and_simt_backward_agree(device, monkeypatch, dtype, gate_act):
+    inp = make_inputs(B=2, Tq=150, Tk=300, H=8, Hkv=2, d=128, K=10, Bp=2, dtype=dtype, device=device,
                       kv_start=[0, 40])
     q, k, v, pk, pv, gate, ks = inp
     scale = 1 / math.sqrt(128)
-    out, lse, plse = torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, ks, True, gate_act, scale)
+    out, lse, plse = kernel_ops().gated_prompt_attention(q, k, v, pk, pv, gate, ks, True, gate_act, scale)
     gout = torch.randn_like(out)
 
     def backward():  # the same saved forward for every run: only the backward kernels change
-        return torch.ops.lladapter.gated_prompt_attention_backward(gout, q, k, v, pk, pv, gate, ks, out, lse, plse,
+        return kernel_ops().gated_prompt_attention_backward(gout, q, k, v, pk, pv, gate, ks, out, lse, plse,
                                                                    True, gate_act, scale)
 
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")
@@ -946,21 +945,21 @@ def test_cuda_mma_and_simt_backward_agree(monkeypatch, dtype, gate_act):
     _check_mma_grads(g_mma, want, inp, gout, out, True, gate_act)
 
 
-@CUDA_ONLY
-def test_cuda_mma_backward_env_value_is_checked_and_unsupported_cases_fall_back(monkeypatch):
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_mma_backward_env_value_is_checked_and_unsupported_cases_fall_back(device, monkeypatch):
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=40, Tk=60, H=4, Hkv=2, d=64, K=10, dtype=torch.bfloat16,
-                                            device="cuda")
+                                            device=device)
     scale = 0.125
-    gout = torch.randn(q.shape, device="cuda").to(q.dtype)
-    per_query = torch.randint(-3, 63, (2, 40), device="cuda")  # kv_start [B, Tq]: SIMT kernels only
+    gout = torch.randn(q.shape, device=device).to(q.dtype)
+    per_query = torch.randint(-3, 63, (2, 40), device=device)  # kv_start [B, Tq]: SIMT kernels only
     low = (q, k, v, pk, pv)
     f32 = tuple(t.float() for t in low)
 
     def saved_forward(qkv, ks):
-        return torch.ops.lladapter.gated_prompt_attention(*qkv, gate, ks, True, "tanh", scale)
+        return kernel_ops().gated_prompt_attention(*qkv, gate, ks, True, "tanh", scale)
 
     def backward(gout, qkv, ks, saved):
-        return torch.ops.lladapter.gated_prompt_attention_backward(gout, *qkv, gate, ks, *saved, True, "tanh", scale)
+        return kernel_ops().gated_prompt_attention_backward(gout, *qkv, gate, ks, *saved, True, "tanh", scale)
 
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")  # every forward below: the SIMT kernel, saved once
     saved, saved32, saved_pq = saved_forward(low, None), saved_forward(f32, None), saved_forward(low, per_query)
@@ -978,7 +977,7 @@ def test_cuda_mma_backward_env_value_is_checked_and_unsupported_cases_fall_back(
     for a, b in zip(backward(gout, low, per_query, saved_pq), simt_pq):
         assert torch.equal(a, b)
     # a contiguous dout whose storage starts 2 bytes past a 16-byte boundary cannot take 16-byte vector loads
-    buf = torch.empty(gout.numel() + 1, dtype=gout.dtype, device="cuda")
+    buf = torch.empty(gout.numel() + 1, dtype=gout.dtype, device=device)
     gout_odd = buf[1:].view(gout.shape).copy_(gout)
     assert gout_odd.is_contiguous() and gout_odd.data_ptr() % 16 != 0
     for a, b in zip(backward(gout_odd, low, None, saved), simt):
@@ -986,12 +985,12 @@ def test_cuda_mma_backward_env_value_is_checked_and_unsupported_cases_fall_back(
     assert not torch.equal(backward(gout, low, None, saved)[2], simt[2])  # the aligned call takes the mma kernels
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_mma_backward_zero_gate_is_plain_attention(monkeypatch, dtype):
+def test_cuda_mma_backward_zero_gate_is_plain_attention(device, monkeypatch, dtype):
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
-    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=100, Tk=130, H=4, Hkv=2, d=96, K=10, dtype=dtype, device="cuda")
-    gout = torch.randn(q.shape, device="cuda").to(dtype)
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=100, Tk=130, H=4, Hkv=2, d=96, K=10, dtype=dtype, device=device)
+    gout = torch.randn(q.shape, device=device).to(dtype)
 
     def word_grads(pk, pv, gate):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]

@@ -14,10 +14,8 @@ import torch
 
 from lladapter_ext import ops, reference
 
-from conftest import CUDA_SKIP_REASON, HAS_CUDA_GPU
+from conftest import CUDA_DEVICES, kernel_ops
 from test_prompt_attention import TOL, _check_grads, make_inputs, mma_tol
-
-CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA_GPU, reason=CUDA_SKIP_REASON)
 
 B = 3
 TQS = [1, 2, 4]
@@ -57,7 +55,7 @@ def make_case(Tq, Tk, variant, d, dtype, device):
 def run_op(inp, causal, gate_act):
     q, k, v, pk, pv, gate, ks = inp
     scale = 1 / math.sqrt(q.shape[-1])
-    return torch.ops.lladapter.gated_prompt_attention(q, k, v, pk, pv, gate, ks, causal, gate_act, scale)
+    return kernel_ops().gated_prompt_attention(q, k, v, pk, pv, gate, ks, causal, gate_act, scale)
 
 
 def oracle_lses(inp, causal):
@@ -109,16 +107,16 @@ CPU_THREADS = [1, 8]
 
 
 # ------------------------------------------------------------------------------------------------ vs reference
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Tq", TQS)
 @pytest.mark.parametrize("Tk", TKS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_cuda_decode_forward_matches_reference(monkeypatch, dtype, Tq, Tk, causal):
+def test_cuda_decode_forward_matches_reference(device, monkeypatch, dtype, Tq, Tk, causal):
     monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")
     for vi, variant in enumerate(VARIANTS):
         d = DIMS[(vi + TKS.index(Tk) + Tq) % len(DIMS)]  # every variant meets every head dim across the Tk values
-        inp, gate_act = make_case(Tq, Tk, variant, d, dtype, "cuda")
+        inp, gate_act = make_case(Tq, Tk, variant, d, dtype, device)
         check_against_oracles(run_op(inp, causal, gate_act), oracles(inp, causal, gate_act), dtype)
 
 
@@ -143,15 +141,15 @@ def test_cpu_decode_forward_matches_reference(Tq, Tk, causal):
 
 
 # ------------------------------------------------------------------------------------------------ vs other kernels
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Tq", TQS)
 @pytest.mark.parametrize("Tk", [1, 65, 1000, 4097])
 @pytest.mark.parametrize("causal", [True, False])
-def test_cuda_split_k_agrees_with_non_split_kernels(monkeypatch, dtype, Tq, Tk, causal):
+def test_cuda_split_k_agrees_with_non_split_kernels(device, monkeypatch, dtype, Tq, Tk, causal):
     for vi, variant in enumerate(VARIANTS):
         d = DIMS[(vi + Tq + Tk) % len(DIMS)]
-        inp, gate_act = make_case(Tq, Tk, variant, d, dtype, "cuda")
+        inp, gate_act = make_case(Tq, Tk, variant, d, dtype, device)
         monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")
         o_split, lse_split, plse_split = run_op(inp, causal, gate_act)
         monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "off")
@@ -173,12 +171,12 @@ def test_cuda_split_k_agrees_with_non_split_kernels(monkeypatch, dtype, Tq, Tk, 
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
-@CUDA_ONLY
-def test_cuda_decode_dispatch_rule_and_env(monkeypatch):
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_decode_dispatch_rule_and_env(device, monkeypatch):
     # fp32 so that the non-split path is the SIMT kernel in every case below
     def call(Tq, Tk):
         torch.manual_seed(Tq * 7 + Tk)
-        inp, _ = make_case(Tq, Tk, (32, 8, "batch", 1, 10, "tanh"), 128, torch.float32, "cuda")
+        inp, _ = make_case(Tq, Tk, (32, 8, "batch", 1, 10, "tanh"), 128, torch.float32, device)
         monkeypatch.delenv("LLADAPTER_CUDA_DECODE", raising=False)
         auto = run_op(inp, True, "tanh")
         monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "off")
@@ -199,18 +197,18 @@ def test_cuda_decode_dispatch_rule_and_env(monkeypatch):
     torch.testing.assert_close(auto[0], off[0], **TOL[torch.float32])
 
     monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "flash")
-    inp, _ = make_case(1, 300, VARIANTS[0], 64, torch.float32, "cuda")
+    inp, _ = make_case(1, 300, VARIANTS[0], 64, torch.float32, device)
     with pytest.raises(RuntimeError, match=r"LLADAPTER_CUDA_DECODE must be 'auto', 'splitk' or 'off'"):
         run_op(inp, True, "tanh")
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_decode_misaligned_k_takes_scalar_loads(monkeypatch, dtype):
+def test_cuda_decode_misaligned_k_takes_scalar_loads(device, monkeypatch, dtype):
     # k, v whose storage starts one element past a 16-byte boundary cannot take the 16-byte vector loads; the
     # scalar loads read the same values, so the result is bit-identical
     monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")
-    inp, gate_act = make_case(2, 1000, VARIANTS[1], 80, dtype, "cuda")
+    inp, gate_act = make_case(2, 1000, VARIANTS[1], 80, dtype, device)
     q, k, v, pk, pv, gate, ks = inp
 
     def shifted(t):
@@ -224,11 +222,11 @@ def test_cuda_decode_misaligned_k_takes_scalar_loads(monkeypatch, dtype):
     assert all(torch.equal(a, b) for a, b in zip(aligned, odd))
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_decode_zero_gate_is_plain_attention(monkeypatch, dtype):
+def test_cuda_decode_zero_gate_is_plain_attention(device, monkeypatch, dtype):
     monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")
-    inp, _ = make_case(1, 4097, VARIANTS[4], 128, dtype, "cuda")
+    inp, _ = make_case(1, 4097, VARIANTS[4], 128, dtype, device)
     q, k, v, pk, pv, gate, ks = inp
     adapted = ops.gated_prompt_attention(q, k, v, pk, pv, torch.zeros_like(gate), kv_start=ks, backend="fused")
     plain = ops.gated_prompt_attention(q, k, v, None, None, None, kv_start=ks, backend="fused")
@@ -240,15 +238,15 @@ BACKWARD_CASES = [dict(Tq=1, Tk=1000, H=8, Hkv=2, kv_start=[0, 300], Bp=2), dict
                   dict(Tq=4, Tk=300, H=8, Hkv=1, kv_start=[[0, 0, 5, 5], [100, 100, 100, 299]])]
 
 
-@CUDA_ONLY
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype,case", [(torch.float32, c) for c in BACKWARD_CASES]
                          + [(torch.bfloat16, c) for c in BACKWARD_CASES[:2]])
-def test_cuda_decode_forward_then_backward(monkeypatch, dtype, case):
+def test_cuda_decode_forward_then_backward(device, monkeypatch, dtype, case):
     # the (unchanged) SIMT backward recomputes probabilities from the split-K forward's lse / prompt_lse and reads
     # its out; both follow the same contract as the other forwards, so GRAD_TOL of test_prompt_attention holds.
     # bf16 only where every row sees many keys: the D = dout . out error of out's rounding shows most in dq of
     # rows averaging a few keys (the last case has rows with 0 and 1 key: fp32 only)
     monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")
-    params = dict(B=2, d=128, K=10, dtype=dtype, device="cuda")
+    params = dict(B=2, d=128, K=10, dtype=dtype, device=device)
     params.update(case)
     _check_grads(make_inputs(**params), dtype)

@@ -5,7 +5,7 @@ import torch
 from lladapter_ext import nn as lnn
 from lladapter_ext import ops, reference
 
-from conftest import DEVICES
+from conftest import CUDA_DEVICES, DEVICES, kernel_ops
 
 # Tolerances by dtype. The kernel and the reference differ only in fp32 summation order (a few ulp of fp32 in
 # rstd); in bf16/fp16 that can flip a rounding of the normalised value and of the product: at most ~2 ulp of
@@ -94,18 +94,18 @@ def test_opcheck(device, dtype):
     x, w = _inputs((4, 33), dtype, device)
     x.requires_grad_()
     w.requires_grad_()
-    torch.library.opcheck(torch.ops.lladapter.rms_norm.default, (x, w, 1e-6))
-    if device == "cpu":
+    torch.library.opcheck(kernel_ops().rms_norm.default, (x, w, 1e-6))
+    if not device.cuda_kernels:
         xd = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
         wd = torch.randn(5, dtype=torch.float64, requires_grad=True)
-        torch.library.opcheck(torch.ops.lladapter.rms_norm.default, (xd, wd, 1e-6))
+        torch.library.opcheck(kernel_ops().rms_norm.default, (xd, wd, 1e-6))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward_op(device):
     x, w = _inputs((4, 33), torch.float32, device)
-    y, rstd = torch.ops.lladapter.rms_norm(x, w, 1e-6)
-    torch.library.opcheck(torch.ops.lladapter.rms_norm_backward.default, (torch.randn_like(y), x, w, rstd))
+    y, rstd = kernel_ops().rms_norm(x, w, 1e-6)
+    torch.library.opcheck(kernel_ops().rms_norm_backward.default, (torch.randn_like(y), x, w, rstd))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,13 +132,13 @@ def test_non_contiguous_input(device):
 def test_dweight_deterministic_across_threads():
     x, w = _inputs((999, 129), torch.float32, "cpu")
     gy = torch.randn(999, 129)
-    _, rstd = torch.ops.lladapter.rms_norm(x, w, 1e-6)
+    _, rstd = kernel_ops().rms_norm(x, w, 1e-6)
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        dx1, dw1 = torch.ops.lladapter.rms_norm_backward(gy, x, w, rstd)
+        dx1, dw1 = kernel_ops().rms_norm_backward(gy, x, w, rstd)
         torch.set_num_threads(max(2, prev))
-        dx2, dw2 = torch.ops.lladapter.rms_norm_backward(gy, x, w, rstd)
+        dx2, dw2 = kernel_ops().rms_norm_backward(gy, x, w, rstd)
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(dw1, dw2) and torch.equal(dx1, dx2)
@@ -167,13 +167,13 @@ def test_bad_inputs_name_the_argument(device):
 def test_backward_bad_inputs(device):
     x = torch.randn(4, 8, device=device)
     w = torch.ones(8, device=device)
-    _, rstd = torch.ops.lladapter.rms_norm(x, w, 1e-6)
+    _, rstd = kernel_ops().rms_norm(x, w, 1e-6)
     with pytest.raises(RuntimeError, match=r"grad_y must have x's shape"):
-        torch.ops.lladapter.rms_norm_backward(torch.ones(4, 7, device=device), x, w, rstd)
+        kernel_ops().rms_norm_backward(torch.ones(4, 7, device=device), x, w, rstd)
     with pytest.raises(RuntimeError, match=r"rstd must hold one value per row"):
-        torch.ops.lladapter.rms_norm_backward(torch.ones(4, 8, device=device), x, w, rstd[:2])
+        kernel_ops().rms_norm_backward(torch.ones(4, 8, device=device), x, w, rstd[:2])
     with pytest.raises(RuntimeError, match=r"rstd must have dtype"):
-        torch.ops.lladapter.rms_norm_backward(torch.ones(4, 8, device=device), x, w, rstd.double())
+        kernel_ops().rms_norm_backward(torch.ones(4, 8, device=device), x, w, rstd.double())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for a cross-device argument")
@@ -183,13 +183,12 @@ def test_device_mismatch_names_argument():
         ops.rms_norm(x, torch.ones(8))
 
 
-def test_cuda_dtype_double_refused_or_cpu_only():
-    # fp64 is a CPU-only (gradcheck) path; the CUDA kernel refuses it by name.
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible: the CUDA fp64 refusal cannot be exercised here")
-    with pytest.raises(RuntimeError, match=r"x must have dtype in"):
-        ops.rms_norm(torch.ones(2, 4, dtype=torch.float64, device="cuda"),
-                     torch.ones(4, dtype=torch.float64, device="cuda"))
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_dtype_double_refused(device):
+    # fp64 is a CPU-only (gradcheck) path; the CUDA kernels refuse it by name.
+    with pytest.raises(RuntimeError, match=r"x must have dtype in \{Float, BFloat16, Half\}"):
+        ops.rms_norm(torch.ones(2, 4, dtype=torch.float64, device=device),
+                     torch.ones(4, dtype=torch.float64, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -202,7 +201,7 @@ def test_module_and_torch_compile(device):
         return m(x * 2.0).relu().sum(-1)
 
     x = torch.randn(6, 48, device=device, requires_grad=True)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if torch.device(device).type == "cpu" else "inductor")
     out = compiled(x)
     ref = (reference.rms_norm(x * 2.0, m.weight, 1e-5)).relu().sum(-1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

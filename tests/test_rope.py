@@ -6,7 +6,7 @@ import torch
 from lladapter_ext import nn as lnn
 from lladapter_ext import ops, reference
 
-from conftest import DEVICES
+from conftest import DEVICES, kernel_ops
 
 # Tolerances by dtype. Kernel and reference form the same fp32 products a*cos, b*sin from the same fp32 tables;
 # they can differ only by FMA contraction (one rounding of a product skipped): a few fp32 ulp of values that are
@@ -284,8 +284,8 @@ def test_inverse_undoes_rotation(device, interleaved):
     q, k = _qk(2, 6, 3, 1, 64, torch.float32, device)
     cos, sin = _tables(32, 64, device)
     pos = torch.randint(0, 32, (2, 6), device=device)
-    qo, ko = torch.ops.lladapter.rope(q, k, cos, sin, pos, 0, interleaved, False)
-    qb, kb = torch.ops.lladapter.rope(qo, ko, cos, sin, pos, 0, interleaved, True)
+    qo, ko = kernel_ops().rope(q, k, cos, sin, pos, 0, interleaved, False)
+    qb, kb = kernel_ops().rope(qo, ko, cos, sin, pos, 0, interleaved, True)
     # cos^2 + sin^2 = 1 up to fp32 rounding of the tables and of the two rotations
     torch.testing.assert_close(qb, q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kb, k, rtol=1e-5, atol=1e-5)
@@ -313,15 +313,15 @@ def test_opcheck(device, dtype, interleaved):
     k.requires_grad_()
     cos, sin = _tables(8, 12, device)
     pos = torch.tensor([[1, 0, 7], [3, 4, 5]], device=device)
-    torch.library.opcheck(torch.ops.lladapter.rope.default, (q, k, cos, sin, None, 2, interleaved, False))
-    torch.library.opcheck(torch.ops.lladapter.rope.default, (q, k, cos, sin, pos, 0, interleaved, False))
+    torch.library.opcheck(kernel_ops().rope.default, (q, k, cos, sin, None, 2, interleaved, False))
+    torch.library.opcheck(kernel_ops().rope.default, (q, k, cos, sin, pos, 0, interleaved, False))
     with torch.no_grad():
-        torch.library.opcheck(torch.ops.lladapter.rope_.default,
+        torch.library.opcheck(kernel_ops().rope_.default,
                               (q.detach().clone(), k.detach().clone(), cos, sin, pos, 0, interleaved, True))
-    if device == "cpu":
+    if not device.cuda_kernels:
         qd = torch.randn(1, 2, 2, 8, dtype=torch.float64, requires_grad=True)
         kd = torch.randn(1, 2, 1, 8, dtype=torch.float64, requires_grad=True)
-        torch.library.opcheck(torch.ops.lladapter.rope.default, (qd, kd, cos[:, :4], sin[:, :4], None, 1,
+        torch.library.opcheck(kernel_ops().rope.default, (qd, kd, cos[:, :4], sin[:, :4], None, 1,
                                                                  interleaved, False))
 
 
@@ -534,7 +534,7 @@ def test_compile_on_device(device):
         return ops.rope(q.relu(), k, cos, sin, offset=3, interleaved=True)
 
     q, k = _qk(2, 4, 4, 2, 32, torch.float32, device)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if torch.device(device).type == "cpu" else "inductor")
     for a, b in zip(compiled(q, k), reference.rope(q.relu(), k, cos, sin, offset=3, interleaved=True)):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
