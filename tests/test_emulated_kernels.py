@@ -136,11 +136,15 @@ def test_wmma_fragment_layout_table_is_sm80():
     a_col = 2 * t[:, None] + (i[None, :] & 1) + 8 * ((i[None, :] >> 2) & 1)
     b_k = 2 * t[:, None] + (i[None, :] & 1) + 8 * ((i[None, :] >> 1) & 1)
     b_n = g[:, None] + 8 * ((i[None, :] >> 2) & 1)
+    # the probe stores code e at memory offset e; a row-major fragment reads element (r, c) at offset r * 16 + c,
+    # a col-major B reads element (k, n) at offset n * 16 + k (the accumulator probes write memory in the layout
+    # they load, so both hold code r * 16 + c)
     a = codes(a_row, a_col).float()
-    b_row_major = codes(b_k, b_n).float()  # element (k, n) of B
+    b_row = codes(b_k, b_n).float()
+    b_col = codes(b_n, b_k).float()
     acc = codes(a_row, a_col).float()
-    for kind, want, n in [(0, a, 16), (1, b_row_major, 16), (2, b_row_major, 16), (3, a, 8), (4, b_row_major, 8),
-                          (5, b_row_major, 8), (6, acc, 8), (7, acc, 8)]:
+    for kind, want, n in [(0, a, 16), (1, b_row, 16), (2, b_col, 16), (3, a, 8), (4, b_row, 8), (5, b_col, 8),
+                          (6, acc, 8), (7, acc, 8)]:
         got = table[kind, :, :n]
         torch.testing.assert_close(got[:, :8], want, rtol=0, atol=0, msg=f"fragment kind {kind}")
         if n == 16:  # fp16 A/B: x[i + 8] duplicates x[i]
@@ -206,4 +210,5 @@ def test_unsupported_head_dim_refused_like_on_cuda():
         ops.gated_prompt_attention(q, q, q, backend="fused")
     # backend="auto" picks the reference for such head dims, as on CUDA
     out = ops.gated_prompt_attention(q, q, q)
-    torch.testing.assert_close(out, reference.gated_prompt_attention(q, q, q, causal=True, scale=1 / math.sqrt(40)))
+    want = reference.gated_prompt_attention(q, q, q, None, None, None, causal=True, scale=1 / math.sqrt(40))
+    torch.testing.assert_close(out, want)

@@ -1,37 +1,21 @@
 """Self-tests of the CUDA emulator (csrc/emu, docs/emulator.md): every check fires on a deliberately broken kernel
-with a message naming kernel, block, thread and the check, and correct kernels run.
-
-The module under test is lladapter_ext._emu. During development it can be a module built elsewhere (for example
-with torch.utils.cpp_extension.load): set LLADAPTER_EMU_DEV_SO to the path of that .so. Without either, the whole
-module is skipped.
+with a message naming kernel, block, thread and the check, and correct kernels run. Skipped where the emulator is
+not built (no CUDA toolkit headers at build time); `make test` requires it wherever CUDA_HOME is set.
 """
-import importlib.util
 import math
-import os
 import struct
 
 import pytest
 import torch
 
+from lladapter_ext import emulator
 
-def _load_emu():
-    path = os.environ.get("LLADAPTER_EMU_DEV_SO")
-    if path:
-        name = os.path.basename(path).split(".")[0]
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    try:
-        from lladapter_ext import _emu
-    except ImportError:
-        return None
-    return _emu
-
-
-emu = _load_emu()
-if emu is None:
+if not emulator.available():
     pytest.skip("lladapter_ext._emu is not built (the CPU emulator of the CUDA kernels)", allow_module_level=True)
+
+from lladapter_ext import _emu as emu  # noqa: E402
+
+pytestmark = pytest.mark.emu
 
 DEFAULTS = dict(schedule="inorder", seed=0, layout="sm80", layout_seed=0, workers=0, stack_kib=128, timeout_s=300.0)
 
