@@ -1,6 +1,6 @@
 // Gated prompt attention, tensor-core forward and backward (nvcuda::wmma, bf16/fp16 operands, fp32 accumulation),
-// sm_80+. NOTE: written without a GPU; it compiles here (sm_80, sm_90) but has never run, the backward included
-// (see docs/attention.md).
+// sm_80+. Written without a GPU; runs on the emulator in every `make test` (docs/emulator.md) and matched it on an
+// H200 (tests/test_emulator_vs_gpu.py, 2026-11-29). See docs/attention.md.
 // Same contract and masking rules as the SIMT kernel (prompt_attention.cu) and the CPU kernel:
 //   out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p, two separate softmaxes, lse / prompt_lse per (b, h, i) in
 //   units of the scaled scores, -inf where a branch has no key; a row with no allowed word key gets 0 from it.
@@ -726,12 +726,11 @@ void launch_mma_forward(const PromptAttnProblem& g, const AttnTensors& t, at::Te
   const ll::Stream stream = ll::current_stream();
   dispatch_mma(t.q.scalar_type(), g.d, [&]<typename T, int D>() {
     constexpr size_t smem = Layout<D>::kSmemBytes;
-    auto kernel = gpa_fwd_mma_kernel<T, D>;
     // above 48 KiB dynamic shared memory needs the opt-in (d = 128: 76 KiB)
-    ll::allow_dynamic_smem(kernel, smem);
+    ll::allow_dynamic_smem(gpa_fwd_mma_kernel<T, D>, smem);
     const dim3 grid(static_cast<unsigned>((g.Tq + kBlockM - 1) / kBlockM), static_cast<unsigned>(g.H),
                     static_cast<unsigned>(g.B));
-    LL_LAUNCH(grid, kThreads, smem, stream, kernel)(
+    LL_LAUNCH(grid, kThreads, smem, stream, gpa_fwd_mma_kernel<T, D>)(
         g, ptr_or_null<T>(t.q), ptr_or_null<T>(t.k), ptr_or_null<T>(t.v), ptr_or_null<T>(t.pk), ptr_or_null<T>(t.pv),
         ptr_or_null<int64_t>(t.kv_start), ptr_or_null<float>(t.phi), reinterpret_cast<T*>(out.mutable_data_ptr()),
         lse.mutable_data_ptr<float>(), plse.mutable_data_ptr<float>());
@@ -744,23 +743,21 @@ void launch_mma_backward(const PromptAttnProblem& g, const AttnTensors& t, AttnB
   dispatch_mma(t.q.scalar_type(), g.d, [&]<typename T, int D>() {
     constexpr size_t smem = BwdLayout<D>::kSmemBytes;
     const int64_t* ks = ptr_or_null<int64_t>(t.kv_start);
-    auto dq_kernel = gpa_bwd_dq_mma_kernel<T, D>;
     // above 48 KiB dynamic shared memory needs the opt-in (70.5 KiB at d = 64 to 86.5 KiB at d = 128)
-    ll::allow_dynamic_smem(dq_kernel, smem);
+    ll::allow_dynamic_smem(gpa_bwd_dq_mma_kernel<T, D>, smem);
     const dim3 q_grid(static_cast<unsigned>((g.Tq + kBlockM - 1) / kBlockM), static_cast<unsigned>(g.H),
                       static_cast<unsigned>(g.B));
-    LL_LAUNCH(q_grid, kThreads, smem, stream, dq_kernel)(
+    LL_LAUNCH(q_grid, kThreads, smem, stream, gpa_bwd_dq_mma_kernel<T, D>)(
         g, ptr_or_null<T>(t.q), ptr_or_null<T>(t.k), ptr_or_null<T>(t.v), ptr_or_null<T>(t.pk), ptr_or_null<T>(t.pv),
         ks, ptr_or_null<float>(t.phi), ptr_or_null<T>(b.dout), b.lse.const_data_ptr<float>(),
         b.plse.const_data_ptr<float>(), b.Dw.const_data_ptr<float>(), b.Dp.const_data_ptr<float>(),
         reinterpret_cast<T*>(b.dq.mutable_data_ptr()));
     LL_LAUNCH_CHECK();
     if (g.Tk == 0) return;  // no word keys: dk, dv are empty
-    auto dkv_kernel = gpa_bwd_dkv_mma_kernel<T, D>;
-    ll::allow_dynamic_smem(dkv_kernel, smem);
+    ll::allow_dynamic_smem(gpa_bwd_dkv_mma_kernel<T, D>, smem);
     const dim3 kv_grid(static_cast<unsigned>((g.Tk + kBlockN - 1) / kBlockN), static_cast<unsigned>(g.Hkv),
                        static_cast<unsigned>(g.B));
-    LL_LAUNCH(kv_grid, kThreads, smem, stream, dkv_kernel)(
+    LL_LAUNCH(kv_grid, kThreads, smem, stream, gpa_bwd_dkv_mma_kernel<T, D>)(
         g, ptr_or_null<T>(t.q), ptr_or_null<T>(t.k), ptr_or_null<T>(t.v), ks, ptr_or_null<T>(b.dout),
         b.lse.const_data_ptr<float>(), b.Dw.const_data_ptr<float>(), reinterpret_cast<T*>(b.dk.mutable_data_ptr()),
         reinterpret_cast<T*>(b.dv.mutable_data_ptr()));
