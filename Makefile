@@ -42,6 +42,8 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) pyproject.toml
 			| grep -E "lladapter setup|/nvcc |rror|Successfully installed" | cut -c1-400; \
 	fi
 	@$(PY) -c 'import lladapter_ext; print("built:", lladapter_ext.build_info())'
+	@# where the CUDA headers are, the emulator must have been built: its tests would otherwise skip silently
+	@$(PY) -c 'import sys; from lladapter_ext import emulator; print("emulator (CUDA kernels on the CPU):", emulator.available()); sys.exit(0 if emulator.available() or not "$(CUDA_HOME)" else 1)'
 	@touch $@
 
 build: setup

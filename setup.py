@@ -64,6 +64,28 @@ def pip_cuda_include_dirs():
     return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
 
 
+def check_cxx_links_libstdcxx_dynamically():
+    """Refuses a C++ compiler whose toolchain has no shared libstdc++ (only libstdc++.a). An extension it links
+    carries its own static copy of libstdc++, and every C++ exception torch throws through it (any TORCH_CHECK
+    in our argument checks) then crashes the process with a segfault. Seen on the GPU machine, whose CXX is a
+    wrapper around a private GCC 13 (2026-11-29). The system compiler links libstdc++.so.6, as torch does."""
+    if not sys.platform.startswith("linux"):
+        return
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return  # no such compiler: the build itself will say so
+    if found and os.path.isabs(found) and os.path.exists(found):
+        return
+    hint = " e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc" if os.path.exists("/usr/bin/g++") else " set CXX and CC"
+    raise SystemExit(
+        f"The C++ compiler {cxx!r} (CXX) has no shared libstdc++ (it would link libstdc++.a into the extension, and "
+        "every C++ exception torch raises through the extension would then crash the process). Build with a "
+        f"compiler that links the system's libstdc++.so.6, as torch does:{hint}")
+
+
 def cpu_isa():
     want = os.environ.get("LLADAPTER_CPU_ISA", "auto").lower()
     if want in ("default", "none", "generic"):
@@ -135,6 +157,7 @@ def main():
     else:
         with_cuda = torch_cuda and cuda_home is not None
 
+    check_cxx_links_libstdcxx_dynamically()
     isa = cpu_isa()
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]

@@ -24,12 +24,21 @@ step "machine"
   $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())';
   nvcc --version 2>&1 | tail -1; } >> "$LOG" 2>&1
 
+# The GPU machine's CXX is a wrapper around a private GCC that has only a static libstdc++: an extension linked by
+# it crashes on the first C++ exception (setup.py refuses such a compiler). Its system g++ links libstdc++.so.6.
+cxx_shared_libstdcxx() { f=$("$1" -print-file-name=libstdc++.so 2>/dev/null); [ -n "$f" ] && [ -e "$f" ]; }
+if ! cxx_shared_libstdcxx "${CXX:-c++}" && [ -x /usr/bin/g++ ] && cxx_shared_libstdcxx /usr/bin/g++; then
+  step "CXX=${CXX:-c++} has no shared libstdc++: building with the system compiler (/usr/bin/g++)"
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
 TORCH_VERSION=$($PY -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "none")
 step "build from source (setup.py build_ext --inplace) against torch $TORCH_VERSION"
 if ! $PY setup.py build_ext --inplace >> "$LOG" 2>&1; then
   step "BUILD FAILED against torch $TORCH_VERSION: nothing else was run; the compiler's last words:"
   grep -n "error" "$LOG" | head -20; tail -40 "$LOG"; exit 1
 fi
+# built in place, not installed: benchmarks and their child processes import it from the tree
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c 'import lladapter_ext; print(lladapter_ext.build_info())' >> "$LOG" 2>&1 || status=1
 
 KERNEL_TESTS="tests/test_rms_norm.py tests/test_rope.py tests/test_prompt_attention.py tests/test_prompt_attention_decode.py"
