@@ -930,7 +930,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // ordered reductions (at::sum on CUDA is deterministic)
       dpk.copy_(part_k.sum(0));
       dpv.copy_(part_v.sum(0));
-      dgate.copy_(p.dphi * Dp.sum({0, 2}));
+      dgate.copy_(p.dphi * Dp.sum(at::IntArrayRef{0, 2}));
     }
   });
   return {dq, dk, dv, dpk, dpv, dgate};
