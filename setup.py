@@ -76,6 +76,14 @@ def pip_cuda_include_dirs():
     return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
 
 
+def pip_cuda_include_flags():
+    """-isystem for the pip CUDA headers: searched after every -I, so the toolkit's own headers (CUDA_HOME/include,
+    which torch adds with -I) win and the pip ones only supply what the toolkit lacks. Given with -I ahead of the
+    toolkit, a torch built for a newer CUDA minor than nvcc's (torch 2.15: CUDA 13.2 headers, nvcc 13.0) mixes its
+    runtime headers with the compiler's and fails: "CUDA compiler and CUDA toolkit headers are incompatible"."""
+    return [f for d in pip_cuda_include_dirs() for f in ("-isystem", d)]
+
+
 def torch_release(version):
     """(major, minor) of a torch version string: '2.11.0+cu130' -> (2, 11); dev builds count as their release."""
     m = re.match(r"(\d+)\.(\d+)", str(version))
@@ -243,11 +251,10 @@ def main():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         log(f"CUDA build: CUDA_HOME={cuda_home}, archs {archs}, torch {torch.__version__}, {CXX_STD}")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        include_dirs += pip_cuda_include_dirs()
         defines += ["-DLLADAPTER_WITH_CUDA", f'-DLLADAPTER_CUDA_ARCHS="{archs}"']
-        extra["cxx"] = cxx + defines
+        extra["cxx"] = cxx + defines + pip_cuda_include_flags()
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
-            "--expt-relaxed-constexpr"] + std_flags() + defines
+            "--expt-relaxed-constexpr"] + std_flags() + defines + pip_cuda_include_flags()
         ext_cls = cpp_extension.CUDAExtension
     else:
         archs = ""

@@ -100,3 +100,10 @@ def test_target_env_torch_sees_this_environment(setup_mod):
 
     version, cuda, path = setup_mod.target_env_torch()
     assert version == torch.__version__ and os.path.realpath(path) == os.path.realpath(torch.__file__)
+
+
+def test_pip_cuda_headers_come_after_the_toolkit(setup_mod, monkeypatch):
+    """The nvidia-* pip headers are -isystem (after every -I, so after CUDA_HOME/include): a torch built for a newer
+    CUDA minor than nvcc's must not put its runtime headers ahead of the compiler's own."""
+    monkeypatch.setattr(setup_mod, "pip_cuda_include_dirs", lambda: ["/site/nvidia/cu13/include", "/site/nvidia/x"])
+    assert setup_mod.pip_cuda_include_flags() == ["-isystem", "/site/nvidia/cu13/include", "-isystem", "/site/nvidia/x"]
