@@ -10,7 +10,7 @@ Environment knobs:
   LLADAPTER_ALLOW_TORCH_MISMATCH=1  build even when the interpreter's own environment has another torch than the
                              one this build compiles against (e.g. a wheel meant for another environment)
 
-Supported torch: 2.11 and newer (tested 2.11.0 to 2.14.1); an older torch is refused before anything compiles.
+Supported torch: 2.11 and newer (tested 2.11.0 to 2.15.0); an older torch is refused before anything compiles.
 The C++ standard is chosen here (C++20, host compiler and nvcc alike), not inherited from torch's default
 (torch 2.11's cpp_extension defaults to C++17, 2.14's to C++20).
 """
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
 # The torch range: the oldest release we build and test against (the GPU machine's) and the newest tested one.
 TORCH_MIN = (2, 11)
-TORCH_TESTED = "2.11.0 to 2.14.1"
+TORCH_TESTED = "2.11.0 to 2.15.0"
 # One C++ standard for every compiler: torch 2.14's headers need C++20, and 2.11's compile under it too.
 CXX_STD = "c++20"
 
