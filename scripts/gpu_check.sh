@@ -2,7 +2,7 @@
 # The one prepared script for a CUDA machine (no internet): build from source, run the tests (CUDA variants
 # included), the GPU benchmarks (kernels and end-to-end vs PEFT/LitGPT), then compute-sanitizer over the CUDA
 # tests with the time left. Everything it prints goes to OUT/gpu-check.log; results to OUT/*.json.
-# Budget: under 8 minutes on an H100.
+# Budget: under 8 minutes on an H100. A failed build stops it at once (exit 2) with the errors on stdout.
 #   scripts/gpu_check.sh [OUT]        (default OUT: $OUT if set, else gpu-check-out)
 #   PYTHON=...  interpreter to use (default: .venv/bin/python if present, else python3)
 set -uo pipefail
@@ -21,14 +21,30 @@ status=0
 : > "$LOG"
 step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi";
-  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())';
   nvcc --version 2>&1 | tail -1; } >> "$LOG" 2>&1
-
-step "build from source (setup.py build_ext --inplace)"
-if ! $PY setup.py build_ext --inplace >> "$LOG" 2>&1; then
-  step "BUILD FAILED"; tail -40 "$LOG"; exit 1
+# The torch this run builds against, on stdout too: the extension is compiled here against whatever torch the
+# machine has (2.11 on the GPU machine), and that is the first thing to know when the build fails.
+if ! TORCH_DESC=$($PY -c 'import sys, torch; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()}), Python {sys.version.split()[0]}")' 2>&1); then
+  step "NO USABLE TORCH for $PY: $TORCH_DESC"; exit 2
 fi
-$PY -c 'import lladapter_ext; print(lladapter_ext.build_info())' >> "$LOG" 2>&1 || status=1
+step "building against $TORCH_DESC, $(nvcc --version 2>/dev/null | tail -1 || echo 'no nvcc on PATH')"
+
+step "build from source (setup.py build_ext --inplace; log: build.log)"
+if ! $PY setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1; then
+  cat "$OUT_DIR/build.log" >> "$LOG"
+  step "BUILD FAILED against $TORCH_DESC: nothing else was run. First errors, then the end of build.log:"
+  grep -m 20 -E "error|Error|refus|needs torch" "$OUT_DIR/build.log" | cut -c1-400 | tee -a "$LOG"
+  tail -25 "$OUT_DIR/build.log" | cut -c1-400
+  exit 2
+fi
+cat "$OUT_DIR/build.log" >> "$LOG"
+# Fail fast too when the build does not load or has no CUDA kernels: every test after this would fail or skip.
+if ! $PY -c 'import lladapter_ext; i = lladapter_ext.build_info(); print(i); assert i["with_cuda"], "no CUDA kernels compiled in"' >> "$LOG" 2>&1; then
+  step "BUILT, BUT lladapter_ext DOES NOT LOAD WITH CUDA KERNELS: nothing else was run"
+  tail -15 "$LOG"
+  exit 2
+fi
+step "built: $(tail -1 "$LOG" | cut -c1-300)"
 
 KERNEL_TESTS="tests/test_rms_norm.py tests/test_rope.py tests/test_prompt_attention.py tests/test_prompt_attention_decode.py"
 step "pytest: the op tests, CPU and CUDA variants"
