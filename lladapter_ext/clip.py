@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._optional import find_spec, optional, require
 from .vit import Block, PromptAdapterMixin, _copy_checked, _pair, resample_pos_embed
 
 __all__ = [
@@ -365,11 +366,10 @@ def _byte_to_unicode() -> dict[int, str]:
 
 def default_vocab_path() -> str:
     """open_clip's bpe_simple_vocab_16e6.txt.gz (the vocabulary of OpenAI's CLIP), found in its package dir."""
-    import importlib.util
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("CLIP BPE vocabulary: open_clip is not installed; pass vocab_path= "
-                                "(the bpe_simple_vocab_16e6.txt.gz file)")
+    spec = find_spec("open_clip", "CLIP's BPE vocabulary (else pass vocab_path=, the bpe_simple_vocab_16e6.txt.gz "
+                     "file)")
+    if not spec.submodule_search_locations:
+        raise FileNotFoundError("CLIP BPE vocabulary: open_clip is not a package directory; pass vocab_path=")
     path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"CLIP BPE vocabulary not found at {path}")
@@ -390,7 +390,7 @@ class CLIPTokenizer:
     NUM_MERGES = 49152 - 256 - 2
 
     def __init__(self, vocab_path: Optional[str] = None, context_length: int = 77):
-        import regex
+        regex = require("regex", "the CLIP tokenizer")
         path = vocab_path or default_vocab_path()
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -418,11 +418,9 @@ class CLIPTokenizer:
 
     @staticmethod
     def clean(text: str) -> str:
-        try:
-            import ftfy
+        ftfy = optional("ftfy")
+        if ftfy is not None:
             text = ftfy.fix_text(text)
-        except ImportError:
-            pass
         text = html.unescape(html.unescape(text)).strip()
         return re.sub(r"\s+", " ", text).strip().lower()
 

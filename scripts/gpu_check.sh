@@ -2,7 +2,7 @@
 # The one prepared script for a CUDA machine (no internet): build from source, run the tests (CUDA variants
 # included), the GPU benchmarks (kernels and end-to-end vs PEFT/LitGPT), then compute-sanitizer over the CUDA
 # tests with the time left. Everything it prints goes to OUT/gpu-check.log; results to OUT/*.json.
-# Budget: under 8 minutes on an H100.
+# Budget: under 8 minutes on an H100. A failed build stops it at once (exit 2) with the errors on stdout.
 #   scripts/gpu_check.sh [OUT]        (default OUT: $OUT if set, else gpu-check-out)
 #   PYTHON=...  interpreter to use (default: .venv/bin/python if present, else python3)
 set -uo pipefail
@@ -21,30 +21,50 @@ status=0
 : > "$LOG"
 step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi";
-  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())';
   nvcc --version 2>&1 | tail -1; } >> "$LOG" 2>&1
+# The torch this run builds against, on stdout too: the extension is compiled here against whatever torch the
+# machine has (2.11 on the GPU machine), and that is the first thing to know when the build fails.
+if ! TORCH_DESC=$($PY -c 'import sys, torch; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()}), Python {sys.version.split()[0]}")' 2>&1); then
+  step "NO USABLE TORCH for $PY: $TORCH_DESC"; exit 2
+fi
+step "building against $TORCH_DESC, $(nvcc --version 2>/dev/null | tail -1 || echo 'no nvcc on PATH')"
 
 # The GPU machine's CXX is a wrapper around a private GCC that has only a static libstdc++: an extension linked by
-# it crashes on the first C++ exception (setup.py refuses such a compiler). Its system g++ links libstdc++.so.6.
+# it segfaults on the first C++ exception torch raises through it (setup.py refuses such a compiler). The
+# machine's system g++ links libstdc++.so.6, as torch does.
 cxx_shared_libstdcxx() { f=$("$1" -print-file-name=libstdc++.so 2>/dev/null); [ -n "$f" ] && [ -e "$f" ]; }
 if ! cxx_shared_libstdcxx "${CXX:-c++}" && [ -x /usr/bin/g++ ] && cxx_shared_libstdcxx /usr/bin/g++; then
   step "CXX=${CXX:-c++} has no shared libstdc++: building with the system compiler (/usr/bin/g++)"
   export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 fi
-TORCH_VERSION=$($PY -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "none")
-step "build from source (setup.py build_ext --inplace) against torch $TORCH_VERSION"
-if ! $PY setup.py build_ext --inplace >> "$LOG" 2>&1; then
-  step "BUILD FAILED against torch $TORCH_VERSION: nothing else was run; the compiler's last words:"
-  grep -n "error" "$LOG" | head -20; tail -40 "$LOG"; exit 1
+step "build from source (setup.py build_ext --inplace; log: build.log)"
+if ! $PY setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1; then
+  cat "$OUT_DIR/build.log" >> "$LOG"
+  step "BUILD FAILED against $TORCH_DESC: nothing else was run. First errors, then the end of build.log:"
+  grep -m 20 -E "error|Error|refus|needs torch" "$OUT_DIR/build.log" | cut -c1-400 | tee -a "$LOG"
+  tail -25 "$OUT_DIR/build.log" | cut -c1-400
+  exit 2
 fi
+cat "$OUT_DIR/build.log" >> "$LOG"
 # built in place, not installed: benchmarks and their child processes import it from the tree
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-$PY -c 'import lladapter_ext; print(lladapter_ext.build_info())' >> "$LOG" 2>&1 || status=1
+# Fail fast too when the build does not load, has no CUDA kernels, or crashes when an op raises (an argument
+# check's exception must reach Python): every test after this would fail, skip or die.
+if ! $PY -c 'import lladapter_ext, torch; i = lladapter_ext.build_info(); print(i); assert i["with_cuda"], "no CUDA kernels compiled in"
+try:
+    torch.ops.lladapter.rms_norm(torch.ones(2, 3), torch.ones(2), 1e-6)
+except RuntimeError as e:
+    print("an op error reaches Python:", str(e).splitlines()[0])' >> "$LOG" 2>&1; then
+  step "BUILT, BUT lladapter_ext DOES NOT LOAD WITH CUDA KERNELS (or an op's error killed the process): nothing else was run"
+  tail -15 "$LOG"
+  exit 2
+fi
+step "built: $(tail -1 "$LOG" | cut -c1-300)"
 
 KERNEL_TESTS="tests/test_rms_norm.py tests/test_rope.py tests/test_prompt_attention.py tests/test_prompt_attention_decode.py"
-# the emulated variants ("emu") run in every CI; here the GPU's minutes go to the real CUDA ones
-step "pytest: the op tests, CPU and CUDA variants (not the emulated ones)"
-timeout 200 $PY -m pytest $KERNEL_TESTS -q -rs -m "not emu" --maxfail=25 --junitxml="$OUT_DIR/pytest-kernels.xml" >> "$LOG" 2>&1 \
+# the CPU and emulated variants run in every CI; here the GPU's minutes go to the real CUDA ones
+step "pytest: the op tests, CUDA variants"
+timeout 200 $PY -m pytest $KERNEL_TESTS -q -rs -m "not emu" -k cuda --maxfail=25 --junitxml="$OUT_DIR/pytest-kernels.xml" >> "$LOG" 2>&1 \
   || { status=1; step "kernel tests FAILED"; }
 step "pytest: the emulator against the GPU (wmma fragment layouts, every kernel path on identical inputs)"
 timeout 90 $PY -m pytest tests/test_emulator_vs_gpu.py -q -rs --junitxml="$OUT_DIR/pytest-emu-vs-gpu.xml" \
