@@ -107,3 +107,21 @@ def test_pip_cuda_headers_come_after_the_toolkit(setup_mod, monkeypatch):
     CUDA minor than nvcc's must not put its runtime headers ahead of the compiler's own."""
     monkeypatch.setattr(setup_mod, "pip_cuda_include_dirs", lambda: ["/site/nvidia/cu13/include", "/site/nvidia/x"])
     assert setup_mod.pip_cuda_include_flags() == ["-isystem", "/site/nvidia/cu13/include", "-isystem", "/site/nvidia/x"]
+
+
+def test_compiler_without_shared_libstdcxx_is_refused(setup_mod, monkeypatch, tmp_path):
+    # the GPU machine's CXX: a toolchain with only libstdc++.a. An extension it links segfaults on the first C++
+    # exception torch raises through it, so the build refuses it and names a compiler that works.
+    fake = tmp_path / "g++-static-only"
+    fake.write_text('#!/bin/sh\n[ "$1" = "-print-file-name=libstdc++.so" ] && echo libstdc++.so\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(SystemExit) as e:
+        setup_mod.check_cxx_links_libstdcxx_dynamically()
+    msg = str(e.value.code)
+    assert "has no shared libstdc++" in msg and str(fake) in msg and "CXX=" in msg
+
+
+def test_system_compiler_links_libstdcxx_dynamically(setup_mod, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    setup_mod.check_cxx_links_libstdcxx_dynamically()  # c++ here: /usr/lib/gcc/.../libstdc++.so exists
