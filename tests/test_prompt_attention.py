@@ -795,9 +795,11 @@ def test_bad_per_query_kv_start_names_the_argument(device):
             ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=bad.long().to(device), backend="fused")
     with pytest.raises(RuntimeError, match=r"kv_start must have dtype in"):
         ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=torch.zeros(2, 4, device=device), backend="fused")
+    # the traced function sees a plain torch device: dynamo before torch 2.14 cannot proxy a str subclass
+    torch_device = torch.device(device)
     with pytest.raises(RuntimeError, match=r"kv_start must have shape \[2\] or \[2, 4\]"):
         torch.compile(lambda a: ops.gated_prompt_attention(a, k, v, pk, pv, gate, kv_start=torch.zeros(
-            2, 6, dtype=torch.long, device=device), backend="fused"), backend="eager", fullgraph=True)(q)
+            2, 6, dtype=torch.long, device=torch_device), backend="fused"), backend="eager", fullgraph=True)(q)
 
 
 # ------------------------------------------------------------------------------------------------ tensor-core backward
