@@ -39,7 +39,7 @@ inline void rms_norm_check_backward_inputs(const at::Tensor& grad_y, const at::T
   const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(rstd.scalar_type() == stat_dtype, op, ": rstd must have dtype ", stat_dtype, ", got ",
               rstd.scalar_type());
-  TORCH_CHECK(rstd.numel() * x.size(-1) == x.numel(), op, ": rstd must hold one value per row of x (",
+  TORCH_CHECK(rstd.numel() == x.numel() / x.size(-1), op, ": rstd must hold one value per row of x (",
               x.numel() / x.size(-1), "), got shape ", shape_str(rstd));
 }
 

@@ -52,7 +52,7 @@ inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const
   TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", shape_str(cos), ", got ",
               shape_str(sin));
   const int64_t half = cos.size(1);
-  TORCH_CHECK(2 * half <= d, op, ": rotary_dim (2 * cos.size(1) = ", 2 * half, ") must be <= head_dim (", d,
+  TORCH_CHECK(half <= d / 2, op, ": rotary_dim (2 * cos.size(1), cos.size(1) = ", half, ") must be <= head_dim (", d,
               "); cos has shape ", shape_str(cos));
   TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
   const int64_t P = cos.size(0), B = q.size(0), T = q.size(1);
@@ -65,7 +65,8 @@ inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const
                 ": position_ids must have shape [", B, ", ", T, "] or [1, ", T, "] (batch, seq of q), got ",
                 shape_str(pos));
   } else {
-    TORCH_CHECK(offset + T <= P, op, ": positions offset + seq = ", offset, " + ", T, " = ", offset + T,
+    // offset <= P first: offset + T could overflow int64 (the positions are then offset .. offset + T - 1 < P)
+    TORCH_CHECK(offset <= P && T <= P - offset, op, ": positions offset + seq = ", offset, " + ", T,
                 " exceed the cos/sin table of ", P, " positions (cos of shape ", shape_str(cos),
                 "); build a longer table");
   }

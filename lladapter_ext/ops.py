@@ -25,6 +25,37 @@ def kernel_namespace() -> str:
     return _lib.name
 
 
+# ATen's names for dtypes, as the kernels' messages print them (csrc/common.h), so that every backend and the fake
+# implementations refuse an input with the same words.
+_ATEN_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+                     torch.float16: "Half", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+                     torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                     torch.complex128: "ComplexDouble"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _ATEN_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """The kernels' check_same_device, for the fake implementations (a call mixing real and meta tensors dispatches
+    to them and must fail as the kernel would, not return an uninitialised tensor) and the Python backends."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; all arguments "
+                               f"must be on the same device")
+
+
+def _check_dtype_in(op: str, name: str, t: torch.Tensor, allowed: tuple) -> None:
+    if t.dtype not in allowed:
+        raise RuntimeError(f"{op}: {name} must have dtype in {{{', '.join(_dtype_name(d) for d in allowed)}}}, "
+                           f"got {_dtype_name(t.dtype)}")
+
+
+_CPU_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CUDA_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 # --------------------------------------------------------------------------------------------- RMSNorm
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim: y = weight * cast_to(x.dtype)(x / sqrt(mean(x^2) + eps)).
@@ -38,6 +69,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 
 def _rms_norm_fake(x, weight, eps):
+    _check_same_device("lladapter::rms_norm", "x", x, weight=weight)
     torch._check(x.dim() >= 1, lambda: "lladapter::rms_norm: x must have at least 1 dimension")
     torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
                  lambda: f"lladapter::rms_norm: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}")
@@ -49,6 +81,7 @@ def _rms_norm_fake(x, weight, eps):
 
 
 def _rms_norm_backward_fake(grad_y, x, weight, rstd):
+    _check_same_device("lladapter::rms_norm_backward", "x", x, weight=weight, grad_y=grad_y, rstd=rstd)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format)
 
@@ -143,7 +176,8 @@ def rope_cos_sin_cache(max_positions: int, rotary_dim: int, base: float = 10000.
     return _cos_sin_cached(int(max_positions), int(rotary_dim), float(base), _scaling_key(scaling), str(dev))
 
 
-def _rope_fake_checks(q, k, cos, sin):
+def _rope_fake_checks(q, k, cos, sin, position_ids, op="lladapter::rope"):
+    _check_same_device(op, "q", q, k=k, cos=cos, sin=sin, position_ids=position_ids)
     torch._check(q.dim() == 4, lambda: f"lladapter::rope: q must have shape [batch, seq, heads, head_dim], got "
                                        f"{list(q.shape)}")
     torch._check(k.dim() == 4, lambda: f"lladapter::rope: k must have shape [batch, seq, kv_heads, head_dim], got "
@@ -157,12 +191,12 @@ def _rope_fake_checks(q, k, cos, sin):
 
 
 def _rope_fake(q, k, cos, sin, position_ids, offset, interleaved, inverse):
-    _rope_fake_checks(q, k, cos, sin)
+    _rope_fake_checks(q, k, cos, sin, position_ids)
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _rope_inplace_fake(q, k, cos, sin, position_ids, offset, interleaved, inverse):
-    _rope_fake_checks(q, k, cos, sin)
+    _rope_fake_checks(q, k, cos, sin, position_ids, op="lladapter::rope_")
     return None
 
 
@@ -222,10 +256,14 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if backend not in _ATTN_BACKENDS:
         raise ValueError(f"backend must be one of {_ATTN_BACKENDS}, got {backend!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    if scale is None:  # (a q without a positive head dim is refused by the checks below, naming it)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     if backend == "auto":
         backend = _auto_attention_backend(q)
+    if backend in ("reference", "split"):
+        # the fused kernels check their own arguments; these two paths hand the word branch to other code
+        check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, float(scale),
+                               cuda_kernels=backend == "split" and _runs_cuda_kernels(q))
     if backend == "reference":
         return reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act,
                                                 scale=scale, kv_start=kv_start)
@@ -235,9 +273,13 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, float(scale), kv_start)
 
 
+def _runs_cuda_kernels(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" or kernel_namespace() != "lladapter"
+
+
 def _auto_attention_backend(q: torch.Tensor) -> str:
     # the emulated CUDA kernels (CPU tensors) choose as CUDA does, so that the emulator runs the GPU's paths
-    if q.device.type == "cuda" or kernel_namespace() != "lladapter":
+    if _runs_cuda_kernels(q):
         return "split" if q.shape[-1] in CUDA_HEAD_DIMS else "reference"
     return "fused"
 
@@ -277,31 +319,86 @@ def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: Optional
 def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale, kv_start):
     word = _word_attention_sdpa(q, k, v, causal, scale, kv_start)
     if pk is None or pk.shape[1] == 0:
-        if gate_act not in ("tanh", "identity"):
-            raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
         return word
     # the fused op with no word keys returns phi(gate) * prompt branch
     prompt, _, _ = _lib.gated_prompt_attention(q, k[:, :0], v[:, :0], pk, pv, gate, None, False, gate_act, scale)
     return word + prompt
 
 
-def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_act, scale):
-    op = "lladapter::gated_prompt_attention"
+def check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act: str, scale: float, *,
+                           cuda_kernels: bool = False, op: str = "lladapter::gated_prompt_attention") -> None:
+    """The argument checks of the attention kernels (prompt_attn_check_inputs, csrc/prompt_attention.h), with the
+    same messages, for what runs no kernel of ours on the whole input: the fake (meta) implementation, the split
+    backend's SDPA word branch and the reference backend. Every backend accepts and refuses the same inputs (the
+    kernels' own capability limits aside: CUDA head dims and no float64 there, see gated_prompt_attention)."""
+    if gate_act not in ("tanh", "identity"):
+        raise RuntimeError(f"{op}: gate_act must be 'tanh' or 'identity', got '{gate_act}'")
+    _check_same_device(op, "q", q, k=k, v=v)
+    _check_dtype_in(op, "q", q, _CUDA_FLOAT_DTYPES if cuda_kernels else _CPU_FLOAT_DTYPES)
     torch._check(q.dim() == 4, lambda: f"{op}: q must have shape [B, Tq, H, d], got {list(q.shape)}")
-    torch._check(k.dim() == 4 and tuple(v.shape) == tuple(k.shape),
-                 lambda: f"{op}: k and v must have shape [B, Tk, Hkv, d], got {list(k.shape)}, {list(v.shape)}")
-    torch._check(q.shape[2] % k.shape[2] == 0,
-                 lambda: f"{op}: H ({q.shape[2]}) must be a multiple of Hkv ({k.shape[2]})")
-    B, Tq, H, _ = q.shape
+    torch._check(k.dim() == 4, lambda: f"{op}: k must have shape [B, Tk, Hkv, d], got {list(k.shape)}")
+    torch._check(tuple(v.shape) == tuple(k.shape),
+                 lambda: f"{op}: v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} must have q's dtype ({_dtype_name(q.dtype)}), got "
+                                                 f"{_dtype_name(t.dtype)}")
+    B, Tq, H, d = q.shape
+    Hkv = k.shape[2]
+    torch._check(d > 0, lambda: f"{op}: head dim d (q.size(3)) must be positive, got {d}")
+    torch._check(k.shape[0] == B, lambda: f"{op}: k must have q's batch size {B} in dim 0, got k of shape "
+                                          f"{list(k.shape)}")
+    torch._check(k.shape[3] == d, lambda: f"{op}: k must have q's head dim d = {d} in dim 3, got k of shape "
+                                          f"{list(k.shape)}")
+    torch._check(Hkv > 0 and H % Hkv == 0,
+                 lambda: f"{op}: the number of query heads H = {H} (q.size(2)) must be a multiple of the number of "
+                         f"kv heads Hkv = {Hkv} (k.size(2))")
+    if not math.isfinite(scale):
+        raise RuntimeError(f"{op}: scale must be finite, got {scale}")
+    if (pk is None) != (pv is None):
+        raise RuntimeError(f"{op}: pk and pv must be given together (got pk {'None' if pk is None else 'given'}, "
+                           f"pv {'None' if pv is None else 'given'})")
+    if pk is not None:
+        _check_same_device(op, "q", q, pk=pk, pv=pv)
+        torch._check(pk.dim() == 4, lambda: f"{op}: pk must have shape [Bp, K, Hkv, d], got {list(pk.shape)}")
+        torch._check(tuple(pv.shape) == tuple(pk.shape),
+                     lambda: f"{op}: pv must have pk's shape {list(pk.shape)}, got {list(pv.shape)}")
+        for name, t in (("pk", pk), ("pv", pv)):
+            torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} must have q's dtype ({_dtype_name(q.dtype)}), "
+                                                     f"got {_dtype_name(t.dtype)}")
+        torch._check(pk.shape[0] == 1 or pk.shape[0] == B,
+                     lambda: f"{op}: pk's batch dim Bp must be 1 (shared prompt) or B = {B}, got pk of shape "
+                             f"{list(pk.shape)}")
+        torch._check(pk.shape[2] == Hkv, lambda: f"{op}: pk must have k's number of kv heads Hkv = {Hkv} in dim 2, "
+                                                 f"got pk of shape {list(pk.shape)}")
+        torch._check(pk.shape[3] == d, lambda: f"{op}: pk must have q's head dim d = {d} in dim 3, got pk of shape "
+                                               f"{list(pk.shape)}")
+    if gate is not None:
+        _check_same_device(op, "q", q, gate=gate)
+        torch._check(gate.dim() == 1 and gate.shape[0] == H,
+                     lambda: f"{op}: gate must have shape [{H}] (one value per query head), got {list(gate.shape)}")
+        _check_dtype_in(op, "gate", gate, (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    elif pk is not None:
+        raise RuntimeError(f"{op}: gate must be given when pk/pv are given")
     if kv_start is not None:
+        _check_same_device(op, "q", q, kv_start=kv_start)
         torch._check(tuple(kv_start.shape) in ((B,), (B, Tq)),
-                     lambda: f"{op}: kv_start must have shape [{B}] or [{B}, {Tq}], got {list(kv_start.shape)}")
+                     lambda: f"{op}: kv_start must have shape [{B}] (one start index per batch row: left padding) or "
+                             f"[{B}, {Tq}] (one per query: packed sequences), got {list(kv_start.shape)}")
+        _check_dtype_in(op, "kv_start", kv_start, (torch.int64, torch.int32))
+
+
+def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_act, scale):
+    check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, scale)
+    B, Tq, H, _ = q.shape
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=stat), q.new_empty((B, H, Tq), dtype=stat))
 
 
 def _gated_prompt_attention_backward_fake(grad_out, q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse, causal,
                                           gate_act, scale):
+    op = "lladapter::gated_prompt_attention_backward"
+    check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, scale, op=op)
+    _check_same_device(op, "q", q, grad_out=grad_out, out=out, lse=lse, prompt_lse=prompt_lse)
     cf = torch.contiguous_format
     dpk = pk.new_empty(pk.shape) if pk is not None else q.new_empty((0,))
     dpv = pv.new_empty(pv.shape) if pv is not None else q.new_empty((0,))

@@ -797,9 +797,68 @@ def test_bad_per_query_kv_start_names_the_argument(device):
         ops.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start=torch.zeros(2, 4, device=device), backend="fused")
     # the traced function sees a plain torch device: dynamo before torch 2.14 cannot proxy a str subclass
     torch_device = torch.device(device)
-    with pytest.raises(RuntimeError, match=r"kv_start must have shape \[2\] or \[2, 4\]"):
+    with pytest.raises(RuntimeError, match=r"kv_start must have shape \[2\] .* or \[2, 4\] .*got \[2, 6\]"):
         torch.compile(lambda a: ops.gated_prompt_attention(a, k, v, pk, pv, gate, kv_start=torch.zeros(
             2, 6, dtype=torch.long, device=torch_device), backend="fused"), backend="eager", fullgraph=True)(q)
+
+
+def _bad_attention_calls(device):
+    """(what is wrong, the call's arguments) for inputs every backend must refuse, most found by adversarial testing:
+    the split backend handed k/v to SDPA unchecked (v shorter than k read out of bounds, Hkv = 0 returned zeros)."""
+    d = 64 if device.cuda_kernels else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=4, Tk=6, H=4, Hkv=2, d=d, K=3, device=device)
+    base = dict(q=q, k=k, v=v, pk=pk, pv=pv, gate=gate)
+    return [
+        ("v shorter than k", dict(base, v=v[:, :5])),
+        ("v with another head dim", dict(base, v=torch.randn(2, 6, 2, d // 2, device=device))),
+        ("no kv heads", dict(base, k=k[:, :, :0], v=v[:, :, :0])),
+        ("H not a multiple of Hkv", dict(base, k=torch.randn(2, 6, 3, d, device=device),
+                                         v=torch.randn(2, 6, 3, d, device=device))),
+        ("k with another batch", dict(base, k=k[:1], v=v[:1])),
+        ("k of another dtype", dict(base, k=k.double(), v=v.double())),
+        ("pk without pv", dict(base, pv=None)),
+        ("pk with another head dim", dict(base, pk=pk[..., :d // 2], pv=pv[..., :d // 2])),
+        ("prompt without a gate", dict(base, gate=None)),
+        ("gate of the wrong length", dict(base, gate=gate[:3])),
+        ("kv_start of floats", dict(base, kv_start=torch.zeros(2, device=device))),
+        ("kv_start of another shape", dict(base, kv_start=torch.zeros(3, dtype=torch.long, device=device))),
+        ("a 3-d q", dict(base, q=q[0])),
+        ("head dim 0", dict(base, q=q[..., :0], k=k[..., :0], v=v[..., :0], pk=pk[..., :0], pv=pv[..., :0])),
+        ("a meta gate", dict(base, gate=gate.to("meta"))),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_backend_refuses_the_same_inputs(device):
+    for what, args in _bad_attention_calls(device):
+        messages = {}
+        for backend in ("fused", "split", "reference"):
+            with pytest.raises(RuntimeError) as info:
+                ops.gated_prompt_attention(**args, backend=backend)
+            messages[backend] = str(info.value).splitlines()[0]
+        assert len(set(messages.values())) == 1, (what, messages)
+        assert messages["fused"].startswith("lladapter::gated_prompt_attention: "), (what, messages)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_meta_tensors_mixed_with_real_ones_are_refused(device):
+    # such a call dispatches to the fake implementation, which returned an uninitialised tensor on the real device
+    x = torch.ones(2, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"lladapter::rms_norm: weight is on meta but x is on"):
+        ops.rms_norm(x, torch.empty(4, device="meta"))
+    q, k = torch.randn(1, 3, 2, 8, device=device), torch.randn(1, 3, 2, 8, device=device)
+    cos, sin = reference.rope_cos_sin(8, 8, device=device)
+    with pytest.raises(RuntimeError, match=r"lladapter::rope: cos is on meta but q is on"):
+        ops.rope(q, k, cos.to("meta"), sin)
+    with pytest.raises(RuntimeError, match=r"lladapter::rope: position_ids is on meta but q is on"):
+        ops.rope(q, k, cos, sin, position_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
+    d = 64 if device.cuda_kernels else 8
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=2, H=2, d=d, K=2, device=device)
+    with pytest.raises(RuntimeError, match=r"lladapter::gated_prompt_attention: pk is on meta but q is on"):
+        ops.gated_prompt_attention(q, k, v, pk.to("meta"), pv, gate, backend="fused")
+    # all-meta calls still trace (shapes only)
+    out = ops.gated_prompt_attention(*(t.to("meta") for t in (q, k, v, pk, pv, gate)), backend="fused")
+    assert out.device.type == "meta" and out.shape == q.shape
 
 
 # ------------------------------------------------------------------------------------------------ tensor-core backward

@@ -102,6 +102,34 @@ def test_opcheck(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_wide_row_sums_do_not_drift(device):
+    # Same-sign terms make fp32 rounding errors add up: a plain fp32 sum of 2^24 squares per row was off by 3.4e-3
+    # (CPU, 2^20 terms per vector lane; CUDA, 2^14 per thread). The kernels bound the error by a chunk length (CPU:
+    # fp32 chunks of <= 64 terms per lane, chunk sums in fp64) or compensate it (CUDA: Kahan per thread), so rstd and
+    # the backward's row dot are within a few fp32 ulps of fp64 at any width: 64 terms give at most 64 u = 3.8e-6
+    # relative (u = 2^-24) before the sqrt halves it. The emulator runs 2^20 (64 rounds of 1024 threads x 4 floats).
+    width = 2**20 if device.name == "emu" else 2**24
+    x = 1 + torch.rand(1, width, device=device)
+    w = 0.5 + torch.rand(width, device=device)
+    gy = 0.5 + torch.rand(1, width, device=device)
+    _, rstd = kernel_ops().rms_norm(x, w, 1e-6)
+    xd, wd, gyd = x.double(), w.double(), gy.double()
+    rstd_exact = 1 / torch.sqrt((xd * xd).mean(-1) + 1e-6)
+    torch.testing.assert_close(rstd.double(), rstd_exact, rtol=4e-6, atol=0)
+    # dx = r (dy w - nhat c), c = r mean(dy w x): given the same r, only the row dot's rounding separates them
+    dx, _ = kernel_ops().rms_norm_backward(gy, x, w, rstd)
+    r = rstd.double()[:, None]
+    c = r * (gyd * wd * xd).mean(-1, keepdim=True)
+    dx_exact = r * (gyd * wd - xd * r * c)
+    # |d dx| <= r |nhat c| 64 u (the dot) + 4 u r (|dn| + |nhat c|) (fp32 roundings of dn, nhat, nhat c, the bracket,
+    # the product with r: the bracket cancels, so they count against its terms, not its value)
+    u = 2**-24
+    dn, nhat_c = (gyd * wd).abs(), (xd * r * c).abs()
+    bound = r * nhat_c * 64 * u + 4 * u * r * (dn + nhat_c)
+    assert ((dx.double() - dx_exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward_op(device):
     x, w = _inputs((4, 33), torch.float32, device)
     y, rstd = kernel_ops().rms_norm(x, w, 1e-6)

@@ -353,9 +353,9 @@ def test_bad_inputs_name_the_argument(device):
              sin=sin[:, :7])
     with pytest.raises(ValueError, match=r"rotary_dim must be a positive even number, got 7"):
         reference.rope_cos_sin(8, 7)
-    with pytest.raises(RuntimeError, match=r"rotary_dim \(2 \* cos.size\(1\) = 32\) must be <= head_dim \(16\)"):
+    with pytest.raises(RuntimeError, match=r"rotary_dim \(2 \* cos.size\(1\), cos.size\(1\) = 16\) must be <= head_dim \(16\)"):
         call(cos=_tables(8, 32, device)[0], sin=_tables(8, 32, device)[1])
-    with pytest.raises(RuntimeError, match=r"offset \+ seq = 6 \+ 4 = 10 exceed the cos/sin table of 8 positions"):
+    with pytest.raises(RuntimeError, match=r"offset \+ seq = 6 \+ 4 exceed the cos/sin table of 8 positions"):
         call(offset=6)
     with pytest.raises(RuntimeError, match=r"offset must be >= 0, got -1"):
         call(offset=-1)
@@ -387,6 +387,24 @@ def test_bad_inputs_name_the_argument(device):
         ops.rope_(torch.randn(2, 4, 1, 16, device=device).expand(2, 4, 3, 16), k, cos, sin)
     with pytest.raises(RuntimeError, match=r"in-place variant is for inference"):
         ops.rope_(q.clone().requires_grad_(), k, cos, sin)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bounds_do_not_overflow_int64(device):
+    # offset + T and 2 * rotary pairs were computed in int64 before the comparison: offset = 2^63 - 1 wrapped to a
+    # negative end position (garbage rows) and 2^63 - T/2 with a long T read far outside the table (segfault)
+    cos, sin = _tables(8, 16, device)
+    for T, offset in ((4, 2**63 - 1), (4096, 2**63 - 2048), (2, 2**62)):
+        q, k = _qk(1, T, 1, 1, 16, torch.float32, device)
+        with pytest.raises(RuntimeError, match=rf"offset \+ seq = {offset} \+ {T} exceed the cos/sin table of 8"):
+            ops.rope(q, k, cos, sin, offset=offset)
+        with pytest.raises(RuntimeError, match=r"exceed the cos/sin table"), torch.no_grad():
+            ops.rope_(q, k, cos, sin, offset=offset)
+    # a stride-0 table claiming 2^62 rotary pairs (2 * 2^62 wraps to a negative rotary dim)
+    q, k = _qk(1, 1, 1, 1, 16, torch.float32, device)
+    huge = torch.zeros(1, 1, device=device).expand(1, 2**62)
+    with pytest.raises(RuntimeError, match=r"rotary_dim .* must be <= head_dim \(16\)"):
+        ops.rope(q, k, huge, huge)
 
 
 def test_position_ids_out_of_table_cpu():

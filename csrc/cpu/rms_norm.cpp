@@ -15,23 +15,40 @@ namespace {
 
 constexpr int64_t kMaxDweightChunks = 64;
 
+// A row's sum of per-element terms (vec_fma(i, acc) adds those of elements i .. i + kFVecSize - 1 to acc): fp32
+// vector lanes within chunks of kSumChunk elements, the chunk sums added in fp64, so the rounding error is bounded
+// by the chunk length, not by the width (a plain fp32 lane sum over a 2^24-wide row was off by 3e-3 against fp64).
+// Rows up to one chunk (512 or 1024 wide, by the ISA) are summed as before, plus one fp64 add.
+constexpr int64_t kSumChunk = 64 * kFVecSize;
+
+template <typename VecFma, typename ScalarTerm>
+double chunked_row_sum(int64_t n, const VecFma& vec_fma, const ScalarTerm& scalar_term) {
+  double total = 0;
+  int64_t i = 0;
+  while (i + kFVecSize <= n) {
+    const int64_t chunk_end = std::min(n, i + kSumChunk);
+    fVec acc(0.f);
+    for (; i + kFVecSize <= chunk_end; i += kFVecSize) acc = vec_fma(i, acc);
+    total += static_cast<double>(hsum(acc));
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) tail += scalar_term(i);
+  return total + static_cast<double>(tail);
+}
+
 template <typename scalar_t, typename weight_t, typename out_t>
 void rms_norm_fwd_row(const scalar_t* x, const weight_t* w, out_t* y, float* rstd_out, int64_t n, float eps) {
-  fVec acc(0.f);
-  int64_t i = 0;
-  for (; i + kFVecSize <= n; i += kFVecSize) {
+  const double ss = chunked_row_sum(n, [&](int64_t i, const fVec& acc) {
     fVec a = load_as_float(x + i);
-    acc = at::vec::fmadd(a, a, acc);
-  }
-  float ss = hsum(acc);
-  for (; i < n; ++i) {
+    return at::vec::fmadd(a, a, acc);
+  }, [&](int64_t i) {
     float a = static_cast<float>(x[i]);
-    ss += a * a;
-  }
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+    return a * a;
+  });
+  const float r = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
   *rstd_out = r;
   const fVec rv(r);
-  i = 0;
+  int64_t i = 0;
   for (; i + kFVecSize <= n; i += kFVecSize) {
     fVec normed = round_through<scalar_t>(load_as_float(x + i) * rv);
     store_from_float(y + i, normed * load_as_float(w + i));
@@ -46,17 +63,14 @@ void rms_norm_fwd_row(const scalar_t* x, const weight_t* w, out_t* y, float* rst
 template <typename scalar_t, typename weight_t, typename out_t>
 void rms_norm_bwd_row(const out_t* dy, const scalar_t* x, const weight_t* w, float r, scalar_t* dx, float* dw_acc,
                       int64_t n) {
-  fVec acc(0.f);
-  int64_t i = 0;
-  for (; i + kFVecSize <= n; i += kFVecSize) {
-    fVec dn = load_as_float(dy + i) * load_as_float(w + i);
-    acc = at::vec::fmadd(dn, load_as_float(x + i), acc);
-  }
-  float dot = hsum(acc);
-  for (; i < n; ++i) dot += static_cast<float>(dy[i]) * static_cast<float>(w[i]) * static_cast<float>(x[i]);
-  const float c = r * dot / static_cast<float>(n);  // mean(dn * nhat)
+  const double dot = chunked_row_sum(n, [&](int64_t i, const fVec& acc) {
+    return at::vec::fmadd(load_as_float(dy + i) * load_as_float(w + i), load_as_float(x + i), acc);
+  }, [&](int64_t i) {
+    return static_cast<float>(dy[i]) * static_cast<float>(w[i]) * static_cast<float>(x[i]);
+  });
+  const float c = r * static_cast<float>(dot / static_cast<double>(n));  // mean(dn * nhat)
   const fVec rv(r), cv(c);
-  i = 0;
+  int64_t i = 0;
   for (; i + kFVecSize <= n; i += kFVecSize) {
     fVec dyv = load_as_float(dy + i);
     fVec nhat = load_as_float(x + i) * rv;
