@@ -229,3 +229,16 @@ def test_resume_without_a_checkpoint_says_so(model_dir, data, tmp_path, capsys, 
     assert cli.main(finetune_args(model_dir, data, tmp_path / "out", "--resume", "--max-steps", "1")) == 0
     assert any("resume: no checkpoint in" in r.getMessage() and "starting from step 0" in r.getMessage()
                for r in caplog.records)
+
+
+def test_full_disk_is_one_line_naming_the_path_with_status_1(model_dir, data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lladapter_ext import training
+
+    def no_space(obj, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(training.torch, "save", no_space)
+    line = fails(capsys, finetune_args(model_dir, data, tmp_path / "out"), status=1)
+    assert "cannot write checkpoint step-00000002:" in line and "trainer_state.pt: no space left on device" in line
+    assert not [n for n in os.listdir(tmp_path / "out" / "checkpoints") if n.startswith(".tmp")]
