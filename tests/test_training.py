@@ -544,3 +544,181 @@ def test_evaluate_loss_is_the_token_weighted_mean(dataset):
     assert got["loss"] == pytest.approx(want, rel=1e-5)
     assert got["tokens"] == sum(e.n_loss_tokens for e in dataset.examples)
     assert got["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- issue 20: hardening
+
+def test_config_refuses_non_finite_and_out_of_range_numbers(tmp_path, dataset):
+    for field, value in [("lr", float("inf")), ("lr", float("nan")), ("blr", float("inf")), ("min_lr", -1e-3),
+                         ("min_lr", float("nan")), ("weight_decay", -1.0), ("weight_decay", float("inf")),
+                         ("warmup_epochs", float("nan")), ("epochs", float("inf")), ("adam_eps", 0.0),
+                         ("betas", (0.9, 1.0)), ("clip_grad_norm", float("inf")), ("warmup_steps", -1)]:
+        with pytest.raises(ValueError, match=rf"^{field}.* must be .*got"):
+            config(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match="lr must be > 0 and finite, got inf"):
+        T.resolve_lr(float("inf"), 9e-3, 64)
+    with pytest.raises(ValueError, match=r"min_lr \(0.05\) must be <= the learning rate \(0.02\)"):
+        T.Trainer(make_test_model(), dataset, config(tmp_path, min_lr=0.05))
+
+
+def test_update_that_makes_the_adapter_non_finite_stops_before_any_save(tmp_path, dataset):
+    """Finite loss and gradients, but an update that overflows (what --lr inf did): the run stops at that step,
+    naming the tensor; nothing non-finite is written and the last good checkpoint stays the latest."""
+    model = make_test_model()
+    cfg = config(tmp_path, max_steps=6, save_every=2)
+    trainer = T.Trainer(model, dataset, cfg)
+    step, calls = trainer.optimizer.step, [0]
+    first = trainer.param_names[0]
+
+    def overflowing_step(*a, **k):
+        out = step(*a, **k)
+        calls[0] += 1
+        if calls[0] == 3:
+            with torch.no_grad():
+                trainer.params[0].view(-1)[0] = float("inf")
+        return out
+    trainer.optimizer.step = overflowing_step
+    with pytest.raises(T.NonFiniteAdapterError, match=rf"stopping at step 3: .* adapter tensor {first} non-finite"
+                                                       r".*the latest good checkpoint is still .*step-00000002"):
+        trainer.train()
+    assert T.latest_checkpoint(cfg.out_dir).endswith("step-00000002")
+    assert sorted(os.listdir(os.path.join(cfg.out_dir, "checkpoints"))) == ["latest", "step-00000002"]
+    assert not os.path.exists(os.path.join(cfg.out_dir, "adapter.safetensors"))
+    # and a checkpoint write of a non-finite adapter is refused as such, whatever made it non-finite
+    with pytest.raises(T.NonFiniteAdapterError, match=rf"adapter tensor {first} is not finite"):
+        trainer.save_checkpoint()
+
+
+def test_an_lr_whose_update_overflows_stops_with_a_clear_error(tmp_path, dataset):
+    cfg = config(tmp_path, max_steps=2, lr=3e38, warmup_epochs=0)  # finite, but AdamW's step size is not
+    with pytest.raises(T.NonFiniteAdapterError, match=r"stopping at step 1: the optimizer update overflows .*"
+                                                       r"learning rate \(3e\+38\) is far too high"):
+        T.finetune(make_test_model(), dataset, cfg)
+    assert T.latest_checkpoint(cfg.out_dir) is None
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch-short-write"])
+def test_full_disk_while_saving_names_the_path_and_leaves_no_temporaries(tmp_path, dataset, monkeypatch, failure):
+    import errno
+    model = make_test_model()
+    cfg = config(tmp_path, max_steps=6, save_every=3)
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if obj.get("step") == 6:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            if failure == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4310")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(T.torch, "save", save)
+    with pytest.raises(T.CheckpointWriteError) as e:
+        T.finetune(model, dataset, cfg)
+    msg = str(e.value)
+    assert e.value.errno == errno.ENOSPC
+    assert "cannot write checkpoint step-00000006" in msg and "trainer_state.pt: no space left on device" in msg
+    assert "the latest good checkpoint is still" in msg and msg.endswith("step-00000003")
+    ckpts = os.path.join(cfg.out_dir, "checkpoints")
+    assert sorted(os.listdir(ckpts)) == ["latest", "step-00000003"]  # the partial checkpoint is gone
+
+
+def test_stale_temporaries_are_cleaned_on_resume_and_the_good_checkpoint_kept(tmp_path, dataset):
+    cfg = config(tmp_path, max_steps=6, save_every=2)
+
+    def kill_at_3(record):
+        if record["step"] == 3:
+            raise Killed
+    with pytest.raises(Killed):
+        T.finetune(make_test_model(), dataset, cfg, on_step=kill_at_3)
+    out, ckpts = cfg.out_dir, os.path.join(cfg.out_dir, "checkpoints")
+    # what kills at other moments leave: a half-written checkpoint, log, adapter, pointer; and a checkpoint that
+    # was being replaced by a re-save of its step (moved aside, the new copy not yet in place)
+    os.makedirs(os.path.join(ckpts, ".tmp-step-00000004-99999"))
+    open(os.path.join(ckpts, ".tmp-step-00000004-99999", "trainer_state.pt"), "wb").write(b"par")
+    for name in ("log.jsonl.tmp-99999", "adapter.safetensors.tmp-99999.safetensors", "train_config.json.tmp-1"):
+        open(os.path.join(out, name), "wb").write(b"par")
+    open(os.path.join(ckpts, "latest.tmp-99999"), "wb").write(b"step-")
+    os.replace(os.path.join(ckpts, "step-00000002"), os.path.join(ckpts, "step-00000002.old-99999"))
+    cfg.resume = True
+    result = T.finetune(make_test_model(), dataset, cfg)
+    assert result.steps == 6 and [h["step"] for h in result.history] == list(range(1, 7))
+    assert not [n for n in os.listdir(out) + os.listdir(ckpts) if ".tmp" in n or ".old-" in n]
+    assert sorted(os.listdir(ckpts)) == ["latest", "step-00000004", "step-00000006"]
+
+
+def test_corrupt_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, dataset, caplog):
+    common = dict(max_steps=6, save_every=2, keep_checkpoints=3)
+    straight = T.finetune(make_test_model(), dataset, config(tmp_path, "straight", **common))
+    cfg = config(tmp_path, **common)
+
+    def kill_at_5(record):
+        if record["step"] == 5:
+            raise Killed
+    with pytest.raises(Killed):
+        T.finetune(make_test_model(), dataset, cfg, on_step=kill_at_5)
+    bad = os.path.join(cfg.out_dir, "checkpoints", "step-00000004", "trainer_state.pt")
+    with open(bad, "r+b") as f:  # a torn write: the zip directory at the end is gone
+        f.truncate(100)
+    cfg.resume = True
+    model = make_test_model()
+    with caplog.at_level("WARNING", logger="lladapter_ext.training"):
+        result = T.finetune(model, dataset, cfg)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{bad} is unreadable" in warned and "falling back" in warned and "step-00000002" in warned, warned
+    assert result.losses == straight.losses  # steps 3-6 redone from step 2, as in the straight run
+    # nothing readable at all: an error naming the files
+    for name in ("step-00000002", "step-00000004", "step-00000006"):
+        with open(os.path.join(cfg.out_dir, "checkpoints", name, "trainer_state.pt"), "wb") as f:
+            f.write(b"garbage")
+    with pytest.raises(T.CheckpointCorruptError, match=r"no readable checkpoint .*step-00000006/trainer_state.pt "
+                                                       r"is unreadable"):
+        T.finetune(make_test_model(), dataset, cfg)
+
+
+def test_a_corrupt_log_line_is_skipped_on_resume(tmp_path, dataset, caplog):
+    cfg = config(tmp_path, max_steps=4, save_every=2)
+
+    def kill_at_3(record):
+        if record["step"] == 3:
+            raise Killed
+    with pytest.raises(Killed):
+        T.finetune(make_test_model(), dataset, cfg, on_step=kill_at_3)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    lines = open(log_path).readlines()
+    open(log_path, "w").writelines([lines[0], "{garbage\n", *lines[1:]])
+    cfg.resume = True
+    with caplog.at_level("WARNING", logger="lladapter_ext.training"):
+        result = T.finetune(make_test_model(), dataset, cfg)
+    assert any(f"{log_path}:2: skipping a corrupt log line" in r.getMessage() for r in caplog.records)
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in open(log_path)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_changed_data_with_the_same_row_count(tmp_path, dataset, caplog):
+    cfg = config(tmp_path, max_steps=4, save_every=2)
+
+    def kill_at_3(record):
+        if record["step"] == 3:
+            raise Killed
+    with pytest.raises(Killed):
+        T.finetune(make_test_model(), dataset, cfg, on_step=kill_at_3)
+    changed = D.TokenizedDataset([D.Example(list(e.input_ids), list(e.labels), e.source) for e in dataset.examples],
+                                 dataset.pad_id, dataset.max_seq_len)
+    changed.examples[5].input_ids[-2] += 1  # one token of one row
+    cfg.resume = True
+    with pytest.raises(D.DataChangedError, match=r"cannot resume .*step-00000002: the training data changed .* "
+                                                 r"same 32 rows.*allow_data_change"):
+        T.finetune(make_test_model(), changed, cfg)
+    cfg.allow_data_change = True
+    with caplog.at_level("WARNING", logger="lladapter_ext.training"):
+        result = T.finetune(make_test_model(), changed, cfg)
+    assert result.steps == 4 and any("training data changed" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_without_a_checkpoint_warns(tmp_path, dataset, caplog):
+    with caplog.at_level("WARNING", logger="lladapter_ext.training"):
+        result = T.finetune(make_test_model(), dataset, config(tmp_path, max_steps=1, resume=True))
+    assert result.steps == 1
+    assert any("resume: no checkpoint in" in r.getMessage() and "starting from step 0" in r.getMessage()
+               for r in caplog.records)
