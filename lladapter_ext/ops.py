@@ -291,6 +291,8 @@ def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: Optional
     if Tk == 0:
         return q.new_zeros(q.shape)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if scale == 0.0:  # torch's CPU SDPA returns NaN rows for scale=0 (found by fuzzing): zero scores, same math
+        qt, scale = qt * 0.0, 1.0
     if causal and Tq == 1:
         causal = False  # decode: the one query sees every cached key (j <= 0 + Tk - 1)
     if kv_start is None and (not causal or Tq == Tk):
