@@ -8,6 +8,7 @@ has NaN, inf where it has inf).
 Attention is fuzzed with finite values: non-finite propagation there is an open finding (docs/reliability.md)."""
 import math
 import os
+import random
 import re
 
 import pytest
@@ -73,11 +74,12 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype, atol=None) -> No
 # --------------------------------------------------------------------------------------------- RMSNorm
 @st.composite
 def rms_norm_calls(draw):
-    dtype = draw(st.sampled_from(FLOATS + [torch.int32]))
+    rare = random.Random(draw(st.integers(0, 2**32 - 1))).random  # invalid arguments at fixed rates
+    dtype = torch.int32 if rare() < 0.05 else draw(st.sampled_from(FLOATS))
     shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=2))) + (draw(st.integers(0, 70)),)
     x = draw_tensor(draw, shape, dtype if dtype.is_floating_point else torch.float32).to(dtype)
-    wshape = draw(st.sampled_from([(shape[-1],), (shape[-1] + 1,), (1, shape[-1])]))
-    wdtype = draw(st.sampled_from([dtype, torch.float32, torch.float64]))
+    wshape = draw(st.sampled_from([(shape[-1] + 1,), (1, shape[-1])])) if rare() < 0.1 else (shape[-1],)
+    wdtype = draw(st.sampled_from([torch.float32, torch.float64])) if rare() < 0.2 else dtype
     w = (1 + 0.5 * torch.randn(wshape, dtype=torch.float64)).to(wdtype)
     eps = draw(st.sampled_from([1e-6, 1e-5, 0.0]))
     return x, w, eps
@@ -102,25 +104,27 @@ def test_fuzz_rms_norm(call):
 # --------------------------------------------------------------------------------------------- RoPE
 @st.composite
 def rope_calls(draw):
+    rare = random.Random(draw(st.integers(0, 2**32 - 1))).random  # invalid arguments at fixed rates
     dtype = draw(st.sampled_from(FLOATS))
     B, T, Hq, Hk = (draw(st.integers(0, 3)), draw(st.integers(0, 6)), draw(st.integers(1, 3)),
                     draw(st.integers(1, 3)))
-    d = draw(st.sampled_from([2, 4, 6, 8, 16, 5]))
-    rd = draw(st.sampled_from([2, d - d % 2, d + 2]))
-    P = draw(st.integers(1, 12))
+    d = 5 if rare() < 0.05 else draw(st.sampled_from([2, 4, 6, 8, 16]))
+    rd = d + 2 if rare() < 0.05 else draw(st.sampled_from([2, d - d % 2]))
+    P = draw(st.integers(1, 12)) if rare() < 0.2 else T + draw(st.integers(1, 12))
     q = draw_tensor(draw, (B, T, Hq, d), dtype)
     k = draw_tensor(draw, (B, T, Hk, d), dtype)
     rd = max(2, rd - rd % 2)
     cos, sin = reference.rope_cos_sin(P, rd)
-    kind = draw(st.sampled_from(["offset", "extreme offset", "position_ids"]))
+    kind = "extreme offset" if rare() < 0.15 else draw(st.sampled_from(["offset", "position_ids"]))
     pos, offset = None, 0
     if kind == "offset":
-        offset = draw(st.integers(0, 14))
+        offset = draw(st.integers(0, 14)) if rare() < 0.2 else draw(st.integers(0, max(0, P - T)))
     elif kind == "extreme offset":
         offset = draw(st.sampled_from([2**63 - 1, 2**63 - 2, 2**62, 2**31, 2**32 - 1, -1, -(2**63)]))
     else:
         rows = draw(st.sampled_from([B, 1]))
-        pos = torch.tensor(draw(st.lists(st.integers(-2, P + 1), min_size=rows * T, max_size=rows * T)),
+        lo, hi = (-2, P + 1) if rare() < 0.2 else (0, P - 1)  # sometimes outside the table
+        pos = torch.tensor(draw(st.lists(st.integers(lo, hi), min_size=rows * T, max_size=rows * T)),
                            dtype=draw(st.sampled_from([torch.int64, torch.int32]))).view(rows, T)
     interleaved = draw(st.booleans())
     return q, k, cos, sin, pos, offset, interleaved
@@ -156,16 +160,18 @@ def test_fuzz_rope(call):
 @st.composite
 def attention_calls(draw):
     dtype = draw(st.sampled_from(FLOATS))
-    B, Tq, Hkv = draw(st.integers(0, 2)), draw(st.integers(0, 5)), draw(st.integers(0, 2))
+    # invalid shapes at fixed rates (hypothesis's own choices lean to boundary values): most calls compute
+    rare = random.Random(draw(st.integers(0, 2**32 - 1))).random
+    B, Tq, Hkv = draw(st.integers(0, 2)), draw(st.integers(0, 5)), 0 if rare() < 0.05 else draw(st.integers(1, 2))
     rep = draw(st.integers(1, 3))
-    H = max(1, Hkv * rep) if draw(st.integers(0, 9)) else draw(st.integers(1, 4))  # sometimes not a multiple
+    H = draw(st.integers(1, 4)) if rare() < 0.1 else max(1, Hkv * rep)  # sometimes not a multiple of Hkv
     Tk = draw(st.sampled_from([Tq, 0, Tq + 3, max(0, Tq - 1)]))
     d = draw(st.sampled_from([1, 4, 8, 17]))
     K = draw(st.sampled_from([None, 0, 1, 3]))
-    Bp = draw(st.sampled_from([1, B, B + 1]))
+    Bp = B + 1 if rare() < 0.05 else draw(st.sampled_from([1, B]))
     q = draw_tensor(draw, (B, Tq, H, d), dtype, specials=False)
     k = draw_tensor(draw, (B, Tk, Hkv, d), dtype, specials=False)
-    vTk = Tk if draw(st.integers(0, 9)) else Tk + 1  # sometimes a v that does not match k
+    vTk = Tk + 1 if rare() < 0.05 else Tk  # sometimes a v that does not match k
     v = draw_tensor(draw, (B, vTk, Hkv, d), dtype, specials=False)
     pk = pv = gate = None
     if K is not None:
