@@ -245,6 +245,7 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q [B, Tq, H, d]; k, v [B, Tk, Hkv, d] (H a multiple of Hkv; head h reads kv head h // (H // Hkv));
     pk, pv [Bp, K, Hkv, d] with Bp in {1, B}, or None / K = 0 for plain attention; gate [H] (fp32 parameter);
     scale defaults to 1/sqrt(d). fp32 accumulation; out in q's dtype. Differentiable in q, k, v, pk, pv, gate.
+    Every output and gradient that depends on a NaN/inf input is non-finite, on every backend (docs/reliability.md).
 
     backend:
       "fused"     one kernel (CPU or CUDA) for both branches, flash-style (never materialises Tq x Tk);
@@ -295,7 +296,9 @@ def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: Optional
         qt, scale = qt * 0.0, 1.0
     if causal and Tq == 1:
         causal = False  # decode: the one query sees every cached key (j <= 0 + Tk - 1)
-    if kv_start is None and (not causal or Tq == Tk):
+    # (on the CPU only with a mask: without one, torch's CPU flash kernel returns 0, not NaN, for a row whose every
+    # score is NaN, e.g. a NaN in q; with a mask it propagates NaN as reference.py does)
+    if kv_start is None and (not causal or Tq == Tk) and q.device.type != "cpu":
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
         return o.transpose(1, 2)
     # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right (offset Tk - Tq), plus left padding.

@@ -146,10 +146,11 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         starts = kv_start.to(q.device)
         starts = starts.view(B, 1, 1, 1) if starts.dim() == 1 else starts.view(B, 1, Tq, 1)
         allowed = allowed & (j[None, None, None, :] >= starts)
-    # masked scores get the most negative finite value (exp underflows to exactly 0); multiplying by the mask
-    # zeroes rows that have no allowed key without producing NaN in either direction.
-    s = s.masked_fill(~allowed, torch.finfo(acc).min)
-    a = torch.softmax(s, dim=-1) * allowed
+    # masked scores are -inf; selecting with the mask then zeroes rows that have no allowed key (their softmax is
+    # NaN), keeps a NaN row (a NaN in q) off the keys it may not see, forward and backward (a product with the mask
+    # would give 0 * NaN = NaN there), and leaves NaN in a row whose allowed keys all score -inf, as softmax does.
+    s = s.masked_fill(~allowed, float("-inf"))
+    a = torch.where(allowed, torch.softmax(s, dim=-1), 0.0)
     out = a @ vf
     if pk is not None and pk.shape[1] > 0:
         pkf = pk.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)  # [Bp, H, K, d]

@@ -5,7 +5,9 @@ has NaN, inf where it has inf).
 
 `make test` runs a bounded budget (the "ci" profile); `make fuzz` runs the same properties far longer
 (LLADAPTER_FUZZ_EXAMPLES, default 2000 per property) and records what it found in docs/reliability.md.
-Attention is fuzzed with finite values: non-finite propagation there is an open finding (docs/reliability.md)."""
+Attention is checked against tests/attention_rows.py (each query over only the keys it may see): every output that
+depends on a non-finite input must be non-finite, and the others must match (test_prompt_attention.py states the
+rule)."""
 import math
 import os
 import random
@@ -19,6 +21,8 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from lladapter_ext import ops, reference  # noqa: E402
+
+from attention_rows import gated_prompt_attention_rows  # noqa: E402
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -169,16 +173,18 @@ def attention_calls(draw):
     d = draw(st.sampled_from([1, 4, 8, 17]))
     K = draw(st.sampled_from([None, 0, 1, 3]))
     Bp = B + 1 if rare() < 0.05 else draw(st.sampled_from([1, B]))
-    q = draw_tensor(draw, (B, Tq, H, d), dtype, specials=False)
-    k = draw_tensor(draw, (B, Tk, Hkv, d), dtype, specials=False)
+    q = draw_tensor(draw, (B, Tq, H, d), dtype)
+    k = draw_tensor(draw, (B, Tk, Hkv, d), dtype)
     vTk = Tk + 1 if rare() < 0.05 else Tk  # sometimes a v that does not match k
-    v = draw_tensor(draw, (B, vTk, Hkv, d), dtype, specials=False)
+    v = draw_tensor(draw, (B, vTk, Hkv, d), dtype)
     pk = pv = gate = None
     if K is not None:
-        pk = draw_tensor(draw, (Bp, K, Hkv, d), dtype, specials=False)
-        pv = draw_tensor(draw, (Bp, K, Hkv, d), dtype, specials=False)
+        pk = draw_tensor(draw, (Bp, K, Hkv, d), dtype)
+        pv = draw_tensor(draw, (Bp, K, Hkv, d), dtype)
         gate = (2 * torch.randn(H, dtype=torch.float64)).to(torch.float64 if dtype == torch.float64 else
                                                             torch.float32)
+        if rare() < 0.1:
+            gate[draw(st.integers(0, H - 1))] = draw(st.sampled_from(SPECIALS))
     kv_kind = draw(st.sampled_from([None, "row", "query"]))
     kv_start = None
     if kv_kind == "row":
@@ -215,14 +221,27 @@ def test_fuzz_attention_backends_agree(call):
     event("computed")
     s = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
     kv = None if kv_start is None else kv_start.long()
-    ref = reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act, scale=s,
-                                           kv_start=kv)
+    rows = gated_prompt_attention_rows(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act, scale=s, kv_start=kv)
     # each branch is a convex combination of v (pv) rows, and split rounds the two branches to the dtype before
     # adding them: 4 unit roundoffs of |word| + |phi(gate) prompt| bound the difference, not one of the sum
     u = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[q.dtype]
-    mag = v.abs().amax().item() if v.numel() else 0.0
+
+    def finite_max(t):
+        return torch.nan_to_num(t.double(), nan=0.0, posinf=0.0, neginf=0.0).abs().max().item() if t.numel() else 0.0
+
+    mag = finite_max(v)
     if pk is not None and pv.numel():
         phi = gate.tanh() if gate_act == "tanh" else gate
-        mag += phi.abs().max().item() * pv.abs().amax().item()
+        mag += finite_max(phi) * finite_max(pv)
+    tol = dict(TOL[q.dtype], atol=max(TOL[q.dtype]["atol"], 4 * u * mag))
+    with_inf = any(t is not None and torch.isinf(t).any() for t in (q, k, v, pk, pv, gate))
     for backend, out in results.items():
-        assert_matches(out, ref, q.dtype, atol=max(TOL[q.dtype]["atol"], 4 * u * mag))
+        assert out.shape == rows.shape and out.dtype == q.dtype
+        hidden = torch.isfinite(out) & ~torch.isfinite(rows)
+        if backend == "split" and with_inf:
+            # torch's SDPA returns 0 for a row whose allowed keys all score -inf (docs/reliability.md)
+            event("split with inf: placement not checked")
+        else:
+            assert not hidden.any(), f"{backend}: finite where a non-finite input reaches: {hidden.nonzero().tolist()}"
+        both = torch.isfinite(out) & torch.isfinite(rows)
+        torch.testing.assert_close(out[both], rows[both].to(q.dtype), **tol, msg=lambda m: f"{backend}: {m}")

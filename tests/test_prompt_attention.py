@@ -488,6 +488,75 @@ def test_only_adapter_parameters_require_grad(device):
     assert q.grad is None and k.grad is None
 
 
+# ------------------------------------------------------------------------------------------------ non-finite inputs
+# Issue 20, finding 4. The rule: every output and gradient that depends on a NaN or inf input is non-finite, on
+# every backend and kernel path (the fused kernels once dropped a NaN score in their running max and returned a
+# finite row). The dependence is attention_rows' (each query over only the keys it may see). The converse is not
+# promised: a product with a zero weight (0 * NaN, a masked key in P @ V or dS^T Q) may also spread a non-finite
+# value to entries that do not depend on it, as reference.py's dense products and torch's SDPA do.
+NONFINITE_SITES = [  # (input, index): rows, keys and prompt keys at block edges and in the middle
+    ("q", (0, 0, 1, 3)), ("q", (1, 4, 0, 0)), ("k", (0, 0, 0, 5)), ("k", (1, 3, 0, 1)), ("v", (0, 2, 0, 7)),
+    ("v", (1, 5, 0, 0)), ("pk", (0, 1, 0, 2)), ("pv", (0, 2, 0, 4)), ("gate", (1,)),
+]
+GRAD_NAMES = ["dq", "dk", "dv", "dpk", "dpv", "dgate"]
+
+
+def assert_not_hidden(name, got, oracle):
+    hidden = torch.isfinite(got.double().cpu()) & ~torch.isfinite(oracle)
+    assert not hidden.any(), f"{name}: finite at {hidden.nonzero().tolist()[:4]} where it depends on a non-finite input"
+
+
+def check_non_finite_propagation(device, dtype, special, backend="fused", B=2, Tq=6, Tk=None, d=64,
+                                 kv_start=(0, 2), cuda_tol=False):
+    from attention_rows import gated_prompt_attention_rows
+
+    torch.manual_seed(0)
+    for site, index in NONFINITE_SITES:
+        index = (min(index[0], B - 1),) + tuple(min(i, n - 1) for i, n in zip(index[1:], (Tq if site == "q" else
+                                                                                             (Tk or Tq), 9, d)))
+        inp = list(make_inputs(B=B, Tq=Tq, Tk=Tk, H=2, Hkv=1, d=d, K=3, dtype=dtype, device=device,
+                               kv_start=list(kv_start[:B])))
+        target = inp[["q", "k", "v", "pk", "pv", "gate"].index(site)]
+        target[index if site != "gate" else index[0]] = special
+        gout = torch.randn(B, Tq, 2, d, dtype=torch.float64)
+        got = _grads(lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend=backend), inp,
+                     gout.to(device=device, dtype=dtype), True, "tanh")
+        out = ops.gated_prompt_attention(*inp[:6], kv_start=inp[6], backend=backend)
+        want = _grads(gated_prompt_attention_rows, [t.cpu() if t is not None else t for t in inp], gout, True, "tanh")
+        want_out = gated_prompt_attention_rows(*[t.cpu() for t in inp[:6]], kv_start=inp[6])
+        where = f"{special} in {site}{list(index)} ({dtype}, {backend})"
+        assert_not_hidden(f"out, {where}", out, want_out)
+        for name, g, w in zip(GRAD_NAMES, got, want):
+            assert_not_hidden(f"{name}, {where}", g, w)
+        # and the entries that depend on no non-finite input keep their values
+        fin = torch.isfinite(want_out) & torch.isfinite(out.double().cpu())
+        finite = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (inp[2], inp[4], inp[5])]
+        tol = mma_tol(dtype, *finite) if cuda_tol else TOL[dtype]
+        torch.testing.assert_close(out.cpu()[fin], want_out[fin].to(dtype), **tol, msg=lambda m: f"{where}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("special", [math.nan, math.inf])
+def test_non_finite_inputs_are_never_hidden(device, dtype, special):
+    # CPU: the few-rows path and the blocked path (Tq > 4 rows of a block); CUDA: SIMT (fp32), tensor cores (bf16)
+    check_non_finite_propagation(device, dtype, special, cuda_tol=device.cuda_kernels and dtype != torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_inputs_are_never_hidden_in_decode(device, monkeypatch):
+    # one query over many keys: the CPU kernel's split-K path, the CUDA split-K decode kernels (forced)
+    monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")
+    check_non_finite_propagation(device, torch.float32, math.nan, B=1, Tq=1, Tk=300, kv_start=(0,))
+
+
+@pytest.mark.parametrize("backend, special", [("reference", math.nan), ("reference", math.inf), ("split", math.nan)])
+def test_non_finite_inputs_are_never_hidden_by_other_backends(backend, special):
+    # (split with inf: a row whose allowed keys all score -inf comes out 0 from torch's SDPA, which cannot tell it
+    # from a fully masked row; docs/reliability.md)
+    check_non_finite_propagation("cpu", torch.float32, special, backend=backend, d=16)
+
+
 # ------------------------------------------------------------------------------------------------ tensor-core forward
 # The CUDA forward takes csrc/cuda/prompt_attention_mma.cu (wmma) for bf16/fp16, d in {64, 80, 96, 128} and
 # kv_start None or [B] on sm_80+; LLADAPTER_CUDA_ATTN=simt|mma picks the kernel (read on every call). The backward

@@ -118,6 +118,22 @@ using AVec = at::vec::Vectorized<acc_t>;
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
+// The running max of the online softmax, NaN-propagating: std::max(m, NaN) returns m, which would drop a NaN score
+// and let its row come out finite (a NaN in q or k must reach every row that sees it, as in reference.py).
+template <typename acc_t>
+inline acc_t max_keep_nan(acc_t a, acc_t b) {
+  return (a < b || b != b) ? b : a;
+}
+
+// The online softmax's new running max from the old one and a block's: NaN when it is +inf, because a +inf score
+// makes the whole row NaN (exp(inf - inf)). Saying so here keeps NaN out of exp_u20, which clamps a NaN argument
+// to a large finite result: the NaN max then reaches l and acc through alpha = exp(m - NaN) (std::exp).
+template <typename acc_t>
+inline acc_t softmax_running_max(acc_t m, acc_t block_max) {
+  const acc_t x = max_keep_nan(m, block_max);
+  return x == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : x;
+}
+
 // Allowed keys of query i: [lo_at(i), causal ? min(kend, i + off + 1) : kend). The lower bound is one value for
 // every query (left padding: kv_start [B]) or, with lo_rows, one per query (kv_start [B, Tq]: packed sequences);
 // bounds are already clamped to [0, kend].
@@ -402,9 +418,9 @@ void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, int64_t npos, con
           prefetch_row(vbase + (j0 + c + kPrefetchAhead) * kstride, d);
         }
         s[c] = dot_src(q, kbase + (j0 + c) * kstride, d);
-        mb = std::max(mb, s[c]);
+        mb = max_keep_nan(mb, s[c]);
       }
-      const acc_t m_new = std::max(m[r], mb);
+      const acc_t m_new = softmax_running_max(m[r], mb);
       const acc_t alpha = std::exp(m[r] - m_new);
       acc_t ps = 0;
       for (int64_t c = 0; c < nk; ++c) {
@@ -469,8 +485,8 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
       alignas(64) acc_t mlanes[W];
       bmax.store(mlanes);
       acc_t mb = mlanes[0];
-      for (int64_t t = 1; t < W; ++t) mb = std::max(mb, mlanes[t]);
-      const acc_t m_new = std::max(m[r], mb);
+      for (int64_t t = 1; t < W; ++t) mb = max_keep_nan(mb, mlanes[t]);  // (vec::maximum keeps NaN)
+      const acc_t m_new = softmax_running_max(m[r], mb);
       const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first block (m = -inf)
       const V mv(m_new);
       V sum(acc_t(0));
@@ -518,7 +534,7 @@ void finalize_block(const Problem<scalar_t, acc_t>& pr, int64_t b, int64_t h, in
   for (int64_t r = 0; r < nrows; ++r) {
     const int64_t si = pr.stat(b, h, i0 + r);
     acc_t* a = acc + r * dp;
-    if (l[r] > acc_t(0)) {
+    if (l[r] != acc_t(0)) {  // (a NaN sum is a row that saw a non-finite score: it stays NaN)
       lse[si] = m[r] + std::log(l[r]);
       const V inv(acc_t(1) / l[r]);
       for (int64_t c = 0; c < dp; c += W) (V::loadu(a + c) * inv).store(a + c);
@@ -673,15 +689,16 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
       std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
       for (int64_t r = 0; r < nrows; ++r) {
         acc_t mx = kNegInf<acc_t>;
-        for (int64_t s = 0; s < nsplit; ++s) mx = std::max(mx, pm[(it * nsplit + s) * kQB + r]);
+        for (int64_t s = 0; s < nsplit; ++s) mx = max_keep_nan(mx, pm[(it * nsplit + s) * kQB + r]);
         m[r] = mx;
         l[r] = 0;
-        if (mx == kNegInf<acc_t>) continue;
         acc_t* a = sc.acc.data() + r * dp;
         for (int64_t s = 0; s < nsplit; ++s) {
           const int64_t w = it * nsplit + s;
           const acc_t ms = pm[w * kQB + r];
-          if (ms == kNegInf<acc_t>) continue;
+          // an empty chunk (m = -inf, l = 0) adds nothing; one whose allowed keys all scored -inf (l = NaN) makes
+          // the row NaN, as softmax does
+          if (ms == kNegInf<acc_t> && pl[w * kQB + r] == acc_t(0)) continue;
           const acc_t f = std::exp(ms - mx);
           l[r] += f * pl[w * kQB + r];
           const acc_t* src = pacc.data() + (w * kQB + r) * dp;
@@ -721,6 +738,13 @@ void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t n
       std::fill(ds, ds + ncol, acc_t(0));
       continue;
     }
+    if (L != L) {  // a row that saw a non-finite score: NaN on its keys (exp_u20 would turn NaN into a finite value)
+      std::fill(p, p + ncol, acc_t(0));
+      std::fill(ds, ds + ncol, acc_t(0));
+      std::fill(p + lo, p + hi, std::numeric_limits<acc_t>::quiet_NaN());
+      std::fill(ds + lo, ds + hi, std::numeric_limits<acc_t>::quiet_NaN());
+      continue;
+    }
     acc_t* s = S + r * kKB;
     for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;  // exp gives exactly 0 on masked keys
     for (int64_t c = hi; c < ncol; ++c) s[c] = kNegInf<acc_t>;
@@ -731,6 +755,9 @@ void probs_and_dscores(acc_t* P, acc_t* dS, acc_t* S, const acc_t* dP, int64_t n
       (e * (V::loadu(dp + c) - Dv)).store(ds + c);
       e.store(p + c);
     }
+    // masked keys get exactly 0, also in a NaN row (exp(-inf - NaN) is NaN): nothing flows to keys it cannot see
+    for (int64_t c = 0; c < lo; ++c) p[c] = ds[c] = acc_t(0);
+    for (int64_t c = hi; c < nk; ++c) p[c] = ds[c] = acc_t(0);
   }
 }
 

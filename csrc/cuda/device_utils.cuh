@@ -20,9 +20,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The maximum that keeps NaN (fmaxf returns the other operand): the online softmax's running max must not drop a
+// NaN score, or its row would come out finite where reference.py has NaN.
+__device__ __forceinline__ float fmax_keep_nan(float a, float b) { return (a < b || b != b) ? b : a; }
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = fmax_keep_nan(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 

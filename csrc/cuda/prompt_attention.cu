@@ -58,10 +58,11 @@ __global__ void gpa_fwd_kernel(PromptAttnProblem g, const T* __restrict__ q, con
   attend_warp<T, NT>(qs, k + (b * g.Tk * g.Hkv + hkv) * g.d, v + (b * g.Tk * g.Hkv + hkv) * g.d, stride, lo, hi,
                      g.d, m, l, acc, lane);
   const int64_t si = (b * g.H + h) * g.Tq + i;
-  const float inv = l > 0.f ? 1.f / l : 0.f;  // no allowed word key: the word branch gives 0
+  // l = 0: no allowed word key, the word branch gives 0; l = NaN: a non-finite score, which stays NaN
+  const float inv = l != 0.f ? 1.f / l : 0.f;
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] *= inv;
-  if (lane == 0) lse[si] = l > 0.f ? m + logf(l) : -INFINITY;
+  if (lane == 0) lse[si] = l != 0.f ? m + logf(l) : -INFINITY;
   if (g.has_prompt) {
     float pacc[NT], pm = -INFINITY, pl = 0.f;
 #pragma unroll

@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kDecThreads)
       p[u] = 0.f;
       if (__any_sync(kFullMask, allowed)) {  // warp-uniform: a row with no allowed key in this tile keeps its state
         const float sm = allowed ? s[u] : -INFINITY;
-        const float m_new = fmaxf(m[u], warp_max(sm));  // finite: some lane is allowed
+        const float m_new = fmax_keep_nan(m[u], warp_max(sm));  // -inf only if all allowed keys score -inf (then NaN)
         const float alpha = expf(m[u] - m_new);         // 0 on the row's first keys (m = -inf)
         p[u] = allowed ? expf(sm - m_new) : 0.f;
         l[u] = l[u] * alpha + warp_sum(p[u]);
@@ -242,20 +242,22 @@ __global__ void gpa_decode_combine_kernel(PromptAttnProblem g, DecodePlan dg, co
 
   // word branch: M = max over chunks; then the chunks in order, 32 at a time (lane s holds chunk s0 + s)
   float M = -INFINITY;
-  for (int64_t s = lane; s < nsplit; s += 32) M = fmaxf(M, ml[2 * s]);
+  for (int64_t s = lane; s < nsplit; s += 32) M = fmax_keep_nan(M, ml[2 * s]);
   M = warp_max(M);
   float L = 0.f, acc[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.f;
-  if (M != -INFINITY) {  // warp-uniform
+  {
     for (int64_t s0 = 0; s0 < nsplit; s0 += 32) {
       const int64_t s = s0 + lane;
       float f = 0.f, ls = 0.f;
       if (s < nsplit) {
         const float ms = ml[2 * s];
-        if (ms != -INFINITY) {  // an empty chunk contributes nothing; its accumulator is not read
+        if (ms != -INFINITY) {  // an empty chunk (m = -inf, l = 0) contributes nothing; its accumulator is not read
           f = expf(ms - M);
           ls = ml[2 * s + 1];
+        } else if (ml[2 * s + 1] != 0.f) {  // m = -inf, l = NaN: allowed keys that all scored -inf, NaN as softmax
+          f = ls = ml[2 * s + 1];
         }
       }
       const int cnt = static_cast<int>(min_i64(32, nsplit - s0));
@@ -274,10 +276,10 @@ __global__ void gpa_decode_combine_kernel(PromptAttnProblem g, DecodePlan dg, co
     }
   }
   // L >= 1 when M is finite (the chunk holding the maximum has l >= exp(0)); no allowed key: the word branch is 0
-  const float inv = L > 0.f ? 1.f / L : 0.f;
+  const float inv = L != 0.f ? 1.f / L : 0.f;  // (a NaN L, from a non-finite score, stays NaN)
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] *= inv;
-  if (lane == 0) lse[si] = L > 0.f ? M + logf(L) : -INFINITY;
+  if (lane == 0) lse[si] = L != 0.f ? M + logf(L) : -INFINITY;
 
   // prompt branch, as in gpa_fwd_kernel
   if (g.has_prompt) {

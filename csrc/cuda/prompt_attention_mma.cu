@@ -184,12 +184,13 @@ __device__ __forceinline__ float softmax_step(const float* xrow, T* prow, int c_
 #pragma unroll
   for (int t = 0; t < kBlockN / 2; ++t) {
     const int c = half + 2 * t;
-    if (c >= c_lo && c < c_hi) bmax = fmaxf(bmax, xrow[c] * scale);
+    if (c >= c_lo && c < c_hi) bmax = fmax_keep_nan(bmax, xrow[c] * scale);
   }
-  bmax = fmaxf(bmax, __shfl_xor_sync(kFullMask, bmax, 1));
-  const float m_new = fmaxf(m, bmax);
-  // m_new = -inf: no allowed key so far; keep everything at 0 (exp(-inf - -inf) would be NaN)
-  const bool any = m_new != -INFINITY;
+  bmax = fmax_keep_nan(bmax, __shfl_xor_sync(kFullMask, bmax, 1));
+  const float m_new = fmax_keep_nan(m, bmax);
+  // m_new = -inf and no allowed key in this block: none so far, keep everything at 0 (exp(-inf - -inf) is NaN).
+  // With allowed keys that all score -inf the row becomes NaN, as softmax does; a NaN score keeps m_new NaN.
+  const bool any = m_new != -INFINITY || c_lo < c_hi;
   const float alpha = any ? expf(m - m_new) : 1.f;  // m = -inf, m_new finite: 0
   float psum = 0.f;
 #pragma unroll
@@ -296,11 +297,11 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();  // X read before the next block's scores overwrite it
     }
   }
-  const float inv_l = l > 0.f ? 1.f / l : 0.f;  // no allowed word key: the word branch gives 0
+  const float inv_l = l != 0.f ? 1.f / l : 0.f;  // l = 0: no allowed word key, the word branch gives 0 (NaN stays)
 #pragma unroll
   for (int t = 0; t < D / 2; ++t) o[t] *= inv_l;
   const int64_t si = (b * g.H + h) * g.Tq + i;
-  if (row_valid && half == 0) lse[si] = l > 0.f ? m + logf(l) : -INFINITY;
+  if (row_valid && half == 0) lse[si] = l != 0.f ? m + logf(l) : -INFINITY;
 
   // ------------------------------------------------------------------ prompt branch (separate softmax)
   if (g.K > 0) {
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
             __syncwarp();
             warp_pv<T, D>(P, Vs, X, n16);
             __syncwarp();
-            const float w = pl > 0.f ? phi[h] / pl : 0.f;  // phi(g_h) / l_p: gate applied before the single write
+            const float w = pl != 0.f ? phi[h] / pl : 0.f;  // phi(g_h) / l_p: gate applied before the single write
 #pragma unroll
             for (int t = 0; t < D / 2; ++t) o[t] = fmaf(w, xrow[half + 2 * t], o[t]);
             __syncwarp();
