@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
 
     model.add_adapter(vision_layers=args.vision_layers, text_layers=args.text_layers, prompt_len=args.prompt_len)
     model.to(args.device)
-    params = [p for n, p in model.named_parameters() if n in set(model.freeze_for_adapter())]
+    params = [p for n, p in model.named_parameters() if n in set(model.freeze_base())]
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     steps = args.epochs * -(-len(train_y) // args.batch_size)

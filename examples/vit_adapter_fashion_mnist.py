@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lladapter_ext.vit import VisionTransformer, ViTConfig, trainable_parameter_count  # noqa: E402
+from lladapter_ext.vit import VisionTransformer, ViTConfig  # noqa: E402
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot"]
@@ -186,21 +186,21 @@ def main(argv=None) -> list[dict]:
     # 2. full fine-tuning
     m = fresh_model()
     s = train(m, list(m.parameters()), ada_x, ada_y, args.adapt_epochs, args.lr_full, args.batch_size, gen, log=log)
-    rows.append(dict(method="full fine-tuning", params=trainable_parameter_count(m), seconds=s,
+    rows.append(dict(method="full fine-tuning", params=m.count_trainable(), seconds=s,
                      acc=accuracy(m, *ada_test), note=f"lr {args.lr_full:g}"))
 
     # 3. and 4. prompts in the top L blocks: joint softmax without gate (VPT-style) / zero-init gated (ours)
     for mode, name in (("joint", "VPT-style prompts (no gate)"), ("gated", "zero-init gated prompts")):
         m = fresh_model()
         m.add_adapter(num_layers=args.adapter_layers, prompt_len=args.prompt_len, mode=mode)
-        m.freeze_for_adapter(train_head=True)
+        m.freeze_base(train_head=True)
         params = [p for p in m.parameters() if p.requires_grad]
         s = train(m, params, ada_x, ada_y, args.adapt_epochs, args.lr_prompt, args.batch_size, gen, log=log)
         note = f"L {args.adapter_layers}, K {args.prompt_len}, lr {args.lr_prompt:g}"
         if mode == "gated":
             gates = torch.cat([b.attn.gate.detach() for b in m.blocks if b.attn.gate is not None])
             note += f", |tanh(gate)| mean {gates.tanh().abs().mean():.2f}"
-        rows.append(dict(method=name, params=trainable_parameter_count(m), seconds=s, acc=accuracy(m, *ada_test),
+        rows.append(dict(method=name, params=m.count_trainable(), seconds=s, acc=accuracy(m, *ada_test),
                          note=note))
 
     print()

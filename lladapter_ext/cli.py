@@ -117,12 +117,11 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
 
 
 def _adapter_metadata(path) -> dict:
-    from safetensors import safe_open
+    from .adapter import read_adapter_metadata
     try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - reported with the file's name
-        raise SystemExit(f"--adapter {path}: not a readable safetensors adapter file ({e})") from e
+        return read_adapter_metadata(path)
+    except ValueError as e:
+        raise SystemExit(f"--adapter {e}") from e
 
 
 def _meta_int(meta: dict, key: str, default, path):

@@ -276,6 +276,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tenso
 
 # --------------------------------------------------------------------------------------------- the model
 class CLIP(PromptAdapterMixin, nn.Module):
+    ADAPTER_FAMILY = "clip"
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config

@@ -30,7 +30,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .model import LlamaConfig, LlamaForCausalLM, PRESETS, config_from_preset, _is_adapter_name, _set_tensor
+from .adapter import set_parameter
+from .model import LlamaConfig, LlamaForCausalLM, PRESETS, config_from_preset
 
 __all__ = ["load_model", "load_hf", "load_meta", "load_gguf", "CheckpointError", "config_from_hf",
            "config_from_meta_params", "config_from_gguf", "permute_qk_hf_to_meta", "permute_qk_meta_to_hf",
@@ -108,7 +109,7 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str) 
     with torch.device("meta"):
         model = LlamaForCausalLM(config, device="meta", dtype=dtype)
     for name, param in list(model.named_parameters()):
-        if _is_adapter_name(name):
+        if LlamaForCausalLM.is_adapter_param(name):
             continue
         if name not in source.entries:
             files = ", ".join(source.all_files)
@@ -131,12 +132,12 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str) 
         value = t.to(device=device, dtype=dtype)
         if value.data_ptr() == t.data_ptr():  # never alias a memory-mapped file
             value = value.clone()
-        _set_tensor(model, name, value, requires_grad=False)
+        set_parameter(model, name, value, requires_grad=False)
         del t
     # the adapter is not part of a base checkpoint: fresh prompts, zero gates
     for name, param in list(model.named_parameters()):
-        if _is_adapter_name(name):
-            _set_tensor(model, name, torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=True)
+        if LlamaForCausalLM.is_adapter_param(name):
+            set_parameter(model, name, torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=True)
     model.reset_parameters(base=False, adapter=True)
     model.freeze_base()
     left = [n for n, p in model.named_parameters() if p.is_meta]
@@ -417,7 +418,7 @@ def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
     for n in names:
         if n == "rope.freqs":  # precomputed RoPE table in LLaMA-1 files; recomputed from the config
             continue
-        if n in shapes and not _is_adapter_name(n):
+        if n in shapes and not LlamaForCausalLM.is_adapter_param(n):
             entries[n] = (n, str(files[0]) if len(files) == 1 else f"{files[0]} (+{len(files) - 1} shards)",
                           lambda n=n: merged(n))
         else:

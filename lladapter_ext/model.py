@@ -16,18 +16,19 @@ is permuted; adapters are layout-independent (prompts live in model space, gates
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import numbers
-import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import ops, reference
+from .adapter import AdapterMixin
 from .nn import RMSNorm
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "config_from_preset"]
@@ -270,7 +271,7 @@ class TransformerBlock(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- model
-class LlamaForCausalLM(torch.nn.Module):
+class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
     """LLaMA-family decoder with LLaMA-Adapter prompts in the top layers; the base is frozen at construction.
 
     `device="meta"` builds the structure without allocating weights (count_trainable() works; the loaders then
@@ -318,65 +319,22 @@ class LlamaForCausalLM(torch.nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def adapter_parameters(self) -> Iterator[torch.nn.Parameter]:
-        for name, p in self.named_parameters():
-            if _is_adapter_name(name):
-                yield p
+    # ---------------------------------------------------------------- adapter (lladapter_ext.adapter)
+    ADAPTER_FAMILY = "llama"
 
-    def freeze_base(self):
-        """Only adapter prompts and gates require grad."""
-        for name, p in self.named_parameters():
-            p.requires_grad_(_is_adapter_name(name))
-        return self
+    @staticmethod
+    def is_adapter_param(name: str) -> bool:
+        """Adapter prompts and gates (the names end in adapter_prompt / adapter_gate)."""
+        return name.endswith("adapter_prompt") or name.endswith("adapter_gate")
 
-    def count_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+    def adapter_metadata(self) -> dict[str, str]:
+        c = self.config
+        return {"adapter_len": str(c.adapter_len), "adapter_layer": str(c.adapter_layer), "gate_act": c.gate_act,
+                "n_layers": str(c.n_layers), "dim": str(c.dim), "n_heads": str(c.n_heads)}
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors only (prompts and gates), detached, by their parameter names. Parameters sharded by
-        FSDP are gathered to full tensors (a collective: every process must call it)."""
-        return {name: (p.full_tensor() if _is_dtensor(p) else p).detach() for name, p in self.named_parameters()
-                if _is_adapter_name(name)}
-
-    def save_adapter(self, path: Union[str, os.PathLike], state_dict: Optional[dict[str, torch.Tensor]] = None):
-        """Write the adapter tensors to a safetensors file, with the adapter hyper-parameters as metadata.
-        state_dict: tensors from adapter_state_dict() to write instead of calling it (FSDP: gathered on every
-        process, written by one)."""
-        from safetensors.torch import save_file
-
-        state_dict = self.adapter_state_dict() if state_dict is None else state_dict
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        meta = {"adapter_len": str(self.config.adapter_len), "adapter_layer": str(self.config.adapter_layer),
-                "gate_act": self.config.gate_act, "n_layers": str(self.config.n_layers),
-                "dim": str(self.config.dim), "n_heads": str(self.config.n_heads)}
-        save_file(tensors, os.fspath(path), metadata=meta)
-
-    def load_adapter(self, path_or_state_dict: Union[str, os.PathLike, dict]):
-        """Load prompts and gates from a safetensors file or a state dict; every adapter tensor must be present
-        with the right shape and nothing else may be (mismatches raise, naming the tensor)."""
-        sd, source = read_adapter_tensors(path_or_state_dict)
-        own = dict((n, p) for n, p in self.named_parameters() if _is_adapter_name(n))
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"load_adapter: {source} does not match this model's adapter "
-                             f"(adapter_len={self.config.adapter_len}, adapter_layer={self.config.adapter_layer}, "
-                             f"n_layers={self.config.n_layers}): missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-        with torch.no_grad():
-            for name, p in own.items():
-                t = sd[name]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"load_adapter: tensor {name} in {source} has shape {list(t.shape)}, "
-                                     f"expected {list(p.shape)}")
-                if p.is_meta:
-                    _set_tensor(self, name, t.to(dtype=p.dtype), requires_grad=True)
-                elif _is_dtensor(p):  # sharded (FSDP): keep this process's shard of the full tensor
-                    from torch.distributed.tensor import distribute_tensor
-                    p.copy_(distribute_tensor(t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements))
-                else:
-                    p.copy_(t)
-        return self
+    def adapter_description(self) -> str:
+        c = self.config
+        return f"adapter_len={c.adapter_len}, adapter_layer={c.adapter_layer}, n_layers={c.n_layers}"
 
     # ---------------------------------------------------------------- forward
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -474,7 +432,7 @@ class LlamaForCausalLM(torch.nn.Module):
                              f"{list(prompt_offset.shape)}")
         first_trainable = self._first_layer_needing_grad(use_adapter)
         h = None
-        with torch.no_grad() if first_trainable > 0 else _nullcontext():
+        with torch.no_grad() if first_trainable > 0 else contextlib.nullcontext():
             h = self.tok_embeddings(input_ids)
             for i in range(first_trainable):
                 h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter, prompt_offset)
@@ -508,7 +466,7 @@ class LlamaForCausalLM(torch.nn.Module):
         if self.tok_embeddings.weight.requires_grad:
             return 0
         for i, layer in enumerate(self.layers):
-            if any(p.requires_grad and (use_adapter or not _is_adapter_name(n)) for n, p in layer.named_parameters()):
+            if any(p.requires_grad and (use_adapter or not self.is_adapter_param(n)) for n, p in layer.named_parameters()):
                 return i
         return self.config.n_layers
 
@@ -517,51 +475,6 @@ class LlamaForCausalLM(torch.nn.Module):
         return (f"layers={c.n_layers}, dim={c.dim}, heads={c.n_heads}/{c.n_kv_heads}, adapter_len={c.adapter_len}, "
                 f"adapted_layers={c.n_adapted_layers}, gate_act={c.gate_act}")
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def read_adapter_tensors(path_or_state_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
-    """(tensors, a name for error messages) of an adapter given as a safetensors file or a state dict. A tensor
-    holding NaN or inf is refused (a diverged run's adapter would make the model emit nothing useful)."""
-    if isinstance(path_or_state_dict, dict):
-        sd, source = path_or_state_dict, "state dict"
-    else:
-        from safetensors.torch import load_file
-
-        source = os.fspath(path_or_state_dict)
-        try:
-            sd = load_file(source)
-        except Exception as e:
-            raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
-    name = first_non_finite(sd)
-    if name is not None:
-        t = sd[name].detach()
-        raise ValueError(f"load_adapter: tensor {name} in {source} is not finite ({int(t.isnan().sum())} NaN, "
-                         f"{int(t.isinf().sum())} inf of {t.numel()} values): the adapter is unusable (was its "
-                         "training run diverging?)")
-    return sd, source
-
-
-def first_non_finite(tensors: dict) -> Optional[str]:
-    """The name of the first floating-point tensor (in the dict's order) that holds a NaN or an inf, else None.
-    Sharded tensors (FSDP DTensors) are checked on this process's shard."""
-    for name, t in tensors.items():
-        if not torch.is_tensor(t) or not (t.is_floating_point() or t.is_complex()):
-            continue
-        local = t.to_local() if _is_dtensor(t) else t
-        if not bool(torch.isfinite(local.detach()).all()):
-            return name
-    return None
-
-
-def _is_adapter_name(name: str) -> bool:
-    return name.endswith("adapter_prompt") or name.endswith("adapter_gate")
 
 
 def _mask_first_real(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -575,10 +488,6 @@ def _mask_first_real(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, contiguous
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")  # torch.distributed.tensor.DTensor (FSDP2)
-
-
 def _segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, T] index of the first token of the run of equal consecutive segment ids that holds each token."""
     B, T = segment_ids.shape
@@ -586,10 +495,3 @@ def _segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
     new_run = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
     new_run[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     return torch.where(new_run, idx, 0).cummax(1).values
-
-
-def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, requires_grad: bool):
-    """Replace parameter `name` (dotted) of model by a new Parameter holding value."""
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    setattr(mod, attr, torch.nn.Parameter(value, requires_grad=requires_grad))

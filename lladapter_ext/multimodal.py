@@ -33,7 +33,8 @@ from torch import nn
 
 from ._optional import find_spec, require
 from .mm_data import ImagePreprocess
-from .model import LlamaForCausalLM, read_adapter_tensors
+from .adapter import AdapterMixin
+from .model import LlamaForCausalLM
 
 __all__ = ["ImageEncoder", "CLIPImageEncoder", "ViTImageEncoder", "EfficientNetLite0Encoder", "ModuleImageEncoder",
            "VisualProjection", "MultiModalLlama", "efficientnet_lite0_weights_path",
@@ -350,7 +351,7 @@ class VisualProjection(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- model
-class MultiModalLlama(nn.Module):
+class MultiModalLlama(AdapterMixin, nn.Module):
     """A LlamaForCausalLM (frozen, with adapter prompts and gates), a frozen image encoder (may be None when
     features are given precomputed) and a trainable VisualProjection.
 
@@ -407,73 +408,45 @@ class MultiModalLlama(nn.Module):
             from .training import enable_activation_checkpointing
             enable_activation_checkpointing(self.llm)
 
-    # ---------------------------------------------------------------- parameters
+    # ---------------------------------------------------------------- adapter (lladapter_ext.adapter)
+    ADAPTER_FAMILY = "multimodal"
+
+    def is_adapter_param(self, name: str) -> bool:
+        """The LLM's prompts and gates (their LLM names) and the projection (visual_proj.*)."""
+        return name.startswith(PROJECTION_PREFIX) or (not name.startswith("encoder.")
+                                                       and LlamaForCausalLM.is_adapter_param(name))
+
     def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        llm_ids = {id(p) for p in self.llm.adapter_parameters()}
-        for name, p in self.llm.named_parameters():
-            if id(p) in llm_ids:
-                yield name, p
+        # the LLM's adapter under the LLM's own names, so a text adapter's tensors line up with ours
+        yield from self.llm.named_adapter_parameters()
         for name, p in self.visual_proj.named_parameters():
             yield PROJECTION_PREFIX + name, p
 
-    def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        for _, p in self.named_adapter_parameters():
-            yield p
-
-    def freeze_base(self):
+    def freeze_base(self, train_head: bool = True) -> list[str]:
         """Only prompts, gates and the projection require grad (the LLM's base and the encoder are frozen)."""
-        self.llm.freeze_base()
-        if self.encoder is not None:
-            for p in self.encoder.parameters():
-                p.requires_grad_(False)
-        for p in self.visual_proj.parameters():
+        for p in self.parameters():
+            p.requires_grad_(False)
+        trainable = []
+        for name, p in self.named_adapter_parameters():
             p.requires_grad_(True)
-        return self
-
-    def count_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named_adapter_parameters()}
+            trainable.append(name)
+        return trainable
 
     def adapter_metadata(self) -> dict[str, str]:
-        c = self.llm.config
-        return {"adapter_len": str(c.adapter_len), "adapter_layer": str(c.adapter_layer), "gate_act": c.gate_act,
-                "n_layers": str(c.n_layers), "dim": str(c.dim), "n_heads": str(c.n_heads), "multimodal": "1",
+        return {**self.llm.adapter_metadata(), "multimodal": "1",
                 "projection": self.visual_proj.kind, "projection_hidden": str(self.visual_proj.hidden),
                 "feature_dim": str(self.feature_dim),
                 # a build_encoder spec when there is one, so `lladapter generate --image` can rebuild the encoder
                 "encoder": (getattr(self.encoder, "spec", self.encoder.name) if self.encoder is not None
                             else "precomputed")}
 
-    def save_adapter(self, path: Union[str, os.PathLike]) -> None:
-        """Prompts, gates (LLM names) and the projection (``visual_proj.*``) in one safetensors file; the metadata
-        says it is multi-modal and how the projection and encoder were built."""
-        from safetensors.torch import save_file
+    def adapter_description(self) -> str:
+        return (f"{self.llm.adapter_description()}, projection {self.visual_proj.kind} "
+                f"{self.feature_dim} -> {self.llm.config.dim}")
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, os.fspath(path), metadata=self.adapter_metadata())
-
-    def load_adapter(self, path_or_state_dict: Union[str, os.PathLike, dict]):
-        sd, source = read_adapter_tensors(path_or_state_dict)
-        proj = {k[len(PROJECTION_PREFIX):]: v for k, v in sd.items() if k.startswith(PROJECTION_PREFIX)}
-        if not proj:
+    def check_adapter_metadata(self, meta: Optional[dict[str, str]], tensors: dict, source: str) -> None:
+        if not any(k.startswith(PROJECTION_PREFIX) for k in tensors):
             raise ValueError(f"load_adapter: {source} has no {PROJECTION_PREFIX}* tensors: it is a text-only adapter")
-        own = self.visual_proj.state_dict()
-        missing, unexpected = sorted(set(own) - set(proj)), sorted(set(proj) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"load_adapter: {source}: projection tensors do not match ({self.visual_proj.kind}, "
-                             f"{self.feature_dim} -> {self.llm.config.dim}): missing {missing}, unexpected "
-                             f"{unexpected}")
-        for k, v in proj.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"load_adapter: {source}: tensor {PROJECTION_PREFIX}{k} has shape {list(v.shape)}, "
-                                 f"expected {list(own[k].shape)}")
-        self.llm.load_adapter({k: v for k, v in sd.items() if not k.startswith(PROJECTION_PREFIX)})
-        with torch.no_grad():
-            for k, p in self.visual_proj.state_dict(keep_vars=True).items():
-                p.copy_(proj[k])
-        return self
 
     # ---------------------------------------------------------------- images
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from .data import IGNORE_INDEX, Batches, DataChangedError, TokenizedDataset, collate
-from .model import first_non_finite as _first_non_finite
+from .adapter import first_non_finite, is_dtensor
 
 log = logging.getLogger(__name__)
 
@@ -341,12 +341,8 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device) -> None:
             m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
-    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")  # a DTensor (FSDP2 parameter)
-
-
 def _scalar(x) -> float:
-    return float(x.full_tensor()) if _is_sharded(x) else float(x)
+    return float(x.full_tensor()) if is_dtensor(x) else float(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -664,7 +660,7 @@ class Trainer:
             optimizer_state = get_optimizer_state_dict(
                 self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # never write a non-finite adapter (every rank sees the same tensors: all decide alike)
-        bad = _first_non_finite(adapter_state if self.fsdp else self.model.adapter_state_dict())
+        bad = first_non_finite(adapter_state if self.fsdp else self.model.adapter_state_dict())
         if bad is not None:
             raise NonFiniteAdapterError(
                 f"step {self.step}: adapter tensor {bad} is not finite (NaN or inf); checkpoint not written, "
@@ -762,7 +758,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001
             raise CheckpointCorruptError(f"{adapter_file} is unreadable ({type(e).__name__}: "
                                          f"{' '.join(str(e).split())[:300]})") from e
-        bad = _first_non_finite(adapter)
+        bad = first_non_finite(adapter)
         if bad is not None:
             raise CheckpointCorruptError(f"{adapter_file}: tensor {bad} is not finite")
         return state, adapter
@@ -892,7 +888,7 @@ class Trainer:
         """The name of the first adapter parameter holding a NaN or inf (one device sync; under FSDP each rank
         checks its shard and the flags are combined, so every rank gets the same answer)."""
         with torch.no_grad():
-            flags = torch.stack([~torch.isfinite(p.to_local() if _is_sharded(p) else p).all() for p in self.params])
+            flags = torch.stack([~torch.isfinite(p.to_local() if is_dtensor(p) else p).all() for p in self.params])
             if self.fsdp:
                 flags = flags.float()
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)

@@ -17,11 +17,11 @@ global-average-pool variants (`vit_*_gap_*`), DINOv2-style layer scale and regis
 (`vit_*_dinov2`, `vit_*_reg4_dinov2`). The layout (module names) is timm's, so `state_dict()` of a timm model
 loads with `load_timm_state_dict`.
 
-The adapter plumbing here (`PromptAdapterMixin`) is shared with lladapter_ext.clip.
+The prompt plumbing here (`PromptAdapterMixin`: towers of prompted blocks, add/remove) is shared with
+lladapter_ext.clip; the adapter methods and file come from lladapter_ext.adapter.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from typing import Optional, Union
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .adapter import AdapterMixin, check_tensors, config_metadata, saved_config
 
 __all__ = [
     "ViTConfig",
@@ -43,7 +44,6 @@ __all__ = [
     "PromptAdapterMixin",
     "VisionTransformer",
     "resample_pos_embed",
-    "trainable_parameter_count",
 ]
 
 _ADAPTER_MODES = ("gated", "joint")
@@ -193,7 +193,7 @@ def _pair(v) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------- adapter plumbing
-class PromptAdapterMixin:
+class PromptAdapterMixin(AdapterMixin):
     """Adapter bookkeeping shared by the ViT and CLIP models.
 
     Subclasses provide `_adapter_towers()`: {tower name: (list of Blocks, prefix of those blocks' names)}, and
@@ -222,65 +222,35 @@ class PromptAdapterMixin:
                 blk.attn.remove_adapter()
         self.adapter_config = None
 
+    # ---------------------------------------------------------------- adapter (lladapter_ext.adapter)
     def is_adapter_param(self, name: str) -> bool:
         leaf = name.rsplit(".", 1)[-1]
-        return (leaf in ("prompt", "gate") and ".attn." in name) or name.startswith(self._head_prefixes())
+        return (leaf in ("prompt", "gate") and ".attn." in name) or self.is_head_param(name)
 
-    def freeze_for_adapter(self, train_head: bool = True) -> list[str]:
-        """Freeze everything except prompts, gates (and the task head when train_head); returns trainable names."""
-        trainable = []
+    def is_head_param(self, name: str) -> bool:
         heads = self._head_prefixes()
-        for name, p in self.named_parameters():
-            is_head = bool(heads) and name.startswith(heads)
-            keep = self.is_adapter_param(name) and (train_head or not is_head)
-            p.requires_grad_(keep)
-            if keep:
-                trainable.append(name)
-        return trainable
+        return bool(heads) and name.startswith(heads)
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Prompts, gates and the task head: everything an adapter checkpoint holds."""
-        return {n: p.detach() for n, p in self.named_parameters() if self.is_adapter_param(n)}
-
-    def save_adapter(self, path: str) -> None:
-        """Write the adapter tensors and config to a safetensors file."""
-        from safetensors.torch import save_file
+    def adapter_metadata(self) -> dict[str, str]:
         if self.adapter_config is None:
             raise ValueError("save_adapter: the model has no adapter (call add_adapter first)")
-        tensors = {n: t.contiguous().cpu() for n, t in self.adapter_state_dict().items()}
-        save_file(tensors, path, metadata={"lladapter_adapter": json.dumps(self.adapter_config)})
+        return config_metadata(self.adapter_config)
 
-    def load_adapter(self, path: str) -> None:
-        """Load an adapter written by save_adapter into a model with the same adapter layout.
+    def adapter_description(self) -> str:
+        return "no adapter" if self.adapter_config is None else super().adapter_description()
 
-        Every tensor must be present with the model's shape and a floating dtype; errors name the tensor.
-        """
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if "lladapter_adapter" not in meta:
-            raise ValueError(f"{path}: not an lladapter adapter file (no 'lladapter_adapter' metadata)")
-        saved_cfg = json.loads(meta["lladapter_adapter"])
+    def check_adapter_metadata(self, meta: Optional[dict[str, str]], tensors: dict, source: str) -> None:
+        if meta is None:  # a state dict: the tensors decide
+            return
+        saved = saved_config(meta)
+        if saved is None:
+            raise ValueError(f"{source}: not an lladapter adapter file (no adapter metadata)")
         if self.adapter_config is None:
-            raise ValueError(f"load_adapter: call add_adapter(**{saved_cfg}) before loading {path}")
-        if saved_cfg != self.adapter_config:
-            raise ValueError(f"{path}: adapter config {saved_cfg} does not match the model's {self.adapter_config}")
-        own = dict(self.adapter_state_dict())
-        for name in tensors:
-            if name not in own:
-                raise ValueError(f"{path}: unexpected tensor {name!r} (not an adapter parameter of this model)")
-        for name, dst in own.items():
-            if name not in tensors:
-                raise ValueError(f"{path}: missing tensor {name!r}")
-            src = tensors[name]
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"{path}: tensor {name!r} has shape {list(src.shape)}, expected {list(dst.shape)}")
-            if not src.is_floating_point():
-                raise ValueError(f"{path}: tensor {name!r} has dtype {src.dtype}, expected a floating dtype")
-        with torch.no_grad():
-            for name, dst in own.items():
-                dst.copy_(tensors[name])
+            raise ValueError(f"load_adapter: call add_adapter({', '.join(f'{k}={v}' for k, v in saved.items())}) "
+                             f"before loading {source}")
+        if saved != config_metadata(self.adapter_config):
+            raise ValueError(f"{source}: adapter config {saved} does not match the model's "
+                             f"{config_metadata(self.adapter_config)}")
 
 
 def _copy_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
@@ -291,20 +261,7 @@ def _copy_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
     """
     own = {n: t for n, t in model.state_dict().items()
            if not (n.endswith((".prompt", ".gate")) and ".attn." in n)}
-    for name in sd:
-        if name not in own:
-            raise ValueError(f"{source}: unexpected tensor {rename.get(name, name)!r}")
-    for name, dst in own.items():
-        if name not in sd:
-            raise ValueError(f"{source}: missing tensor {rename.get(name, name)!r}")
-        src = sd[name]
-        if not isinstance(src, torch.Tensor):
-            raise ValueError(f"{source}: entry {rename.get(name, name)!r} is {type(src).__name__}, not a tensor")
-        if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(f"{source}: tensor {rename.get(name, name)!r} has shape {list(src.shape)}, "
-                             f"expected {list(dst.shape)}")
-        if not src.is_floating_point():
-            raise ValueError(f"{source}: tensor {rename.get(name, name)!r} has dtype {src.dtype}, expected float")
+    check_tensors(own, sd, source, display=lambda name: rename.get(name, name))
     with torch.no_grad():
         for name, dst in own.items():
             dst.copy_(sd[name])
@@ -421,6 +378,8 @@ class _PatchEmbed(nn.Module):
 
 class VisionTransformer(PromptAdapterMixin, nn.Module):
     """Pre-norm ViT (timm layout) with optional zero-init gated prompts in its top blocks."""
+
+    ADAPTER_FAMILY = "vit"
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -583,6 +542,3 @@ class VisionTransformer(PromptAdapterMixin, nn.Module):
         return ours
 
 
-
-def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

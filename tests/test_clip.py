@@ -151,7 +151,7 @@ def test_text_prompts_keep_the_causal_mask(mode, tokenizer):
 def test_only_prompts_and_gates_receive_gradients(tokenizer):
     _, model = _pair()
     model.add_adapter(vision_layers=1, text_layers=1, prompt_len=4)
-    trainable = model.freeze_for_adapter()
+    trainable = model.freeze_base()
     assert sorted(trainable) == sorted(f"{t}.blocks.1.attn.{p}" for t in ("visual", "text") for p in ("prompt", "gate"))
     clf = ClassNameClassifier(model, tokenizer)
     names = ["cat", "dog", "golden_retriever"]

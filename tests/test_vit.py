@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lladapter_ext.vit import VisionTransformer, ViTConfig, resample_pos_embed, trainable_parameter_count
+from lladapter_ext.vit import VisionTransformer, ViTConfig, resample_pos_embed
 
 timm = pytest.importorskip("timm", reason="timm is a test-only dependency (pip install timm)")
 
@@ -135,10 +135,10 @@ def test_joint_mode_is_one_softmax_over_prompt_and_tokens():
 def test_only_prompts_gates_and_head_receive_gradients():
     model = _tiny_model(num_classes=3)
     model.add_adapter(num_layers=2, prompt_len=4)
-    trainable = model.freeze_for_adapter()
+    trainable = model.freeze_base()
     assert sorted(trainable) == sorted(
         [f"blocks.{i}.attn.{p}" for i in (1, 2) for p in ("prompt", "gate")] + ["head.weight", "head.bias"])
-    assert trainable_parameter_count(model) == 2 * (4 * 32 + 4) + 3 * 32 + 3
+    assert model.count_trainable() == 2 * (4 * 32 + 4) + 3 * 32 + 3
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     F.cross_entropy(model(x), y).backward()
     for name, p in model.named_parameters():
