@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._optional import find_spec, optional, require
-from .vit import Block, PromptAdapterMixin, _copy_checked, _pair, resample_pos_embed
+from .prompted_blocks import Block, PromptAdapterMixin, copy_checked, pair, resample_pos_embed
 
 __all__ = [
     "CLIPVisionConfig",
@@ -64,7 +64,7 @@ class CLIPVisionConfig:
     layer_scale: bool = False  # open_clip ls_init_value is not None
 
     def __post_init__(self):
-        self.image_size = _pair(self.image_size)
+        self.image_size = pair(self.image_size)
         if self.width % self.head_width:
             raise ValueError(f"vision width ({self.width}) must be a multiple of head_width ({self.head_width})")
 
@@ -339,7 +339,7 @@ class CLIP(PromptAdapterMixin, nn.Module):
             if side * side == pos.shape[0] - 1:
                 converted["visual.positional_embedding"] = resample_pos_embed(
                     pos.unsqueeze(0), (side, side), self.config.vision.grid, 1)[0]
-        _copy_checked(self, converted, source, back)
+        copy_checked(self, converted, source, back)
 
     @classmethod
     def from_open_clip(cls, model: nn.Module, config: Union[dict, CLIPConfig]) -> "CLIP":

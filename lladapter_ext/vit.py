@@ -17,7 +17,7 @@ global-average-pool variants (`vit_*_gap_*`), DINOv2-style layer scale and regis
 (`vit_*_dinov2`, `vit_*_reg4_dinov2`). The layout (module names) is timm's, so `state_dict()` of a timm model
 loads with `load_timm_state_dict`.
 
-The prompt plumbing here (`PromptAdapterMixin`: towers of prompted blocks, add/remove) is shared with
+The blocks, the prompt plumbing and the checked copy are lladapter_ext.prompted_blocks', shared with
 lladapter_ext.clip; the adapter methods and file come from lladapter_ext.adapter.
 """
 from __future__ import annotations
@@ -27,245 +27,11 @@ from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .adapter import AdapterMixin, check_tensors, config_metadata, saved_config
+from .prompted_blocks import Block, PromptAdapterMixin, copy_checked, pair, resample_pos_embed
 
-__all__ = [
-    "ViTConfig",
-    "TIMM_PRESETS",
-    "QuickGELU",
-    "LayerScale",
-    "Mlp",
-    "PromptedSelfAttention",
-    "Block",
-    "PromptAdapterMixin",
-    "VisionTransformer",
-    "resample_pos_embed",
-]
-
-_ADAPTER_MODES = ("gated", "joint")
-
-
-# --------------------------------------------------------------------------------------------- building blocks
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation OpenAI's CLIP checkpoints were trained with."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-def _activation(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()
-    if name == "quick_gelu":
-        return QuickGELU()
-    raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {name!r}")
-
-
-class LayerScale(nn.Module):
-    """Per-channel residual scale (CaiT / DINOv2); parameter named `gamma` as in timm and open_clip."""
-
-    def __init__(self, dim: int, init_value: float = 1e-5):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = _activation(act)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class PromptedSelfAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and an optional LLaMA-Adapter prompt.
-
-    Without an adapter it is plain scaled-dot-product attention. `add_adapter` creates `prompt` [K, D] and
-    `gate` [H] (fp32, zeros); prompt keys/values are the prompt through the k and v thirds of `qkv`.
-    """
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.prompt: Optional[nn.Parameter] = None
-        self.gate: Optional[nn.Parameter] = None
-        self.adapter_mode: Optional[str] = None
-        self.gate_act = "tanh"
-
-    def add_adapter(self, prompt_len: int, mode: str = "gated", gate_act: str = "tanh",
-                    prompt_init_std: float = 1.0) -> None:
-        if prompt_len <= 0:
-            raise ValueError(f"prompt_len must be positive, got {prompt_len}")
-        if mode not in _ADAPTER_MODES:
-            raise ValueError(f"mode must be one of {_ADAPTER_MODES}, got {mode!r}")
-        if gate_act not in ("tanh", "identity"):
-            raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
-        w = self.qkv.weight
-        self.prompt = nn.Parameter(torch.randn(prompt_len, self.dim, device=w.device, dtype=w.dtype)
-                                   * prompt_init_std)
-        # the joint (VPT-style) baseline has no gate: its prompts act at full strength from the start
-        self.gate = (nn.Parameter(torch.zeros(self.num_heads, device=w.device, dtype=torch.float32))
-                     if mode == "gated" else None)
-        self.adapter_mode, self.gate_act = mode, gate_act
-
-    def remove_adapter(self) -> None:
-        self.prompt = self.gate = self.adapter_mode = None
-
-    def prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt keys and values [1, K, H, d] from the layer's own k/v projections (no RoPE, no norm)."""
-        D = self.dim
-        bias = None if self.qkv.bias is None else self.qkv.bias[D:]
-        kv = F.linear(self.prompt, self.qkv.weight[D:], bias)  # [K, 2D]
-        pk, pv = kv.view(1, -1, 2, self.num_heads, self.head_dim).unbind(2)
-        return pk, pv
-
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        pk = pv = None
-        if self.prompt is not None:
-            pk, pv = self.prompt_kv()
-            if self.adapter_mode == "joint":
-                # prepended prompt keys: one softmax over [prompt, tokens]; with causal masking every query
-                # still sees all prompt keys (the op's causal offset is Tk - Tq = K)
-                k = torch.cat((pk.expand(B, -1, -1, -1), k), dim=1)
-                v = torch.cat((pv.expand(B, -1, -1, -1), v), dim=1)
-                pk = pv = None
-        out = ops.gated_prompt_attention(q, k, v, pk, pv, self.gate if pk is not None else None, causal=causal,
-                                         gate_act=self.gate_act)
-        return self.proj(out.reshape(B, T, D))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))) (timm names)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True, act: str = "gelu",
-                 norm_eps: float = 1e-6, layer_scale: bool = False):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = PromptedSelfAttention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_hidden, act)
-        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
-
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), causal=causal))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                       num_prefix: int) -> torch.Tensor:
-    """Resample learned position embeddings [1, num_prefix + gh*gw, D] to another patch grid.
-
-    Prefix (class / register) entries are kept; the grid part is resized with bicubic interpolation with
-    anti-aliasing in fp32 (what timm does for dynamic image sizes and when loading at another resolution).
-    """
-    if tuple(old_grid) == tuple(new_grid):
-        return pos
-    if pos.shape[1] != num_prefix + old_grid[0] * old_grid[1]:
-        raise ValueError(f"pos_embed has {pos.shape[1]} entries, expected {num_prefix} prefix + "
-                         f"{old_grid[0]}x{old_grid[1]} grid")
-    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
-    D = pos.shape[-1]
-    g = grid.float().reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)
-    g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
-    g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos.dtype)
-    return torch.cat((prefix, g), dim=1)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-# --------------------------------------------------------------------------------------------- adapter plumbing
-class PromptAdapterMixin(AdapterMixin):
-    """Adapter bookkeeping shared by the ViT and CLIP models.
-
-    Subclasses provide `_adapter_towers()`: {tower name: (list of Blocks, prefix of those blocks' names)}, and
-    `_head_prefixes()`: names of task-head parameters that train with the adapter (may be empty).
-    """
-
-    adapter_config: Optional[dict]
-
-    def _adapter_towers(self) -> dict:
-        raise NotImplementedError
-
-    def _head_prefixes(self) -> tuple[str, ...]:
-        return ()
-
-    def _add_tower_adapter(self, tower: str, num_layers: int, prompt_len: int, mode: str, gate_act: str,
-                           prompt_init_std: float, arg_name: str = "num_layers") -> None:
-        blocks, _ = self._adapter_towers()[tower]
-        if not 0 < num_layers <= len(blocks):
-            raise ValueError(f"{arg_name} must be in [1, {len(blocks)}] ({tower} blocks), got {num_layers}")
-        for blk in blocks[len(blocks) - num_layers:]:
-            blk.attn.add_adapter(prompt_len, mode=mode, gate_act=gate_act, prompt_init_std=prompt_init_std)
-
-    def remove_adapter(self) -> None:
-        for blocks, _ in self._adapter_towers().values():
-            for blk in blocks:
-                blk.attn.remove_adapter()
-        self.adapter_config = None
-
-    # ---------------------------------------------------------------- adapter (lladapter_ext.adapter)
-    def is_adapter_param(self, name: str) -> bool:
-        leaf = name.rsplit(".", 1)[-1]
-        return (leaf in ("prompt", "gate") and ".attn." in name) or self.is_head_param(name)
-
-    def is_head_param(self, name: str) -> bool:
-        heads = self._head_prefixes()
-        return bool(heads) and name.startswith(heads)
-
-    def adapter_metadata(self) -> dict[str, str]:
-        if self.adapter_config is None:
-            raise ValueError("save_adapter: the model has no adapter (call add_adapter first)")
-        return config_metadata(self.adapter_config)
-
-    def adapter_description(self) -> str:
-        return "no adapter" if self.adapter_config is None else super().adapter_description()
-
-    def check_adapter_metadata(self, meta: Optional[dict[str, str]], tensors: dict, source: str) -> None:
-        if meta is None:  # a state dict: the tensors decide
-            return
-        saved = saved_config(meta)
-        if saved is None:
-            raise ValueError(f"{source}: not an lladapter adapter file (no adapter metadata)")
-        if self.adapter_config is None:
-            raise ValueError(f"load_adapter: call add_adapter({', '.join(f'{k}={v}' for k, v in saved.items())}) "
-                             f"before loading {source}")
-        if saved != config_metadata(self.adapter_config):
-            raise ValueError(f"{source}: adapter config {saved} does not match the model's "
-                             f"{config_metadata(self.adapter_config)}")
-
-
-def _copy_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
-                  rename: dict[str, str]) -> None:
-    """Copy a converted state dict into model, strictly (adapter params excluded); errors name the tensor.
-
-    rename maps our names back to the checkpoint's, so messages name what the user's file calls it.
-    """
-    own = {n: t for n, t in model.state_dict().items()
-           if not (n.endswith((".prompt", ".gate")) and ".attn." in n)}
-    check_tensors(own, sd, source, display=lambda name: rename.get(name, name))
-    with torch.no_grad():
-        for name, dst in own.items():
-            dst.copy_(sd[name])
-
+__all__ = ["ViTConfig", "TIMM_PRESETS", "VisionTransformer"]
 
 # --------------------------------------------------------------------------------------------- ViT
 @dataclass
@@ -290,7 +56,7 @@ class ViTConfig:
     num_classes: int = 0  # 0: no head, forward returns pooled features
 
     def __post_init__(self):
-        self.img_size = _pair(self.img_size)
+        self.img_size = pair(self.img_size)
         if self.fc_norm is None:  # timm's default: the final norm moves after pooling for average pooling
             self.fc_norm = self.global_pool == "avg"
         self.fc_norm = bool(self.fc_norm)
@@ -529,7 +295,7 @@ class VisionTransformer(PromptAdapterMixin, nn.Module):
                 sd.pop(k, None)
         elif "head.weight" not in sd:
             sd["head.weight"], sd["head.bias"] = self.head.weight.detach(), self.head.bias.detach()
-        _copy_checked(self, sd, source, {})
+        copy_checked(self, sd, source, {})
 
     @classmethod
     def from_timm(cls, model: nn.Module) -> "VisionTransformer":
