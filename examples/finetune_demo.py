@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lladapter_ext import data, training  # noqa: E402
-from lladapter_ext.cli import default_model_path  # noqa: E402
+from lladapter_ext.loaders import default_model_path  # noqa: E402
 from lladapter_ext.generation import generate  # noqa: E402
 from lladapter_ext.loaders import load_model  # noqa: E402
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from finetune_demo import evaluate  # noqa: E402
 from lladapter_ext import data, training  # noqa: E402
-from lladapter_ext.cli import default_model_path  # noqa: E402
+from lladapter_ext.loaders import default_model_path  # noqa: E402
 from lladapter_ext.loaders import load_model  # noqa: E402
 
 NO_GATE_VALUE = 20.0  # tanh(20) rounds to 1.0 in fp32 and fp64, so tanh' = 1 - tanh^2 = 0: a constant weight of 1

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from lladapter_ext import mm_data, training  # noqa: E402
-from lladapter_ext.cli import default_model_path  # noqa: E402
+from lladapter_ext.loaders import default_model_path  # noqa: E402
 from lladapter_ext.loaders import load_model  # noqa: E402
 from lladapter_ext.multimodal import (EfficientNetLite0Encoder, MultiModalLlama, answer_questions,  # noqa: E402
                                       question_features)

@@ -44,35 +44,39 @@ def _missing(module: str, purpose: str, err: Optional[BaseException] = None) -> 
     return e
 
 
-def require(module: str, purpose: str) -> ModuleType:
-    """Import `module` (dotted names allowed, e.g. "PIL.Image"), or raise MissingExtraError naming the extra."""
+def _check_listed(module: str) -> None:
     if module.split(".")[0] not in EXTRAS:
         raise KeyError(f"{module!r} is not an optional dependency listed in lladapter_ext._optional.EXTRAS")
+
+
+def _import_if_installed(module: str) -> tuple[Optional[ModuleType], Optional[ModuleNotFoundError]]:
+    """(the module, None), or (None, the error) when the package itself is not installed."""
+    _check_listed(module)
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(module), None
     except ModuleNotFoundError as e:
         if e.name and module.split(".")[0] != e.name.split(".")[0]:
             raise  # the package is there but one of its own dependencies is not: let that error speak
-        raise _missing(module, purpose, e) from e
+        return None, e
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import `module` (dotted names allowed, e.g. "PIL.Image"), or raise MissingExtraError naming the extra."""
+    mod, err = _import_if_installed(module)
+    if mod is None:
+        raise _missing(module, purpose, err) from err
+    return mod
 
 
 def optional(module: str) -> Optional[ModuleType]:
     """Import `module` when installed, else None (for packages that only refine a result, e.g. ftfy)."""
-    if module.split(".")[0] not in EXTRAS:
-        raise KeyError(f"{module!r} is not an optional dependency listed in lladapter_ext._optional.EXTRAS")
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.split(".")[0] != e.name.split(".")[0]:
-            raise
-        return None
+    return _import_if_installed(module)[0]
 
 
 def find_spec(module: str, purpose: str):
     """The module's spec without importing it (for packages used only for the files they ship), or raise
     MissingExtraError naming the extra."""
-    if module.split(".")[0] not in EXTRAS:
-        raise KeyError(f"{module!r} is not an optional dependency listed in lladapter_ext._optional.EXTRAS")
+    _check_listed(module)
     spec = importlib.util.find_spec(module)
     if spec is None:
         raise _missing(module, purpose)

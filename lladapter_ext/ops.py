@@ -225,6 +225,8 @@ def _rope_backward(ctx, grad_q, grad_k):
 
 # --------------------------------------------------------------------------------------------- attention
 _ATTN_BACKENDS = ("auto", "fused", "split", "reference")
+# The gate activations phi of the prompt branch: tanh (the official LLaMA-Adapter) or identity (PEFT, LitGPT).
+GATE_ACTS = ("tanh", "identity")
 # Head dims the CUDA kernels are instantiated for (the CPU kernels take any d).
 CUDA_HEAD_DIMS = (64, 80, 96, 128)
 
@@ -336,7 +338,7 @@ def check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act: str, scale
     same messages, for what runs no kernel of ours on the whole input: the fake (meta) implementation, the split
     backend's SDPA word branch and the reference backend. Every backend accepts and refuses the same inputs (the
     kernels' own capability limits aside: CUDA head dims and no float64 there, see gated_prompt_attention)."""
-    if gate_act not in ("tanh", "identity"):
+    if gate_act not in GATE_ACTS:
         raise RuntimeError(f"{op}: gate_act must be 'tanh' or 'identity', got '{gate_act}'")
     _check_same_device(op, "q", q, k=k, v=v)
     _check_dtype_in(op, "q", q, _CUDA_FLOAT_DTYPES if cuda_kernels else _CPU_FLOAT_DTYPES)

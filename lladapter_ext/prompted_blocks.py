@@ -89,7 +89,7 @@ class PromptedSelfAttention(nn.Module):
             raise ValueError(f"prompt_len must be positive, got {prompt_len}")
         if mode not in _ADAPTER_MODES:
             raise ValueError(f"mode must be one of {_ADAPTER_MODES}, got {mode!r}")
-        if gate_act not in ("tanh", "identity"):
+        if gate_act not in ops.GATE_ACTS:
             raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
         w = self.qkv.weight
         self.prompt = nn.Parameter(torch.randn(prompt_len, self.dim, device=w.device, dtype=w.dtype)

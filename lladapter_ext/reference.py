@@ -1,7 +1,7 @@
-"""Plain-PyTorch references of every lladapter op: the tests' oracle, and the stand-in for an op whose kernel
-has not landed yet. Written for clarity, not speed (attention materialises the score matrix).
+"""Plain-PyTorch references of every lladapter op: the tests' oracle, and the attention backend for head dims the
+CUDA kernels are not built for. Written for clarity, not speed (attention materialises the score matrix).
 
-The math is in ../shared/DESIGN.md section 2; each function's docstring restates what it computes.
+Each function's docstring states what it computes (docs/attention.md, docs/rope.md: the math at more length).
 """
 from __future__ import annotations
 

@@ -248,7 +248,8 @@ _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 
 
-def _gguf_field(reader, key, default=None):
+def gguf_field(reader, key: str, default=None):
+    """The value of metadata field `key` of an open gguf.GGUFReader, or default when the file has none."""
     f = reader.get_field(key)
     return default if f is None else f.contents()
 
@@ -265,32 +266,32 @@ def _load_gguf(path: Path) -> Tokenizer:
 
 def tokenizer_from_gguf_reader(reader, path: PathLike) -> Tokenizer:
     """Tokenizer from an open gguf.GGUFReader's metadata (path is for messages)."""
-    kind = _gguf_field(reader, "tokenizer.ggml.model")
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    kind = gguf_field(reader, "tokenizer.ggml.model")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise ValueError(f"{path}: no embedded vocabulary (tokenizer.ggml.model / tokenizer.ggml.tokens)")
-    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
-    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    pad = _gguf_field(reader, "tokenizer.ggml.padding_token_id")
-    template = _gguf_field(reader, "tokenizer.chat_template")
+    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    pad = gguf_field(reader, "tokenizer.ggml.padding_token_id")
+    template = gguf_field(reader, "tokenizer.chat_template")
     if kind == "gpt2":
-        merges = _gguf_field(reader, "tokenizer.ggml.merges")
+        merges = gguf_field(reader, "tokenizer.ggml.merges")
         if merges is None:
             raise ValueError(f"{path}: GPT-2-style vocabulary without tokenizer.ggml.merges")
-        tok = _byte_level_bpe(tokens, merges, types, _gguf_field(reader, "tokenizer.ggml.pre", "default"))
+        tok = _byte_level_bpe(tokens, merges, types, gguf_field(reader, "tokenizer.ggml.pre", "default"))
         add_bos_default = False
     elif kind == "llama":
-        scores = _gguf_field(reader, "tokenizer.ggml.scores")
+        scores = gguf_field(reader, "tokenizer.ggml.scores")
         if scores is None:
             raise ValueError(f"{path}: SentencePiece-style vocabulary without tokenizer.ggml.scores")
-        unk = _gguf_field(reader, "tokenizer.ggml.unknown_token_id", 0)
+        unk = gguf_field(reader, "tokenizer.ggml.unknown_token_id", 0)
         tok = _sentencepiece_bpe(tokens, scores, types, unk,
-                                 bool(_gguf_field(reader, "tokenizer.ggml.add_space_prefix", True)))
+                                 bool(gguf_field(reader, "tokenizer.ggml.add_space_prefix", True)))
         add_bos_default = True
     else:
         raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported ('gpt2', 'llama')")
-    add_bos = bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default))
+    add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default))
     control = [i for i, t in enumerate(types) if t == _GGUF_CONTROL]
     return Tokenizer(_TokenizersBackend(tok), bos_id=bos, eos_id=eos, pad_id=pad, add_bos=add_bos,
                      chat_template=template, special_ids=control, source=str(path))

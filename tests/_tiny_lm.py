@@ -7,9 +7,9 @@
   segment_ids) -> .logits/.loss with the HF shift; adapter_parameters / adapter_state_dict / load_adapter / save_adapter;
   config.adapter_len / adapter_layer / gate_act; set_activation_checkpointing).
 
-``make_test_model()`` returns the real ``lladapter_ext.model.LlamaForCausalLM`` with a tiny config when that module
-exists (or when LLADAPTER_TEST_MODEL=llama), else the double (LLADAPTER_TEST_MODEL=double forces it), so the same
-tests exercise the real model once it is merged.
+``make_test_model()`` returns the real ``lladapter_ext.model.LlamaForCausalLM`` with a tiny config (or the double
+with LLADAPTER_TEST_MODEL=double), so the trainer's tests run on the real model and the contract stays checkable
+against the double.
 """
 from __future__ import annotations
 

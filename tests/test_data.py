@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = ByteTokenizer()
 CHAT_TOK = ByteTokenizer(chat_template="toy")
 
-# Written out independently of lladapter_ext.data (DESIGN.md section 2).
+# Written out independently of lladapter_ext.data.
 WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
               "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers."
               "\n\n### Input:\n2 3\n\n### Response:")
@@ -359,7 +359,7 @@ def test_demo_data_is_regenerable_and_correct():
 @pytest.fixture(scope="module")
 def smollm_tokenizer():
     tokenizer_mod = pytest.importorskip("lladapter_ext.tokenizer", reason="needs the model branch's tokenizers")
-    from lladapter_ext.cli import default_model_path
+    from lladapter_ext.loaders import default_model_path
     return tokenizer_mod.load_tokenizer(default_model_path())
 
 

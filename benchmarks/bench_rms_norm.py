@@ -2,7 +2,7 @@
 forward and forward+backward at LLaMA shapes, ratios measured in the same run. On GPU also the achieved bandwidth
 as a fraction of a device-to-device copy, and Liger-Kernel's RMSNorm when importable.
 
-    python benchmarks/bench_rmsnorm.py [--device cpu|cuda] [--quick] [--json out.json]
+    python benchmarks/bench_rms_norm.py [--device cpu|cuda] [--quick] [--json out.json]
 """
 from __future__ import annotations
 
