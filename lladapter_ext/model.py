@@ -495,3 +495,39 @@ def _segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
     new_run = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
     new_run[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     return torch.where(new_run, idx, 0).cummax(1).values
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> str:
+    """Turn on activation checkpointing: the model's own switch when it has one
+    (``set_activation_checkpointing(True)``, or HF's ``gradient_checkpointing_enable()``), else every block of its
+    ``layers`` ModuleList is wrapped so that, while training with grad enabled, its forward runs under
+    ``torch.utils.checkpoint`` (non-reentrant; activations inside a block are recomputed in backward). Inference
+    (no grad or eval mode) runs the block as before, so a KV cache is never written twice. Returns which way
+    was used; a model with none of these raises."""
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(True)
+        return "model"
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+        return "model"
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        for layer in layers:
+            _checkpoint_forward(layer)
+        return "layers"
+    raise ValueError(f"activation_checkpointing=True but {type(model).__name__} has no "
+                     "set_activation_checkpointing(enabled) method and no `layers` ModuleList to wrap")
+
+
+def _checkpoint_forward(module: torch.nn.Module) -> None:
+    if getattr(module, "_lladapter_checkpointed", False):
+        return
+    from torch.utils.checkpoint import checkpoint
+    forward = module.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    module.forward = checkpointed_forward
+    module._lladapter_checkpointed = True

@@ -34,7 +34,7 @@ from torch import nn
 from ._optional import find_spec, require
 from .mm_data import ImagePreprocess
 from .adapter import AdapterMixin
-from .model import LlamaForCausalLM
+from .model import LlamaForCausalLM, enable_activation_checkpointing
 
 __all__ = ["ImageEncoder", "CLIPImageEncoder", "ViTImageEncoder", "EfficientNetLite0Encoder", "ModuleImageEncoder",
            "VisualProjection", "MultiModalLlama", "efficientnet_lite0_weights_path",
@@ -405,7 +405,6 @@ class MultiModalLlama(AdapterMixin, nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         if enabled:
-            from .training import enable_activation_checkpointing
             enable_activation_checkpointing(self.llm)
 
     # ---------------------------------------------------------------- adapter (lladapter_ext.adapter)

@@ -9,40 +9,19 @@ the accumulation, every process). Each micro-batch contributes sum(token losses)
 the gradient does not depend on how the step is split into micro-batches or processes: 2 processes x micro-batch
 2 give the same update as 1 process x micro-batch 4 or 1 process x 2 accumulation steps x micro-batch 2.
 
-Distributed (torchrun, WORLD_SIZE > 1): data parallel over torch.distributed. Only the adapter parameters are
-trainable, so only their gradients are reduced: one flattened all-reduce (SUM) per optimizer step, after the
-accumulation, like DDP under ``no_sync`` (the frozen weights are never broadcast or reduced; every process loads
-them from the same checkpoint, and the adapter is broadcast from rank 0 at start). Rank 0 writes logs,
-checkpoints and the plot.
-
-FSDP (``fsdp=True``, for models that do not fit one device): FSDP2 ``fully_shard`` on every block of
-``model.layers`` and on the root, over all processes. Every parameter, the frozen base weights included, is
-sharded (each process keeps 1/world_size of it, all-gathered block by block for forward and backward); the
-adapter gradients are reduce-scattered with SUM (same normalisation as above) and AdamW updates each process's
-shard. Checkpoints stay in the same format: the adapter is gathered to full tensors and the optimizer state to
-a full, FQN-keyed state dict (torch.distributed.checkpoint.state_dict), written by rank 0; resuming shards them
-again. Each process builds the full model first (on CPU when it does not fit the device: ``fully_shard`` moves
-each block's shard to the process's device as it shards it).
-
-Checkpoints (``out_dir/checkpoints/step-NNNNNNNN/``): ``adapter.safetensors`` (model.save_adapter) and
-``trainer_state.pt`` (optimizer, grad scaler, step, data position, RNG states of every process, counters),
-written to a temporary directory that is renamed into place, then ``checkpoints/latest`` is replaced
-atomically; a kill at any moment leaves the previous checkpoint intact. ``trainer_state.pt`` holds only tensors
-and plain containers and is loaded with ``weights_only=True``. At the end ``out_dir/adapter.safetensors``, the
-step log ``out_dir/log.jsonl`` and the plot ``out_dir/loss.png`` sit next to each other.
+Distributed runs (torchrun; data parallel or FSDP2) set up and communicate through lladapter_ext.distributed;
+rank 0 writes logs, checkpoints and the plot. Checkpoints, the step log and every other file of the run are
+lladapter_ext.checkpoint's (atomic writes, resume with fallback to the newest readable checkpoint). At the end
+``out_dir/adapter.safetensors``, the step log ``out_dir/log.jsonl`` and the plot ``out_dir/loss.png`` sit next to
+each other.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
 import os
-import random
-import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,17 +29,18 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .data import IGNORE_INDEX, Batches, DataChangedError, TokenizedDataset, collate
 from .adapter import first_non_finite, is_dtensor
+from .checkpoint import (ADAPTER_FILE, CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, PLOT_FILE, STATE_FILE,  # noqa: F401
+                         CheckpointCorruptError, CheckpointManager, CheckpointWriteError, atomic_write_bytes,
+                         changed_config, clean_stale_temporaries, latest_checkpoint, read_log, rng_state,
+                         save_adapter_atomic, set_rng_state, truncate_log, writing)
+from .data import IGNORE_INDEX, Batches, DataChangedError, TokenizedDataset, collate
+from .distributed import (all_reduce_step, apply_fsdp, broadcast_adapter, dist_info,  # noqa: F401
+                          finish_distributed, init_distributed, scalar)
+from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-ADAPTER_FILE = "adapter.safetensors"
-STATE_FILE = "trainer_state.pt"
-LOG_FILE = "log.jsonl"
-PLOT_FILE = "loss.png"
-CONFIG_FILE = "train_config.json"
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,15 +51,6 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteAdapterError(NonFiniteLossError):
     """An optimizer update left an adapter tensor with NaN or inf values (the learning rate is far too high or
     the run diverged); the run stops before such an adapter is written anywhere."""
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint, the adapter, the step log or another output file failed. The message names the file
-    and says "no space left on device" when that is the cause (errno is then ENOSPC)."""
-
-
-class CheckpointCorruptError(ValueError):
-    """A checkpoint whose files cannot be read back (truncated, corrupt, non-finite adapter)."""
 
 
 @dataclass
@@ -240,273 +211,6 @@ def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> str:
-    """Turn on activation checkpointing: the model's own switch when it has one
-    (``set_activation_checkpointing(True)``, or HF's ``gradient_checkpointing_enable()``), else every block of its
-    ``layers`` ModuleList is wrapped so that, while training with grad enabled, its forward runs under
-    ``torch.utils.checkpoint`` (non-reentrant; activations inside a block are recomputed in backward). Inference
-    (no grad or eval mode) runs the block as before, so a KV cache is never written twice. Returns which way
-    was used; a model with none of these raises."""
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(True)
-        return "model"
-    if hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
-        return "model"
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-        for layer in layers:
-            _checkpoint_forward(layer)
-        return "layers"
-    raise ValueError(f"activation_checkpointing=True but {type(model).__name__} has no "
-                     "set_activation_checkpointing(enabled) method and no `layers` ModuleList to wrap")
-
-
-def _checkpoint_forward(module: torch.nn.Module) -> None:
-    if getattr(module, "_lladapter_checkpointed", False):
-        return
-    from torch.utils.checkpoint import checkpoint
-    forward = module.forward
-
-    def checkpointed_forward(*args, **kwargs):
-        if module.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-    module.forward = checkpointed_forward
-    module._lladapter_checkpointed = True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str | None = None) -> DistInfo:
-    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL when CUDA is
-    available, else gloo; each process uses cuda:LOCAL_RANK. A single process (no WORLD_SIZE) does nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    return dist_info()
-
-
-def finish_distributed() -> None:
-    """Leave the process group init_distributed joined, after a barrier: a process that tears its group down while
-    a peer still finishes its last collective can make gloo abort that peer ("terminate called without an active
-    exception"). No-op for a single process."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def dist_info() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    return DistInfo()
-
-
-def apply_fsdp(model: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2: ``fully_shard`` every block of ``model.layers``, then the root (embeddings, final norm, head), over
-    all processes of the default group on ``device``'s type. Gradients are reduce-scattered with SUM (no division
-    by the world size): the trainer normalises the loss by the token count of the whole step itself."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"fsdp=True needs a model with a `layers` ModuleList of blocks to shard; "
-                         f"{type(model).__name__} has none")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-
-
-def _scalar(x) -> float:
-    return float(x.full_tensor()) if is_dtensor(x) else float(x)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files
-
-
-# what a write that came up short looks like: ENOSPC from Python, torch's zip writer (inline_container.cc:
-# "unexpected pos", "file write failed"), safetensors' Rust io error
-_SHORT_WRITE_MARKERS = ("no space left on device", "unexpected pos", "file write failed", "storagefull",
-                        "os error 28", "errno 28")
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return True
-    text = str(e).lower()
-    return any(m in text for m in _SHORT_WRITE_MARKERS)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-@contextlib.contextmanager
-def _writing(what: str, path: str, *, cleanup: tuple = (), note: str = ""):
-    """Run a write of ``what`` to ``path``: on failure remove the ``cleanup`` paths (temporaries); an OSError or a
-    failed/short write (e.g. torch's "unexpected pos") becomes a CheckpointWriteError that names the path and says
-    "no space left on device" when that is the cause; other exceptions pass through unchanged."""
-    try:
-        yield
-    except BaseException as e:
-        for c in cleanup:
-            _remove(c)
-        if isinstance(e, CheckpointWriteError) or not isinstance(e, Exception):
-            raise
-        full = _is_disk_full(e)
-        if not (full or isinstance(e, OSError)):
-            raise
-        detail = " ".join(str(e).split()) or type(e).__name__
-        msg = f"cannot write {what} {path}: " + (f"no space left on device ({detail})" if full else detail)
-        err = CheckpointWriteError(msg + (f"; {note}" if note else ""))
-        err.errno = errno.ENOSPC if full else getattr(e, "errno", None)
-        err.path = path  # (not .filename: OSError.__str__ would then ignore the message)
-        raise err from e
-
-
-def _atomic_write_bytes(path: str, data: bytes, what: str = "file") -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with _writing(what, path, cleanup=(tmp,)):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_adapter_atomic(model: torch.nn.Module, path: str, state_dict: dict | None = None) -> None:
-    """model.save_adapter to a temporary file in the same directory, then os.replace onto ``path``. ``state_dict``:
-    the (gathered) adapter tensors to write instead of the model's own parameters (FSDP)."""
-    tmp = f"{path}.tmp-{os.getpid()}.safetensors"
-    with _writing("the adapter", path, cleanup=(tmp,)):
-        if state_dict is None:
-            model.save_adapter(tmp)
-        else:
-            model.save_adapter(tmp, state_dict=state_dict)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-# temporaries this module writes (name.tmp-PID[.ext] next to the file; checkpoints/.tmp-step-N-PID while a
-# checkpoint is written; checkpoints/step-N.old-PID while a checkpoint of the same step is replaced)
-_STALE_FILE = re.compile(r"^(%s)\.tmp-\d+(\.safetensors|\.png)?$" % "|".join(
-    re.escape(n) for n in (LOG_FILE, CONFIG_FILE, ADAPTER_FILE, PLOT_FILE)))
-_STALE_CKPT = re.compile(r"^(\.tmp-step-\d+-\d+|latest\.tmp-\d+)$")
-_OLD_CKPT = re.compile(r"^(step-\d+)\.old-\d+$")
-
-
-def clean_stale_temporaries(out_dir: str) -> list[str]:
-    """Remove the temporaries that an earlier run in ``out_dir`` left when it failed or was killed mid-write
-    (partial checkpoint directories, half-written log, config, adapter or plot files). A checkpoint that was
-    being replaced by a re-save of the same step (step-N.old-PID with no step-N) is put back, never deleted.
-    Returns the paths removed or restored."""
-    done = []
-    if os.path.isdir(out_dir):
-        for n in sorted(os.listdir(out_dir)):
-            if _STALE_FILE.match(n):
-                _remove(os.path.join(out_dir, n))
-                done.append(os.path.join(out_dir, n))
-    root = os.path.join(out_dir, CHECKPOINT_DIR)
-    if os.path.isdir(root):
-        for n in sorted(os.listdir(root)):
-            path = os.path.join(root, n)
-            old = _OLD_CKPT.match(n)
-            if old:
-                final = os.path.join(root, old.group(1))
-                if os.path.exists(final):
-                    _remove(path)  # the replacement was completed; this is the superseded copy
-                else:
-                    os.replace(path, final)  # killed between the two renames: the old copy is the good one
-                done.append(path)
-            elif _STALE_CKPT.match(n):
-                _remove(path)
-                done.append(path)
-    return done
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The directory that ``out_dir/checkpoints/latest`` names, or None when there is no checkpoint."""
-    pointer = os.path.join(out_dir, CHECKPOINT_DIR, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(out_dir, CHECKPOINT_DIR, name)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{pointer} names {name!r}, which does not exist")
-    return path
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached": float(cached)}
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        n = state["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
-                             n["cached"]))
-
-
 def plot_history(history: list[dict], path: str) -> None:
     """Loss and lr against the optimizer step (skipped steps marked), written atomically as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -530,7 +234,7 @@ def plot_history(history: list[dict], path: str) -> None:
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
-    with _writing("the loss plot", path, cleanup=(tmp,)):
+    with writing("the loss plot", path, cleanup=(tmp,)):
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
 
@@ -591,11 +295,7 @@ class Trainer:
         if self.fsdp:
             comm_device = torch.device("cuda", self.dist.local_rank) if dist.get_backend() == "nccl" else \
                 torch.device("cpu")
-            with torch.no_grad():  # rank 0's adapter everywhere, while each rank still holds full tensors
-                for p in model.adapter_parameters():
-                    buf = p.detach().to(comm_device)
-                    dist.broadcast(buf, src=0)
-                    p.copy_(buf)
+            broadcast_adapter(model, comm_device)  # rank 0's adapter everywhere, before sharding
             apply_fsdp(model, comm_device)
         self.device = next(model.parameters()).device
         self.amp_dtype = _PRECISIONS[config.precision]
@@ -627,7 +327,7 @@ class Trainer:
         self.n_bad_total = 0
         self.history: list[dict] = []
         self.out_dir = config.out_dir
-        self.ckpt_root = os.path.join(self.out_dir, CHECKPOINT_DIR)
+        self.checkpoints = CheckpointManager(self.out_dir, keep=config.keep_checkpoints)
         self.log_path = os.path.join(self.out_dir, LOG_FILE)
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -646,7 +346,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str | None:
         """Write checkpoint step-<step> (rank 0 writes; every rank must call it). Returns its path on rank 0."""
-        rng = _rng_state()
+        rng = rng_state()
         if self.dist.world_size > 1:
             gathered: list = [None] * self.dist.world_size
             dist.all_gather_object(gathered, rng)
@@ -664,132 +364,28 @@ class Trainer:
         if bad is not None:
             raise NonFiniteAdapterError(
                 f"step {self.step}: adapter tensor {bad} is not finite (NaN or inf); checkpoint not written, "
-                f"{self._latest_note()}")
+                f"{self.checkpoints.latest_note()}")
         path = None
         if self.dist.is_main:
-            name = f"step-{self.step:08d}"
-            final = os.path.join(self.ckpt_root, name)
-            tmp = os.path.join(self.ckpt_root, f".tmp-{name}-{os.getpid()}")
-            note = self._latest_note()
-            with _writing(f"checkpoint {name}:", tmp, cleanup=(tmp,), note=note):
-                os.makedirs(self.ckpt_root, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(tmp)
-            for f in (ADAPTER_FILE, STATE_FILE):
-                with _writing(f"checkpoint {name}:", os.path.join(tmp, f), cleanup=(tmp,), note=note):
-                    if f == STATE_FILE:
-                        torch.save(self._state(rng_states, optimizer_state if self.fsdp else
-                                               self.optimizer.state_dict()), os.path.join(tmp, f))
-                    elif self.fsdp:
-                        self.model.save_adapter(os.path.join(tmp, f), state_dict=adapter_state)
-                    else:
-                        self.model.save_adapter(os.path.join(tmp, f))
-                    with open(os.path.join(tmp, f), "rb+") as fh:
-                        os.fsync(fh.fileno())
-            with _writing(f"checkpoint {name}:", final, cleanup=(tmp,), note=note):
-                if os.path.exists(final):  # re-saving the same step (a resumed run that ends where it resumed)
-                    old = f"{final}.old-{os.getpid()}"
-                    os.replace(final, old)
-                    try:
-                        os.replace(tmp, final)
-                    except BaseException:
-                        os.replace(old, final)
-                        raise
-                    shutil.rmtree(old)
-                else:
-                    os.replace(tmp, final)
-                _fsync_dir(self.ckpt_root)
-            _atomic_write_bytes(os.path.join(self.ckpt_root, "latest"), (name + "\n").encode(),
-                                what="the checkpoint pointer")
-            self._prune_checkpoints(keep=name)
-            path = final
+            state = self._state(rng_states, optimizer_state if self.fsdp else self.optimizer.state_dict())
+            if self.fsdp:
+                save = lambda p: self.model.save_adapter(p, state_dict=adapter_state)  # noqa: E731
+            else:
+                save = self.model.save_adapter
+            path = self.checkpoints.write(self.step, state, save)
         if self.dist.world_size > 1:
             dist.barrier()
         return path
 
-    def _latest_note(self) -> str:
-        try:
-            latest = latest_checkpoint(self.out_dir)
-        except OSError:
-            latest = None
-        return (f"the latest good checkpoint is still {latest}" if latest else
-                "there is no earlier checkpoint")
-
-    def _prune_checkpoints(self, keep: str) -> None:
-        names = sorted(n for n in os.listdir(self.ckpt_root) if n.startswith("step-") and ".old-" not in n)
-        for n in names[:-self.config.keep_checkpoints]:
-            if n != keep:
-                shutil.rmtree(os.path.join(self.ckpt_root, n), ignore_errors=True)
-
-    def _checkpoint_candidates(self) -> tuple[list[str], list[str]]:
-        """(checkpoint directories to try, newest first: the one `latest` names, then the older step-* ones;
-        problems already found, e.g. `latest` naming a missing directory)."""
-        pointer = os.path.join(self.ckpt_root, "latest")
-        if not os.path.exists(pointer):
-            return [], []
-        problems = []
-        with open(pointer, encoding="utf-8", errors="replace") as f:
-            name = f.read().strip()
-        named = os.path.join(self.ckpt_root, name)
-        steps = sorted((n for n in os.listdir(self.ckpt_root) if re.fullmatch(r"step-\d+", n)), reverse=True)
-        if re.fullmatch(r"step-\d+", name) and os.path.isdir(named):
-            return [named] + [os.path.join(self.ckpt_root, n) for n in steps if n < name], problems
-        problems.append(f"{pointer} names {name!r}, which is not a checkpoint directory")
-        return [os.path.join(self.ckpt_root, n) for n in steps], problems
-
-    @staticmethod
-    def _read_checkpoint(path: str) -> tuple[dict, dict]:
-        """(trainer state, adapter tensors) of checkpoint directory ``path``; CheckpointCorruptError naming the
-        file when one cannot be read back."""
-        from safetensors.torch import load_file
-        state_file = os.path.join(path, STATE_FILE)
-        try:
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure to read it back means the file is unusable
-            raise CheckpointCorruptError(f"{state_file} is unreadable ({type(e).__name__}: "
-                                         f"{' '.join(str(e).split())[:300]})") from e
-        need = ("step", "total_steps", "base_lr", "optimizer", "data", "rng", "world_size", "config")
-        missing = [k for k in need if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise CheckpointCorruptError(f"{state_file} is not a trainer state (missing {missing})")
-        adapter_file = os.path.join(path, ADAPTER_FILE)
-        try:
-            adapter = load_file(adapter_file)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointCorruptError(f"{adapter_file} is unreadable ({type(e).__name__}: "
-                                         f"{' '.join(str(e).split())[:300]})") from e
-        bad = first_non_finite(adapter)
-        if bad is not None:
-            raise CheckpointCorruptError(f"{adapter_file}: tensor {bad} is not finite")
-        return state, adapter
-
     def _resume(self) -> bool:
         main = self.dist.is_main
-        candidates, problems = self._checkpoint_candidates()
-        if not candidates and not problems:
+        found = self.checkpoints.read_newest(warn=main)
+        if found is None:
             if main:
-                log.warning("resume: no checkpoint in %s; starting from step 0", self.ckpt_root)
+                log.warning("resume: no checkpoint in %s; starting from step 0", self.checkpoints.root)
             return False
-        path = state = adapter = None
-        for cand in candidates:
-            try:
-                state, adapter = self._read_checkpoint(cand)
-                path = cand
-                break
-            except CheckpointCorruptError as e:
-                problems.append(str(e))
-        if path is None:
-            raise CheckpointCorruptError(f"cannot resume from {self.ckpt_root}: no readable checkpoint ("
-                                         + "; ".join(problems) + ")")
-        if problems and main:
-            log.warning("resume: %s; falling back to the newest readable checkpoint, %s", "; ".join(problems), path)
-        saved = json.loads(state["config"])
-        mine = self._config_dict()
-        # a field added after the checkpoint was written counts as its default (e.g. fsdp)
-        saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)
-                    if f.default is not dataclasses.MISSING}, **saved}
-        changed = {k: (saved.get(k), mine[k]) for k in mine
-                   if k not in TrainConfig._RESUME_FREE and json.dumps(saved.get(k)) != json.dumps(mine[k])}
+        path, state, adapter = found
+        changed = changed_config(state["config"], self._config_dict(), TrainConfig, TrainConfig._RESUME_FREE)
         if changed:
             raise ValueError(f"cannot resume {path}: the run's config differs from the checkpoint's "
                              f"(key: (checkpoint, now)): {changed}")
@@ -817,7 +413,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if state["world_size"] == self.dist.world_size:
-            _set_rng_state(state["rng"][self.dist.rank])
+            set_rng_state(state["rng"][self.dist.rank])
         else:
             log.warning("resume: world size changed (%d -> %d); RNG states not restored",
                         state["world_size"], self.dist.world_size)
@@ -825,41 +421,13 @@ class Trainer:
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.n_bad_total = int(state["n_bad_total"])
         if self.dist.is_main:
-            self.history = self._truncate_log(self.step)
+            self.history = truncate_log(self.log_path, self.step)
         if self.dist.world_size > 1:
             dist.barrier()
             if not self.dist.is_main:
-                self.history = self._read_log(warn=False)
+                self.history = read_log(self.log_path, warn=False)
         log.info("resumed from %s at step %d", path, self.step)
         return True
-
-    def _read_log(self, warn: bool = True) -> list[dict]:
-        """The step records of log.jsonl. A line that is not a step record (corrupt, e.g. by a crash or an
-        editor) is skipped with a warning naming the file and line; a partial last line (a kill in the middle of
-        writing it) is dropped silently."""
-        if not os.path.exists(self.log_path):
-            return []
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-        records = []
-        for k, (lineno, line) in enumerate(lines):
-            try:
-                record = json.loads(line)
-                ok = isinstance(record, dict) and isinstance(record.get("step"), int)
-            except json.JSONDecodeError:
-                ok = False
-            if ok:
-                records.append(record)
-            elif warn and k != len(lines) - 1:
-                log.warning("%s:%d: skipping a corrupt log line (not a step record): %.80r", self.log_path, lineno,
-                            line.rstrip("\n"))
-        return records
-
-    def _truncate_log(self, step: int) -> list[dict]:
-        """Keep the log entries of steps <= ``step`` (later ones are redone after a resume)."""
-        kept = [r for r in self._read_log() if r["step"] <= step]
-        _atomic_write_bytes(self.log_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        return kept
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
@@ -895,28 +463,10 @@ class Trainer:
             bad = flags.nonzero().flatten().tolist()
         return self.param_names[bad[0]] if bad else None
 
-    def _all_reduce(self, loss_sum: torch.Tensor, n_tokens: int) -> tuple[float, int]:
-        """Sum the adapter gradients, the loss sum and the token count over processes (one collective)."""
-        if self.dist.world_size == 1:
-            return float(loss_sum), n_tokens
-        if self.fsdp:  # the gradients were reduce-scattered (SUM) in backward already
-            flat = torch.stack([loss_sum.float(), torch.tensor(float(n_tokens), device=self.device)])
-            dist.all_reduce(flat)
-            return float(flat[0]), int(flat[1].item())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads]
-                         + [torch.stack([loss_sum.float(), torch.tensor(float(n_tokens), device=self.device)])])
-        dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
-            offset += g.numel()
-        return float(flat[-2]), int(flat[-1].item())
-
     def train(self) -> TrainResult:
         cfg = self.config
         if self.dist.is_main:
-            with _writing("the output directory", self.out_dir):
+            with writing("the output directory", self.out_dir):
                 os.makedirs(self.out_dir, exist_ok=True)
             stale = clean_stale_temporaries(self.out_dir)
             if stale:
@@ -938,7 +488,7 @@ class Trainer:
                 for p in self.params:
                     dist.broadcast(p.data, src=0)
         if self.dist.is_main:
-            _atomic_write_bytes(os.path.join(self.out_dir, CONFIG_FILE),
+            atomic_write_bytes(os.path.join(self.out_dir, CONFIG_FILE),
                                 json.dumps({**self._config_dict(), "total_steps": self.total_steps,
                                             "warmup_steps": self.warmup_steps, "base_lr": self.base_lr,
                                             "effective_batch": self.effective_batch,
@@ -953,7 +503,7 @@ class Trainer:
         tokens_done = 0
         log_file = None
         if self.dist.is_main:
-            with _writing("the step log", self.log_path):
+            with writing("the step log", self.log_path):
                 log_file = open(self.log_path, "a", encoding="utf-8")
         try:
             while self.step < self.total_steps:
@@ -961,7 +511,7 @@ class Trainer:
                 tokens_done += record["tokens"]
                 self.history.append(record)
                 if log_file is not None:
-                    with _writing("the step log", self.log_path):
+                    with writing("the step log", self.log_path):
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
                 if bar is not None:
@@ -972,7 +522,7 @@ class Trainer:
                     raise NonFiniteAdapterError(
                         f"stopping at step {self.step}: the optimizer update made adapter tensor "
                         f"{self.non_finite_param} non-finite (NaN or inf), so it is not saved and "
-                        f"{self._latest_note()}. Lower the learning rate (now {record['lr']:.3g}) or set "
+                        f"{self.checkpoints.latest_note()}. Lower the learning rate (now {record['lr']:.3g}) or set "
                         "clip_grad_norm")
                 if self.bad_in_a_row >= cfg.max_bad_steps:  # after logging, so the bad steps are in the log
                     raise NonFiniteLossError(
@@ -1017,14 +567,14 @@ class Trainer:
             group["lr"] = lr
         batch = self.batches.next_step()
         loss_sum = self._forward_backward(batch.micro_batches, batch.n_loss_tokens_global)
-        loss_sum, tokens = self._all_reduce(loss_sum, batch.n_tokens_local)
+        loss_sum, tokens = all_reduce_step(self.params, loss_sum, batch.n_tokens_local, sharded=self.fsdp)
         loss = loss_sum / batch.n_loss_tokens_global
         grad_norm = float("nan")
         skipped = not math.isfinite(loss)
         if not skipped:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm or float("inf")))
+            grad_norm = scalar(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm or float("inf")))
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)  # skips by itself on inf/nan gradients (loss scale too high)
                 self.scaler.update()
@@ -1036,7 +586,7 @@ class Trainer:
                         raise
                     raise NonFiniteAdapterError(
                         f"stopping at step {self.step + 1}: the optimizer update overflows ({e}); the learning rate "
-                        f"({lr:.3g}) is far too high. Nothing of this step is saved and {self._latest_note()}") from e
+                        f"({lr:.3g}) is far too high. Nothing of this step is saved and {self.checkpoints.latest_note()}") from e
             else:
                 skipped = True
             if not skipped:
