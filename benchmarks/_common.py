@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -106,10 +106,10 @@ class Table:
     def __init__(self, title: str, device: str):
         self.title, self.device, self.rows = title, device, []
 
-    def add(self, case: str, impl: str, seconds: float, anchor: Optional[str] = None, **extra):
+    def add(self, case: str, impl: str, seconds: float, anchor: str | None = None, **extra):
         self.rows.append(dict(case=case, impl=impl, seconds=seconds, anchor=anchor, **extra))
 
-    def ratio(self, row) -> Optional[float]:
+    def ratio(self, row) -> float | None:
         if not row["anchor"]:
             return None
         base = next((r for r in self.rows if r["case"] == row["case"] and r["impl"] == row["anchor"]), None)
@@ -125,7 +125,7 @@ class Table:
                               if k not in ("case", "impl", "seconds", "anchor"))
             print(f"{r['case']:44s} {r['impl']:28s} {r['seconds'] * 1e3:9.3f}ms  {sp:>16s}  {extra}")
 
-    def dump(self, path: Optional[str]):
+    def dump(self, path: str | None):
         if not path:
             return
         rows = [dict(r, ratio=self.ratio(r)) for r in self.rows]
@@ -136,7 +136,7 @@ class Table:
 
 
 # ------------------------------------------------------------------ variants in child processes
-def run_child(script: str, variant: str, argv: list[str], env: Optional[dict] = None) -> dict:
+def run_child(script: str, variant: str, argv: list[str], env: dict | None = None) -> dict:
     """Run `python script --variant VARIANT *argv` and return the JSON dict its last stdout line holds.
     Each variant gets its own process so that peak memory is its own and no state (patched ops, allocator
     caches, imported libraries) leaks between variants. A failing child raises with the tail of its stderr."""

@@ -31,7 +31,6 @@ import time
 import zlib
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -198,7 +197,8 @@ def build_litgpt(c, dev, dtype):
         slot = {"self_attn.q_proj.weight": qkv[:qs], "self_attn.k_proj.weight": qkv[qs:qs + ks],
                 "self_attn.v_proj.weight": qkv[qs + ks:],
                 "self_attn.o_proj.weight": params[p + "attn.proj.weight"],
-                "mlp.gate_proj.weight": params[p + "mlp.fc_1.weight"], "mlp.up_proj.weight": params[p + "mlp.fc_2.weight"],
+                "mlp.gate_proj.weight": params[p + "mlp.fc_1.weight"],
+                "mlp.up_proj.weight": params[p + "mlp.fc_2.weight"],
                 "mlp.down_proj.weight": params[p + "mlp.proj.weight"],
                 "input_layernorm.weight": params[p + "norm_1.weight"],
                 "post_attention_layernorm.weight": params[p + "norm_2.weight"]}[rest]

@@ -76,8 +76,7 @@ inline PromptAttnProblem prompt_attn_check_inputs(const char* op, const at::Tens
   s.Hkv = k.size(2);
   TORCH_CHECK(s.d > 0, op, ": head dim d (q.size(3)) must be positive, got ", s.d);
   TORCH_CHECK(k.size(0) == s.B, op, ": k must have q's batch size ", s.B, " in dim 0, got k of shape ", shape_str(k));
-  TORCH_CHECK(k.size(3) == s.d, op, ": k must have q's head dim d = ", s.d, " in dim 3, got k of shape ",
-              shape_str(k));
+  TORCH_CHECK(k.size(3) == s.d, op, ": k must have q's head dim d = ", s.d, " in dim 3, got k of shape ", shape_str(k));
   TORCH_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, op, ": the number of query heads H = ", s.H,
               " (q.size(2)) must be a multiple of the number of kv heads Hkv = ", s.Hkv, " (k.size(2))");
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
@@ -99,8 +98,8 @@ inline PromptAttnProblem prompt_attn_check_inputs(const char* op, const at::Tens
                 P.scalar_type());
     TORCH_CHECK(pv->scalar_type() == q.scalar_type(), op, ": pv must have q's dtype (", q.scalar_type(), "), got ",
                 pv->scalar_type());
-    TORCH_CHECK(P.size(0) == 1 || P.size(0) == s.B, op, ": pk's batch dim Bp must be 1 (shared prompt) or B = ",
-                s.B, ", got pk of shape ", shape_str(P));
+    TORCH_CHECK(P.size(0) == 1 || P.size(0) == s.B, op, ": pk's batch dim Bp must be 1 (shared prompt) or B = ", s.B,
+                ", got pk of shape ", shape_str(P));
     TORCH_CHECK(P.size(2) == s.Hkv, op, ": pk must have k's number of kv heads Hkv = ", s.Hkv,
                 " in dim 2, got pk of shape ", shape_str(P));
     TORCH_CHECK(P.size(3) == s.d, op, ": pk must have q's head dim d = ", s.d, " in dim 3, got pk of shape ",
@@ -164,8 +163,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pk,
     const std::optional<at::Tensor>& gate, int64_t H) {
   auto prompt_grad = [&] { return pk.has_value() ? at::zeros(pk->sizes(), q.options()) : at::empty({0}, q.options()); };
-  return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
-          prompt_grad(), prompt_grad(),
+  return {at::zeros(q.sizes(), q.options()),
+          at::zeros(k.sizes(), k.options()),
+          at::zeros(v.sizes(), v.options()),
+          prompt_grad(),
+          prompt_grad(),
           gate.has_value() ? at::zeros({H}, gate->options()) : at::empty({0}, q.options().dtype(at::kFloat))};
 }
 

@@ -19,8 +19,8 @@ inline void rms_norm_check_inputs(const at::Tensor& x, const at::Tensor& weight,
   check_float_dtype(op, "x", x, target);
   const bool half_x = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() || (half_x && weight.scalar_type() == at::kFloat), op,
-              ": weight must have x's dtype (", x.scalar_type(), ")",
-              half_x ? " or float32" : "", ", got ", weight.scalar_type());
+              ": weight must have x's dtype (", x.scalar_type(), ")", half_x ? " or float32" : "", ", got ",
+              weight.scalar_type());
 }
 
 inline void rms_norm_check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,

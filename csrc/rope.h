@@ -22,10 +22,9 @@ struct RopeGeometry {
   int64_t P;     // positions in the cos/sin tables
 };
 
-inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& cos, const at::Tensor& sin,
-                                      const std::optional<at::Tensor>& position_ids, int64_t offset,
-                                      const KernelTarget& target) {
+inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                      const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
+                                      int64_t offset, const KernelTarget& target) {
   check_device(op, "q", q, target.device);
   check_device(op, "k", k, target.device);
   check_device(op, "cos", cos, target.device);
@@ -35,13 +34,13 @@ inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const
   check_same_device(op, "sin", sin, "q", q);
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape [batch, seq, heads, head_dim], got ", shape_str(q));
   TORCH_CHECK(k.dim() == 4, op, ": k must have shape [batch, seq, kv_heads, head_dim], got ", shape_str(k));
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1), op,
-              ": k must have q's batch and seq sizes [", q.size(0), ", ", q.size(1), ", ...], got ", shape_str(k));
-  TORCH_CHECK(k.size(3) == q.size(3), op, ": k's head_dim must equal q's head_dim (", q.size(3), "), got ",
-              k.size(3), " (k of shape ", shape_str(k), ")");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1), op, ": k must have q's batch and seq sizes [",
+              q.size(0), ", ", q.size(1), ", ...], got ", shape_str(k));
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": k's head_dim must equal q's head_dim (", q.size(3), "), got ", k.size(3),
+              " (k of shape ", shape_str(k), ")");
   const int64_t d = q.size(3);
-  TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even (features rotate in pairs), got head_dim ", d,
-              " (q of shape ", shape_str(q), ")");
+  TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even (features rotate in pairs), got head_dim ", d, " (q of shape ",
+              shape_str(q), ")");
   check_float_dtype(op, "q", q, target);
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k must have q's dtype (", q.scalar_type(), "), got ",
               k.scalar_type());
@@ -49,8 +48,7 @@ inline RopeGeometry rope_check_inputs(const char* op, const at::Tensor& q, const
   TORCH_CHECK(sin.scalar_type() == at::kFloat, op, ": sin must be a float32 table, got ", sin.scalar_type());
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) >= 1, op,
               ": cos must have shape [max_positions, rotary_dim / 2] with rotary_dim >= 2, got ", shape_str(cos));
-  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", shape_str(cos), ", got ",
-              shape_str(sin));
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", shape_str(cos), ", got ", shape_str(sin));
   const int64_t half = cos.size(1);
   TORCH_CHECK(half <= d / 2, op, ": rotary_dim (2 * cos.size(1), cos.size(1) = ", half, ") must be <= head_dim (", d,
               "); cos has shape ", shape_str(cos));

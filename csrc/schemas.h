@@ -15,20 +15,24 @@ inline void define_op_schemas(torch::Library& m) {
   // RoPE: rotate q [B, T, Hq, d] and k [B, T, Hk, d] by pos * theta_i from fp32 tables cos/sin [P, rd/2];
   // pos = offset + t or position_ids [B|1, T] (int64). interleaved: Meta pairs (2i, 2i+1), else HF rotate_half
   // pairs (i, i + rd/2); features rd..d pass through. inverse: rotate by the negated angle (the backward).
-  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, SymInt offset, bool interleaved, "
-        "bool inverse) -> (Tensor, Tensor)");
+  m.def(
+      "rope(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, SymInt offset, bool interleaved, "
+      "bool inverse) -> (Tensor, Tensor)");
   // In place, for inference: writes through q and k, allocates nothing when their last dim is contiguous.
-  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, SymInt offset, "
-        "bool interleaved, bool inverse) -> ()");
+  m.def(
+      "rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, SymInt offset, "
+      "bool interleaved, bool inverse) -> ()");
 
   // Gated prompt attention (LLaMA-Adapter). Returns (out, lse, prompt_lse): lse / prompt_lse are the fp32 (fp64 for
   // fp64 q) log-sum-exps of the scaled scores of the word and the prompt branch, [B, H, Tq], -inf where empty.
   // The backward returns (dq, dk, dv, dpk, dpv, dgate); dpk/dpv are [0] when pk is None, dgate [0] when gate is.
-  m.def("gated_prompt_attention(Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, Tensor? gate, "
-        "Tensor? kv_start, bool causal, str gate_act, float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("gated_prompt_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, "
-        "Tensor? gate, Tensor? kv_start, Tensor out, Tensor lse, Tensor prompt_lse, bool causal, str gate_act, "
-        "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gated_prompt_attention(Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, Tensor? gate, "
+      "Tensor? kv_start, bool causal, str gate_act, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gated_prompt_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, "
+      "Tensor? gate, Tensor? kv_start, Tensor out, Tensor lse, Tensor prompt_lse, bool causal, str gate_act, "
+      "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace lladapter

@@ -158,7 +158,8 @@ def main():
           f"{'final':>7s} {'held-out':>9s} {'exact match':>12s}")
     for name, r in results.items():
         print(f"{name:16s} {r['loss_before']:7.3f} {r['max_first']:8.3f} {r['mean_first']:9.3f} {r['final_loss']:7.3f} "
-              f"{r['held_out_loss']:9.3f} {r['exact_match']:5d}/{r['n_eval']:<3d} ({100 * r['exact_match'] / r['n_eval']:.0f}%)")
+              f"{r['held_out_loss']:9.3f} {r['exact_match']:5d}/{r['n_eval']:<3d} "
+              f"({100 * r['exact_match'] / r['n_eval']:.0f}%)")
     plot(results, args.png, args.first)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in results.items()}, f, indent=1)

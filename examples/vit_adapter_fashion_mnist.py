@@ -204,8 +204,8 @@ def main(argv=None) -> list[dict]:
                          note=note))
 
     print()
-    print(f"| method | trainable params | train time (s) | accuracy on new classes (%) | setting |")
-    print(f"| --- | ---: | ---: | ---: | --- |")
+    print("| method | trainable params | train time (s) | accuracy on new classes (%) | setting |")
+    print("| --- | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['method']} | {r['params']:,} | {r['seconds']:.1f} | {100 * r['acc']:.2f} | {r['note']} |")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import ModuleType
-from typing import Optional
 
 DIST = "lladapter_ext"
 
@@ -34,7 +33,7 @@ def install_hint(module: str) -> str:
     return f'pip install "{DIST}[{extra}]"  (or just: pip install {dist})'
 
 
-def _missing(module: str, purpose: str, err: Optional[BaseException] = None) -> MissingExtraError:
+def _missing(module: str, purpose: str, err: BaseException | None = None) -> MissingExtraError:
     top = module.split(".")[0]
     dist, extra = EXTRAS[top]
     e = MissingExtraError(f"{purpose} needs the optional package {dist!r} (module {top!r}), which is not installed; "
@@ -49,7 +48,7 @@ def _check_listed(module: str) -> None:
         raise KeyError(f"{module!r} is not an optional dependency listed in lladapter_ext._optional.EXTRAS")
 
 
-def _import_if_installed(module: str) -> tuple[Optional[ModuleType], Optional[ModuleNotFoundError]]:
+def _import_if_installed(module: str) -> tuple[ModuleType | None, ModuleNotFoundError | None]:
     """(the module, None), or (None, the error) when the package itself is not installed."""
     _check_listed(module)
     try:
@@ -68,7 +67,7 @@ def require(module: str, purpose: str) -> ModuleType:
     return mod
 
 
-def optional(module: str) -> Optional[ModuleType]:
+def optional(module: str) -> ModuleType | None:
     """Import `module` when installed, else None (for packages that only refine a result, e.g. ftfy)."""
     return _import_if_installed(module)[0]
 

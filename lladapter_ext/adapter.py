@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 
 ADAPTER_FORMAT = "lladapter-adapter"
 LEGACY_CONFIG_KEY = "lladapter_adapter"
 
-PathOrStateDict = Union[str, os.PathLike, dict]
+PathOrStateDict = str | os.PathLike | dict
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -31,7 +31,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
 
 
-def first_non_finite(tensors: dict) -> Optional[str]:
+def first_non_finite(tensors: dict) -> str | None:
     """The name of the first floating-point tensor (in the dict's order) that holds a NaN or an inf, else None.
     Sharded tensors (FSDP DTensors) are checked on this process's shard."""
     for name, t in tensors.items():
@@ -43,7 +43,7 @@ def first_non_finite(tensors: dict) -> Optional[str]:
     return None
 
 
-def read_adapter_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of an adapter file ({} when it has none). Raises ValueError naming the file when it is
     not a readable safetensors file."""
     from safetensors import safe_open
@@ -123,7 +123,7 @@ class AdapterMixin:
         """The adapter's shape-determining hyper-parameters, for error messages ("adapter_len=10, ...")."""
         return ", ".join(f"{k}={v}" for k, v in self.adapter_metadata().items())
 
-    def check_adapter_metadata(self, meta: Optional[dict[str, str]], tensors: dict, source: str) -> None:
+    def check_adapter_metadata(self, meta: dict[str, str] | None, tensors: dict, source: str) -> None:
         """Raise ValueError when an adapter file (its metadata and tensor names) does not fit this model, before
         the tensors are compared one by one. `meta` is None for a state dict."""
 
@@ -156,8 +156,8 @@ class AdapterMixin:
         return {name: (p.full_tensor() if is_dtensor(p) else p).detach()
                 for name, p in self.named_adapter_parameters()}
 
-    def save_adapter(self, path: Union[str, os.PathLike],
-                     state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    def save_adapter(self, path: str | os.PathLike,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the adapter tensors and metadata to a safetensors file. state_dict: tensors from
         adapter_state_dict() to write instead of calling it (FSDP: gathered on every process, written by one)."""
         from safetensors.torch import save_file
@@ -194,7 +194,7 @@ def config_metadata(config: dict) -> dict[str, str]:
     return {k: str(v) for k, v in config.items()}
 
 
-def saved_config(meta: dict[str, str]) -> Optional[dict[str, str]]:
+def saved_config(meta: dict[str, str]) -> dict[str, str] | None:
     """The adapter config an adapter file's metadata records, as strings (the legacy JSON form converted), or None
     when the file has no lladapter metadata."""
     if LEGACY_CONFIG_KEY in meta:

@@ -19,7 +19,7 @@ import os
 import random
 import re
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -132,8 +132,8 @@ def save_adapter_atomic(model: torch.nn.Module, path: str, state_dict: dict | No
 
 # temporaries this module writes (name.tmp-PID[.ext] next to the file; checkpoints/.tmp-step-N-PID while a
 # checkpoint is written; checkpoints/step-N.old-PID while a checkpoint of the same step is replaced)
-_STALE_FILE = re.compile(r"^(%s)\.tmp-\d+(\.safetensors|\.png)?$" % "|".join(
-    re.escape(n) for n in (LOG_FILE, CONFIG_FILE, ADAPTER_FILE, PLOT_FILE)))
+_STALE_FILE = re.compile(r"^({})\.tmp-\d+(\.safetensors|\.png)?$".format(
+    "|".join(re.escape(n) for n in (LOG_FILE, CONFIG_FILE, ADAPTER_FILE, PLOT_FILE))))
 _STALE_CKPT = re.compile(r"^(\.tmp-step-\d+-\d+|latest\.tmp-\d+)$")
 _OLD_CKPT = re.compile(r"^(step-\d+)\.old-\d+$")
 

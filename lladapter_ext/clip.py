@@ -24,7 +24,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ OPENAI_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # --------------------------------------------------------------------------------------------- configs
 @dataclass
 class CLIPVisionConfig:
-    image_size: Union[int, tuple] = 224
+    image_size: int | tuple = 224
     patch_size: int = 16
     width: int = 768
     layers: int = 12
@@ -97,7 +97,7 @@ class CLIPConfig:
     norm_eps: float = 1e-5
 
     @classmethod
-    def from_open_clip(cls, cfg: Union[dict, str, os.PathLike]) -> "CLIPConfig":
+    def from_open_clip(cls, cfg: dict | str | os.PathLike) -> CLIPConfig:
         """Read an open_clip model config (a dict or a path to its JSON file: embed_dim, vision_cfg, text_cfg).
 
         Options that change the computation and are not implemented here (attentional pooling, timm or HF
@@ -252,7 +252,7 @@ def _ours_to_open_clip_name(name: str) -> str:
     return ("visual." if tower == "visual" else "") + rest
 
 
-def load_checkpoint_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, a torch.save'd dict (optionally under 'state_dict', with a 'module.'
     prefix from DDP), or OpenAI's TorchScript CLIP archive."""
     path = os.fspath(path)
@@ -342,7 +342,7 @@ class CLIP(PromptAdapterMixin, nn.Module):
         copy_checked(self, converted, source, back)
 
     @classmethod
-    def from_open_clip(cls, model: nn.Module, config: Union[dict, CLIPConfig]) -> "CLIP":
+    def from_open_clip(cls, model: nn.Module, config: dict | CLIPConfig) -> CLIP:
         """Build from an instantiated open_clip CLIP model and its config (dict as open_clip's JSON, or ours)."""
         cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_open_clip(config)
         ours = cls(cfg)
@@ -391,7 +391,7 @@ class CLIPTokenizer:
     _PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
     NUM_MERGES = 49152 - 256 - 2
 
-    def __init__(self, vocab_path: Optional[str] = None, context_length: int = 77):
+    def __init__(self, vocab_path: str | None = None, context_length: int = 77):
         regex = require("regex", "the CLIP tokenizer")
         path = vocab_path or default_vocab_path()
         with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -461,7 +461,7 @@ class CLIPTokenizer:
             raw.append(self.byte_decoder[ch]) if ch in self.byte_decoder else raw.extend(ch.encode("utf-8"))
         return raw.decode("utf-8", errors="replace").strip()
 
-    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """[len(texts), context_length] int64: <|startoftext|> ids <|endoftext|>, zero-padded; a text too long
         is cut and its last kept position becomes <|endoftext|> (so the text tower's pooling still finds it)."""
         if isinstance(texts, str):

@@ -36,7 +36,8 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 

@@ -14,7 +14,7 @@ contracts, launch limits); a failed check raises RuntimeError naming the kernel,
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -24,7 +24,7 @@ try:
     from . import _emu
 except ImportError as _e:  # not built (no CUDA headers at build time, or LLADAPTER_BUILD_EMU=0)
     _emu = None
-    _IMPORT_ERROR: Optional[ImportError] = _e
+    _IMPORT_ERROR: ImportError | None = _e
 else:
     _IMPORT_ERROR = None
     ops.register_implementations("lladapter_emu")
@@ -82,7 +82,7 @@ def configured(**knobs) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def device_profile(name: str, sm_count: Optional[int] = None) -> Iterator[dict]:
+def device_profile(name: str, sm_count: int | None = None) -> Iterator[dict]:
     """Emulates the device `name` ("sm80": A100-like, "sm90": H100/H200-like), optionally with another SM count,
     for the block (SM counts change split and chunking decisions)."""
     m = _module()

@@ -11,7 +11,7 @@ them) since they do not depend on the tokens.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ __all__ = ["generate", "generate_tokens", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of logits [B, V]: argmax when temperature == 0, else a draw from
     softmax(logits / temperature) restricted to the smallest set of tokens whose probability reaches top_p."""
     if temperature < 0:
@@ -40,9 +40,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 @torch.no_grad()
 def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
-                    pad_id: int = 0, on_token: Optional[Callable[[int, int], bool]] = None,
-                    model_kwargs: Optional[dict] = None) -> list[list[int]]:
+                    top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+                    pad_id: int = 0, on_token: Callable[[int, int], bool] | None = None,
+                    model_kwargs: dict | None = None) -> list[list[int]]:
     """Generate up to max_new_tokens ids after each prompt (a list of id lists), batched and left-padded.
 
     A sample stops at eos_id (not included in its output) or when on_token(sample, token_id) returns True
@@ -132,8 +132,8 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-             stream: Optional[Callable[[int, str], None]] = None, model_kwargs: Optional[dict] = None) -> list[str]:
+             seed: int | None = None, stop: Sequence[str] | None = None,
+             stream: Callable[[int, str], None] | None = None, model_kwargs: dict | None = None) -> list[str]:
     """Continue each prompt; returns the generated texts (without the prompt, the EOS token or the stop string).
 
     temperature 0 is greedy; otherwise sampling with top_p, reproducible with seed. A sample stops at the

@@ -26,7 +26,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +38,7 @@ __all__ = ["load_model", "default_model_path", "load_hf", "load_meta", "load_ggu
            "config_from_meta_params", "config_from_gguf", "permute_qk_hf_to_meta", "permute_qk_meta_to_hf",
            "GGUF_SUPPORTED_TYPES"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class CheckpointError(ValueError):
@@ -212,7 +212,7 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_IGNORABLE = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def _hf_to_ours(name: str) -> Optional[str]:
+def _hf_to_ours(name: str) -> str | None:
     if name in _HF_TOP:
         return _HF_TOP[name]
     m = _HF_LAYER_RE.match(name)
@@ -353,7 +353,7 @@ def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool =
 _META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
-def config_from_meta_params(params: dict, vocab_size: Optional[int] = None, **overrides) -> LlamaConfig:
+def config_from_meta_params(params: dict, vocab_size: int | None = None, **overrides) -> LlamaConfig:
     """LlamaConfig from Meta's params.json (dim, n_layers, n_heads, n_kv_heads, multiple_of,
     ffn_dim_multiplier, norm_eps, rope_theta, use_scaled_rope, vocab_size)."""
     dim = params["dim"]
@@ -438,7 +438,7 @@ def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
         else:
             extra[n] = str(files[0])
     model = _fill_model(config, _Source(entries, [str(f) for f in files], extra), dtype, device, "Meta")
-    del shards
+    shards.clear()  # the merged tensors are in the model: free the loaded shards
     tok = None
     if tokenizer:
         from .tokenizer import load_tokenizer

@@ -25,12 +25,16 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ._optional import require
+
+if TYPE_CHECKING:
+    from PIL import Image
 from .data import IGNORE_INDEX, DataFormatError, Example, TokenizedDataset, TokenizeReport, collate, pad_id_of
 
 __all__ = ["ImageError", "load_image", "ImagePreprocess", "MCQuestion", "load_scienceqa", "format_question",
@@ -46,7 +50,7 @@ class ImageError(ValueError):
     """An image that cannot be used: missing, undecodable, or of an unsupported mode/shape."""
 
 
-def load_image(source: Union[str, os.PathLike, "Image.Image", np.ndarray]):
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray):
     """An 8-bit RGB PIL image from a path, a PIL image, or an HxW / HxWx{1,3,4} uint8 array.
 
     Transparent images are composited on white (what a viewer shows). Raises ImageError naming the file for a
@@ -139,8 +143,8 @@ class MCQuestion:
     choices: list[str]
     answer: int
     context: str = ""
-    image: Optional[str] = None
-    split: Optional[str] = None
+    image: str | None = None
+    split: str | None = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -152,7 +156,7 @@ def choice_letter(i: int) -> str:
     return LETTERS[i]
 
 
-def _resolve_image(name: str, pid: str, split: Optional[str], images_dir: str, where: str) -> str:
+def _resolve_image(name: str, pid: str, split: str | None, images_dir: str, where: str) -> str:
     cands = ([os.path.join(images_dir, split, pid, name)] if split else []) + [
         os.path.join(images_dir, pid, name), os.path.join(images_dir, name)]
     for c in cands:
@@ -162,8 +166,8 @@ def _resolve_image(name: str, pid: str, split: Optional[str], images_dir: str, w
                           + ", ".join(cands))
 
 
-def load_scienceqa(path: Union[str, os.PathLike], images_dir: Optional[Union[str, os.PathLike]] = None,
-                   split: Optional[str] = None) -> list[MCQuestion]:
+def load_scienceqa(path: str | os.PathLike, images_dir: str | os.PathLike | None = None,
+                   split: str | None = None) -> list[MCQuestion]:
     """Read ScienceQA-format problems: ``problems.json`` ({pid: problem}), a JSON list or JSONL of problems
     (each with ``pid`` or ``id``). ``split`` keeps one split, taken from each problem's ``split`` field or from a
     ``pid_splits.json`` next to the file. ``images_dir`` (default: ``images`` next to the file) is where image
@@ -249,7 +253,7 @@ _ANSWER_RE = re.compile(r"answer is\s*\(?([A-Z])\)?", re.IGNORECASE)
 _LEAD_RE = re.compile(r"^\s*\(?([A-Z])\)(?:\s|$|\.)|^\s*([A-Z])(?:\s*$|[.):,])")
 
 
-def parse_answer(text: str, n_choices: int) -> Optional[int]:
+def parse_answer(text: str, n_choices: int) -> int | None:
     """The chosen option's index from generated text: "The answer is (X)" first, else a leading "(X)" / "X." /
     lone "X"; None when there is none or the letter is past the last option."""
     m = _ANSWER_RE.search(text)
@@ -302,7 +306,7 @@ class ImageTextDataset(TokenizedDataset):
     encoder features (set once with ``set_features``: the encoder is frozen, so they never change)."""
     image_paths: list[str] = field(default_factory=list)
     questions: list[MCQuestion] = field(default_factory=list)
-    features: Optional[torch.Tensor] = None
+    features: torch.Tensor | None = None
 
     def set_features(self, features: torch.Tensor) -> None:
         if features.dim() != 2 or features.shape[0] != len(self.image_paths):
@@ -314,7 +318,7 @@ class ImageTextDataset(TokenizedDataset):
         """The same rows as a plain TokenizedDataset (no image tensors in the batches): the text-only baseline."""
         return TokenizedDataset(self.examples, self.pad_id, self.max_seq_len, False, self.report)
 
-    def collate(self, rows: Sequence[MultiModalExample], pad_id: int, *, pad_to_multiple_of: Optional[int] = None
+    def collate(self, rows: Sequence[MultiModalExample], pad_id: int, *, pad_to_multiple_of: int | None = None
                 ) -> dict[str, torch.Tensor]:
         """The text batch of ``data.collate`` plus image_features [B, F] (zeros where a row has no image) and
         image_mask [B] (True where it has one)."""

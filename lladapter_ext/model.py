@@ -22,7 +22,6 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +43,12 @@ class LlamaConfig:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # None: = n_heads (multi-head attention)
+    n_kv_heads: int | None = None  # None: = n_heads (multi-head attention)
     ffn_dim: int = 11008
-    head_dim: Optional[int] = None  # None: dim // n_heads
+    head_dim: int | None = None  # None: dim // n_heads
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
-    rope_scaling: Optional[dict] = None  # Llama-3.1 "llama3" scaling, see reference.rope_inv_freq
+    rope_scaling: dict | None = None  # Llama-3.1 "llama3" scaling, see reference.rope_inv_freq
     rope_interleaved: bool = False  # q/k feature layout: True = Meta/GGUF pairs (2i, 2i+1), False = HF rotate_half
     max_seq_len: int = 2048
     tie_embeddings: bool = False
@@ -96,7 +95,7 @@ class LlamaConfig:
     def first_adapted_layer(self) -> int:
         return self.n_layers - self.n_adapted_layers
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -159,7 +158,7 @@ class KVCache:
     """
 
     def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: Union[str, torch.device]):
+                 device: str | torch.device):
         if batch_size <= 0 or max_len <= 0:
             raise ValueError(f"KVCache: batch_size and max_len must be positive, got {batch_size}, {max_len}")
         shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
@@ -167,7 +166,7 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
-        self.kv_start: Optional[torch.Tensor] = None
+        self.kv_start: torch.Tensor | None = None
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -184,9 +183,9 @@ class KVCache:
 
 @dataclass
 class CausalLMOutput:
-    logits: Optional[torch.Tensor]  # [B, T, vocab] (None when labels were given: only labelled positions ran)
-    loss: Optional[torch.Tensor] = None
-    cache: Optional[KVCache] = None
+    logits: torch.Tensor | None  # [B, T, vocab] (None when labels were given: only labelled positions ran)
+    loss: torch.Tensor | None = None
+    cache: KVCache | None = None
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -209,7 +208,7 @@ class Attention(torch.nn.Module):
             self.adapter_prompt = None
             self.adapter_gate = None
 
-    def prompt_kv(self, prompt_offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_kv(self, prompt_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's prompt keys/values: the prompt projected by wk/wv, without RoPE. [1, K, Hkv, d] when shared
         by the batch; with prompt_offset [B, D] (multi-modal: the projected image feature, added to every prompt
         token) they are per sample, [B, K, Hkv, d]."""
@@ -220,8 +219,8 @@ class Attention(torch.nn.Module):
         return (self.wk(p).view(B, K, self.n_kv_heads, self.head_dim),
                 self.wv(p).view(B, K, self.n_kv_heads, self.head_dim))
 
-    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache: Optional[KVCache], use_adapter: bool,
-                prompt_offset: Optional[torch.Tensor] = None):
+    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache: KVCache | None, use_adapter: bool,
+                prompt_offset: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -294,7 +293,7 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         self.output = None if c.tie_embeddings else torch.nn.Linear(c.dim, c.vocab_size, bias=False,
                                                                      device=device, dtype=dtype)
         self.use_adapter = True  # False runs the frozen base model (prompts ignored)
-        self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         if torch.device(device or "cpu").type != "meta":
             self.reset_parameters()
         self.freeze_base()
@@ -349,10 +348,10 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
                                                       self.config.rope_scaling, device=device)
         return self._rope_cache
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, segment_ids: Optional[torch.Tensor] = None,
-                prompt_offset: Optional[torch.Tensor] = None) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, segment_ids: torch.Tensor | None = None,
+                prompt_offset: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (or [B, cached + T]), 1 = real token, left or right padding;
         labels [B, T] with -100 ignored, HF convention: the loss compares logits[:, :-1] with labels[:, 1:], and
         only labelled positions go through the LM head (logits is then None); position_ids [B, T] (default: from
@@ -466,7 +465,8 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         if self.tok_embeddings.weight.requires_grad:
             return 0
         for i, layer in enumerate(self.layers):
-            if any(p.requires_grad and (use_adapter or not self.is_adapter_param(n)) for n, p in layer.named_parameters()):
+            if any(p.requires_grad and (use_adapter or not self.is_adapter_param(n))
+                   for n, p in layer.named_parameters()):
                 return i
         return self.config.n_layers
 

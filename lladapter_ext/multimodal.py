@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ class ImageEncoder(nn.Module):
         return h.hexdigest()
 
 
-def _layer_list(layers: Optional[Sequence[int]], depth: int, what: str) -> Optional[list[int]]:
+def _layer_list(layers: Sequence[int] | None, depth: int, what: str) -> list[int] | None:
     if layers is None:
         return None
     out = []
@@ -104,7 +104,7 @@ class CLIPImageEncoder(ImageEncoder):
     (``ln_post(class token) @ proj``, embed_dim). ``layers=[i, j, ...]``: the multi-scale global feature, the class
     token after each of those blocks passed through ``ln_post`` and concatenated (len(layers) * width)."""
 
-    def __init__(self, clip_or_tower: nn.Module, layers: Optional[Sequence[int]] = None,
+    def __init__(self, clip_or_tower: nn.Module, layers: Sequence[int] | None = None,
                  mean: Sequence[float] = None, std: Sequence[float] = None):
         super().__init__()
         from .clip import OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, CLIPVisionTower
@@ -139,7 +139,7 @@ class ViTImageEncoder(ImageEncoder):
     (class token or patch average after the final norm). ``layers=[...]``: class tokens after those blocks, each
     through the final norm, concatenated."""
 
-    def __init__(self, vit: nn.Module, layers: Optional[Sequence[int]] = None,
+    def __init__(self, vit: nn.Module, layers: Sequence[int] | None = None,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
         super().__init__()
         from .vit import VisionTransformer
@@ -229,7 +229,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
     weights. Feature: the 1280-d global average of the last feature map, plus (grid > 1) its grid x grid average
     pooling flattened (1280 * (1 + grid^2) dims). ``weights=None`` leaves timm's random init (tests)."""
 
-    def __init__(self, weights: Optional[Union[str, os.PathLike]] = "package", grid: int = 1,
+    def __init__(self, weights: str | os.PathLike | None = "package", grid: int = 1,
                  image_size: int = 224):
         super().__init__()
         timm = require("timm", "the EfficientNet-Lite0 image encoder")
@@ -329,7 +329,7 @@ class VisualProjection(nn.Module):
     Linear(F, D) ("linear") or Linear(F, H)-GELU-Linear(H, D) ("mlp"), then LayerNorm(D), so the offset has the
     unit scale of the N(0, 1)-initialised prompt tokens it is added to."""
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden: Optional[int] = None):
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden: int | None = None):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise ValueError(f"VisualProjection: kind must be 'linear' or 'mlp', got {kind!r}")
@@ -362,8 +362,8 @@ class MultiModalLlama(AdapterMixin, nn.Module):
     (``model_kwargs={"image_features": ...}``) run it as they run the text model.
     """
 
-    def __init__(self, llm: LlamaForCausalLM, encoder: Optional[ImageEncoder], feature_dim: Optional[int] = None,
-                 projection: str = "linear", projection_hidden: Optional[int] = None):
+    def __init__(self, llm: LlamaForCausalLM, encoder: ImageEncoder | None, feature_dim: int | None = None,
+                 projection: str = "linear", projection_hidden: int | None = None):
         super().__init__()
         if not isinstance(llm, LlamaForCausalLM):
             raise TypeError(f"MultiModalLlama: llm must be a LlamaForCausalLM, got {type(llm).__name__}")
@@ -443,7 +443,7 @@ class MultiModalLlama(AdapterMixin, nn.Module):
         return (f"{self.llm.adapter_description()}, projection {self.visual_proj.kind} "
                 f"{self.feature_dim} -> {self.llm.config.dim}")
 
-    def check_adapter_metadata(self, meta: Optional[dict[str, str]], tensors: dict, source: str) -> None:
+    def check_adapter_metadata(self, meta: dict[str, str] | None, tensors: dict, source: str) -> None:
         if not any(k.startswith(PROJECTION_PREFIX) for k in tensors):
             raise ValueError(f"load_adapter: {source} has no {PROJECTION_PREFIX}* tensors: it is a text-only adapter")
 
@@ -454,7 +454,7 @@ class MultiModalLlama(AdapterMixin, nn.Module):
         return self.encoder(images.to(self.tok_embeddings.weight.device))
 
     @torch.no_grad()
-    def encode_paths(self, paths: Sequence[str], batch_size: int = 32, cache_file: Optional[str] = None,
+    def encode_paths(self, paths: Sequence[str], batch_size: int = 32, cache_file: str | None = None,
                      progress: bool = False) -> torch.Tensor:
         """Features [N, F] of image files, computed once (the encoder is frozen). With ``cache_file``, a file
         holding the same encoder fingerprint and the same files (path, size, mtime) is read instead, and a
@@ -486,7 +486,7 @@ class MultiModalLlama(AdapterMixin, nn.Module):
             os.replace(tmp, cache_file)
         return out
 
-    def prompt_offset(self, image_features: torch.Tensor, image_mask: Optional[torch.Tensor] = None
+    def prompt_offset(self, image_features: torch.Tensor, image_mask: torch.Tensor | None = None
                       ) -> torch.Tensor:
         """The projected image feature [B, D] added to every prompt token (zero where image_mask is False)."""
         dev = self.tok_embeddings.weight.device
@@ -498,10 +498,10 @@ class MultiModalLlama(AdapterMixin, nn.Module):
             offset = offset * image_mask.to(dev, offset.dtype).unsqueeze(1)
         return offset
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None, cache=None,
-                images: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
-                image_mask: Optional[torch.Tensor] = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, cache=None,
+                images: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None):
         if images is not None and image_features is not None:
             raise ValueError("MultiModalLlama: give images or image_features, not both")
         if images is not None:
@@ -519,8 +519,8 @@ class MultiModalLlama(AdapterMixin, nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def answer_questions(model: nn.Module, tokenizer, questions, image_features: Optional[torch.Tensor] = None,
-                     image_mask: Optional[torch.Tensor] = None, batch_size: int = 20, max_new_tokens: int = 6,
+def answer_questions(model: nn.Module, tokenizer, questions, image_features: torch.Tensor | None = None,
+                     image_mask: torch.Tensor | None = None, batch_size: int = 20, max_new_tokens: int = 6,
                      progress: bool = False) -> list[str]:
     """Greedy completions of ``format_question`` prompts (score them with ``mm_data.score_answers``).
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _ATEN_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     """The kernels' check_same_device, for the fake implementations (a call mixing real and meta tensors dispatches
     to them and must fail as the kernel would, not return an uninitialised tensor) and the Python backends."""
     for name, t in tensors.items():
@@ -104,7 +103,7 @@ def _rms_norm_backward(ctx, grad_y, _grad_rstd):
 
 # --------------------------------------------------------------------------------------------- RoPE
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         position_ids: Optional[torch.Tensor] = None, offset: int = 0,
+         position_ids: torch.Tensor | None = None, offset: int = 0,
          interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of q [B, T, Hq, d] and k [B, T, Hk, d] in one fused call (Hq != Hk: GQA).
 
@@ -128,7 +127,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          position_ids: Optional[torch.Tensor] = None, offset: int = 0,
+          position_ids: torch.Tensor | None = None, offset: int = 0,
           interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place rope (inference): rotates q and k where they are and returns them; same math as rope().
 
@@ -142,14 +141,14 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q, k
 
 
-def _as_position_ids(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _as_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
     # the kernels read int64; int32 ids (e.g. from a tokenizer) are widened, anything else is refused by the op
     if position_ids is not None and position_ids.dtype in (torch.int32, torch.int16, torch.uint8, torch.int8):
         return position_ids.long()
     return position_ids
 
 
-def _scaling_key(scaling: Optional[dict]):
+def _scaling_key(scaling: dict | None):
     return None if not scaling else tuple(sorted((str(k), v) for k, v in scaling.items()))
 
 
@@ -160,7 +159,7 @@ def _cos_sin_cached(max_positions: int, rotary_dim: int, base: float, scaling_ke
 
 
 def rope_cos_sin_cache(max_positions: int, rotary_dim: int, base: float = 10000.0,
-                       scaling: Optional[dict] = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       scaling: dict | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 cos/sin tables [max_positions, rotary_dim // 2] for rope(), computed once per (max_positions,
     rotary_dim, base, scaling, device) and cached (angles formed in fp64, see reference.rope_cos_sin).
 
@@ -232,9 +231,9 @@ CUDA_HEAD_DIMS = (64, 80, 96, 128)
 
 
 def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           pk: Optional[torch.Tensor] = None, pv: Optional[torch.Tensor] = None,
-                           gate: Optional[torch.Tensor] = None, causal: bool = True, gate_act: str = "tanh",
-                           scale: Optional[float] = None, kv_start: Optional[torch.Tensor] = None,
+                           pk: torch.Tensor | None = None, pv: torch.Tensor | None = None,
+                           gate: torch.Tensor | None = None, causal: bool = True, gate_act: str = "tanh",
+                           scale: float | None = None, kv_start: torch.Tensor | None = None,
                            *, backend: str = "auto") -> torch.Tensor:
     """LLaMA-Adapter zero-init gated attention (word branch + phi(gate) * prompt branch, two softmaxes).
 
@@ -287,7 +286,7 @@ def _auto_attention_backend(q: torch.Tensor) -> str:
     return "fused"
 
 
-def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: Optional[torch.Tensor]) -> torch.Tensor:
+def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: torch.Tensor | None) -> torch.Tensor:
     """The word branch alone through torch SDPA, with the same masking semantics as the fused op."""
     B, Tq, H, d = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]

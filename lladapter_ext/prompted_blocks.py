@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +77,9 @@ class PromptedSelfAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.prompt: Optional[nn.Parameter] = None
-        self.gate: Optional[nn.Parameter] = None
-        self.adapter_mode: Optional[str] = None
+        self.prompt: nn.Parameter | None = None
+        self.gate: nn.Parameter | None = None
+        self.adapter_mode: str | None = None
         self.gate_act = "tanh"
 
     def add_adapter(self, prompt_len: int, mode: str = "gated", gate_act: str = "tanh",
@@ -177,7 +176,7 @@ class PromptAdapterMixin(AdapterMixin):
     `_head_prefixes()`: names of task-head parameters that train with the adapter (may be empty).
     """
 
-    adapter_config: Optional[dict]
+    adapter_config: dict | None
 
     def _adapter_towers(self) -> dict:
         raise NotImplementedError
@@ -216,7 +215,7 @@ class PromptAdapterMixin(AdapterMixin):
     def adapter_description(self) -> str:
         return "no adapter" if self.adapter_config is None else super().adapter_description()
 
-    def check_adapter_metadata(self, meta: Optional[dict[str, str]], tensors: dict, source: str) -> None:
+    def check_adapter_metadata(self, meta: dict[str, str] | None, tensors: dict, source: str) -> None:
         if meta is None:  # a state dict: the tensors decide
             return
         saved = saved_config(meta)

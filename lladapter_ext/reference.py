@@ -6,7 +6,6 @@ Each function's docstring states what it computes (docs/attention.md, docs/rope.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -33,7 +32,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 
 # --------------------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(rotary_dim: int, base: float = 10000.0, scaling: Optional[dict] = None,
+def rope_inv_freq(rotary_dim: int, base: float = 10000.0, scaling: dict | None = None,
                   device=None) -> torch.Tensor:
     """theta_i = base^(-2i/rotary_dim), i < rotary_dim/2, in fp64 then fp32; optional Llama-3.1 scaling.
 
@@ -62,7 +61,7 @@ def rope_inv_freq(rotary_dim: int, base: float = 10000.0, scaling: Optional[dict
     return inv.to(torch.float32)
 
 
-def rope_cos_sin(max_positions: int, rotary_dim: int, base: float = 10000.0, scaling: Optional[dict] = None,
+def rope_cos_sin(max_positions: int, rotary_dim: int, base: float = 10000.0, scaling: dict | None = None,
                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 tables cos[p, i], sin[p, i] of angle p * theta_i, shape [max_positions, rotary_dim // 2].
 
@@ -91,7 +90,7 @@ def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         position_ids: Optional[torch.Tensor] = None, offset: int = 0,
+         position_ids: torch.Tensor | None = None, offset: int = 0,
          interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, T, Hq, d] and k [B, T, Hk, d] by angle position * theta_i (tables from rope_cos_sin).
 
@@ -111,9 +110,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 # --------------------------------------------------------------------------------------------- attention
 def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           pk: Optional[torch.Tensor], pv: Optional[torch.Tensor], gate: Optional[torch.Tensor],
-                           causal: bool = True, gate_act: str = "tanh", scale: Optional[float] = None,
-                           kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           pk: torch.Tensor | None, pv: torch.Tensor | None, gate: torch.Tensor | None,
+                           causal: bool = True, gate_act: str = "tanh", scale: float | None = None,
+                           kv_start: torch.Tensor | None = None) -> torch.Tensor:
     """LLaMA-Adapter attention: word branch + phi(gate) * prompt branch, two separate softmaxes.
 
     q [B, Tq, H, d]; k, v [B, Tk, Hkv, d]; pk, pv [Bp, K, Hkv, d] with Bp in {1, B} (or None / K = 0: plain

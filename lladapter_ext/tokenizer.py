@@ -18,19 +18,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class Tokenizer:
     """A tokenizer with BOS/EOS handling and an optional chat template; see the module docstring."""
 
-    def __init__(self, backend, *, bos_id: Optional[int], eos_id: Optional[int], pad_id: Optional[int] = None,
-                 add_bos: bool = True, chat_template: Optional[str] = None, bos_token: Optional[str] = None,
-                 eos_token: Optional[str] = None, special_ids: Sequence[int] = (), source: str = ""):
+    def __init__(self, backend, *, bos_id: int | None, eos_id: int | None, pad_id: int | None = None,
+                 add_bos: bool = True, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None, special_ids: Sequence[int] = (), source: str = ""):
         self._backend = backend
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos
@@ -45,7 +45,7 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.vocab_size()
 
-    def _piece(self, i: Optional[int]) -> Optional[str]:
+    def _piece(self, i: int | None) -> str | None:
         return None if i is None else self._backend.id_to_piece(i)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
@@ -67,7 +67,7 @@ class Tokenizer:
             ids = [i for i in ids if i not in self._special]
         return self._backend.decode(ids)
 
-    def token_to_id(self, token: str) -> Optional[int]:
+    def token_to_id(self, token: str) -> int | None:
         return self._backend.piece_to_id(token)
 
     # ---------------------------------------------------------------- chat
@@ -164,7 +164,7 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
     return _load_sentencepiece(p, p.parent)
 
 
-def _token_str(v) -> Optional[str]:
+def _token_str(v) -> str | None:
     if isinstance(v, dict):
         return v.get("content")
     return v
@@ -179,7 +179,7 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: cannot parse JSON: {e}") from e
 
 
-def _chat_template_of(d: Path, tcfg: dict) -> Optional[str]:
+def _chat_template_of(d: Path, tcfg: dict) -> str | None:
     if (d / "chat_template.jinja").exists():
         return (d / "chat_template.jinja").read_text()
     ct = tcfg.get("chat_template")
@@ -202,7 +202,7 @@ def _load_sentencepiece(model_file: Path, d: Path) -> Tokenizer:
                      chat_template=_chat_template_of(d, tcfg), source=str(model_file))
 
 
-def _load_hf_dir(d: Path, tok_file: Optional[Path] = None) -> Tokenizer:
+def _load_hf_dir(d: Path, tok_file: Path | None = None) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     tok_file = tok_file or d / "tokenizer.json"

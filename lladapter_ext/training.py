@@ -24,7 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -586,7 +586,8 @@ class Trainer:
                         raise
                     raise NonFiniteAdapterError(
                         f"stopping at step {self.step + 1}: the optimizer update overflows ({e}); the learning rate "
-                        f"({lr:.3g}) is far too high. Nothing of this step is saved and {self.checkpoints.latest_note()}") from e
+                        f"({lr:.3g}) is far too high. Nothing of this step is saved and "
+                        f"{self.checkpoints.latest_note()}") from e
             else:
                 skipped = True
             if not skipped:

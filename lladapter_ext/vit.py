@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ __all__ = ["ViTConfig", "TIMM_PRESETS", "VisionTransformer"]
 # --------------------------------------------------------------------------------------------- ViT
 @dataclass
 class ViTConfig:
-    img_size: Union[int, tuple] = 224
+    img_size: int | tuple = 224
     patch_size: int = 16
     in_chans: int = 3
     embed_dim: int = 768
@@ -48,7 +47,7 @@ class ViTConfig:
     reg_tokens: int = 0
     no_embed_class: bool = False  # position embeddings cover the patches only (DeiT-3, DINOv2 + registers)
     global_pool: str = "token"  # "token" (class token) or "avg" (mean of patch tokens)
-    fc_norm: Optional[bool] = None  # final norm after pooling; None: timm's default (on for "avg")
+    fc_norm: bool | None = None  # final norm after pooling; None: timm's default (on for "avg")
     pre_norm: bool = False  # LayerNorm before the blocks (CLIP-style); also drops the patch-embed bias
     layer_scale: bool = False  # timm init_values (DINOv2)
     norm_eps: float = 1e-6
@@ -81,14 +80,14 @@ class ViTConfig:
         return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
 
     @classmethod
-    def from_timm_name(cls, name: str, **overrides) -> "ViTConfig":
+    def from_timm_name(cls, name: str, **overrides) -> ViTConfig:
         """Config of a timm model name in TIMM_PRESETS (architecture only; weights are loaded separately)."""
         if name not in TIMM_PRESETS:
             raise ValueError(f"unknown timm preset {name!r}; known: {sorted(TIMM_PRESETS)}")
         return cls(**{**TIMM_PRESETS[name], **overrides})
 
     @classmethod
-    def from_timm(cls, model: nn.Module) -> "ViTConfig":
+    def from_timm(cls, model: nn.Module) -> ViTConfig:
         """Read the architecture of an instantiated timm VisionTransformer."""
         blk = model.blocks[0]
         unsupported = []
@@ -298,7 +297,7 @@ class VisionTransformer(PromptAdapterMixin, nn.Module):
         copy_checked(self, sd, source, {})
 
     @classmethod
-    def from_timm(cls, model: nn.Module) -> "VisionTransformer":
+    def from_timm(cls, model: nn.Module) -> VisionTransformer:
         """Build from an instantiated timm VisionTransformer (config and weights)."""
         p = next(model.parameters())
         with torch.device("meta"):  # every tensor is overwritten by the load: skip the random init

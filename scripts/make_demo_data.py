@@ -13,7 +13,8 @@ learn in minutes:
 Records are Alpaca-style (instruction, input, output) plus a "task" key naming the family; the query is part of
 the instruction and "input" is empty, so the shorter no-input Alpaca template applies (about 50-70 tokens per
 example with the SmolLM2 tokenizer, which keeps CPU training fast). The generator is deterministic
-(random.Random(seed)); an instruction never occurs twice, so no eval example is in the train split. Everything is synthetic:
+(random.Random(seed)); an instruction never occurs twice, so no eval example is in the train split. Everything is
+synthetic:
 names and cities are drawn from short lists written here.
 
     python scripts/make_demo_data.py                 # writes data/demo/train.jsonl and data/demo/eval.jsonl

@@ -4,7 +4,8 @@
 - ``TinyAdapterLM``: a one-layer causal LM with a LLaMA-Adapter-style gated prompt branch (frozen embedding and
   projections; trainable ``adapter_prompt`` and ``adapter_gate``, the gate zero-initialised) that satisfies the
   model contract the trainer codes against (forward(input_ids, attention_mask, labels, position_ids, cache,
-  segment_ids) -> .logits/.loss with the HF shift; adapter_parameters / adapter_state_dict / load_adapter / save_adapter;
+  segment_ids) -> .logits/.loss with the HF shift; adapter_parameters / adapter_state_dict / load_adapter /
+  save_adapter;
   config.adapter_len / adapter_layer / gate_act; set_activation_checkpointing).
 
 ``make_test_model()`` returns the real ``lladapter_ext.model.LlamaForCausalLM`` with a tiny config (or the double

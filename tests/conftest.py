@@ -6,8 +6,8 @@ from lladapter_ext import emulator, ops
 
 HAS_CUDA_GPU = torch.cuda.is_available() and lladapter_ext.cuda_kernels_available()
 CUDA_SKIP_REASON = (
-    "no CUDA GPU visible (CUDA kernels compiled in: %s); run `make gpu-check` on a GPU machine"
-    % lladapter_ext.cuda_kernels_available())
+    f"no CUDA GPU visible (CUDA kernels compiled in: {lladapter_ext.cuda_kernels_available()}); run `make gpu-check` "
+    "on a GPU machine")
 EMU_SKIP_REASON = "the CUDA emulator (lladapter_ext._emu) is not built: it needs the CUDA toolkit's headers"
 
 

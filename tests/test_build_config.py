@@ -50,7 +50,7 @@ def test_one_explicit_cxx_standard(setup_mod):
 
 def test_pyproject_and_cmake_state_the_same_minimum(setup_mod):
     text = open(os.path.join(ROOT, "pyproject.toml")).read()
-    lo = "%d.%d" % setup_mod.TORCH_MIN
+    lo = "{}.{}".format(*setup_mod.TORCH_MIN)
     deps = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
     assert f'"torch>={lo}"' in deps
     assert f'"torch>={lo}"' in re.search(r"^requires = \[(.*?)\]", text, re.M).group(1)

@@ -90,7 +90,7 @@ def _calls(path):
             yield "dynamic", node.args[0].value, node.lineno
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _packages_distributions():
     return importlib.metadata.packages_distributions()
 
@@ -170,8 +170,8 @@ def test_core_modules_import_without_any_extra():
     """Every module imports with all optional packages (and the peers of the benchmarks) absent."""
     blocked = set(_optional.EXTRAS) | {"transformers", "peft", "litgpt"}
     mods = [os.path.basename(p)[:-3] for p in _modules() if not os.path.basename(p).startswith("__")]
-    p = _run_without(blocked, "import importlib\nfor m in %r: importlib.import_module('lladapter_ext.' + m)\n"
-                     "print('ok')" % mods)
+    p = _run_without(blocked, f"import importlib\nfor m in {mods!r}: importlib.import_module('lladapter_ext.' + m)\n"
+                     "print('ok')")
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
 
 

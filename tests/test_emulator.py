@@ -117,8 +117,10 @@ def test_wmma_element_position_sm80():
     for lane in range(32):
         g, t = lane >> 2, lane & 3
         for i in range(8):
-            assert emu.wmma_element_position(0, lane, i) == (g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * ((i >> 2) & 1))
-            assert emu.wmma_element_position(1, lane, i) == (2 * t + (i & 1) + 8 * ((i >> 1) & 1), g + 8 * ((i >> 2) & 1))
+            row, col = g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * ((i >> 2) & 1)
+            assert emu.wmma_element_position(0, lane, i) == (row, col)
+            row, col = 2 * t + (i & 1) + 8 * ((i >> 1) & 1), g + 8 * ((i >> 2) & 1)
+            assert emu.wmma_element_position(1, lane, i) == (row, col)
             assert emu.wmma_element_position(0, lane, i + 8) == emu.wmma_element_position(0, lane, i)
     emu.configure(layout="scrambled", layout_seed=5)
     seen = {emu.wmma_element_position(2, lane, i) for lane in range(32) for i in range(8)}
@@ -232,7 +234,7 @@ def test_stack_size_knob():
         emu.selftest("kernel_assert")
 
 
-# ------------------------------------------------------------------------------------------------ profiles, knobs, stats
+# ---------------------------------------------------------------------------------------------- profiles, knobs, stats
 def test_device_profiles():
     p = emu.set_device_profile("sm80")
     assert (p["major"], p["sm_count"], p["smem_optin_limit"], p["static_smem_limit"]) == (8, 108, 166912, 49152)

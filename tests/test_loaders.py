@@ -334,7 +334,8 @@ def test_gguf_tensor_types_dequantise_exactly(tmp_path, qtype):
     model, tok = load_gguf(path, tokenizer=False)
     assert tok is None and model.config.rope_interleaved and model.config.n_kv_heads == 2
     loaded = dict(model.named_parameters())
-    gname_to_ours = {"token_embd.weight": "tok_embeddings.weight", "blk.1.attn_k.weight": "layers.1.attention.wk.weight",
+    gname_to_ours = {"token_embd.weight": "tok_embeddings.weight",
+                     "blk.1.attn_k.weight": "layers.1.attention.wk.weight",
                      "blk.0.ffn_down.weight": "feed_forward", "output.weight": "output.weight",
                      "output_norm.weight": "norm.weight"}
     for gname, ours in gname_to_ours.items():

@@ -45,7 +45,8 @@ def make_inputs(B=2, Tq=5, Tk=None, H=4, Hkv=None, d=16, K=3, Bp=1, dtype=torch.
     else:
         pk = torch.randn(Bp, K, Hkv, d, device=device).to(dtype)
         pv = torch.randn(Bp, K, Hkv, d, device=device).to(dtype)
-        gate = (gate_scale * torch.randn(H, device=device)).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        gate = (gate_scale * torch.randn(H, device=device)).to(gate_dtype)
     ks = None if kv_start is None else torch.tensor(kv_start, device=device, dtype=torch.long)
     return q, k, v, pk, pv, gate, ks
 
@@ -85,7 +86,8 @@ def test_forward_gqa_bp_gate_act(device, H, Hkv, Bp, gate_act):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 77), (1, 300), (3, 130), (4, 3), (16, 100), (33, 129), (7, 7), (70, 70), (100, 37)])
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 77), (1, 300), (3, 130), (4, 3), (16, 100), (33, 129), (7, 7), (70, 70),
+                                   (100, 37)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_offsets_decode_and_chunked_prefill(device, Tq, Tk, causal):
     # Tq < Tk: queries are the last Tq positions (KV cache); Tq > Tk: the first rows see no key when causal
@@ -269,7 +271,8 @@ def test_gradcheck_float64(causal, gate_act, Bp):
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=5, Tk=7, H=4, Hkv=2, d=3, K=3, Bp=Bp, dtype=torch.float64)
     ks = torch.tensor([0, 2])
     args = [t.requires_grad_() for t in (q, k, v, pk, pv, gate)]
-    fn = lambda *a: ops.gated_prompt_attention(*a, causal=causal, gate_act=gate_act, kv_start=ks, backend="fused")
+    def fn(*a):
+        return ops.gated_prompt_attention(*a, causal=causal, gate_act=gate_act, kv_start=ks, backend="fused")
     assert torch.autograd.gradcheck(fn, args)
 
 
@@ -454,7 +457,7 @@ def test_cuda_device_mismatch_and_fp64_refused():
         ops.gated_prompt_attention(qb, kb, vb, backend="fused")
 
 
-# ------------------------------------------------------------------------------------------------ layouts, partial grads
+# ---------------------------------------------------------------------------------------------- layouts, partial grads
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     # models produce q/k/v as transposes of [B, H, T, d] projections; the op must read them through their strides
@@ -720,7 +723,8 @@ def test_cuda_mma_forward_then_simt_backward(device, monkeypatch, dtype, case):
     monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "mma")
     params = dict(B=2, H=8, Hkv=2, K=10, dtype=dtype, device=device)
     params.update(case)
-    simt_backward = lambda: monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")  # after the mma forward
+    def simt_backward():  # after the mma forward
+        monkeypatch.setenv("LLADAPTER_CUDA_ATTN", "simt")
     _check_grads(make_inputs(**params), dtype, before_backward=simt_backward)
 
 
@@ -818,7 +822,8 @@ def test_gradcheck_float64_per_query_kv_start(causal, Bp):
     q, k, v, pk, pv, gate, _ = make_inputs(B=2, Tq=6, H=4, Hkv=2, d=3, K=3, Bp=Bp, dtype=torch.float64)
     ks = torch.tensor([[0, 1, 1, 3, 3, 3], [0, 5, 2, 2, 4, 5]])
     args = [t.requires_grad_() for t in (q, k, v, pk, pv, gate)]
-    fn = lambda *a: ops.gated_prompt_attention(*a, causal=causal, kv_start=ks, backend="fused")
+    def fn(*a):
+        return ops.gated_prompt_attention(*a, causal=causal, kv_start=ks, backend="fused")
     assert torch.autograd.gradcheck(fn, args)
 
 
@@ -1032,7 +1037,8 @@ def _reference_grads(inp, gout, causal, gate_act):
 
 def _check_fused_grads_mma(inp, causal, gate_act):
     """The fused op's forward and backward (whichever CUDA kernels the variable picks) against the reference."""
-    fused = lambda *a, **kw: ops.gated_prompt_attention(*a, **kw, backend="fused")
+    def fused(*a, **kw):
+        return ops.gated_prompt_attention(*a, **kw, backend="fused")
     out = fused(*inp[:6], causal=causal, gate_act=gate_act, kv_start=inp[6])
     gout = torch.randn_like(out)
     got = _grads(fused, inp, gout, causal, gate_act)

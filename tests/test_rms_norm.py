@@ -229,7 +229,8 @@ def test_module_and_torch_compile(device):
         return m(x * 2.0).relu().sum(-1)
 
     x = torch.randn(6, 48, device=device, requires_grad=True)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if torch.device(device).type == "cpu" else "inductor")
+    backend = "aot_eager" if torch.device(device).type == "cpu" else "inductor"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     out = compiled(x)
     ref = (reference.rms_norm(x * 2.0, m.weight, 1e-5)).relu().sum(-1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

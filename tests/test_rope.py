@@ -353,7 +353,8 @@ def test_bad_inputs_name_the_argument(device):
              sin=sin[:, :7])
     with pytest.raises(ValueError, match=r"rotary_dim must be a positive even number, got 7"):
         reference.rope_cos_sin(8, 7)
-    with pytest.raises(RuntimeError, match=r"rotary_dim \(2 \* cos.size\(1\), cos.size\(1\) = 16\) must be <= head_dim \(16\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"rotary_dim \(2 \* cos.size\(1\), cos.size\(1\) = 16\) must be <= head_dim \(16\)"):
         call(cos=_tables(8, 32, device)[0], sin=_tables(8, 32, device)[1])
     with pytest.raises(RuntimeError, match=r"offset \+ seq = 6 \+ 4 exceed the cos/sin table of 8 positions"):
         call(offset=6)
@@ -552,7 +553,8 @@ def test_compile_on_device(device):
         return ops.rope(q.relu(), k, cos, sin, offset=3, interleaved=True)
 
     q, k = _qk(2, 4, 4, 2, 32, torch.float32, device)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if torch.device(device).type == "cpu" else "inductor")
+    backend = "aot_eager" if torch.device(device).type == "cpu" else "inductor"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     for a, b in zip(compiled(q, k), reference.rope(q.relu(), k, cos, sin, offset=3, interleaved=True)):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 

@@ -16,7 +16,7 @@ import torch
 
 from lladapter_ext import data as D
 from lladapter_ext import training as T
-from _tiny_lm import ByteTokenizer, TinyAdapterLM, make_test_model, model_kind
+from _tiny_lm import ByteTokenizer, make_test_model, model_kind
 
 TOK = ByteTokenizer(chat_template="toy")  # its toy template keeps rows short (about 45 byte tokens)
 MAX_LEN = 64

@@ -1,6 +1,5 @@
 """ViT with zero-init gated prompts: timm parity, zero-init identity, what trains, position-embedding
 resampling, adapter save/load, checkpoint errors."""
-import math
 
 import pytest
 import torch
@@ -238,8 +237,10 @@ def test_bad_timm_checkpoint_errors_name_the_tensor():
     cfg = ViTConfig.from_timm(ref)
     sd = ref.state_dict()
     cases = [
-        ({k: v for k, v in sd.items() if k != "blocks.1.attn.qkv.weight"}, r"missing tensor 'blocks\.1\.attn\.qkv\.weight'"),
-        (dict(sd, **{"blocks.0.mlp.fc1.bias": torch.zeros(5)}), r"'blocks\.0\.mlp\.fc1\.bias' has shape \[5\], expected \[768\]"),
+        ({k: v for k, v in sd.items() if k != "blocks.1.attn.qkv.weight"},
+         r"missing tensor 'blocks\.1\.attn\.qkv\.weight'"),
+        (dict(sd, **{"blocks.0.mlp.fc1.bias": torch.zeros(5)}),
+         r"'blocks\.0\.mlp\.fc1\.bias' has shape \[5\], expected \[768\]"),
         (dict(sd, **{"blocks.7.norm1.weight": torch.zeros(192)}), r"unexpected tensor 'blocks\.7\.norm1\.weight'"),
         (dict(sd, **{"cls_token": torch.zeros(1, 1, 192, dtype=torch.int64)}), r"'cls_token' has dtype torch\.int64"),
         (dict(sd, **{"pos_embed": torch.zeros(1, 7, 192)}), r"'pos_embed' has shape \[1, 7, 192\]"),
@@ -317,7 +318,8 @@ def test_meta_dinov2_register_layout_loads():
     cls_pos = torch.randn(1, 1, sd["cls_token"].shape[-1])
     meta = {k: v for k, v in sd.items() if k not in ("reg_token", "cls_token", "pos_embed")}
     meta.update(register_tokens=sd["reg_token"], cls_token=sd["cls_token"] - cls_pos,
-                pos_embed=torch.cat((cls_pos, sd["pos_embed"]), dim=1), mask_token=torch.zeros(1, sd["cls_token"].shape[-1]))
+                pos_embed=torch.cat((cls_pos, sd["pos_embed"]), dim=1),
+                mask_token=torch.zeros(1, sd["cls_token"].shape[-1]))
     ours = VisionTransformer(ViTConfig.from_timm(ref))
     ours.load_timm_state_dict(meta)
     x = torch.randn(2, 3, 28, 28)

@@ -231,14 +231,13 @@ void block_scores(acc_t* S, const acc_t* A, int64_t lda, int64_t nrows, const ac
 // C[r, 0:dp] += sum_{t < nt} A[r*sr + t*st] * X[t, 0:dp]  for r < nr  (dp a multiple of the vector width).
 // Register blocking: 2 rows of C x 4 vectors; each loaded X vector feeds two FMAs.
 template <typename acc_t>
-void accum_rows(acc_t* C, int64_t ldc, const acc_t* A, int64_t sr, int64_t st, const acc_t* X, int64_t ldx,
-                int64_t nr, int64_t nt, int64_t dp) {
+void accum_rows(acc_t* C, int64_t ldc, const acc_t* A, int64_t sr, int64_t st, const acc_t* X, int64_t ldx, int64_t nr,
+                int64_t nt, int64_t dp) {
   if constexpr (std::is_same_v<acc_t, float>) {
     // A viewed as a row-major [nr, nt] matrix: (sr, st) = (lda, 1), or its transpose stored [nt, nr]: (1, lda)
     if (nr > 0 && nt > 0 && (st == 1 || sr == 1)) {
       const bool a_trans = st != 1;
-      if (sgemm_rowmajor(nr, dp, nt, 1.f, A, a_trans ? st : sr, a_trans, X, ldx, false, 1.f, C, ldc))
-        return;
+      if (sgemm_rowmajor(nr, dp, nt, 1.f, A, a_trans ? st : sr, a_trans, X, ldx, false, 1.f, C, ldc)) return;
     }
   }
   using V = AVec<acc_t>;
@@ -316,8 +315,8 @@ acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t dp) {
 // type, and the data.
 template <typename scalar_t, typename acc_t>
 struct Problem : PromptAttnProblem {
-  int64_t dp;               // d padded to the vector width
-  acc_t qk_scale;           // scale in acc_t
+  int64_t dp;      // d padded to the vector width
+  acc_t qk_scale;  // scale in acc_t
   const scalar_t *q, *k, *v, *pk, *pv;
   const int64_t* kv_start;  // [B] or [B, Tq] (kv_per_query), clamped to [0, Tk]; or nullptr
   const acc_t* phi;         // [H] phi(gate), or nullptr when there is no prompt
@@ -343,8 +342,8 @@ template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> Qs, dO, Kt, Vt, Kr, Vr, S, P, dP, acc, m, l;
   Scratch(int64_t d, int64_t dp)
-      : Qs(kQB * dp), dO(kQB * dp), Kt(d * kKB), Vt(d * kKB), Kr(kKB * dp), Vr(kKB * dp), S(kQB * kKB),
-        P(kQB * kKB), dP(kQB * kKB), acc(kQB * dp), m(kQB), l(kQB) {}
+      : Qs(kQB * dp), dO(kQB * dp), Kt(d * kKB), Vt(d * kKB), Kr(kKB * dp), Vr(kKB * dp), S(kQB * kKB), P(kQB * kKB),
+        dP(kQB * kKB), acc(kQB * dp), m(kQB), l(kQB) {}
 };
 
 // Items whose work (multiply-adds, roughly) is below this share a thread: an OpenMP region costs more than a tiny
@@ -440,9 +439,9 @@ void attend_direct(const acc_t* Qs, int64_t nrows, int64_t i0, int64_t npos, con
 // Online-softmax attention of nrows scaled query rows (query index i0 + r) over keys [kbeg, kend) of one head:
 // updates the running max m, sum l and unnormalised accumulator acc [nrows, dp].
 template <typename scalar_t, typename acc_t>
-void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase,
-            int64_t kstride, const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m,
-            acc_t* l, acc_t* acc, Scratch<acc_t>& sc) {
+void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, const scalar_t* vbase, int64_t kstride,
+            const KeyMask& mk, int64_t kbeg, int64_t kend, int64_t d, int64_t dp, acc_t* m, acc_t* l, acc_t* acc,
+            Scratch<acc_t>& sc) {
   if (nrows <= kDirectRows) {
     attend_direct(Qs, nrows, i0, nrows, kbase, vbase, kstride, mk, kbeg, kend, d, dp, m, l, acc);
     return;
@@ -525,9 +524,8 @@ inline std::pair<int64_t, int64_t> block_key_range(const KeyMask& mk, int64_t i0
 
 // Finishes one query block: normalises the word state, computes the prompt branch, writes out and both LSEs.
 template <typename scalar_t, typename acc_t>
-void finalize_block(const Problem<scalar_t, acc_t>& pr, int64_t b, int64_t h, int64_t i0, int64_t nrows,
-                    const acc_t* m, const acc_t* l, acc_t* acc, scalar_t* out, acc_t* lse, acc_t* plse,
-                    Scratch<acc_t>& sc) {
+void finalize_block(const Problem<scalar_t, acc_t>& pr, int64_t b, int64_t h, int64_t i0, int64_t nrows, const acc_t* m,
+                    const acc_t* l, acc_t* acc, scalar_t* out, acc_t* lse, acc_t* plse, Scratch<acc_t>& sc) {
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t d = pr.d, dp = pr.dp;
@@ -619,13 +617,13 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
         std::fill(acc.begin(), acc.end(), acc_t(0));
         const KeyMask mk = pr.word_mask(b);
         auto [kbeg, kend] = block_key_range(mk, 0, nrows);
-        attend_direct(Qg.data(), rows, 0, nrows, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), pr.kv_stride(), mk,
-                      kbeg, kend, pr.d, dp, m.data(), l.data(), acc.data());
+        attend_direct(Qg.data(), rows, 0, nrows, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), pr.kv_stride(), mk, kbeg,
+                      kend, pr.d, dp, m.data(), l.data(), acc.data());
         for (int64_t hl = 0; hl < pr.rep; ++hl) {
           const int64_t h = hkv * pr.rep + hl;
           load_q(sc, b, h, 0, nrows);  // finalize_block reads the head's scaled rows for the prompt branch
-          finalize_block(pr, b, h, 0, nrows, m.data() + hl * nrows, l.data() + hl * nrows,
-                         acc.data() + hl * nrows * dp, out, lse, plse, sc);
+          finalize_block(pr, b, h, 0, nrows, m.data() + hl * nrows, l.data() + hl * nrows, acc.data() + hl * nrows * dp,
+                         out, lse, plse, sc);
         }
       }
     });
@@ -658,7 +656,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   // Split-K: partial states per (item, split), merged in split order.
   std::vector<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
   at::parallel_for(0, items * nsplit, grain_for(pr.Tq * pr.Tk / nsplit * pr.d), [&](int64_t begin, int64_t end) {
-      SequentialBlasGuard blas_guard;
+    SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t it = w / nsplit, s = w % nsplit;
@@ -679,7 +677,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     }
   });
   at::parallel_for(0, items, grain_for(pr.Tq * (nsplit + pr.K) * pr.d), [&](int64_t begin, int64_t end) {
-      SequentialBlasGuard blas_guard;
+    SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
     std::vector<acc_t> m(kQB), l(kQB);
     for (int64_t it = begin; it < end; ++it) {
@@ -827,12 +825,13 @@ void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
                           D_rows.data(), factor);
         acc_t* dq_rows = dQ_group ? dQ_group + ((h - hkv * pr.rep) * pr.Tq + i0) * dp : nullptr;
         if (in_place) {  // dV += P^T dout, dK += scale * dS^T q, dq (scaled-query units) += dS K
-          gemm_in_place(nk, d, nrows, acc_t(1), sc.P.data(), kKB, true, do_rows, pr.q_stride(), false, acc_t(1),
-                        dV, dp);
-          gemm_in_place(nk, d, nrows, pr.qk_scale, dS.data(), kKB, true, q_rows, pr.q_stride(), false, acc_t(1), dK, dp);
+          gemm_in_place(nk, d, nrows, acc_t(1), sc.P.data(), kKB, true, do_rows, pr.q_stride(), false, acc_t(1), dV,
+                        dp);
+          gemm_in_place(nk, d, nrows, pr.qk_scale, dS.data(), kKB, true, q_rows, pr.q_stride(), false, acc_t(1), dK,
+                        dp);
           if (dq_rows) {
-            gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1),
-                          dq_rows, dp);
+            gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1), dq_rows,
+                          dp);
           }
         } else {
           accum_rows(dV, dp, sc.P.data(), 1, kKB, sc.dO.data(), dp, nk, nrows, dp);
@@ -857,10 +856,10 @@ void q_grad_keys(const Problem<scalar_t, acc_t>& pr, const scalar_t* kbase, cons
     const scalar_t* kblk = kbase + j0 * pr.kv_stride();
     const scalar_t* vblk = vbase + j0 * pr.kv_stride();
     if (in_place) {
-      gemm_in_place(nrows, nk, d, acc_t(1), sc.Qs.data(), dp, false, kblk, pr.kv_stride(), true, acc_t(0),
-                    sc.S.data(), kKB);
-      gemm_in_place(nrows, nk, d, acc_t(1), sc.dO.data(), dp, false, vblk, pr.kv_stride(), true, acc_t(0),
-                    dP.data(), kKB);
+      gemm_in_place(nrows, nk, d, acc_t(1), sc.Qs.data(), dp, false, kblk, pr.kv_stride(), true, acc_t(0), sc.S.data(),
+                    kKB);
+      gemm_in_place(nrows, nk, d, acc_t(1), sc.dO.data(), dp, false, vblk, pr.kv_stride(), true, acc_t(0), dP.data(),
+                    kKB);
       zero_tail_columns(dP.data(), nrows, nk);
     } else {
       load_transposed(sc.Kt.data(), kblk, pr.kv_stride(), nk, d);
@@ -869,8 +868,7 @@ void q_grad_keys(const Problem<scalar_t, acc_t>& pr, const scalar_t* kbase, cons
       block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
       block_scores(dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
     }
-    probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), dP.data(), nrows, i0, j0, nk, mk, lse_rows, D_rows,
-                      factor);
+    probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), dP.data(), nrows, i0, j0, nk, mk, lse_rows, D_rows, factor);
     if (in_place) {
       gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1), dQ, dp);
     } else {
@@ -888,7 +886,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
 
   // pass 0: D_word and D_prompt per row
   at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * (pr.K + 1) * d), [&](int64_t begin, int64_t end) {
-      SequentialBlasGuard blas_guard;
+    SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(d, dp);
     std::vector<acc_t> m(kQB), l(kQB), pacc(kQB * dp), orow(dp);
     for (int64_t it = begin; it < end; ++it) {
@@ -1024,26 +1022,26 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   // pass 3: dpk, dpv per (prompt batch, kv head, prompt block)
   if (pr.has_prompt) {
     const int64_t npb = (pr.K + kKB - 1) / kKB;
-    at::parallel_for(0, pr.Bp * pr.Hkv * npb, grain_for(pr.B * pr.rep * pr.Tq * kKB * d),
-                     [&](int64_t begin, int64_t end) {
-      SequentialBlasGuard blas_guard;
-      Scratch<acc_t> sc(d, dp);
-      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t j0 = (it % npb) * kKB, hkv = (it / npb) % pr.Hkv, bp = it / (npb * pr.Hkv);
-        const int64_t nk = std::min(kKB, pr.K - j0);
-        const int64_t b0 = pr.Bp == 1 ? 0 : bp, b1 = pr.Bp == 1 ? pr.B : bp + 1;
-        kv_grad_block(pr, bb, true, b0, b1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
-        for (int64_t r = 0; r < nk; ++r) {
-          scalar_t* ko = dpk + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
-          scalar_t* vo = dpv + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
-          for (int64_t c = 0; c < d; ++c) {
-            ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
-            vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
+    at::parallel_for(
+        0, pr.Bp * pr.Hkv * npb, grain_for(pr.B * pr.rep * pr.Tq * kKB * d), [&](int64_t begin, int64_t end) {
+          SequentialBlasGuard blas_guard;
+          Scratch<acc_t> sc(d, dp);
+          std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+          for (int64_t it = begin; it < end; ++it) {
+            const int64_t j0 = (it % npb) * kKB, hkv = (it / npb) % pr.Hkv, bp = it / (npb * pr.Hkv);
+            const int64_t nk = std::min(kKB, pr.K - j0);
+            const int64_t b0 = pr.Bp == 1 ? 0 : bp, b1 = pr.Bp == 1 ? pr.B : bp + 1;
+            kv_grad_block(pr, bb, true, b0, b1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
+            for (int64_t r = 0; r < nk; ++r) {
+              scalar_t* ko = dpk + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
+              scalar_t* vo = dpv + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
+              for (int64_t c = 0; c < d; ++c) {
+                ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
+                vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
+              }
+            }
           }
-        }
-      }
-    });
+        });
   }
 }
 
@@ -1106,11 +1104,16 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
 template <typename F>
 void dispatch_attn(at::ScalarType t, F&& f) {
   switch (t) {
-    case at::kDouble: return f.template operator()<double, double>();
-    case at::kFloat: return f.template operator()<float, float>();
-    case at::kBFloat16: return f.template operator()<at::BFloat16, float>();
-    case at::kHalf: return f.template operator()<at::Half, float>();
-    default: TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
+    case at::kDouble:
+      return f.template operator()<double, double>();
+    case at::kFloat:
+      return f.template operator()<float, float>();
+    case at::kBFloat16:
+      return f.template operator()<at::BFloat16, float>();
+    case at::kHalf:
+      return f.template operator()<at::Half, float>();
+    default:
+      TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
   }
 }
 
@@ -1155,8 +1158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::vector<acc_t> phi(p.phi.begin(), p.phi.end());
     auto pr = make_problem<scalar_t, acc_t>(s, p.q, p.k, p.v, p.pk, p.pv, p.kv_start, phi);
     BwdBuffers<scalar_t, acc_t> bb{dout.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-                                   lse.const_data_ptr<acc_t>(),      plse.const_data_ptr<acc_t>(),
-                                   Dw.mutable_data_ptr<acc_t>(),     Dp.mutable_data_ptr<acc_t>()};
+                                   lse.const_data_ptr<acc_t>(),     plse.const_data_ptr<acc_t>(),
+                                   Dw.mutable_data_ptr<acc_t>(),    Dp.mutable_data_ptr<acc_t>()};
     backward_impl(pr, bb, dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
                   dv.mutable_data_ptr<scalar_t>(), s.has_prompt ? dpk.mutable_data_ptr<scalar_t>() : nullptr,
                   s.has_prompt ? dpv.mutable_data_ptr<scalar_t>() : nullptr);

@@ -38,13 +38,16 @@ double chunked_row_sum(int64_t n, const VecFma& vec_fma, const ScalarTerm& scala
 
 template <typename scalar_t, typename weight_t, typename out_t>
 void rms_norm_fwd_row(const scalar_t* x, const weight_t* w, out_t* y, float* rstd_out, int64_t n, float eps) {
-  const double ss = chunked_row_sum(n, [&](int64_t i, const fVec& acc) {
-    fVec a = load_as_float(x + i);
-    return at::vec::fmadd(a, a, acc);
-  }, [&](int64_t i) {
-    float a = static_cast<float>(x[i]);
-    return a * a;
-  });
+  const double ss = chunked_row_sum(
+      n,
+      [&](int64_t i, const fVec& acc) {
+        fVec a = load_as_float(x + i);
+        return at::vec::fmadd(a, a, acc);
+      },
+      [&](int64_t i) {
+        float a = static_cast<float>(x[i]);
+        return a * a;
+      });
   const float r = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
   *rstd_out = r;
   const fVec rv(r);
@@ -63,11 +66,12 @@ void rms_norm_fwd_row(const scalar_t* x, const weight_t* w, out_t* y, float* rst
 template <typename scalar_t, typename weight_t, typename out_t>
 void rms_norm_bwd_row(const out_t* dy, const scalar_t* x, const weight_t* w, float r, scalar_t* dx, float* dw_acc,
                       int64_t n) {
-  const double dot = chunked_row_sum(n, [&](int64_t i, const fVec& acc) {
-    return at::vec::fmadd(load_as_float(dy + i) * load_as_float(w + i), load_as_float(x + i), acc);
-  }, [&](int64_t i) {
-    return static_cast<float>(dy[i]) * static_cast<float>(w[i]) * static_cast<float>(x[i]);
-  });
+  const double dot = chunked_row_sum(
+      n,
+      [&](int64_t i, const fVec& acc) {
+        return at::vec::fmadd(load_as_float(dy + i) * load_as_float(w + i), load_as_float(x + i), acc);
+      },
+      [&](int64_t i) { return static_cast<float>(dy[i]) * static_cast<float>(w[i]) * static_cast<float>(x[i]); });
   const float c = r * static_cast<float>(dot / static_cast<double>(n));  // mean(dn * nhat)
   const fVec rv(r), cv(c);
   int64_t i = 0;
@@ -173,15 +177,18 @@ void rms_norm_bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 template <typename F>
 void dispatch_x_w(at::ScalarType xt, at::ScalarType wt, F&& f) {
   switch (xt) {
-    case at::kDouble: return f.template operator()<double, double>();
-    case at::kFloat: return f.template operator()<float, float>();
+    case at::kDouble:
+      return f.template operator()<double, double>();
+    case at::kFloat:
+      return f.template operator()<float, float>();
     case at::kBFloat16:
       if (wt == at::kFloat) return f.template operator()<at::BFloat16, float>();
       return f.template operator()<at::BFloat16, at::BFloat16>();
     case at::kHalf:
       if (wt == at::kFloat) return f.template operator()<at::Half, float>();
       return f.template operator()<at::Half, at::Half>();
-    default: TORCH_CHECK(false, "lladapter::rms_norm: unsupported dtype ", xt);
+    default:
+      TORCH_CHECK(false, "lladapter::rms_norm: unsupported dtype ", xt);
   }
 }
 
@@ -196,8 +203,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at
   stat_sizes.pop_back();
   at::Tensor rstd = at::empty(stat_sizes, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (x.numel() == 0) return {y, rstd};
-  dispatch_x_w(x.scalar_type(), w.scalar_type(),
-               [&]<typename scalar_t, typename weight_t>() { rms_norm_fwd_impl<scalar_t, weight_t>(x, w, y, rstd, eps); });
+  dispatch_x_w(x.scalar_type(), w.scalar_type(), [&]<typename scalar_t, typename weight_t>() {
+    rms_norm_fwd_impl<scalar_t, weight_t>(x, w, y, rstd, eps);
+  });
   return {y, rstd};
 }
 

@@ -47,8 +47,7 @@ void rotate_half_head(const scalar_t* x, scalar_t* y, const float* c, const floa
 
 // Meta interleaved: pairs (2i, 2i + 1).
 template <typename scalar_t>
-void rotate_interleaved_head(const scalar_t* x, scalar_t* y, const float* c, const float* s, int64_t half,
-                             float sign) {
+void rotate_interleaved_head(const scalar_t* x, scalar_t* y, const float* c, const float* s, int64_t half, float sign) {
   int64_t i = 0;
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const fVec sg(sign);
@@ -70,9 +69,9 @@ void rotate_interleaved_head(const scalar_t* x, scalar_t* y, const float* c, con
 }
 
 template <typename scalar_t>
-void rope_impl(const HeadsView<scalar_t>& qv, const HeadsView<scalar_t>& kv, const RopeGeometry& g,
-               const float* cos, const float* sin, const int64_t* pos, int64_t pos_sb, int64_t pos_st,
-               int64_t offset, bool interleaved, bool inverse, bool copy_pass) {
+void rope_impl(const HeadsView<scalar_t>& qv, const HeadsView<scalar_t>& kv, const RopeGeometry& g, const float* cos,
+               const float* sin, const int64_t* pos, int64_t pos_sb, int64_t pos_st, int64_t offset, bool interleaved,
+               bool inverse, bool copy_pass) {
   const int64_t rows = g.B * g.T, half = g.half, rd = 2 * half, pass = g.d - rd;
   const float sign = inverse ? -1.f : 1.f;
   const int64_t per_row = std::max<int64_t>(1, (g.Hq + g.Hk) * g.d);
@@ -108,17 +107,22 @@ void check_position_ids(const char* op, const at::Tensor& pos, int64_t P) {
   for (int64_t i = 0; i < n0; ++i) {
     for (int64_t j = 0; j < n1; ++j) {
       const int64_t v = p[i * s0 + j * s1];
-      TORCH_CHECK(v >= 0 && v < P, op, ": position_ids[", i, ", ", j, "] = ", v,
-                  " is outside the cos/sin table of ", P, " positions [0, ", P, "); build a longer table");
+      TORCH_CHECK(v >= 0 && v < P, op, ": position_ids[", i, ", ", j, "] = ", v, " is outside the cos/sin table of ", P,
+                  " positions [0, ", P, "); build a longer table");
     }
   }
 }
 
 template <typename scalar_t>
 HeadsView<scalar_t> heads_view(const at::Tensor& in, at::Tensor& out) {
-  return HeadsView<scalar_t>{in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                             in.stride(0),  in.stride(1),  in.stride(2),
-                             out.stride(0), out.stride(1), out.stride(2),
+  return HeadsView<scalar_t>{in.const_data_ptr<scalar_t>(),
+                             out.mutable_data_ptr<scalar_t>(),
+                             in.stride(0),
+                             in.stride(1),
+                             in.stride(2),
+                             out.stride(0),
+                             out.stride(1),
+                             out.stride(2),
                              in.size(2)};
 }
 

@@ -21,12 +21,12 @@
 #include "../emu/emu.h"
 
 // The block's instance of the array, keyed by a static local unique to the declaration and the instantiation.
-#define LL_SHARED(type, name, dims)                          \
-  type(&name) dims = ::llemu::static_shared<type dims>(      \
-      [] {                                                   \
-        static char ll_shared_site_key;                      \
+#define LL_SHARED(type, name, dims)                           \
+  type(&name) dims = ::llemu::static_shared<type dims>(       \
+      [] {                                                    \
+        static char ll_shared_site_key;                       \
         return static_cast<const void*>(&ll_shared_site_key); \
-      }(),                                                   \
+      }(),                                                    \
       #name)
 #define LL_DYNAMIC_SHARED(type, name, align) type* const name = static_cast<type*>(::llemu::dynamic_shared(align))
 #define LL_LAUNCH(grid, block, smem, stream, ...) \
@@ -42,7 +42,9 @@
 #include <mma.h>
 
 #define LL_SHARED(type, name, dims) __shared__ type name dims
-#define LL_DYNAMIC_SHARED(type, name, align) extern __shared__ __align__(align) type name[]
+#define LL_DYNAMIC_SHARED(type, name, align) \
+  extern __shared__ __align__(align)         \
+  type name[]
 #define LL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define LL_MMA_CODE 1

@@ -34,10 +34,10 @@ namespace {
 constexpr int64_t kPromptRowChunk = 512;  // query rows per warp in the prompt-gradient kernel
 
 template <typename T, int DMAX>
-__global__ void gpa_fwd_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                               const T* __restrict__ pk, const T* __restrict__ pv, const int64_t* __restrict__ kv_start,
-                               const float* __restrict__ phi, T* __restrict__ out, float* __restrict__ lse,
-                               float* __restrict__ plse) {
+__global__ void gpa_fwd_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+                               const T* __restrict__ v, const T* __restrict__ pk, const T* __restrict__ pv,
+                               const int64_t* __restrict__ kv_start, const float* __restrict__ phi, T* __restrict__ out,
+                               float* __restrict__ lse, float* __restrict__ plse) {
   constexpr int NT = DMAX / 32;
   LL_SHARED(float, qs_all, [kWarps][DMAX]);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -55,8 +55,8 @@ __global__ void gpa_fwd_kernel(PromptAttnProblem g, const T* __restrict__ q, con
   for (int t = 0; t < NT; ++t) acc[t] = 0.f;
   int64_t lo, hi;
   word_range(g, kv_start, b, i, lo, hi);
-  attend_warp<T, NT>(qs, k + (b * g.Tk * g.Hkv + hkv) * g.d, v + (b * g.Tk * g.Hkv + hkv) * g.d, stride, lo, hi,
-                     g.d, m, l, acc, lane);
+  attend_warp<T, NT>(qs, k + (b * g.Tk * g.Hkv + hkv) * g.d, v + (b * g.Tk * g.Hkv + hkv) * g.d, stride, lo, hi, g.d, m,
+                     l, acc, lane);
   const int64_t si = (b * g.H + h) * g.Tq + i;
   // l = 0: no allowed word key, the word branch gives 0; l = NaN: a non-finite score, which stays NaN
   const float inv = l != 0.f ? 1.f / l : 0.f;
@@ -85,8 +85,8 @@ __global__ void gpa_fwd_kernel(PromptAttnProblem g, const T* __restrict__ q, con
 }
 
 template <typename T, int DMAX>
-__global__ void gpa_bwd_pre_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ pk, const T* __restrict__ pv,
-                                   const float* __restrict__ phi, const T* __restrict__ dout,
+__global__ void gpa_bwd_pre_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ pk,
+                                   const T* __restrict__ pv, const float* __restrict__ phi, const T* __restrict__ dout,
                                    const T* __restrict__ out, float* __restrict__ Dw, float* __restrict__ Dp) {
   constexpr int NT = DMAX / 32;
   LL_SHARED(float, qs_all, [kWarps][DMAX]);
@@ -115,7 +115,8 @@ __global__ void gpa_bwd_pre_kernel(PromptAttnProblem g, const T* __restrict__ q,
     dpr = warp_sum(part) / pl;
   }
   float part = 0.f;
-  for (int64_t c = lane; c < g.d; c += 32) part = fmaf(static_cast<float>(dout[roff + c]), static_cast<float>(out[roff + c]), part);
+  for (int64_t c = lane; c < g.d; c += 32)
+    part = fmaf(static_cast<float>(dout[roff + c]), static_cast<float>(out[roff + c]), part);
   const float dw = warp_sum(part) - (g.has_prompt ? phi[h] * dpr : 0.f);
   const int64_t si = (b * g.H + h) * g.Tq + i;
   if (lane == 0) {
@@ -151,8 +152,8 @@ __device__ void qgrad_warp(const float* qs, const float* dos, const T* __restric
 }
 
 template <typename T, int DMAX>
-__global__ void gpa_bwd_dq_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                  const T* __restrict__ pk, const T* __restrict__ pv,
+__global__ void gpa_bwd_dq_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+                                  const T* __restrict__ v, const T* __restrict__ pk, const T* __restrict__ pv,
                                   const int64_t* __restrict__ kv_start, const float* __restrict__ phi,
                                   const T* __restrict__ dout, const float* __restrict__ lse,
                                   const float* __restrict__ plse, const float* __restrict__ Dw,
@@ -196,10 +197,10 @@ __global__ void gpa_bwd_dq_kernel(PromptAttnProblem g, const T* __restrict__ q, 
 // list of its kv head; rows are scored 32 at a time, lane r taking row r0 + r.
 //   dV += factor * P * dout_i,  dK += dS * scale * q_i,  dS = factor * P * (dout_i . vj - D_i)
 template <typename T, int NT>
-__device__ void kv_rows_warp(const PromptAttnProblem& g, const float* kj, const float* vj, int64_t j, bool word, int64_t hkv,
-                             int64_t b0, int64_t nb, int64_t r0, int64_t r1, const int64_t* kv_start, const T* q,
-                             const T* dout, const float* lse, const float* D, const float* phi, float (&dk)[NT],
-                             float (&dv)[NT], int lane) {
+__device__ void kv_rows_warp(const PromptAttnProblem& g, const float* kj, const float* vj, int64_t j, bool word,
+                             int64_t hkv, int64_t b0, int64_t nb, int64_t r0, int64_t r1, const int64_t* kv_start,
+                             const T* q, const T* dout, const float* lse, const float* D, const float* phi,
+                             float (&dk)[NT], float (&dv)[NT], int lane) {
   const int64_t per_b = g.rep * g.Tq;
   const float scale = static_cast<float>(g.scale);
   for (int64_t x0 = r0; x0 < r1; x0 += 32) {
@@ -244,10 +245,10 @@ __device__ void kv_rows_warp(const PromptAttnProblem& g, const float* kj, const 
 }
 
 template <typename T, int DMAX>
-__global__ void gpa_bwd_dkv_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                   const int64_t* __restrict__ kv_start, const T* __restrict__ dout,
-                                   const float* __restrict__ lse, const float* __restrict__ Dw, T* __restrict__ dk,
-                                   T* __restrict__ dv) {
+__global__ void gpa_bwd_dkv_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+                                   const T* __restrict__ v, const int64_t* __restrict__ kv_start,
+                                   const T* __restrict__ dout, const float* __restrict__ lse,
+                                   const float* __restrict__ Dw, T* __restrict__ dk, T* __restrict__ dv) {
   constexpr int NT = DMAX / 32;
   LL_SHARED(float, k_all, [kWarps][DMAX]);
   LL_SHARED(float, v_all, [kWarps][DMAX]);
@@ -281,8 +282,8 @@ __global__ void gpa_bwd_dkv_kernel(PromptAttnProblem g, const T* __restrict__ q,
 
 // Partial prompt gradients: partial [chunks, Bp, K, Hkv, d] x 2 (dpk then dpv), fp32.
 template <typename T, int DMAX>
-__global__ void gpa_bwd_dpkv_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ pk, const T* __restrict__ pv,
-                                    const float* __restrict__ phi, const T* __restrict__ dout,
+__global__ void gpa_bwd_dpkv_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ pk,
+                                    const T* __restrict__ pv, const float* __restrict__ phi, const T* __restrict__ dout,
                                     const float* __restrict__ plse, const float* __restrict__ Dp, int64_t chunks,
                                     float* __restrict__ part_k, float* __restrict__ part_v) {
   constexpr int NT = DMAX / 32;
@@ -401,11 +402,14 @@ template <typename F>
 void dispatch_simt(at::ScalarType t, int64_t d, F&& f) {
   const bool small = d <= 64;
   switch (t) {
-    case at::kFloat: return small ? f.template operator()<float, 64>() : f.template operator()<float, 128>();
+    case at::kFloat:
+      return small ? f.template operator()<float, 64>() : f.template operator()<float, 128>();
     case at::kBFloat16:
       return small ? f.template operator()<at::BFloat16, 64>() : f.template operator()<at::BFloat16, 128>();
-    case at::kHalf: return small ? f.template operator()<at::Half, 64>() : f.template operator()<at::Half, 128>();
-    default: TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
+    case at::kHalf:
+      return small ? f.template operator()<at::Half, 64>() : f.template operator()<at::Half, 128>();
+    default:
+      TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
   }
 }
 
@@ -465,8 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   bt.Dw = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));
   bt.Dp = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));
   const ll::DeviceProps props = ll::device_props();
-  const bool tensor_cores = policy.tensor_cores &&
-                            mma_supports(g, t, {&bt.dout, &bt.dq, &bt.dk, &bt.dv}, props, /*backward=*/true);
+  const bool tensor_cores =
+      policy.tensor_cores && mma_supports(g, t, {&bt.dout, &bt.dq, &bt.dk, &bt.dv}, props, /*backward=*/true);
   const ll::Stream stream = ll::current_stream();
   dispatch_simt(t.q.scalar_type(), g.d, [&]<typename T, int DMAX>() {
     const T* qp = t.q.const_data_ptr<T>();

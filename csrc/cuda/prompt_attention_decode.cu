@@ -27,7 +27,7 @@ constexpr int kDecWarps = 4;
 constexpr int kDecThreads = 32 * kDecWarps;
 constexpr int kDecRowsPerWarp = 4;
 constexpr int kDecRows = kDecWarps * kDecRowsPerWarp;  // rows per partial block
-constexpr int kDecKeys = kDecodeTileKeys;                // keys per shared-memory tile: one per lane when scoring
+constexpr int kDecKeys = kDecodeTileKeys;              // keys per shared-memory tile: one per lane when scoring
 static_assert(kDecKeys == 32, "scoring gives each lane one key of the tile");
 constexpr int64_t kDecodeBlocksPerSm = 4;  // partial blocks aimed for per SM (about 41 KiB shared memory each)
 
@@ -38,8 +38,8 @@ constexpr int64_t kDecodeBlocksPerSm = 4;  // partial blocks aimed for per SM (a
 // multiple of 16 for every supported D).
 template <typename T, int D>
 __device__ __forceinline__ void dec_load_kv_tile(float* __restrict__ ks, float* __restrict__ vs,
-                                                 const T* __restrict__ ksrc, const T* __restrict__ vsrc,
-                                                 int64_t stride, int n, bool vec16) {
+                                                 const T* __restrict__ ksrc, const T* __restrict__ vsrc, int64_t stride,
+                                                 int n, bool vec16) {
   constexpr int LD = D + 1;
   if (vec16) {
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -87,9 +87,9 @@ __device__ __forceinline__ void dec_load_kv_tile(float* __restrict__ ks, float* 
 // si = (b * H + h) * Tq + i, which for h = hkv * rep + hl is (b * H + hkv * rep) * Tq + x with x = hl * Tq + i.
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecThreads)
-    gpa_decode_partial_kernel(PromptAttnProblem g, DecodePlan dg, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                              const int64_t* __restrict__ kv_start, float* __restrict__ part_ml,
-                              float* __restrict__ part_acc) {
+    gpa_decode_partial_kernel(PromptAttnProblem g, DecodePlan dg, const T* __restrict__ q, const T* __restrict__ k,
+                              const T* __restrict__ v, const int64_t* __restrict__ kv_start,
+                              float* __restrict__ part_ml, float* __restrict__ part_acc) {
   constexpr int LD = D + 1;
   constexpr int NT = (D + 31) / 32;  // output columns lane + 32 t per lane
   constexpr int RPW = kDecRowsPerWarp;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kDecThreads)
       if (__any_sync(kFullMask, allowed)) {  // warp-uniform: a row with no allowed key in this tile keeps its state
         const float sm = allowed ? s[u] : -INFINITY;
         const float m_new = fmax_keep_nan(m[u], warp_max(sm));  // -inf only if all allowed keys score -inf (then NaN)
-        const float alpha = expf(m[u] - m_new);         // 0 on the row's first keys (m = -inf)
+        const float alpha = expf(m[u] - m_new);                 // 0 on the row's first keys (m = -inf)
         p[u] = allowed ? expf(sm - m_new) : 0.f;
         l[u] = l[u] * alpha + warp_sum(p[u]);
 #pragma unroll
@@ -226,10 +226,11 @@ __global__ void __launch_bounds__(kDecThreads)
 
 // grid blocks_for(B * H * Tq), kWarps * 32 threads: warp per stat row si = (b * H + h) * Tq + i.
 template <typename T, int D>
-__global__ void gpa_decode_combine_kernel(PromptAttnProblem g, DecodePlan dg, const T* __restrict__ q, const T* __restrict__ pk,
-                                          const T* __restrict__ pv, const float* __restrict__ phi,
-                                          const float* __restrict__ part_ml, const float* __restrict__ part_acc,
-                                          T* __restrict__ out, float* __restrict__ lse, float* __restrict__ plse) {
+__global__ void gpa_decode_combine_kernel(PromptAttnProblem g, DecodePlan dg, const T* __restrict__ q,
+                                          const T* __restrict__ pk, const T* __restrict__ pv,
+                                          const float* __restrict__ phi, const float* __restrict__ part_ml,
+                                          const float* __restrict__ part_acc, T* __restrict__ out,
+                                          float* __restrict__ lse, float* __restrict__ plse) {
   constexpr int NT = (D + 31) / 32;
   LL_SHARED(float, qs_all, [kWarps][D]);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -322,18 +323,27 @@ template <typename F>
 void dispatch_decode(at::ScalarType t, int64_t d, F&& f) {
   auto by_dim = [&]<typename T>() {
     switch (d) {
-      case 64: return f.template operator()<T, 64>();
-      case 80: return f.template operator()<T, 80>();
-      case 96: return f.template operator()<T, 96>();
-      case 128: return f.template operator()<T, 128>();
-      default: TORCH_CHECK(false, "lladapter::gated_prompt_attention: no decode kernel for head dim ", d);
+      case 64:
+        return f.template operator()<T, 64>();
+      case 80:
+        return f.template operator()<T, 80>();
+      case 96:
+        return f.template operator()<T, 96>();
+      case 128:
+        return f.template operator()<T, 128>();
+      default:
+        TORCH_CHECK(false, "lladapter::gated_prompt_attention: no decode kernel for head dim ", d);
     }
   };
   switch (t) {
-    case at::kFloat: return by_dim.template operator()<float>();
-    case at::kBFloat16: return by_dim.template operator()<at::BFloat16>();
-    case at::kHalf: return by_dim.template operator()<at::Half>();
-    default: TORCH_CHECK(false, "lladapter::gated_prompt_attention: unsupported dtype ", t);
+    case at::kFloat:
+      return by_dim.template operator()<float>();
+    case at::kBFloat16:
+      return by_dim.template operator()<at::BFloat16>();
+    case at::kHalf:
+      return by_dim.template operator()<at::Half>();
+    default:
+      TORCH_CHECK(false, "lladapter::gated_prompt_attention: unsupported dtype ", t);
   }
 }
 

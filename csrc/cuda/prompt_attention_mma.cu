@@ -249,8 +249,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t q0 = qblk * kBlockM;
   const int n_rows = static_cast<int>(imin(kBlockM, g.Tq - q0));  // >= 1 by the grid size
   const int64_t q_stride = g.H * D, kv_stride = g.Hkv * D;        // elements between consecutive rows
-  const T* q_base = q + (b * g.Tq * g.H + h) * D;                   // row i at q_base + i * q_stride
-  const int64_t kv_off = (b * g.Tk * g.Hkv + hkv) * D;              // key j at k + kv_off + j * kv_stride
+  const T* q_base = q + (b * g.Tq * g.H + h) * D;                 // row i at q_base + i * q_stride
+  const int64_t kv_off = (b * g.Tk * g.Hkv + hkv) * D;            // key j at k + kv_off + j * kv_stride
 
   // Word keys: [lo, row_hi) for each row; the CTA loops over [lo, cta_hi), cta_hi being its last row's end.
   const int64_t lo = kv_start ? imin(imax(kv_start[b], int64_t(0)), g.Tk) : int64_t(0);
@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads)
     load_tile<T, D>(Ks, k + kv_off + j0 * kv_stride, kv_stride, n_keys);
     load_tile<T, D>(Vs, v + kv_off + j0 * kv_stride, kv_stride, n_keys);
     __syncthreads();
-    if (warp_active && j0 < warp_hi) {  // warp-uniform
+    if (warp_active && j0 < warp_hi) {     // warp-uniform
       const int n16 = (n_keys + 15) / 16;  // allowed columns are < n_keys <= 16 * n16: the rest is never read
       warp_scores<T, D>(qa, Ks, X, n16);
       __syncwarp();
@@ -399,8 +399,8 @@ __device__ __forceinline__ void warp_accumulate(const T* A, const T* Bs, FragAcc
 // Writes the warp's 16 x D accumulators to X (fp32, row stride LDX), then lane pair 2r + half writes columns
 // half + 2t of row r times mult, rounded to the dtype, to dst_row (nullptr: row r is not written).
 template <typename T, int D>
-__device__ __forceinline__ void warp_write_rows(const FragAcc (&acc)[D / 16], float* X, T* dst_row, float mult,
-                                                int r, int half) {
+__device__ __forceinline__ void warp_write_rows(const FragAcc (&acc)[D / 16], float* X, T* dst_row, float mult, int r,
+                                                int half) {
   constexpr int LDX = Layout<D>::LDX;
 #pragma unroll
   for (int dt = 0; dt < D / 16; ++dt) wmma::store_matrix_sync(X + dt * 16, acc[dt], LDX, wmma::mem_row_major);
@@ -457,11 +457,11 @@ __device__ __forceinline__ void probs_dscores_col(const float* xrow, const float
 // accumulator fragments across all key blocks (word then prompt); one write.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_bwd_dq_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                          const T* __restrict__ pk, const T* __restrict__ pv, const int64_t* __restrict__ kv_start,
-                          const float* __restrict__ phi, const T* __restrict__ dout, const float* __restrict__ lse,
-                          const float* __restrict__ plse, const float* __restrict__ Dw, const float* __restrict__ Dp,
-                          T* __restrict__ dq) {
+    gpa_bwd_dq_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+                          const T* __restrict__ v, const T* __restrict__ pk, const T* __restrict__ pv,
+                          const int64_t* __restrict__ kv_start, const float* __restrict__ phi,
+                          const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ plse,
+                          const float* __restrict__ Dw, const float* __restrict__ Dp, T* __restrict__ dq) {
 #if LL_MMA_CODE
   using BL = BwdLayout<D>;
   LL_DYNAMIC_SHARED(unsigned char, smem, 128);
@@ -479,8 +479,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t q0 = qblk * kBlockM;
   const int n_rows = static_cast<int>(imin(kBlockM, g.Tq - q0));  // >= 1 by the grid size
   const int64_t q_stride = g.H * D, kv_stride = g.Hkv * D;        // elements between consecutive rows
-  const int64_t q_off = (b * g.Tq * g.H + h) * D;                   // row i of q, dout, dq at + q_off + i * q_stride
-  const int64_t kv_off = (b * g.Tk * g.Hkv + hkv) * D;              // key j at k + kv_off + j * kv_stride
+  const int64_t q_off = (b * g.Tq * g.H + h) * D;                 // row i of q, dout, dq at + q_off + i * q_stride
+  const int64_t kv_off = (b * g.Tk * g.Hkv + hkv) * D;            // key j at k + kv_off + j * kv_stride
 
   // Word keys [lo, row_hi) per row, as in the forward; the CTA loops over [lo, cta_hi).
   const int64_t lo = kv_start ? imin(imax(kv_start[b], int64_t(0)), g.Tk) : int64_t(0);
@@ -554,8 +554,8 @@ __global__ void __launch_bounds__(kThreads)
         __syncwarp();
         int c_lo, c_hi;
         block_cols(p0, 0, p_hi, c_lo, c_hi);
-        dscores_row<T>(X + r * BL::LDS, Y + r * BL::LDS, dS + r * BL::LDP, c_lo, c_hi, g.scale, row_lse, row_D,
-                       factor, half);
+        dscores_row<T>(X + r * BL::LDS, Y + r * BL::LDS, dS + r * BL::LDP, c_lo, c_hi, g.scale, row_lse, row_D, factor,
+                       half);
         __syncwarp();
         warp_accumulate<T, D>(dS, Ks, acc, n16);
         __syncwarp();
@@ -575,8 +575,8 @@ __global__ void __launch_bounds__(kThreads)
 // (no atomics; a fixed order).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_bwd_dkv_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                           const int64_t* __restrict__ kv_start, const T* __restrict__ dout,
+    gpa_bwd_dkv_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+                           const T* __restrict__ v, const int64_t* __restrict__ kv_start, const T* __restrict__ dout,
                            const float* __restrict__ lse, const float* __restrict__ Dw, T* __restrict__ dk,
                            T* __restrict__ dv) {
 #if LL_MMA_CODE
@@ -602,7 +602,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t off = g.Tk - g.Tq;  // causal: query i sees key j iff j <= i + off
   const int64_t warp_key0 = j0 + warp * 16;
   const int64_t j = warp_key0 + r;
-  const bool key_ok = j >= lo && j < g.Tk;  // no query sees a key left of kv_start
+  const bool key_ok = j >= lo && j < g.Tk;                           // no query sees a key left of kv_start
   const bool warp_active = warp_key0 < g.Tk && warp_key0 + 16 > lo;  // uniform per warp
   // first query row that sees a key of the CTA / of the warp (causal: key kk is seen from row kk - off on);
   // Tq (no query block) when the whole CTA block is left padding
@@ -651,7 +651,7 @@ __global__ void __launch_bounds__(kThreads)
         const int c_first = g.causal ? static_cast<int>(imin(imax(j - off - i0, int64_t(0)), int64_t(kBlockM))) : 0;
         probs_dscores_col<T>(X + r * BL::LDS, Y + r * BL::LDS, Pt + r * BL::LDP, dSt + r * BL::LDP, lse_s, D_s, key_ok,
                              c_first, n_rows, g.scale, half);
-        __syncwarp();  // P^T, dS^T written, X / Y read by all lanes
+        __syncwarp();                              // P^T, dS^T written, X / Y read by all lanes
         warp_accumulate<T, D>(Pt, Os, dva, n16);   // dv_j += sum_i P_ij dout_i
         warp_accumulate<T, D>(dSt, Qs, dka, n16);  // dk_j += sum_i dS_ij q_i
         __syncwarp();
@@ -672,11 +672,16 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------- host side
 size_t smem_bytes_for(int64_t d, bool backward) {
   switch (d) {
-    case 64: return backward ? BwdLayout<64>::kSmemBytes : Layout<64>::kSmemBytes;
-    case 80: return backward ? BwdLayout<80>::kSmemBytes : Layout<80>::kSmemBytes;
-    case 96: return backward ? BwdLayout<96>::kSmemBytes : Layout<96>::kSmemBytes;
-    case 128: return backward ? BwdLayout<128>::kSmemBytes : Layout<128>::kSmemBytes;
-    default: return 0;
+    case 64:
+      return backward ? BwdLayout<64>::kSmemBytes : Layout<64>::kSmemBytes;
+    case 80:
+      return backward ? BwdLayout<80>::kSmemBytes : Layout<80>::kSmemBytes;
+    case 96:
+      return backward ? BwdLayout<96>::kSmemBytes : Layout<96>::kSmemBytes;
+    case 128:
+      return backward ? BwdLayout<128>::kSmemBytes : Layout<128>::kSmemBytes;
+    default:
+      return 0;
   }
 }
 
@@ -685,17 +690,25 @@ template <typename F>
 void dispatch_mma(at::ScalarType dtype, int64_t d, F&& f) {
   auto by_dim = [&]<typename T>() {
     switch (d) {
-      case 64: return f.template operator()<T, 64>();
-      case 80: return f.template operator()<T, 80>();
-      case 96: return f.template operator()<T, 96>();
-      case 128: return f.template operator()<T, 128>();
-      default: TORCH_CHECK(false, "lladapter::gated_prompt_attention: no tensor-core kernel for head dim ", d);
+      case 64:
+        return f.template operator()<T, 64>();
+      case 80:
+        return f.template operator()<T, 80>();
+      case 96:
+        return f.template operator()<T, 96>();
+      case 128:
+        return f.template operator()<T, 128>();
+      default:
+        TORCH_CHECK(false, "lladapter::gated_prompt_attention: no tensor-core kernel for head dim ", d);
     }
   };
   switch (dtype) {
-    case at::kBFloat16: return by_dim.template operator()<__nv_bfloat16>();
-    case at::kHalf: return by_dim.template operator()<__half>();
-    default: TORCH_CHECK(false, "lladapter::gated_prompt_attention: no tensor-core kernel for dtype ", dtype);
+    case at::kBFloat16:
+      return by_dim.template operator()<__nv_bfloat16>();
+    case at::kHalf:
+      return by_dim.template operator()<__half>();
+    default:
+      TORCH_CHECK(false, "lladapter::gated_prompt_attention: no tensor-core kernel for dtype ", dtype);
   }
 }
 

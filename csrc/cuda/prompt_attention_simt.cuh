@@ -48,7 +48,7 @@ __device__ void attend_warp(const float* qs, const T* __restrict__ kb, const T* 
     const bool valid = j < hi;
     const float s = valid ? dot_row(qs, kb + j * stride, d) : -INFINITY;
     const float m_new = fmax_keep_nan(m, warp_max(s));  // -inf only if every key scores -inf: then NaN, as softmax
-    const float alpha = expf(m - m_new);       // 0 on the first chunk (m = -inf)
+    const float alpha = expf(m - m_new);                // 0 on the first chunk (m = -inf)
     const float p = valid ? expf(s - m_new) : 0.f;
     l = l * alpha + warp_sum(p);
 #pragma unroll

@@ -194,18 +194,18 @@ void fwd_launch(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Ten
   const RowLaunch l = row_launch(rows, n, vec);
   const ll::Stream stream = ll::current_stream();
   if (vec == V) {
-    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_fwd_kernel<scalar_t, weight_t, out_t, V>)(
-        xp, wp, yp, rp, rows, n, static_cast<float>(eps));
+    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_fwd_kernel<scalar_t, weight_t, out_t, V>)(xp, wp, yp, rp, rows, n,
+                                                                                             static_cast<float>(eps));
   } else {
-    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_fwd_kernel<scalar_t, weight_t, out_t, 1>)(
-        xp, wp, yp, rp, rows, n, static_cast<float>(eps));
+    LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_fwd_kernel<scalar_t, weight_t, out_t, 1>)(xp, wp, yp, rp, rows, n,
+                                                                                             static_cast<float>(eps));
   }
   LL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename weight_t>
-void bwd_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
-                at::Tensor& dx, at::Tensor& dw) {
+void bwd_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd, at::Tensor& dx,
+                at::Tensor& dw) {
   using out_t = std::conditional_t<std::is_same_v<scalar_t, weight_t>, scalar_t, float>;
   constexpr int V = 16 / sizeof(scalar_t);
   const int64_t n = x.size(-1), rows = x.numel() / n;
@@ -220,10 +220,10 @@ void bwd_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, 
   const RowLaunch l = row_launch(rows, n, vec);
   if (vec == V) {
     LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_bwd_dx_kernel<scalar_t, weight_t, out_t, V>)(dyp, xp, wp, rp, dxp,
-                                                                                               rows, n);
+                                                                                                rows, n);
   } else {
     LL_LAUNCH(l.grid, l.block, 0, stream, rms_norm_bwd_dx_kernel<scalar_t, weight_t, out_t, 1>)(dyp, xp, wp, rp, dxp,
-                                                                                               rows, n);
+                                                                                                rows, n);
   }
   LL_LAUNCH_CHECK();
 
@@ -257,14 +257,18 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x_in, const a
   if (x.numel() == 0) return {y, rstd};
   const bool wf = w.scalar_type() == at::kFloat;
   switch (x.scalar_type()) {
-    case at::kFloat: fwd_launch<float, float>(x, w, y, rstd, eps); break;
+    case at::kFloat:
+      fwd_launch<float, float>(x, w, y, rstd, eps);
+      break;
     case at::kBFloat16:
-      wf ? fwd_launch<at::BFloat16, float>(x, w, y, rstd, eps) : fwd_launch<at::BFloat16, at::BFloat16>(x, w, y, rstd, eps);
+      wf ? fwd_launch<at::BFloat16, float>(x, w, y, rstd, eps)
+         : fwd_launch<at::BFloat16, at::BFloat16>(x, w, y, rstd, eps);
       break;
     case at::kHalf:
       wf ? fwd_launch<at::Half, float>(x, w, y, rstd, eps) : fwd_launch<at::Half, at::Half>(x, w, y, rstd, eps);
       break;
-    default: TORCH_CHECK(false, "lladapter::rms_norm: unsupported dtype ", x.scalar_type());
+    default:
+      TORCH_CHECK(false, "lladapter::rms_norm: unsupported dtype ", x.scalar_type());
   }
   return {y, rstd};
 }
@@ -282,14 +286,18 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
   if (x.numel() == 0) return {dx, dw};
   const bool wf = w.scalar_type() == at::kFloat;
   switch (x.scalar_type()) {
-    case at::kFloat: bwd_launch<float, float>(dy, x, w, rstd, dx, dw); break;
+    case at::kFloat:
+      bwd_launch<float, float>(dy, x, w, rstd, dx, dw);
+      break;
     case at::kBFloat16:
-      wf ? bwd_launch<at::BFloat16, float>(dy, x, w, rstd, dx, dw) : bwd_launch<at::BFloat16, at::BFloat16>(dy, x, w, rstd, dx, dw);
+      wf ? bwd_launch<at::BFloat16, float>(dy, x, w, rstd, dx, dw)
+         : bwd_launch<at::BFloat16, at::BFloat16>(dy, x, w, rstd, dx, dw);
       break;
     case at::kHalf:
       wf ? bwd_launch<at::Half, float>(dy, x, w, rstd, dx, dw) : bwd_launch<at::Half, at::Half>(dy, x, w, rstd, dx, dw);
       break;
-    default: TORCH_CHECK(false, "lladapter::rms_norm_backward: unsupported dtype ", x.scalar_type());
+    default:
+      TORCH_CHECK(false, "lladapter::rms_norm_backward: unsupported dtype ", x.scalar_type());
   }
   return {dx, dw};
 }

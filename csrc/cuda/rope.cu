@@ -155,7 +155,8 @@ void dispatch_launch(const RopeParams<scalar_t>& p, bool interleaved, ll::Stream
   // rotate_half: E pairs per thread (two E-element loads); interleaved: E/2 pairs (one E-element load).
   constexpr int PH = E, PI = E / 2;
   const bool cs_ok = [&](int pairs) {
-    return p.half % pairs == 0 && ll::aligned_to(p.cos, sizeof(float) * pairs) && ll::aligned_to(p.sin, sizeof(float) * pairs);
+    return p.half % pairs == 0 && ll::aligned_to(p.cos, sizeof(float) * pairs) &&
+           ll::aligned_to(p.sin, sizeof(float) * pairs);
   }(interleaved ? PI : PH);
   const bool vec = cs_ok && view_vectorizable(p.q, E) && view_vectorizable(p.k, E);
   if (interleaved) {
@@ -167,9 +168,14 @@ void dispatch_launch(const RopeParams<scalar_t>& p, bool interleaved, ll::Stream
 
 template <typename scalar_t>
 HeadsView<scalar_t> heads_view(const at::Tensor& in, at::Tensor& out) {
-  return HeadsView<scalar_t>{in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                             in.stride(0),  in.stride(1),  in.stride(2),
-                             out.stride(0), out.stride(1), out.stride(2),
+  return HeadsView<scalar_t>{in.const_data_ptr<scalar_t>(),
+                             out.mutable_data_ptr<scalar_t>(),
+                             in.stride(0),
+                             in.stride(1),
+                             in.stride(2),
+                             out.stride(0),
+                             out.stride(1),
+                             out.stride(2),
                              static_cast<int>(in.size(2))};
 }
 
@@ -215,8 +221,7 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? 
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                              const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                                              int64_t offset, bool interleaved, bool inverse) {
-  const RopeGeometry g =
-      rope_check_inputs("lladapter::rope", q, k, cos, sin, position_ids, offset, ll::kTarget);
+  const RopeGeometry g = rope_check_inputs("lladapter::rope", q, k, cos, sin, position_ids, offset, ll::kTarget);
   const ll::DeviceGuard guard(q.device());
   const at::Tensor qi = last_dim_contiguous(q), ki = last_dim_contiguous(k);
   at::Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());

@@ -232,19 +232,32 @@ static inline bool same_site(const std::source_location& a, const std::source_lo
 
 const char* op_name(WarpOp op) {
   switch (op) {
-    case WarpOp::kSyncwarp: return "__syncwarp";
-    case WarpOp::kShfl: return "__shfl_sync";
-    case WarpOp::kShflUp: return "__shfl_up_sync";
-    case WarpOp::kShflDown: return "__shfl_down_sync";
-    case WarpOp::kShflXor: return "__shfl_xor_sync";
-    case WarpOp::kAny: return "__any_sync";
-    case WarpOp::kAll: return "__all_sync";
-    case WarpOp::kBallot: return "__ballot_sync";
-    case WarpOp::kWmmaLoadA: return "wmma::load_matrix_sync(matrix_a)";
-    case WarpOp::kWmmaLoadB: return "wmma::load_matrix_sync(matrix_b)";
-    case WarpOp::kWmmaLoadC: return "wmma::load_matrix_sync(accumulator)";
-    case WarpOp::kWmmaStoreC: return "wmma::store_matrix_sync";
-    case WarpOp::kWmmaMma: return "wmma::mma_sync";
+    case WarpOp::kSyncwarp:
+      return "__syncwarp";
+    case WarpOp::kShfl:
+      return "__shfl_sync";
+    case WarpOp::kShflUp:
+      return "__shfl_up_sync";
+    case WarpOp::kShflDown:
+      return "__shfl_down_sync";
+    case WarpOp::kShflXor:
+      return "__shfl_xor_sync";
+    case WarpOp::kAny:
+      return "__any_sync";
+    case WarpOp::kAll:
+      return "__all_sync";
+    case WarpOp::kBallot:
+      return "__ballot_sync";
+    case WarpOp::kWmmaLoadA:
+      return "wmma::load_matrix_sync(matrix_a)";
+    case WarpOp::kWmmaLoadB:
+      return "wmma::load_matrix_sync(matrix_b)";
+    case WarpOp::kWmmaLoadC:
+      return "wmma::load_matrix_sync(accumulator)";
+    case WarpOp::kWmmaStoreC:
+      return "wmma::store_matrix_sync";
+    case WarpOp::kWmmaMma:
+      return "wmma::mma_sync";
   }
   return "?";
 }
@@ -257,9 +270,8 @@ static std::string block_context(const LaunchState* L, const BlockCtx& b) {
 }
 static std::string fiber_context(const Fiber* f) {
   const BlockCtx& b = f->worker->blk;
-  return block_context(b.launch, b) +
-         fmt(", thread (%u,%u,%u) [warp %u lane %u]", f->thread_idx.x, f->thread_idx.y, f->thread_idx.z, f->warp,
-             f->lane);
+  return block_context(b.launch, b) + fmt(", thread (%u,%u,%u) [warp %u lane %u]", f->thread_idx.x, f->thread_idx.y,
+                                          f->thread_idx.z, f->warp, f->lane);
 }
 
 [[noreturn]] void fail(const char* category, const std::string& detail) {
@@ -281,7 +293,8 @@ Fiber* current_fiber(const char* what) {
 }
 
 [[noreturn]] void kernel_assert_fail(const char* cond, const char* file, int line, const char* func) {
-  fail("kernel-assert", fmt("CUDA_KERNEL_ASSERT(%s) failed in %s at %s:%d", cond, func, short_path(file).c_str(), line));
+  fail("kernel-assert",
+       fmt("CUDA_KERNEL_ASSERT(%s) failed in %s at %s:%d", cond, func, short_path(file).c_str(), line));
 }
 
 // ------------------------------------------------------------------------------------------------ scheduling
@@ -364,15 +377,16 @@ static void smem_init(Worker* w) {
   const size_t page = page_size();
   s.static_cap = 128 * 1024;
   s.static_map_size = s.static_cap + 2 * page;
-  void* m = mmap(nullptr, s.static_map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* m =
+      mmap(nullptr, s.static_map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) throw std::bad_alloc();
   s.static_map = static_cast<char*>(m);
   s.static_base = s.static_map + page;
   mprotect(s.static_map, page, PROT_NONE);
   mprotect(s.static_base + s.static_cap, page, PROT_NONE);
   // dynamic: the largest opt-in limit of any profile, plus room for the alignment slack and the leading canary
-  const size_t cap = round_up(std::max<size_t>(builtin_profile("sm90").smem_optin_limit,
-                                               builtin_profile("sm80").smem_optin_limit) + 512, page);
+  const size_t cap = round_up(
+      std::max<size_t>(builtin_profile("sm90").smem_optin_limit, builtin_profile("sm80").smem_optin_limit) + 512, page);
   s.dyn_map_size = cap + 2 * page;
   m = mmap(nullptr, s.dyn_map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) throw std::bad_alloc();
@@ -418,16 +432,17 @@ static std::string smem_check(Worker* w) {
   for (const StaticArray& arr : s.arrays) {
     char* p = s.static_base + arr.off;
     if (char* a = find_corruption(p + arr.bytes, p + arr.bytes + kCanaryBytes)) {
-      return fmt("write past the end of __shared__ array '%s' (%zu bytes, declared at %s): first corrupted byte %zu "
-                 "bytes past its end",
-                 arr.name, arr.bytes, site_str(arr.loc).c_str(), static_cast<size_t>(a - (p + arr.bytes)));
+      return fmt(
+          "write past the end of __shared__ array '%s' (%zu bytes, declared at %s): first corrupted byte %zu "
+          "bytes past its end",
+          arr.name, arr.bytes, site_str(arr.loc).c_str(), static_cast<size_t>(a - (p + arr.bytes)));
     }
   }
   if (char* a = find_corruption(s.dyn_start + s.dyn_size, s.dyn_end)) {
-    return fmt("write past the end of the dynamic shared memory (%zu bytes): first corrupted byte %zu bytes past its "
-               "end",
-               s.dyn_size,
-               static_cast<size_t>(a - (s.dyn_start + s.dyn_size)));
+    return fmt(
+        "write past the end of the dynamic shared memory (%zu bytes): first corrupted byte %zu bytes past its "
+        "end",
+        s.dyn_size, static_cast<size_t>(a - (s.dyn_start + s.dyn_size)));
   }
   char* pre = std::max(s.dyn_lo, s.dyn_start - 64);
   if (char* a = find_corruption(pre, s.dyn_start)) {
@@ -437,7 +452,8 @@ static std::string smem_check(Worker* w) {
   return {};
 }
 
-void* static_shared_raw(const void* key, size_t bytes, size_t align, const char* name, const std::source_location& loc) {
+void* static_shared_raw(const void* key, size_t bytes, size_t align, const char* name,
+                        const std::source_location& loc) {
   Fiber* f = current_fiber("a __shared__ array (LL_SHARED)");
   Worker* w = f->worker;
   Smem& s = w->smem;
@@ -449,16 +465,16 @@ void* static_shared_raw(const void* key, size_t bytes, size_t align, const char*
   const size_t off = round_up(s.static_used, align);
   s.static_bytes += bytes;
   if (s.static_bytes > L->prof.static_smem_limit) {
-    fail("smem-limit", fmt("static __shared__ memory reaches %zu bytes with '%s' (%zu bytes, declared at %s), over "
-                           "the %zu-byte static limit of profile %s",
-                           s.static_bytes, name, bytes, site_str(loc).c_str(), L->prof.static_smem_limit,
-                           L->prof.name.c_str()));
+    fail("smem-limit",
+         fmt("static __shared__ memory reaches %zu bytes with '%s' (%zu bytes, declared at %s), over "
+             "the %zu-byte static limit of profile %s",
+             s.static_bytes, name, bytes, site_str(loc).c_str(), L->prof.static_smem_limit, L->prof.name.c_str()));
   }
   if (s.static_bytes + L->spec->dynamic_smem > L->prof.smem_optin_limit) {
     fail("smem-limit", fmt("static (%zu bytes, reached with '%s' at %s) + dynamic (%zu bytes) shared memory exceeds "
                            "the %zu-byte opt-in limit of profile %s",
-                           s.static_bytes, name, site_str(loc).c_str(), L->spec->dynamic_smem,
-                           L->prof.smem_optin_limit, L->prof.name.c_str()));
+                           s.static_bytes, name, site_str(loc).c_str(), L->spec->dynamic_smem, L->prof.smem_optin_limit,
+                           L->prof.name.c_str()));
   }
   if (off + bytes + kCanaryBytes > s.static_cap) fail("smem-limit", "static shared memory arena exhausted");
   char* p = s.static_base + off;
@@ -475,8 +491,8 @@ void* dynamic_shared(size_t align, const std::source_location& loc) {
   using namespace detail;
   Fiber* f = current_fiber("dynamic shared memory (LL_DYNAMIC_SHARED)");
   if (align == 0 || (align & (align - 1)) != 0 || align > 256) {
-    fail("smem-align", fmt("dynamic shared memory alignment %zu at %s: must be a power of two <= 256", align,
-                           site_str(loc).c_str()));
+    fail("smem-align",
+         fmt("dynamic shared memory alignment %zu at %s: must be a power of two <= 256", align, site_str(loc).c_str()));
   }
   return f->worker->smem.dyn_start;
 }
@@ -551,7 +567,8 @@ static void complete_group(Worker* w, BlockCtx& b, Fiber* self, unsigned warp, c
   const unsigned mask = g.mask;
   const uint64_t vmask = g.bytes >= 8 ? ~0ULL : ((1ULL << (8 * g.bytes)) - 1);
   switch (g.op) {
-    case WarpOp::kSyncwarp: break;
+    case WarpOp::kSyncwarp:
+      break;
     case WarpOp::kShfl:
     case WarpOp::kShflUp:
     case WarpOp::kShflDown:
@@ -563,7 +580,9 @@ static void complete_group(Worker* w, BlockCtx& b, Fiber* self, unsigned warp, c
         const unsigned base = l & ~(wd - 1);
         unsigned src = l;
         switch (g.op) {
-          case WarpOp::kShfl: src = base + (static_cast<unsigned>(f.arg) & (wd - 1)); break;
+          case WarpOp::kShfl:
+            src = base + (static_cast<unsigned>(f.arg) & (wd - 1));
+            break;
           case WarpOp::kShflUp: {
             const long s = static_cast<long>(l) - static_cast<unsigned>(f.arg);
             src = s < static_cast<long>(base) ? l : static_cast<unsigned>(s);
@@ -634,13 +653,13 @@ static void complete_group(Worker* w, BlockCtx& b, Fiber* self, unsigned warp, c
   if (g->mask != mask) {
     fail("warp-divergence", fmt("%s at %s with mask 0x%08x while lanes %s of the warp wait at %s (%s) with the "
                                 "overlapping mask 0x%08x",
-                                op_name(op), site_str(loc).c_str(), mask, lane_list(g->arrived).c_str(),
-                                op_name(g->op), site_str(g->site).c_str(), g->mask));
+                                op_name(op), site_str(loc).c_str(), mask, lane_list(g->arrived).c_str(), op_name(g->op),
+                                site_str(g->site).c_str(), g->mask));
   }
   fail("warp-divergence", fmt("lanes of warp %u at different collectives: lane %u at %s (%s), lanes %s at %s (%s), "
                               "mask 0x%08x",
-                              self->warp, self->lane, op_name(op), site_str(loc).c_str(),
-                              lane_list(g->arrived).c_str(), op_name(g->op), site_str(g->site).c_str(), mask));
+                              self->warp, self->lane, op_name(op), site_str(loc).c_str(), lane_list(g->arrived).c_str(),
+                              op_name(g->op), site_str(g->site).c_str(), mask));
 }
 
 static uint64_t arrive(WarpOp op, unsigned mask, unsigned bytes, const std::source_location& loc, Fiber* self) {
@@ -690,8 +709,8 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, unsigned valu
                          const std::source_location& loc) {
   Fiber* self = current_fiber(op_name(op));
   if (op >= WarpOp::kShfl && op <= WarpOp::kShflXor && (width < 1 || width > 32 || (width & (width - 1)) != 0)) {
-    fail("warp-mask", fmt("%s at %s with width %d: must be a power of two in [1, 32]", op_name(op),
-                          site_str(loc).c_str(), width));
+    fail("warp-mask",
+         fmt("%s at %s with width %d: must be a power of two in [1, 32]", op_name(op), site_str(loc).c_str(), width));
   }
   self->in = value;
   self->arg = arg;
@@ -740,7 +759,8 @@ static void run_kernel_body(Worker* w, BlockCtx& b, Fiber* f) {
   } catch (const std::exception& e) {
     record_block_error(b, std::string("llemu: [exception] ") + fiber_context(f) + ": the kernel threw: " + e.what());
   } catch (...) {
-    record_block_error(b, std::string("llemu: [exception] ") + fiber_context(f) + ": the kernel threw a non-std exception");
+    record_block_error(
+        b, std::string("llemu: [exception] ") + fiber_context(f) + ": the kernel threw a non-std exception");
   }
   (void)w;
 }
@@ -787,13 +807,13 @@ static void init_ctx(Fiber* f, uint64_t csr) {
   uintptr_t top = reinterpret_cast<uintptr_t>(f->stack_lo + f->stack_size) & ~uintptr_t(15);
   uint64_t* sp = reinterpret_cast<uint64_t*>(top);
   *--sp = reinterpret_cast<uint64_t>(&llemu_ctx_trampoline);  // return address of the first switch
-  *--sp = 0;                                                   // rbp
-  *--sp = reinterpret_cast<uint64_t>(&fiber_entry);            // rbx
-  *--sp = reinterpret_cast<uint64_t>(f);                       // r12
-  *--sp = 0;                                                   // r13
-  *--sp = 0;                                                   // r14
-  *--sp = 0;                                                   // r15
-  *--sp = csr;                                                 // MXCSR | x87 control word << 32
+  *--sp = 0;                                                  // rbp
+  *--sp = reinterpret_cast<uint64_t>(&fiber_entry);           // rbx
+  *--sp = reinterpret_cast<uint64_t>(f);                      // r12
+  *--sp = 0;                                                  // r13
+  *--sp = 0;                                                  // r14
+  *--sp = 0;                                                  // r15
+  *--sp = csr;                                                // MXCSR | x87 control word << 32
   f->ctx.sp = sp;
 #else
   (void)csr;
@@ -826,8 +846,8 @@ constexpr size_t kStackGuard = 64 * 1024;
 static void ensure_stacks(Worker* w, unsigned n) {
   while (w->stacks.size() < n) {
     const size_t total = w->stack_size + kStackGuard;
-    void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
-                   -1, 0);
+    void* m =
+        mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
     if (m == MAP_FAILED) throw std::bad_alloc();
     mprotect(m, kStackGuard, PROT_NONE);  // guard below the stack
     Worker::Stack s{static_cast<char*>(m), total};
@@ -946,7 +966,8 @@ static std::string deadlock_report(Worker* w, BlockCtx& b) {
   }
   std::string s = "llemu: [deadlock] " + block_context(b.launch, b);
   if (first != nullptr) s += fmt(", thread (%u,%u,%u)", first->thread_idx.x, first->thread_idx.y, first->thread_idx.z);
-  s += fmt(": all %u live threads of the block are blocked and none can proceed (%u exited); waiting at:", b.live, exited);
+  s += fmt(": all %u live threads of the block are blocked and none can proceed (%u exited); waiting at:", b.live,
+           exited);
   for (const Grp& g : groups) {
     if (g.wait == Wait::kBarrier) {
       s += fmt("\n  __syncthreads at %s: %zu thread(s): %s", site_str(g.site).c_str(), g.ids.size(),
@@ -1048,8 +1069,9 @@ static std::string describe_fault(Worker* w, Fiber* f, const char** category) {
   if (f->fault_sig == SIGFPE) {
     *category = "fault";
     return fmt("SIGFPE (%s) at pc 0x%" PRIxPTR,
-               f->fault_code == FPE_INTDIV ? "integer division by zero" :
-               f->fault_code == FPE_INTOVF ? "integer overflow" : "arithmetic exception",
+               f->fault_code == FPE_INTDIV   ? "integer division by zero"
+               : f->fault_code == FPE_INTOVF ? "integer overflow"
+                                             : "arithmetic exception",
                f->fault_pc);
   }
   const char* rw = f->fault_write == 1 ? "write" : f->fault_write == 0 ? "read" : "access";
@@ -1062,7 +1084,8 @@ static std::string describe_fault(Worker* w, Fiber* f, const char** category) {
   }
   if (a >= lo - kStackGuard && a < lo) {
     *category = "stack-overflow";
-    return fmt("stack overflow: %s at 0x%" PRIxPTR " in the guard region below this thread's %zu KiB fiber stack "
+    return fmt("stack overflow: %s at 0x%" PRIxPTR
+               " in the guard region below this thread's %zu KiB fiber stack "
                "(raise stack_kib / LLADAPTER_EMU_STACK_KIB if the kernel needs more)",
                rw, a, f->stack_size / 1024);
   }
@@ -1082,8 +1105,8 @@ static std::string describe_fault(Worker* w, Fiber* f, const char** category) {
   }
   if (a >= reinterpret_cast<uintptr_t>(s.dyn_map) && a < reinterpret_cast<uintptr_t>(s.dyn_lo)) {
     *category = "shared-oob";
-    return fmt("invalid %s at 0x%" PRIxPTR ": %zu bytes before the start of the %zu-byte dynamic shared memory", rw,
-               a, static_cast<size_t>(reinterpret_cast<uintptr_t>(s.dyn_start) - a), s.dyn_size);
+    return fmt("invalid %s at 0x%" PRIxPTR ": %zu bytes before the start of the %zu-byte dynamic shared memory", rw, a,
+               static_cast<size_t>(reinterpret_cast<uintptr_t>(s.dyn_start) - a), s.dyn_size);
   }
   const uintptr_t st = reinterpret_cast<uintptr_t>(s.static_base);
   if ((a >= st - page && a < st) || (a >= st + s.static_cap && a < st + s.static_cap + page)) {
@@ -1095,8 +1118,10 @@ static std::string describe_fault(Worker* w, Fiber* f, const char** category) {
     return fmt("invalid %s at 0x%" PRIxPTR ": %s (pc 0x%" PRIxPTR ")", rw, a, where.c_str(), f->fault_pc);
   }
   *category = "fault";
-  if (a < 65536) return fmt("%s: %s of address 0x%" PRIxPTR " (a null pointer?) at pc 0x%" PRIxPTR, sig, rw, a, f->fault_pc);
-  return fmt("%s: invalid %s at 0x%" PRIxPTR " (not a guarded allocation, shared memory or a fiber stack) at pc 0x%" PRIxPTR,
+  if (a < 65536)
+    return fmt("%s: %s of address 0x%" PRIxPTR " (a null pointer?) at pc 0x%" PRIxPTR, sig, rw, a, f->fault_pc);
+  return fmt("%s: invalid %s at 0x%" PRIxPTR
+             " (not a guarded allocation, shared memory or a fiber stack) at pc 0x%" PRIxPTR,
              sig, rw, a, f->fault_pc);
 }
 
@@ -1247,8 +1272,10 @@ static void validate_launch(const LaunchState& L) {
   auto bad = [&](const char* cat, const std::string& what) {
     throw KernelError(std::string("llemu: [") + cat + "] " + launch_context(&L) + ": " + what);
   };
-  if (s.grid.x == 0 || s.grid.y == 0 || s.grid.z == 0) bad("launch-config", "grid " + dims(s.grid) + " has a zero dimension");
-  if (s.block.x == 0 || s.block.y == 0 || s.block.z == 0) bad("launch-config", "block " + dims(s.block) + " has a zero dimension");
+  if (s.grid.x == 0 || s.grid.y == 0 || s.grid.z == 0)
+    bad("launch-config", "grid " + dims(s.grid) + " has a zero dimension");
+  if (s.block.x == 0 || s.block.y == 0 || s.block.z == 0)
+    bad("launch-config", "block " + dims(s.block) + " has a zero dimension");
   const unsigned bd[3] = {s.block.x, s.block.y, s.block.z};
   const unsigned gd[3] = {s.grid.x, s.grid.y, s.grid.z};
   for (int i = 0; i < 3; ++i) {
@@ -1263,9 +1290,9 @@ static void validate_launch(const LaunchState& L) {
   }
   const uint64_t threads = static_cast<uint64_t>(s.block.x) * s.block.y * s.block.z;
   if (threads > static_cast<uint64_t>(p.max_threads_per_block)) {
-    bad("launch-config", fmt("block %s has %llu threads, over the limit of %d threads per block (profile %s)",
-                             dims(s.block).c_str(), static_cast<unsigned long long>(threads), p.max_threads_per_block,
-                             p.name.c_str()));
+    bad("launch-config",
+        fmt("block %s has %llu threads, over the limit of %d threads per block (profile %s)", dims(s.block).c_str(),
+            static_cast<unsigned long long>(threads), p.max_threads_per_block, p.name.c_str()));
   }
   if (s.dynamic_smem > p.smem_optin_limit) {
     bad("smem-limit", fmt("%zu bytes of dynamic shared memory exceed the %zu-byte opt-in limit of profile %s",
@@ -1432,9 +1459,12 @@ void configure(const Config& c) {
 
 const char* schedule_name(Schedule s) {
   switch (s) {
-    case Schedule::kInOrder: return "inorder";
-    case Schedule::kReverse: return "reverse";
-    case Schedule::kRandom: return "random";
+    case Schedule::kInOrder:
+      return "inorder";
+    case Schedule::kReverse:
+      return "reverse";
+    case Schedule::kRandom:
+      return "random";
   }
   return "?";
 }
@@ -1485,9 +1515,10 @@ void set_max_dynamic_smem(const void* kernel, int bytes) {
     return G().prof;
   }();
   if (bytes < 0 || static_cast<size_t>(bytes) > p.smem_optin_limit) {
-    throw KernelError(detail::fmt("llemu: [smem-attr] cudaFuncSetAttribute(MaxDynamicSharedMemorySize, %d): must be "
-                                  "in [0, %zu], the opt-in limit of profile %s",
-                                  bytes, p.smem_optin_limit, p.name.c_str()));
+    throw KernelError(
+        detail::fmt("llemu: [smem-attr] cudaFuncSetAttribute(MaxDynamicSharedMemorySize, %d): must be "
+                    "in [0, %zu], the opt-in limit of profile %s",
+                    bytes, p.smem_optin_limit, p.name.c_str()));
   }
   std::lock_guard<std::mutex> sl(detail::g_state_mu);
   G().max_dyn[kernel] = bytes;

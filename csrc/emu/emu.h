@@ -67,10 +67,10 @@ class KernelError : public std::runtime_error {
 
 // ---- emulated device
 struct DeviceProfile {
-  std::string name;                    // "sm80", "sm90"
-  std::string description;             // "A100", "H100/H200"
-  int major = 0, minor = 0;            // compute capability
-  int sm_count = 0;                    // multiProcessorCount (after any override)
+  std::string name;          // "sm80", "sm90"
+  std::string description;   // "A100", "H100/H200"
+  int major = 0, minor = 0;  // compute capability
+  int sm_count = 0;          // multiProcessorCount (after any override)
   int max_threads_per_block = 1024;
   int max_block_dim[3] = {1024, 1024, 64};
   long long max_grid_dim[3] = {2147483647LL, 65535, 65535};
@@ -107,21 +107,21 @@ Config config();
 void configure(const Config& c);  // not while a launch runs; the pool is rebuilt at the next launch if needed
 const char* schedule_name(Schedule s);
 const char* layout_name(WmmaLayout l);
-Schedule parse_schedule(const std::string& s);   // "inorder" | "reverse" | "random"
-WmmaLayout parse_layout(const std::string& s);   // "sm80" | "scrambled"
+Schedule parse_schedule(const std::string& s);  // "inorder" | "reverse" | "random"
+WmmaLayout parse_layout(const std::string& s);  // "sm80" | "scrambled"
 
 // ---- coverage and statistics
 struct KernelRecord {
   uint64_t launches = 0, blocks = 0, threads = 0;
-  std::vector<std::string> sites;        // "file:line" of each launch site seen
-  std::vector<const void*> functions;    // each distinct kernel function (template instantiation) launched
+  std::vector<std::string> sites;      // "file:line" of each launch site seen
+  std::vector<const void*> functions;  // each distinct kernel function (template instantiation) launched
 };
 // Kernel name as written at the launch site -> counts (successful and failed launches that passed the
 // configuration checks).
 std::map<std::string, KernelRecord> launched_kernels();
 struct Stats {
-  uint64_t launches = 0, blocks = 0, fibers = 0, context_switches = 0, barriers = 0, warp_collectives = 0,
-           wmma_ops = 0, errors = 0;
+  uint64_t launches = 0, blocks = 0, fibers = 0, context_switches = 0, barriers = 0, warp_collectives = 0, wmma_ops = 0,
+           errors = 0;
 };
 Stats stats();
 void reset_stats();  // clears the stats, the kernel registry and the warnings
@@ -202,7 +202,7 @@ struct LaunchSpec {
   int line;
   dim3 grid, block;
   size_t dynamic_smem;
-  const void* kernel_key;         // the kernel's function pointer (set_max_dynamic_smem registry)
+  const void* kernel_key;           // the kernel's function pointer (set_max_dynamic_smem registry)
   void (*thunk)(const void* call);  // runs the kernel for the current emulated thread
   const void* call;
 };
@@ -237,8 +237,15 @@ class Launcher {
                   "LL_LAUNCH: kernel parameters must be trivially copyable (they are copied to the device)");
     detail::KernelCall<std::decay_t<P>...> call{
         kernel_, std::tuple<std::decay_t<P>...>(detail::convert_kernel_arg<std::decay_t<P>>(std::forward<A>(a))...)};
-    detail::LaunchSpec spec{name_, file_, line_, grid_, block_, smem_, reinterpret_cast<const void*>(kernel_),
-                            &detail::KernelCall<std::decay_t<P>...>::run, &call};
+    detail::LaunchSpec spec{name_,
+                            file_,
+                            line_,
+                            grid_,
+                            block_,
+                            smem_,
+                            reinterpret_cast<const void*>(kernel_),
+                            &detail::KernelCall<std::decay_t<P>...>::run,
+                            &call};
     detail::launch(spec);
   }
 
@@ -296,9 +303,9 @@ void syncthreads(const std::source_location& loc);
 
 template <class T>
 inline uint64_t to_bits(const T& v) {
-  static_assert(std::is_trivially_copyable_v<T> && (sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4 ||
-                                                    sizeof(T) == 8),
-                "warp shuffles move 1-, 2-, 4- or 8-byte trivially copyable values");
+  static_assert(
+      std::is_trivially_copyable_v<T> && (sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8),
+      "warp shuffles move 1-, 2-, 4- or 8-byte trivially copyable values");
   uint64_t b = 0;
   std::memcpy(&b, &v, sizeof(T));
   return b;
@@ -333,10 +340,9 @@ inline constexpr int warpSize = 32;
 // CUDA_KERNEL_ASSERT: a failed assert ends the launch with a KernelError naming kernel, block, thread and the
 // condition. Replaces c10's definition (see the include order rule at the top).
 #undef CUDA_KERNEL_ASSERT
-#define CUDA_KERNEL_ASSERT(cond)                                                      \
-  do {                                                                                \
-    if (__builtin_expect(!(cond), 0))                                                 \
-      ::llemu::detail::kernel_assert_fail(#cond, __FILE__, __LINE__, __func__);       \
+#define CUDA_KERNEL_ASSERT(cond)                                                                                \
+  do {                                                                                                          \
+    if (__builtin_expect(!(cond), 0)) ::llemu::detail::kernel_assert_fail(#cond, __FILE__, __LINE__, __func__); \
   } while (0)
 
 inline void __syncthreads(const std::source_location& loc = std::source_location::current()) {
@@ -403,8 +409,8 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 
 // CUDA's global min/max overloads (crt/math_functions.hpp), the mixed signed/unsigned ones taking the unsigned
 // type as CUDA does.
-#define LLEMU_MINMAX_SAME(T)                             \
-  inline T min(T a, T b) { return a < b ? a : b; }      \
+#define LLEMU_MINMAX_SAME(T)                       \
+  inline T min(T a, T b) { return a < b ? a : b; } \
   inline T max(T a, T b) { return a > b ? a : b; }
 LLEMU_MINMAX_SAME(int)
 LLEMU_MINMAX_SAME(unsigned int)
@@ -421,10 +427,10 @@ inline double min(float a, double b) { return fmin(static_cast<double>(a), b); }
 inline double max(float a, double b) { return fmax(static_cast<double>(a), b); }
 inline double min(double a, float b) { return fmin(a, static_cast<double>(b)); }
 inline double max(double a, float b) { return fmax(a, static_cast<double>(b)); }
-#define LLEMU_MINMAX_MIXED(S, U)                                                        \
-  inline U min(S a, U b) { return min(static_cast<U>(a), b); }                         \
-  inline U min(U a, S b) { return min(a, static_cast<U>(b)); }                         \
-  inline U max(S a, U b) { return max(static_cast<U>(a), b); }                         \
+#define LLEMU_MINMAX_MIXED(S, U)                               \
+  inline U min(S a, U b) { return min(static_cast<U>(a), b); } \
+  inline U min(U a, S b) { return min(a, static_cast<U>(b)); } \
+  inline U max(S a, U b) { return max(static_cast<U>(a), b); } \
   inline U max(U a, S b) { return max(a, static_cast<U>(b)); }
 LLEMU_MINMAX_MIXED(int, unsigned int)
 LLEMU_MINMAX_MIXED(long, unsigned long)

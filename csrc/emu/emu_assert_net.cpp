@@ -12,8 +12,8 @@ bool in_fiber();
 }  // namespace llemu::detail
 
 extern "C" __attribute__((visibility("hidden"), noreturn)) void __assert_fail(const char* assertion, const char* file,
-                                                                             unsigned int line,
-                                                                             const char* function) noexcept {
+                                                                              unsigned int line,
+                                                                              const char* function) noexcept {
   if (llemu::detail::in_fiber()) {
     char buf[1024];
     std::snprintf(buf, sizeof buf, "assertion `%s' failed in %s at %s:%u (via __assert_fail)", assertion,

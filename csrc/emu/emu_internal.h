@@ -62,7 +62,7 @@ struct Fiber : FiberHead {
   int fault_code = 0;
   int fault_write = -1;  // 1 write, 0 read, -1 unknown
   uintptr_t fault_addr = 0, fault_pc = 0;
-  const char* net_msg = nullptr;  // message from the __assert_fail net (fault_sig == 0)
+  const char* net_msg = nullptr;   // message from the __assert_fail net (fault_sig == 0)
   volatile bool jb_valid = false;  // jb holds this block's fiber_entry frame
   sigjmp_buf jb;
 };

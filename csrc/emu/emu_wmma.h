@@ -26,9 +26,9 @@ constexpr FragElem frag_elem() {
 
 // One lane's operands of a wmma collective (they live on the lane's stack while it waits).
 struct WmmaOperands {
-  FragKind kind;        // load/store: the fragment's kind
-  FragElem elem;        // element type of the loaded/stored fragment, or of A/B for mma
-  bool col_major;       // load/store: memory layout (matrix_a/b: the fragment's Layout; accumulator: layout_t)
+  FragKind kind;   // load/store: the fragment's kind
+  FragElem elem;   // element type of the loaded/stored fragment, or of A/B for mma
+  bool col_major;  // load/store: memory layout (matrix_a/b: the fragment's Layout; accumulator: layout_t)
   unsigned num_elements;
   void* frag;           // load: destination fragment x[]; mma: D
   const void* frag_in;  // store: source fragment; mma: A
@@ -104,8 +104,8 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& a, const T* p
   wmma_collective(o.kind == FragKind::kA ? WarpOp::kWmmaLoadA : WarpOp::kWmmaLoadB, o, loc);
 }
 
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& a, const float* p, unsigned ldm,
-                             layout_t layout, const std::source_location& loc = std::source_location::current()) {
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& a, const float* p, unsigned ldm, layout_t layout,
+                             const std::source_location& loc = std::source_location::current()) {
   using namespace ::llemu::detail;
   WmmaOperands o{};
   o.kind = FragKind::kC;

@@ -20,9 +20,7 @@ struct GuardedCPUAllocator final : public c10::Allocator {
     return {p, p, &guarded_delete, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &guarded_delete; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 };
 
 // c10 keeps the allocator with the highest priority set so far; we always set ours and the previous one with this

@@ -70,8 +70,8 @@ std::string check_region(const Region& r, bool repair) {
   }
   const uintptr_t head_lo = r.data - kHeadCheck < r.body_lo ? r.body_lo : r.data - kHeadCheck;
   if (uintptr_t a = find_corruption(head_lo, r.data)) {
-    std::snprintf(buf, sizeof buf, "write before the start of a %zu-byte guarded allocation at 0x%" PRIxPTR
-                                   " (%zu bytes before it)",
+    std::snprintf(buf, sizeof buf,
+                  "write before the start of a %zu-byte guarded allocation at 0x%" PRIxPTR " (%zu bytes before it)",
                   r.n, r.data, static_cast<size_t>(r.data - a));
     if (!out.empty()) out += "; ";
     out += buf;

@@ -17,9 +17,13 @@
 #include <thread>
 
 // The compat macros as proposed in emu.h (csrc/cuda/compat.h owns the real ones).
-#define LL_SHARED(type, name, dims)                     \
-  type(&name) dims = ::llemu::static_shared<type dims>( \
-      [] { static char llemu_site_key_; return static_cast<const void*>(&llemu_site_key_); }(), #name)
+#define LL_SHARED(type, name, dims)                        \
+  type(&name) dims = ::llemu::static_shared<type dims>(    \
+      [] {                                                 \
+        static char llemu_site_key_;                       \
+        return static_cast<const void*>(&llemu_site_key_); \
+      }(),                                                 \
+      #name)
 #define LL_DYNAMIC_SHARED(type, name, align) type* const name = static_cast<type*>(::llemu::dynamic_shared(align))
 #define LL_LAUNCH(grid, block, smem, stream, ...) \
   ::llemu::make_launcher(#__VA_ARGS__, __FILE__, __LINE__, grid, block, smem, stream, __VA_ARGS__)
@@ -399,9 +403,7 @@ __global__ void st_syncwarp_exited_lane() {
   __syncwarp();
 }
 
-__global__ void st_mask_without_caller(float* out) {
-  out[threadIdx.x] = __shfl_sync(0xfffffffeu, 1.f, 1);
-}
+__global__ void st_mask_without_caller(float* out) { out[threadIdx.x] = __shfl_sync(0xfffffffeu, 1.f, 1); }
 
 __global__ void st_different_collectives(float* out) {
   if (threadIdx.x < 16) {
@@ -470,8 +472,8 @@ __global__ void st_wmma_bad(const __half* base) {
   namespace wmma = nvcuda::wmma;
   wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
   const int lane = threadIdx.x & 31;
-  if (kMode == 0) wmma::load_matrix_sync(fa, base + 8, 64);                      // 16 bytes off a 32-byte boundary
-  if (kMode == 1) wmma::load_matrix_sync(fa, base, 20);                          // ldm 40 bytes
+  if (kMode == 0) wmma::load_matrix_sync(fa, base + 8, 64);                           // 16 bytes off a 32-byte boundary
+  if (kMode == 1) wmma::load_matrix_sync(fa, base, 20);                               // ldm 40 bytes
   if (kMode == 2) wmma::load_matrix_sync(fa, base + (lane >= 16 ? 16 * 64 : 0), 64);  // lanes disagree
 }
 
@@ -578,190 +580,266 @@ std::map<std::string, Entry>& registry() {
       {"exited_barrier", {"threads that exit early do not hold a barrier", t_exited_barrier}},
       {"partial_warp", {"a 40-thread block: the partial warp uses mask 0xff", t_partial_warp}},
       {"smem_nan", {"shared memory (static and dynamic) reads NaN before it is written", t_smem_nan}},
-      {"race_missing_barrier", {"a missing __syncthreads: the output depends on the schedule", [] { return t_race(false); }}},
+      {"race_missing_barrier",
+       {"a missing __syncthreads: the output depends on the schedule", [] { return t_race(false); }}},
       {"race_with_barrier", {"the same kernel with the barrier: schedule-independent", [] { return t_race(true); }}},
       {"wmma_gemm_half", {"64x64x64 wmma GEMM, half, B row-major", [] { return t_wmma_gemm<__half>(false); }}},
       {"wmma_gemm_half_bcol", {"64x64x64 wmma GEMM, half, B col-major", [] { return t_wmma_gemm<__half>(true); }}},
       {"wmma_gemm_bf16", {"64x64x64 wmma GEMM, bf16, B row-major", [] { return t_wmma_gemm<__nv_bfloat16>(false); }}},
-      {"wmma_gemm_bf16_bcol", {"64x64x64 wmma GEMM, bf16, B col-major", [] { return t_wmma_gemm<__nv_bfloat16>(true); }}},
+      {"wmma_gemm_bf16_bcol",
+       {"64x64x64 wmma GEMM, bf16, B col-major", [] { return t_wmma_gemm<__nv_bfloat16>(true); }}},
       {"wmma_layout_probe", {"indexes fragment.x[i] assuming the sm80 layout", t_wmma_layout_probe}},
       {"bench", {"context switch, barrier, shuffle and launch costs", t_bench}},
       // ---- broken kernels: each raises
-      {"deadlock_barrier", {"threads 0-47 at __syncthreads, 48-63 at __syncwarp", [] {
-         LL_LAUNCH(1, 64, 0, current_stream(), st_deadlock_barrier)();
-         return none();
-       }}},
-      {"barrier_sites", {"__syncthreads at two call sites", [] {
-         LL_LAUNCH(1, 64, 0, current_stream(), st_barrier_sites)();
-         return none();
-       }}},
-      {"shfl_exited_lane", {"a shuffle whose mask names an exited lane", [] {
-         float out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_shfl_exited_lane)(out);
-         return none();
-       }}},
-      {"syncwarp_exited_lane", {"a lane exits while the others wait for it at __syncwarp", [] {
-         LL_LAUNCH(1, 32, 0, current_stream(), st_syncwarp_exited_lane)();
-         return none();
-       }}},
-      {"mask_without_caller", {"a shuffle mask without the calling lane", [] {
-         float out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_mask_without_caller)(out);
-         return none();
-       }}},
-      {"different_collectives", {"lanes of a warp at __shfl_xor_sync and __syncwarp", [] {
-         float out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_different_collectives)(out);
-         return none();
-       }}},
-      {"warp_deadlock", {"lanes 0-15 at __syncwarp, 16-31 at __syncthreads", [] {
-         LL_LAUNCH(1, 32, 0, current_stream(), st_warp_deadlock)();
-         return none();
-       }}},
-      {"shfl_src_outside_mask", {"a shuffle reading a lane outside its mask", [] {
-         float out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_shfl_src_outside_mask)(out);
-         return none();
-       }}},
-      {"partial_warp_full_mask", {"a full mask in a warp with only 8 lanes", [] {
-         int out[40];
-         LL_LAUNCH(1, 40, 0, current_stream(), st_partial_warp_full_mask)(out);
-         return none();
-       }}},
-      {"smem_oob_static", {"writes one element past a __shared__ array", [] {
-         float out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_smem_oob_static)(out);
-         return none();
-       }}},
-      {"smem_oob_dynamic", {"writes 4 KiB past the dynamic shared memory (guard page)", [] {
-         float out[32];
-         LL_LAUNCH(1, 32, 1000 * sizeof(float), current_stream(), st_smem_oob_dynamic_far)(out);
-         return none();
-       }}},
-      {"smem_oob_dynamic_slack", {"writes one element past the dynamic shared memory (canary)", [] {
-         float out[250];
-         LL_LAUNCH(1, 250, 250 * sizeof(float), current_stream(), st_smem_oob_dynamic_slack)(out);
-         return none();
-       }}},
-      {"global_oob_read", {"reads 12 bytes past the end of a guarded 4096-byte buffer", [] {
-         Guarded in(4096);
-         float out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_global_read)(in.as<float>(), out, 1027);
-         return none();
-       }}},
-      {"global_oob_write", {"writes 12 bytes past the end of a guarded 4096-byte buffer", [] {
-         Guarded buf(4096);
-         LL_LAUNCH(1, 32, 0, current_stream(), st_global_write)(buf.as<float>(), 1027);
-         return none();
-       }}},
-      {"global_oob_write_slack", {"writes just past a guarded 4092-byte buffer (slack canary)", [] {
-         Guarded buf(4092);
-         LL_LAUNCH(1, 32, 0, current_stream(), st_global_write)(buf.as<float>(), 1023);
-         return none();
-       }}},
-      {"global_read_ok", {"reads a guarded buffer up to its last element", [] {
-         Guarded in(4096);
-         float out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_global_read)(in.as<float>(), out, 1023);
-         return SelftestResult{{"out", to_doubles(out, 32)}};
-       }}},
-      {"too_many_threads", {"a 2048-thread block", [] {
-         LL_LAUNCH(1, 2048, 0, current_stream(), st_noop)();
-         return none();
-       }}},
-      {"too_many_threads_2d", {"a (64, 32) block: 2048 threads, each dimension within its limit", [] {
-         LL_LAUNCH(1, dim3(64, 32), 0, current_stream(), st_noop)();
-         return none();
-       }}},
-      {"block_dim_z_over", {"block (1,1,65)", [] {
-         LL_LAUNCH(1, dim3(1, 1, 65), 0, current_stream(), st_noop)();
-         return none();
-       }}},
-      {"grid_over", {"grid (1, 65536, 1)", [] {
-         LL_LAUNCH(dim3(1, 65536, 1), 32, 0, current_stream(), st_noop)();
-         return none();
-       }}},
-      {"zero_grid", {"grid (0,1,1)", [] {
-         LL_LAUNCH(0, 32, 0, current_stream(), st_noop)();
-         return none();
-       }}},
-      {"dyn_smem_no_attr", {"64 KiB dynamic shared memory without the attribute", [] {
-         LL_LAUNCH(1, 32, 64 * 1024, current_stream(), st_noop)();
-         return none();
-       }}},
-      {"dyn_smem_with_attr", {"64 KiB dynamic shared memory after set_max_dynamic_smem", [] {
-         set_max_dynamic_smem(st_noop, 64 * 1024);
-         LL_LAUNCH(1, 32, 64 * 1024, current_stream(), st_noop)();
-         set_max_dynamic_smem(st_noop, 0);
-         return none();
-       }}},
-      {"dyn_smem_over_optin", {"dynamic shared memory over the profile's opt-in limit", [] {
-         const size_t n = device_profile().smem_optin_limit + 1024;
-         LL_LAUNCH(1, 32, n, current_stream(), st_noop)();
-         return none();
-       }}},
-      {"dyn_smem_attr_over_optin", {"set_max_dynamic_smem over the opt-in limit", [] {
-         set_max_dynamic_smem(st_noop, static_cast<int>(device_profile().smem_optin_limit) + 1024);
-         return none();
-       }}},
-      {"static_smem_over", {"a 64 KiB static __shared__ array", [] {
-         LL_LAUNCH(1, 32, 0, current_stream(), st_static_smem_over)();
-         return none();
-       }}},
-      {"wmma_misaligned", {"wmma load from a pointer 16 bytes off a 32-byte boundary", [] {
-         alignas(64) static __half buf[64 * 64];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_wmma_bad<0>)(buf);
-         return none();
-       }}},
-      {"wmma_bad_ldm", {"wmma load with ldm = 20 halves (40 bytes)", [] {
-         alignas(64) static __half buf[64 * 64];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_wmma_bad<1>)(buf);
-         return none();
-       }}},
-      {"wmma_lanes_disagree", {"lanes pass different pointers to wmma::load_matrix_sync", [] {
-         alignas(64) static __half buf[64 * 64];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_wmma_bad<2>)(buf);
-         return none();
-       }}},
-      {"kernel_assert", {"CUDA_KERNEL_ASSERT fails in block 1, thread 5", [] {
-         int data[64];
-         for (int i = 0; i < 64; ++i) data[i] = i == 32 + 5 ? -1 : 1;
-         LL_LAUNCH(2, 32, 0, current_stream(), st_kernel_assert)(data + 0);
-         return none();
-       }}},
-      {"plain_assert", {"a plain assert() in kernel code (the __assert_fail net)", [] {
-         int data[32];
-         for (int i = 0; i < 32; ++i) data[i] = i == 9 ? -1 : 1;
-         LL_LAUNCH(1, 32, 0, current_stream(), st_plain_assert)(data);
-         return none();
-       }}},
-      {"stack_overflow", {"unbounded recursion in a kernel", [] {
-         int out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_stack_overflow)(out);
-         return none();
-       }}},
-      {"null_deref", {"a write through a null pointer", [] {
-         LL_LAUNCH(1, 32, 0, current_stream(), st_null_deref)(static_cast<float*>(nullptr));
-         return none();
-       }}},
-      {"int_div_zero", {"an integer division by zero (SIGFPE)", [] {
-         int out[32];
-         LL_LAUNCH(1, 32, 0, current_stream(), st_int_div_zero)(out, 7);
-         return none();
-       }}},
-      {"endless_loop", {"a busy-wait that never ends (needs a small timeout_s)", [] {
-         static volatile int flag = 0;
-         LL_LAUNCH(4, 64, 0, current_stream(), st_endless_loop)(&flag);
-         return none();
-       }}},
-      {"nested_launch", {"a launch from inside a kernel (dynamic parallelism)", [] {
-         LL_LAUNCH(1, 32, 0, current_stream(), st_nested_launch)();
-         return none();
-       }}},
-      {"kernel_throws", {"a C++ exception thrown by kernel code", [] {
-         LL_LAUNCH(1, 32, 0, current_stream(), st_throws)();
-         return none();
-       }}},
+      {"deadlock_barrier",
+       {"threads 0-47 at __syncthreads, 48-63 at __syncwarp",
+        [] {
+          LL_LAUNCH(1, 64, 0, current_stream(), st_deadlock_barrier)();
+          return none();
+        }}},
+      {"barrier_sites",
+       {"__syncthreads at two call sites",
+        [] {
+          LL_LAUNCH(1, 64, 0, current_stream(), st_barrier_sites)();
+          return none();
+        }}},
+      {"shfl_exited_lane",
+       {"a shuffle whose mask names an exited lane",
+        [] {
+          float out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_shfl_exited_lane)(out);
+          return none();
+        }}},
+      {"syncwarp_exited_lane",
+       {"a lane exits while the others wait for it at __syncwarp",
+        [] {
+          LL_LAUNCH(1, 32, 0, current_stream(), st_syncwarp_exited_lane)();
+          return none();
+        }}},
+      {"mask_without_caller",
+       {"a shuffle mask without the calling lane",
+        [] {
+          float out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_mask_without_caller)(out);
+          return none();
+        }}},
+      {"different_collectives",
+       {"lanes of a warp at __shfl_xor_sync and __syncwarp",
+        [] {
+          float out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_different_collectives)(out);
+          return none();
+        }}},
+      {"warp_deadlock",
+       {"lanes 0-15 at __syncwarp, 16-31 at __syncthreads",
+        [] {
+          LL_LAUNCH(1, 32, 0, current_stream(), st_warp_deadlock)();
+          return none();
+        }}},
+      {"shfl_src_outside_mask",
+       {"a shuffle reading a lane outside its mask",
+        [] {
+          float out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_shfl_src_outside_mask)(out);
+          return none();
+        }}},
+      {"partial_warp_full_mask",
+       {"a full mask in a warp with only 8 lanes",
+        [] {
+          int out[40];
+          LL_LAUNCH(1, 40, 0, current_stream(), st_partial_warp_full_mask)(out);
+          return none();
+        }}},
+      {"smem_oob_static",
+       {"writes one element past a __shared__ array",
+        [] {
+          float out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_smem_oob_static)(out);
+          return none();
+        }}},
+      {"smem_oob_dynamic",
+       {"writes 4 KiB past the dynamic shared memory (guard page)",
+        [] {
+          float out[32];
+          LL_LAUNCH(1, 32, 1000 * sizeof(float), current_stream(), st_smem_oob_dynamic_far)(out);
+          return none();
+        }}},
+      {"smem_oob_dynamic_slack",
+       {"writes one element past the dynamic shared memory (canary)",
+        [] {
+          float out[250];
+          LL_LAUNCH(1, 250, 250 * sizeof(float), current_stream(), st_smem_oob_dynamic_slack)(out);
+          return none();
+        }}},
+      {"global_oob_read",
+       {"reads 12 bytes past the end of a guarded 4096-byte buffer",
+        [] {
+          Guarded in(4096);
+          float out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_global_read)(in.as<float>(), out, 1027);
+          return none();
+        }}},
+      {"global_oob_write",
+       {"writes 12 bytes past the end of a guarded 4096-byte buffer",
+        [] {
+          Guarded buf(4096);
+          LL_LAUNCH(1, 32, 0, current_stream(), st_global_write)(buf.as<float>(), 1027);
+          return none();
+        }}},
+      {"global_oob_write_slack",
+       {"writes just past a guarded 4092-byte buffer (slack canary)",
+        [] {
+          Guarded buf(4092);
+          LL_LAUNCH(1, 32, 0, current_stream(), st_global_write)(buf.as<float>(), 1023);
+          return none();
+        }}},
+      {"global_read_ok",
+       {"reads a guarded buffer up to its last element",
+        [] {
+          Guarded in(4096);
+          float out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_global_read)(in.as<float>(), out, 1023);
+          return SelftestResult{{"out", to_doubles(out, 32)}};
+        }}},
+      {"too_many_threads",
+       {"a 2048-thread block",
+        [] {
+          LL_LAUNCH(1, 2048, 0, current_stream(), st_noop)();
+          return none();
+        }}},
+      {"too_many_threads_2d",
+       {"a (64, 32) block: 2048 threads, each dimension within its limit",
+        [] {
+          LL_LAUNCH(1, dim3(64, 32), 0, current_stream(), st_noop)();
+          return none();
+        }}},
+      {"block_dim_z_over",
+       {"block (1,1,65)",
+        [] {
+          LL_LAUNCH(1, dim3(1, 1, 65), 0, current_stream(), st_noop)();
+          return none();
+        }}},
+      {"grid_over",
+       {"grid (1, 65536, 1)",
+        [] {
+          LL_LAUNCH(dim3(1, 65536, 1), 32, 0, current_stream(), st_noop)();
+          return none();
+        }}},
+      {"zero_grid",
+       {"grid (0,1,1)",
+        [] {
+          LL_LAUNCH(0, 32, 0, current_stream(), st_noop)();
+          return none();
+        }}},
+      {"dyn_smem_no_attr",
+       {"64 KiB dynamic shared memory without the attribute",
+        [] {
+          LL_LAUNCH(1, 32, 64 * 1024, current_stream(), st_noop)();
+          return none();
+        }}},
+      {"dyn_smem_with_attr",
+       {"64 KiB dynamic shared memory after set_max_dynamic_smem",
+        [] {
+          set_max_dynamic_smem(st_noop, 64 * 1024);
+          LL_LAUNCH(1, 32, 64 * 1024, current_stream(), st_noop)();
+          set_max_dynamic_smem(st_noop, 0);
+          return none();
+        }}},
+      {"dyn_smem_over_optin",
+       {"dynamic shared memory over the profile's opt-in limit",
+        [] {
+          const size_t n = device_profile().smem_optin_limit + 1024;
+          LL_LAUNCH(1, 32, n, current_stream(), st_noop)();
+          return none();
+        }}},
+      {"dyn_smem_attr_over_optin",
+       {"set_max_dynamic_smem over the opt-in limit",
+        [] {
+          set_max_dynamic_smem(st_noop, static_cast<int>(device_profile().smem_optin_limit) + 1024);
+          return none();
+        }}},
+      {"static_smem_over",
+       {"a 64 KiB static __shared__ array",
+        [] {
+          LL_LAUNCH(1, 32, 0, current_stream(), st_static_smem_over)();
+          return none();
+        }}},
+      {"wmma_misaligned",
+       {"wmma load from a pointer 16 bytes off a 32-byte boundary",
+        [] {
+          alignas(64) static __half buf[64 * 64];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_wmma_bad<0>)(buf);
+          return none();
+        }}},
+      {"wmma_bad_ldm",
+       {"wmma load with ldm = 20 halves (40 bytes)",
+        [] {
+          alignas(64) static __half buf[64 * 64];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_wmma_bad<1>)(buf);
+          return none();
+        }}},
+      {"wmma_lanes_disagree",
+       {"lanes pass different pointers to wmma::load_matrix_sync",
+        [] {
+          alignas(64) static __half buf[64 * 64];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_wmma_bad<2>)(buf);
+          return none();
+        }}},
+      {"kernel_assert",
+       {"CUDA_KERNEL_ASSERT fails in block 1, thread 5",
+        [] {
+          int data[64];
+          for (int i = 0; i < 64; ++i) data[i] = i == 32 + 5 ? -1 : 1;
+          LL_LAUNCH(2, 32, 0, current_stream(), st_kernel_assert)(data + 0);
+          return none();
+        }}},
+      {"plain_assert",
+       {"a plain assert() in kernel code (the __assert_fail net)",
+        [] {
+          int data[32];
+          for (int i = 0; i < 32; ++i) data[i] = i == 9 ? -1 : 1;
+          LL_LAUNCH(1, 32, 0, current_stream(), st_plain_assert)(data);
+          return none();
+        }}},
+      {"stack_overflow",
+       {"unbounded recursion in a kernel",
+        [] {
+          int out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_stack_overflow)(out);
+          return none();
+        }}},
+      {"null_deref",
+       {"a write through a null pointer",
+        [] {
+          LL_LAUNCH(1, 32, 0, current_stream(), st_null_deref)(static_cast<float*>(nullptr));
+          return none();
+        }}},
+      {"int_div_zero",
+       {"an integer division by zero (SIGFPE)",
+        [] {
+          int out[32];
+          LL_LAUNCH(1, 32, 0, current_stream(), st_int_div_zero)(out, 7);
+          return none();
+        }}},
+      {"endless_loop",
+       {"a busy-wait that never ends (needs a small timeout_s)",
+        [] {
+          static volatile int flag = 0;
+          LL_LAUNCH(4, 64, 0, current_stream(), st_endless_loop)(&flag);
+          return none();
+        }}},
+      {"nested_launch",
+       {"a launch from inside a kernel (dynamic parallelism)",
+        [] {
+          LL_LAUNCH(1, 32, 0, current_stream(), st_nested_launch)();
+          return none();
+        }}},
+      {"kernel_throws",
+       {"a C++ exception thrown by kernel code",
+        [] {
+          LL_LAUNCH(1, 32, 0, current_stream(), st_throws)();
+          return none();
+        }}},
   };
   return *m;
 }

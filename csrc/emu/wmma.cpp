@@ -91,7 +91,9 @@ void transfer(Fiber* lanes, const WmmaLayoutTables& T, int kind, char* mem, size
     }
   }
 }
-const char* elem_name(FragElem e) { return e == FragElem::kHalf ? "__half" : e == FragElem::kBf16 ? "__nv_bfloat16" : "float"; }
+const char* elem_name(FragElem e) {
+  return e == FragElem::kHalf ? "__half" : e == FragElem::kBf16 ? "__nv_bfloat16" : "float";
+}
 
 }  // namespace
 
@@ -163,10 +165,11 @@ void wmma_complete(BlockCtx& b, Fiber* self, unsigned warp, const Group& g) {
   for (int l = 1; l < 32; ++l) {
     const WmmaOperands& o = *lanes[l].wmma;
     if (o.ptr != o0.ptr || o.ldm != o0.ldm || o.col_major != o0.col_major) {
-      fail("wmma-args", fmt("%s at %s: the lanes pass different arguments (lane 0: ptr %p, ldm %u, %s; lane %d: ptr %p, "
-                            "ldm %u, %s); all 32 lanes must pass the same pointer, ldm and layout",
-                            name, site_str(g.site).c_str(), o0.ptr, o0.ldm, o0.col_major ? "col_major" : "row_major", l,
-                            o.ptr, o.ldm, o.col_major ? "col_major" : "row_major"));
+      fail("wmma-args",
+           fmt("%s at %s: the lanes pass different arguments (lane 0: ptr %p, ldm %u, %s; lane %d: ptr %p, "
+               "ldm %u, %s); all 32 lanes must pass the same pointer, ldm and layout",
+               name, site_str(g.site).c_str(), o0.ptr, o0.ldm, o0.col_major ? "col_major" : "row_major", l, o.ptr,
+               o.ldm, o.col_major ? "col_major" : "row_major"));
     }
   }
   const size_t es = elem_size(o0.elem);
@@ -192,11 +195,12 @@ void wmma_complete(BlockCtx& b, Fiber* self, unsigned warp, const Group& g) {
   const size_t stride_bytes = static_cast<size_t>(o0.ldm) * es;
   if (stride_bytes % frag_bytes != 0) {
     warn_site(self->worker, g.site, "wmma-row-align", [&] {
-      return fmt("%s at %s: ldm %u (%zu bytes): the rows/columns of the tile start only %zu-byte aligned; the PTX ISA "
-                  "asks each to be aligned to the fragment size (%zu bytes for %s)",
-                  name, site_str(g.site).c_str(), o0.ldm, stride_bytes,
-                  static_cast<size_t>(1) << __builtin_ctzll(static_cast<unsigned long long>(stride_bytes)), frag_bytes,
-                 elem_name(o0.elem));
+      return fmt(
+          "%s at %s: ldm %u (%zu bytes): the rows/columns of the tile start only %zu-byte aligned; the PTX ISA "
+          "asks each to be aligned to the fragment size (%zu bytes for %s)",
+          name, site_str(g.site).c_str(), o0.ldm, stride_bytes,
+          static_cast<size_t>(1) << __builtin_ctzll(static_cast<unsigned long long>(stride_bytes)), frag_bytes,
+          elem_name(o0.elem));
     });
   }
   const int kind = static_cast<int>(o0.kind);

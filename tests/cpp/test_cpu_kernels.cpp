@@ -56,8 +56,8 @@ void check_rms_norm(int64_t rows, int64_t n, at::ScalarType dtype, double tol) {
     max_dw = std::max(max_dw, std::abs(dw_ref[i]));
     max_err_dw = std::max(max_err_dw, std::abs(dwd[i].item<double>() - dw_ref[i]));
   }
-  const std::string tag = "rms_norm rows=" + std::to_string(rows) + " n=" + std::to_string(n) + " " +
-                          std::string(c10::toString(dtype));
+  const std::string tag =
+      "rms_norm rows=" + std::to_string(rows) + " n=" + std::to_string(n) + " " + std::string(c10::toString(dtype));
   expect(max_err_y < tol, tag + " forward err " + std::to_string(max_err_y));
   expect(max_err_dx < 4 * tol, tag + " dx err " + std::to_string(max_err_dx));
   expect(max_err_dw < 4 * tol * (1 + max_dw), tag + " dweight err " + std::to_string(max_err_dw));

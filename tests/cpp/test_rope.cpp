@@ -92,11 +92,11 @@ int main() {
   for (bool interleaved : {false, true}) {
     for (bool ids : {false, true}) {
       check_rope(2, 5, 3, 1, 128, 128, at::kFloat, interleaved, ids, false, 1e-6);
-      check_rope(2, 5, 3, 1, 18, 18, at::kFloat, interleaved, ids, true, 1e-6);  // vector + scalar tail
+      check_rope(2, 5, 3, 1, 18, 18, at::kFloat, interleaved, ids, true, 1e-6);   // vector + scalar tail
       check_rope(2, 5, 3, 1, 64, 32, at::kFloat, interleaved, ids, false, 1e-6);  // partial rotary
       check_rope(1, 3, 2, 2, 10, 10, at::kDouble, interleaved, ids, false, 1e-12);
       check_rope(2, 4, 4, 2, 64, 64, at::kBFloat16, interleaved, ids, false, 4e-3);  // one bf16 rounding: 2^-8
-      check_rope(2, 4, 4, 2, 64, 64, at::kHalf, interleaved, ids, true, 5e-4);  // one fp16 rounding: 2^-11
+      check_rope(2, 4, 4, 2, 64, 64, at::kHalf, interleaved, ids, true, 5e-4);       // one fp16 rounding: 2^-11
     }
   }
   // bad inputs name the argument

@@ -41,13 +41,13 @@ static void sm80(int kind, int lane, int i, int* r, int* c) {
   }
 }
 
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
+#define CHECK(x)                                                                           \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
       std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(2);                                                                \
-    }                                                                              \
+      std::exit(2);                                                                        \
+    }                                                                                      \
   } while (0)
 
 static int g_bad = 0;
@@ -62,7 +62,8 @@ static void report(const char* what, int kind, int nelem, const float* out) {
       int er, ec;
       sm80(kind, lane, i, &er, &ec);
       if (r != er || c != ec) {
-        if (bad < 8) std::printf("  %s lane %d x[%d]: GPU (%d,%d), emulator sm80 (%d,%d)\n", what, lane, i, r, c, er, ec);
+        if (bad < 8)
+          std::printf("  %s lane %d x[%d]: GPU (%d,%d), emulator sm80 (%d,%d)\n", what, lane, i, r, c, er, ec);
         ++bad;
       }
     }
@@ -91,15 +92,15 @@ static void run_type(const char* tname, T (*conv)(float)) {
   CHECK(cudaMemcpy(drow, hrow, sizeof hrow, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(dcol, hcol, sizeof hcol, cudaMemcpyHostToDevice));
   char what[128];
-#define PROBE(USE, LAYOUT, SRC, KIND)                                                          \
-  {                                                                                            \
-    using F = wmma::fragment<wmma::USE, 16, 16, 16, T, wmma::LAYOUT>;                          \
-    CHECK(cudaMemset(dout, 0xff, sizeof out));                                                 \
-    probe_ab<F, T><<<1, 32>>>(SRC, dout);                                                      \
-    CHECK(cudaGetLastError());                                                                 \
-    CHECK(cudaMemcpy(out, dout, sizeof out, cudaMemcpyDeviceToHost));                          \
-    std::snprintf(what, sizeof what, "%s %s %s", #USE, tname, #LAYOUT);                        \
-    report(what, KIND, F::num_elements, out);                                                  \
+#define PROBE(USE, LAYOUT, SRC, KIND)                                   \
+  {                                                                     \
+    using F = wmma::fragment<wmma::USE, 16, 16, 16, T, wmma::LAYOUT>;   \
+    CHECK(cudaMemset(dout, 0xff, sizeof out));                          \
+    probe_ab<F, T><<<1, 32>>>(SRC, dout);                               \
+    CHECK(cudaGetLastError());                                          \
+    CHECK(cudaMemcpy(out, dout, sizeof out, cudaMemcpyDeviceToHost));   \
+    std::snprintf(what, sizeof what, "%s %s %s", #USE, tname, #LAYOUT); \
+    report(what, KIND, F::num_elements, out);                           \
   }
   PROBE(matrix_a, row_major, drow, 0)
   PROBE(matrix_a, col_major, dcol, 0)

@@ -80,8 +80,8 @@ void run(const char* name, ToT to_t, ToF to_f, int nk) {
 int main() {
   for (int nk = 1; nk <= 8; nk *= 8) {
     run<__half>("half", [](float f) { return __float2half(f); }, [](__half h) { return __half2float(h); }, nk);
-    run<__nv_bfloat16>("bf16", [](float f) { return __float2bfloat16(f); },
-                       [](__nv_bfloat16 h) { return __bfloat162float(h); }, nk);
+    run<__nv_bfloat16>(
+        "bf16", [](float f) { return __float2bfloat16(f); }, [](__nv_bfloat16 h) { return __bfloat162float(h); }, nk);
   }
   std::printf("%s\n", cudaGetErrorString(cudaGetLastError()));
   return 0;
