@@ -228,15 +228,12 @@ def _train_config(args, world_size: int):
     """The TrainConfig of `finetune`'s options (checked together: e.g. --min-lr above the learning rate)."""
     from . import training
 
+    values = {}
+    for name, (flag, _) in _TRAIN_OPTIONS.items():
+        value = getattr(args, _dest(flag))
+        values[name] = not value if flag.startswith("--no-") else value
     try:
-        cfg = training.TrainConfig(
-            out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.batch_size,
-            grad_accum_steps=args.grad_accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr,
-            warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-            clip_grad_norm=args.clip_grad_norm, precision=args.precision,
-            activation_checkpointing=args.activation_checkpointing, seed=args.seed, save_every=args.save_every,
-            resume=args.resume, progress=not args.no_progress, plot=not args.no_plot, fsdp=args.fsdp,
-            allow_data_change=args.allow_data_change)
+        cfg = training.TrainConfig(out_dir=args.out, **values)
     except ValueError as e:
         raise SystemExit(f"finetune: {e}") from None
     lr = training.resolve_lr(cfg.lr, cfg.blr, cfg.micro_batch_size * cfg.grad_accum_steps * world_size)
@@ -505,8 +502,56 @@ def cmd_info(args) -> int:
     return 0
 
 
+# finetune's options that set a TrainConfig field: {field: (flag, how the text is parsed)}. The help text and the
+# default come from the field (training.TrainConfig is their one source); a "--no-" flag turns a True field off.
+_TRAIN_OPTIONS = {
+    "epochs": ("--epochs", _POS_FLOAT), "max_steps": ("--max-steps", _POS_INT),
+    "micro_batch_size": ("--batch-size", _POS_INT), "grad_accum_steps": ("--grad-accum", _POS_INT),
+    "lr": ("--lr", _POS_FLOAT), "blr": ("--blr", _POS_FLOAT), "min_lr": ("--min-lr", _NONNEG_FLOAT),
+    "warmup_epochs": ("--warmup-epochs", _NONNEG_FLOAT), "warmup_steps": ("--warmup-steps", _NONNEG_INT),
+    "weight_decay": ("--weight-decay", _NONNEG_FLOAT), "clip_grad_norm": ("--clip-grad-norm", _POS_FLOAT),
+    "precision": ("--precision", str), "activation_checkpointing": ("--activation-checkpointing", bool),
+    "fsdp": ("--fsdp", bool), "save_every": ("--save-every", _NONNEG_INT), "resume": ("--resume", bool),
+    "allow_data_change": ("--allow-data-change", bool), "seed": ("--seed", _SEED),
+    "progress": ("--no-progress", bool), "plot": ("--no-plot", bool),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def _add_train_options(p) -> None:
+    import dataclasses
+
+    from .training import PRECISIONS, TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, (flag, parse) in _TRAIN_OPTIONS.items():
+        f = fields[name]
+        help_text = f.metadata["help"]
+        if parse is bool:  # a switch: the field's default is what happens without it
+            p.add_argument(flag, action="store_true", help=f"no {help_text}" if flag.startswith("--no-") else help_text)
+        elif name == "precision":
+            p.add_argument(flag, default=f.default, choices=list(PRECISIONS), help=help_text)
+        else:
+            p.add_argument(flag, type=parse, default=f.default, help=help_text)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not for switches and unset (None) options, nor when the help already
+    says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in ("", argparse.SUPPRESS) or action.default is None \
+                or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = _Parser(prog="lladapter", description="LLaMA-Adapter with fused kernels", formatter_class=fmt)
     debug_help = "on an error, show the traceback (also: LLADAPTER_DEBUG=1)"
     p.add_argument("--debug", action="store_true", help=debug_help)
@@ -519,33 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-data", nargs="+", default=None, help="held-out file(s) evaluated at the end")
     f.add_argument("--eval-limit", type=_POS_INT, default=None, help="evaluate only the first N records")
     f.add_argument("--max-new-tokens", type=_POS_INT, default=48, help="generation length for the final eval")
-    f.add_argument("--epochs", type=_POS_FLOAT, default=5.0, help="schedule length in epochs")
-    f.add_argument("--max-steps", type=_POS_INT, default=None,
-                   help="schedule length in optimizer steps (overrides --epochs)")
-    f.add_argument("--batch-size", type=_POS_INT, default=4, help="micro-batch rows per process")
-    f.add_argument("--grad-accum", type=_POS_INT, default=1, help="micro-batches per optimizer step")
-    f.add_argument("--lr", type=_POS_FLOAT, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    f.add_argument("--blr", type=_POS_FLOAT, default=9e-3, help="base lr")
-    f.add_argument("--min-lr", type=_NONNEG_FLOAT, default=0.0, help="lr at the end of the cosine")
-    f.add_argument("--warmup-epochs", type=_NONNEG_FLOAT, default=2.0, help="linear warmup length in epochs")
-    f.add_argument("--warmup-steps", type=_NONNEG_INT, default=None,
-                   help="warmup in optimizer steps (overrides epochs)")
-    f.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.02, help="AdamW weight decay on prompts (not gates)")
-    f.add_argument("--clip-grad-norm", type=_POS_FLOAT, default=None, help="max global gradient norm")
     f.add_argument("--max-seq-len", type=_SEQ_LEN, default=512, help="examples are truncated to this many tokens")
     f.add_argument("--packing", action="store_true", help="pack several examples into each row")
-    f.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast (CUDA)")
-    f.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
-    f.add_argument("--fsdp", action="store_true",
-                   help="with torchrun: shard base weights and adapter over the processes (FSDP2)")
-    f.add_argument("--save-every", type=_NONNEG_INT, default=0, help="checkpoint every N steps (0: at the end only)")
-    f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    f.add_argument("--allow-data-change", action="store_true",
-                   help="with --resume: continue even though the training data's content differs from the "
-                        "checkpoint's (otherwise refused)")
-    f.add_argument("--seed", type=_SEED, default=0, help="data order and RNG seed")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f.add_argument("--no-plot", action="store_true", help="no loss/lr PNG at the end")
+    _add_train_options(f)
     f.add_argument("--images", default=None, help="multi-modal: image directory of ScienceQA-format --data "
                    "(images/<split>/<pid>/<file>); trains a projection of frozen --encoder features too")
     f.add_argument("--split", default=None, help="multi-modal: train on this split only (e.g. train)")

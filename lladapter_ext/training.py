@@ -41,7 +41,11 @@ from .model import enable_activation_checkpointing  # noqa: F401  (part of this 
 
 log = logging.getLogger(__name__)
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _knob(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,39 +59,40 @@ class NonFiniteAdapterError(NonFiniteLossError):
 
 @dataclass
 class TrainConfig:
-    """Every knob of a fine-tuning run (defaults: the official LLaMA-Adapter v1 recipe where it has one)."""
-    out_dir: str
-    epochs: float = 5.0                 # schedule length in epochs (fractions allowed)
-    max_steps: int | None = None        # if set: the schedule length in optimizer steps (overrides epochs)
-    micro_batch_size: int = 4           # rows per process per forward/backward
-    grad_accum_steps: int = 1           # micro-batches per optimizer step
-    lr: float | None = None             # absolute lr; None: blr * effective_batch / 256
-    blr: float = 9e-3
-    min_lr: float = 0.0                 # the cosine ends here
-    warmup_epochs: float = 2.0
-    warmup_steps: int | None = None     # if set: overrides warmup_epochs
-    weight_decay: float = 0.02          # on prompts (and other matrices), never on gates / vectors
-    betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    clip_grad_norm: float | None = None  # max global grad norm; None: no clipping (the official default)
-    precision: str = "fp32"             # fp32, or bf16 / fp16 autocast (CUDA only; fp16 uses a GradScaler)
-    activation_checkpointing: bool = False
-    seed: int = 0                       # data order (and torch RNG at start); the adapter's initial values are
-                                        # the model's: seed torch before building it (the CLI does) to repeat a run
-    group_by_length: bool = True
-    save_every: int = 0                 # optimizer steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2           # newest checkpoint directories kept
-    max_bad_steps: int = 5              # stop after this many non-finite steps in a row
-    resume: bool = False                # continue from out_dir's latest checkpoint (start fresh if none)
-    progress: bool = True               # tqdm bar on rank 0
-    plot: bool = True                   # loss/lr PNG at the end
-    fsdp: bool = False                  # shard base weights and adapter over the processes (FSDP2); see module doc
-    allow_data_change: bool = False     # resume even when the training data's content hash differs from the
-                                        # checkpoint's (same row count); otherwise such a resume is refused
+    """Every knob of a fine-tuning run (defaults: the official LLaMA-Adapter v1 recipe where it has one). Each
+    field's help text is in its metadata; `lladapter finetune` builds its options from these fields."""
+    out_dir: str = field(metadata={"help": "output dir: checkpoints, adapter, log.jsonl, loss plot"})
+    epochs: float = _knob(5.0, "schedule length in epochs (fractions allowed)")
+    max_steps: int | None = _knob(None, "schedule length in optimizer steps (overrides epochs)")
+    micro_batch_size: int = _knob(4, "micro-batch rows per process (one forward/backward)")
+    grad_accum_steps: int = _knob(1, "micro-batches per optimizer step")
+    lr: float | None = _knob(None, "absolute learning rate (default: blr * effective batch / 256)")
+    blr: float = _knob(9e-3, "base learning rate")
+    min_lr: float = _knob(0.0, "learning rate at the end of the cosine")
+    warmup_epochs: float = _knob(2.0, "linear warmup length in epochs")
+    warmup_steps: int | None = _knob(None, "warmup in optimizer steps (overrides warmup epochs)")
+    weight_decay: float = _knob(0.02, "AdamW weight decay on prompts (and other matrices), never on gates")
+    betas: tuple[float, float] = _knob((0.9, 0.95), "AdamW betas")
+    adam_eps: float = _knob(1e-8, "AdamW eps")
+    clip_grad_norm: float | None = _knob(None, "max global gradient norm (default: no clipping, the official "
+                                               "recipe's)")
+    precision: str = _knob("fp32", "fp32, or bf16 / fp16 autocast (CUDA only; fp16 uses a GradScaler)")
+    activation_checkpointing: bool = _knob(False, "recompute activations in backward (less memory)")
+    seed: int = _knob(0, "data order and torch RNG seed (the CLI also seeds the adapter's initial values)")
+    group_by_length: bool = _knob(True, "batch rows of similar length together")
+    save_every: int = _knob(0, "checkpoint every N optimizer steps (0: at the end only)")
+    keep_checkpoints: int = _knob(2, "newest checkpoint directories kept")
+    max_bad_steps: int = _knob(5, "stop after this many non-finite steps in a row")
+    resume: bool = _knob(False, "continue from the newest checkpoint in the output dir")
+    progress: bool = _knob(True, "progress bar on rank 0")
+    plot: bool = _knob(True, "loss/lr PNG at the end")
+    fsdp: bool = _knob(False, "with torchrun: shard base weights and adapter over the processes (FSDP2)")
+    allow_data_change: bool = _knob(False, "with resume: continue even though the training data's content differs "
+                                           "from the checkpoint's (otherwise refused)")
 
     def __post_init__(self):
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {list(_PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         for name in ("micro_batch_size", "grad_accum_steps", "max_bad_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -298,7 +303,7 @@ class Trainer:
             broadcast_adapter(model, comm_device)  # rank 0's adapter everywhere, before sharding
             apply_fsdp(model, comm_device)
         self.device = next(model.parameters()).device
-        self.amp_dtype = _PRECISIONS[config.precision]
+        self.amp_dtype = PRECISIONS[config.precision]
         if self.amp_dtype is not None and self.device.type != "cuda":
             raise ValueError(f"precision={config.precision!r} (autocast) needs the model on a CUDA device; it is on "
                              f"{self.device}. Use precision='fp32' on CPU")

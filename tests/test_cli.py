@@ -48,6 +48,40 @@ def test_help_documents_every_option(sub):
     assert "(default:" in out  # defaults are shown
 
 
+@pytest.mark.parametrize("sub", ["finetune", "generate", "eval", "info"])
+def test_help_shows_each_default_once(sub):
+    from lladapter_ext import cli
+    parser = cli.build_parser()
+    sub_parser = next(a for a in parser._actions if a.dest == "command").choices[sub]
+    formatter = sub_parser._get_formatter()
+    for action in sub_parser._actions:
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("default") <= 1, (action.option_strings, text)
+        assert "(default: None)" not in text and "(default: False)" not in text, (action.option_strings, text)
+
+
+def test_finetune_options_come_from_train_config():
+    # TrainConfig is the one source of the fine-tuning defaults and help texts
+    import dataclasses
+
+    from lladapter_ext import cli, training
+    parser = cli.build_parser()
+    finetune = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
+    actions = {a.dest: a for a in finetune._actions}
+    fields = {f.name: f for f in dataclasses.fields(training.TrainConfig)}
+    for name, (flag, _) in cli._TRAIN_OPTIONS.items():
+        action = actions[flag[2:].replace("-", "_")]
+        assert fields[name].metadata["help"] in action.help, name
+        if flag.startswith("--no-"):
+            assert fields[name].default is True and action.default is False, name
+        elif isinstance(fields[name].default, bool):
+            assert action.default is fields[name].default, name
+        else:
+            assert action.default == fields[name].default, name
+    args = parser.parse_args(["finetune", "--data", "d.jsonl", "--out", "o"])
+    assert cli._train_config(args, world_size=1) == training.TrainConfig(out_dir="o")
+
+
 def test_info_preset_counts_llama7b_adapter():
     out = run_cli("info", "--preset", "llama-7b").stdout
     assert "1,229,760 trainable" in out
