@@ -25,16 +25,12 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ._optional import require
-
-if TYPE_CHECKING:
-    from PIL import Image
 from .data import IGNORE_INDEX, DataFormatError, Example, TokenizedDataset, TokenizeReport, collate, pad_id_of
 
 __all__ = ["ImageError", "load_image", "ImagePreprocess", "MCQuestion", "load_scienceqa", "format_question",
@@ -50,7 +46,7 @@ class ImageError(ValueError):
     """An image that cannot be used: missing, undecodable, or of an unsupported mode/shape."""
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray):
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray):  # noqa: F821 (PIL is optional: imported where used)
     """An 8-bit RGB PIL image from a path, a PIL image, or an HxW / HxWx{1,3,4} uint8 array.
 
     Transparent images are composited on white (what a viewer shows). Raises ImageError naming the file for a
@@ -358,3 +354,44 @@ def tokenize_questions(questions: Sequence[MCQuestion], tokenizer, max_seq_len: 
     report = TokenizeReport(n_records=len(questions), n_examples=len(examples))
     return ImageTextDataset(examples, pad_id_of(tokenizer), max_seq_len, False, report,
                             image_paths=list(image_index), questions=list(questions))
+
+
+def answer_questions(model: torch.nn.Module, tokenizer, questions, image_features: torch.Tensor | None = None,
+                     image_mask: torch.Tensor | None = None, batch_size: int = 20, max_new_tokens: int = 6,
+                     progress: bool = False) -> list[str]:
+    """Greedy completions of ``format_question`` prompts (score them with ``mm_data.score_answers``).
+
+    ``model``: a MultiModalLlama with ``image_features`` [N, F] (and ``image_mask`` [N]) one row per question, or
+    any text model (a LlamaForCausalLM: the text-only baseline) without them."""
+    from .generation import generate
+    from .mm_data import format_question
+
+    if image_features is not None and image_features.shape[0] != len(questions):
+        raise ValueError(f"image_features has {image_features.shape[0]} rows for {len(questions)} questions")
+    prompts = [format_question(q) for q in questions]
+    out: list[str] = []
+    it = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="answering", unit="batch")
+    for s in it:
+        kw = None
+        if image_features is not None:
+            kw = {"image_features": image_features[s:s + batch_size]}
+            if image_mask is not None:
+                kw["image_mask"] = image_mask[s:s + batch_size]
+        out += generate(model, tokenizer, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                        model_kwargs=kw)
+    return out
+
+
+def question_features(dataset, questions=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-question image features [N, F] and mask [N] of an ``ImageTextDataset`` (features already set)."""
+    if dataset.features is None:
+        raise ValueError("question_features: the data set's image features are not computed")
+    rows = dataset.examples
+    idx = torch.tensor([r.image_index for r in rows], dtype=torch.long)
+    mask = idx >= 0
+    feats = torch.zeros(len(rows), dataset.features.shape[1])
+    feats[mask] = dataset.features[idx[mask]]
+    return feats, mask
