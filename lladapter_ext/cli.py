@@ -288,40 +288,27 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _mm_questions(args, split):
-    from .mm_data import load_scienceqa
-    qs = []
-    for path in args.data:
-        qs += load_scienceqa(path, images_dir=args.images, split=split)
-    return qs
-
-
-def _mm_features(args, model, ds, tag):
-    cache = os.path.join(args.out, f"image-features-{tag}.pt") if getattr(args, "out", None) else None
-    ds.set_features(model.encode_paths(ds.image_paths, cache_file=cache, progress=not args.no_progress))
+def _mm_cache(args, tag):
+    """Where finetune/eval keep the image features of a split (inside --out), or None."""
+    return os.path.join(args.out, f"image-features-{tag}.pt") if getattr(args, "out", None) else None
 
 
 def _mm_train_setup(args, llm, tok):
     """Multi-modal fine-tuning: ScienceQA-format --data with images under --images; the frozen --encoder's
     features are computed once per image; the projection, prompts and gates train."""
-    from .mm_data import tokenize_questions
-    from .multimodal import MultiModalLlama, build_encoder
+    from .multimodal import MultiModalLlama, build_encoder, scienceqa_dataset
 
     model = MultiModalLlama(llm, build_encoder(args.encoder), projection=args.projection)
-    ds = tokenize_questions(_mm_questions(args, args.split), tok, args.max_seq_len)
-    _mm_features(args, model, ds, args.split or "all")
+    _, ds = scienceqa_dataset(model, tok, args.data, args.images, args.split, args.max_seq_len,
+                              cache_file=_mm_cache(args, args.split or "all"), progress=not args.no_progress)
     return model, ds
 
 
 def _mm_print_eval(args, model, tok, split, limit=None):
-    from .mm_data import score_answers, tokenize_questions
-    from .multimodal import answer_questions, question_features
+    from .multimodal import evaluate_scienceqa
 
-    qs = _mm_questions(args, split)[:limit]
-    ds = tokenize_questions(qs, tok, args.max_seq_len)
-    _mm_features(args, model, ds, split)
-    feats, mask = question_features(ds)
-    res = score_answers(answer_questions(model, tok, qs, feats, mask), qs)
+    res = evaluate_scienceqa(model, tok, args.data, args.images, split, args.max_seq_len, limit=limit,
+                             cache_file=_mm_cache(args, split), progress=not args.no_progress)
     groups = " | ".join(f"{g} {c}/{n}" for g, (c, n) in res["groups"].items())
     print(f"eval ({split or 'all'}): exact-choice accuracy {res['correct']}/{res['n']} = "
           f"{100 * res['accuracy']:.1f}% ({res['unparsed']} answers unparsed)" + (f" | {groups}" if groups else ""))
@@ -403,19 +390,15 @@ def _repeat_rows(kwargs, n):
 
 def _mm_model_from_adapter(args, llm, adapter, what):
     """The LLM wrapped with the encoder and projection that the multi-modal --adapter was trained with."""
-    from .multimodal import MultiModalLlama, build_encoder
+    from .multimodal import MultiModalLlama
 
     if adapter is None:
         raise SystemExit(f"{what}: give the multi-modal --adapter it was trained with")
-    meta = _adapter_metadata(adapter)
-    if meta.get("multimodal") != "1":
-        raise SystemExit(f"{what}: --adapter {adapter} is a text-only adapter (no image projection)")
-    spec = args.encoder or meta.get("encoder")
-    if not spec or spec == "precomputed":
-        raise SystemExit(f"{what}: the adapter does not record its encoder; give --encoder SPEC")
-    model = MultiModalLlama(llm, build_encoder(spec), projection=meta.get("projection", "linear"),
-                            projection_hidden=_meta_int(meta, "projection_hidden", None, adapter))
-    return model.load_adapter(adapter)
+    _adapter_metadata(adapter)  # an unreadable file: named as --adapter
+    try:
+        return MultiModalLlama.from_adapter(llm, adapter, encoder=args.encoder)
+    except ValueError as e:
+        raise SystemExit(f"{what}: {e}") from None
 
 
 def _mm_generate_setup(args, llm, adapter):

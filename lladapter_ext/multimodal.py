@@ -23,7 +23,7 @@ from .image_encoders import (CLIPImageEncoder, EfficientNetLite0Encoder, ImageEn
 from .mm_data import answer_questions, question_features  # noqa: F401 (re-exported)
 from .model import LlamaForCausalLM, enable_activation_checkpointing
 
-__all__ = ["VisualProjection", "MultiModalLlama", "PROJECTION_PREFIX"]
+__all__ = ["VisualProjection", "MultiModalLlama", "PROJECTION_PREFIX", "scienceqa_dataset", "evaluate_scienceqa"]
 
 PROJECTION_PREFIX = "visual_proj."
 
@@ -152,6 +152,28 @@ class MultiModalLlama(AdapterMixin, nn.Module):
         if not any(k.startswith(PROJECTION_PREFIX) for k in tensors):
             raise ValueError(f"load_adapter: {source} has no {PROJECTION_PREFIX}* tensors: it is a text-only adapter")
 
+    @classmethod
+    def from_adapter(cls, llm: LlamaForCausalLM, path: str | os.PathLike, encoder: str | None = None
+                     ) -> MultiModalLlama:
+        """``llm`` wrapped with the encoder and projection that the multi-modal adapter file at ``path`` was trained
+        with (its metadata records them; ``encoder``: a build_encoder spec to use instead), the adapter loaded."""
+        from .adapter import read_adapter_metadata
+
+        meta = read_adapter_metadata(path)
+        if meta.get("multimodal") != "1":
+            raise ValueError(f"--adapter {os.fspath(path)} is a text-only adapter (no image projection)")
+        spec = encoder or meta.get("encoder")
+        if not spec or spec == "precomputed":
+            raise ValueError("the adapter does not record its encoder; give --encoder SPEC")
+        hidden = meta.get("projection_hidden", "None")
+        try:
+            hidden = None if hidden == "None" else int(hidden)
+        except ValueError:
+            raise ValueError(f"--adapter {os.fspath(path)}: metadata projection_hidden={hidden!r} is not an "
+                             "integer (a corrupt or hand-edited file?)") from None
+        model = cls(llm, build_encoder(spec), projection=meta.get("projection", "linear"), projection_hidden=hidden)
+        return model.load_adapter(path)
+
     # ---------------------------------------------------------------- images
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
@@ -221,3 +243,34 @@ class MultiModalLlama(AdapterMixin, nn.Module):
             raise ValueError("MultiModalLlama: image_mask given without images or image_features")
         return self.llm(input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
                         cache=cache, prompt_offset=offset)
+
+
+# --------------------------------------------------------------------------------------------- jobs
+def scienceqa_dataset(model: MultiModalLlama, tokenizer, data_paths: Sequence[str], images_dir: str,
+                      split: str | None, max_seq_len: int, *, limit: int | None = None, cache_file: str | None = None,
+                      progress: bool = True):
+    """(questions, tokenised data set with the image features set) of the ScienceQA-format files ``data_paths``
+    (images under ``images_dir``; only ``split`` when given; the first ``limit`` questions). The features come
+    from ``model``'s frozen encoder, once per image (cached in ``cache_file`` when given)."""
+    from .mm_data import load_scienceqa, tokenize_questions
+
+    questions = []
+    for path in data_paths:
+        questions += load_scienceqa(path, images_dir=images_dir, split=split)
+    questions = questions[:limit]
+    ds = tokenize_questions(questions, tokenizer, max_seq_len)
+    ds.set_features(model.encode_paths(ds.image_paths, cache_file=cache_file, progress=progress))
+    return questions, ds
+
+
+def evaluate_scienceqa(model: MultiModalLlama, tokenizer, data_paths: Sequence[str], images_dir: str,
+                       split: str | None, max_seq_len: int, *, limit: int | None = None,
+                       cache_file: str | None = None, progress: bool = True) -> dict:
+    """Exact-choice accuracy (mm_data.score_answers' dict) of ``model``'s greedy answers to the ScienceQA questions
+    that scienceqa_dataset reads with the same arguments."""
+    from .mm_data import score_answers
+
+    questions, ds = scienceqa_dataset(model, tokenizer, data_paths, images_dir, split, max_seq_len, limit=limit,
+                                      cache_file=cache_file, progress=progress)
+    features, mask = question_features(ds)
+    return score_answers(answer_questions(model, tokenizer, questions, features, mask), questions)
