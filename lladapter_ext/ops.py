@@ -297,9 +297,14 @@ def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: torch.Te
         qt, scale = qt * 0.0, 1.0
     if causal and Tq == 1:
         causal = False  # decode: the one query sees every cached key (j <= 0 + Tk - 1)
-    # (on the CPU only with a mask: without one, torch's CPU flash kernel returns 0, not NaN, for a row whose every
-    # score is NaN, e.g. a NaN in q; with a mask it propagates NaN as reference.py does)
-    if kv_start is None and (not causal or Tq == Tk) and q.device.type != "cpu":
+    unmasked = kv_start is None and (not causal or Tq == Tk)
+    if unmasked and q.device.type == "cpu":
+        # without a mask, torch's CPU flash kernel returns 0, not NaN, for a row whose every score is NaN (e.g. a NaN
+        # in q); with one it propagates NaN as reference.py does. Finite q and k give no NaN score, so the unmasked
+        # kernel is taken only then. A sum is non-finite when any element is (it may also overflow: then the masked
+        # path runs, still right); one read, no bool copy, and no device sync on the CPU.
+        unmasked = bool(torch.isfinite(q.sum() + k.sum()))
+    if unmasked:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
         return o.transpose(1, 2)
     # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right (offset Tk - Tq), plus left padding.
