@@ -55,17 +55,20 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ValueError(f"{os.fspath(path)}: not a readable safetensors adapter file ({e})") from e
 
 
-def read_adapter_tensors(path_or_state_dict: PathOrStateDict) -> tuple[dict, str]:
-    """(tensors, a name for error messages) of an adapter given as a safetensors file or a state dict. A tensor
-    holding NaN or inf is refused (a diverged run's adapter would make the model emit nothing useful)."""
+def read_adapter_tensors(path_or_state_dict: PathOrStateDict) -> tuple[dict, dict[str, str] | None, str]:
+    """(tensors, metadata, a name for error messages) of an adapter given as a safetensors file (read once) or a
+    state dict (metadata None). A tensor holding NaN or inf is refused (a diverged run's adapter would make the
+    model emit nothing useful)."""
     if isinstance(path_or_state_dict, dict):
-        sd, source = path_or_state_dict, "state dict"
+        sd, meta, source = path_or_state_dict, None, "state dict"
     else:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         source = os.fspath(path_or_state_dict)
         try:
-            sd = load_file(source)
+            with safe_open(source, framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ValueError(f"load_adapter: cannot read {source}: {e}") from e
     name = first_non_finite(sd)
@@ -74,7 +77,7 @@ def read_adapter_tensors(path_or_state_dict: PathOrStateDict) -> tuple[dict, str
         raise ValueError(f"load_adapter: tensor {name} in {source} is not finite ({int(t.isnan().sum())} NaN, "
                          f"{int(t.isinf().sum())} inf of {t.numel()} values): the adapter is unusable (was its "
                          "training run diverging?)")
-    return sd, source
+    return sd, meta, source
 
 
 def check_tensors(own: dict[str, torch.Tensor], tensors: dict, source: str,
@@ -170,8 +173,7 @@ class AdapterMixin:
     def load_adapter(self, path_or_state_dict: PathOrStateDict):
         """Load an adapter from a safetensors file or a state dict. Every adapter tensor must be present with the
         model's shape and nothing else may be; errors name the tensor and the file."""
-        tensors, source = read_adapter_tensors(path_or_state_dict)
-        meta = None if isinstance(path_or_state_dict, dict) else read_adapter_metadata(path_or_state_dict)
+        tensors, meta, source = read_adapter_tensors(path_or_state_dict)
         self.check_adapter_metadata(meta, tensors, source)
         own = dict(self.named_adapter_parameters())
         check_tensors(own, tensors, f"load_adapter: {source}",

@@ -394,7 +394,6 @@ def _mm_model_from_adapter(args, llm, adapter, what):
 
     if adapter is None:
         raise SystemExit(f"{what}: give the multi-modal --adapter it was trained with")
-    _adapter_metadata(adapter)  # an unreadable file: named as --adapter
     try:
         return MultiModalLlama.from_adapter(llm, adapter, encoder=args.encoder)
     except ValueError as e:
