@@ -101,7 +101,7 @@ bench-e2e: setup .deps/.stamp
 TORCH_OLDEST ?= 2.11.0
 TORCH_NEWEST ?= 2.14.1
 MATRIX_DIR   ?= .venv-matrix
-OPS_TESTS    := tests/test_rms_norm.py tests/test_rope.py tests/test_prompt_attention.py tests/test_prompt_attention_decode.py
+OPS_TESTS    := tests/test_rms_norm.py tests/test_rope.py tests/test_gated_prompt_attention.py tests/test_gated_prompt_attention_decode.py
 PKG_PY       := $(filter-out lladapter_ext/_build_info.py,$(wildcard lladapter_ext/*.py))
 MATRIX_INPUTS:= $(SOURCES) $(PKG_PY) $(OPS_TESTS) tests/conftest.py scripts/build_matrix.sh
 

@@ -264,7 +264,7 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         backend = _auto_attention_backend(q)
     if backend in ("reference", "split"):
         # the fused kernels check their own arguments; these two paths hand the word branch to other code
-        check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, float(scale),
+        check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, float(scale),
                                cuda_kernels=backend == "split" and _runs_cuda_kernels(q))
     if backend == "reference":
         return reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act,
@@ -308,15 +308,7 @@ def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: torch.Te
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
         return o.transpose(1, 2)
     # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right (offset Tk - Tq), plus left padding.
-    i = torch.arange(Tq, device=q.device)
-    j = torch.arange(Tk, device=q.device)
-    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
-    if kv_start is not None:
-        starts = kv_start.to(q.device)
-        starts = starts.view(B, 1, 1, 1) if starts.dim() == 1 else starts.view(B, 1, Tq, 1)  # [B] or [B, Tq]
-        allowed = allowed & (j.view(1, 1, 1, Tk) >= starts)
+    allowed = reference.allowed_word_keys(B, Tq, Tk, causal, kv_start, q.device).unsqueeze(1)  # [B, 1, Tq, Tk]
     has_key = allowed.any(-1, keepdim=True)
     # rows without an allowed key attend everywhere (no NaN, forward or backward) and are zeroed after
     mask = allowed | ~has_key
@@ -336,9 +328,10 @@ def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale
     return word + prompt
 
 
-def check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act: str, scale: float, *,
+def check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act: str, scale: float, *,
                            cuda_kernels: bool = False, op: str = "lladapter::gated_prompt_attention") -> None:
-    """The argument checks of the attention kernels (prompt_attn_check_inputs, csrc/prompt_attention.h), with the
+    """The argument checks of the attention kernels (gated_prompt_attention_check_inputs in
+    csrc/gated_prompt_attention.h), with the
     same messages, for what runs no kernel of ours on the whole input: the fake (meta) implementation, the split
     backend's SDPA word branch and the reference backend. Every backend accepts and refuses the same inputs (the
     kernels' own capability limits aside: CUDA head dims and no float64 there, see gated_prompt_attention)."""
@@ -399,7 +392,7 @@ def check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act: str, scale
 
 
 def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_act, scale):
-    check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, scale)
+    check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, scale)
     B, Tq, H, _ = q.shape
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=stat), q.new_empty((B, H, Tq), dtype=stat))
@@ -408,7 +401,7 @@ def _gated_prompt_attention_fake(q, k, v, pk, pv, gate, kv_start, causal, gate_a
 def _gated_prompt_attention_backward_fake(grad_out, q, k, v, pk, pv, gate, kv_start, out, lse, prompt_lse, causal,
                                           gate_act, scale):
     op = "lladapter::gated_prompt_attention_backward"
-    check_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, scale, op=op)
+    check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, scale, op=op)
     _check_same_device(op, "q", q, grad_out=grad_out, out=out, lse=lse, prompt_lse=prompt_lse)
     cf = torch.contiguous_format
     dpk = pk.new_empty(pk.shape) if pk is not None else q.new_empty((0,))

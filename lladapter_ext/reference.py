@@ -1,7 +1,8 @@
 """Plain-PyTorch references of every lladapter op: the tests' oracle, and the attention backend for head dims the
 CUDA kernels are not built for. Written for clarity, not speed (attention materialises the score matrix).
 
-Each function's docstring states what it computes (docs/attention.md, docs/rope.md: the math at more length).
+Each function's docstring states what it computes (docs/gated_prompt_attention.md, docs/rope.md: the math at more
+length).
 """
 from __future__ import annotations
 
@@ -109,6 +110,21 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------- attention
+def allowed_word_keys(B: int, Tq: int, Tk: int, causal: bool, kv_start: torch.Tensor | None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, Tq, Tk] bool: may query i of sample b see word key j (gated_prompt_attention's rule: j <= i + Tk - Tq
+    when causal, j >= kv_start[b] or kv_start[b, i] when given)."""
+    i = torch.arange(Tq, device=device).view(1, Tq, 1)
+    j = torch.arange(Tk, device=device).view(1, 1, Tk)
+    allowed = torch.ones(B, Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed & (j <= i + (Tk - Tq))
+    if kv_start is not None:
+        starts = kv_start.to(device=device, dtype=torch.long)
+        allowed = allowed & (j >= (starts.view(B, 1, 1) if starts.dim() == 1 else starts.view(B, Tq, 1)))
+    return allowed
+
+
 def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            pk: torch.Tensor | None, pv: torch.Tensor | None, gate: torch.Tensor | None,
                            causal: bool = True, gate_act: str = "tanh", scale: float | None = None,
@@ -136,15 +152,7 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kf = k.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)
     vf = v.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)
     s = (qf @ kf.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
-    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
-    j = torch.arange(Tk, device=q.device)
-    if causal:
-        i = torch.arange(Tq, device=q.device)
-        allowed = allowed & (j[None, :] <= i[:, None] + (Tk - Tq))
-    if kv_start is not None:
-        starts = kv_start.to(q.device)
-        starts = starts.view(B, 1, 1, 1) if starts.dim() == 1 else starts.view(B, 1, Tq, 1)
-        allowed = allowed & (j[None, None, None, :] >= starts)
+    allowed = allowed_word_keys(B, Tq, Tk, causal, kv_start, q.device).unsqueeze(1)  # [B, 1, Tq, Tk]
     # masked scores are -inf; selecting with the mask then zeroes rows that have no allowed key (their softmax is
     # NaN), keeps a NaN row (a NaN in q) off the keys it may not see, forward and backward (a product with the mask
     # would give 0 * NaN = NaN there), and leaves NaN in a row whose allowed keys all score -inf, as softmax does.

@@ -14,7 +14,7 @@ VERSION=${1:?usage: scripts/build_matrix.sh TORCH_VERSION [PYTHON]}
 MATRIX_DIR=${MATRIX_DIR:-.venv-matrix}
 ARCH=${MATRIX_ARCH:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-2}
-OPS_TESTS="tests/test_rms_norm.py tests/test_rope.py tests/test_prompt_attention.py tests/test_prompt_attention_decode.py"
+OPS_TESTS="tests/test_rms_norm.py tests/test_rope.py tests/test_gated_prompt_attention.py tests/test_gated_prompt_attention_decode.py"
 # what the op tests import besides torch: pytest, and transformers as an oracle (tests/test_rope.py)
 DEPS="numpy pytest ninja transformers"
 START=$(date +%s)

@@ -1,6 +1,6 @@
 """The CUDA kernels (csrc/cuda) run on the CPU through the emulator (lladapter_ext.emulator, docs/emulator.md):
 what only the emulator can check. The kernels' numerics against reference.py are the "emu" variants of the op
-tests (test_rms_norm.py, test_rope.py, test_prompt_attention*.py); this file adds
+tests (test_rms_norm.py, test_rope.py, test_gated_prompt_attention*.py); this file adds
 
 - coverage: every CUDA kernel of the package launches (15 of 15);
 - schedules: each kernel gives bitwise-identical results when its threads run in other orders (in-order,
@@ -19,7 +19,7 @@ import torch
 from lladapter_ext import emulator, ops, reference
 
 from conftest import EMU_SKIP_REASON
-from test_prompt_attention import TOL, make_inputs
+from test_gated_prompt_attention import TOL, make_inputs
 
 pytestmark = [pytest.mark.emu, pytest.mark.skipif(not emulator.available(), reason=EMU_SKIP_REASON)]
 

@@ -13,7 +13,7 @@ import lladapter_ext
 from lladapter_ext import emulator, ops
 
 from conftest import CUDA_SKIP_REASON, EMU_SKIP_REASON, HAS_CUDA_GPU
-from test_prompt_attention import GRAD_TOL, TOL, make_inputs, mma_tol
+from test_gated_prompt_attention import GRAD_TOL, TOL, make_inputs, mma_tol
 
 pytestmark = [pytest.mark.skipif(not HAS_CUDA_GPU, reason=CUDA_SKIP_REASON),
               pytest.mark.skipif(not emulator.available(), reason=EMU_SKIP_REASON)]

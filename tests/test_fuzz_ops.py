@@ -5,8 +5,9 @@ has NaN, inf where it has inf).
 
 `make test` runs a bounded budget (the "ci" profile); `make fuzz` runs the same properties far longer
 (LLADAPTER_FUZZ_EXAMPLES, default 2000 per property) and records what it found in docs/reliability.md.
-Attention is checked against tests/attention_rows.py (each query over only the keys it may see): every output that
-depends on a non-finite input must be non-finite, and the others must match (test_prompt_attention.py states the
+Attention is checked against tests/gated_prompt_attention_rows.py (each query over only the keys it may see):
+every output that
+depends on a non-finite input must be non-finite, and the others must match (test_gated_prompt_attention.py states the
 rule)."""
 import math
 import os
@@ -22,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from lladapter_ext import ops, reference  # noqa: E402
 
-from attention_rows import gated_prompt_attention_rows  # noqa: E402
+from gated_prompt_attention_rows import gated_prompt_attention_rows  # noqa: E402
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -11,7 +11,7 @@ kernels; both with LLADAPTER_CUDA_DECODE=off) and, on the decode rows, with the 
 (LLADAPTER_CUDA_DECODE=auto, the default, which takes them for Tq <= 4 and Tk >= 256). The variants of one case
 are timed round-robin (bench_group), so load on a shared machine hits them alike.
 
-  python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--json out.json]
+  python benchmarks/bench_gated_prompt_attention.py [--device cpu|cuda] [--quick] [--json out.json]
 """
 from __future__ import annotations
 

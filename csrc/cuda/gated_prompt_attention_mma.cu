@@ -1,7 +1,7 @@
 // Gated prompt attention, tensor-core forward and backward (nvcuda::wmma, bf16/fp16 operands, fp32 accumulation),
 // sm_80+. Written without a GPU; runs on the emulator in every `make test` (docs/emulator.md) and matched it on an
-// H200 (tests/test_emulator_vs_gpu.py, 2026-11-29). See docs/attention.md.
-// Same contract and masking rules as the SIMT kernel (prompt_attention.cu) and the CPU kernel:
+// H200 (tests/test_emulator_vs_gpu.py, 2026-11-29). See docs/gated_prompt_attention.md.
+// Same contract and masking rules as the SIMT kernel (gated_prompt_attention.cu) and the CPU kernel:
 //   out_i = sum_j a_ij v_j + phi(g_h) * sum_p b_ip pv_p, two separate softmaxes, lse / prompt_lse per (b, h, i) in
 //   units of the scaled scores, -inf where a branch has no key; a row with no allowed word key gets 0 from it.
 //
@@ -43,7 +43,7 @@
 
 #include "compat.h"
 #include "device_utils.cuh"
-#include "prompt_attention_cuda.h"
+#include "gated_prompt_attention_cuda.h"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -86,7 +86,7 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 }
 
 // Exclusive end of the word keys query row i may see (causal: bottom-right aligned, j <= i + Tk - Tq).
-__device__ __forceinline__ int64_t word_hi(const PromptAttnProblem& g, int64_t i) {
+__device__ __forceinline__ int64_t word_hi(const GatedPromptAttentionProblem& g, int64_t i) {
   return g.causal ? imin(g.Tk, i + g.Tk - g.Tq + 1) : g.Tk;
 }
 
@@ -224,10 +224,10 @@ __device__ __forceinline__ void probs_final(const float* xrow, T* prow, int c_lo
 // grid (ceil(Tq / kBlockM), H, B), kThreads threads, Layout<D>::kSmemBytes dynamic shared memory.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_fwd_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                       const T* __restrict__ pk, const T* __restrict__ pv, const int64_t* __restrict__ kv_start,
-                       const float* __restrict__ phi, T* __restrict__ out, float* __restrict__ lse,
-                       float* __restrict__ plse) {
+    gpa_fwd_mma_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ k,
+                       const T* __restrict__ v, const T* __restrict__ pk, const T* __restrict__ pv,
+                       const int64_t* __restrict__ kv_start, const float* __restrict__ phi, T* __restrict__ out,
+                       float* __restrict__ lse, float* __restrict__ plse) {
 #if LL_MMA_CODE
   using L = Layout<D>;
   LL_DYNAMIC_SHARED(unsigned char, smem, 128);
@@ -457,7 +457,7 @@ __device__ __forceinline__ void probs_dscores_col(const float* xrow, const float
 // accumulator fragments across all key blocks (word then prompt); one write.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_bwd_dq_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+    gpa_bwd_dq_mma_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, const T* __restrict__ pk, const T* __restrict__ pv,
                           const int64_t* __restrict__ kv_start, const float* __restrict__ phi,
                           const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ plse,
@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(kThreads)
 // (no atomics; a fixed order).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    gpa_bwd_dkv_mma_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+    gpa_bwd_dkv_mma_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ k,
                            const T* __restrict__ v, const int64_t* __restrict__ kv_start, const T* __restrict__ dout,
                            const float* __restrict__ lse, const float* __restrict__ Dw, T* __restrict__ dk,
                            T* __restrict__ dv) {
@@ -714,8 +714,8 @@ void dispatch_mma(at::ScalarType dtype, int64_t d, F&& f) {
 
 }  // namespace
 
-bool mma_supports(const PromptAttnProblem& g, const AttnTensors& t, std::initializer_list<const at::Tensor*> io,
-                  const ll::DeviceProps& props, bool backward) {
+bool mma_supports(const GatedPromptAttentionProblem& g, const AttnTensors& t,
+                  std::initializer_list<const at::Tensor*> io, const ll::DeviceProps& props, bool backward) {
   const auto dtype = t.q.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // fp32 keeps the SIMT kernels
   const size_t smem = smem_bytes_for(g.d, backward);
@@ -735,7 +735,7 @@ bool mma_supports(const PromptAttnProblem& g, const AttnTensors& t, std::initial
   return props.major >= 8 && smem <= props.smem_optin_bytes;
 }
 
-void launch_mma_forward(const PromptAttnProblem& g, const AttnTensors& t, at::Tensor& out, at::Tensor& lse,
+void launch_mma_forward(const GatedPromptAttentionProblem& g, const AttnTensors& t, at::Tensor& out, at::Tensor& lse,
                         at::Tensor& plse) {
   const ll::Stream stream = ll::current_stream();
   dispatch_mma(t.q.scalar_type(), g.d, [&]<typename T, int D>() {
@@ -752,7 +752,7 @@ void launch_mma_forward(const PromptAttnProblem& g, const AttnTensors& t, at::Te
   });
 }
 
-void launch_mma_backward(const PromptAttnProblem& g, const AttnTensors& t, AttnBackwardTensors& b) {
+void launch_mma_backward(const GatedPromptAttentionProblem& g, const AttnTensors& t, AttnBackwardTensors& b) {
   const ll::Stream stream = ll::current_stream();
   dispatch_mma(t.q.scalar_type(), g.d, [&]<typename T, int D>() {
     constexpr size_t smem = BwdLayout<D>::kSmemBytes;

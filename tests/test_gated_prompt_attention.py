@@ -494,7 +494,8 @@ def test_only_adapter_parameters_require_grad(device):
 # ------------------------------------------------------------------------------------------------ non-finite inputs
 # Issue 20, finding 4. The rule: every output and gradient that depends on a NaN or inf input is non-finite, on
 # every backend and kernel path (the fused kernels once dropped a NaN score in their running max and returned a
-# finite row). The dependence is attention_rows' (each query over only the keys it may see). The converse is not
+# finite row). The dependence is gated_prompt_attention_rows' (each query over only the keys it may see). The
+# converse is not
 # promised: a product with a zero weight (0 * NaN, a masked key in P @ V or dS^T Q) may also spread a non-finite
 # value to entries that do not depend on it, as reference.py's dense products and torch's SDPA do.
 NONFINITE_SITES = [  # (input, index): rows, keys and prompt keys at block edges and in the middle
@@ -511,7 +512,7 @@ def assert_not_hidden(name, got, oracle):
 
 def check_non_finite_propagation(device, dtype, special, backend="fused", B=2, Tq=6, Tk=None, d=64,
                                  kv_start=(0, 2), cuda_tol=False):
-    from attention_rows import gated_prompt_attention_rows
+    from gated_prompt_attention_rows import gated_prompt_attention_rows
 
     torch.manual_seed(0)
     for site, index in NONFINITE_SITES:
@@ -561,7 +562,7 @@ def test_non_finite_inputs_are_never_hidden_by_other_backends(backend, special):
 
 
 # ------------------------------------------------------------------------------------------------ tensor-core forward
-# The CUDA forward takes csrc/cuda/prompt_attention_mma.cu (wmma) for bf16/fp16, d in {64, 80, 96, 128} and
+# The CUDA forward takes csrc/cuda/gated_prompt_attention_mma.cu (wmma) for bf16/fp16, d in {64, 80, 96, 128} and
 # kv_start None or [B] on sm_80+; LLADAPTER_CUDA_ATTN=simt|mma picks the kernel (read on every call). The backward
 # only needs the forward's lse / prompt_lse and out, whichever kernels ran; its tensor-core kernels are tested in the
 # last section.
@@ -936,7 +937,8 @@ def test_meta_tensors_mixed_with_real_ones_are_refused(device):
 
 
 # ------------------------------------------------------------------------------------------------ tensor-core backward
-# The CUDA backward takes the wmma kernels of csrc/cuda/prompt_attention_mma.cu for dq (word and prompt keys) and the
+# The CUDA backward takes the wmma kernels of csrc/cuda/gated_prompt_attention_mma.cu for dq (word and prompt keys)
+# and the
 # word keys' dk, dv under the forward's conditions (bf16/fp16, d in {64, 80, 96, 128}, kv_start None or [B], sm_80+);
 # LLADAPTER_CUDA_ATTN=simt forces the SIMT kernels (read on every call). dpk, dpv and dgate, and the D pass, stay on
 # the SIMT kernels in every case.

@@ -1,9 +1,9 @@
 // Gated prompt attention on CUDA: the op entry points, the dispatcher that picks the kernels of each call, and
 // the SIMT kernels (no tensor cores; every dtype and head dim the op takes), forward and backward. The
-// tensor-core kernels live in prompt_attention_mma.cu, the split-K decode forward in prompt_attention_decode.cu
-// (prompt_attention_cuda.h is the interface). fp32 accumulation, the same passes and the same masking rules as
-// the CPU kernel (csrc/cpu/prompt_attention.cpp). The same source runs on the CPU through the emulator
-// (compat.h, docs/emulator.md).
+// tensor-core kernels live in gated_prompt_attention_mma.cu, the split-K decode forward in
+// gated_prompt_attention_decode.cu (gated_prompt_attention_cuda.h is the interface). fp32 accumulation, the same passes
+// and the same masking rules as the CPU kernel (csrc/cpu/gated_prompt_attention.cpp). The same source runs on the CPU
+// through the emulator (compat.h, docs/emulator.md).
 //
 // SIMT layout of the work (one warp = one work item, kWarps independent warps per block, no block-wide sync):
 //  forward   warp per query row (b, h, i); keys in chunks of 32, lane j scores key j0 + j against the scaled
@@ -25,8 +25,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "prompt_attention_cuda.h"
-#include "prompt_attention_simt.cuh"
+#include "gated_prompt_attention_cuda.h"
+#include "gated_prompt_attention_simt.cuh"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -34,7 +34,7 @@ namespace {
 constexpr int64_t kPromptRowChunk = 512;  // query rows per warp in the prompt-gradient kernel
 
 template <typename T, int DMAX>
-__global__ void gpa_fwd_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+__global__ void gpa_fwd_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, const T* __restrict__ pk, const T* __restrict__ pv,
                                const int64_t* __restrict__ kv_start, const float* __restrict__ phi, T* __restrict__ out,
                                float* __restrict__ lse, float* __restrict__ plse) {
@@ -85,7 +85,7 @@ __global__ void gpa_fwd_kernel(PromptAttnProblem g, const T* __restrict__ q, con
 }
 
 template <typename T, int DMAX>
-__global__ void gpa_bwd_pre_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ pk,
+__global__ void gpa_bwd_pre_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ pk,
                                    const T* __restrict__ pv, const float* __restrict__ phi, const T* __restrict__ dout,
                                    const T* __restrict__ out, float* __restrict__ Dw, float* __restrict__ Dp) {
   constexpr int NT = DMAX / 32;
@@ -152,7 +152,7 @@ __device__ void qgrad_warp(const float* qs, const float* dos, const T* __restric
 }
 
 template <typename T, int DMAX>
-__global__ void gpa_bwd_dq_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+__global__ void gpa_bwd_dq_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ k,
                                   const T* __restrict__ v, const T* __restrict__ pk, const T* __restrict__ pv,
                                   const int64_t* __restrict__ kv_start, const float* __restrict__ phi,
                                   const T* __restrict__ dout, const float* __restrict__ lse,
@@ -197,10 +197,10 @@ __global__ void gpa_bwd_dq_kernel(PromptAttnProblem g, const T* __restrict__ q, 
 // list of its kv head; rows are scored 32 at a time, lane r taking row r0 + r.
 //   dV += factor * P * dout_i,  dK += dS * scale * q_i,  dS = factor * P * (dout_i . vj - D_i)
 template <typename T, int NT>
-__device__ void kv_rows_warp(const PromptAttnProblem& g, const float* kj, const float* vj, int64_t j, bool word,
-                             int64_t hkv, int64_t b0, int64_t nb, int64_t r0, int64_t r1, const int64_t* kv_start,
-                             const T* q, const T* dout, const float* lse, const float* D, const float* phi,
-                             float (&dk)[NT], float (&dv)[NT], int lane) {
+__device__ void kv_rows_warp(const GatedPromptAttentionProblem& g, const float* kj, const float* vj, int64_t j,
+                             bool word, int64_t hkv, int64_t b0, int64_t nb, int64_t r0, int64_t r1,
+                             const int64_t* kv_start, const T* q, const T* dout, const float* lse, const float* D,
+                             const float* phi, float (&dk)[NT], float (&dv)[NT], int lane) {
   const int64_t per_b = g.rep * g.Tq;
   const float scale = static_cast<float>(g.scale);
   for (int64_t x0 = r0; x0 < r1; x0 += 32) {
@@ -245,7 +245,7 @@ __device__ void kv_rows_warp(const PromptAttnProblem& g, const float* kj, const 
 }
 
 template <typename T, int DMAX>
-__global__ void gpa_bwd_dkv_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ k,
+__global__ void gpa_bwd_dkv_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ k,
                                    const T* __restrict__ v, const int64_t* __restrict__ kv_start,
                                    const T* __restrict__ dout, const float* __restrict__ lse,
                                    const float* __restrict__ Dw, T* __restrict__ dk, T* __restrict__ dv) {
@@ -282,7 +282,7 @@ __global__ void gpa_bwd_dkv_kernel(PromptAttnProblem g, const T* __restrict__ q,
 
 // Partial prompt gradients: partial [chunks, Bp, K, Hkv, d] x 2 (dpk then dpv), fp32.
 template <typename T, int DMAX>
-__global__ void gpa_bwd_dpkv_kernel(PromptAttnProblem g, const T* __restrict__ q, const T* __restrict__ pk,
+__global__ void gpa_bwd_dpkv_kernel(GatedPromptAttentionProblem g, const T* __restrict__ q, const T* __restrict__ pk,
                                     const T* __restrict__ pv, const float* __restrict__ phi, const T* __restrict__ dout,
                                     const float* __restrict__ plse, const float* __restrict__ Dp, int64_t chunks,
                                     float* __restrict__ part_k, float* __restrict__ part_v) {
@@ -356,8 +356,8 @@ AttnPolicy policy_from_env() {
 }
 
 // The split-K decode plan when the policy and the shape select it (few query rows, many keys).
-std::optional<DecodePlan> choose_decode(const AttnPolicy& policy, const PromptAttnProblem& g, const AttnTensors& t,
-                                        const ll::DeviceProps& props) {
+std::optional<DecodePlan> choose_decode(const AttnPolicy& policy, const GatedPromptAttentionProblem& g,
+                                        const AttnTensors& t, const ll::DeviceProps& props) {
   if (policy.decode == DecodeMode::kOff) return std::nullopt;
   const bool forced = policy.decode == DecodeMode::kForce;
   if (!forced && (g.Tq > kDecodeMaxTq || g.Tk < 2 * kDecodeMinChunk)) return std::nullopt;
@@ -366,7 +366,7 @@ std::optional<DecodePlan> choose_decode(const AttnPolicy& policy, const PromptAt
 
 // ---------------------------------------------------------------------------------------------- host side
 struct Prepared {
-  PromptAttnProblem g;
+  GatedPromptAttentionProblem g;
   AttnTensors t;
 };
 
@@ -375,8 +375,8 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
                  const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
                  const std::string& gate_act, bool causal, double scale) {
   Prepared p;
-  p.g = prompt_attn_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, causal, scale, ll::kTarget);
-  const PromptAttnProblem& g = p.g;
+  p.g = gated_prompt_attention_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, causal, scale, ll::kTarget);
+  const GatedPromptAttentionProblem& g = p.g;
   TORCH_CHECK(g.d == 64 || g.d == 80 || g.d == 96 || g.d == 128, op,
               ": the CUDA kernel supports head_dim (q.size(3)) in {64, 80, 96, 128}, got ", g.d,
               " (use backend='reference' or the CPU)");
@@ -419,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cuda(
     const std::optional<at::Tensor>& kv_start_in, bool causal, std::string gate_act, double scale) {
   const ll::DeviceGuard guard(q_in.device());
   const Prepared p = prepare(kOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale);
-  const PromptAttnProblem& g = p.g;
+  const GatedPromptAttentionProblem& g = p.g;
   const AttnTensors& t = p.t;
   const AttnPolicy policy = policy_from_env();
   at::Tensor out = at::empty(t.q.sizes(), t.q.options());
@@ -454,9 +454,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lse_in, const at::Tensor& plse_in, bool causal, std::string gate_act, double scale) {
   const ll::DeviceGuard guard(q_in.device());
   const Prepared p = prepare(kBwdOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale);
-  const PromptAttnProblem& g = p.g;
+  const GatedPromptAttentionProblem& g = p.g;
   const AttnTensors& t = p.t;
-  prompt_attn_check_backward_inputs(kBwdOp, g, grad_out, q_in, out_in, lse_in, plse_in, ll::kTarget);
+  gated_prompt_attention_check_backward_inputs(kBwdOp, g, grad_out, q_in, out_in, lse_in, plse_in, ll::kTarget);
   const AttnPolicy policy = policy_from_env();
   const at::Tensor out = out_in.contiguous();
   AttnBackwardTensors bt;
@@ -464,7 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   bt.lse = lse_in.contiguous();
   bt.plse = plse_in.contiguous();
   at::Tensor dpk, dpv, dgate;
-  std::tie(bt.dq, bt.dk, bt.dv, dpk, dpv, dgate) = prompt_attn_zero_grads(t.q, t.k, t.v, pk_in, gate, g.H);
+  std::tie(bt.dq, bt.dk, bt.dv, dpk, dpv, dgate) = gated_prompt_attention_zero_grads(t.q, t.k, t.v, pk_in, gate, g.H);
   if (t.q.numel() == 0) return {bt.dq, bt.dk, bt.dv, dpk, dpv, dgate};
   bt.Dw = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));
   bt.Dp = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));

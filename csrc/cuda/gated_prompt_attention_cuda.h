@@ -1,8 +1,8 @@
-// The CUDA gated prompt attention is three sets of kernels behind one dispatcher (prompt_attention.cu):
-//   SIMT           prompt_attention.cu         every dtype and head dim the op takes; forward and backward
-//   tensor-core    prompt_attention_mma.cu     bf16/fp16 wmma forward and word-branch backward, sm_80+
-//   split-K decode prompt_attention_decode.cu  forward for few query rows over many keys
-// This header is how the dispatcher talks to the other two files. See docs/attention.md.
+// The CUDA gated prompt attention is three sets of kernels behind one dispatcher (gated_prompt_attention.cu):
+//   SIMT           gated_prompt_attention.cu         every dtype and head dim the op takes; forward and backward
+//   tensor-core    gated_prompt_attention_mma.cu     bf16/fp16 wmma forward and word-branch backward, sm_80+
+//   split-K decode gated_prompt_attention_decode.cu  forward for few query rows over many keys
+// This header is how the dispatcher talks to the other two files. See docs/gated_prompt_attention.md.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,14 +11,14 @@
 #include <initializer_list>
 #include <optional>
 
-#include "../prompt_attention.h"
+#include "../gated_prompt_attention.h"
 #include "compat_host.h"
 
 namespace lladapter::cuda_impl {
 
-// The inputs as every kernel reads them (prepare() in prompt_attention.cu): q, k, v contiguous; pk, pv contiguous,
-// or undefined when there are no prompt keys; kv_start int64 contiguous ([B] or [B, Tq]) or undefined; phi =
-// phi(gate) and dphi = phi'(gate), fp32 [H], or undefined without a gate.
+// The inputs as every kernel reads them (prepare() in gated_prompt_attention.cu): q, k, v contiguous; pk, pv
+// contiguous, or undefined when there are no prompt keys; kv_start int64 contiguous ([B] or [B, Tq]) or undefined; phi
+// = phi(gate) and dphi = phi'(gate), fp32 [H], or undefined without a gate.
 struct AttnTensors {
   at::Tensor q, k, v, pk, pv, kv_start, phi, dphi;
 };
@@ -39,7 +39,8 @@ inline bool aligned16(const at::Tensor& t) {
   return !t.defined() || t.numel() == 0 || ll::aligned_to(t.const_data_ptr(), 16);
 }
 
-// ---------------------------------------------------------------- split-K decode forward (prompt_attention_decode.cu)
+// ---------------------------------------------------------------- split-K decode forward
+// (gated_prompt_attention_decode.cu)
 constexpr int64_t kDecodeMaxTq = 4;       // query rows per (b, h) up to which the forward counts as decode
 constexpr int64_t kDecodeMinChunk = 128;  // fewest keys per chunk in auto mode (CPU: 2 key blocks of 64)
 constexpr int64_t kDecodeTileKeys = 32;   // keys per shared-memory tile: the smallest chunk ("splitk" mode)
@@ -54,21 +55,21 @@ struct DecodePlan {
 
 // The plan for chunks of at least min_chunk keys on a device with sm_count SMs; nullopt when the grid would not
 // fit a launch.
-std::optional<DecodePlan> plan_decode(const PromptAttnProblem& g, const AttnTensors& t, int64_t min_chunk,
+std::optional<DecodePlan> plan_decode(const GatedPromptAttentionProblem& g, const AttnTensors& t, int64_t min_chunk,
                                       int64_t sm_count);
-void launch_decode_forward(const PromptAttnProblem& g, const DecodePlan& plan, const AttnTensors& t, at::Tensor& out,
-                           at::Tensor& lse, at::Tensor& plse);
+void launch_decode_forward(const GatedPromptAttentionProblem& g, const DecodePlan& plan, const AttnTensors& t,
+                           at::Tensor& out, at::Tensor& lse, at::Tensor& plse);
 
-// ---------------------------------------------------------------- tensor cores (prompt_attention_mma.cu)
+// ---------------------------------------------------------------- tensor cores (gated_prompt_attention_mma.cu)
 // Whether the tensor-core kernels take the call: bf16 or fp16, head dim in {64, 80, 96, 128}, kv_start absent or
 // [B], an sm_80+ device with enough opt-in shared memory, the grid within launch limits, and every tensor in
 // t and in `io` (the outputs, and dout) contiguous and 16-byte aligned.
-bool mma_supports(const PromptAttnProblem& g, const AttnTensors& t, std::initializer_list<const at::Tensor*> io,
-                  const ll::DeviceProps& props, bool backward);
+bool mma_supports(const GatedPromptAttentionProblem& g, const AttnTensors& t,
+                  std::initializer_list<const at::Tensor*> io, const ll::DeviceProps& props, bool backward);
 // out, lse, plse as the SIMT forward writes them.
-void launch_mma_forward(const PromptAttnProblem& g, const AttnTensors& t, at::Tensor& out, at::Tensor& lse,
+void launch_mma_forward(const GatedPromptAttentionProblem& g, const AttnTensors& t, at::Tensor& out, at::Tensor& lse,
                         at::Tensor& plse);
 // dq (both branches), dk and dv (word keys); the caller has run the D pass and computes dpk, dpv, dgate itself.
-void launch_mma_backward(const PromptAttnProblem& g, const AttnTensors& t, AttnBackwardTensors& b);
+void launch_mma_backward(const GatedPromptAttentionProblem& g, const AttnTensors& t, AttnBackwardTensors& b);
 
 }  // namespace lladapter::cuda_impl

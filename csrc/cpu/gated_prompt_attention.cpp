@@ -22,7 +22,8 @@
 //            dgate_h = phi'(g_h) * sum_{b,i} D_prompt, summed in a fixed order.
 //  Every backward sum has a fixed order independent of the thread count (the forward's split-K merge depends on
 //  the number of splits, i.e. on the thread count, within fp32 rounding).
-//  at::parallel_for only runs in parallel when this file is compiled with -fopenmp (see docs/attention.md).
+//  at::parallel_for only runs in parallel when this file is compiled with -fopenmp (see
+//  docs/gated_prompt_attention.md).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -32,7 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../prompt_attention.h"
+#include "../gated_prompt_attention.h"
 #include "vec_utils.h"
 
 // The Fortran BLAS sgemm that torch's CPU library exports (MKL on x86 wheels, OpenBLAS elsewhere). Declared weak:
@@ -311,10 +312,10 @@ acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t dp) {
   return s;
 }
 
-// The problem (prompt_attention.h) plus what the CPU kernels add: padded head dim, the scale in the accumulation
+// The problem (gated_prompt_attention.h) plus what the CPU kernels add: padded head dim, the scale in the accumulation
 // type, and the data.
 template <typename scalar_t, typename acc_t>
-struct Problem : PromptAttnProblem {
+struct Problem : GatedPromptAttentionProblem {
   int64_t dp;      // d padded to the vector width
   acc_t qk_scale;  // scale in acc_t
   const scalar_t *q, *k, *v, *pk, *pv;
@@ -1050,11 +1051,11 @@ constexpr const char* kOp = "lladapter::gated_prompt_attention";
 constexpr const char* kBwdOp = "lladapter::gated_prompt_attention_backward";
 
 template <typename scalar_t, typename acc_t>
-Problem<scalar_t, acc_t> make_problem(const PromptAttnProblem& s, const at::Tensor& q, const at::Tensor& k,
+Problem<scalar_t, acc_t> make_problem(const GatedPromptAttentionProblem& s, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv,
                                       const at::Tensor& kv_start, const std::vector<acc_t>& phi) {
   Problem<scalar_t, acc_t> pr{};
-  static_cast<PromptAttnProblem&>(pr) = s;
+  static_cast<GatedPromptAttentionProblem&>(pr) = s;
   constexpr int64_t W = AVec<acc_t>::size();
   pr.dp = (s.d + W - 1) / W * W;
   pr.qk_scale = static_cast<acc_t>(s.scale);
@@ -1069,7 +1070,7 @@ Problem<scalar_t, acc_t> make_problem(const PromptAttnProblem& s, const at::Tens
 }
 
 struct Prepared {
-  PromptAttnProblem s;
+  GatedPromptAttentionProblem s;
   at::Tensor q, k, v, pk, pv, kv_start;
   std::vector<double> phi, dphi;  // phi(g_h), phi'(g_h)
 };
@@ -1079,7 +1080,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
                  const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
                  const std::string& gate_act, bool causal, double scale) {
   Prepared p;
-  p.s = prompt_attn_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, causal, scale, kCpuKernels);
+  p.s = gated_prompt_attention_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, causal, scale, kCpuKernels);
   p.q = q.contiguous();
   p.k = k.contiguous();
   p.v = v.contiguous();
@@ -1124,7 +1125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cpu(
   Prepared p = prepare(kOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale);
   const auto& s = p.s;
   at::Tensor out = at::empty(p.q.sizes(), p.q.options());
-  const auto stat = prompt_attn_stat_dtype(p.q);
+  const auto stat = gated_prompt_attention_stat_dtype(p.q);
   at::Tensor lse = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
   at::Tensor plse = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
   if (out.numel() == 0) return {out, lse, plse};
@@ -1143,15 +1144,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lse_in, const at::Tensor& plse_in, bool causal, std::string gate_act, double scale) {
   Prepared p = prepare(kBwdOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale);
   const auto& s = p.s;
-  prompt_attn_check_backward_inputs(kBwdOp, s, grad_out, q_in, out_in, lse_in, plse_in, kCpuKernels);
+  gated_prompt_attention_check_backward_inputs(kBwdOp, s, grad_out, q_in, out_in, lse_in, plse_in, kCpuKernels);
   const at::Tensor dout = grad_out.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor plse = plse_in.contiguous();
   at::Tensor dq, dk, dv, dpk, dpv, dgate;  // lambdas below capture these, so no structured binding
-  std::tie(dq, dk, dv, dpk, dpv, dgate) = prompt_attn_zero_grads(p.q, p.k, p.v, pk_in, gate, s.H);
+  std::tie(dq, dk, dv, dpk, dpv, dgate) = gated_prompt_attention_zero_grads(p.q, p.k, p.v, pk_in, gate, s.H);
   if (p.q.numel() == 0) return {dq, dk, dv, dpk, dpv, dgate};
-  const auto stat = prompt_attn_stat_dtype(p.q);
+  const auto stat = gated_prompt_attention_stat_dtype(p.q);
   at::Tensor Dw = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
   at::Tensor Dp = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
   dispatch_attn(p.q.scalar_type(), [&]<typename scalar_t, typename acc_t>() {

@@ -1,11 +1,11 @@
-// Device helpers of the SIMT attention kernels (prompt_attention.cu) and the split-K decode kernels
-// (prompt_attention_decode.cu): one warp per query row, lanes over keys or output columns, fp32 math.
+// Device helpers of the SIMT attention kernels (gated_prompt_attention.cu) and the split-K decode kernels
+// (gated_prompt_attention_decode.cu): one warp per query row, lanes over keys or output columns, fp32 math.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#include "../prompt_attention.h"
+#include "../gated_prompt_attention.h"
 #include "compat.h"
 #include "device_utils.cuh"
 
@@ -33,8 +33,8 @@ __device__ __forceinline__ float dot_rows(const T* __restrict__ a, const float* 
 }
 
 // Word keys allowed for query i of batch b: [lo, hi). kv_start is [B] or, with g.kv_per_query, [B, Tq].
-__device__ __forceinline__ void word_range(const PromptAttnProblem& g, const int64_t* kv_start, int64_t b, int64_t i,
-                                           int64_t& lo, int64_t& hi) {
+__device__ __forceinline__ void word_range(const GatedPromptAttentionProblem& g, const int64_t* kv_start, int64_t b,
+                                           int64_t i, int64_t& lo, int64_t& hi) {
   lo = kv_start ? min(max(kv_start[g.kv_per_query ? b * g.Tq + i : b], int64_t(0)), g.Tk) : 0;
   hi = g.causal ? min(g.Tk, i + g.Tk - g.Tq + 1) : g.Tk;
 }

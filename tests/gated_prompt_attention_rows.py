@@ -8,19 +8,7 @@ row and head. Computed in fp64.
 """
 import torch
 
-
-def allowed_keys(B: int, Tq: int, Tk: int, causal: bool, kv_start) -> torch.Tensor:
-    """[B, Tq, Tk] bool: may query i of batch b see key j (the rule in reference.gated_prompt_attention)."""
-    i = torch.arange(Tq).view(1, Tq, 1)
-    j = torch.arange(Tk).view(1, 1, Tk)
-    allowed = torch.ones(B, Tq, Tk, dtype=torch.bool)
-    if causal:
-        allowed = allowed & (j <= i + (Tk - Tq))
-    if kv_start is not None:
-        starts = kv_start.cpu().long()
-        starts = starts.view(B, 1, 1) if starts.dim() == 1 else starts.view(B, Tq, 1)
-        allowed = allowed & (j >= starts)
-    return allowed
+from lladapter_ext.reference import allowed_word_keys
 
 
 def gated_prompt_attention_rows(q, k, v, pk, pv, gate, causal=True, gate_act="tanh", scale=None, kv_start=None):
@@ -30,7 +18,7 @@ def gated_prompt_attention_rows(q, k, v, pk, pv, gate, causal=True, gate_act="ta
     rep = H // Hkv
     scale = d ** -0.5 if scale is None else scale
     q64, k64, v64 = (t.cpu().double() for t in (q, k, v))
-    allowed = allowed_keys(B, Tq, Tk, causal, kv_start)
+    allowed = allowed_word_keys(B, Tq, Tk, causal, kv_start)
     with_prompt = pk is not None and pk.shape[1] > 0
     if with_prompt:
         pk64, pv64 = pk.cpu().double(), pv.cpu().double()

@@ -1,6 +1,6 @@
 // Gated prompt attention, CUDA split-K ("flash-decoding") forward for few query rows and many word keys: the
 // per-row SIMT kernel streams all Tk keys with one warp and the tensor-core kernel has one CTA per (b, h) for
-// Tq = 1, both far too few to keep a GPU's memory system busy. Chosen by the dispatcher in prompt_attention.cu
+// Tq = 1, both far too few to keep a GPU's memory system busy. Chosen by the dispatcher in gated_prompt_attention.cu
 // (Tq <= kDecodeMaxTq and Tk >= 2 * kDecodeMinChunk, or LLADAPTER_CUDA_DECODE=splitk); same contract as the other
 // kernels. The word keys of each batch row are split into nsplit chunks:
 //  partial  one block per (b, kv head, group of kDecRows rows, chunk). The rows of a (b, kv head) are the
@@ -17,8 +17,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "prompt_attention_cuda.h"
-#include "prompt_attention_simt.cuh"
+#include "gated_prompt_attention_cuda.h"
+#include "gated_prompt_attention_simt.cuh"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -87,8 +87,8 @@ __device__ __forceinline__ void dec_load_kv_tile(float* __restrict__ ks, float* 
 // si = (b * H + h) * Tq + i, which for h = hkv * rep + hl is (b * H + hkv * rep) * Tq + x with x = hl * Tq + i.
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecThreads)
-    gpa_decode_partial_kernel(PromptAttnProblem g, DecodePlan dg, const T* __restrict__ q, const T* __restrict__ k,
-                              const T* __restrict__ v, const int64_t* __restrict__ kv_start,
+    gpa_decode_partial_kernel(GatedPromptAttentionProblem g, DecodePlan dg, const T* __restrict__ q,
+                              const T* __restrict__ k, const T* __restrict__ v, const int64_t* __restrict__ kv_start,
                               float* __restrict__ part_ml, float* __restrict__ part_acc) {
   constexpr int LD = D + 1;
   constexpr int NT = (D + 31) / 32;  // output columns lane + 32 t per lane
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kDecThreads)
 
 // grid blocks_for(B * H * Tq), kWarps * 32 threads: warp per stat row si = (b * H + h) * Tq + i.
 template <typename T, int D>
-__global__ void gpa_decode_combine_kernel(PromptAttnProblem g, DecodePlan dg, const T* __restrict__ q,
+__global__ void gpa_decode_combine_kernel(GatedPromptAttentionProblem g, DecodePlan dg, const T* __restrict__ q,
                                           const T* __restrict__ pk, const T* __restrict__ pv,
                                           const float* __restrict__ phi, const float* __restrict__ part_ml,
                                           const float* __restrict__ part_acc, T* __restrict__ out,
@@ -349,7 +349,7 @@ void dispatch_decode(at::ScalarType t, int64_t d, F&& f) {
 
 }  // namespace
 
-std::optional<DecodePlan> plan_decode(const PromptAttnProblem& g, const AttnTensors& t, int64_t min_chunk,
+std::optional<DecodePlan> plan_decode(const GatedPromptAttentionProblem& g, const AttnTensors& t, int64_t min_chunk,
                                       int64_t sm_count) {
   DecodePlan plan{};
   plan.rows = g.rep * g.Tq;
@@ -361,8 +361,8 @@ std::optional<DecodePlan> plan_decode(const PromptAttnProblem& g, const AttnTens
   return plan;
 }
 
-void launch_decode_forward(const PromptAttnProblem& g, const DecodePlan& plan, const AttnTensors& t, at::Tensor& out,
-                           at::Tensor& lse, at::Tensor& plse) {
+void launch_decode_forward(const GatedPromptAttentionProblem& g, const DecodePlan& plan, const AttnTensors& t,
+                           at::Tensor& out, at::Tensor& lse, at::Tensor& plse) {
   const int64_t groups = g.B * g.Hkv * plan.row_groups;
   const int64_t stat_rows = g.B * g.H * g.Tq;
   const auto f32 = t.q.options().dtype(at::kFloat);

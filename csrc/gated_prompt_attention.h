@@ -22,7 +22,7 @@
 namespace lladapter {
 
 // One attention call as every kernel sees it (passed by value to the CUDA kernels: plain fields only).
-struct PromptAttnProblem {
+struct GatedPromptAttentionProblem {
   int64_t B, Tq, Tk, H, Hkv, d;
   int64_t K;          // prompt keys (0: plain attention)
   int64_t Bp;         // prompt batch: 1 (one prompt shared by the batch) or B
@@ -34,27 +34,25 @@ struct PromptAttnProblem {
   double scale;       // of the scores q.k (the kernels compute in their accumulation type)
 };
 
-inline bool prompt_attn_gate_is_tanh(const char* op, const std::string& gate_act) {
+inline bool gated_prompt_attention_gate_is_tanh(const char* op, const std::string& gate_act) {
   TORCH_CHECK(gate_act == "tanh" || gate_act == "identity", op, ": gate_act must be 'tanh' or 'identity', got '",
               gate_act, "'");
   return gate_act == "tanh";
 }
 
-inline at::ScalarType prompt_attn_stat_dtype(const at::Tensor& q) {
+inline at::ScalarType gated_prompt_attention_stat_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline PromptAttnProblem prompt_attn_check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                                  const at::Tensor& v, const std::optional<at::Tensor>& pk,
-                                                  const std::optional<at::Tensor>& pv,
-                                                  const std::optional<at::Tensor>& gate,
-                                                  const std::optional<at::Tensor>& kv_start,
-                                                  const std::string& gate_act, bool causal, double scale,
-                                                  const KernelTarget& target) {
-  PromptAttnProblem s{};
+inline GatedPromptAttentionProblem gated_prompt_attention_check_inputs(
+    const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pk,
+    const std::optional<at::Tensor>& pv, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& kv_start, const std::string& gate_act, bool causal, double scale,
+    const KernelTarget& target) {
+  GatedPromptAttentionProblem s{};
   s.causal = causal;
   s.scale = scale;
-  s.tanh_gate = prompt_attn_gate_is_tanh(op, gate_act);
+  s.tanh_gate = gated_prompt_attention_gate_is_tanh(op, gate_act);
   check_device(op, "q", q, target.device);
   check_device(op, "k", k, target.device);
   check_device(op, "v", v, target.device);
@@ -131,9 +129,10 @@ inline PromptAttnProblem prompt_attn_check_inputs(const char* op, const at::Tens
   return s;
 }
 
-inline void prompt_attn_check_backward_inputs(const char* op, const PromptAttnProblem& s, const at::Tensor& grad_out,
-                                              const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
-                                              const at::Tensor& prompt_lse, const KernelTarget& target) {
+inline void gated_prompt_attention_check_backward_inputs(const char* op, const GatedPromptAttentionProblem& s,
+                                                         const at::Tensor& grad_out, const at::Tensor& q,
+                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                         const at::Tensor& prompt_lse, const KernelTarget& target) {
   check_device(op, "grad_out", grad_out, target.device);
   check_device(op, "out", out, target.device);
   check_device(op, "lse", lse, target.device);
@@ -149,7 +148,7 @@ inline void prompt_attn_check_backward_inputs(const char* op, const PromptAttnPr
               "), got ", grad_out.scalar_type());
   TORCH_CHECK(out.scalar_type() == q.scalar_type(), op, ": out must have q's dtype (", q.scalar_type(), "), got ",
               out.scalar_type());
-  const auto stat = prompt_attn_stat_dtype(q);
+  const auto stat = gated_prompt_attention_stat_dtype(q);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"lse", &lse}, {"prompt_lse", &prompt_lse}}) {
     TORCH_CHECK(t->dim() == 3 && t->size(0) == s.B && t->size(1) == s.H && t->size(2) == s.Tq, op, ": ", name,
                 " must have shape [", s.B, ", ", s.H, ", ", s.Tq, "] ([B, H, Tq]), got ", shape_str(*t));
@@ -159,9 +158,10 @@ inline void prompt_attn_check_backward_inputs(const char* op, const PromptAttnPr
 
 // Zero-filled gradient buffers of the backward, as its schema returns them: dq, dk, dv like the (contiguous)
 // inputs; dpk, dpv like pk (or [0] when there is no prompt); dgate [H] like gate (or fp32 [0] without a gate).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_attn_zero_grads(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pk,
-    const std::optional<at::Tensor>& gate, int64_t H) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_prompt_attention_zero_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& pk, const std::optional<at::Tensor>& gate,
+                                  int64_t H) {
   auto prompt_grad = [&] { return pk.has_value() ? at::zeros(pk->sizes(), q.options()) : at::empty({0}, q.options()); };
   return {at::zeros(q.sizes(), q.options()),
           at::zeros(k.sizes(), k.options()),

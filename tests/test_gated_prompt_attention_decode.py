@@ -1,6 +1,6 @@
 """Decode-shaped forwards (few query rows, long Tk) of the gated prompt attention op.
 
-CUDA: the split-K decode kernels of csrc/cuda/prompt_attention.cu against reference.py, against the non-split
+CUDA: the split-K decode kernels of csrc/cuda/gated_prompt_attention.cu against reference.py, against the non-split
 CUDA kernels (tensor-core and SIMT, forced with LLADAPTER_CUDA_DECODE=off and LLADAPTER_CUDA_ATTN), the
 dispatch rule, the backward through them. LLADAPTER_CUDA_DECODE=splitk forces the split-K path for every shape
 with chunks of one 32-key tile, so small Tk still has chunk edges (the kernels have never run on a GPU: these
@@ -15,7 +15,7 @@ import torch
 from lladapter_ext import ops, reference
 
 from conftest import CUDA_DEVICES, kernel_ops
-from test_prompt_attention import TOL, _check_grads, make_inputs, mma_tol
+from test_gated_prompt_attention import TOL, _check_grads, make_inputs, mma_tol
 
 B = 3
 TQS = [1, 2, 4]
@@ -261,7 +261,7 @@ BACKWARD_CASES = [dict(Tq=1, Tk=1000, H=8, Hkv=2, kv_start=[0, 300], Bp=2), dict
                          + [(torch.bfloat16, c) for c in BACKWARD_CASES[:2]])
 def test_cuda_decode_forward_then_backward(device, monkeypatch, dtype, case):
     # the (unchanged) SIMT backward recomputes probabilities from the split-K forward's lse / prompt_lse and reads
-    # its out; both follow the same contract as the other forwards, so GRAD_TOL of test_prompt_attention holds.
+    # its out; both follow the same contract as the other forwards, so GRAD_TOL of test_gated_prompt_attention holds.
     # bf16 only where every row sees many keys: the D = dout . out error of out's rounding shows most in dq of
     # rows averaging a few keys (the last case has rows with 0 and 1 key: fp32 only)
     monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")

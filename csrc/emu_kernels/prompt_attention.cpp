@@ -1,3 +1,0 @@
-// The emulator build of csrc/cuda/prompt_attention.cu: the same source, compiled by the host compiler with
-// -DLLADAPTER_EMU (compat.h), registers its kernels under torch.ops.lladapter_emu on CPU tensors.
-#include "../cuda/prompt_attention.cu"
