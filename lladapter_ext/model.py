@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ from .ops import GATE_ACTS
 from .adapter import AdapterMixin
 from .nn import RMSNorm
 
-__all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "config_from_preset"]
+__all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "BlockInputs",
+           "config_from_preset"]
 
 
 
@@ -188,6 +190,19 @@ class CausalLMOutput:
     cache: KVCache | None = None
 
 
+@dataclass
+class BlockInputs:
+    """What every block of one forward call reads, resolved once by LlamaForCausalLM.forward from its arguments."""
+
+    cos: torch.Tensor  # RoPE tables [n_positions, d/2] (fp32), indexed by `positions`
+    sin: torch.Tensor
+    positions: torch.Tensor  # [B, T] RoPE position of each token
+    kv_start: torch.Tensor | None  # first key each query may see: [B] (left padding), [B, T] (packed rows) or None
+    cache: KVCache | None
+    use_adapter: bool  # False: the frozen base (prompts ignored)
+    prompt_offset: torch.Tensor | None  # [B, D] added to every prompt token (multi-modal)
+
+
 # --------------------------------------------------------------------------------------------- modules
 class Attention(torch.nn.Module):
     def __init__(self, config: LlamaConfig, adapted: bool, device=None, dtype=None):
@@ -219,26 +234,27 @@ class Attention(torch.nn.Module):
         return (self.wk(p).view(B, K, self.n_kv_heads, self.head_dim),
                 self.wv(p).view(B, K, self.n_kv_heads, self.head_dim))
 
-    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache: KVCache | None, use_adapter: bool,
-                prompt_offset: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, inputs: BlockInputs, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
+        cache = inputs.cache
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = ops.rope(q, k, cos, sin, position_ids=positions, interleaved=self.rope_interleaved)
+        q, k = ops.rope(q, k, inputs.cos, inputs.sin, position_ids=inputs.positions,
+                        interleaved=self.rope_interleaved)
         if cache is not None:
             k, v = cache.write(layer_idx, k, v)
         pk = pv = gate = None
-        if use_adapter and self.adapter_prompt is not None:
+        if inputs.use_adapter and self.adapter_prompt is not None:
             if cache is not None:
                 if layer_idx not in cache.prompt_kv:
-                    cache.prompt_kv[layer_idx] = self.prompt_kv(prompt_offset)
+                    cache.prompt_kv[layer_idx] = self.prompt_kv(inputs.prompt_offset)
                 pk, pv = cache.prompt_kv[layer_idx]
             else:
-                pk, pv = self.prompt_kv(prompt_offset)
+                pk, pv = self.prompt_kv(inputs.prompt_offset)
             gate = self.adapter_gate
         out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, gate_act=self.gate_act,
-                                         kv_start=kv_start)
+                                         kv_start=inputs.kv_start)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -263,9 +279,8 @@ class TransformerBlock(torch.nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
         self.feed_forward = FeedForward(config, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, positions, kv_start, layer_idx, cache, use_adapter, prompt_offset=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, kv_start, layer_idx, cache, use_adapter,
-                               prompt_offset)
+    def forward(self, x: torch.Tensor, inputs: BlockInputs, layer_idx: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), inputs, layer_idx)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -331,6 +346,27 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         return {"adapter_len": str(c.adapter_len), "adapter_layer": str(c.adapter_layer), "gate_act": c.gate_act,
                 "n_layers": str(c.n_layers), "dim": str(c.dim), "n_heads": str(c.n_heads)}
 
+    @staticmethod
+    def adapter_hparams(meta: dict[str, str], source: str | os.PathLike | None = None) -> dict:
+        """adapter_len, adapter_layer and gate_act as an adapter file's metadata records them (adapter_metadata's
+        inverse; None where absent). A value that is not a non-negative integer, or not a gate activation, is an
+        error naming the file and key."""
+        hp: dict = {}
+        for key in ("adapter_len", "adapter_layer"):
+            hp[key] = None
+            if key in meta:
+                try:
+                    hp[key] = int(meta[key])
+                except (TypeError, ValueError):
+                    hp[key] = -1
+                if hp[key] < 0:
+                    raise ValueError(f"{source}: metadata {key}={meta[key]!r} is not a non-negative integer (a "
+                                     "corrupt or foreign adapter file?)")
+        hp["gate_act"] = meta.get("gate_act")
+        if hp["gate_act"] is not None and hp["gate_act"] not in GATE_ACTS:
+            raise ValueError(f"{source}: metadata gate_act={hp['gate_act']!r} is not tanh or identity")
+        return hp
+
     def adapter_description(self) -> str:
         c = self.config
         return f"adapter_len={c.adapter_len}, adapter_layer={c.adapter_layer}, n_layers={c.n_layers}"
@@ -364,30 +400,43 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
-        dev = input_ids.device
+        inputs = self._block_inputs(B, T, input_ids.device, attention_mask, position_ids, cache, segment_ids,
+                                    prompt_offset)
+        first_trainable = self._first_layer_needing_grad(inputs.use_adapter)
+        with torch.no_grad() if first_trainable > 0 else contextlib.nullcontext():
+            h = self.tok_embeddings(input_ids)
+            for i in range(first_trainable):
+                h = self.layers[i](h, inputs, i)
+        for i in range(first_trainable, self.config.n_layers):
+            h = self.layers[i](h, inputs, i)
+        if cache is not None:
+            cache.length += T
+            cache.next_pos = inputs.positions[:, -1] + 1
+
+        h = self.norm(h)
+        if labels is None:
+            logits = F.linear(h, self.lm_head_weight())
+            return CausalLMOutput(logits=logits, loss=None, cache=cache)
+        if tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must be [B, T] = [{B}, {T}], got {list(labels.shape)}")
+        targets = labels[:, 1:].to(input_ids.device)
+        keep = targets != -100
+        h_sel = h[:, :-1][keep]  # only labelled positions go through the (large) LM head
+        logits_sel = F.linear(h_sel, self.lm_head_weight()).float()
+        if logits_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
+            loss = h.sum().float() * 0.0
+        else:
+            loss = F.cross_entropy(logits_sel, targets[keep].long())
+        return CausalLMOutput(logits=None, loss=loss, cache=cache)
+
+    def _block_inputs(self, B: int, T: int, dev: torch.device, attention_mask, position_ids, cache, segment_ids,
+                      prompt_offset) -> BlockInputs:
+        """forward's arguments checked and resolved into what every block reads (see forward for their meaning).
+        On a cache's first call this records the prompt's key start (left padding) in it."""
         past = cache.length if cache is not None else 0
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, input_ids has {B}")
-
-        kv_start = cache.kv_start if (cache is not None and past > 0) else None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (
-                    T, past + T):
-                raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]" +
-                                 (f" or [B, cached + T] = [{B}, {past + T}]" if past else "") +
-                                 f", got {list(attention_mask.shape)}")
-            m = attention_mask.to(device=dev) != 0
-            first, contiguous = _mask_first_real(m)
-            if not bool(contiguous.all()):
-                raise ValueError("attention_mask: the real tokens of each sample must be one contiguous run "
-                                 "(left or right padding only)")
-            if cache is not None and not bool(m[:, -1].all()):
-                raise ValueError("attention_mask: with a KV cache, prompts must be left-padded (the last position "
-                                 "of every sample must be a real token)")
-            if past == 0 or m.shape[1] == past + T:  # the mask covers every key
-                kv_start = first if bool((first > 0).any()) else None
-            elif not bool(m.all()):
-                raise ValueError("attention_mask: in decoding steps the new tokens must all be real")
+        kv_start = self._padding_start(B, T, dev, attention_mask, cache, past)
         if cache is not None and past == 0:
             cache.kv_start = kv_start
         starts = None  # [B, T]: index of the first token of the packed sequence holding each token
@@ -408,14 +457,12 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
                 positions = (steps - kv_start.view(B, 1)).clamp_min(0)
             else:
                 positions = steps.expand(B, T)
+            n_pos = past + T  # positions never exceed past + T - 1: no device sync needed
         else:
             if tuple(position_ids.shape) not in ((B, T), (1, T)):
                 raise ValueError(f"position_ids must be [B, T] = [{B}, {T}] or [1, T], got "
                                  f"{list(position_ids.shape)}")
             positions = position_ids.to(device=dev, dtype=torch.long).expand(B, T)
-        if position_ids is None:  # positions never exceed past + T - 1: no device sync needed
-            n_pos = past + T
-        else:
             n_pos = int(positions.max()) + 1 if positions.numel() else 1
             if positions.numel() and int(positions.min()) < 0:
                 raise ValueError("position_ids must be >= 0")
@@ -425,38 +472,36 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             # rows without a boundary keep the cheaper [B] / no bound
             kv_start = starts if kv_start is None else torch.maximum(starts, kv_start.view(B, 1))
 
-        use_adapter = self.use_adapter and self.config.n_adapted_layers > 0
         if prompt_offset is not None and tuple(prompt_offset.shape) != (B, self.config.dim):
             raise ValueError(f"prompt_offset must be [B, dim] = [{B}, {self.config.dim}], got "
                              f"{list(prompt_offset.shape)}")
-        first_trainable = self._first_layer_needing_grad(use_adapter)
-        h = None
-        with torch.no_grad() if first_trainable > 0 else contextlib.nullcontext():
-            h = self.tok_embeddings(input_ids)
-            for i in range(first_trainable):
-                h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter, prompt_offset)
-        for i in range(first_trainable, self.config.n_layers):
-            h = self.layers[i](h, cos, sin, positions, kv_start, i, cache, use_adapter, prompt_offset)
+        return BlockInputs(cos=cos, sin=sin, positions=positions, kv_start=kv_start, cache=cache,
+                           use_adapter=self.use_adapter and self.config.n_adapted_layers > 0,
+                           prompt_offset=prompt_offset)
 
-        if cache is not None:
-            cache.length = past + T
-            cache.next_pos = positions[:, -1] + 1
-
-        h = self.norm(h)
-        if labels is None:
-            logits = F.linear(h, self.lm_head_weight())
-            return CausalLMOutput(logits=logits, loss=None, cache=cache)
-        if tuple(labels.shape) != (B, T):
-            raise ValueError(f"labels must be [B, T] = [{B}, {T}], got {list(labels.shape)}")
-        targets = labels[:, 1:].to(dev)
-        keep = targets != -100
-        h_sel = h[:, :-1][keep]  # only labelled positions go through the (large) LM head
-        logits_sel = F.linear(h_sel, self.lm_head_weight()).float()
-        if logits_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
-            loss = h.sum().float() * 0.0
-        else:
-            loss = F.cross_entropy(logits_sel, targets[keep].long())
-        return CausalLMOutput(logits=None, loss=loss, cache=cache)
+    @staticmethod
+    def _padding_start(B: int, T: int, dev: torch.device, attention_mask, cache, past: int) -> torch.Tensor | None:
+        """[B] index of each sample's first real key (left padding), or None when no sample is left-padded."""
+        kv_start = cache.kv_start if (cache is not None and past > 0) else None
+        if attention_mask is None:
+            return kv_start
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+            raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]" +
+                             (f" or [B, cached + T] = [{B}, {past + T}]" if past else "") +
+                             f", got {list(attention_mask.shape)}")
+        m = attention_mask.to(device=dev) != 0
+        first, contiguous = _mask_first_real(m)
+        if not bool(contiguous.all()):
+            raise ValueError("attention_mask: the real tokens of each sample must be one contiguous run "
+                             "(left or right padding only)")
+        if cache is not None and not bool(m[:, -1].all()):
+            raise ValueError("attention_mask: with a KV cache, prompts must be left-padded (the last position "
+                             "of every sample must be a real token)")
+        if past == 0 or m.shape[1] == past + T:  # the mask covers every key
+            return first if bool((first > 0).any()) else None
+        if not bool(m.all()):
+            raise ValueError("attention_mask: in decoding steps the new tokens must all be real")
+        return kv_start
 
     def _first_layer_needing_grad(self, use_adapter: bool) -> int:
         """Layers below this index need no autograd graph: nothing in or below them requires grad."""
