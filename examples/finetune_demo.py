@@ -24,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lladapter_ext import data, training  # noqa: E402
+from lladapter_ext import batching, data, evaluation, training  # noqa: E402
 from lladapter_ext.loaders import default_model_path  # noqa: E402
 from lladapter_ext.generation import generate  # noqa: E402
 from lladapter_ext.loaders import load_model  # noqa: E402
@@ -38,7 +38,7 @@ def evaluate(model, tok, pairs, max_new_tokens, batch_size):
     by_task = collections.defaultdict(lambda: [0, 0])
     for pred, (_, ref, rec) in zip(preds, pairs):
         t = by_task[rec.data.get("task", "all")]
-        t[0] += data.exact_match(pred, ref)
+        t[0] += evaluation.exact_match(pred, ref)
         t[1] += 1
     return preds, dict(by_task)
 
@@ -76,7 +76,7 @@ def main():
           f"= {model.count_trainable():,} trainable parameters")
 
     records = data.read_records(args.eval)[: args.eval_limit]
-    pairs = data.eval_prompts(records, tok)
+    pairs = evaluation.eval_prompts(records, tok)
     t0 = time.time()
     base_preds, base = evaluate(model, tok, pairs, args.max_new_tokens, 16)
     print(f"base model evaluated on {len(pairs)} held-out prompts in {time.time() - t0:.1f}s")
@@ -84,7 +84,7 @@ def main():
     ds = data.load_dataset(args.train, tok, max_seq_len=128)
     steps = args.max_steps
     if steps is None:  # measure one optimizer step, then fit the whole schedule into the budget
-        batch = data.collate([ds[i] for i in range(min(args.batch_size, len(ds)))], ds.pad_id)
+        batch = batching.collate([ds[i] for i in range(min(args.batch_size, len(ds)))], ds.pad_id)
         model.train()
         for _ in range(2):  # the first call warms up allocators and caches
             t = time.perf_counter()

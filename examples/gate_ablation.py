@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from finetune_demo import evaluate  # noqa: E402
-from lladapter_ext import data, training  # noqa: E402
+from lladapter_ext import data, evaluation, training  # noqa: E402
 from lladapter_ext.loaders import default_model_path  # noqa: E402
 from lladapter_ext.loaders import load_model  # noqa: E402
 
@@ -115,7 +115,7 @@ def main():
     eval_ds.pad_id = ds.pad_id
     first_batch = torch.utils.data.Subset(ds, range(32))
     first_batch.pad_id = ds.pad_id
-    pairs = data.eval_prompts(eval_records, tok)
+    pairs = evaluation.eval_prompts(eval_records, tok)
     shutil.rmtree(args.out, ignore_errors=True)
     print(f"{os.path.basename(path)}: adapter K={args.adapter_len} in the top {model.config.n_adapted_layers} layers, "
           f"{model.count_trainable():,} trainable parameters; {args.steps} steps of batch {args.batch_size}, "
@@ -127,7 +127,7 @@ def main():
             raise SystemExit(f"--variants: unknown {variant!r}; expected some of {VARIANTS}")
         set_adapter(model, variant, args.seed)
         g0 = gates(model)
-        before = training.evaluate_loss(model, first_batch, batch_size=8)["loss"]
+        before = evaluation.evaluate_loss(model, first_batch, batch_size=8)["loss"]
         t0 = time.time()
         cfg = training.TrainConfig(out_dir=os.path.join(args.out, variant.replace(" ", "_")), max_steps=args.steps,
                                    micro_batch_size=args.batch_size, lr=args.lr,
@@ -136,7 +136,7 @@ def main():
         res = training.finetune(model, ds, cfg)
         train_s = time.time() - t0
         losses = [h["loss"] for h in res.history if not h["skipped"]]
-        held_out = training.evaluate_loss(model, eval_ds, batch_size=8)["loss"]
+        held_out = evaluation.evaluate_loss(model, eval_ds, batch_size=8)["loss"]
         _, by_task = evaluate(model, tok, pairs, args.max_new_tokens, 16)
         hits = sum(v[0] for v in by_task.values())
         g1 = gates(model)

@@ -180,6 +180,51 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return path
 
 
+def find_adapter_file(path: str | os.PathLike) -> str:
+    """An adapter file as given, or the adapter a fine-tuning output directory holds: its final
+    adapter.safetensors, else the newest checkpoint's adapter (a run still going or stopped early)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    final = os.path.join(path, ADAPTER_FILE)
+    if os.path.isfile(final):
+        return final
+    ck = latest_checkpoint(path) if os.path.isdir(path) else None
+    if ck:
+        for f in sorted(os.listdir(ck)):
+            if f.endswith(".safetensors"):
+                return os.path.join(ck, f)
+    raise FileNotFoundError(f"{path}: no adapter .safetensors file found there")
+
+
+def plot_history(history: list[dict], path: str) -> None:
+    """Loss and lr against the optimizer step (skipped steps marked), written atomically as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's matplotlib backend alone
+
+    fig = Figure(figsize=(8, 5.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
+    good = [h for h in history if not h["skipped"]]
+    ax_loss.plot([h["step"] for h in good], [h["loss"] for h in good], lw=1.2, label="train loss")
+    bad = [h["step"] for h in history if h["skipped"]]
+    if bad:
+        ax_loss.scatter(bad, [min(h["loss"] for h in good) if good else 0.0] * len(bad), marker="x", color="red",
+                        label=f"skipped (non-finite): {len(bad)}")
+    ax_loss.set_ylabel("loss (mean over answer tokens)")
+    ax_loss.legend(loc="upper right")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot([h["step"] for h in history], [h["lr"] for h in history], color="tab:orange", lw=1.2)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    with writing("the loss plot", path, cleanup=(tmp,)):
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

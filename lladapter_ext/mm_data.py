@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ._optional import require
-from .data import IGNORE_INDEX, DataFormatError, Example, TokenizedDataset, TokenizeReport, collate, pad_id_of
+from .batching import collate
+from .data import IGNORE_INDEX, DataFormatError, Example, TokenizedDataset, TokenizeReport, pad_id_of
 
 __all__ = ["ImageError", "load_image", "ImagePreprocess", "MCQuestion", "load_scienceqa", "format_question",
            "format_answer", "parse_answer", "score_answers", "MultiModalExample", "ImageTextDataset",
@@ -316,7 +317,7 @@ class ImageTextDataset(TokenizedDataset):
 
     def collate(self, rows: Sequence[MultiModalExample], pad_id: int, *, pad_to_multiple_of: int | None = None
                 ) -> dict[str, torch.Tensor]:
-        """The text batch of ``data.collate`` plus image_features [B, F] (zeros where a row has no image) and
+        """The text batch of ``batching.collate`` plus image_features [B, F] (zeros where a row has no image) and
         image_mask [B] (True where it has one)."""
         if self.features is None:
             raise ValueError("ImageTextDataset.collate: image features are not computed; call "

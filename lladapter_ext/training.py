@@ -32,9 +32,10 @@ import torch.distributed as dist
 from .adapter import first_non_finite, is_dtensor
 from .checkpoint import (ADAPTER_FILE, CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, PLOT_FILE, STATE_FILE,  # noqa: F401
                          CheckpointCorruptError, CheckpointManager, CheckpointWriteError, atomic_write_bytes,
-                         changed_config, clean_stale_temporaries, latest_checkpoint, read_log, rng_state,
+                         changed_config, clean_stale_temporaries, latest_checkpoint, plot_history, read_log, rng_state,
                          save_adapter_atomic, set_rng_state, truncate_log, writing)
-from .data import IGNORE_INDEX, Batches, DataChangedError, TokenizedDataset, collate
+from .batching import Batches
+from .data import IGNORE_INDEX, DataChangedError, TokenizedDataset
 from .distributed import (all_reduce_step, apply_fsdp, broadcast_adapter, dist_info,  # noqa: F401
                           finish_distributed, init_distributed, scalar)
 from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
@@ -214,34 +215,6 @@ def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 
     for g in groups:
         g.pop("param_names")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-
-
-def plot_history(history: list[dict], path: str) -> None:
-    """Loss and lr against the optimizer step (skipped steps marked), written atomically as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's matplotlib backend alone
-
-    fig = Figure(figsize=(8, 5.5))
-    FigureCanvasAgg(fig)
-    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
-    good = [h for h in history if not h["skipped"]]
-    ax_loss.plot([h["step"] for h in good], [h["loss"] for h in good], lw=1.2, label="train loss")
-    bad = [h["step"] for h in history if h["skipped"]]
-    if bad:
-        ax_loss.scatter(bad, [min(h["loss"] for h in good) if good else 0.0] * len(bad), marker="x", color="red",
-                        label=f"skipped (non-finite): {len(bad)}")
-    ax_loss.set_ylabel("loss (mean over answer tokens)")
-    ax_loss.legend(loc="upper right")
-    ax_loss.grid(alpha=0.3)
-    ax_lr.plot([h["step"] for h in history], [h["lr"] for h in history], color="tab:orange", lw=1.2)
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("optimizer step")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    with writing("the loss plot", path, cleanup=(tmp,)):
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,29 +591,3 @@ def finetune(model: torch.nn.Module, dataset: TokenizedDataset, config: TrainCon
              on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune the adapter of ``model`` on ``dataset``; see ``TrainConfig`` and ``Trainer``."""
     return Trainer(model, dataset, config, on_step=on_step).train()
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, dataset: TokenizedDataset, *, batch_size: int = 8) -> dict:
-    """Mean loss over all answer tokens of ``dataset`` (token-weighted), its perplexity, and the token count.
-    (A model sharded by FSDP runs collectives in its forward: every process must call this.)"""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    try:
-        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))  # little padding
-        for s in range(0, len(order), batch_size):
-            batch = getattr(dataset, "collate", collate)([dataset[i] for i in order[s:s + batch_size]], dataset.pad_id)
-            k = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            if k == 0:
-                continue
-            out = model(**{key: v.to(device) for key, v in batch.items()})
-            total += float(out.loss.float()) * k
-            n += k
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluate_loss: the data set has no loss tokens")
-    mean = total / n
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": n}

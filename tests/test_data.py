@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from lladapter_ext import batching as B
 from lladapter_ext import data as D
+from lladapter_ext import evaluation as E
 from _tiny_lm import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +155,7 @@ def test_packing_fits_rows_keeps_every_example_once_and_masks_boundaries():
 def test_collate_packed_rows_segments_and_padding():
     # rows of 2 examples and of 1 (each example of length 1 somewhere), plus an unpacked row in the same batch
     rows = [D.pack_examples(_examples([1, 4]), 8)[0], D.pack_examples(_examples([3]), 8)[0], _examples([2])[0]]
-    batch = D.collate(rows, pad_id=0, pad_to_multiple_of=4)
+    batch = B.collate(rows, pad_id=0, pad_to_multiple_of=4)
     assert batch["input_ids"].shape == (3, 8)
     assert batch["position_ids"].tolist() == [[0, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7],
                                               [0, 1, 2, 3, 4, 5, 6, 7]]
@@ -170,18 +172,18 @@ def test_packing_rejects_an_overlong_example():
 
 def test_collate_right_pads_and_masks():
     ex = _examples([3, 5])
-    batch = D.collate(ex, pad_id=0, pad_to_multiple_of=4)
+    batch = B.collate(ex, pad_id=0, pad_to_multiple_of=4)
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
     assert batch["input_ids"][0, :3].tolist() == ex[0].input_ids and batch["input_ids"][0, 3:].eq(0).all()
     assert batch["labels"][0].tolist() == ex[0].labels + [-100] * 5
     assert "position_ids" not in batch
     assert "segment_ids" not in batch
-    packed = D.collate(D.pack_examples(ex, 8), pad_id=0)
+    packed = B.collate(D.pack_examples(ex, 8), pad_id=0)
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]  # data order kept in a row
     assert packed["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]]  # the model attends within a segment
     with pytest.raises(ValueError, match="rows is empty"):
-        D.collate([], 0)
+        B.collate([], 0)
 
 
 # ---------------------------------------------------------------------------------------------- order, resume
@@ -189,15 +191,15 @@ def test_collate_right_pads_and_masks():
 def test_epoch_order_is_deterministic_grouped_and_drops_the_tail():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 200, (103,), generator=g).tolist()
-    a = D.epoch_order(lengths, 8, seed=3, epoch=0)
-    assert a == D.epoch_order(lengths, 8, seed=3, epoch=0)
-    assert a != D.epoch_order(lengths, 8, seed=3, epoch=1) and a != D.epoch_order(lengths, 8, seed=4, epoch=0)
+    a = B.epoch_order(lengths, 8, seed=3, epoch=0)
+    assert a == B.epoch_order(lengths, 8, seed=3, epoch=0)
+    assert a != B.epoch_order(lengths, 8, seed=3, epoch=1) and a != B.epoch_order(lengths, 8, seed=4, epoch=0)
     flat = [i for batch in a for i in batch]
     assert len(a) == 12 and all(len(batch) == 8 for batch in a) and len(set(flat)) == 96
 
     def padding(batches):
         return sum(max(lengths[i] for i in bt) * len(bt) - sum(lengths[i] for i in bt) for bt in batches)
-    plain = D.epoch_order(lengths, 8, seed=3, epoch=0, group_by_length=False)
+    plain = B.epoch_order(lengths, 8, seed=3, epoch=0, group_by_length=False)
     assert padding(a) < 0.5 * padding(plain)
 
 
@@ -214,21 +216,21 @@ def _same(s1, s2):
 
 def test_batches_resume_at_saved_position_reproduces_order_across_epochs():
     ds = _dataset()
-    straight = D.Batches(ds, 3, grad_accum_steps=2, seed=5)
+    straight = B.Batches(ds, 3, grad_accum_steps=2, seed=5)
     assert straight.steps_per_epoch == 6 and straight.effective_batch == 6
     steps = [straight.next_step() for _ in range(15)]
     assert [s.epoch for s in steps] == [0] * 6 + [1] * 6 + [2] * 3
     assert all(len(s.micro_batches) == 2 and len(s.micro_batches[0]["input_ids"]) == 3 for s in steps)
-    first = D.Batches(ds, 3, grad_accum_steps=2, seed=5)
+    first = B.Batches(ds, 3, grad_accum_steps=2, seed=5)
     for _ in range(8):
         first.next_step()
     state = first.state_dict()
     assert (state["epoch"], state["index"]) == (1, 2)
-    resumed = D.Batches(ds, 3, grad_accum_steps=2, seed=5)
+    resumed = B.Batches(ds, 3, grad_accum_steps=2, seed=5)
     resumed.load_state_dict(state)
     for k in range(8, 15):
         assert _same(resumed.next_step(), steps[k])
-    other = D.Batches(ds, 3, grad_accum_steps=1, seed=5)
+    other = B.Batches(ds, 3, grad_accum_steps=1, seed=5)
     with pytest.raises(ValueError, match="effective_batch was 6 in the checkpoint, is 3 now"):
         other.load_state_dict(state)
 
@@ -239,9 +241,9 @@ def _rows(step):  # each row's labels without padding, in step order
 
 def test_steps_hold_the_same_rows_however_the_effective_batch_is_split():
     ds = _dataset(50)
-    single = D.Batches(ds, 4, seed=1)
-    accum = D.Batches(ds, 2, grad_accum_steps=2, seed=1)
-    ranks = [D.Batches(ds, 1, grad_accum_steps=2, world_size=2, rank=r, seed=1) for r in range(2)]
+    single = B.Batches(ds, 4, seed=1)
+    accum = B.Batches(ds, 2, grad_accum_steps=2, seed=1)
+    ranks = [B.Batches(ds, 1, grad_accum_steps=2, world_size=2, rank=r, seed=1) for r in range(2)]
     for _ in range(single.steps_per_epoch + 2):
         s, a = single.next_step(), accum.next_step()
         parts = [r.next_step() for r in ranks]
@@ -253,7 +255,7 @@ def test_steps_hold_the_same_rows_however_the_effective_batch_is_split():
 
 def test_batches_reject_data_smaller_than_one_step():
     with pytest.raises(ValueError, match="fewer than one optimizer step needs"):
-        D.Batches(_dataset(5), 2, grad_accum_steps=2, world_size=2)
+        B.Batches(_dataset(5), 2, grad_accum_steps=2, world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------- malformed input
@@ -306,23 +308,23 @@ def test_file_level_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- scoring, eval
 
 def test_exact_match_normalises_whitespace_and_json():
-    assert D.exact_match("  2021-03-05\n", "2021-03-05")
-    assert D.exact_match("3,  7,\n19", "3, 7, 19")
-    assert not D.exact_match("2021-03-5", "2021-03-05")
-    assert D.exact_match('{"name": "A B", "age": 3}', '{"name":"A B","age":3}')
-    assert not D.exact_match('{"name": "A B", "age": "3"}', '{"name":"A B","age":3}')
-    assert not D.exact_match("not json", '{"a":1}')
+    assert E.exact_match("  2021-03-05\n", "2021-03-05")
+    assert E.exact_match("3,  7,\n19", "3, 7, 19")
+    assert not E.exact_match("2021-03-5", "2021-03-05")
+    assert E.exact_match('{"name": "A B", "age": 3}', '{"name":"A B","age":3}')
+    assert not E.exact_match('{"name": "A B", "age": "3"}', '{"name":"A B","age":3}')
+    assert not E.exact_match("not json", '{"a":1}')
 
 
 def test_eval_prompts_alpaca_and_chat():
     recs = [D.Record("alpaca", {"instruction": "Say hi.", "output": "hi"}, "x:1"),
             D.Record("chat", {"messages": [{"role": "user", "content": "Q"},
                                            {"role": "assistant", "content": "A"}]}, "x:2")]
-    (p1, r1, _), (p2, r2, _) = D.eval_prompts(recs, CHAT_TOK)
+    (p1, r1, _), (p2, r2, _) = E.eval_prompts(recs, CHAT_TOK)
     assert (p1, r1) == (NO_INPUT, "hi")
     assert (p2, r2) == (CHAT_TOK.apply_chat_template([{"role": "user", "content": "Q"}]), "A")
     with pytest.raises(D.DataFormatError, match="x:3: plain-text record has no reference"):
-        D.eval_prompts([D.Record("text", {"text": "t"}, "x:3")])
+        E.eval_prompts([D.Record("text", {"text": "t"}, "x:3")])
 
 
 # ---------------------------------------------------------------------------------------------- demo data
@@ -395,12 +397,12 @@ def test_data_fingerprint_follows_the_content_and_guards_resume(tmp_path):
     assert D.data_fingerprint(ds) == D.data_fingerprint(same) != D.data_fingerprint(other)
     truncated = D.load_dataset(write(tmp_path, "a.jsonl", lines), TOK, len(ds[0]) - 1)
     assert D.data_fingerprint(ds) != D.data_fingerprint(truncated)
-    state = D.Batches(ds, 2).state_dict()
-    D.Batches(same, 2).load_state_dict(state)
+    state = B.Batches(ds, 2).state_dict()
+    B.Batches(same, 2).load_state_dict(state)
     with pytest.raises(D.DataChangedError, match="the same 4 rows, but their content hash is"):
-        D.Batches(other, 2).load_state_dict(state)
-    resumed = D.Batches(other, 2)
+        B.Batches(other, 2).load_state_dict(state)
+    resumed = B.Batches(other, 2)
     resumed.load_state_dict({**state, "index": 1}, allow_data_change=True)
     assert resumed.index == 1
     del state["data_sha256"]  # a checkpoint from before the hash was recorded: not checked
-    D.Batches(other, 2).load_state_dict(state)
+    B.Batches(other, 2).load_state_dict(state)

@@ -369,7 +369,7 @@ def test_scienceqa_malformed_problems_name_the_problem(tmp_path, bad, message):
 
 # ----------------------------------------------------------------------------------------------- pipeline
 def test_trainer_and_answering_on_image_text_data(tmp_path):
-    from lladapter_ext import training
+    from lladapter_ext import evaluation, training
 
     path = write_scienceqa(str(tmp_path / "sqa"))
     tok = ByteTokenizer()
@@ -385,11 +385,11 @@ def test_trainer_and_answering_on_image_text_data(tmp_path):
     batch = ds.collate([ds.examples[0], ds.examples[-1]], ds.pad_id)
     assert batch["image_mask"].tolist() == [True, False]
     assert torch.equal(batch["image_features"][0], feats[0]) and not batch["image_features"][1].any()
-    before = training.evaluate_loss(mm, ds)["loss"]
+    before = evaluation.evaluate_loss(mm, ds)["loss"]
     cfg = training.TrainConfig(out_dir=str(tmp_path / "run"), max_steps=6, micro_batch_size=2, lr=3e-2,
                                warmup_steps=1, progress=False, plot=False)
     result = training.finetune(mm, ds, cfg)
-    assert result.steps == 6 and training.evaluate_loss(mm, ds)["loss"] < before
+    assert result.steps == 6 and evaluation.evaluate_loss(mm, ds)["loss"] < before
     from safetensors import safe_open
     with safe_open(result.adapter_path, "pt") as f:
         assert f.metadata()["multimodal"] == "1" and any(k.startswith("visual_proj.") for k in f.keys())

@@ -14,7 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lladapter_ext import batching as B
 from lladapter_ext import data as D
+from lladapter_ext import evaluation as E
 from lladapter_ext import training as T
 from _tiny_lm import ByteTokenizer, make_test_model, model_kind
 
@@ -456,9 +458,9 @@ def test_fsdp_config_checks(tmp_path, dataset):
 
 def test_short_run_loss_falls(tmp_path, dataset):
     model = make_test_model()
-    before = T.evaluate_loss(model, dataset)
+    before = E.evaluate_loss(model, dataset)
     result = T.finetune(model, dataset, config(tmp_path, epochs=16, lr=1e-1, warmup_epochs=1))
-    after = T.evaluate_loss(model, dataset)
+    after = E.evaluate_loss(model, dataset)
     # the double goes from about 6.3 to 4.5 here (measured); the bound leaves room for other tiny models
     assert after["loss"] < 0.8 * before["loss"], (before, after)
     first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
@@ -484,7 +486,7 @@ def test_activation_checkpointing_saves_memory_and_changes_no_number(tmp_path, d
     a = T.finetune(plain, dataset, config(tmp_path, "plain", max_steps=4))
     b = T.finetune(ckpt, dataset, config(tmp_path, "ckpt", max_steps=4, activation_checkpointing=True))
     assert b.losses == pytest.approx(a.losses, rel=1e-6)
-    batch = D.collate(dataset.examples[:4], dataset.pad_id)
+    batch = B.collate(dataset.examples[:4], dataset.pad_id)
     assert _saved_bytes(ckpt, batch) < _saved_bytes(plain, batch)  # (the logits, not checkpointed, dominate)
     with torch.no_grad():  # inference is unchanged
         torch.testing.assert_close(ckpt(**batch).logits, plain(**batch).logits, rtol=0, atol=0)
@@ -526,7 +528,7 @@ def test_packed_rows_train_with_position_and_segment_ids(tmp_path, data_path):
         for p in model.adapter_parameters():  # non-zero gates: the prompt branch takes part too
             p.normal_(0.0, 0.5)
     # exact packing: the same loss tokens, each predicted as in its own row, so the same mean loss
-    want, got = T.evaluate_loss(model, plain, batch_size=4), T.evaluate_loss(model, packed, batch_size=4)
+    want, got = E.evaluate_loss(model, plain, batch_size=4), E.evaluate_loss(model, packed, batch_size=4)
     assert got["tokens"] == want["tokens"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)  # fp32 summation order only
     forward = model.forward
@@ -537,8 +539,8 @@ def test_packed_rows_train_with_position_and_segment_ids(tmp_path, data_path):
 
 def test_evaluate_loss_is_the_token_weighted_mean(dataset):
     model = make_test_model()
-    got = T.evaluate_loss(model, dataset, batch_size=5)
-    whole = D.collate(dataset.examples, dataset.pad_id)
+    got = E.evaluate_loss(model, dataset, batch_size=5)
+    whole = B.collate(dataset.examples, dataset.pad_id)
     with torch.no_grad():
         want = float(model(**whole).loss)
     assert got["loss"] == pytest.approx(want, rel=1e-5)
