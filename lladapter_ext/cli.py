@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import time
 
 from .loaders import default_model_path
 from .ops import GATE_ACTS
@@ -106,29 +105,6 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
                             + (src % "tanh" if src else ""))
 
 
-def _adapter_metadata(path) -> dict:
-    from .adapter import read_adapter_metadata
-    try:
-        return read_adapter_metadata(path)
-    except ValueError as e:
-        raise SystemExit(f"--adapter {e}") from e
-
-
-def _meta_int(meta: dict, key: str, default, path):
-    """Integer metadata `key` of the --adapter file, or default when absent; a value that is not a non-negative
-    integer is an error naming the file and key."""
-    if key not in meta:
-        return default
-    try:
-        value = int(meta[key])
-    except (TypeError, ValueError):
-        value = -1
-    if value < 0:
-        raise SystemExit(f"--adapter {path}: metadata {key}={meta[key]!r} is not a non-negative integer (a corrupt "
-                         "or foreign adapter file?)")
-    return value
-
-
 def _no_tokenizer_message(model_arg, command) -> str:
     return (f"{command}: --model {model_arg} is a preset (an architecture with random weights and no tokenizer), "
             f"and {command} needs a tokenizer to turn text into tokens. Either give a checkpoint that carries its "
@@ -138,25 +114,32 @@ def _no_tokenizer_message(model_arg, command) -> str:
 
 
 def _load(args, adapter_path=None, attach=True, command=None):
-    """(model, tokenizer) for --model; with `command` set (a subcommand that reads or writes text), a model
-    without a tokenizer (a preset) is refused unless --tokenizer gives one."""
+    """(model, tokenizer) for --model, with the --adapter file's hyper-parameters (options given override them)
+    and, when `attach`, its tensors. With `command` set (a subcommand that reads or writes text), a model without
+    a tokenizer (a preset) is refused unless --tokenizer gives one."""
+    from .adapter import read_adapter_metadata
     from .loaders import load_model
-    from .model import PRESETS
+    from .model import PRESETS, LlamaForCausalLM
     model_arg = args.model or default_model_path()
     tok_path = getattr(args, "tokenizer", None)
     is_preset = not os.path.exists(model_arg) and model_arg.lower() in PRESETS
     if command and not tok_path and is_preset:
         raise SystemExit(_no_tokenizer_message(model_arg, command))  # before building a model for nothing
-    device = args.device or _default_device()
-    meta = _adapter_metadata(adapter_path) if adapter_path else {}
-    hp = {"adapter_len": _meta_int(meta, "adapter_len", 10, adapter_path),
-          "adapter_layer": _meta_int(meta, "adapter_layer", 30, adapter_path), "gate_act": meta.get("gate_act", "tanh")}
-    for key in hp:
+    hp = {}
+    if adapter_path:
+        try:
+            meta = read_adapter_metadata(adapter_path)
+            hp = LlamaForCausalLM.adapter_hparams(meta, adapter_path)
+        except ValueError as e:
+            raise SystemExit(f"--adapter {e}") from e
+        if attach and meta.get("multimodal") == "1":
+            raise SystemExit(f"--adapter {adapter_path} is a multi-modal adapter: give --image PATH (generate) or "
+                             "--images DIR (eval)")
+    for key in ("adapter_len", "adapter_layer", "gate_act"):
         if getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
-    if hp["gate_act"] not in GATE_ACTS:  # (only the file's can be: --gate-act has choices)
-        raise SystemExit(f"--adapter {adapter_path}: metadata gate_act={hp['gate_act']!r} is not tanh or identity")
-    model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=device, tokenizer=not tok_path, **hp)
+    model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=args.device or _default_device(),
+                            tokenizer=not tok_path, **hp)
     if tok_path:
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(tok_path)
@@ -169,27 +152,20 @@ def _load(args, adapter_path=None, attach=True, command=None):
     if command and tok is None:
         raise SystemExit(_no_tokenizer_message(model_arg, command))
     if adapter_path and attach:
-        if meta.get("multimodal") == "1":
-            raise SystemExit(f"--adapter {adapter_path} is a multi-modal adapter: give --image PATH (generate) or "
-                             "--images DIR (eval)")
         model.load_adapter(adapter_path)
     return model, tok
 
 
 def _adapter_file(path):
-    """An adapter file, or the newest adapter inside a fine-tuning output directory."""
-    if path is None or os.path.isfile(path):
-        return path
-    cand = os.path.join(path, "adapter.safetensors")  # what a finished `lladapter finetune --out` holds
-    if os.path.isfile(cand):
-        return cand
-    from .training import latest_checkpoint
-    ck = latest_checkpoint(path)
-    if ck:
-        for f in sorted(os.listdir(ck)):
-            if f.endswith(".safetensors"):
-                return os.path.join(ck, f)
-    raise SystemExit(f"--adapter {path}: no adapter .safetensors file found there")
+    """An adapter file, or the adapter inside a fine-tuning output directory (checkpoint.find_adapter_file)."""
+    from .checkpoint import find_adapter_file
+
+    if path is None:
+        return None
+    try:
+        return find_adapter_file(path)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--adapter {e}") from None
 
 
 def _check_inputs(args, command=None) -> None:
@@ -317,8 +293,7 @@ def _mm_print_eval(args, model, tok, split, limit=None):
 
 # ----------------------------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
-    from .data import alpaca_prompt
-    from .generation import generate
+    from .generation import generate, render_prompts
 
     _check_inputs(args, "generate")
     prompts = list(args.prompt or [])
@@ -338,18 +313,11 @@ def cmd_generate(args) -> int:
     if args.image:
         model, model_kwargs = _mm_generate_setup(args, model, adapter)
     model.eval()
-    if args.choices:
-        from .mm_data import MCQuestion, format_question
-        texts = [format_question(MCQuestion("prompt", p, args.choices.split("|"), 0)) for p in prompts]
-    elif args.chat:
-        if not tok.chat_template:
-            raise SystemExit("generate --chat: this model's tokenizer has no chat template")
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                 for p in prompts]
-    elif args.raw:
-        texts = prompts
-    else:
-        texts = [alpaca_prompt(p, args.input) for p in prompts]
+    style = "choices" if args.choices else "chat" if args.chat else "raw" if args.raw else "alpaca"
+    if style == "chat" and not tok.chat_template:
+        raise SystemExit("generate --chat: this model's tokenizer has no chat template")
+    texts = render_prompts(prompts, tok, style, input=args.input,
+                           choices=args.choices.split("|") if args.choices else None)
     stream = None
     if args.stream and len(texts) == 1:
         def stream(i, piece):
@@ -408,29 +376,15 @@ def _mm_generate_setup(args, llm, adapter):
 
 
 # ----------------------------------------------------------------------------------------------- eval
-def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, batch_size=8, show=0):
-    from . import data
-    from .generation import generate
-    from .training import evaluate_loss
+def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, show=0):
+    from .evaluation import evaluate_text
 
-    ds = data.load_dataset(paths, tok, max_seq_len)
-    res = evaluate_loss(model, ds)
-    records = []
-    for p in ([paths] if isinstance(paths, str) else paths):
-        records += data.read_records(p)
-    pairs = data.eval_prompts(records[:limit] if limit else records, tok)
-    t0 = time.time()
-    preds = []
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        preds += generate(model, tok, [p for p, _, _ in chunk], max_new_tokens=max_new_tokens)
-    hits = [data.exact_match(pred, ref) for pred, (_, ref, _) in zip(preds, pairs)]
-    acc = sum(hits) / max(1, len(hits))
-    print(f"eval: loss {res['loss']:.4f} | perplexity {res['perplexity']:.3f} | exact match {sum(hits)}/{len(hits)}"
-          f" = {100 * acc:.1f}% | generation {time.time() - t0:.1f}s")
-    for (p, ref, _), pred, ok in list(zip(pairs, preds, hits))[:show]:
+    res = evaluate_text(model, tok, paths, max_seq_len, max_new_tokens, limit=limit)
+    print(f"eval: loss {res['loss']:.4f} | perplexity {res['perplexity']:.3f} | exact match {res['correct']}/"
+          f"{res['n']} = {100 * res['exact_match']:.1f}% | generation {res['generation_s']:.1f}s")
+    for ref, pred, ok in list(zip(res["references"], res["predictions"], res["hits"]))[:show]:
         print(f"  [{'ok' if ok else 'x '}] expected {ref!r} got {pred!r}")
-    return dict(res, exact_match=acc, n=len(hits), predictions=preds)
+    return res
 
 
 def cmd_eval(args) -> int:

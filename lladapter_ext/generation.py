@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["generate", "generate_tokens", "sample_next"]
+__all__ = ["generate", "generate_tokens", "sample_next", "render_prompts", "PROMPT_STYLES"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -175,3 +175,30 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             stream(b, texts[b][emitted[b]:])
             emitted[b] = len(texts[b])
     return texts
+
+
+PROMPT_STYLES = ("alpaca", "chat", "raw", "choices")
+
+
+def render_prompts(prompts: Sequence[str], tokenizer=None, style: str = "alpaca", *, input: str = "",
+                   choices: Sequence[str] | None = None) -> list[str]:
+    """The texts to generate from, as the model was fine-tuned to see them: "alpaca" (the Alpaca template with
+    ``input`` as every prompt's Input field), "chat" (the tokenizer's chat template, one user turn, generation
+    prompt added), "raw" (as given) or "choices" (a multiple-choice question with ``choices``, the multi-modal
+    adapter's format)."""
+    if style == "alpaca":
+        from .data import alpaca_prompt
+        return [alpaca_prompt(p, input) for p in prompts]
+    if style == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("style 'chat': the tokenizer has no chat template")
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                for p in prompts]
+    if style == "raw":
+        return list(prompts)
+    if style == "choices":
+        if not choices:
+            raise ValueError("style 'choices': give the answer choices")
+        from .mm_data import MCQuestion, format_question
+        return [format_question(MCQuestion("prompt", p, list(choices), 0)) for p in prompts]
+    raise ValueError(f"style must be one of {PROMPT_STYLES}, got {style!r}")

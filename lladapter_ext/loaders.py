@@ -34,9 +34,9 @@ from .adapter import set_parameter
 from .model import LlamaConfig, LlamaForCausalLM, PRESETS, config_from_preset
 from .tokenizer import gguf_field
 
-__all__ = ["load_model", "default_model_path", "load_hf", "load_meta", "load_gguf", "CheckpointError", "config_from_hf",
-           "config_from_meta_params", "config_from_gguf", "permute_qk_hf_to_meta", "permute_qk_meta_to_hf",
-           "GGUF_SUPPORTED_TYPES"]
+__all__ = ["load_model", "default_model_path", "load_hf", "load_meta", "load_gguf",
+           "CheckpointError", "config_from_hf", "config_from_meta_params", "config_from_gguf", "permute_qk_hf_to_meta",
+           "permute_qk_meta_to_hf", "GGUF_SUPPORTED_TYPES"]
 
 PathLike = str | os.PathLike
 
@@ -75,15 +75,39 @@ def default_model_path() -> str:
     return path
 
 
-def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, device="cpu", adapter_len: int = 10,
-               adapter_layer: int = 30, gate_act: str = "tanh", tokenizer: bool = True, **config_overrides):
+def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, device="cpu",
+               adapter_len: int | None = None, adapter_layer: int | None = None, gate_act: str | None = None,
+               tokenizer: bool = True, adapter: PathLike | None = None, **config_overrides):
     """Load (model, tokenizer) from a Meta checkpoint dir, a Hugging Face dir or a .gguf file.
 
     A preset name (see model.PRESETS) instead gives a randomly initialised model of that architecture and no
     tokenizer (None). The adapter hyper-parameters (adapter_len, adapter_layer, gate_act) go into the config;
     other config fields can be overridden by keyword (e.g. max_seq_len). tokenizer=False skips the tokenizer.
+
+    adapter: a trained text adapter to load into the model (a .safetensors file, or a fine-tuning output
+    directory: see checkpoint.find_adapter_file). The hyper-parameters it records are the defaults of those not
+    given; without it they default to 10, 30 and tanh. A multi-modal adapter is refused (it also needs its
+    encoder: MultiModalLlama.from_adapter).
     """
-    adapter = dict(adapter_len=adapter_len, adapter_layer=adapter_layer, gate_act=gate_act, **config_overrides)
+    hp = dict(adapter_len=10, adapter_layer=30, gate_act="tanh")
+    if adapter is not None:
+        from .adapter import read_adapter_metadata
+        from .checkpoint import find_adapter_file
+        adapter = find_adapter_file(adapter)
+        meta = read_adapter_metadata(adapter)
+        if meta.get("multimodal") == "1":
+            raise ValueError(f"{adapter} is a multi-modal adapter: load the model without it and call "
+                             "MultiModalLlama.from_adapter(model, path)")
+        hp.update({k: v for k, v in LlamaForCausalLM.adapter_hparams(meta, adapter).items() if v is not None})
+    hp.update({k: v for k, v in dict(adapter_len=adapter_len, adapter_layer=adapter_layer, gate_act=gate_act).items()
+               if v is not None})
+    model, tok = _load_base(path_or_preset, dtype, device, tokenizer, dict(hp, **config_overrides))
+    if adapter is not None:
+        model.load_adapter(adapter)
+    return model, tok
+
+
+def _load_base(path_or_preset: PathLike, dtype, device, tokenizer: bool, adapter: dict):
     s = os.fspath(path_or_preset)
     p = Path(s)
     if not p.exists() and s.lower() in PRESETS:
