@@ -61,7 +61,8 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
-pytest: setup
+# .deps: LitGPT, the oracle of tests/test_interop.py and bench-e2e (kept out of the venv, see below)
+pytest: setup .deps/.stamp
 	$(PY) -m pytest tests -q
 	@$(MARK_NEWEST_CHECKED)
 

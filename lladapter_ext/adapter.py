@@ -130,6 +130,11 @@ class AdapterMixin:
         """Raise ValueError when an adapter file (its metadata and tensor names) does not fit this model, before
         the tensors are compared one by one. `meta` is None for a state dict."""
 
+    def read_adapter(self, path_or_state_dict: PathOrStateDict) -> tuple[dict, dict[str, str] | None, str]:
+        """(tensors under our names, metadata, a name for messages) for load_adapter: read_adapter_tensors; a
+        family that reads other tools' formats too (LLaMA: lladapter_ext.interop) converts them here."""
+        return read_adapter_tensors(path_or_state_dict)
+
     # ---------------------------------------------------------------- shared
     def named_adapter_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for name, p in self.named_parameters():
@@ -173,7 +178,7 @@ class AdapterMixin:
     def load_adapter(self, path_or_state_dict: PathOrStateDict):
         """Load an adapter from a safetensors file or a state dict. Every adapter tensor must be present with the
         model's shape and nothing else may be; errors name the tensor and the file."""
-        tensors, meta, source = read_adapter_tensors(path_or_state_dict)
+        tensors, meta, source = self.read_adapter(path_or_state_dict)
         self.check_adapter_metadata(meta, tensors, source)
         own = dict(self.named_adapter_parameters())
         check_tensors(own, tensors, f"load_adapter: {source}",

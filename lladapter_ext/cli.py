@@ -14,6 +14,7 @@ import os
 import sys
 
 from .loaders import default_model_path
+from .interop import FORMATS
 from .ops import GATE_ACTS
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -117,7 +118,7 @@ def _load(args, adapter_path=None, attach=True, command=None):
     """(model, tokenizer) for --model, with the --adapter file's hyper-parameters (options given override them)
     and, when `attach`, its tensors. With `command` set (a subcommand that reads or writes text), a model without
     a tokenizer (a preset) is refused unless --tokenizer gives one."""
-    from .adapter import read_adapter_metadata
+    from .interop import resolve_adapter
     from .loaders import load_model
     from .model import PRESETS, LlamaForCausalLM
     model_arg = args.model or default_model_path()
@@ -128,8 +129,8 @@ def _load(args, adapter_path=None, attach=True, command=None):
     hp = {}
     if adapter_path:
         try:
-            meta = read_adapter_metadata(adapter_path)
-            hp = LlamaForCausalLM.adapter_hparams(meta, adapter_path)
+            meta = resolve_adapter(adapter_path)[1]
+            hp = {k: v for k, v in LlamaForCausalLM.adapter_hparams(meta, adapter_path).items() if v is not None}
         except ValueError as e:
             raise SystemExit(f"--adapter {e}") from e
         if attach and meta.get("multimodal") == "1":
@@ -157,14 +158,15 @@ def _load(args, adapter_path=None, attach=True, command=None):
 
 
 def _adapter_file(path):
-    """An adapter file, or the adapter inside a fine-tuning output directory (checkpoint.find_adapter_file)."""
-    from .checkpoint import find_adapter_file
+    """What --adapter names, resolved: our adapter file (a run directory gives its newest adapter), or a PEFT,
+    LitGPT or official LLaMA-Adapter adapter as given (interop.resolve_adapter)."""
+    from .interop import resolve_adapter
 
     if path is None:
         return None
     try:
-        return find_adapter_file(path)
-    except FileNotFoundError as e:
+        return resolve_adapter(path)[0]
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--adapter {e}") from None
 
 
@@ -438,6 +440,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- convert
+def cmd_convert(args) -> int:
+    from . import interop
+
+    adapter = interop.convert(args.src, args.out, args.to, source_format=args.source_format,
+                              adapter_len=args.adapter_len, n_heads=args.n_heads, overwrite=args.force)
+    print(f"read {args.src}: {interop.describe(adapter)}")
+    print(f"wrote {args.out} ({args.to})")
+    return 0
+
+
 # finetune's options that set a TrainConfig field: {field: (flag, how the text is parsed)}. The help text and the
 # default come from the field (training.TrainConfig is their one source); a "--no-" flag turns a True field off.
 _TRAIN_OPTIONS = {
@@ -556,7 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gate-act", default="tanh", choices=GATE_ACTS, help="gate activation")
     i.add_argument("--json", action="store_true", help="also print the build info as JSON")
     i.set_defaults(func=cmd_info)
-    for sp in (f, g, e, i):  # --debug after the subcommand too (SUPPRESS: absent, it leaves the main parser's value)
+
+    c = sub.add_parser("convert", help="convert a LLaMA adapter between lladapter, PEFT, LitGPT and official files",
+                       formatter_class=fmt, description="Exact or refused: docs/interop.md says what each format "
+                       "holds and which conversions cannot be exact.")
+    c.add_argument("src", help="adapter file or directory (format detected unless --from)")
+    c.add_argument("out", help="output file (a directory for PEFT); written only when complete")
+    c.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    c.add_argument("--from", dest="source_format", default=None, choices=FORMATS, help="input format")
+    c.add_argument("--adapter-len", type=_POS_INT, default=None,
+                   help="official input: prompt tokens per layer K (else from which gates are non-zero)")
+    c.add_argument("--n-heads", type=_POS_INT, default=None,
+                   help="attention heads, to expand PEFT's one gate per layer into per-head gates")
+    c.add_argument("--force", action="store_true", help="replace OUT when it exists")
+    c.set_defaults(func=cmd_convert)
+    for sp in (f, g, e, i, c):  # --debug after the subcommand too (SUPPRESS: absent, it leaves the main parser's value)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return p
 

@@ -84,17 +84,16 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
     tokenizer (None). The adapter hyper-parameters (adapter_len, adapter_layer, gate_act) go into the config;
     other config fields can be overridden by keyword (e.g. max_seq_len). tokenizer=False skips the tokenizer.
 
-    adapter: a trained text adapter to load into the model (a .safetensors file, or a fine-tuning output
-    directory: see checkpoint.find_adapter_file). The hyper-parameters it records are the defaults of those not
-    given; without it they default to 10, 30 and tanh. A multi-modal adapter is refused (it also needs its
+    adapter: a trained text adapter to load into the model: our .safetensors file or a fine-tuning output
+    directory (checkpoint.find_adapter_file), or a PEFT, LitGPT or official LLaMA-Adapter one (lladapter_ext.interop).
+    The hyper-parameters it records are the defaults of those not given; without it they default to 10, 30 and
+    tanh. A multi-modal adapter is refused (it also needs its
     encoder: MultiModalLlama.from_adapter).
     """
     hp = dict(adapter_len=10, adapter_layer=30, gate_act="tanh")
     if adapter is not None:
-        from .adapter import read_adapter_metadata
-        from .checkpoint import find_adapter_file
-        adapter = find_adapter_file(adapter)
-        meta = read_adapter_metadata(adapter)
+        from .interop import resolve_adapter
+        adapter, meta = resolve_adapter(adapter)
         if meta.get("multimodal") == "1":
             raise ValueError(f"{adapter} is a multi-modal adapter: load the model without it and call "
                              "MultiModalLlama.from_adapter(model, path)")

@@ -37,6 +37,9 @@ __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOut
 
 
 
+PROMPT_PROJECTIONS = ("wk_wv", "litgpt")
+
+
 @dataclass
 class LlamaConfig:
     """Architecture and adapter hyper-parameters of a LLaMA-family decoder."""
@@ -59,6 +62,10 @@ class LlamaConfig:
     adapter_layer: int = 30
     gate_act: str = "tanh"
     adapter_init_std: float = 1.0  # prompts start as N(0, std^2), like an nn.Embedding
+    # how a prompt becomes keys/values: "wk_wv" (the paper, PEFT, the official code: the layer's wk and wv) or
+    # "litgpt" (LitGPT 0.5's adapter, which slices its stacked [q; k; v] projection as if it were interleaved per
+    # kv group; the same as wk_wv only with one kv head). Kept so that LitGPT adapters give LitGPT's outputs.
+    prompt_projection: str = "wk_wv"
 
     def __post_init__(self):
         # sizes first, before anything divides by them (n_heads 0 would be a ZeroDivisionError)
@@ -87,6 +94,9 @@ class LlamaConfig:
                              f"{self.adapter_layer}")
         if self.gate_act not in GATE_ACTS:
             raise ValueError(f"LlamaConfig: gate_act must be one of {GATE_ACTS}, got {self.gate_act!r}")
+        if self.prompt_projection not in PROMPT_PROJECTIONS:
+            raise ValueError(f"LlamaConfig: prompt_projection must be one of {PROMPT_PROJECTIONS}, got "
+                             f"{self.prompt_projection!r}")
 
     @property
     def n_adapted_layers(self) -> int:
@@ -215,6 +225,7 @@ class Attention(torch.nn.Module):
         self.wo = torch.nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False, device=device, dtype=dtype)
         self.gate_act = c.gate_act
         self.rope_interleaved = c.rope_interleaved
+        self.prompt_projection = c.prompt_projection
         if adapted:
             self.adapter_prompt = torch.nn.Parameter(torch.empty(c.adapter_len, c.dim, device=device,
                                                                  dtype=torch.float32))
@@ -226,13 +237,17 @@ class Attention(torch.nn.Module):
     def prompt_kv(self, prompt_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's prompt keys/values: the prompt projected by wk/wv, without RoPE. [1, K, Hkv, d] when shared
         by the batch; with prompt_offset [B, D] (multi-modal: the projected image feature, added to every prompt
-        token) they are per sample, [B, K, Hkv, d]."""
+        token) they are per sample, [B, K, Hkv, d]. prompt_projection "litgpt": LitGPT's slices instead (config)."""
         p = self.adapter_prompt.to(self.wk.weight.dtype).unsqueeze(0)  # [1, K, D]
         if prompt_offset is not None:
             p = p + prompt_offset.to(p.dtype).unsqueeze(1)  # [B, K, D]
         B, K = p.shape[0], p.shape[1]
-        return (self.wk(p).view(B, K, self.n_kv_heads, self.head_dim),
-                self.wv(p).view(B, K, self.n_kv_heads, self.head_dim))
+        G, d = self.n_kv_heads, self.head_dim
+        if self.prompt_projection == "litgpt":
+            # LitGPT stacks [q; k; v] rows and reads the prompt's projection as [G, q_per_kv + 2, d] per token
+            qkv = torch.cat([self.wq(p), self.wk(p), self.wv(p)], dim=-1).view(B, K, G, self.n_heads // G + 2, d)
+            return qkv[:, :, :, -2], qkv[:, :, :, -1]
+        return self.wk(p).view(B, K, G, d), self.wv(p).view(B, K, G, d)
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -344,7 +359,8 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
     def adapter_metadata(self) -> dict[str, str]:
         c = self.config
         return {"adapter_len": str(c.adapter_len), "adapter_layer": str(c.adapter_layer), "gate_act": c.gate_act,
-                "n_layers": str(c.n_layers), "dim": str(c.dim), "n_heads": str(c.n_heads)}
+                "prompt_projection": c.prompt_projection, "n_layers": str(c.n_layers), "dim": str(c.dim),
+                "n_heads": str(c.n_heads), "n_kv_heads": str(c.n_kv_heads)}
 
     @staticmethod
     def adapter_hparams(meta: dict[str, str], source: str | os.PathLike | None = None) -> dict:
@@ -365,7 +381,44 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         hp["gate_act"] = meta.get("gate_act")
         if hp["gate_act"] is not None and hp["gate_act"] not in GATE_ACTS:
             raise ValueError(f"{source}: metadata gate_act={hp['gate_act']!r} is not tanh or identity")
+        hp["prompt_projection"] = meta.get("prompt_projection")
+        if hp["prompt_projection"] is not None and hp["prompt_projection"] not in PROMPT_PROJECTIONS:
+            raise ValueError(f"{source}: metadata prompt_projection={hp['prompt_projection']!r} is not one of "
+                             f"{PROMPT_PROJECTIONS}")
         return hp
+
+    def read_adapter(self, path_or_state_dict):
+        """Our adapter files, and PEFT, LitGPT and official LLaMA-Adapter ones converted exactly (interop)."""
+        from .adapter import read_adapter_tensors
+        from .interop import AdapterFormatError, detect_format, read_adapter
+
+        if isinstance(path_or_state_dict, dict):
+            return read_adapter_tensors(path_or_state_dict)
+        try:
+            fmt = detect_format(path_or_state_dict)
+        except AdapterFormatError:
+            fmt = "lladapter"  # not a known format: our reader names what is wrong with it
+        if fmt == "lladapter":
+            return read_adapter_tensors(path_or_state_dict)
+        adapter = read_adapter(path_or_state_dict, fmt)
+        if adapter.dim != self.config.dim or adapter.n_layers != self.config.n_layers:
+            raise ValueError(f"load_adapter: {adapter.source}: a {fmt} adapter for a model of width {adapter.dim} "
+                             f"and {adapter.n_layers} layers; this model has width {self.config.dim} and "
+                             f"{self.config.n_layers} layers")
+        return (adapter.state_dict(self.config.n_heads), adapter.metadata(),
+                f"{os.fspath(path_or_state_dict)} ({fmt})")
+
+    def check_adapter_metadata(self, meta: dict[str, str] | None, tensors: dict, source: str) -> None:
+        """The gate activation and prompt projection an adapter file records must be this model's: they change
+        what the same tensors compute, so a mismatch would load silently and give other outputs."""
+        if not meta:
+            return
+        hp = self.adapter_hparams(meta, source)
+        for key in ("gate_act", "prompt_projection"):
+            if hp[key] is not None and hp[key] != getattr(self.config, key):
+                raise ValueError(f"load_adapter: {source} was trained with {key}={hp[key]}, this model has "
+                                 f"{key}={getattr(self.config, key)} (build it with {key}={hp[key]!r}; "
+                                 "load_model(..., adapter=path) does)")
 
     def adapter_description(self) -> str:
         c = self.config

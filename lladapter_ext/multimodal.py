@@ -151,6 +151,7 @@ class MultiModalLlama(AdapterMixin, nn.Module):
     def check_adapter_metadata(self, meta: dict[str, str] | None, tensors: dict, source: str) -> None:
         if not any(k.startswith(PROJECTION_PREFIX) for k in tensors):
             raise ValueError(f"load_adapter: {source} has no {PROJECTION_PREFIX}* tensors: it is a text-only adapter")
+        self.llm.check_adapter_metadata(meta, tensors, source)
 
     @classmethod
     def from_adapter(cls, llm: LlamaForCausalLM, path: str | os.PathLike, encoder: str | None = None

@@ -265,7 +265,7 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if backend in ("reference", "split"):
         # the fused kernels check their own arguments; these two paths hand the word branch to other code
         check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, float(scale),
-                               cuda_kernels=backend == "split" and _runs_cuda_kernels(q))
+                                            cuda_kernels=backend == "split" and _runs_cuda_kernels(q))
     if backend == "reference":
         return reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act,
                                                 scale=scale, kv_start=kv_start)

