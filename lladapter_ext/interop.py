@@ -142,16 +142,14 @@ class Adapter:
 
 # ----------------------------------------------------------------------------------------------- reading
 def _torch_load(path: str) -> dict:
+    """A torch file's tensors, as data only (loaders.load_tensor_file; LitGPT's {"model": ...} unwrapped)."""
+    from .loaders import CheckpointError, load_tensor_file
+
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - reported with the file's name
-        raise AdapterFormatError(f"{path}: not a readable adapter file (safetensors or torch) ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-        sd = sd["model"]  # LitGPT's fabric.save({"model": ...})
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise AdapterFormatError(f"{path}: not a dict of tensors")
-    return sd
+        return load_tensor_file(path)
+    except CheckpointError as e:
+        reason = str(e).removeprefix(f"{path}: ")
+        raise AdapterFormatError(f"{path}: not a readable adapter file (safetensors or torch): {reason}") from e
 
 
 def _safetensors_load(path: str) -> tuple[dict, dict[str, str]]:

@@ -188,8 +188,9 @@ def _expected_ckpt_name(source: _Source, name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- torch.load
-def _torch_load(file: Path) -> dict:
-    """torch.load a .pth/.bin as data only (weights_only=True), memory-mapped when the format allows."""
+def load_tensor_file(file: PathLike) -> dict:
+    """torch.load a .pth/.bin as data only (weights_only=True), memory-mapped when the format allows; a dict of
+    tensors (under "model" in training checkpoints), else CheckpointError naming the file."""
     try:
         try:
             sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -198,6 +199,10 @@ def _torch_load(file: Path) -> dict:
                 raise
             sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
     except pickle.UnpicklingError as e:
+        if not re.search(r"GLOBAL|Unsupported global", str(e)):  # no pickled class or function: not a checkpoint
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e), re.S)
+            raise CheckpointError(f"{file}: cannot read checkpoint (corrupt, truncated or not a torch file): "
+                                  f"{(detail.group(1) if detail else str(e))[:200]}") from e
         raise CheckpointError(
             f"{file}: refused: this file needs pickled Python code to load, and checkpoints are loaded as data "
             f"only (torch.load weights_only=True). Convert it to safetensors with code you trust. ({e})".replace(
@@ -322,7 +327,7 @@ def _open_tensor_files(files: list[Path]) -> dict[str, tuple[str, Callable[[], t
                 raise CheckpointError(f"{f}: cannot open safetensors file (corrupt or truncated?): {e}") from e
             fetchers = {n: (lambda h=handle, n=n: h.get_tensor(n)) for n in names}
         else:
-            sd = _torch_load(f)
+            sd = load_tensor_file(f)
             fetchers = {n: (lambda t=t: t) for n, t in sd.items()}
         for n, fetch in fetchers.items():
             if n in out:
@@ -414,7 +419,7 @@ def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
     files = sorted(d.glob("consolidated.*.pth"), key=lambda f: f.name)
     if not files:
         raise CheckpointError(f"{d}: no consolidated.*.pth shards")
-    shards = [_torch_load(f) for f in files]
+    shards = [load_tensor_file(f) for f in files]
     names = set(shards[0])
     for f, sd in zip(files[1:], shards[1:]):
         if set(sd) != names:

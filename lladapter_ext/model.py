@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import ops, reference
 from .ops import GATE_ACTS
 from .adapter import AdapterMixin
+from .kv_cache import KVCache
 from .nn import RMSNorm
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "BlockInputs",
@@ -157,40 +158,6 @@ def config_from_preset(name: str, **overrides) -> LlamaConfig:
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return LlamaConfig(**{**copy.deepcopy(PRESETS[key]), **overrides})
-
-
-# --------------------------------------------------------------------------------------------- cache
-class KVCache:
-    """Pre-allocated key/value cache for incremental decoding, plus what stays fixed across steps.
-
-    k[i], v[i]: [B, max_len, Hkv, d] for layer i, filled up to `length`. `kv_start` [B] is the index of each
-    sample's first real token (left padding; None when no sample is padded), `next_pos` [B] the RoPE position of
-    each sample's next token. `prompt_kv[i]` holds layer i's adapter prompt keys/values, computed on the first
-    forward that uses this cache and reused afterwards (they do not depend on the tokens).
-    """
-
-    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: str | torch.device):
-        if batch_size <= 0 or max_len <= 0:
-            raise ValueError(f"KVCache: batch_size and max_len must be positive, got {batch_size}, {max_len}")
-        shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.batch_size, self.max_len = batch_size, max_len
-        self.length = 0
-        self.kv_start: torch.Tensor | None = None
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values of one layer at [length, length + T) and return all keys/values so far."""
-        T = k.shape[1]
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KVCache: {end} positions needed but the cache holds max_len={self.max_len}")
-        self.k[layer][:, self.length:end] = k
-        self.v[layer][:, self.length:end] = v
-        return self.k[layer][:, :end], self.v[layer][:, :end]
 
 
 @dataclass
