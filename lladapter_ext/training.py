@@ -39,6 +39,7 @@ from .data import IGNORE_INDEX, DataChangedError, TokenizedDataset
 from .distributed import (all_reduce_step, apply_fsdp, broadcast_adapter, dist_info,  # noqa: F401
                           finish_distributed, init_distributed, scalar)
 from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
+from .schedule import LossProgress, lr_at, resolve_lr, schedule_warnings  # noqa: F401  (lr_at, resolve_lr: API)
 
 log = logging.getLogger(__name__)
 
@@ -151,39 +152,6 @@ def _check_number(name: str, value, *, low: float | None = None, high: float | N
 # Schedule and optimizer
 
 
-def resolve_lr(lr: float | None, blr: float, effective_batch: int) -> float:
-    """The absolute learning rate: ``lr`` when given, else ``blr * effective_batch / 256``."""
-    if lr is not None:
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be > 0 and finite, got {lr}")
-        return float(lr)
-    if not (blr > 0 and math.isfinite(blr)):
-        raise ValueError(f"blr must be > 0 and finite, got {blr}")
-    return blr * effective_batch / 256
-
-
-def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
-    """Learning rate of optimizer step ``step`` (0-based).
-
-    Linear warmup ``base_lr * (step + 1) / warmup_steps`` for step < warmup_steps (no step runs at lr 0, the
-    last warmup step runs at base_lr), then half-cycle cosine from base_lr towards min_lr:
-    ``min_lr + (base_lr - min_lr) * (1 + cos(pi * p)) / 2`` with ``p = (step - warmup_steps) / (total_steps -
-    warmup_steps)``; steps at or past total_steps get min_lr.
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    p = (step - warmup_steps) / (total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
 def adapter_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups over the trainable parameters: "decay" (prompts and other matrices) and "no_decay" (gates,
     vectors). Checks that the trainable set is exactly ``model.adapter_parameters()``: a trainable tensor that
@@ -290,6 +258,10 @@ class Trainer:
         self.warmup_steps = min(max(0, warmup), self.total_steps)
         self.effective_batch = self.batches.effective_batch
         self.base_lr = resolve_lr(config.lr, config.blr, self.effective_batch)
+        self.schedule_warnings = schedule_warnings(
+            base_lr=self.base_lr, lr_given=config.lr is not None, blr=config.blr,
+            effective_batch=self.effective_batch, total_steps=self.total_steps, warmup_steps=self.warmup_steps)
+        self.loss_progress = LossProgress(self.total_steps)
         if config.min_lr > self.base_lr:
             raise ValueError(f"min_lr ({config.min_lr:g}) must be <= the learning rate ({self.base_lr:g}): the cosine "
                              "decays from the learning rate to min_lr")
@@ -471,6 +443,9 @@ class Trainer:
                                             "warmup_steps": self.warmup_steps, "base_lr": self.base_lr,
                                             "effective_batch": self.effective_batch,
                                             "world_size": self.dist.world_size}, indent=1).encode())
+        if self.dist.is_main:
+            for message in self.schedule_warnings:
+                log.warning("finetune: %s", message)
         bar = None
         if cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
@@ -492,6 +467,9 @@ class Trainer:
                     with writing("the step log", self.log_path):
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
+                stalled = self.loss_progress.update(record["loss"], record["lr"])
+                if stalled and self.dist.is_main:
+                    log.warning("finetune: %s", stalled)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",

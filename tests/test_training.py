@@ -4,6 +4,7 @@ The model is ``_tiny_lm.make_test_model()``: the real lladapter_ext.model.LlamaF
 is importable, else the test double. LLADAPTER_TEST_MODEL=double|llama forces one.
 """
 import json
+import logging
 import math
 import os
 import random
@@ -724,3 +725,50 @@ def test_resume_without_a_checkpoint_warns(tmp_path, dataset, caplog):
     assert result.steps == 1
     assert any("resume: no checkpoint in" in r.getMessage() and "starting from step 0" in r.getMessage()
                for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- runs going nowhere
+def test_schedule_warnings_name_the_cause_and_the_option():
+    from lladapter_ext.schedule import schedule_warnings
+
+    # issue 16's run: 200 examples, batch 4, 2 epochs, the official defaults (2 warmup epochs, blr scaling)
+    bad = schedule_warnings(base_lr=T.resolve_lr(None, 9e-3, 4), lr_given=False, blr=9e-3, effective_batch=4,
+                            total_steps=100, warmup_steps=100)
+    assert len(bad) == 2
+    assert "whole schedule (100 steps) is warmup" in bad[0] and "--warmup-steps, e.g. 10" in bad[0]
+    assert "peak learning rate 0.000141 is blr 0.009 x effective batch 4 / 256" in bad[1] and "--lr" in bad[1]
+    mostly = schedule_warnings(base_lr=2e-2, lr_given=True, blr=9e-3, effective_batch=4, total_steps=100,
+                               warmup_steps=60)
+    assert len(mostly) == 1 and "60 of the 100 steps are warmup" in mostly[0]
+    # the demo's settings and the official recipe at its own scale are fine
+    assert schedule_warnings(base_lr=2e-2, lr_given=True, blr=9e-3, effective_batch=8, total_steps=100,
+                             warmup_steps=10) == []
+    assert schedule_warnings(base_lr=T.resolve_lr(None, 9e-3, 256), lr_given=False, blr=9e-3, effective_batch=256,
+                             total_steps=1000, warmup_steps=400) == []
+
+
+def test_loss_progress_warns_once_when_the_loss_is_flat():
+    from lladapter_ext.schedule import LossProgress
+
+    flat = LossProgress(total_steps=200)  # checks at step 50, windows of 10
+    said = [flat.update(2.5 + 0.01 * ((i * 7) % 3), 1e-4) for i in range(200)]
+    assert [i for i, m in enumerate(said) if m] == [49]
+    assert "has not fallen after 50 steps" in said[49] and "learning rate 0.0001" in said[49]
+    falling = LossProgress(total_steps=200)
+    assert not any(falling.update(3.0 * 0.99 ** i, 1e-2) for i in range(200))
+    nan_steps = LossProgress(total_steps=40)  # skipped (non-finite) steps do not count
+    assert not any(nan_steps.update(float("nan"), 1e-2) for _ in range(40))
+
+
+def test_a_run_with_the_official_defaults_on_small_data_says_why_it_will_not_learn(dataset, tmp_path, caplog):
+    model = make_test_model()
+    cfg = T.TrainConfig(out_dir=str(tmp_path / "run"), epochs=2, progress=False, plot=False)  # no lr, 2 warmup epochs
+    with caplog.at_level(logging.WARNING, logger="lladapter_ext.training"):
+        T.finetune(model, dataset, cfg)
+    said = [r.getMessage() for r in caplog.records if r.name == "lladapter_ext.training"]
+    assert any("is warmup" in m for m in said), said
+    assert any("peak learning rate" in m and "--lr" in m for m in said), said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lladapter_ext.training"):
+        T.finetune(make_test_model(), dataset, config(tmp_path, name="good"))
+    assert not [r for r in caplog.records if r.name == "lladapter_ext.training"]
