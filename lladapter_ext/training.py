@@ -413,6 +413,24 @@ class Trainer:
             bad = flags.nonzero().flatten().tolist()
         return self.param_names[bad[0]] if bad else None
 
+    def schedule_summary(self) -> str:
+        """The resolved schedule, each number with where it came from (a TrainConfig default, or set)."""
+        cfg = self.config
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+        def src(name):
+            return "default" if getattr(cfg, name) == defaults[name] else "set"
+        length = (f"max_steps {cfg.max_steps}" if cfg.max_steps else
+                  f"epochs {cfg.epochs:g} ({src('epochs')}) x {self.steps_per_epoch} steps")
+        warmup = (f"warmup_steps {cfg.warmup_steps}" if cfg.warmup_steps is not None else
+                  f"warmup_epochs {cfg.warmup_epochs:g} ({src('warmup_epochs')})")
+        lr = ("lr, set" if cfg.lr is not None else
+              f"blr {cfg.blr:g} ({src('blr')}) x effective batch {self.effective_batch} / 256")
+        return (f"schedule: {self.total_steps} optimizer steps ({length}) of {self.effective_batch} rows (micro-batch "
+                f"{cfg.micro_batch_size} x accumulation {cfg.grad_accum_steps} x {self.dist.world_size} process(es)); "
+                f"warmup {self.warmup_steps} steps ({warmup}); peak lr {self.base_lr:.3g} ({lr}), cosine to "
+                f"{cfg.min_lr:g}")
+
     def train(self) -> TrainResult:
         cfg = self.config
         if self.dist.is_main:
@@ -444,6 +462,8 @@ class Trainer:
                                             "effective_batch": self.effective_batch,
                                             "world_size": self.dist.world_size}, indent=1).encode())
         if self.dist.is_main:
+            if cfg.progress:
+                print(self.schedule_summary(), flush=True)
             for message in self.schedule_warnings:
                 log.warning("finetune: %s", message)
         bar = None

@@ -177,3 +177,16 @@ def test_eval_task_mc_command_line(setup):
     p = subprocess.run([sys.executable, "-m", "lladapter_ext", "eval", "--task", "mc", "--model", str(model_dir),
                         "--data", str(bad)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 2 and "bad.jsonl:1: \"gold\" must be the index" in p.stderr, p.stderr[-2000:]
+
+
+def test_lm_eval_command_line_with_the_lladapter_model(setup, both):
+    model_dir, peft_dir, tasks = setup
+    _, ours = both
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "lladapter_ext.harness", "--model", "lladapter", "--model_args",
+                        f"model={model_dir},adapter={peft_dir}", "--tasks", "lladapter_test_mc", "--include_path",
+                        str(tasks), "--batch_size", "4", "--device", "cpu"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    acc = ours["results"]["lladapter_test_mc"]["acc,none"]
+    assert "lladapter_test_mc" in p.stdout and f"{acc:.4f}" in p.stdout, p.stdout[-2000:]
