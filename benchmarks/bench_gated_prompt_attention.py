@@ -159,8 +159,18 @@ def main():
                         with env_vars(getattr(fn, "env", None)):  # the backward kernels follow the variables too
                             fn(*leaves).backward(g)
                 runs[nm] = f
+            if mode == "fwd+bwd" and dev == "cpu":
+                # the two kernels called directly, without autograd: what the op's autograd path adds over its
+                # kernels is ours_fused's time over this one (grads reset each step, as a training step does)
+                def raw_ops():
+                    lib, scale = torch.ops.lladapter, 1 / math.sqrt(d)
+                    with torch.no_grad():
+                        out, lse, plse = lib.gated_prompt_attention(*inputs, None, True, "tanh", scale)
+                        lib.gated_prompt_attention_backward(g, *inputs, None, out, lse, plse, True, "tanh", scale)
+                runs["kernels_no_autograd"] = raw_ops
             for nm, t in bench_group(runs, dev, warmup=warm, iters=iters).items():
-                table.add(case, nm, t, anchor=None if nm in anchors else "sdpa_x2_gated")
+                anchor = "ours_fused" if nm == "kernels_no_autograd" else None if nm in anchors else "sdpa_x2_gated"
+                table.add(case, nm, t, anchor=anchor)
             for nm in impl_fns:
                 for a in ("eager_2softmax", "sdpa_plain"):
                     base = next((r for r in table.rows if r["case"] == case and r["impl"] == a), None)
@@ -183,11 +193,21 @@ def main():
         decode_fns = dict(impl_fns)
         if dev == "cuda":  # the split-K decode kernels (what the fused op takes for this shape by default)
             decode_fns["ours_fused_decode"] = ours("fused", {"LLADAPTER_CUDA_DECODE": "auto"})
+        # k, v as a decode step passes them: the first Tk rows of a longer KV cache (dense rows, a larger batch
+        # stride; for B > 1 not contiguous), anchored on the same op with contiguous k, v
+        view_inputs = list(inputs)
+        for i in (1, 2):
+            buf = torch.empty((B, 2 * Tk, *inputs[i].shape[2:]), device=dev, dtype=dtype)
+            buf[:, :Tk] = inputs[i]
+            view_inputs[i] = buf[:, :Tk]
         with torch.no_grad():
             runs = {"sdpa_x2_gated": lambda: sdpa_decode(*inputs)}
             runs.update({nm: (lambda fn=fn: fn(*inputs)) for nm, fn in decode_fns.items()})
+            if B > 1:
+                runs["ours_fused_cache_view"] = lambda: ours("fused")(*view_inputs)
             for nm, t in bench_group(runs, dev, warmup=warm, iters=iters * 3).items():
-                table.add(case, nm, t, anchor=None if nm == "sdpa_x2_gated" else "sdpa_x2_gated")
+                anchor = {"sdpa_x2_gated": None, "ours_fused_cache_view": "ours_fused"}.get(nm, "sdpa_x2_gated")
+                table.add(case, nm, t, anchor=anchor)
     table.print()
     table.dump(args.json)
 

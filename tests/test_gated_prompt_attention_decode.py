@@ -268,3 +268,41 @@ def test_cuda_decode_forward_then_backward(device, monkeypatch, dtype, case):
     params = dict(B=2, d=128, K=10, dtype=dtype, device=device)
     params.update(case)
     _check_grads(make_inputs(**params), dtype)
+
+
+# ------------------------------------------------------------------------------------------------ KV-cache views
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_reads_kv_cache_views_in_place(Tq, dtype):
+    """k and v that are the first Tk rows of a longer cache ([B, max_len, Hkv, d][:, :Tk]: dense rows, a larger
+    batch stride) give exactly the result of their contiguous copies, forward and backward, every variant; the
+    kernel reads them in place instead of copying the cache every decode step (docs/gated_prompt_attention.md)."""
+    Tk, max_len = 65, 100
+    for variant in VARIANTS:
+        inp, gate_act = make_case(Tq, Tk, variant, 16, dtype, "cpu")
+        q, k, v, pk, pv, gate, ks = inp
+        kbuf = torch.randn(B, max_len, *k.shape[2:], dtype=dtype)
+        vbuf = torch.randn(B, max_len, *v.shape[2:], dtype=dtype)
+        kbuf[:, :Tk], vbuf[:, :Tk] = k, v
+        k_view, v_view = kbuf[:, :Tk], vbuf[:, :Tk]
+        assert not k_view.is_contiguous() and k_view.stride(0) == max_len * k.shape[2] * k.shape[3]
+        for causal in (True, False):
+            want = run_op((q, k, v, pk, pv, gate, ks), causal, gate_act)
+            got = run_op((q, k_view, v_view, pk, pv, gate, ks), causal, gate_act)
+            for w, g in zip(want, got):
+                assert torch.equal(w, g)
+        kg = kbuf.clone().requires_grad_()
+        vg = vbuf.clone().requires_grad_()
+        qg = q.clone().requires_grad_()
+        out = ops.gated_prompt_attention(qg, kg[:, :Tk], vg[:, :Tk], pk, pv, gate, causal=True, gate_act=gate_act,
+                                         kv_start=ks, backend="fused")
+        kc, vc, qc = k.clone().requires_grad_(), v.clone().requires_grad_(), q.clone().requires_grad_()
+        ref = ops.gated_prompt_attention(qc, kc, vc, pk, pv, gate, causal=True, gate_act=gate_act, kv_start=ks,
+                                         backend="fused")
+        assert torch.equal(out, ref)
+        gout = torch.randn_like(out)
+        out.backward(gout)
+        ref.backward(gout)
+        assert torch.equal(qg.grad, qc.grad)
+        assert torch.equal(kg.grad[:, :Tk], kc.grad) and not kg.grad[:, Tk:].any()
+        assert torch.equal(vg.grad[:, :Tk], vc.grad) and not vg.grad[:, Tk:].any()

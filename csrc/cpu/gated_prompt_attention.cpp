@@ -319,6 +319,7 @@ struct Problem : GatedPromptAttentionProblem {
   int64_t dp;      // d padded to the vector width
   acc_t qk_scale;  // scale in acc_t
   const scalar_t *q, *k, *v, *pk, *pv;
+  int64_t kv_bstride;       // elements between batch rows of k and v: Tk * Hkv * d, or more for a KV-cache view
   const int64_t* kv_start;  // [B] or [B, Tq] (kv_per_query), clamped to [0, Tk]; or nullptr
   const acc_t* phi;         // [H] phi(gate), or nullptr when there is no prompt
 
@@ -327,7 +328,7 @@ struct Problem : GatedPromptAttentionProblem {
   const scalar_t* q_row(const scalar_t* base, int64_t b, int64_t i, int64_t h) const {
     return base + ((b * Tq + i) * H + h) * d;
   }
-  const scalar_t* word(const scalar_t* base, int64_t b, int64_t hkv) const { return base + (b * Tk * Hkv + hkv) * d; }
+  const scalar_t* word(const scalar_t* base, int64_t b, int64_t hkv) const { return base + b * kv_bstride + hkv * d; }
   const scalar_t* prompt(const scalar_t* base, int64_t b, int64_t hkv) const {
     return base + ((Bp == 1 ? 0 : b) * K * Hkv + hkv) * d;
   }
@@ -1061,6 +1062,7 @@ Problem<scalar_t, acc_t> make_problem(const GatedPromptAttentionProblem& s, cons
   pr.qk_scale = static_cast<acc_t>(s.scale);
   pr.q = q.const_data_ptr<scalar_t>();
   pr.k = k.const_data_ptr<scalar_t>();
+  pr.kv_bstride = k.stride(0);
   pr.v = v.const_data_ptr<scalar_t>();
   pr.pk = s.has_prompt ? pk.const_data_ptr<scalar_t>() : nullptr;
   pr.pv = s.has_prompt ? pv.const_data_ptr<scalar_t>() : nullptr;
@@ -1075,6 +1077,12 @@ struct Prepared {
   std::vector<double> phi, dphi;  // phi(g_h), phi'(g_h)
 };
 
+// [B, Tk, Hkv, d] whose rows are dense (Hkv * d apart, heads d apart, unit stride), any batch stride
+bool kv_rows_dense(const at::Tensor& t, const GatedPromptAttentionProblem& s) {
+  return (s.d <= 1 || t.stride(3) == 1) && (s.Hkv <= 1 || t.stride(2) == s.d) &&
+         (s.Tk <= 1 || t.stride(1) == s.Hkv * s.d) && (s.B <= 1 || t.stride(0) >= s.Tk * s.Hkv * s.d);
+}
+
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pk, const std::optional<at::Tensor>& pv,
                  const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
@@ -1082,8 +1090,15 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   Prepared p;
   p.s = gated_prompt_attention_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, causal, scale, kCpuKernels);
   p.q = q.contiguous();
-  p.k = k.contiguous();
-  p.v = v.contiguous();
+  // k and v as given when only their batch stride is not the dense one: a decode step's view of the first Tk rows
+  // of a KV cache ([B, max_len, Hkv, d]) is read in place, not copied every step
+  if (kv_rows_dense(k, p.s) && kv_rows_dense(v, p.s) && k.stride(0) == v.stride(0)) {
+    p.k = k;
+    p.v = v;
+  } else {
+    p.k = k.contiguous();
+    p.v = v.contiguous();
+  }
   if (p.s.has_prompt) {
     p.pk = pk->contiguous();
     p.pv = pv->contiguous();
