@@ -142,8 +142,8 @@ class Adapter:
 
 # ----------------------------------------------------------------------------------------------- reading
 def _torch_load(path: str) -> dict:
-    """A torch file's tensors, as data only (loaders.load_tensor_file; LitGPT's {"model": ...} unwrapped)."""
-    from .loaders import CheckpointError, load_tensor_file
+    """A torch file's tensors, as data only (weights.load_tensor_file; LitGPT's {"model": ...} unwrapped)."""
+    from .weights import CheckpointError, load_tensor_file
 
     try:
         return load_tensor_file(path)
