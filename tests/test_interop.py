@@ -350,3 +350,22 @@ def test_convert_command_line(hf_dir, tmp_path):
     refused = run(str(tmp_path / "a.safetensors"), str(tmp_path / "peft"), "--to", "peft")
     assert refused.returncode == 2 and "one gate per layer" in refused.stderr, refused.stderr
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_foreign_adapter_is_read_once_per_load_and_again_when_changed(hf_dir, tmp_path, monkeypatch):
+    """load_model(adapter=) detects the format, reads the hyper-parameters, then loads the tensors: one read of
+    the file (a torch pickle here), not three; a file replaced since is read again."""
+    d, _ = hf_dir
+    path = tmp_path / "official.pth"
+    calls = []
+    read = interop._torch_load_uncached
+    monkeypatch.setattr(interop, "_torch_load_uncached", lambda p: calls.append(p) or read(p))
+    for seed in (1, 5):  # the second file replaces the first: read again, its values loaded
+        src = randomize(ours_with(d), seed=seed)
+        src.save_adapter(tmp_path / "ours.safetensors")
+        interop.convert(tmp_path / "ours.safetensors", path, "official", overwrite=True)
+        calls.clear()
+        model, _ = load_model(d, adapter=path, tokenizer=False)
+        assert len(calls) == 1, calls
+        assert_same_adapter(model, src)
+        assert not interop._READ_CACHE  # nothing kept after the load (a server loads adapters for days)

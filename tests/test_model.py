@@ -320,3 +320,15 @@ def ours_base_logits(model, x):
             return model(x).logits
         finally:
             model.use_adapter = True
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (2, 1), (8, 1), (1, 16), (4, 4), (3, 7)])
+def test_lm_head_small_batches_match_linear(rows):
+    """Decoding a few rows takes W @ h^T on the CPU (faster for the tall LM-head matrix): the same logits as
+    F.linear to fp32 rounding, in the [B, T, V] layout."""
+    from lladapter_ext.model import _lm_head
+    B, T = rows
+    h, w = torch.randn(B, T, 64), torch.randn(1000, 64)
+    got = _lm_head(h, w)
+    assert got.shape == (B, T, 1000) and got.is_contiguous()
+    torch.testing.assert_close(got, torch.nn.functional.linear(h, w), rtol=1e-5, atol=1e-4)
