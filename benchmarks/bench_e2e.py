@@ -11,7 +11,9 @@ AdamW(lr 1e-3, betas (0.9, 0.95), weight decay 0.02) over the adapter parameters
 Measured per variant, each in its own process: training step (forward + backward + optimizer step) time and
 tokens/s, peak memory of training (CUDA: max allocated; CPU: growth of the RSS high-water mark over the process
 after its imports), then greedy decoding of --decode-new tokens after a --decode-prompt token prompt with a KV
-cache (ours and LitGPT keep the prompt K/V across steps; PEFT recomputes them every step), tokens/s.
+cache (ours and LitGPT keep the prompt K/V across steps; PEFT recomputes them every step), tokens/s, and the weight
+traffic that implies (the bytes of every projection and the LM head per step) as a share of the machine's read
+bandwidth, measured in the same run (the distance to the physical limit of a weight-bound decode).
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--shape smollm2-135m|tinyllama-1.1b|llama-7b]
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -36,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from _common import common_args, machine_name, peak_memory, reset_peak_memory, run_child  # noqa: E402
+from _common import common_args, copy_bandwidth, machine_name, peak_memory, reset_peak_memory, run_child  # noqa: E402
 
 VARIANTS = ("lladapter kernels", "lladapter reference ops", "HF + PEFT", "LitGPT adapter")
 ANCHOR = "HF + PEFT"
@@ -58,6 +61,28 @@ def _on_meta(dtype):
             yield
     finally:
         torch.set_default_dtype(default)
+
+
+def decode_weight_bytes(c, dtype: torch.dtype) -> int:
+    """Bytes of weights one decode step reads: every projection of every layer and the LM head (tied or not; the
+    embedding lookup reads only the batch's rows)."""
+    n = sum(math.prod(shape) for name, shape, kind in canonical_tensors(c)
+            if kind == "w" and name not in ("model.embed_tokens.weight", "lm_head.weight"))
+    return (n + c.vocab_size * c.dim) * torch.empty((), dtype=dtype).element_size()
+
+
+def read_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
+    """Bytes/s of reading a large buffer once (a sum over it, every thread): the ceiling of a weight-bound decode
+    step on this machine (STREAM-like; on CUDA the copy bandwidth counts read + write)."""
+    if device == "cuda":
+        return copy_bandwidth(device, nbytes)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times[1:])
 
 
 def llama_config(args):
@@ -385,6 +410,7 @@ def main():
             "--adapter-layer", str(args.adapter_layer), "--decode-prompt", str(args.decode_prompt),
             "--decode-new", str(args.decode_new), "--decode-batch", str(args.decode_batch),
             "--decode-iters", str(args.decode_iters)]
+    read_bw = read_bandwidth(args.device)
     runs = {v: [] for v in variants}
     skipped, failed = {}, {}
     for r in range(args.repeats):  # interleaved rounds: load changes on a shared machine hit every variant
@@ -420,6 +446,10 @@ def main():
         r["decode_speedup_vs_peft"] = (anchor and r["decode_tokens_per_s"] and anchor["decode_tokens_per_s"]
                                        and r["decode_tokens_per_s"] / anchor["decode_tokens_per_s"])
     c = llama_config(args)
+    step_bytes = decode_weight_bytes(c, getattr(torch, args.dtype))
+    for r in rows:  # weight traffic of decoding (prefill included, so a lower bound) against the read bandwidth
+        tps = r["decode_tokens_per_s"]
+        r["decode_bandwidth_fraction"] = tps and tps / args.decode_batch * step_bytes / read_bw
     title = (f"end-to-end, {args.shape} shape ({c.n_layers} layers, width {c.dim}, heads {c.n_heads}/{c.n_kv_heads}) "
              f"{args.dtype}, random weights; train batch {args.batch} x {args.seq} (loss on the second half), "
              f"adapter K={c.adapter_len} in the top {c.n_adapted_layers} layers, AdamW; decode: batch "
@@ -435,6 +465,11 @@ def main():
         print(f"{r['variant']:24s} {r['trainable']:10,d} {r['step_s'] * 1e3:7.0f}ms {r['tokens_per_s']:9.0f} "
               f"{r['peak_bytes'] / 2**20:6.0f}MiB {dec}   {f(r['train_speedup_vs_peft'])} {f(r['memory_vs_peft'])} "
               f"{f(r['decode_speedup_vs_peft'])}  {r['first_loss']:.4f}")
+    for r in rows:
+        if r["decode_bandwidth_fraction"]:
+            print(f"   decode {r['variant']}: {r['decode_bandwidth_fraction'] * read_bw / 1e9:.1f} GB/s of weights "
+                  f"({step_bytes / 2**20:.0f} MiB a step) = {100 * r['decode_bandwidth_fraction']:.0f}% of the "
+                  f"{'copy' if gpu else 'read'} bandwidth measured in this run, {read_bw / 1e9:.1f} GB/s")
     print(f"   peak mem = {mem_note}. Trainable parameters: ours and LitGPT have one gate per head and layer, PEFT "
           f"one per layer (the prompts, K x width per layer, are the same size in all). loss@step0: the first\n"
           f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).")
@@ -445,7 +480,8 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(title=title, machine=machine_name(args.device), torch=torch.__version__,
-                           memory=mem_note, rows=rows, skipped=skipped, failed=failed), fh, indent=1)
+                           memory=mem_note, read_bandwidth=read_bw, decode_step_bytes=step_bytes, rows=rows,
+                           skipped=skipped, failed=failed), fh, indent=1)
     if failed:
         sys.exit(1)
 

@@ -31,7 +31,7 @@ from . import ops, reference
 from .ops import GATE_ACTS
 from .adapter import AdapterMixin
 from .kv_cache import KVCache
-from .nn import RMSNorm
+from .nn import DecodeLinear, RMSNorm, few_rows_linear
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "BlockInputs",
            "config_from_preset"]
@@ -186,10 +186,10 @@ class Attention(torch.nn.Module):
         super().__init__()
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = torch.nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False, device=device, dtype=dtype)
-        self.wk = torch.nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False, device=device, dtype=dtype)
-        self.wv = torch.nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False, device=device, dtype=dtype)
-        self.wo = torch.nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False, device=device, dtype=dtype)
+        self.wq = DecodeLinear(c.dim, c.n_heads * c.head_dim, device=device, dtype=dtype)
+        self.wk = DecodeLinear(c.dim, c.n_kv_heads * c.head_dim, device=device, dtype=dtype)
+        self.wv = DecodeLinear(c.dim, c.n_kv_heads * c.head_dim, device=device, dtype=dtype)
+        self.wo = DecodeLinear(c.n_heads * c.head_dim, c.dim, device=device, dtype=dtype)
         self.gate_act = c.gate_act
         self.rope_interleaved = c.rope_interleaved
         self.prompt_projection = c.prompt_projection
@@ -251,9 +251,9 @@ class FeedForward(torch.nn.Module):
 
     def __init__(self, config: LlamaConfig, device=None, dtype=None):
         super().__init__()
-        self.w1 = torch.nn.Linear(config.dim, config.ffn_dim, bias=False, device=device, dtype=dtype)
-        self.w2 = torch.nn.Linear(config.ffn_dim, config.dim, bias=False, device=device, dtype=dtype)
-        self.w3 = torch.nn.Linear(config.dim, config.ffn_dim, bias=False, device=device, dtype=dtype)
+        self.w1 = DecodeLinear(config.dim, config.ffn_dim, device=device, dtype=dtype)
+        self.w2 = DecodeLinear(config.ffn_dim, config.dim, device=device, dtype=dtype)
+        self.w3 = DecodeLinear(config.dim, config.ffn_dim, device=device, dtype=dtype)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -548,12 +548,9 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
 
 
 def _lm_head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """h [B, T, D] @ w[V, D]^T. On the CPU a few rows (decoding a batch) go through W @ h^T: for the LM head's tall
-    matrix it ran 2-3x faster than F.linear's small-M GEMM at 2-8 rows (49152 x 576, bench_serve's decode step)."""
-    rows = h.shape[0] * h.shape[1]
-    if h.device.type != "cpu" or not 1 < rows <= 16:
-        return F.linear(h, w)
-    return torch.mm(w, h.reshape(rows, -1).t()).t().contiguous().view(*h.shape[:2], w.shape[0])
+    """Logits h [B, T, D] @ w[V, D]^T; up to 16 rows through few_rows_linear (the tall LM-head matrix gains up to
+    8 rows and more)."""
+    return few_rows_linear(h, w, max_rows=16)
 
 
 def _mask_first_real(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

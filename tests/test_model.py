@@ -322,13 +322,26 @@ def ours_base_logits(model, x):
             model.use_adapter = True
 
 
-@pytest.mark.parametrize("rows", [(1, 1), (2, 1), (8, 1), (1, 16), (4, 4), (3, 7)])
-def test_lm_head_small_batches_match_linear(rows):
-    """Decoding a few rows takes W @ h^T on the CPU (faster for the tall LM-head matrix): the same logits as
-    F.linear to fp32 rounding, in the [B, T, V] layout."""
-    from lladapter_ext.model import _lm_head
-    B, T = rows
-    h, w = torch.randn(B, T, 64), torch.randn(1000, 64)
-    got = _lm_head(h, w)
-    assert got.shape == (B, T, 1000) and got.is_contiguous()
-    torch.testing.assert_close(got, torch.nn.functional.linear(h, w), rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("shape", [(64,), (1, 1, 64), (2, 1, 64), (4, 1, 64), (1, 4, 64), (8, 1, 64), (1, 16, 64),
+                                   (3, 7, 64), (0, 1, 64)])
+@pytest.mark.parametrize("max_rows", [4, 16])
+def test_few_rows_linear_matches_linear(shape, max_rows):
+    """Decode steps take weight @ x^T on the CPU (faster than MKL's one-thread GEMV and small-M GEMM): the same
+    values as F.linear to fp32 rounding, in x's layout, and the same gradients."""
+    from lladapter_ext.nn import DecodeLinear, few_rows_linear
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(100, 64, requires_grad=True)
+    got = few_rows_linear(x, w, max_rows)
+    want = torch.nn.functional.linear(x, w)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    if got.numel():
+        g = torch.randn_like(want)
+        gx, gw = torch.autograd.grad(got, (x, w), g)
+        wx, ww = torch.autograd.grad(want, (x, w), g)
+        torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-4)
+    lin = DecodeLinear(64, 100)
+    assert set(lin.state_dict()) == {"weight"}  # nn.Linear's names: checkpoints load unchanged
+    torch.testing.assert_close(lin(x.detach()), torch.nn.functional.linear(x.detach(), lin.weight),
+                               rtol=1e-5, atol=1e-4)
