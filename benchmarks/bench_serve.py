@@ -17,12 +17,10 @@ the bytes of the adapters' tensors as served (prompts plus their projected keys/
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,10 +75,9 @@ def main() -> None:
         args.adapters, args.new_tokens = min(args.adapters, 4), min(args.new_tokens, 12)
 
     import openai
-    import uvicorn
 
     from lladapter_ext.loaders import default_model_path, load_model
-    from lladapter_ext.server import create_app
+    from lladapter_ext.server import serve_in_thread
     from lladapter_ext.serving import Engine
 
     n, T = args.adapters, args.new_tokens
@@ -99,14 +96,8 @@ def main() -> None:
     served_bytes = sum(m.nbytes() for m in engine.models())
     file_bytes = sum(os.path.getsize(path) for path in paths)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    base_url, stop_server = serve_in_thread(engine)
+    url = base_url + "/v1"
 
     def one(i: int) -> tuple[float, int]:
         c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
@@ -125,8 +116,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sequential = [one(i) for i in range(n)]
     results["one_at_a_time"] = (time.perf_counter() - t0, sequential)
-    server.should_exit = True
-    thread.join()
+    stop_server()
 
     # what users do today: one process per adapter, one after another (model load included)
     t0 = time.perf_counter()

@@ -38,6 +38,23 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts (id lists) as one left-padded batch [B, L] on device, and its attention mask (None when no prompt is
+    padded): each prompt's last token is in the last column, where decoding continues."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p)
+        mask[b, L - len(p):] = 1
+    return ids.to(device), (mask.to(device) if bool((mask == 0).any()) else None)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS, else 0 (always masked out)."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+
+
 @torch.no_grad()
 def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
@@ -78,13 +95,7 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     if max_new_tokens == 0:
         return out
     dev = model.tok_embeddings.weight.device
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p)
-        mask[b, L - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    padded = bool((mask == 0).any())
+    ids, mask = left_padded(prompts, pad_id, dev)
 
     gen = None
     if seed is not None:
@@ -95,7 +106,7 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     try:
         cache = model.new_cache(B, L + max_new_tokens)
         extra = dict(model_kwargs or {})
-        logits = model(ids, attention_mask=mask if padded else None, cache=cache, **extra).logits[:, -1]
+        logits = model(ids, attention_mask=mask, cache=cache, **extra).logits[:, -1]
         done = [False] * B
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_p, gen)
@@ -164,10 +175,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
                 emitted[b] = upto
         return cut >= 0
 
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     new_ids = generate_tokens(model, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              eos_id=tokenizer.eos_id, pad_id=pad, on_token=on_token if track else None,
-                              model_kwargs=model_kwargs)
+                              eos_id=tokenizer.eos_id, pad_id=pad_id_of(tokenizer),
+                              on_token=on_token if track else None, model_kwargs=model_kwargs)
     if not track:
         return [tokenizer.decode(ids) for ids in new_ids]
     for b in range(len(prompts)):  # flush what was held back when the sample ended

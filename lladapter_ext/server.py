@@ -14,13 +14,15 @@ docs/serving.md has the examples.
 """
 import asyncio
 import json
+import socket
+import threading
 import time
 import uuid
 
 from . import _optional
 from .serving import Engine, GenerationRequest, QueueFull, RequestError
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "serve_in_thread"]
 
 # Fields of OpenAI's requests that this server does not implement: refused when set to a value that changes the
 # result (a silent ignore would return something else than asked for).
@@ -304,3 +306,26 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: 
     """Run the server until interrupted (Ctrl-C)."""
     uvicorn = _optional.require("uvicorn", "lladapter serve")
     uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+
+
+def serve_in_thread(engine: Engine, host: str = "127.0.0.1", log_level: str = "warning"):
+    """Start the server on a free port of `host` in a daemon thread (tests, benchmarks, notebooks); returns
+    (base URL, stop), stop() shutting it down. The socket is bound before the thread starts: no port race."""
+    uvicorn = _optional.require("uvicorn", "lladapter serve")
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level=log_level))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    return f"http://{host}:{sock.getsockname()[1]}", stop

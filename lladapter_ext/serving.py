@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import _holdback, sample_next
+from .generation import _holdback, left_padded, pad_id_of, sample_next
 from .kv_cache import KVCache, RowPrompts
 
 __all__ = ["Engine", "ServedAdapter", "GenerationRequest", "QueueFull", "RequestError"]
@@ -310,19 +310,11 @@ class Engine:
         self._last_tokens = torch.stack(last_tokens)
 
     def _prefill(self, joining: list[GenerationRequest]) -> None:
-        L = max(len(r.prompt_ids) for r in joining)
-        B = len(joining)
-        dev = self.model.tok_embeddings.weight.device
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
-        ids = torch.full((B, L), pad, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for b, r in enumerate(joining):
-            ids[b, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[b, L - len(r.prompt_ids):] = 1
-        cache = self.model.new_cache(B, L)
+        ids, mask = left_padded([r.prompt_ids for r in joining], pad_id_of(self.tokenizer),
+                                self.model.tok_embeddings.weight.device)
+        cache = self.model.new_cache(*ids.shape)
         cache.row_prompts = RowPrompts([r.adapter.layers for r in joining])
-        logits = self.model(ids.to(dev), attention_mask=mask.to(dev) if bool((mask == 0).any()) else None,
-                            cache=cache).logits[:, -1]
+        logits = self.model(ids, attention_mask=mask, cache=cache).logits[:, -1]
         tokens = self._sample(joining, logits)
         sources = [(self._cache, i) for i in range(len(self._rows))]
         last = [self._last_tokens[i] for i in range(len(self._rows))]

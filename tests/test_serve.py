@@ -183,26 +183,12 @@ def test_adapter_loading_checks_the_base(assets, tmp_path):
 # ---------------------------------------------------------------------------------------------- HTTP
 @pytest.fixture(scope="module")
 def server(assets):
-    import uvicorn
-
-    from lladapter_ext.server import create_app
+    from lladapter_ext.server import serve_in_thread
 
     engine = new_engine(assets, max_batch_size=4, max_queue=8)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started, "the server did not start"
+    url, stop = serve_in_thread(engine)
     yield url, engine
-    srv.should_exit = True
-    thread.join(timeout=20)
-    sock.close()
+    stop()
 
 
 def client(url):
