@@ -220,7 +220,7 @@ def create_app(engine: Engine):
         def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
             if not chat:
                 return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            if body.get("stream"):
+            if req.stream:
                 delta = {"role": "assistant"} if first else {}
                 if text:
                     delta["content"] = text
@@ -235,7 +235,7 @@ def create_app(engine: Engine):
                 out["usage"] = usage
             return json.dumps(out)
 
-        if body.get("stream"):
+        if req.stream:
             async def stream():
                 first = True
                 async for kind, data in _events(request, req, job):
