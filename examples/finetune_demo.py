@@ -63,6 +63,8 @@ def main():
     p.add_argument("--eval-limit", type=int, default=100, help="held-out records evaluated")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                   help="store the frozen base quantized (docs/quantization.md)")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -70,8 +72,10 @@ def main():
     path = args.model or default_model_path()
     t0 = time.time()
     model, tok = load_model(path, dtype=torch.float32, device=device, adapter_len=args.adapter_len,
-                            adapter_layer=args.adapter_layer, gate_act="tanh")
-    print(f"loaded {os.path.basename(path)} on {device} in {time.time() - t0:.1f}s: {model.config.n_layers} layers, "
+                            adapter_layer=args.adapter_layer, gate_act="tanh", quantize=args.quantize)
+    print(f"loaded {os.path.basename(path)} on {device} in {time.time() - t0:.1f}s"
+          + (f" ({model.quantization['format']} base: {model.quantization})" if model.quantization else "")
+          + f": {model.config.n_layers} layers, "
           f"width {model.config.dim}; adapter K={args.adapter_len} in the top {model.config.n_adapted_layers} layers "
           f"= {model.count_trainable():,} trainable parameters")
 

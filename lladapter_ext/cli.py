@@ -16,6 +16,7 @@ import sys
 from .commands import DTYPES, cmd_convert, cmd_eval, cmd_finetune, cmd_generate, cmd_info, cmd_serve
 from .interop import FORMATS
 from .ops import GATE_ACTS
+from .quantize import FORMATS as QUANTIZE_FORMATS
 
 
 class CLIError(SystemExit):
@@ -79,6 +80,9 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
                    help="tokenizer to use instead of the checkpoint's: a tokenizer.json, tokenizer.model or .gguf file "
                         "or a checkpoint directory (needed with a preset --model, which has none)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
+    p.add_argument("--quantize", default="none", choices=("none",) + QUANTIZE_FORMATS,
+                   help="store the frozen base's attention and MLP projections as int8 or int4 codes "
+                        "(docs/quantization.md); activations, norms, embeddings and the adapter keep --dtype")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     if adapter_opts:
         # with --adapter, unset values come from the adapter file's metadata (what it was trained with)

@@ -40,6 +40,7 @@ def _load(args, adapter_path=None, attach=True, command=None):
     from .interop import resolve_adapter
     from .loaders import load_model
     from .model import PRESETS, LlamaForCausalLM
+    from .quantize import QuantizationError, quantized_summary
     model_arg = args.model or default_model_path()
     tok_path = getattr(args, "tokenizer", None)
     is_preset = not os.path.exists(model_arg) and model_arg.lower() in PRESETS
@@ -58,8 +59,18 @@ def _load(args, adapter_path=None, attach=True, command=None):
     for key in ("adapter_len", "adapter_layer", "gate_act"):
         if getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
-    model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=args.device or _default_device(),
-                            tokenizer=not tok_path, **hp)
+    quantize = getattr(args, "quantize", "none")
+    try:
+        model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=args.device or _default_device(),
+                                tokenizer=not tok_path, quantize=quantize, **hp)
+    except QuantizationError as e:
+        raise SystemExit(f"--quantize {quantize}: {e}") from None
+    if model.quantization:
+        q = model.quantization
+        summary = quantized_summary(model)
+        print(f"quantized base: {q['format']}, {q['exact']} layers mapped exactly from the file's blocks, "
+              f"{q['requantized']} quantized from floats; {summary[q['format']][1] / 2**20:.1f} MiB quantized + "
+              f"{summary['float'] / 2**20:.1f} MiB in {args.dtype}", file=sys.stderr)
     if tok_path:
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(tok_path)
@@ -139,6 +150,9 @@ def cmd_finetune(args) -> int:
         args.device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() and not args.fsdp else "cpu"
     if args.images and args.packing:
         raise SystemExit("finetune --images: --packing is not supported (each row carries its own image)")
+    if args.fsdp and args.quantize != "none":
+        raise SystemExit("finetune --fsdp: a --quantize'd base is not supported (FSDP shards float parameters; "
+                         "the quantized codes are buffers): use DDP (torchrun without --fsdp) or no --quantize")
     if args.images and args.fsdp:
         raise SystemExit("finetune --images: --fsdp is not supported yet (the encoder and projection are not sharded)")
     for path in (args.eval_data or []) if not args.images else []:

@@ -71,7 +71,8 @@ def default_model_path() -> str:
 
 def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, device="cpu",
                adapter_len: int | None = None, adapter_layer: int | None = None, gate_act: str | None = None,
-               tokenizer: bool = True, adapter: PathLike | None = None, **config_overrides):
+               tokenizer: bool = True, adapter: PathLike | None = None, quantize: str | None = None,
+               **config_overrides):
     """Load (model, tokenizer) from a Meta checkpoint dir, a Hugging Face dir or a .gguf file.
 
     A preset name (see model.PRESETS) instead gives a randomly initialised model of that architecture and no
@@ -83,8 +84,14 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
     The hyper-parameters it records are the defaults of those not given; without it they default to 10, 30 and
     tanh. A multi-modal adapter is refused (it also needs its
     encoder: MultiModalLlama.from_adapter).
+
+    quantize: None/"none", "int8" or "int4" (lladapter_ext.quantize): the base's attention and MLP projections are
+    stored quantized as they are read (GGUF Q4_1 -> int4 and Q8_0 -> int8 exactly, the rest requantised), never
+    all in full precision at once; a preset is initialised layer by layer the same way.
     """
     from .interop import reading_once
+    from .quantize import check_format
+    config_overrides["quantize"] = check_format(quantize)
     with reading_once():  # a foreign adapter: read and converted once for its hyper-parameters and its tensors
         return _load_model(path_or_preset, dtype, device, adapter_len, adapter_layer, gate_act, tokenizer, adapter,
                            config_overrides)
@@ -112,7 +119,10 @@ def _load_base(path_or_preset: PathLike, dtype, device, tokenizer: bool, adapter
     s = os.fspath(path_or_preset)
     p = Path(s)
     if not p.exists() and s.lower() in PRESETS:
+        quantize = adapter.pop("quantize", None)
         cfg = config_from_preset(s, **adapter)
+        if quantize:
+            return _random_quantized(cfg, dtype, device, quantize), None
         return LlamaForCausalLM(cfg, device=device, dtype=dtype), None
     if p.is_file() and p.suffix.lower() == ".gguf":
         return load_gguf(p, dtype, device, tokenizer=tokenizer, **adapter)
@@ -145,6 +155,22 @@ _HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.wei
            "lm_head.weight": "output.weight"}
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_IGNORABLE = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+def _random_quantized(config: LlamaConfig, dtype, device, quantize: str) -> LlamaForCausalLM:
+    """A preset's random init (normal std 0.02, norms ones) made one tensor at a time, each projection quantized
+    before the next is drawn: a LLaMA-7B-shaped int4 model never holds its 27 GB of fp32 weights."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(config, device="meta").named_parameters()
+                  if not LlamaForCausalLM.is_adapter_param(n)}
+
+    def draw(shape):
+        return torch.ones(shape) if len(shape) == 1 else torch.empty(shape).normal_(0.0, 0.02)
+
+    entries = {n: (n, "<random init>", lambda s=s: draw(s)) for n, s in shapes.items()}
+    source = _Source(entries, ["<random init>"], {})
+    source.fresh_tensors = True
+    return _fill_model(config, source, dtype, device, "random", quantize=quantize)
 
 
 def _hf_to_ours(name: str) -> str | None:
@@ -234,7 +260,8 @@ def _open_tensor_files(files: list[Path]) -> dict[str, tuple[str, Callable[[], t
     return out
 
 
-def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True, **config_overrides):
+def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
+            quantize: str | None = None, **config_overrides):
     """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory (config.json + weights)."""
     d = Path(path)
     try:
@@ -264,7 +291,7 @@ def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool =
     inverse.update({f"layers.{i}.{o}": f"model.layers.{i}.{h}" for i in range(config.n_layers)
                     for h, o in _HF_LAYER.items()})
     src.ckpt_name_of = lambda n: inverse.get(n, n)
-    model = _fill_model(config, src, dtype, device, "Hugging Face")
+    model = _fill_model(config, src, dtype, device, "Hugging Face", quantize=quantize)
     tok = None
     if tokenizer:
         from .tokenizer import load_tokenizer
@@ -306,7 +333,8 @@ def config_from_meta_params(params: dict, vocab_size: int | None = None, **overr
     return _config(kw, "params.json")
 
 
-def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True, **config_overrides):
+def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
+              quantize: str | None = None, **config_overrides):
     """(model, tokenizer) from Meta's layout: params.json + consolidated.NN.pth (model-parallel shards, merged
     here) + tokenizer.model (in the directory or its parent, as Meta's downloads place it)."""
     d = Path(path)
@@ -363,7 +391,8 @@ def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
                           lambda n=n: merged(n))
         else:
             extra[n] = str(files[0])
-    model = _fill_model(config, _Source(entries, [str(f) for f in files], extra), dtype, device, "Meta")
+    model = _fill_model(config, _Source(entries, [str(f) for f in files], extra), dtype, device, "Meta",
+                        quantize=quantize)
     shards.clear()  # the merged tensors are in the model: free the loaded shards
     tok = None
     if tokenizer:
@@ -468,7 +497,24 @@ def _gguf_tensor_inner(t, qt, shape, T, gguf, np) -> torch.Tensor:
     return out.reshape(shape)
 
 
-def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True, **config_overrides):
+def _gguf_blocks(t, fmt: str):
+    """A GGUF tensor whose blocks map exactly onto `fmt` (Q4_1 -> int4, Q8_0 -> int8) as (codes, scales) for
+    QuantizedLinear.from_codes; None for the other types (they are dequantised and requantised)."""
+    import numpy as np
+
+    from .quantize import from_gguf_q4_1, from_gguf_q8_0
+    convert = {("int4", "Q4_1"): from_gguf_q4_1, ("int8", "Q8_0"): from_gguf_q8_0}.get((fmt, t.tensor_type.name))
+    if convert is None:
+        return None
+    N, K = (int(s) for s in reversed(list(t.shape)))
+    with warnings.catch_warnings():  # a read-only memmap: the conversion copies what it keeps
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(np.ascontiguousarray(t.data)).view(torch.uint8)
+        return convert(raw, N, K)
+
+
+def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
+              quantize: str | None = None, **config_overrides):
     """(model, tokenizer) from a GGUF file (llama architecture), weights dequantised to dtype, tokenizer from the
     vocabulary embedded in the file."""
     import gguf
@@ -482,7 +528,7 @@ def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
     if "rope_freqs.weight" in names:  # Llama-3.1 GGUFs store the llama3 scaling as per-frequency divisors
         config_overrides.setdefault("rope_scaling", _llama3_scaling_from_freqs(reader, p, config_overrides))
     config = config_from_gguf(reader, str(p), **config_overrides)
-    entries, extra = {}, {}
+    entries, extra, by_ours = {}, {}, {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue
@@ -495,11 +541,13 @@ def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
             extra[t.name] = str(p)
             continue
         entries[ours] = (t.name, str(p), lambda t=t: _gguf_tensor(t))
+        by_ours[ours] = t
     src = _Source(entries, [str(p)], extra)
     inverse = {v: k for k, v in _GGUF_TOP.items()}
     inverse.update({f"layers.{i}.{o}": f"blk.{i}.{g}" for i in range(config.n_layers) for g, o in _GGUF_LAYER.items()})
     src.ckpt_name_of = lambda n: inverse.get(n, n)
-    model = _fill_model(config, src, dtype, device, "GGUF")
+    src.quantized = lambda name, fmt: _gguf_blocks(by_ours[name], fmt)
+    model = _fill_model(config, src, dtype, device, "GGUF", quantize=quantize)
     tok = None
     if tokenizer:
         from .tokenizer import tokenizer_from_gguf_reader

@@ -145,6 +145,7 @@ PRESETS: dict[str, dict] = {
     # Mistral-7B v0.1 uses a 4096-token sliding window; this decoder attends to the full context.
     "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                        norm_eps=1e-5, max_seq_len=32768),
+    "tinyllama-1.1b": _llama2(2048, 22, 32, 5632, n_kv_heads=4) | dict(max_seq_len=2048),
     "smollm2-135m": dict(_SMOLLM2, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536),
     "smollm2-360m": dict(_SMOLLM2, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560),
     "smollm2-1.7b": dict(_SMOLLM2, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_dim=8192,
@@ -205,7 +206,7 @@ class Attention(torch.nn.Module):
         """This layer's prompt keys/values: the prompt projected by wk/wv, without RoPE. [1, K, Hkv, d] when shared
         by the batch; with prompt_offset [B, D] (multi-modal: the projected image feature, added to every prompt
         token) they are per sample, [B, K, Hkv, d]. prompt_projection "litgpt": LitGPT's slices instead (config)."""
-        p = self.adapter_prompt.to(self.wk.weight.dtype).unsqueeze(0)  # [1, K, D]
+        p = self.adapter_prompt.to(self.wk.compute_dtype).unsqueeze(0)  # [1, K, D]
         if prompt_offset is not None:
             p = p + prompt_offset.to(p.dtype).unsqueeze(1)  # [B, K, D]
         return self.project_prompt(p, self.prompt_projection)
@@ -296,6 +297,7 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         self.output = None if c.tie_embeddings else torch.nn.Linear(c.dim, c.vocab_size, bias=False,
                                                                      device=device, dtype=dtype)
         self.use_adapter = True  # False runs the frozen base model (prompts ignored)
+        self.quantization: dict | None = None  # a quantized base (lladapter_ext.quantize): format and layer counts
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         if torch.device(device or "cpu").type != "meta":
             self.reset_parameters()

@@ -50,6 +50,11 @@ class DecodeLinear(torch.nn.Linear):
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype (quantize.QuantizedLinear has the same property)."""
+        return self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return few_rows_linear(x, self.weight)
 

@@ -177,7 +177,7 @@ class Engine:
         with torch.no_grad():
             for i, phi in adapter.effective_gates().items():
                 attn = self.model.layers[i].attention
-                prompt = adapter.prompts[i].to(device=w.device, dtype=attn.wk.weight.dtype).unsqueeze(0)
+                prompt = adapter.prompts[i].to(device=w.device, dtype=attn.wk.compute_dtype).unsqueeze(0)
                 pk, pv = attn.project_prompt(prompt, adapter.prompt_projection)
                 served.layers[i] = (pk.contiguous(), pv.contiguous(), phi.expand(c.n_heads).to(w.device).clone())
         with self._cond:

@@ -238,6 +238,9 @@ class Trainer:
             log.info("fsdp=True with one process: nothing to shard, training unsharded")
         if config.activation_checkpointing:  # before sharding: FSDP then wraps the checkpointed blocks
             enable_activation_checkpointing(model)
+        if config.fsdp and getattr(model, "quantization", None):
+            raise ValueError("fsdp=True with a quantized base is not supported (FSDP shards float parameters; the "
+                             "quantized codes are buffers): train with DDP, or load the base without quantize")
         if self.fsdp:
             comm_device = torch.device("cuda", self.dist.local_rank) if dist.get_backend() == "nccl" else \
                 torch.device("cpu")

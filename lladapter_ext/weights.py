@@ -32,16 +32,37 @@ class _Source:
         self.extra = extra  # checkpoint tensor name -> file, for tensors we have no use for
 
 
-def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str) -> LlamaForCausalLM:
+def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
+                quantize: str | None = None) -> LlamaForCausalLM:
+    """The model from `source`, base frozen, fresh adapter. quantize ("int8"/"int4", lladapter_ext.quantize): each
+    base projection is stored quantized as it is read (a source with a `quantized(name, fmt)` method, GGUF, hands
+    over blocks that map exactly; the rest is quantized from fp32), so no full-precision copy of it stays alive.
+    The model's `quantization` attribute records the format and how many layers were mapped / requantised."""
+    from .quantize import QuantizedLinear, check_format, is_quantizable, set_quantized
+    quantize = check_format(quantize)
     if source.extra:
         name, file = next(iter(source.extra.items()))
         raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {what} LLaMA model with "
                               f"{config.n_layers} layers ({len(source.extra)} unexpected in all)")
     with torch.device("meta"):
         model = LlamaForCausalLM(config, device="meta", dtype=dtype)
+    counts = {"exact": 0, "requantized": 0}
     for name, param in list(model.named_parameters()):
         if LlamaForCausalLM.is_adapter_param(name):
             continue
+        if quantize and is_quantizable(name) and name in source.entries:
+            exact = getattr(source, "quantized", None)
+            blocks = exact(name, quantize) if exact else None
+            if blocks is not None:
+                codes, scales = blocks
+                ck_name, file = source.entries[name][:2]
+                if (codes.shape[0], codes.shape[1]) != tuple(param.shape):
+                    raise CheckpointError(f"{file}: tensor {ck_name!r} has shape {list(codes.shape)}, expected "
+                                          f"{list(param.shape)} for {name}")
+                set_quantized(model, name, QuantizedLinear.from_codes(quantize, codes, scales, dtype, device,
+                                                                      name=f"{file}: {ck_name}"))
+                counts["exact"] += 1
+                continue
         if name not in source.entries:
             files = ", ".join(source.all_files)
             raise CheckpointError(f"{files}: missing tensor for {name} (checkpoint has no "
@@ -60,8 +81,15 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str) 
                                   f"n_kv_heads={config.n_kv_heads}, ffn_dim={config.ffn_dim})")
         if not (t.is_floating_point()):
             raise CheckpointError(f"{file}: tensor {ck_name!r} has dtype {t.dtype}, expected a floating type")
+        if quantize and is_quantizable(name):  # quantized where the float tensor is (no copy on the device)
+            set_quantized(model, name, QuantizedLinear.from_float(t, quantize, dtype, device,
+                                                                  name=f"{file}: {ck_name}"))
+            counts["requantized"] += 1
+            del t
+            continue
         value = t.to(device=device, dtype=dtype)
-        if value.data_ptr() == t.data_ptr():  # never alias a memory-mapped file
+        if value.data_ptr() == t.data_ptr() and not getattr(source, "fresh_tensors", False):
+            # never alias a memory-mapped file (a source of fresh tensors, e.g. a random init, needs no copy)
             value = value.clone()
         set_parameter(model, name, value, requires_grad=False)
         del t
@@ -74,7 +102,22 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str) 
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{', '.join(source.all_files)}: parameters left uninitialised: {left[:5]}")
+    model.quantization = dict(format=quantize, **counts) if quantize else None
+    if quantize:
+        _release_freed_heap()
     return model
+
+
+def _release_freed_heap() -> None:
+    """Hand the float temporaries of a quantized load back to the OS: glibc keeps freed blocks below its (adaptive,
+    up to 32 MiB) mmap threshold in the heap, which left a quantized SmolLM2 resident at twice the fp32 model's
+    size. No-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _expected_ckpt_name(source: _Source, name: str) -> str:

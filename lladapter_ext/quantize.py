@@ -1,0 +1,363 @@
+"""A quantized frozen base: weight-only int8 / int4 storage for the base model's linear layers.
+
+The base never trains, so it needs no full-precision master weights: `QuantizedLinear` keeps a layer's weight as
+integer codes plus fp32 scales, and the loaders (weights._fill_model) quantize each weight as it is read, so no
+full-precision copy of the base stays alive. Norms, embeddings (and a tied LM head), an untied LM head and the
+adapter stay in the model dtype.
+
+Formats (`FORMATS`):
+  int8  symmetric codes in [-127, 127] with one fp32 scale per output row (quantized from floats) or an fp16
+        one per block of 32 inputs (a GGUF Q8_0 tensor, mapped exactly).
+  int4  asymmetric codes in [0, 15] with an fp16 scale and low value per group of 64 inputs (32 where the width
+        is not a multiple of 64): w = q * scale + low, 4.5 bits per weight; a GGUF Q4_1 tensor maps exactly
+        (groups of 32, scale d, low m: 5 bits), others are requantised from fp32. The codes
+        are packed two per byte in the layout of torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), so the
+        CPU decode path calls it without conversion; `pack_int4` / `unpack_int4` write and read that layout in
+        plain torch (checked against aten._convert_weight_to_int4pack_for_cpu once per process).
+
+Kernels: torch's own weight-only matmuls (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) for the 1-4
+rows of a CPU decode step; for more rows (prefill, training) and on CUDA the weight is dequantized on the fly for
+one layer at a time and multiplied by the dense GEMM. Measured on this machine (docs/quantization.md): torch's
+packed kernels run one row in 2-3x the fp32 GEMV's time and scale linearly with the rows (1 s for 1024 rows of a
+1536 x 576 layer, against 17 ms dequantized), torchao's int8 layout (same aten op underneath plus dispatch) was
+slower still and bitsandbytes' CPU nf4 took 94 ms for the 49152 x 576 head (fp32: 11 ms).
+
+Training: `QuantizedLinear` is an autograd Function whose backward is dX = dY W with W dequantized on the fly;
+the codes get no gradient (they are buffers).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .nn import few_rows_linear
+
+FORMATS = ("int8", "int4")
+INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_1 maps onto it exactly; torch's CPU kernel takes 32, 64, 128, 256
+PACKED_KERNEL_MAX_ROWS = 4  # above this many rows, dequantize + GEMM is faster than torch's packed kernels
+
+
+class QuantizationError(ValueError):
+    """A quantization the platform or the layer cannot take (format, device, layer width)."""
+
+
+def check_format(fmt: str | None) -> str | None:
+    """None/"none" -> None; a name in FORMATS -> itself; anything else -> QuantizationError naming it."""
+    if fmt is None or fmt == "none":
+        return None
+    if fmt not in FORMATS:
+        hint = " (nf4 is not offered: int4 with per-32 scales and offsets is the 4-bit format)" \
+            if str(fmt).lower() == "nf4" else ""
+        raise QuantizationError(f"quantize={fmt!r}: unknown format; expected none, {', '.join(FORMATS)}{hint}")
+    return fmt
+
+
+# ----------------------------------------------------------------------------------------------- int8
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes int8 [N, K] in [-127, 127], scales fp32 [N]); w ~= codes * scales[:, None]."""
+    w = w.float()
+    scales = w.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row: codes 0, any scale
+    codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Codes int8 [N, K] and scales ([N] or per block [N, K / g]) -> weight [N, K] in dtype (computed in fp32)."""
+    N, K = codes.shape
+    if scales.dim() == 1:
+        return (codes.float() * scales.float()[:, None]).to(dtype)
+    g = K // scales.shape[1]
+    return (codes.view(N, -1, g).float() * scales.float()[:, :, None]).view(N, K).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- int4
+def int4_group_size(in_features: int) -> int:
+    """Inputs per int4 group when quantizing from floats: 64 (4.5 bits per weight with fp16 scale and low), else
+    32 where the width is not a multiple of 64. GGUF Q4_1 tensors keep their 32."""
+    return 64 if in_features % 64 == 0 else INT4_GROUP_SIZE
+
+
+def quantize_int4(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes uint8 [N, K] in [0, 15], scale_low fp16 [K / g, N, 2]) with
+    w ~= codes * scale + low per group of g inputs (default int4_group_size(K))."""
+    N, K = w.shape
+    g = group_size or int4_group_size(K)
+    wg = w.float().reshape(N, K // g, g)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).half().float()  # the fp16 values that are stored: codes are computed against them
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0, value lo
+    lo = lo.half().float()
+    codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).reshape(N, K)
+    return codes, _scale_low(scale, lo)
+
+
+def _scale_low(scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Per-group scale and low value [N, G] -> the stored fp16 [G, N, 2]; refuses values fp16 cannot hold."""
+    out = torch.stack([scale, low], dim=-1).transpose(0, 1).contiguous().half()
+    if not torch.isfinite(out).all():
+        raise QuantizationError("int4: a weight group's range does not fit fp16 scales (|w| > 65504)")
+    return out
+
+
+def kernel_scales_and_zeros(scale_low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stored (scale, low) [G, N, 2] -> torch's int4 kernels' (scale, zero = low + 8 * scale) in dtype, for
+    w = (q - 8) * scale + zero."""
+    s = scale_low.float()
+    return torch.stack([s[..., 0], s[..., 1] + 8.0 * s[..., 0]], dim=-1).to(dtype)
+
+
+def dequantize_int4(codes: torch.Tensor, scale_low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Codes uint8 [N, K] (unpacked) -> weight [N, K] in dtype (computed in fp32)."""
+    N, K = codes.shape
+    G = scale_low.shape[0]
+    sl = scale_low.float().transpose(0, 1)  # [N, G, 2]
+    w = codes.view(N, G, K // G).float() * sl[..., :1] + sl[..., 1:]
+    return w.view(N, K).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] in [0, 15] (N a multiple of 16, K even) -> uint8 [N, K / 2] in the layout of torch's CPU int4
+    kernel: rows in blocks of 32, each block stored input by input (16 bytes per input: row i in the low nibble,
+    row 16 + i in the high one); a last block of 16 rows pairs even rows (low) with odd rows (high)."""
+    N, K = codes.shape
+    c = codes.to(torch.uint8)
+    full = N // 32 * 32
+    parts = []
+    if full:
+        b = c[:full].view(full // 32, 2, 16, K)  # [block, half, row, k]
+        parts.append(((b[:, 1] << 4) | b[:, 0]).transpose(1, 2).reshape(-1))  # [block, k, row]
+    if N > full:  # one block of 16 rows
+        b = c[full:].view(8, 2, K)  # [pair, even/odd, k]
+        parts.append(((b[:, 1] << 4) | b[:, 0]).t().reshape(-1))  # [k, pair]
+    return torch.cat(parts).view(N, K // 2) if len(parts) > 1 else parts[0].view(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, K / 2] -> codes uint8 [N, K]."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    flat = packed.reshape(-1)
+    full = N // 32 * 32
+    parts = []
+    if full:
+        b = flat[:full * K // 2].view(full // 32, K, 16)  # [block, k, row]
+        parts.append(torch.stack([b & 15, b >> 4], dim=1).permute(0, 1, 3, 2).reshape(full, K))
+    if N > full:
+        b = flat[full * K // 2:].view(K, 8)  # [k, pair]
+        parts.append(torch.stack([b & 15, b >> 4], dim=-1).permute(1, 2, 0).reshape(16, K))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+_packed_layout_lock = threading.Lock()
+_packed_layout_ok: bool | None = None
+
+
+def packed_int4_kernel_ok() -> bool:
+    """Whether this torch's CPU int4 kernel exists and packs as pack_int4 does (checked once, on 48 x 64 codes:
+    a 32-row block and a 16-row one). If not, int4 layers take the dequantize path, which reads our layout."""
+    global _packed_layout_ok
+    with _packed_layout_lock:
+        if _packed_layout_ok is None:
+            try:
+                g = torch.Generator().manual_seed(0)
+                codes = torch.randint(0, 16, (48, 64), generator=g, dtype=torch.int32)
+                theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+                _packed_layout_ok = bool(torch.equal(theirs, pack_int4(codes)))
+            except (AttributeError, RuntimeError):
+                _packed_layout_ok = False
+        return _packed_layout_ok
+
+
+# ----------------------------------------------------------------------------------------------- GGUF blocks
+def from_gguf_q4_1(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q4_1 tensor's bytes (N rows of K / 32 blocks: fp16 d, fp16 m, 16 bytes of nibbles; weight j of a
+    block in the low nibble of byte j, weight 16 + j in the high one; w = d * q + m) -> int4 (codes, sz), exact."""
+    b = raw.reshape(N, K // 32, 20)
+    d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    m = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+    qs = b[..., 4:20]
+    codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K)
+    return codes, _scale_low(d, m)
+
+
+def from_gguf_q8_0(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q8_0 tensor's bytes (N rows of K / 32 blocks: fp16 d, 32 int8; w = d * q) -> int8 (codes, per-block
+    scales [N, K / 32]), exact."""
+    b = raw.reshape(N, K // 32, 34)
+    d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1)
+    codes = b[..., 2:34].contiguous().view(torch.int8).reshape(N, K)
+    return codes, d
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+class QuantizedLinear(torch.nn.Module):
+    """A frozen bias-free linear layer y = x W^T with W stored as int8 or int4 codes (see the module docstring).
+
+    Buffers: `codes` (int8 [N, K]; int4: uint8 [N, K / 2], packed) and `scales` (int8: fp32 [N], or fp16
+    [N, K / 32] from GGUF Q8_0; int4: fp16 [K / g, N, 2], each group's scale and low value). Activations keep
+    their dtype (the model's: `compute_dtype`).
+    """
+
+    def __init__(self, fmt: str, codes: torch.Tensor, scales: torch.Tensor, compute_dtype: torch.dtype):
+        super().__init__()
+        self.format = fmt
+        self.out_features = codes.shape[0]
+        self.in_features = codes.shape[1] * (2 if fmt == "int4" else 1)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        # a zero-size tensor in the model dtype: follows .to(dtype) with the rest of the model
+        self.register_buffer("_dtype_marker", torch.empty(0, dtype=compute_dtype, device=codes.device),
+                             persistent=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, fmt: str, compute_dtype: torch.dtype, device=None,
+                   name: str = "weight") -> QuantizedLinear:
+        """Quantize a float weight [N, K] (on its own device; the result goes to `device`)."""
+        check_layer_shape(fmt, weight.shape, name)
+        if fmt == "int8":
+            codes, scales = quantize_int8(weight)
+        else:
+            c, scales = quantize_int4(weight)
+            codes = pack_int4(c)
+        return cls(fmt, codes.to(device or weight.device), scales.to(device or weight.device), compute_dtype)
+
+    @classmethod
+    def from_codes(cls, fmt: str, codes: torch.Tensor, scales: torch.Tensor, compute_dtype: torch.dtype,
+                   device=None, name: str = "weight") -> QuantizedLinear:
+        """From unpacked codes (int8 [N, K] or int4 uint8 [N, K]) and their scales, e.g. a GGUF tensor's."""
+        check_layer_shape(fmt, codes.shape, name)
+        if fmt == "int4":
+            codes = pack_int4(codes)
+        return cls(fmt, codes.to(device or codes.device), scales.to(device or codes.device), compute_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._dtype_marker.dtype
+
+    @property
+    def group_size(self) -> int:
+        """Inputs per scale (int8 with one scale per row: in_features)."""
+        return self.in_features if self.scales.dim() == 1 else self.in_features // self.scales.shape[
+            0 if self.format == "int4" else 1]
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [N, K] in dtype (default compute_dtype): a new tensor."""
+        dtype = dtype or self.compute_dtype
+        if self.format == "int8":
+            return dequantize_int8(self.codes, self.scales, dtype)
+        return dequantize_int4(unpack_int4(self.codes), self.scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedLinear: input has {x.shape[-1]} features, the layer takes "
+                             f"{self.in_features}")
+        return _QuantizedMatmul.apply(x, self.codes, self.scales, self)
+
+    def _packed_matmul(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 [M, K] @ W^T by torch's packed CPU kernels, or None where they do not apply."""
+        if x2.device.type != "cpu" or not 1 <= x2.shape[0] <= PACKED_KERNEL_MAX_ROWS:
+            return None
+        if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        x2 = x2.contiguous()
+        if self.format == "int8":
+            if self.scales.dim() != 1:  # per-block scales (GGUF Q8_0): the kernel takes one scale per row
+                return None
+            return torch._weight_int8pack_mm(x2, self.codes, self.scales.to(x2.dtype))
+        if not packed_int4_kernel_ok():
+            return None
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, self.group_size,
+                                                          kernel_scales_and_zeros(self.scales, x2.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W from a QuantizedLinear; backward dX = dY W (W dequantized on the fly), no weight grad."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, layer):
+        ctx.layer = layer
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = layer._packed_matmul(x2)
+        if y is None:
+            y = few_rows_linear(x2, layer.dequantize(x.dtype))
+        return y.view(*lead, layer.out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            layer = ctx.layer
+            g2 = grad_out.reshape(-1, layer.out_features)
+            grad_x = (g2 @ layer.dequantize(grad_out.dtype)).view(*grad_out.shape[:-1], layer.in_features)
+        return grad_x, None, None, None
+
+
+def check_layer_shape(fmt: str, shape, name: str) -> None:
+    """Refuse a layer width the format cannot store, naming the layer, the format and the reason."""
+    N, K = int(shape[0]), int(shape[1])
+    if fmt == "int4":
+        if K % INT4_GROUP_SIZE:
+            raise QuantizationError(f"{name}: int4 needs in_features divisible by {INT4_GROUP_SIZE} (its group "
+                                    f"size), got [{N}, {K}]; use --quantize int8 for this model")
+        if N % 16:
+            raise QuantizationError(f"{name}: int4 needs out_features divisible by 16 (torch's packed layout), "
+                                    f"got [{N}, {K}]; use --quantize int8 for this model")
+
+
+def is_quantizable(name: str) -> bool:
+    """The base's linear weights that a quantized load stores quantized: every attention and MLP projection
+    (layers.N.attention.w{q,k,v,o}.weight, layers.N.feed_forward.w{1,2,3}.weight); not the LM head."""
+    parts = name.split(".")
+    return (len(parts) == 5 and parts[0] == "layers" and parts[-1] == "weight"
+            and ((parts[2] == "attention" and parts[3] in ("wq", "wk", "wv", "wo"))
+                 or (parts[2] == "feed_forward" and parts[3] in ("w1", "w2", "w3"))))
+
+
+def set_quantized(model: torch.nn.Module, weight_name: str, layer: QuantizedLinear) -> None:
+    """Put `layer` where the linear module owning `weight_name` (e.g. layers.3.attention.wq.weight) is."""
+    path = weight_name.rsplit(".", 1)[0]
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, attr)
+    if (old.out_features, old.in_features) != (layer.out_features, layer.in_features):
+        raise QuantizationError(f"{weight_name}: quantized layer is [{layer.out_features}, {layer.in_features}], "
+                                f"the model's is [{old.out_features}, {old.in_features}]")
+    setattr(parent, attr, layer)
+
+
+def quantized_summary(model: torch.nn.Module) -> dict:
+    """{format: (layers, bytes)} over the model's QuantizedLinear layers, plus 'float' for the rest's parameters
+    and buffers in bytes (for logs and benchmarks)."""
+    out: dict = {}
+    qbytes = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            n, b = out.get(m.format, (0, 0))
+            out[m.format] = (n + 1, b + m.weight_nbytes)
+            qbytes += m.weight_nbytes
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    out["float"] = total - qbytes
+    return out
+
+
+def quantize_model(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+    """Quantize an already-built model's base linear layers in place (each layer's float weight is freed as it
+    is replaced). Loading with quantize= is the way that never holds the whole float base."""
+    fmt = check_format(fmt)
+    if fmt is None:
+        return model
+    for name, p in list(model.named_parameters()):
+        if is_quantizable(name):
+            set_quantized(model, name, QuantizedLinear.from_float(p.detach(), fmt, p.dtype, name=name))
+    model.quantization = dict(format=fmt, exact=0, requantized=sum(
+        isinstance(m, QuantizedLinear) for m in model.modules()))
+    return model
