@@ -15,9 +15,10 @@ Formats (`FORMATS`):
         CPU decode path calls it without conversion; `pack_int4` / `unpack_int4` write and read that layout in
         plain torch (checked against aten._convert_weight_to_int4pack_for_cpu once per process).
 
-Kernels: torch's own weight-only matmuls (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) for the 1-4
-rows of a CPU decode step; for more rows (prefill, training) and on CUDA the weight is dequantized on the fly for
-one layer at a time and multiplied by the dense GEMM. Measured on this machine (docs/quantization.md): torch's
+Kernels: torch's own weight-only matmuls (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) for the
+single row of a CPU decode step where they win (_use_packed_kernel); otherwise (more rows: prefill, training,
+batched decode; CUDA) the weight is dequantized on the fly, one layer at a time into a reused per-thread buffer,
+and multiplied by the dense GEMM. Measured on this machine (docs/quantization.md): torch's
 packed kernels run one row in 2-3x the fp32 GEMV's time and scale linearly with the rows (1 s for 1024 rows of a
 1536 x 576 layer, against 17 ms dequantized), torchao's int8 layout (same aten op underneath plus dispatch) was
 slower still and bitsandbytes' CPU nf4 took 94 ms for the 49152 x 576 head (fp32: 11 ms).
@@ -35,7 +36,6 @@ from .nn import few_rows_linear
 
 FORMATS = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_1 maps onto it exactly; torch's CPU kernel takes 32, 64, 128, 256
-PACKED_KERNEL_MAX_ROWS = 4  # above this many rows, dequantize + GEMM is faster than torch's packed kernels
 
 
 class QuantizationError(ValueError):
@@ -149,6 +149,24 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> None:
+    """unpack_int4 written straight into out [N, K] (any float dtype), converting as it copies: no [N, K] uint8
+    intermediate."""
+    N, K = out.shape
+    flat = packed.reshape(-1)
+    full = N // 32 * 32
+    if full:
+        b = flat[:full * K // 2].view(full // 32, K, 16)  # [block, k, row]
+        o = out[:full].view(full // 32, 2, 16, K)  # [block, half, row, k]
+        o[:, 0].copy_((b & 15).transpose(1, 2))
+        o[:, 1].copy_((b >> 4).transpose(1, 2))
+    if N > full:
+        b = flat[full * K // 2:].view(K, 8)  # [k, pair]
+        o = out[full:].view(8, 2, K)  # [pair, even/odd, k]
+        o[:, 0].copy_((b & 15).t())
+        o[:, 1].copy_((b >> 4).t())
+
+
 _packed_layout_lock = threading.Lock()
 _packed_layout_ok: bool | None = None
 
@@ -252,6 +270,24 @@ class QuantizedLinear(torch.nn.Module):
             return dequantize_int8(self.codes, self.scales, dtype)
         return dequantize_int4(unpack_int4(self.codes), self.scales, dtype)
 
+    def _dequantized_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in dtype, written into this thread's scratch buffer for the shape: valid until the next call
+        on this thread (a matmul consumes it at once). A fresh allocation of a LLaMA-7B MLP weight (180 MB) costs
+        about as much in page faults as the conversion itself: 420 -> 170 ms per dequantization with the buffer."""
+        N, K = self.out_features, self.in_features
+        buf = _scratch(N * K, torch.float32, self.codes.device)[:N * K].view(N, K)
+        if self.format == "int8":
+            buf.copy_(self.codes)
+            if self.scales.dim() == 1:
+                buf.mul_(self.scales.float()[:, None])
+            else:
+                buf.view(N, self.scales.shape[1], -1).mul_(self.scales.float()[:, :, None])
+        else:
+            _unpack_int4_into(self.codes, buf)
+            sl = self.scales.float().transpose(0, 1)  # [N, G, 2]
+            buf.view(N, sl.shape[1], -1).mul_(sl[..., :1]).add_(sl[..., 1:])
+        return buf if dtype == torch.float32 else buf.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: input has {x.shape[-1]} features, the layer takes "
@@ -259,18 +295,14 @@ class QuantizedLinear(torch.nn.Module):
         return _QuantizedMatmul.apply(x, self.codes, self.scales, self)
 
     def _packed_matmul(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """x2 [M, K] @ W^T by torch's packed CPU kernels, or None where they do not apply."""
-        if x2.device.type != "cpu" or not 1 <= x2.shape[0] <= PACKED_KERNEL_MAX_ROWS:
-            return None
-        if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        """x2 [M, K] @ W^T by torch's packed CPU kernels where they beat dequantize + GEMM, else None."""
+        if not _use_packed_kernel(self.format, x2, self.out_features * self.in_features):
             return None
         x2 = x2.contiguous()
         if self.format == "int8":
             if self.scales.dim() != 1:  # per-block scales (GGUF Q8_0): the kernel takes one scale per row
                 return None
             return torch._weight_int8pack_mm(x2, self.codes, self.scales.to(x2.dtype))
-        if not packed_int4_kernel_ok():
-            return None
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, self.group_size,
                                                           kernel_scales_and_zeros(self.scales, x2.dtype))
 
@@ -288,7 +320,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         y = layer._packed_matmul(x2)
         if y is None:
-            y = few_rows_linear(x2, layer.dequantize(x.dtype))
+            y = few_rows_linear(x2, layer._dequantized_for_matmul(x.dtype))
         return y.view(*lead, layer.out_features)
 
     @staticmethod
@@ -297,8 +329,38 @@ class _QuantizedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             layer = ctx.layer
             g2 = grad_out.reshape(-1, layer.out_features)
-            grad_x = (g2 @ layer.dequantize(grad_out.dtype)).view(*grad_out.shape[:-1], layer.in_features)
+            grad_x = (g2 @ layer._dequantized_for_matmul(grad_out.dtype)).view(*grad_out.shape[:-1],
+                                                                                 layer.in_features)
         return grad_x, None, None, None
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer of at least numel elements (grown on demand: it ends at the largest layer's size)."""
+    bufs = getattr(_scratch_buffers, "by_key", None)
+    if bufs is None:
+        bufs = _scratch_buffers.by_key = {}
+    key = (dtype, device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+def _use_packed_kernel(fmt: str, x2: torch.Tensor, weight_numel: int) -> bool:
+    """Whether torch's packed kernel is the faster way for this call (measured in whole-model decode A/Bs on an AVX2
+    CPU, docs/quantization.md): only for one row (decode at batch 1) on the CPU (from 4 rows on, dequantize + GEMM
+    wins by 3-7x at every shape), and only for weights of 1M elements and more: there the kernel won or tied
+    (TinyLlama int4: 398 vs 470 ms per token), while for smaller ones dequantize + GEMV won or tied (SmolLM2 int8:
+    119 vs 139 ms per token)."""
+    if x2.device.type != "cpu" or x2.shape[0] != 1 or x2.dtype not in (torch.float32, torch.bfloat16,
+                                                                        torch.float16):
+        return False
+    if weight_numel < 1 << 20:
+        return False
+    return fmt == "int8" or packed_int4_kernel_ok()
 
 
 def check_layer_shape(fmt: str, shape, name: str) -> None:

@@ -52,10 +52,14 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
             continue
         if quantize and is_quantizable(name) and name in source.entries:
             exact = getattr(source, "quantized", None)
-            blocks = exact(name, quantize) if exact else None
+            ck_name, file = source.entries[name][:2]
+            try:
+                blocks = exact(name, quantize) if exact else None
+            except Exception as e:  # a truncated or inconsistent block array
+                raise CheckpointError(f"{file}: cannot read tensor {ck_name!r}'s quantized blocks: "
+                                      f"{type(e).__name__}: {e}") from e
             if blocks is not None:
                 codes, scales = blocks
-                ck_name, file = source.entries[name][:2]
                 if (codes.shape[0], codes.shape[1]) != tuple(param.shape):
                     raise CheckpointError(f"{file}: tensor {ck_name!r} has shape {list(codes.shape)}, expected "
                                           f"{list(param.shape)} for {name}")

@@ -97,12 +97,13 @@ def test_gguf_blocks_map_exactly():
 
 # ------------------------------------------------------------------------------------------- the layer
 @pytest.mark.parametrize("fmt", Q.FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 40])  # 1-4 rows: torch's packed kernel; more: dequantize + GEMM
-def test_layer_matches_its_dequantized_weight(fmt, rows):
-    w = torch.randn(80, 128) / 11
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("shape", [(80, 128), (1024, 1024)])  # 1024 x 1024, one row: int8 takes torch's kernel
+def test_layer_matches_its_dequantized_weight(fmt, rows, shape):
+    w = torch.randn(*shape) / 11
     layer = Q.QuantizedLinear.from_float(w, fmt, torch.float32)
     dense = layer.dequantize(torch.float32)
-    x = torch.randn(rows, 128, requires_grad=True)
+    x = torch.randn(rows, shape[1], requires_grad=True)
     y = layer(x)
     torch.testing.assert_close(y, x @ dense.t(), rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
@@ -113,6 +114,24 @@ def test_layer_matches_its_dequantized_weight(fmt, rows):
     xb = x.detach().bfloat16()
     ref = xb.float() @ dense.t()
     assert (layer(xb).float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchs_packed_kernels_read_our_layout(dtype):
+    """Whichever path the layer picks on this CPU, torch's packed kernels compute x W^T from our stored codes and
+    scales (int4: pack_int4's layout and kernel_scales_and_zeros; int8: per-row scales)."""
+    w = torch.randn(96, 192) / 14
+    x = torch.randn(2, 192).to(dtype)
+    q4 = Q.QuantizedLinear.from_float(w, "int4", torch.float32)
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4.codes, q4.group_size,
+                                                     Q.kernel_scales_and_zeros(q4.scales, dtype))
+    ref = x.float() @ q4.dequantize().t()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert (got.float() - ref).abs().max() <= tol * ref.abs().max()
+    q8 = Q.QuantizedLinear.from_float(w, "int8", torch.float32)
+    got = torch._weight_int8pack_mm(x, q8.codes, q8.scales.to(dtype))
+    ref = x.float() @ q8.dequantize().t()
+    assert (got.float() - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_layer_on_a_batched_input_and_its_memory():
@@ -215,7 +234,7 @@ def test_default_gguf_model_int4_is_the_files_own_numbers(smollm2_int4):
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         torch.testing.assert_close(q(ids).logits, f(ids).logits, rtol=1e-4, atol=1e-4)
-        # the decode path (one row: torch's int4 kernel) too
+        # the decode path (one row) too
         cache_q, cache_f = q.new_cache(1, 16), f.new_cache(1, 16)
         q(ids, cache=cache_q), f(ids, cache=cache_f)
         nxt = torch.tensor([[tok.encode(" Paris", bos=False)[0]]])
