@@ -1,7 +1,7 @@
 """A quantized frozen base: weight-only int8 / int4 storage for the base model's linear layers.
 
 The base never trains, so it needs no full-precision master weights: `QuantizedLinear` keeps a layer's weight as
-integer codes plus fp32 scales, and the loaders (weights._fill_model) quantize each weight as it is read, so no
+integer codes plus scales, and the loaders (weights._fill_model) quantize each weight as it is read, so no
 full-precision copy of the base stays alive. Norms, embeddings (and a tied LM head), an untied LM head and the
 adapter stay in the model dtype.
 
@@ -20,10 +20,10 @@ single row of a CPU decode step where they win (_use_packed_kernel); otherwise (
 batched decode; CUDA) the weight is dequantized on the fly, one layer at a time into a reused per-thread buffer,
 and multiplied by the dense GEMM. Measured on this machine (docs/quantization.md): torch's
 packed kernels run one row in 2-3x the fp32 GEMV's time and scale linearly with the rows (1 s for 1024 rows of a
-1536 x 576 layer, against 17 ms dequantized), torchao's int8 layout (same aten op underneath plus dispatch) was
-slower still and bitsandbytes' CPU nf4 took 94 ms for the 49152 x 576 head (fp32: 11 ms).
+1536 x 576 layer, against 17 ms dequantized); torchao 0.18's int8 weight-only layer took 84 ms and bitsandbytes'
+CPU nf4 94 ms for the 49152 x 576 head, where fp32 takes 11 ms.
 
-Training: `QuantizedLinear` is an autograd Function whose backward is dX = dY W with W dequantized on the fly;
+Training: `QuantizedLinear`'s matmul is an autograd Function whose backward is dX = dY W with W dequantized on the fly;
 the codes get no gradient (they are buffers).
 """
 from __future__ import annotations
