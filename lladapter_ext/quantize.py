@@ -136,22 +136,14 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_int4: uint8 [N, K / 2] -> codes uint8 [N, K]."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    flat = packed.reshape(-1)
-    full = N // 32 * 32
-    parts = []
-    if full:
-        b = flat[:full * K // 2].view(full // 32, K, 16)  # [block, k, row]
-        parts.append(torch.stack([b & 15, b >> 4], dim=1).permute(0, 1, 3, 2).reshape(full, K))
-    if N > full:
-        b = flat[full * K // 2:].view(K, 8)  # [k, pair]
-        parts.append(torch.stack([b & 15, b >> 4], dim=-1).permute(1, 2, 0).reshape(16, K))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.uint8, device=packed.device)
+    _unpack_int4_into(packed, out)
+    return out
 
 
 def _unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> None:
-    """unpack_int4 written straight into out [N, K] (any float dtype), converting as it copies: no [N, K] uint8
-    intermediate."""
+    """The codes of pack_int4's layout written straight into out [N, K] (uint8 or a float dtype, converted as they
+    are copied: the dequantising path needs no [N, K] uint8 intermediate)."""
     N, K = out.shape
     flat = packed.reshape(-1)
     full = N // 32 * 32
