@@ -310,7 +310,7 @@ def main():
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs or DEFAULT_ARCHS
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         log(f"CUDA build: CUDA_HOME={cuda_home}, archs {archs}, torch {torch.__version__}, {CXX_STD}")
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/registration.cpp"]
         defines += ["-DLLADAPTER_WITH_CUDA", f'-DLLADAPTER_CUDA_ARCHS="{archs}"']
         extra["cxx"] = cxx + defines + pip_cuda_include_flags()
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [

@@ -1,7 +1,10 @@
 // Shared argument checks and small helpers for the lladapter kernels (CPU and CUDA).
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the Tensor class and its methods, not <ATen/ATen.h>: these headers reach every .cu file, and nvcc parses
+// each header three times (cudafe++, cicc, the host compiler). Allocate with the methods (t.new_empty, new_zeros).
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <string>

@@ -162,13 +162,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 gated_prompt_attention_zero_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& pk, const std::optional<at::Tensor>& gate,
                                   int64_t H) {
-  auto prompt_grad = [&] { return pk.has_value() ? at::zeros(pk->sizes(), q.options()) : at::empty({0}, q.options()); };
-  return {at::zeros(q.sizes(), q.options()),
-          at::zeros(k.sizes(), k.options()),
-          at::zeros(v.sizes(), v.options()),
-          prompt_grad(),
-          prompt_grad(),
-          gate.has_value() ? at::zeros({H}, gate->options()) : at::empty({0}, q.options().dtype(at::kFloat))};
+  auto prompt_grad = [&] { return pk.has_value() ? q.new_zeros(pk->sizes()) : q.new_empty({0}); };
+  return {q.new_zeros(q.sizes()), k.new_zeros(k.sizes()),
+          v.new_zeros(v.sizes()), prompt_grad(),
+          prompt_grad(),          gate.has_value() ? gate->new_zeros({H}) : q.new_empty({0}, at::kFloat)};
 }
 
 }  // namespace lladapter

@@ -1,5 +1,6 @@
 // The Python module lladapter_ext._C: importing it loads the op registrations; build_info() says what was built.
-#include <torch/extension.h>
+// pybind11 with torch's Tensor casters, not <torch/extension.h> (all of libtorch's C++ API: 35 s more compile time)
+#include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
 #ifndef LLADAPTER_CUDA_ARCHS
@@ -10,9 +11,7 @@
 #endif
 
 #ifdef LLADAPTER_WITH_CUDA
-namespace lladapter::cuda_impl {
-at::Tensor wmma_fragment_layouts();  // csrc/cuda/wmma_layout_probe.cu
-}
+#include "cuda/ops_cuda.h"  // wmma_fragment_layouts
 #endif
 
 namespace {

@@ -33,7 +33,7 @@ inline void rms_norm_check_backward_inputs(const at::Tensor& grad_y, const at::T
   check_same_device(op, "rstd", rstd, "x", x);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", shape_str(x), ", got ",
               shape_str(grad_y));
-  const auto out_dtype = at::promote_types(x.scalar_type(), weight.scalar_type());
+  const auto out_dtype = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
   TORCH_CHECK(grad_y.scalar_type() == out_dtype, op, ": grad_y must have the output dtype ", out_dtype, ", got ",
               grad_y.scalar_type());
   const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -25,6 +25,7 @@
 //  at::parallel_for only runs in parallel when this file is compiled with -fopenmp (see
 //  docs/gated_prompt_attention.md).
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

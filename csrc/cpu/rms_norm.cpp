@@ -2,6 +2,8 @@
 // dweight is reduced deterministically: fixed row chunks (independent of the thread count) each write a
 // partial sum, then the partials are added in chunk order.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -197,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at
   TORCH_CHECK(eps >= 0, "lladapter::rms_norm: eps must be >= 0, got ", eps);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight_in.contiguous();
-  const auto out_dtype = at::promote_types(x.scalar_type(), w.scalar_type());
+  const auto out_dtype = c10::promoteTypes(x.scalar_type(), w.scalar_type());
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
   auto stat_sizes = x.sizes().vec();
   stat_sizes.pop_back();

@@ -2,7 +2,9 @@
 // position are shared by all q and k heads. fp32 lanes via at::vec (the interleaved layout de-interleaves pairs
 // into two vectors and re-interleaves the result); fp64 is a plain loop for gradcheck.
 // q/k may be any strided view whose last dim is contiguous (e.g. slices of a fused qkv projection).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstring>

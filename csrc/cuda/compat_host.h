@@ -7,10 +7,7 @@
 //   ll::device_props()            SM count, compute capability, shared-memory opt-in limit (emulated profile)
 //   ll::allow_dynamic_smem(k, n)  cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, n)
 //   LL_LAUNCH_CHECK()             C10_CUDA_KERNEL_LAUNCH_CHECK() (the emulator's launches throw themselves)
-//   LL_KERNELS_LIBRARY_IMPL(m)    TORCH_LIBRARY_IMPL(lladapter, CUDA, m) / (lladapter_emu, CPU, m)
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <cstdint>
 
@@ -18,9 +15,11 @@
 #include "compat.h"
 
 #ifndef LLADAPTER_EMU
-#include <ATen/cuda/CUDAContext.h>
+// CUDAContextLight.h, not CUDAContext.h: the latter brings ATen/Context.h, seconds of nvcc time per .cu file
+#include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace lladapter::ll {
@@ -53,13 +52,12 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes) {
 }
 
 #define LL_LAUNCH_CHECK() ((void)0)
-#define LL_KERNELS_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(lladapter_emu, CPU, m)
 
 #else  // the real CUDA build
 
 inline constexpr KernelTarget kTarget{c10::DeviceType::CUDA, true};
 using Stream = cudaStream_t;
-inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 
 inline DeviceProps device_props() {
@@ -74,7 +72,6 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes) {
 }
 
 #define LL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
-#define LL_KERNELS_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(lladapter, CUDA, m)
 
 #endif  // LLADAPTER_EMU
 

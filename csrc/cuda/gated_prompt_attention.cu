@@ -18,8 +18,6 @@
 //                  chunks in order by at::sum (deterministic)
 //            dgate = phi'(g) * sum_{b,i} D_prompt via at::sum.
 //            The tensor-core kernels replace dq and dkv where the dispatcher picks them.
-#include <torch/library.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -27,6 +25,7 @@
 
 #include "gated_prompt_attention_cuda.h"
 #include "gated_prompt_attention_simt.cuh"
+#include "ops_cuda.h"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -392,7 +391,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   if (gate.has_value()) {
     const at::Tensor gf = gate->to(at::kFloat);
     t.phi = g.tanh_gate ? gf.tanh().contiguous() : gf.contiguous();
-    t.dphi = g.tanh_gate ? (1 - t.phi * t.phi) : at::ones_like(gf);
+    t.dphi = g.tanh_gate ? t.phi.mul(t.phi).neg().add(1) : gf.new_ones(gf.sizes());  // 1 - phi^2 (exactly)
   }
   return p;
 }
@@ -413,6 +412,8 @@ void dispatch_simt(at::ScalarType t, int64_t d, F&& f) {
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& pk_in,
     const std::optional<at::Tensor>& pv_in, const std::optional<at::Tensor>& gate,
@@ -422,9 +423,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cuda(
   const GatedPromptAttentionProblem& g = p.g;
   const AttnTensors& t = p.t;
   const AttnPolicy policy = policy_from_env();
-  at::Tensor out = at::empty(t.q.sizes(), t.q.options());
-  at::Tensor lse = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));
-  at::Tensor plse = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));
+  at::Tensor out = t.q.new_empty(t.q.sizes());
+  at::Tensor lse = t.q.new_empty({g.B, g.H, g.Tq}, at::kFloat);
+  at::Tensor plse = t.q.new_empty({g.B, g.H, g.Tq}, at::kFloat);
   if (out.numel() == 0) return {out, lse, plse};
   const ll::DeviceProps props = ll::device_props();
   // few query rows and many keys (decode): split-K, before the tensor-core / SIMT choice
@@ -466,8 +467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dpk, dpv, dgate;
   std::tie(bt.dq, bt.dk, bt.dv, dpk, dpv, dgate) = gated_prompt_attention_zero_grads(t.q, t.k, t.v, pk_in, gate, g.H);
   if (t.q.numel() == 0) return {bt.dq, bt.dk, bt.dv, dpk, dpv, dgate};
-  bt.Dw = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));
-  bt.Dp = at::empty({g.B, g.H, g.Tq}, t.q.options().dtype(at::kFloat));
+  bt.Dw = t.q.new_empty({g.B, g.H, g.Tq}, at::kFloat);
+  bt.Dp = t.q.new_empty({g.B, g.H, g.Tq}, at::kFloat);
   const ll::DeviceProps props = ll::device_props();
   const bool tensor_cores =
       policy.tensor_cores && mma_supports(g, t, {&bt.dout, &bt.dq, &bt.dk, &bt.dv}, props, /*backward=*/true);
@@ -500,8 +501,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (g.has_prompt) {
       const int64_t rows = (g.Bp == 1 ? g.B : 1) * g.rep * g.Tq;
       const int64_t chunks = (rows + kPromptRowChunk - 1) / kPromptRowChunk;
-      at::Tensor part_k = at::empty({chunks, g.Bp, g.K, g.Hkv, g.d}, t.q.options().dtype(at::kFloat));
-      at::Tensor part_v = at::empty_like(part_k);
+      at::Tensor part_k = t.q.new_empty({chunks, g.Bp, g.K, g.Hkv, g.d}, at::kFloat);
+      at::Tensor part_v = t.q.new_empty(part_k.sizes(), at::kFloat);
       LL_LAUNCH(blocks_for(chunks * g.Bp * g.Hkv * g.K), kWarps * 32, 0, stream, gpa_bwd_dpkv_kernel<T, DMAX>)(
           g, qp, t.pk.const_data_ptr<T>(), t.pv.const_data_ptr<T>(), phip, dop, bt.plse.const_data_ptr<float>(),
           bt.Dp.const_data_ptr<float>(), chunks, part_k.mutable_data_ptr<float>(), part_v.mutable_data_ptr<float>());
@@ -509,17 +510,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // ordered reductions (at::sum on CUDA is deterministic)
       dpk.copy_(part_k.sum(0));
       dpv.copy_(part_v.sum(0));
-      dgate.copy_(t.dphi * bt.Dp.sum(at::IntArrayRef{0, 2}));
+      dgate.copy_(t.dphi.mul(bt.Dp.sum(at::IntArrayRef{0, 2})));
     }
   });
   return {bt.dq, bt.dk, bt.dv, dpk, dpv, dgate};
-}
-
-}  // namespace
-
-LL_KERNELS_LIBRARY_IMPL(m) {
-  m.impl("gated_prompt_attention", &gated_prompt_attention_cuda);
-  m.impl("gated_prompt_attention_backward", &gated_prompt_attention_backward_cuda);
 }
 
 }  // namespace lladapter::cuda_impl

@@ -5,8 +5,6 @@
 // This header is how the dispatcher talks to the other two files. See docs/gated_prompt_attention.md.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <cstdint>
 #include <initializer_list>
 #include <optional>

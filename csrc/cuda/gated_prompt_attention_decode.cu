@@ -365,9 +365,8 @@ void launch_decode_forward(const GatedPromptAttentionProblem& g, const DecodePla
                            at::Tensor& out, at::Tensor& lse, at::Tensor& plse) {
   const int64_t groups = g.B * g.Hkv * plan.row_groups;
   const int64_t stat_rows = g.B * g.H * g.Tq;
-  const auto f32 = t.q.options().dtype(at::kFloat);
-  at::Tensor part_ml = at::empty({stat_rows, plan.nsplit, 2}, f32);
-  at::Tensor part_acc = at::empty({stat_rows, plan.nsplit, g.d}, f32);
+  at::Tensor part_ml = t.q.new_empty({stat_rows, plan.nsplit, 2}, at::kFloat);
+  at::Tensor part_acc = t.q.new_empty({stat_rows, plan.nsplit, g.d}, at::kFloat);
   const ll::Stream stream = ll::current_stream();
   dispatch_decode(t.q.scalar_type(), g.d, [&]<typename T, int D>() {
     LL_LAUNCH(static_cast<unsigned>(groups * plan.nsplit), kDecThreads, 0, stream, gpa_decode_partial_kernel<T, D>)(

@@ -2,11 +2,10 @@
 // Forward and dx: one row per warp (narrow rows) or per block (wide rows), 16-byte vector loads when the width
 // and the pointers allow it (else scalar), fp32 accumulation, rsqrt of the fp32 mean square.
 // dweight: a deterministic two-stage column reduction (fixed row splits -> fp32 partials -> ordered sum), no atomics.
-#include <torch/library.h>
-
 #include "../rms_norm.h"
 #include "compat_host.h"
 #include "device_utils.cuh"
+#include "ops_cuda.h"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -234,7 +233,7 @@ void bwd_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, 
   splits = std::min<int64_t>({splits, rows, 1024});
   const int64_t rows_per_split = (rows + splits - 1) / splits;
   splits = (rows + rows_per_split - 1) / rows_per_split;
-  at::Tensor partial = at::empty({splits, n}, x.options().dtype(at::kFloat));
+  at::Tensor partial = x.new_empty({splits, n}, at::kFloat);
   LL_LAUNCH(dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits)), kColThreads, 0, stream,
             rms_norm_bwd_dw_partial_kernel<scalar_t, out_t>)(dyp, xp, rp, partial.mutable_data_ptr<float>(), rows, n,
                                                              rows_per_split);
@@ -244,16 +243,18 @@ void bwd_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, 
   LL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
   rms_norm_check_inputs(x_in, weight_in, ll::kTarget);
   TORCH_CHECK(eps >= 0, "lladapter::rms_norm: eps must be >= 0, got ", eps);
   const ll::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight_in.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), w.scalar_type())));
+  at::Tensor y = x.new_empty(x.sizes(), c10::promoteTypes(x.scalar_type(), w.scalar_type()));
   auto stat_sizes = x.sizes().vec();
   stat_sizes.pop_back();
-  at::Tensor rstd = at::empty(stat_sizes, x.options().dtype(at::kFloat));
+  at::Tensor rstd = x.new_empty(stat_sizes, at::kFloat);
   if (x.numel() == 0) return {y, rstd};
   const bool wf = w.scalar_type() == at::kFloat;
   switch (x.scalar_type()) {
@@ -281,8 +282,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight_in.contiguous();
   const at::Tensor rstd = rstd_in.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dw = at::zeros(w.sizes(), w.options());
+  at::Tensor dx = x.new_empty(x.sizes());
+  at::Tensor dw = w.new_zeros(w.sizes());
   if (x.numel() == 0) return {dx, dw};
   const bool wf = w.scalar_type() == at::kFloat;
   switch (x.scalar_type()) {
@@ -300,13 +301,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
       TORCH_CHECK(false, "lladapter::rms_norm_backward: unsupported dtype ", x.scalar_type());
   }
   return {dx, dw};
-}
-
-}  // namespace
-
-LL_KERNELS_LIBRARY_IMPL(m) {
-  m.impl("rms_norm", &rms_norm_cuda);
-  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
 }
 
 }  // namespace lladapter::cuda_impl

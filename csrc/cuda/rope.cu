@@ -6,13 +6,13 @@
 // Explicit position ids are range-checked on the device (CUDA_KERNEL_ASSERT, as torch's own indexing kernels
 // do) so that no host synchronisation is needed; offset + seq is checked on the host.
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <limits>
 
 #include "../rope.h"
 #include "compat_host.h"
 #include "device_utils.cuh"
+#include "ops_cuda.h"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -218,13 +218,15 @@ void launch(const at::Tensor& q_in, const at::Tensor& k_in, at::Tensor& q_out, a
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                              const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                                              int64_t offset, bool interleaved, bool inverse) {
   const RopeGeometry g = rope_check_inputs("lladapter::rope", q, k, cos, sin, position_ids, offset, ll::kTarget);
   const ll::DeviceGuard guard(q.device());
   const at::Tensor qi = last_dim_contiguous(q), ki = last_dim_contiguous(k);
-  at::Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
+  at::Tensor q_out = q.new_empty(q.sizes()), k_out = k.new_empty(k.sizes());
   launch(qi, ki, q_out, k_out, cos, sin, position_ids, offset, interleaved, inverse, g, /*copy_pass=*/true);
   return {q_out, k_out};
 }
@@ -239,13 +241,6 @@ void rope_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, cons
   launch(qw, kw, qw, kw, cos, sin, position_ids, offset, interleaved, inverse, g, /*copy_pass=*/false);
   if (!qw.is_same(q)) q.copy_(qw);
   if (!kw.is_same(k)) k.copy_(kw);
-}
-
-}  // namespace
-
-LL_KERNELS_LIBRARY_IMPL(m) {
-  m.impl("rope", &rope_cuda);
-  m.impl("rope_", &rope_inplace_cuda);
 }
 
 }  // namespace lladapter::cuda_impl

@@ -5,13 +5,19 @@
 //
 // Each probe loads a 16 x 16 matrix whose element (r, c) is the code r * 16 + c (exact in fp16, bf16 and fp32)
 // with load_matrix_sync and writes every lane's x[i] to out[kind, lane, i]; slots past num_elements stay NaN.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#ifdef LLADAPTER_EMU
+#include <ATen/EmptyTensor.h>
+#else
+#include <ATen/cuda/EmptyTensor.h>
+#endif
 
 #include <cmath>
 #include <type_traits>
 
 #include "compat.h"
 #include "compat_host.h"
+#include "ops_cuda.h"
 
 namespace lladapter::cuda_impl {
 namespace {
@@ -71,13 +77,15 @@ __global__ void wmma_layout_probe_kernel(float* __restrict__ out) {
 // accumulator loaded from row-major memory, accumulator loaded from column-major memory.
 at::Tensor wmma_fragment_layouts() {
   constexpr int kKinds = 8;
+  // (at::detail's allocators: <ATen/ops/full.h> would cost this file as much compile time as the rest of it)
 #ifdef LLADAPTER_EMU
-  const auto options = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor out = at::detail::empty_cpu({kKinds, 32, kProbeSlots}, at::TensorOptions().dtype(at::kFloat));
 #else
-  const auto options = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device());
   TORCH_CHECK(ll::device_props().major >= 8, "wmma_fragment_layouts: needs an sm_80+ GPU");
+  at::Tensor out = at::detail::empty_cuda(
+      {kKinds, 32, kProbeSlots}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
 #endif
-  at::Tensor out = at::full({kKinds, 32, kProbeSlots}, NAN, options);
+  out.fill_(NAN);
   float* p = out.mutable_data_ptr<float>();
   const ll::Stream stream = ll::current_stream();
   constexpr int n = 32 * kProbeSlots;

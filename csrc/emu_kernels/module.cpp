@@ -1,16 +1,15 @@
 // lladapter_ext._emu: csrc/cuda compiled against the SIMT emulator (csrc/emu). Importing it registers the schemas
 // of every op under torch.ops.lladapter_emu (the kernels register in the wrappers next to this file) and exposes
 // the emulator's knobs, statistics and self-tests (docs/emulator.md).
-#include <torch/extension.h>
+// pybind11 with torch's Tensor casters, not <torch/extension.h> (all of libtorch's C++ API: 35 s more compile time)
+#include <torch/csrc/utils/pybind.h>
 
 #include "../schemas.h"
 
 // csrc/emu/python_bindings.cpp: the emulator's knobs, statistics and self-tests.
 void lladapter_emu_bind(pybind11::module_& m);
 
-namespace lladapter::cuda_impl {
-at::Tensor wmma_fragment_layouts();  // csrc/cuda/wmma_layout_probe.cu
-}
+#include "../cuda/ops_cuda.h"  // wmma_fragment_layouts
 
 TORCH_LIBRARY(lladapter_emu, m) { lladapter::define_op_schemas(m); }
 
