@@ -86,8 +86,8 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
     encoder: MultiModalLlama.from_adapter).
 
     quantize: None/"none", "int8" or "int4" (lladapter_ext.quantize): the base's attention and MLP projections are
-    stored quantized as they are read (GGUF Q4_1 -> int4 and Q8_0 -> int8 exactly, the rest requantised), never
-    all in full precision at once; a preset is initialised layer by layer the same way.
+    stored quantized as they are read (GGUF Q4_0 and Q4_1 -> int4 and Q8_0 -> int8 exactly, the rest
+    requantised), never all in full precision at once; a preset is initialised layer by layer the same way.
     """
     from .interop import reading_once
     from .quantize import check_format
@@ -498,12 +498,13 @@ def _gguf_tensor_inner(t, qt, shape, T, gguf, np) -> torch.Tensor:
 
 
 def _gguf_blocks(t, fmt: str):
-    """A GGUF tensor whose blocks map exactly onto `fmt` (Q4_1 -> int4, Q8_0 -> int8) as (codes, scales) for
+    """A GGUF tensor whose blocks map exactly onto `fmt` (Q4_0, Q4_1 -> int4, Q8_0 -> int8) as (codes, scales) for
     QuantizedLinear.from_codes; None for the other types (they are dequantised and requantised)."""
     import numpy as np
 
-    from .quantize import from_gguf_q4_1, from_gguf_q8_0
-    convert = {("int4", "Q4_1"): from_gguf_q4_1, ("int8", "Q8_0"): from_gguf_q8_0}.get((fmt, t.tensor_type.name))
+    from .quantize import from_gguf_q4_0, from_gguf_q4_1, from_gguf_q8_0
+    convert = {("int4", "Q4_0"): from_gguf_q4_0, ("int4", "Q4_1"): from_gguf_q4_1,
+               ("int8", "Q8_0"): from_gguf_q8_0}.get((fmt, t.tensor_type.name))
     if convert is None:
         return None
     N, K = (int(s) for s in reversed(list(t.shape)))

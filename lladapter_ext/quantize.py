@@ -9,8 +9,8 @@ Formats (`FORMATS`):
   int8  symmetric codes in [-127, 127] with one fp32 scale per output row (quantized from floats) or an fp16
         one per block of 32 inputs (a GGUF Q8_0 tensor, mapped exactly).
   int4  asymmetric codes in [0, 15] with an fp16 scale and low value per group of 64 inputs (32 where the width
-        is not a multiple of 64): w = q * scale + low, 4.5 bits per weight; a GGUF Q4_1 tensor maps exactly
-        (groups of 32, scale d, low m: 5 bits), others are requantised from fp32. The codes
+        is not a multiple of 64): w = q * scale + low, 4.5 bits per weight; GGUF Q4_1 and Q4_0 tensors map
+        exactly (groups of 32, scale d and low m, or d and -8 d: 5 bits), others are requantised from fp32. The codes
         are packed two per byte in the layout of torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), so the
         CPU decode path calls it without conversion; `pack_int4` / `unpack_int4` write and read that layout in
         plain torch (checked against aten._convert_weight_to_int4pack_for_cpu once per process).
@@ -35,7 +35,7 @@ import torch
 from .nn import few_rows_linear
 
 FORMATS = ("int8", "int4")
-INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_1 maps onto it exactly; torch's CPU kernel takes 32, 64, 128, 256
+INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_0 and Q4_1 map onto it exactly; torch's CPU kernel takes 32, 64, 128, 256
 
 
 class QuantizationError(ValueError):
@@ -75,7 +75,7 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 # ----------------------------------------------------------------------------------------------- int4
 def int4_group_size(in_features: int) -> int:
     """Inputs per int4 group when quantizing from floats: 64 (4.5 bits per weight with fp16 scale and low), else
-    32 where the width is not a multiple of 64. GGUF Q4_1 tensors keep their 32."""
+    32 where the width is not a multiple of 64. GGUF Q4_0 and Q4_1 tensors keep their 32."""
     return 64 if in_features % 64 == 0 else INT4_GROUP_SIZE
 
 
@@ -189,6 +189,17 @@ def from_gguf_q4_1(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, tor
     qs = b[..., 4:20]
     codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K)
     return codes, _scale_low(d, m)
+
+
+def from_gguf_q4_0(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q4_0 tensor's bytes (N rows of K / 32 blocks: fp16 d, 16 bytes of nibbles laid out as Q4_1's;
+    w = d * (q - 8)) -> int4 (codes, sz) with scale d and low -8 d, exact (both fp16 numbers, and fp32 gives
+    d * q - 8 d = d * (q - 8) without rounding)."""
+    b = raw.reshape(N, K // 32, 18)
+    d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    qs = b[..., 2:18]
+    codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K)
+    return codes, _scale_low(d, -8.0 * d)
 
 
 def from_gguf_q8_0(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:

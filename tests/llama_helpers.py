@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
+
+from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_hf_config(gqa: bool, vocab_size: int = 96, tie: bool = False, **kw):
@@ -106,3 +109,80 @@ def mistral_sentencepiece_model() -> str:
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "tokenizer.model.v1")
     assert os.path.exists(path), f"{path} missing from the mistral-common package"
     return path
+
+
+# ----------------------------------------------------------------------------------------- tiny GGUF files
+def write_tiny_gguf(path, model: LlamaForCausalLM, qtype, raw_random_k=False):
+    """Write model (Meta layout, rope_interleaved=True) as a GGUF file with 2-D weights stored as qtype.
+    Returns {gguf name: (raw array, stored type)} of what was written."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.n_layers)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_freq_base(c.rope_base)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+    per_layer = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+                 "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+                 "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+    rng = np.random.default_rng(0)
+    written = {}
+    for name, p in model.named_parameters():
+        if "adapter" in name:
+            continue
+        if name.startswith("layers."):
+            i, rest = name.split(".", 2)[1:]
+            gname = f"blk.{i}.{per_layer[rest.rsplit('.', 1)[0]]}.weight"
+        else:
+            gname = names[name]
+        x = p.detach().numpy().astype(np.float32)
+        if x.ndim == 1 or qtype == T.F32:
+            w.add_tensor(gname, x)
+            written[gname] = (x, T.F32)
+        elif qtype == T.F16:
+            w.add_tensor(gname, x.astype(np.float16))
+            written[gname] = (x.astype(np.float16), T.F16)
+        elif qtype in (T.Q4_K, T.Q6_K):  # gguf-py cannot quantise these: random blocks with sane scales
+            block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+            raw = rng.integers(0, 256, size=(x.shape[0], x.shape[1] // block, nbytes), dtype=np.uint8)
+            half = np.full(raw.shape[:2], 0.01, dtype=np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+            if qtype == T.Q4_K:  # d, dmin are the first two fp16 of each block
+                raw[..., 0:2] = half
+                raw[..., 2:4] = half
+            else:  # Q6_K: d is the last fp16 of each block
+                raw[..., -2:] = half
+            raw = raw.reshape(x.shape[0], -1)
+            w.add_tensor(gname, raw, raw_dtype=qtype)
+            written[gname] = (raw, qtype)
+        else:
+            q = gguf.quants.quantize(x, qtype)
+            w.add_tensor(gname, q, raw_dtype=qtype)
+            written[gname] = (q, qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def gguf_source_model():
+    # row lengths (dim, ffn_dim) are multiples of 256, the K-quant block size
+    cfg = LlamaConfig(vocab_size=48, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, norm_eps=1e-5,
+                      rope_interleaved=True, max_seq_len=64, adapter_len=2, adapter_layer=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "adapter" not in n:
+                p.normal_(0, 0.05)
+    return model

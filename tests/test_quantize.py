@@ -13,7 +13,7 @@ import torch
 from lladapter_ext import quantize as Q
 from lladapter_ext.loaders import load_model
 from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
-from llama_helpers import save_ours_as_hf, smollm2_gguf
+from llama_helpers import gguf_source_model, save_ours_as_hf, smollm2_gguf, write_tiny_gguf
 
 # dim 64 and ffn 128: int4's 64-wide groups; kv width 32 (2 heads of 16): int4's rows in 16s
 SMALL = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
@@ -93,6 +93,31 @@ def test_gguf_blocks_map_exactly():
             codes, scales = Q.from_gguf_q8_0(raw, rows, K)
             got = Q.dequantize_int8(codes, scales, torch.float32)
         torch.testing.assert_close(got, expect, rtol=0, atol=1e-6 * expect.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype,fmt", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q8_0", "int8")])
+def test_gguf_file_loads_its_blocks_without_requantising(tmp_path, qtype, fmt):
+    """A GGUF file with Q4_0, Q4_1 or Q8_0 projections (written by gguf-py's own quantiser): every projection is
+    mapped from the file's blocks, its weight is gguf's dequantised one bit for bit, and the logits equal the fp32
+    load's (which dequantises the same blocks) up to the summation order."""
+    import gguf
+    import numpy as np
+
+    from lladapter_ext.loaders import load_gguf
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    written = write_tiny_gguf(path, gguf_source_model(), gguf.GGMLQuantizationType[qtype])
+    model, _ = load_gguf(path, tokenizer=False, quantize=fmt)
+    assert model.quantization == {"format": fmt, "exact": 14, "requantized": 0}  # 2 layers x 7 projections
+    for i in range(2):
+        for gname, ours in [("attn_q", "attention.wq"), ("attn_k", "attention.wk"), ("ffn_down", "feed_forward.w2")]:
+            layer = model.get_submodule(f"layers.{i}.{ours}")
+            raw, stored = written[f"blk.{i}.{gname}.weight"]
+            expect = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, stored)))
+            assert torch.equal(layer.dequantize(torch.float32), expect.reshape(layer.out_features, -1)), (i, gname)
+    dense, _ = load_gguf(path, tokenizer=False)
+    x = torch.randint(0, 48, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- the layer
