@@ -1,6 +1,7 @@
 """Checkpoint loaders: HF (safetensors, sharded, .bin) and Meta (sharded) parity with transformers, GGUF (all
 supported tensor types, and the real SmolLM2-135M file against transformers' own GGUF loading), and the errors
 for corrupt, mismatched or unsafe checkpoints."""
+import functools
 import json
 import os
 import shutil
@@ -307,6 +308,7 @@ def test_gguf_truncated_file_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_pair():
     """(our model, our tokenizer, transformers model, transformers tokenizer) from the packaged GGUF, fp32."""
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -314,8 +316,14 @@ def smollm2_pair():
     path = smollm2_gguf()
     d, name = os.path.dirname(path), os.path.basename(path)
     ours, tok = load_model(path, dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    hf_tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    # transformers' GGUF loader parses the file once per use (config, weights, tokenizer: 9 s each here) and
+    # rebuilds gguf's tensor-name table once per module (397 times, 13 s): both are pure, so the oracle is run with
+    # them memoised; what it computes is unchanged
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=1)(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+        hf_tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     return ours.eval(), tok, hf, hf_tok
 
 
