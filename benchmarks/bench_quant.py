@@ -5,7 +5,9 @@ and against fp32.
 
 Per variant: bytes of the base's projections as stored, resident memory after loading (and its peak while loading:
 a load that held the float weights would show them), median training-step time (forward + backward to the adapter,
-batch x tokens as printed) with the peak resident memory of training, and greedy decode tokens/s at batch 1.
+batch x tokens as printed) with the peak resident memory of training, and greedy decode tokens/s at batch 1 with
+the bytes/s of weights it reads (every projection and the LM head per token) as a fraction of a plain copy's
+bandwidth (read + write, measured in the same run): decode is bound by that traffic, so 1.0 is its floor.
 
     python benchmarks/bench_quant.py [--shapes smollm2-135m,tinyllama-1.1b] [--quick] [--json OUT.json]
 """
@@ -21,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from _common import Table, common_args, host_rss_high_water, run_child  # noqa: E402
+from _common import Table, common_args, copy_bandwidth, host_rss_high_water, run_child  # noqa: E402
 
 VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
             "int4": (torch.float32, "int4")}
@@ -60,6 +62,9 @@ def child(args) -> dict:
     after_load = torch.cuda.memory_allocated() if dev == "cuda" else _rss() - base_rss
     proj = sum(m.weight_nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
     proj += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if is_quantizable(n))
+    # what one decode token must read: every projection and the LM head (the embeddings when tied)
+    head = model.output if isinstance(model.output, QuantizedLinear) else None
+    head_bytes = head.weight_nbytes if head is not None else model.lm_head_weight().nbytes
     V = model.config.vocab_size
     ids = torch.randint(0, V, (B, T), device=dev)
 
@@ -98,6 +103,7 @@ def child(args) -> dict:
         decode_s = (time.perf_counter() - t) / max(new - 1, 1)
     times.sort()
     return dict(load_s=load_s, load_peak=load_peak, after_load=after_load, proj_bytes=proj,
+                decode_bytes=proj + head_bytes,
                 step_s=times[len(times) // 2] if times else None, train_peak=train_peak, decode_s=decode_s, B=B,
                 T=T)
 
@@ -114,6 +120,9 @@ def main():
         return
     shapes = ["smollm2-135m"] if args.quick else args.shapes.split(",")
     table = Table("quantized base: memory, training step, decode (ratios vs the bf16 and fp32 bases)", args.device)
+    # decode is bound by reading the weights: its bytes/s against a plain copy's shows the distance to that floor
+    copy_bw = copy_bandwidth(args.device)
+    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s", flush=True)
     mib = 2 ** 20
     for shape in shapes:
         res = {}
@@ -141,7 +150,9 @@ def main():
                       resident=f"{r['after_load'] / mib:.0f}MiB", load_peak=f"{r['load_peak'] / mib:.0f}MiB",
                       train_peak=f"{r['train_peak'] / mib:.0f}MiB", **extra)
             table.add(case, f"{v} decode (per token)", r["decode_s"], None,
-                      tokens_per_s=f"{1 / r['decode_s']:.1f}")
+                      tokens_per_s=f"{1 / r['decode_s']:.1f}",
+                      weights_read=f"{r['decode_bytes'] / r['decode_s'] / 1e9:.1f}GB/s",
+                      of_copy_bw=f"{r['decode_bytes'] / r['decode_s'] / copy_bw:.2f}")
     table.print()
     table.dump(args.json)
 

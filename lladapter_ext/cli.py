@@ -83,6 +83,9 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
     p.add_argument("--quantize", default="none", choices=("none",) + QUANTIZE_FORMATS,
                    help="store the frozen base's attention and MLP projections as int8 or int4 codes "
                         "(docs/quantization.md); activations, norms, embeddings and the adapter keep --dtype")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="with --quantize, store an untied LM head quantized too (a head tied to the embeddings, as "
+                        "SmolLM2's, stays in --dtype)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     if adapter_opts:
         # with --adapter, unset values come from the adapter file's metadata (what it was trained with)
@@ -313,7 +316,10 @@ def main(argv=None) -> int:
     --debug or LLADAPTER_DEBUG=1 the original exception propagates (traceback)."""
     from ._optional import MissingExtraError
 
-    args = build_parser().parse_args(argv)  # (a bad option: one line and SystemExit(2), see _Parser.error)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # (a bad option: one line and SystemExit(2), see _Parser.error)
+    if getattr(args, "quantize_head", False) and args.quantize == "none":
+        parser.error("--quantize-head needs --quantize int8 or int4")
     debug = getattr(args, "debug", False) or os.environ.get("LLADAPTER_DEBUG", "").strip() not in ("", "0")
     try:
         return args.func(args)

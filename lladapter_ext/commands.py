@@ -60,17 +60,20 @@ def _load(args, adapter_path=None, attach=True, command=None):
         if getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
     quantize = getattr(args, "quantize", "none")
+    quantize_head = getattr(args, "quantize_head", False)
     try:
         model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=args.device or _default_device(),
-                                tokenizer=not tok_path, quantize=quantize, **hp)
+                                tokenizer=not tok_path, quantize=quantize, quantize_head=quantize_head, **hp)
     except QuantizationError as e:
         raise SystemExit(f"--quantize {quantize}: {e}") from None
     if model.quantization:
         q = model.quantization
         summary = quantized_summary(model)
+        head = ("quantized" if q["head"] else
+                f"in {args.dtype}" + (" (tied to the embeddings)" if quantize_head else ""))
         print(f"quantized base: {q['format']}, {q['exact']} layers mapped exactly from the file's blocks, "
               f"{q['requantized']} quantized from floats; {summary[q['format']][1] / 2**20:.1f} MiB quantized + "
-              f"{summary['float'] / 2**20:.1f} MiB in {args.dtype}", file=sys.stderr)
+              f"{summary['float'] / 2**20:.1f} MiB in {args.dtype}; LM head {head}", file=sys.stderr)
     if tok_path:
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(tok_path)

@@ -12,7 +12,7 @@ lm_eval 0.4 finds models only in its own table (no plugin entry points), so `lm_
 registration first: `python -m lladapter_ext.harness` is lm_eval's CLI after it. model_args: model (path or preset,
 default the demo's SmolLM2), adapter, dtype (float32, bfloat16, float16), device, max_length (default the model's
 max_seq_len), add_bos_token (default: the tokenizer's convention, as lm_eval's hf model), batch_size (from lm_eval),
-quantize (int8 or int4: a quantized frozen base, docs/quantization.md).
+quantize (int8 or int4: a quantized frozen base, docs/quantization.md), quantize_head (true: an untied LM head too).
 Tokenisation, truncation and the empty-context rule are lm_eval's (TemplateLM, evaluation.encode_pair), so the
 numbers match its hf model on the same weights (tests/test_harness.py).
 """
@@ -36,7 +36,8 @@ def model_class():
     class LLAdapterLM(api.TemplateLM):
         def __init__(self, model: str | None = None, adapter: str | None = None, dtype: str = "float32",
                      device: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
-                     add_bos_token: bool | None = None, quantize: str | None = None, **_ignored):
+                     add_bos_token: bool | None = None, quantize: str | None = None,
+                     quantize_head: bool = False, **_ignored):
             super().__init__()
             from .loaders import default_model_path, load_model
 
@@ -47,7 +48,8 @@ def model_class():
                 raise ValueError(f"lladapter model_args: dtype must be one of {sorted(dtypes)}, got {dtype!r}")
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.model, self.tokenizer = load_model(model or default_model_path(), dtype=dtypes[dtype],
-                                                    device=device, adapter=adapter, quantize=quantize)
+                                                    device=device, adapter=adapter, quantize=quantize,
+                                                    quantize_head=quantize_head in (True, "true", "True", "1"))
             if self.tokenizer is None:
                 raise ValueError(f"lladapter model_args: model={model} has no tokenizer (a preset?)")
             self.model.eval()

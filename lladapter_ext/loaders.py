@@ -72,7 +72,7 @@ def default_model_path() -> str:
 def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, device="cpu",
                adapter_len: int | None = None, adapter_layer: int | None = None, gate_act: str | None = None,
                tokenizer: bool = True, adapter: PathLike | None = None, quantize: str | None = None,
-               **config_overrides):
+               quantize_head: bool = False, **config_overrides):
     """Load (model, tokenizer) from a Meta checkpoint dir, a Hugging Face dir or a .gguf file.
 
     A preset name (see model.PRESETS) instead gives a randomly initialised model of that architecture and no
@@ -88,10 +88,12 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
     quantize: None/"none", "int8" or "int4" (lladapter_ext.quantize): the base's attention and MLP projections are
     stored quantized as they are read (GGUF Q4_0 and Q4_1 -> int4 and Q8_0 -> int8 exactly, the rest
     requantised), never all in full precision at once; a preset is initialised layer by layer the same way.
+    quantize_head: an untied LM head is stored quantized too (a head tied to the embeddings stays in dtype).
     """
     from .interop import reading_once
     from .quantize import check_format
     config_overrides["quantize"] = check_format(quantize)
+    config_overrides["quantize_head"] = bool(quantize_head)
     with reading_once():  # a foreign adapter: read and converted once for its hyper-parameters and its tensors
         return _load_model(path_or_preset, dtype, device, adapter_len, adapter_layer, gate_act, tokenizer, adapter,
                            config_overrides)
@@ -120,9 +122,10 @@ def _load_base(path_or_preset: PathLike, dtype, device, tokenizer: bool, adapter
     p = Path(s)
     if not p.exists() and s.lower() in PRESETS:
         quantize = adapter.pop("quantize", None)
+        quantize_head = adapter.pop("quantize_head", False)
         cfg = config_from_preset(s, **adapter)
-        if quantize:
-            return _random_quantized(cfg, dtype, device, quantize), None
+        if quantize or quantize_head:
+            return _random_quantized(cfg, dtype, device, quantize, quantize_head), None
         return LlamaForCausalLM(cfg, device=device, dtype=dtype), None
     if p.is_file() and p.suffix.lower() == ".gguf":
         return load_gguf(p, dtype, device, tokenizer=tokenizer, **adapter)
@@ -157,7 +160,8 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_IGNORABLE = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def _random_quantized(config: LlamaConfig, dtype, device, quantize: str) -> LlamaForCausalLM:
+def _random_quantized(config: LlamaConfig, dtype, device, quantize: str, quantize_head: bool = False
+                      ) -> LlamaForCausalLM:
     """A preset's random init (normal std 0.02, norms ones) made one tensor at a time, each projection quantized
     before the next is drawn: a LLaMA-7B-shaped int4 model never holds its 27 GB of fp32 weights."""
     with torch.device("meta"):
@@ -170,7 +174,7 @@ def _random_quantized(config: LlamaConfig, dtype, device, quantize: str) -> Llam
     entries = {n: (n, "<random init>", lambda s=s: draw(s)) for n, s in shapes.items()}
     source = _Source(entries, ["<random init>"], {})
     source.fresh_tensors = True
-    return _fill_model(config, source, dtype, device, "random", quantize=quantize)
+    return _fill_model(config, source, dtype, device, "random", quantize=quantize, quantize_head=quantize_head)
 
 
 def _hf_to_ours(name: str) -> str | None:
@@ -261,7 +265,7 @@ def _open_tensor_files(files: list[Path]) -> dict[str, tuple[str, Callable[[], t
 
 
 def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
-            quantize: str | None = None, **config_overrides):
+            quantize: str | None = None, quantize_head: bool = False, **config_overrides):
     """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory (config.json + weights)."""
     d = Path(path)
     try:
@@ -291,7 +295,8 @@ def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool =
     inverse.update({f"layers.{i}.{o}": f"model.layers.{i}.{h}" for i in range(config.n_layers)
                     for h, o in _HF_LAYER.items()})
     src.ckpt_name_of = lambda n: inverse.get(n, n)
-    model = _fill_model(config, src, dtype, device, "Hugging Face", quantize=quantize)
+    model = _fill_model(config, src, dtype, device, "Hugging Face", quantize=quantize,
+                        quantize_head=quantize_head)
     tok = None
     if tokenizer:
         from .tokenizer import load_tokenizer
@@ -334,7 +339,7 @@ def config_from_meta_params(params: dict, vocab_size: int | None = None, **overr
 
 
 def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
-              quantize: str | None = None, **config_overrides):
+              quantize: str | None = None, quantize_head: bool = False, **config_overrides):
     """(model, tokenizer) from Meta's layout: params.json + consolidated.NN.pth (model-parallel shards, merged
     here) + tokenizer.model (in the directory or its parent, as Meta's downloads place it)."""
     d = Path(path)
@@ -392,7 +397,7 @@ def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
         else:
             extra[n] = str(files[0])
     model = _fill_model(config, _Source(entries, [str(f) for f in files], extra), dtype, device, "Meta",
-                        quantize=quantize)
+                        quantize=quantize, quantize_head=quantize_head)
     shards.clear()  # the merged tensors are in the model: free the loaded shards
     tok = None
     if tokenizer:
@@ -515,7 +520,7 @@ def _gguf_blocks(t, fmt: str):
 
 
 def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
-              quantize: str | None = None, **config_overrides):
+              quantize: str | None = None, quantize_head: bool = False, **config_overrides):
     """(model, tokenizer) from a GGUF file (llama architecture), weights dequantised to dtype, tokenizer from the
     vocabulary embedded in the file."""
     import gguf
@@ -548,7 +553,8 @@ def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
     inverse.update({f"layers.{i}.{o}": f"blk.{i}.{g}" for i in range(config.n_layers) for g, o in _GGUF_LAYER.items()})
     src.ckpt_name_of = lambda n: inverse.get(n, n)
     src.quantized = lambda name, fmt: _gguf_blocks(by_ours[name], fmt)
-    model = _fill_model(config, src, dtype, device, "GGUF", quantize=quantize)
+    model = _fill_model(config, src, dtype, device, "GGUF", quantize=quantize,
+                        quantize_head=quantize_head)
     tok = None
     if tokenizer:
         from .tokenizer import tokenizer_from_gguf_reader

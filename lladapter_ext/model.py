@@ -32,6 +32,7 @@ from .ops import GATE_ACTS
 from .adapter import AdapterMixin
 from .kv_cache import KVCache
 from .nn import DecodeLinear, RMSNorm, few_rows_linear
+from .quantize import QuantizedLinear
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "BlockInputs",
            "config_from_preset"]
@@ -321,7 +322,16 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
                     p.normal_(0.0, 0.02)
 
     def lm_head_weight(self) -> torch.Tensor:
+        """The float LM-head matrix [V, D] (the embeddings when tied); a quantized head has none (lm_head)."""
+        if isinstance(self.output, QuantizedLinear):
+            raise TypeError("the LM head is quantized (quantize_head=True): it has no float weight; use lm_head(h)")
         return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits h [..., D] -> [..., V] in h's dtype, through the float or the quantized head."""
+        if isinstance(self.output, QuantizedLinear):
+            return self.output(h)
+        return _lm_head(h, self.lm_head_weight())
 
     # ---------------------------------------------------------------- adapter (lladapter_ext.adapter)
     ADAPTER_FAMILY = "llama"
@@ -443,13 +453,14 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
 
         h = self.norm(h)
         if labels is None:
-            return CausalLMOutput(logits=_lm_head(h, self.lm_head_weight()), loss=None, cache=cache)
+            return CausalLMOutput(logits=self.lm_head(h), loss=None, cache=cache)
         if tuple(labels.shape) != (B, T):
             raise ValueError(f"labels must be [B, T] = [{B}, {T}], got {list(labels.shape)}")
         targets = labels[:, 1:].to(input_ids.device)
         keep = targets != -100
         h_sel = h[:, :-1][keep]  # only labelled positions go through the (large) LM head
-        logits_sel = F.linear(h_sel, self.lm_head_weight()).float()
+        head = self.output if isinstance(self.output, QuantizedLinear) else None
+        logits_sel = (head(h_sel) if head is not None else F.linear(h_sel, self.lm_head_weight())).float()
         if logits_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
             loss = h.sum().float() * 0.0
         else:

@@ -379,9 +379,12 @@ def check_layer_shape(fmt: str, shape, name: str) -> None:
                                     f"got [{N}, {K}]; use --quantize int8 for this model")
 
 
-def is_quantizable(name: str) -> bool:
+def is_quantizable(name: str, head: bool = False) -> bool:
     """The base's linear weights that a quantized load stores quantized: every attention and MLP projection
-    (layers.N.attention.w{q,k,v,o}.weight, layers.N.feed_forward.w{1,2,3}.weight); not the LM head."""
+    (layers.N.attention.w{q,k,v,o}.weight, layers.N.feed_forward.w{1,2,3}.weight), and with head=True an untied
+    LM head (output.weight; a head tied to the embeddings stays in float with them)."""
+    if head and name == "output.weight":
+        return True
     parts = name.split(".")
     return (len(parts) == 5 and parts[0] == "layers" and parts[-1] == "weight"
             and ((parts[2] == "attention" and parts[3] in ("wq", "wk", "wv", "wo"))
@@ -415,15 +418,20 @@ def quantized_summary(model: torch.nn.Module) -> dict:
     return out
 
 
-def quantize_model(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+def quantize_model(model: torch.nn.Module, fmt: str, head: bool = False) -> torch.nn.Module:
     """Quantize an already-built model's base linear layers in place (each layer's float weight is freed as it
-    is replaced). Loading with quantize= is the way that never holds the whole float base."""
+    is replaced), and its untied LM head with head=True. Loading with quantize= is the way that never holds the
+    whole float base."""
     fmt = check_format(fmt)
     if fmt is None:
         return model
     for name, p in list(model.named_parameters()):
-        if is_quantizable(name):
+        if is_quantizable(name, head):
             set_quantized(model, name, QuantizedLinear.from_float(p.detach(), fmt, p.dtype, name=name))
     model.quantization = dict(format=fmt, exact=0, requantized=sum(
-        isinstance(m, QuantizedLinear) for m in model.modules()))
+        isinstance(m, QuantizedLinear) for m in model.modules()), head=head_is_quantized(model))
     return model
+
+
+def head_is_quantized(model: torch.nn.Module) -> bool:
+    return isinstance(getattr(model, "output", None), QuantizedLinear)

@@ -5,6 +5,7 @@ CheckpointError naming the file and the tensor.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -16,6 +17,7 @@ from .adapter import set_parameter
 from .model import LlamaConfig, LlamaForCausalLM
 
 PathLike = str | os.PathLike
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -33,13 +35,17 @@ class _Source:
 
 
 def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
-                quantize: str | None = None) -> LlamaForCausalLM:
+                quantize: str | None = None, quantize_head: bool = False) -> LlamaForCausalLM:
     """The model from `source`, base frozen, fresh adapter. quantize ("int8"/"int4", lladapter_ext.quantize): each
     base projection is stored quantized as it is read (a source with a `quantized(name, fmt)` method, GGUF, hands
     over blocks that map exactly; the rest is quantized from fp32), so no full-precision copy of it stays alive.
-    The model's `quantization` attribute records the format and how many layers were mapped / requantised."""
-    from .quantize import QuantizedLinear, check_format, is_quantizable, set_quantized
+    quantize_head: an untied LM head is quantized too (a tied one stays with the float embeddings; logged).
+    The model's `quantization` attribute records the format, how many layers were mapped / requantised, and
+    whether the head is quantized."""
+    from .quantize import QuantizedLinear, check_format, head_is_quantized, is_quantizable, set_quantized
     quantize = check_format(quantize)
+    if quantize_head and not quantize:
+        raise ValueError("quantize_head=True needs a quantize format (int8 or int4)")
     if source.extra:
         name, file = next(iter(source.extra.items()))
         raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {what} LLaMA model with "
@@ -50,7 +56,7 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
     for name, param in list(model.named_parameters()):
         if LlamaForCausalLM.is_adapter_param(name):
             continue
-        if quantize and is_quantizable(name) and name in source.entries:
+        if quantize and is_quantizable(name, quantize_head) and name in source.entries:
             exact = getattr(source, "quantized", None)
             ck_name, file = source.entries[name][:2]
             try:
@@ -85,7 +91,7 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
                                   f"n_kv_heads={config.n_kv_heads}, ffn_dim={config.ffn_dim})")
         if not (t.is_floating_point()):
             raise CheckpointError(f"{file}: tensor {ck_name!r} has dtype {t.dtype}, expected a floating type")
-        if quantize and is_quantizable(name):  # quantized where the float tensor is (no copy on the device)
+        if quantize and is_quantizable(name, quantize_head):  # quantized where the float tensor is (no device copy)
             set_quantized(model, name, QuantizedLinear.from_float(t, quantize, dtype, device,
                                                                   name=f"{file}: {ck_name}"))
             counts["requantized"] += 1
@@ -106,7 +112,10 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{', '.join(source.all_files)}: parameters left uninitialised: {left[:5]}")
-    model.quantization = dict(format=quantize, **counts) if quantize else None
+    model.quantization = dict(format=quantize, **counts, head=head_is_quantized(model)) if quantize else None
+    if quantize_head and config.tie_embeddings:
+        log.warning("quantize_head: the LM head is tied to the embeddings, which stay in %s; the head is not "
+                    "quantized", str(dtype).replace("torch.", ""))
     if quantize:
         _release_freed_heap()
     return model

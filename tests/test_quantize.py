@@ -97,23 +97,25 @@ def test_gguf_blocks_map_exactly():
 
 @pytest.mark.parametrize("qtype,fmt", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q8_0", "int8")])
 def test_gguf_file_loads_its_blocks_without_requantising(tmp_path, qtype, fmt):
-    """A GGUF file with Q4_0, Q4_1 or Q8_0 projections (written by gguf-py's own quantiser): every projection is
-    mapped from the file's blocks, its weight is gguf's dequantised one bit for bit, and the logits equal the fp32
-    load's (which dequantises the same blocks) up to the summation order."""
+    """A GGUF file with Q4_0, Q4_1 or Q8_0 projections and LM head (written by gguf-py's own quantiser), loaded
+    with quantize_head: every projection and the head are mapped from the file's blocks, each weight is gguf's
+    dequantised one bit for bit, and the logits equal the fp32 load's (which dequantises the same blocks) up to the
+    summation order."""
     import gguf
     import numpy as np
 
     from lladapter_ext.loaders import load_gguf
     path = tmp_path / f"tiny-{qtype}.gguf"
     written = write_tiny_gguf(path, gguf_source_model(), gguf.GGMLQuantizationType[qtype])
-    model, _ = load_gguf(path, tokenizer=False, quantize=fmt)
-    assert model.quantization == {"format": fmt, "exact": 14, "requantized": 0}  # 2 layers x 7 projections
-    for i in range(2):
-        for gname, ours in [("attn_q", "attention.wq"), ("attn_k", "attention.wk"), ("ffn_down", "feed_forward.w2")]:
-            layer = model.get_submodule(f"layers.{i}.{ours}")
-            raw, stored = written[f"blk.{i}.{gname}.weight"]
-            expect = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, stored)))
-            assert torch.equal(layer.dequantize(torch.float32), expect.reshape(layer.out_features, -1)), (i, gname)
+    model, _ = load_gguf(path, tokenizer=False, quantize=fmt, quantize_head=True)
+    # 2 layers x 7 projections and the (untied) LM head
+    assert model.quantization == {"format": fmt, "exact": 15, "requantized": 0, "head": True}
+    for gname, ours in [("blk.0.attn_q", "layers.0.attention.wq"), ("blk.1.attn_k", "layers.1.attention.wk"),
+                        ("blk.1.ffn_down", "layers.1.feed_forward.w2"), ("output", "output")]:
+        layer = model.get_submodule(ours)
+        raw, stored = written[f"{gname}.weight"]
+        expect = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, stored)))
+        assert torch.equal(layer.dequantize(torch.float32), expect.reshape(layer.out_features, -1)), gname
     dense, _ = load_gguf(path, tokenizer=False)
     x = torch.randint(0, 48, (2, 7))
     with torch.no_grad():
@@ -172,12 +174,17 @@ def test_layer_on_a_batched_input_and_its_memory():
 
 
 # ------------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("head", [False, True])
 @pytest.mark.parametrize("fmt", Q.FORMATS)
-def test_quantized_model_logits_and_adapter_gradients_equal_the_dequantized_model(fmt):
+def test_quantized_model_logits_and_adapter_gradients_equal_the_dequantized_model(fmt, head):
+    """head: the (untied) LM head quantized too: forward logits and the loss path's labelled rows go through it."""
     model = _small_model()
-    q = Q.quantize_model(copy.deepcopy(model), fmt)
-    assert q.quantization == dict(format=fmt, exact=0, requantized=14)
-    assert sum(isinstance(m, Q.QuantizedLinear) for m in q.modules()) == 14
+    q = Q.quantize_model(copy.deepcopy(model), fmt, head=head)
+    assert q.quantization == dict(format=fmt, exact=0, requantized=14 + head, head=head)
+    assert sum(isinstance(m, Q.QuantizedLinear) for m in q.modules()) == 14 + head
+    if head:
+        with pytest.raises(TypeError, match="quantized"):
+            q.lm_head_weight()
     dense = _dequantized_copy(q)
     with torch.no_grad():
         for p_q, p_d in zip(q.adapter_parameters(), dense.adapter_parameters()):
@@ -228,7 +235,7 @@ def test_hf_loader_quantizes_each_weight_as_it_reads_it(tmp_path):
               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64, rms_norm_eps=1e-6)
     save_ours_as_hf(model, tmp_path, hf)
     loaded, _ = load_model(str(tmp_path), tokenizer=False, quantize="int8", adapter_len=4, adapter_layer=2)
-    assert loaded.quantization == dict(format="int8", exact=0, requantized=14)
+    assert loaded.quantization == dict(format="int8", exact=0, requantized=14, head=False)
     ref = Q.quantize_model(copy.deepcopy(model), "int8")
     for (n, a), (_, b) in zip(loaded.named_buffers(), ref.named_buffers()):
         assert torch.equal(a, b), n
@@ -236,12 +243,26 @@ def test_hf_loader_quantizes_each_weight_as_it_reads_it(tmp_path):
     assert not [n for n, _ in loaded.named_parameters() if Q.is_quantizable(n)]
 
 
-def test_preset_is_built_quantized_layer_by_layer():
+def test_preset_is_built_quantized_layer_by_layer(caplog):
     model, tok = load_model("smollm2-135m", quantize="int4", n_layers=2)
-    assert tok is None and model.quantization == dict(format="int4", exact=0, requantized=14)
+    assert tok is None and model.quantization == dict(format="int4", exact=0, requantized=14, head=False)
     assert not [n for n, p in model.named_parameters() if Q.is_quantizable(n)]
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     assert torch.isfinite(model(ids).logits).all()
+    # SmolLM2's head is its embedding: quantize_head leaves it in float and says so
+    with caplog.at_level("WARNING", logger="lladapter_ext.weights"):
+        tied, _ = load_model("smollm2-135m", quantize="int8", quantize_head=True, n_layers=1)
+    assert tied.quantization["head"] is False and "tied to the embeddings" in caplog.text
+    # TinyLlama's untied head (one layer): quantized, and one decode row (torch's packed int4 kernel) and a
+    # prefill give the logits of the dequantised head
+    untied, _ = load_model("tinyllama-1.1b", quantize="int4", quantize_head=True, n_layers=1)
+    assert untied.quantization == dict(format="int4", exact=0, requantized=8, head=True)
+    assert not [n for n, p in untied.named_parameters() if Q.is_quantizable(n, head=True)]
+    dense = _dequantized_copy(untied)
+    with torch.no_grad():
+        for x in (ids[:, :1] % 32000, ids % 32000):
+            a, b = untied(x).logits, dense(x).logits
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +274,7 @@ def test_default_gguf_model_int4_is_the_files_own_numbers(smollm2_int4):
     """SmolLM2's Q4_1 projections load into int4 without requantising: the logits equal the fp32 load's (which
     dequantizes the same blocks) to fp32 rounding, at 0.31x the projections' bf16 bytes."""
     q, tok = smollm2_int4
-    assert q.quantization == dict(format="int4", exact=210, requantized=0)
+    assert q.quantization == dict(format="int4", exact=210, requantized=0, head=False)
     f, _ = load_model(smollm2_gguf(), tokenizer=False, adapter_len=4, adapter_layer=3)
     f.load_adapter(q.adapter_state_dict())
     ids = torch.tensor([tok.encode("The capital of France is")])
@@ -322,6 +343,8 @@ def test_cli_and_trainer_refuse_an_unknown_format_and_fsdp(tmp_path):
     run = [sys.executable, "-m", "lladapter_ext", "finetune", "--data", "x.jsonl", "--out", str(tmp_path)]
     r = subprocess.run(run + ["--quantize", "nf4"], capture_output=True, text=True)
     assert r.returncode == 2 and "--quantize: invalid choice: 'nf4'" in r.stderr
+    r = subprocess.run(run + ["--quantize-head"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--quantize-head needs --quantize int8 or int4" in r.stderr
     from lladapter_ext.training import TrainConfig, Trainer
     model = Q.quantize_model(_small_model(), "int8")
     with pytest.raises(ValueError, match="fsdp=True with a quantized base is not supported"):
