@@ -90,6 +90,20 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     return 2 * n * 4 / t
 
 
+def read_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
+    """Bytes/s of reading a large buffer once (a sum over it, every thread): the ceiling of a weight-bound decode
+    step on this machine (STREAM-like; on CUDA the copy bandwidth counts read + write)."""
+    if device == "cuda":
+        return copy_bandwidth(device, nbytes)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times[1:])
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

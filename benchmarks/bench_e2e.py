@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from _common import common_args, copy_bandwidth, machine_name, peak_memory, reset_peak_memory, run_child  # noqa: E402
+from _common import common_args, machine_name, peak_memory, read_bandwidth, reset_peak_memory, run_child  # noqa: E402
 
 VARIANTS = ("lladapter kernels", "lladapter reference ops", "HF + PEFT", "LitGPT adapter")
 ANCHOR = "HF + PEFT"
@@ -69,20 +69,6 @@ def decode_weight_bytes(c, dtype: torch.dtype) -> int:
     n = sum(math.prod(shape) for name, shape, kind in canonical_tensors(c)
             if kind == "w" and name not in ("model.embed_tokens.weight", "lm_head.weight"))
     return (n + c.vocab_size * c.dim) * torch.empty((), dtype=dtype).element_size()
-
-
-def read_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
-    """Bytes/s of reading a large buffer once (a sum over it, every thread): the ceiling of a weight-bound decode
-    step on this machine (STREAM-like; on CUDA the copy bandwidth counts read + write)."""
-    if device == "cuda":
-        return copy_bandwidth(device, nbytes)
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times[1:])
 
 
 def llama_config(args):
