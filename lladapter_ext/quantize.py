@@ -230,6 +230,10 @@ class QuantizedLinear(torch.nn.Module):
         # a zero-size tensor in the model dtype: follows .to(dtype) with the rest of the model
         self.register_buffer("_dtype_marker", torch.empty(0, dtype=compute_dtype, device=codes.device),
                              persistent=False)
+        # the most weight elements dequantised at once (None: the whole weight). A quantized LM head gets the
+        # largest projection's size (limit_head_scratch): dequantised whole, it would grow every thread's scratch
+        # buffer to the float head it replaced
+        self.max_dequant_elems: int | None = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, fmt: str, compute_dtype: torch.dtype, device=None,
@@ -273,22 +277,33 @@ class QuantizedLinear(torch.nn.Module):
             return dequantize_int8(self.codes, self.scales, dtype)
         return dequantize_int4(unpack_int4(self.codes), self.scales, dtype)
 
-    def _dequantized_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
+    def _row_blocks(self) -> list[tuple[int, int]]:
+        """Output-row ranges dequantised one at a time: multiples of 32 rows (int4's packed blocks) within
+        max_dequant_elems, or the whole weight."""
+        N, K = self.out_features, self.in_features
+        if self.max_dequant_elems is None or N * K <= self.max_dequant_elems:
+            return [(0, N)]
+        rows = max(32, self.max_dequant_elems // K // 32 * 32)
+        return [(n0, min(n0 + rows, N)) for n0 in range(0, N, rows)]
+
+    def _dequantized_for_matmul(self, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The weight in dtype, written into this thread's scratch buffer for the shape: valid until the next call
         on this thread (a matmul consumes it at once). A fresh allocation of a LLaMA-7B MLP weight (180 MB) costs
         about as much in page faults as the conversion itself: int4 420 -> 62 ms per dequantization with the buffer
         and the nibbles unpacked straight into it."""
-        N, K = self.out_features, self.in_features
+        n0, n1 = rows if rows is not None else (0, self.out_features)
+        N, K = n1 - n0, self.in_features
+        codes = self.codes[n0:n1]  # (int4: whole 32-row blocks, so the slice is the packed layout of those rows)
         buf = _scratch(N * K, torch.float32, self.codes.device)[:N * K].view(N, K)
         if self.format == "int8":
-            buf.copy_(self.codes)
+            buf.copy_(codes)
             if self.scales.dim() == 1:
-                buf.mul_(self.scales.float()[:, None])
+                buf.mul_(self.scales[n0:n1].float()[:, None])
             else:
-                buf.view(N, self.scales.shape[1], -1).mul_(self.scales.float()[:, :, None])
+                buf.view(N, self.scales.shape[1], -1).mul_(self.scales[n0:n1].float()[:, :, None])
         else:
-            _unpack_int4_into(self.codes, buf)
-            sl = self.scales.float().transpose(0, 1)  # [N, G, 2]
+            _unpack_int4_into(codes, buf)
+            sl = self.scales[:, n0:n1].float().transpose(0, 1)  # [N, G, 2]
             buf.view(N, sl.shape[1], -1).mul_(sl[..., :1]).add_(sl[..., 1:])
         return buf if dtype == torch.float32 else buf.to(dtype)
 
@@ -324,7 +339,13 @@ class _QuantizedMatmul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         y = layer._packed_matmul(x2)
         if y is None:
-            y = few_rows_linear(x2, layer._dequantized_for_matmul(x.dtype))
+            blocks = layer._row_blocks()
+            if len(blocks) == 1:
+                y = few_rows_linear(x2, layer._dequantized_for_matmul(x.dtype))
+            else:
+                y = x2.new_empty(x2.shape[0], layer.out_features)
+                for n0, n1 in blocks:
+                    y[:, n0:n1] = few_rows_linear(x2, layer._dequantized_for_matmul(x.dtype, (n0, n1)))
         return y.view(*lead, layer.out_features)
 
     @staticmethod
@@ -333,8 +354,10 @@ class _QuantizedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             layer = ctx.layer
             g2 = grad_out.reshape(-1, layer.out_features)
-            grad_x = (g2 @ layer._dequantized_for_matmul(grad_out.dtype)).view(*grad_out.shape[:-1],
-                                                                                 layer.in_features)
+            for n0, n1 in layer._row_blocks():
+                part = g2[:, n0:n1] @ layer._dequantized_for_matmul(grad_out.dtype, (n0, n1))
+                grad_x = part if grad_x is None else grad_x.add_(part)
+            grad_x = grad_x.view(*grad_out.shape[:-1], layer.in_features)
         return grad_x, None, None, None
 
 
@@ -430,8 +453,19 @@ def quantize_model(model: torch.nn.Module, fmt: str, head: bool = False) -> torc
             set_quantized(model, name, QuantizedLinear.from_float(p.detach(), fmt, p.dtype, name=name))
     model.quantization = dict(format=fmt, exact=0, requantized=sum(
         isinstance(m, QuantizedLinear) for m in model.modules()), head=head_is_quantized(model))
+    limit_head_scratch(model)
     return model
 
 
 def head_is_quantized(model: torch.nn.Module) -> bool:
     return isinstance(getattr(model, "output", None), QuantizedLinear)
+
+
+def limit_head_scratch(model: torch.nn.Module) -> None:
+    """A quantized LM head is dequantised in row blocks no larger than the largest projection, so that it does
+    not grow the per-thread scratch buffer (to 262 MB at TinyLlama's shape: the size of the float head)."""
+    if not head_is_quantized(model):
+        return
+    sizes = [m.out_features * m.in_features for m in model.modules()
+             if isinstance(m, QuantizedLinear) and m is not model.output]
+    model.output.max_dequant_elems = max(sizes) if sizes else None

@@ -42,7 +42,8 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
     quantize_head: an untied LM head is quantized too (a tied one stays with the float embeddings; logged).
     The model's `quantization` attribute records the format, how many layers were mapped / requantised, and
     whether the head is quantized."""
-    from .quantize import QuantizedLinear, check_format, head_is_quantized, is_quantizable, set_quantized
+    from .quantize import (QuantizedLinear, check_format, head_is_quantized, is_quantizable, limit_head_scratch,
+                           set_quantized)
     quantize = check_format(quantize)
     if quantize_head and not quantize:
         raise ValueError("quantize_head=True needs a quantize format (int8 or int4)")
@@ -113,6 +114,7 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
     if left:
         raise CheckpointError(f"{', '.join(source.all_files)}: parameters left uninitialised: {left[:5]}")
     model.quantization = dict(format=quantize, **counts, head=head_is_quantized(model)) if quantize else None
+    limit_head_scratch(model)
     if quantize_head and config.tie_embeddings:
         log.warning("quantize_head: the LM head is tied to the embeddings, which stay in %s; the head is not "
                     "quantized", str(dtype).replace("torch.", ""))

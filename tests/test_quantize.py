@@ -185,6 +185,9 @@ def test_quantized_model_logits_and_adapter_gradients_equal_the_dequantized_mode
     if head:
         with pytest.raises(TypeError, match="quantized"):
             q.lm_head_weight()
+        # dequantised in row blocks (as a large head is, limit_head_scratch): 96 rows in three blocks of 32
+        q.output.max_dequant_elems = 32 * 64
+        assert q.output._row_blocks() == [(0, 32), (32, 64), (64, 96)]
     dense = _dequantized_copy(q)
     with torch.no_grad():
         for p_q, p_d in zip(q.adapter_parameters(), dense.adapter_parameters()):
@@ -259,10 +262,16 @@ def test_preset_is_built_quantized_layer_by_layer(caplog):
     assert untied.quantization == dict(format="int4", exact=0, requantized=8, head=True)
     assert not [n for n, p in untied.named_parameters() if Q.is_quantizable(n, head=True)]
     dense = _dequantized_copy(untied)
+    largest = max(m.out_features * m.in_features for n, m in untied.named_modules()
+                  if isinstance(m, Q.QuantizedLinear) and n != "output")
+    assert untied.output.max_dequant_elems == largest and len(untied.output._row_blocks()) == 6
+    Q._scratch_buffers.by_key = {}  # (this thread's buffers: grown by earlier tests)
     with torch.no_grad():
         for x in (ids[:, :1] % 32000, ids % 32000):
             a, b = untied(x).logits, dense(x).logits
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    # the head never needed a scratch buffer larger than the largest projection's (the float head's 65.5M values)
+    assert max(t.numel() for t in Q._scratch_buffers.by_key.values()) <= largest
 
 
 @pytest.fixture(scope="module")
