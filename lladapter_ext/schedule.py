@@ -25,6 +25,12 @@ def resolve_lr(lr: float | None, blr: float, effective_batch: int) -> float:
     return blr * effective_batch / 256
 
 
+def total_steps(n_rows: int, effective_batch: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of a schedule: max_steps, else epochs x the whole steps of an epoch (the rows that do not
+    fill a step are dropped: batching.Batches), at least 1."""
+    return max_steps or max(1, round(epochs * (n_rows // effective_batch)))
+
+
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
     """Learning rate of optimizer step ``step`` (0-based).
 

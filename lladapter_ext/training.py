@@ -2,7 +2,9 @@
 
 Defaults follow the official LLaMA-Adapter v1 recipe (AdamW betas (0.9, 0.95), weight decay 0.02 on prompts
 and not on gates, lr = blr * effective_batch / 256 with blr 9e-3, linear warmup for 2 epochs then half-cycle
-cosine, stepped every optimizer step); every value is a field of ``TrainConfig``.
+cosine, stepped every optimizer step); every value is a field of ``TrainConfig``. Those defaults are made for 52K
+examples at large batches; `lladapter finetune` fills the options a run does not give from a measured recipe
+instead (lladapter_ext.recipe, docs/recipe.md), which ``recipe.train_values`` gives Python callers too.
 
 Loss normalisation: the loss of an optimizer step is the mean over *all* its loss tokens (every micro-batch of
 the accumulation, every process). Each micro-batch contributes sum(token losses) / n_tokens_of_the_whole_step, so
@@ -39,7 +41,8 @@ from .data import IGNORE_INDEX, DataChangedError, TokenizedDataset
 from .distributed import (all_reduce_step, apply_fsdp, broadcast_adapter, dist_info,  # noqa: F401
                           finish_distributed, init_distributed, scalar)
 from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
-from .schedule import LossProgress, lr_at, resolve_lr, schedule_warnings  # noqa: F401  (lr_at, resolve_lr: API)
+from .schedule import LossProgress, lr_at, resolve_lr, schedule_warnings, total_steps  # noqa: F401  (API: lr_at,
+# resolve_lr)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,9 @@ class TrainConfig:
     fsdp: bool = _knob(False, "with torchrun: shard base weights and adapter over the processes (FSDP2)")
     allow_data_change: bool = _knob(False, "with resume: continue even though the training data's content differs "
                                            "from the checkpoint's (otherwise refused)")
+    sources: dict = field(default_factory=dict, metadata={"help": "where a field's value came from, by field name "
+                                                                  "(e.g. 'recipe default', '--lr'), for the printed "
+                                                                  "schedule"})
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -125,7 +131,7 @@ class TrainConfig:
 
     # fields that may change between a run and its resumption without changing the result
     _RESUME_FREE = ("out_dir", "resume", "progress", "plot", "save_every", "keep_checkpoints", "max_bad_steps",
-                    "allow_data_change")
+                    "allow_data_change", "sources")
 
 
 def _check_number(name: str, value, *, low: float | None = None, high: float | None = None, open_low: bool = False,
@@ -255,7 +261,7 @@ class Trainer:
                                world_size=self.dist.world_size, rank=self.dist.rank, seed=config.seed,
                                group_by_length=config.group_by_length)
         self.steps_per_epoch = self.batches.steps_per_epoch
-        self.total_steps = config.max_steps or max(1, round(config.epochs * self.steps_per_epoch))
+        self.total_steps = total_steps(len(dataset), self.batches.effective_batch, config.epochs, config.max_steps)
         warmup = config.warmup_steps if config.warmup_steps is not None else round(
             config.warmup_epochs * self.steps_per_epoch)
         self.warmup_steps = min(max(0, warmup), self.total_steps)
@@ -422,15 +428,18 @@ class Trainer:
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
         def src(name):
+            if name in cfg.sources:
+                return cfg.sources[name]
             return "default" if getattr(cfg, name) == defaults[name] else "set"
         length = (f"max_steps {cfg.max_steps}" if cfg.max_steps else
                   f"epochs {cfg.epochs:g} ({src('epochs')}) x {self.steps_per_epoch} steps")
-        warmup = (f"warmup_steps {cfg.warmup_steps}" if cfg.warmup_steps is not None else
+        warmup = (f"warmup_steps {cfg.warmup_steps} ({src('warmup_steps')})" if cfg.warmup_steps is not None else
                   f"warmup_epochs {cfg.warmup_epochs:g} ({src('warmup_epochs')})")
-        lr = ("lr, set" if cfg.lr is not None else
+        lr = (f"lr, {cfg.sources.get('lr', 'set')}" if cfg.lr is not None else
               f"blr {cfg.blr:g} ({src('blr')}) x effective batch {self.effective_batch} / 256")
         return (f"schedule: {self.total_steps} optimizer steps ({length}) of {self.effective_batch} rows (micro-batch "
-                f"{cfg.micro_batch_size} x accumulation {cfg.grad_accum_steps} x {self.dist.world_size} process(es)); "
+                f"{cfg.micro_batch_size} ({src('micro_batch_size')}) x accumulation {cfg.grad_accum_steps} x "
+                f"{self.dist.world_size} process(es)); "
                 f"warmup {self.warmup_steps} steps ({warmup}); peak lr {self.base_lr:.3g} ({lr}), cosine to "
                 f"{cfg.min_lr:g}")
 
@@ -465,7 +474,7 @@ class Trainer:
                                             "effective_batch": self.effective_batch,
                                             "world_size": self.dist.world_size}, indent=1).encode())
         if self.dist.is_main:
-            if cfg.progress:
+            if cfg.progress or cfg.sources:  # a CLI run (sources set) always says where its numbers came from
                 print(self.schedule_summary(), flush=True)
             for message in self.schedule_warnings:
                 log.warning("finetune: %s", message)

@@ -92,10 +92,74 @@ def make_json(rng: random.Random) -> dict:
             "output": answer}
 
 
-FAMILIES = {"date": make_date, "unit": make_unit, "sort": make_sort, "json": make_json}
+# Task families for measuring fine-tuning recipes (docs/recipe.md), unlike the demo's: a string transformation, a
+# classification into a fixed label set and a short extraction. Their vocabularies are generated (syllable names,
+# random codes, clause combinations), so 20,000+ distinct instructions exist per family.
+SYLLABLES = ["ka", "ro", "mi", "ta", "ne", "lo", "su", "vi", "da", "re", "po", "li", "ga", "mo", "ze", "fu", "ba",
+             "ti", "no", "sa", "ke", "ru", "ha", "yo", "be", "di", "pa", "lu", "me", "wo"]
+PRODUCTS = ["blender", "jacket", "laptop", "kettle", "backpack", "lamp", "phone case", "novel", "tent", "bicycle",
+            "headset", "chair", "watch", "camera", "desk", "umbrella", "printer", "sofa", "scarf", "toaster",
+            "keyboard", "mattress", "drill", "guitar", "stroller", "heater", "mixer", "router", "boots", "monitor"]
+GOOD = ["works perfectly", "arrived early", "feels very sturdy", "was worth every cent", "exceeded my hopes",
+        "is easy to use", "looks beautiful", "runs quietly", "was simple to set up", "lasts for days"]
+BAD = ["broke within a week", "arrived damaged", "feels flimsy", "was a waste of money", "stopped working",
+       "is hard to use", "looks cheap", "is far too loud", "was missing parts", "drains in an hour"]
+SENTIMENT_OPENERS = ["I bought a {p} last month.", "Review of the {p}:", "Our new {p} arrived.",
+                     "Got the {p} as a gift.", "Been using this {p} for a while."]
 
 
-def generate(seed: int, n_train_per_task: int, n_eval_per_task: int, families=tuple(FAMILIES)
+def _syllable_name(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def make_handle(rng: random.Random) -> dict:
+    """String transformation: a person's name, written one of several ways -> the handle first.last, lowercase."""
+    first, last = _syllable_name(rng), _syllable_name(rng)
+    written = rng.choice([f"{first} {last}", f"{last}, {first}", f"{first.upper()} {last.upper()}",
+                          f"Dr. {first} {last}"])
+    return {"task": "handle", "instruction": f"Make a lowercase first.last handle for: {written}", "input": "",
+            "output": f"{first.lower()}.{last.lower()}"}
+
+
+def make_sentiment(rng: random.Random) -> dict:
+    """Classification into {positive, negative, mixed}: a short product review of two clauses."""
+    product = rng.choice(PRODUCTS)
+    label = rng.choice(["positive", "negative", "mixed"])
+    if label == "positive":
+        a, b = rng.sample(GOOD, 2)
+    elif label == "negative":
+        a, b = rng.sample(BAD, 2)
+    else:
+        a, b = rng.choice(GOOD), rng.choice(BAD)
+        if rng.random() < 0.5:
+            a, b = b, a
+    link = rng.choice([" and it", ", and it", "; it also", " but it" if label == "mixed" else " and it"])
+    review = f"{rng.choice(SENTIMENT_OPENERS).format(p=product)} It {a}{link} {b}."
+    return {"task": "sentiment", "instruction": "Label the review positive, negative or mixed: " + review,
+            "input": "", "output": label}
+
+
+def make_extract(rng: random.Random) -> dict:
+    """Short extraction: the order code (two letters, a dash, five digits) from a message with other numbers."""
+    code = f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}-{rng.randint(0, 99999):05d}"
+    qty, day = rng.randint(2, 12), rng.randint(1, 28)
+    message = rng.choice([
+        f"Hello, I ordered {qty} items on the {_ordinal(day)} under order {code} and one is missing.",
+        f"Order {code} ({qty} boxes) was due on day {day} but has not arrived.",
+        f"My parcel with {qty} parts, reference {code}, came on the {_ordinal(day)} damaged.",
+        f"Please cancel {code}; I placed it {day} days ago for {qty} units.",
+    ])
+    return {"task": "extract", "instruction": f"Give only the order code in this message: {message}", "input": "",
+            "output": code}
+
+
+DEMO_FAMILIES = ("date", "unit", "sort", "json")
+RECIPE_FAMILIES = ("handle", "sentiment", "extract")
+FAMILIES = {"date": make_date, "unit": make_unit, "sort": make_sort, "json": make_json, "handle": make_handle,
+            "sentiment": make_sentiment, "extract": make_extract}
+
+
+def generate(seed: int, n_train_per_task: int, n_eval_per_task: int, families=DEMO_FAMILIES
              ) -> tuple[list[dict], list[dict]]:
     """Train and eval records, interleaved by family; an input never appears twice in either split."""
     unknown = [f for f in families if f not in FAMILIES]
@@ -132,8 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="generator seed (default: 1234)")
     parser.add_argument("--train-per-task", type=int, default=100, help="train records per family (default: 100)")
     parser.add_argument("--eval-per-task", type=int, default=25, help="eval records per family (default: 25)")
-    parser.add_argument("--families", default=",".join(FAMILIES),
-                        help=f"comma-separated task families (default: {','.join(FAMILIES)})")
+    parser.add_argument("--families", default=",".join(DEMO_FAMILIES),
+                        help=f"comma-separated task families of {','.join(FAMILIES)} (default: "
+                             f"{','.join(DEMO_FAMILIES)})")
     parser.add_argument("--check", action="store_true", help="do not write; fail if the files on disk differ")
     args = parser.parse_args(argv)
     try:

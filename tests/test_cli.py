@@ -61,25 +61,43 @@ def test_help_shows_each_default_once(sub):
 
 
 def test_finetune_options_come_from_train_config():
-    # TrainConfig is the one source of the fine-tuning defaults and help texts
+    # TrainConfig is the one source of the fine-tuning help texts and of the defaults that no recipe gives; the
+    # recipe-given options are unset (None) until lladapter_ext.recipe fills them in
     import dataclasses
 
-    from lladapter_ext import cli, training
+    from lladapter_ext import cli, recipe, training
     parser = cli.build_parser()
     finetune = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
     actions = {a.dest: a for a in finetune._actions}
     fields = {f.name: f for f in dataclasses.fields(training.TrainConfig)}
     for name, (flag, _) in cli._TRAIN_OPTIONS.items():
         action = actions[flag[2:].replace("-", "_")]
-        assert fields[name].metadata["help"] in action.help, name
-        if flag.startswith("--no-"):
+        assert fields[name].metadata["help"].split(" (default")[0] in action.help, name
+        if name in recipe.TRAIN_FIELDS:
+            assert action.default is None and "(default: --recipe's)" in action.help, name
+        elif flag.startswith("--no-"):
             assert fields[name].default is True and action.default is False, name
         elif isinstance(fields[name].default, bool):
             assert action.default is fields[name].default, name
         else:
             assert action.default == fields[name].default, name
-    args = parser.parse_args(["finetune", "--data", "d.jsonl", "--out", "o"])
-    assert cli._train_config(args, world_size=1) == training.TrainConfig(out_dir="o")
+        if name not in recipe.TRAIN_FIELDS:
+            assert "--recipe" not in action.help, name
+
+    def config(*argv, n_rows=400):
+        cfg = cli._train_config(parser.parse_args(["finetune", "--data", "d.jsonl", "--out", "o", *argv]), 1, n_rows)
+        return dataclasses.replace(cfg, sources={})
+
+    # the official recipe is TrainConfig's own defaults; the default recipe, measured (docs/recipe.md), differs
+    assert config("--recipe", "official") == training.TrainConfig(out_dir="o")
+    assert config() == training.TrainConfig(out_dir="o", micro_batch_size=8, lr=2e-2, epochs=2.5, warmup_steps=13)
+    # an option given wins over the recipe's value, and what depends on it follows (warmup: 10% of 4 x 50 steps)
+    assert config("--epochs", "4", "--lr", "1e-3") == training.TrainConfig(
+        out_dir="o", micro_batch_size=8, lr=1e-3, epochs=4.0, warmup_steps=20)
+    # --blr alone asks for the official scaling (lr None: blr x effective batch / 256)
+    assert config("--blr", "0.05").lr is None
+    # before the data is read (n_rows None) the values are placeholders that pass the checks
+    assert cli._train_config(parser.parse_args(["finetune", "--data", "d", "--out", "o"]), 1).micro_batch_size == 8
 
 
 def test_info_preset_counts_llama7b_adapter():

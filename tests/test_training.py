@@ -778,9 +778,15 @@ def test_schedule_summary_says_where_each_number_came_from(dataset, tmp_path):
     rows = len(dataset) // 4  # steps per epoch at the default micro-batch of 4
     trainer = T.Trainer(make_test_model(), dataset, T.TrainConfig(out_dir=str(tmp_path / "a"), epochs=2))
     assert trainer.schedule_summary() == (
-        f"schedule: {2 * rows} optimizer steps (epochs 2 (set) x {rows} steps) of 4 rows (micro-batch 4 x "
+        f"schedule: {2 * rows} optimizer steps (epochs 2 (set) x {rows} steps) of 4 rows (micro-batch 4 (default) x "
         f"accumulation 1 x 1 process(es)); warmup {2 * rows} steps (warmup_epochs 2 (default)); peak lr 0.000141 "
         "(blr 0.009 (default) x effective batch 4 / 256), cosine to 0")
     trainer = T.Trainer(make_test_model(), dataset, config(tmp_path, "b", max_steps=9, warmup_steps=2))
     assert trainer.schedule_summary().startswith("schedule: 9 optimizer steps (max_steps 9) of 4 rows")
-    assert "warmup 2 steps (warmup_steps 2); peak lr 0.02 (lr, set)" in trainer.schedule_summary()
+    assert "warmup 2 steps (warmup_steps 2 (set)); peak lr 0.02 (lr, set)" in trainer.schedule_summary()
+    # a value's recorded source (lladapter_ext.recipe: the CLI's options not given) replaces default/set
+    trainer = T.Trainer(make_test_model(), dataset, config(tmp_path, "c", max_steps=9, warmup_steps=2,
+                                                           sources={"warmup_steps": "recipe default: 0.1",
+                                                                    "lr": "--lr"}))
+    assert "warmup 2 steps (warmup_steps 2 (recipe default: 0.1)); peak lr 0.02 (lr, --lr)" in \
+        trainer.schedule_summary()
