@@ -27,6 +27,19 @@ from . import _optional
 MODEL_NAME = "lladapter"
 
 
+def model_arg_flag(name: str, value) -> bool:
+    """A yes/no model_args value: lm-eval passes true/false as bools, other spellings as strings. Anything else is
+    an error naming the argument, not a silent False."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"lladapter model_args: {name} must be true or false, got {value!r}")
+
+
 @functools.cache
 def model_class():
     """The lm_eval LM class (built on first use: lm-eval is an optional dependency, the "eval" extra)."""
@@ -49,7 +62,7 @@ def model_class():
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.model, self.tokenizer = load_model(model or default_model_path(), dtype=dtypes[dtype],
                                                     device=device, adapter=adapter, quantize=quantize,
-                                                    quantize_head=quantize_head in (True, "true", "True", "1"))
+                                                    quantize_head=model_arg_flag("quantize_head", quantize_head))
             if self.tokenizer is None:
                 raise ValueError(f"lladapter model_args: model={model} has no tokenizer (a preset?)")
             self.model.eval()

@@ -190,3 +190,14 @@ def test_lm_eval_command_line_with_the_lladapter_model(setup, both):
     assert p.returncode == 0, p.stderr[-3000:]
     acc = ours["results"]["lladapter_test_mc"]["acc,none"]
     assert "lladapter_test_mc" in p.stdout and f"{acc:.4f}" in p.stdout, p.stdout[-2000:]
+
+
+def test_yes_no_model_args_are_parsed_or_refused():
+    from lladapter_ext.harness import model_arg_flag
+
+    for value in (True, "true", "True", "1", "yes", "ON", 1):
+        assert model_arg_flag("quantize_head", value) is True, value
+    for value in (False, "false", "0", "no", "off", 0):
+        assert model_arg_flag("quantize_head", value) is False, value
+    with pytest.raises(ValueError, match="quantize_head must be true or false, got 'ye'"):
+        model_arg_flag("quantize_head", "ye")
