@@ -180,15 +180,22 @@ def packed_int4_kernel_ok() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- GGUF blocks
+def _block_fp16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 number at byte offset ``at`` of every GGUF block (blocks [N, K / 32, block bytes]), as fp32."""
+    return blocks[..., at:at + 2].contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _block_nibbles(qs: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Codes [N, K] of the 16 nibble bytes of every block (Q4_0 and Q4_1 alike: weight j of a block in the low
+    nibble of byte j, weight 16 + j in the high one)."""
+    return torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K)
+
+
 def from_gguf_q4_1(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A GGUF Q4_1 tensor's bytes (N rows of K / 32 blocks: fp16 d, fp16 m, 16 bytes of nibbles; weight j of a
     block in the low nibble of byte j, weight 16 + j in the high one; w = d * q + m) -> int4 (codes, sz), exact."""
     b = raw.reshape(N, K // 32, 20)
-    d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
-    m = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
-    qs = b[..., 4:20]
-    codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K)
-    return codes, _scale_low(d, m)
+    return _block_nibbles(b[..., 4:20], N, K), _scale_low(_block_fp16(b, 0), _block_fp16(b, 2))
 
 
 def from_gguf_q4_0(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +203,8 @@ def from_gguf_q4_0(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, tor
     w = d * (q - 8)) -> int4 (codes, sz) with scale d and low -8 d, exact (both fp16 numbers, and fp32 gives
     d * q - 8 d = d * (q - 8) without rounding)."""
     b = raw.reshape(N, K // 32, 18)
-    d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
-    qs = b[..., 2:18]
-    codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K)
-    return codes, _scale_low(d, -8.0 * d)
+    d = _block_fp16(b, 0)
+    return _block_nibbles(b[..., 2:18], N, K), _scale_low(d, -8.0 * d)
 
 
 def from_gguf_q8_0(raw: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
