@@ -459,8 +459,7 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         targets = labels[:, 1:].to(input_ids.device)
         keep = targets != -100
         h_sel = h[:, :-1][keep]  # only labelled positions go through the (large) LM head
-        head = self.output if isinstance(self.output, QuantizedLinear) else None
-        logits_sel = (head(h_sel) if head is not None else F.linear(h_sel, self.lm_head_weight())).float()
+        logits_sel = self.lm_head(h_sel).float()
         if logits_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
             loss = h.sum().float() * 0.0
         else:
