@@ -11,8 +11,8 @@ Two recipes, chosen by name (`--recipe`):
   52K examples at effective batches of 64 and more; on small data at batch 4 its learning rate is ~1e-4 and the
   schedule is mostly warmup (the run learns next to nothing: docs/recipe.md).
 
-``resolve`` turns a recipe plus the data set's size and the model's depth into concrete values, each with where it
-came from, so a run can print them before it starts.
+``train_values`` (the schedule, for a data set's size) and ``adapter_layers`` (for the model's depth) turn a recipe
+into concrete values, each with where it came from, so a run can print them before it starts.
 """
 from __future__ import annotations
 
@@ -74,12 +74,12 @@ def epochs(recipe: Recipe, n_examples: int) -> tuple[float, str]:
                              f"within [{recipe.min_epochs:g}, {recipe.max_epochs:g}]")
 
 
-def warmup_steps(recipe: Recipe, total_steps: int, steps_per_epoch: int) -> tuple[int, str]:
-    """(warmup optimizer steps, why) for a schedule of ``total_steps``."""
+def warmup_steps(recipe: Recipe, schedule_steps: int, steps_per_epoch: int) -> tuple[int, str]:
+    """(warmup optimizer steps, why) for a schedule of ``schedule_steps``."""
     if recipe.warmup_epochs is not None:
-        return (min(total_steps, round(recipe.warmup_epochs * steps_per_epoch)),
+        return (min(schedule_steps, round(recipe.warmup_epochs * steps_per_epoch)),
                 f"recipe {recipe.name}: {recipe.warmup_epochs:g} epochs")
-    value = max(1, min(recipe.warmup_cap, math.ceil(recipe.warmup_share * total_steps)))
+    value = max(1, min(recipe.warmup_cap, math.ceil(recipe.warmup_share * schedule_steps)))
     return value, f"recipe {recipe.name}: {recipe.warmup_share:g} of the schedule, at most {recipe.warmup_cap}"
 
 
