@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
 from .prompted_blocks import PromptAdapterMixin, PromptedSelfAttention, copy_checked
 
 __all__ = ["EncoderConfig", "Encoder", "load_encoder", "default_encoder_path", "load_encoder_tokenizer",
@@ -114,34 +113,12 @@ def _activation(name: str):
     return F.relu
 
 
-class EncoderSelfAttention(PromptedSelfAttention):
-    """PromptedSelfAttention (non-causal) that also takes kv_start [B]: the first key of each (left-padded) row.
-
-    In "joint" mode the prompt keys are appended after the tokens' keys (non-causal: the order of keys in one
-    softmax does not matter), so that the left padding in front stays masked by kv_start alone.
-    """
-
-    def forward(self, x: torch.Tensor, kv_start: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        pk = pv = None
-        if self.prompt is not None:
-            pk, pv = self.prompt_kv()
-            if self.adapter_mode == "joint":
-                k = torch.cat((k, pk.expand(B, -1, -1, -1)), dim=1)
-                v = torch.cat((v, pv.expand(B, -1, -1, -1)), dim=1)
-                pk = pv = None
-        out = ops.gated_prompt_attention(q, k, v, pk, pv, self.gate if pk is not None else None, causal=False,
-                                         gate_act=self.gate_act, kv_start=kv_start)
-        return self.proj(out.reshape(B, T, D))
-
-
 class EncoderLayer(nn.Module):
     """Post-norm layer: x = norm1(x + attn(x)); x = norm2(x + fc2(act(fc1(x))))."""
 
     def __init__(self, c: EncoderConfig):
         super().__init__()
-        self.attn = EncoderSelfAttention(c.embed_dim, c.num_heads)
+        self.attn = PromptedSelfAttention(c.embed_dim, c.num_heads)
         self.norm1 = nn.LayerNorm(c.embed_dim, eps=c.layer_norm_eps)
         self.fc1 = nn.Linear(c.embed_dim, c.mlp_hidden)
         self.fc2 = nn.Linear(c.mlp_hidden, c.embed_dim)
@@ -149,7 +126,7 @@ class EncoderLayer(nn.Module):
         self.act = _activation(c.act)
 
     def forward(self, x: torch.Tensor, kv_start: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x, kv_start))
+        x = self.norm1(x + self.attn(x, kv_start=kv_start))
         return self.norm2(x + self.fc2(self.act(self.fc1(x))))
 
 

@@ -109,20 +109,25 @@ class PromptedSelfAttention(nn.Module):
         pk, pv = kv.view(1, -1, 2, self.num_heads, self.head_dim).unbind(2)
         return pk, pv
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+        """kv_start [B] (non-causal only): the first real key of each left-padded row (the encoder's padding)."""
         B, T, D = x.shape
+        if causal and kv_start is not None:
+            raise ValueError("kv_start (left padding) is supported only with causal=False")
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         pk = pv = None
         if self.prompt is not None:
             pk, pv = self.prompt_kv()
             if self.adapter_mode == "joint":
-                # prepended prompt keys: one softmax over [prompt, tokens]; with causal masking every query
-                # still sees all prompt keys (the op's causal offset is Tk - Tq = K)
-                k = torch.cat((pk.expand(B, -1, -1, -1), k), dim=1)
-                v = torch.cat((pv.expand(B, -1, -1, -1), v), dim=1)
+                # one softmax over [prompt, tokens]: prepended, so that with causal masking every query still sees
+                # all prompt keys (the op's causal offset is Tk - Tq = K); with left padding appended instead, so
+                # that kv_start masks only the padding (non-causal: the order of the keys does not matter)
+                pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+                k = torch.cat((k, pk) if kv_start is not None else (pk, k), dim=1)
+                v = torch.cat((v, pv) if kv_start is not None else (pv, v), dim=1)
                 pk = pv = None
         out = ops.gated_prompt_attention(q, k, v, pk, pv, self.gate if pk is not None else None, causal=causal,
-                                         gate_act=self.gate_act)
+                                         gate_act=self.gate_act, kv_start=kv_start)
         return self.proj(out.reshape(B, T, D))
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_vit import expected_gated_attention
+
 from lladapter_ext.encoder import (Encoder, EncoderConfig, align_word_labels, default_encoder_path, encode_batch,
                                    load_encoder, load_encoder_tokenizer)
 
@@ -149,17 +151,10 @@ def test_gated_attention_formula():
     model = _tiny()
     model.add_adapter(num_layers=1, prompt_len=3)
     attn = model.layers[-1].attn
-    B, T, D, H, d = 2, 7, 32, 4, 8
     with torch.no_grad():
         attn.gate.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
-        x = torch.randn(B, T, D)
-        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
-        pkv = F.linear(attn.prompt, attn.qkv.weight[D:], attn.qkv.bias[D:]).view(3, 2, H, d).permute(1, 2, 0, 3)
-        words = F.scaled_dot_product_attention(q, k, v)
-        prompt = F.scaled_dot_product_attention(q, pkv[0].expand(B, -1, -1, -1), pkv[1].expand(B, -1, -1, -1))
-        expected = words + torch.tanh(attn.gate).view(1, H, 1, 1) * prompt
-        expected = F.linear(expected.transpose(1, 2).reshape(B, T, D), attn.proj.weight, attn.proj.bias)
-        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+        x = torch.randn(2, 7, 32)
+        torch.testing.assert_close(attn(x), expected_gated_attention(attn, x), rtol=1e-5, atol=1e-6)
 
 
 def test_joint_mode_is_one_softmax_and_padding_stays_exact():
@@ -267,3 +262,9 @@ def test_align_word_labels():
     enc = tok.encode(["Tokenization", "works"], is_pretokenized=True)
     labels = align_word_labels(enc.word_ids, [7, 8])
     assert labels.count(7) == 1 and labels.count(8) == 1 and labels[0] == -100 and len(labels) == len(enc.ids)
+
+
+def test_left_padding_is_refused_with_causal_attention():
+    attn = _tiny().layers[0].attn
+    with pytest.raises(ValueError, match="kv_start .* only with causal=False"):
+        attn(torch.randn(1, 4, 32), causal=True, kv_start=torch.zeros(1, dtype=torch.long))

@@ -101,14 +101,21 @@ def test_gated_block_is_word_attention_plus_gated_prompt_attention():
     with torch.no_grad():
         attn.gate.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
         x = torch.randn(2, 7, 32)
-        B, T, D, H, d = 2, 7, 32, 4, 8
-        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
-        pkv = F.linear(attn.prompt, attn.qkv.weight[D:], attn.qkv.bias[D:]).view(3, 2, H, d).permute(1, 2, 0, 3)
-        words = F.scaled_dot_product_attention(q, k, v)
-        prompt = F.scaled_dot_product_attention(q, pkv[0].expand(B, -1, -1, -1), pkv[1].expand(B, -1, -1, -1))
-        expected = words + torch.tanh(attn.gate).view(1, H, 1, 1) * prompt
-        expected = F.linear(expected.transpose(1, 2).reshape(B, T, D), attn.proj.weight, attn.proj.bias)
-        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attn(x), expected_gated_attention(attn, x), rtol=1e-5, atol=1e-6)
+
+
+def expected_gated_attention(attn, x):
+    """A PromptedSelfAttention's gated output on x [B, T, D], written out with F.scaled_dot_product_attention:
+    softmax(qK) V + tanh(g) softmax(q PK) PV, then the output projection (test_encoder uses it too)."""
+    B, T, D = x.shape
+    H = attn.num_heads
+    d = D // H
+    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
+    pkv = F.linear(attn.prompt, attn.qkv.weight[D:], attn.qkv.bias[D:]).view(-1, 2, H, d).permute(1, 2, 0, 3)
+    words = F.scaled_dot_product_attention(q, k, v)
+    prompt = F.scaled_dot_product_attention(q, pkv[0].expand(B, -1, -1, -1), pkv[1].expand(B, -1, -1, -1))
+    expected = words + torch.tanh(attn.gate).view(1, H, 1, 1) * prompt
+    return F.linear(expected.transpose(1, 2).reshape(B, T, D), attn.proj.weight, attn.proj.bias)
 
 
 def test_joint_mode_is_one_softmax_over_prompt_and_tokens():
