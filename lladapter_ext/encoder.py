@@ -184,6 +184,8 @@ class Encoder(PromptAdapterMixin, nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids {list(token_type_ids.shape)} must match input_ids {[B, T]}")
+        _check_ids("input_ids", input_ids, c.vocab_size, "vocab_size")
+        _check_ids("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
         ar = torch.arange(T, device=dev)
         if attention_mask is None:
             kv_start = perm = keep = None
@@ -215,6 +217,16 @@ class Encoder(PromptAdapterMixin, nn.Module):
         """
         ours, rename = convert_hf_state_dict(sd, self.config)
         copy_checked(self, ours, source, rename)
+
+
+def _check_ids(name: str, ids: torch.Tensor, n: int, field: str) -> None:
+    """An id outside the embedding table would be an IndexError on the CPU and a device-side assert on CUDA (which
+    ends the process): say which argument and which config field instead."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"{name} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the encoder's "
+                         f"[0, {n}) ({field}={n}): was the input made with another model's tokenizer?")
 
 
 def convert_hf_state_dict(sd: dict[str, torch.Tensor], c: EncoderConfig) -> tuple[dict, dict[str, str]]:

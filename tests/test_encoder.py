@@ -229,6 +229,15 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match=r"23 tokens is longer than the encoder's 22 positions"):
         model(torch.randint(2, 50, (1, 23)))
     assert model(torch.randint(2, 50, (1, 22))).shape == (1, 22, 32)
+    v, tv = model.config.vocab_size, model.config.type_vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids holds ids in \[2, {v}\], outside .*\[0, {v}\) \(vocab_size"):
+        model(torch.tensor([[2, v]]))
+    with pytest.raises(ValueError, match=r"input_ids holds ids in \[-1, "):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match=rf"token_type_ids holds ids .*type_vocab_size={tv}"):
+        model(torch.tensor([[2, 3]]), token_type_ids=torch.tensor([[0, tv]]))
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor, got torch.float32"):
+        model(torch.tensor([[2.0, 3.0]]))
     with pytest.raises(ValueError, match=r"num_layers must be in \[1, 3\]"):
         model.add_adapter(num_layers=4)
 
