@@ -99,6 +99,31 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
                            config_overrides)
 
 
+# The reader that model_depth opened, for the load that usually follows: (path, mtime_ns, size) -> reader.
+# GGUFReader parses every metadata array (the vocabulary) into numpy views: ~3 s for SmolLM2's file.
+_KEPT_GGUF: dict[tuple[str, int, int], object] = {}
+
+
+def open_gguf(path: PathLike, keep: bool = False):
+    """A gguf.GGUFReader of the file; errors name the file. keep=True leaves the reader for the next open, which
+    takes it back if the file is unchanged (one reader is kept at most, until that next open)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+        reader = _KEPT_GGUF.pop(key, None)
+        _KEPT_GGUF.clear()  # a reader of another file, or of this one before it changed, is of no more use
+        if reader is None:
+            import gguf
+
+            reader = gguf.GGUFReader(str(p))
+    except Exception as e:  # noqa: BLE001 - the gguf package raises ValueError, struct/numpy errors, OSError
+        raise CheckpointError(f"{p}: cannot read GGUF file (corrupt or truncated?): {type(e).__name__}: {e}") from e
+    if keep:
+        _KEPT_GGUF[key] = reader
+    return reader
+
+
 def model_depth(path_or_preset: PathLike) -> int:
     """The number of transformer layers of a checkpoint or preset, from its config alone (no weights are read):
     what a layer count given as a share of the depth (lladapter_ext.recipe) needs before the model is built."""
@@ -108,9 +133,7 @@ def model_depth(path_or_preset: PathLike) -> int:
         return config_from_preset(s).n_layers
     try:
         if p.is_file() and p.suffix.lower() == ".gguf":
-            import gguf
-
-            reader = gguf.GGUFReader(str(p))
+            reader = open_gguf(p, keep=True)  # kept for the load that follows (parsing takes seconds)
             arch = gguf_field(reader, "general.architecture")
             return int(gguf_field(reader, f"{arch}.block_count"))
         if (p / "params.json").exists():
@@ -548,13 +571,8 @@ def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
               quantize: str | None = None, quantize_head: bool = False, **config_overrides):
     """(model, tokenizer) from a GGUF file (llama architecture), weights dequantised to dtype, tokenizer from the
     vocabulary embedded in the file."""
-    import gguf
-
     p = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(p))
-    except Exception as e:
-        raise CheckpointError(f"{p}: cannot read GGUF file (corrupt or truncated?): {type(e).__name__}: {e}") from e
+    reader = open_gguf(p)
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:  # Llama-3.1 GGUFs store the llama3 scaling as per-frequency divisors
         config_overrides.setdefault("rope_scaling", _llama3_scaling_from_freqs(reader, p, config_overrides))

@@ -106,6 +106,28 @@ def test_model_depth_reads_only_the_config(tmp_path):
         model_depth(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="unsupported checkpoint"):
         model_depth(tmp_path)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(6))  # the magic, then a truncated header
+    with pytest.raises(CheckpointError, match=r"bad\.gguf: cannot read GGUF file \(corrupt or truncated\?\)"):
+        model_depth(bad)
+
+
+def test_model_depth_hands_its_gguf_reader_to_the_load(tmp_path):
+    """The reader model_depth parsed is the one the load that follows uses (parsing a real GGUF takes seconds),
+    and a file changed in between is parsed again."""
+    from lladapter_ext import loaders
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, gguf_source_model(), gguf.GGMLQuantizationType.F32)
+    assert model_depth(path) == 2
+    (kept,) = loaders._KEPT_GGUF.values()
+    assert loaders.open_gguf(path) is kept and not loaders._KEPT_GGUF
+    model_depth(path)
+    write_tiny_gguf(path, gguf_source_model(), gguf.GGMLQuantizationType.F16)  # a new file at the same path
+    os.utime(path, ns=(1, 1))
+    assert loaders.open_gguf(path) is not kept
+    model, _ = loaders.load_model(path, adapter_layer=1, tokenizer=False)
+    assert model.config.n_layers == 2 and not loaders._KEPT_GGUF
 
 
 def test_model_depth_agrees_with_the_loaded_model(tmp_path):
