@@ -40,8 +40,10 @@ VARIANTS = {
 N_EVAL = 50
 
 
-def cell_data(out: str, family: str, n: int, seed: int) -> tuple[str, str]:
-    """(train path, eval path) of a family at size n; the demo family is the bundled data/demo set."""
+def cell_data(out: str, family: str, n: int, seed: int = 0) -> tuple[str, str]:
+    """(train path, eval path) of a family at size n; the demo family is the bundled data/demo set. The data
+    depend on the family and size only (generated with `seed`, 0 for every cell): a cell's --seed varies the
+    training (prompt init, data order), not the task."""
     if family == "demo":
         return os.path.join(ROOT, "data", "demo", "train.jsonl"), os.path.join(ROOT, "data", "demo", "eval.jsonl")
     d = os.path.join(out, "data", f"{family}-{n}")
@@ -77,7 +79,7 @@ def run_cell(out: str, family: str, n: int, variant: str, max_steps: int, seed: 
     from lladapter_ext import data, recipe, training
     from lladapter_ext.loaders import default_model_path, load_model
 
-    train_path, eval_path = cell_data(out, family, n, seed)
+    train_path, eval_path = cell_data(out, family, n)
     torch.manual_seed(seed)
     path = default_model_path()
     if variant == "base":
@@ -96,7 +98,7 @@ def run_cell(out: str, family: str, n: int, variant: str, max_steps: int, seed: 
     run_steps = min(total, max_steps)
     run_warmup = warmup if run_steps == total else max(1, round(warmup * run_steps / total))
     lr = training.resolve_lr(r.lr, r.blr, r.micro_batch_size)
-    run_dir = os.path.join(out, "runs", f"{family}-{n}-{variant}")
+    run_dir = os.path.join(out, "runs", f"{family}-{n}-{variant}" + (f"-seed{seed}" if seed else ""))
     cfg = training.TrainConfig(out_dir=run_dir, max_steps=run_steps, micro_batch_size=r.micro_batch_size, lr=lr,
                                warmup_steps=run_warmup, seed=seed, progress=False, plot=False)
     t0 = time.time()
@@ -132,15 +134,25 @@ def read_results(out: str) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| family | examples | recipe | steps | examples seen | loss first -> last | exact match |")
-    print("| --- | ---: | --- | ---: | ---: | --- | ---: |")
+    """One line per cell (family, size, variant): with several seeds, the mean exact match and each seed's."""
+    cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["variant"] == "base":
-            print(f"| {r['family']} | - | base model | - | - | - | {100 * r['exact_match']:.0f}% |")
+        cells.setdefault((r["family"], r["n"], r["variant"]), []).append(r)
+    print("| family | examples | recipe | steps | examples seen | loss first -> last | exact match | seeds |")
+    print("| --- | ---: | --- | ---: | ---: | --- | ---: | --- |")
+    for (family, n, variant), rs in cells.items():
+        rs = sorted(rs, key=lambda r: r.get("seed", 0))
+        em = sum(r["exact_match"] for r in rs) / len(rs)
+        per_seed = ", ".join(f"{r.get('seed', 0)}: {100 * r['exact_match']:.0f}%" for r in rs)
+        if variant == "base":
+            print(f"| {family} | - | base model | - | - | - | {100 * em:.0f}% | {per_seed} |")
             continue
+        r = rs[0]
         steps = f"{r['steps']}" + (f" of {r['schedule_steps']}" if r["capped"] else "")
-        print(f"| {r['family']} | {r['n']} | {r['variant']} | {steps} | {r['examples_seen']} | "
-              f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} | {100 * r['exact_match']:.0f}% |")
+        first = sum(x["loss_first"] for x in rs) / len(rs)
+        last = sum(x["loss_last"] for x in rs) / len(rs)
+        print(f"| {family} | {n} | {variant} | {steps} | {r['examples_seen']} | {first:.2f} -> {last:.2f} | "
+              f"{100 * em:.0f}% | {per_seed} |")
 
 
 def main(argv=None) -> int:
@@ -152,32 +164,34 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", default="base,default,official",
                    help=f"comma-separated variants: base (no training), {', '.join(VARIANTS)}")
     p.add_argument("--max-steps", type=int, default=250, help="optimizer steps at most per cell")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds; each is a cell of its own")
     p.add_argument("--table", action="store_true", help="print the results table and exit")
     args = p.parse_args(argv)
     if args.table:
         print_table(read_results(args.out))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    done = {(r["family"], r["n"], r["variant"]) for r in read_results(args.out)}
+    done = {(r["family"], r["n"], r["variant"], r.get("seed", 0)) for r in read_results(args.out)}
+    seeds = [int(s) for s in args.seeds.split(",")]
     for variant in args.recipes.split(","):
         if variant != "base" and variant not in VARIANTS:
             p.error(f"--recipes: unknown variant {variant!r}")
-    for variant in args.recipes.split(","):
-        for size in (int(s) for s in args.sizes.split(",")):
-            for family in args.families.split(","):
-                n = 400 if family == "demo" else size
-                if variant == "base":
-                    n = 0
-                if (family, n, variant) in done:
-                    continue
-                print(f"== {family} n={n} {variant}", flush=True)
-                row = {"family": family, "n": n, "variant": variant,
-                       **run_cell(args.out, family, n if n else 200, variant, args.max_steps, args.seed)}
-                print(json.dumps(row), flush=True)
-                with open(os.path.join(args.out, "results.jsonl"), "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-                done.add((family, n, variant))
+    for seed in seeds:
+        for variant in args.recipes.split(","):
+            for size in (int(s) for s in args.sizes.split(",")):
+                for family in args.families.split(","):
+                    n = 400 if family == "demo" else size
+                    if variant == "base":
+                        n = 0
+                    if (family, n, variant, seed) in done:
+                        continue
+                    print(f"== {family} n={n} {variant} seed {seed}", flush=True)
+                    row = {"family": family, "n": n, "variant": variant, "seed": seed,
+                           **run_cell(args.out, family, n if n else 200, variant, args.max_steps, seed)}
+                    print(json.dumps(row), flush=True)
+                    with open(os.path.join(args.out, "results.jsonl"), "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+                    done.add((family, n, variant, seed))
     return 0
 
 
