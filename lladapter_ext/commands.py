@@ -53,6 +53,11 @@ def _load(args, adapter_path=None, attach=True, command=None):
             hp = {k: v for k, v in LlamaForCausalLM.adapter_hparams(meta, adapter_path).items() if v is not None}
         except ValueError as e:
             raise SystemExit(f"--adapter {e}") from e
+        family = meta.get("family", "llama")
+        if family not in ("llama", "multimodal"):  # e.g. an `encoder-finetune` run's adapter (family "encoder")
+            raise SystemExit(f"--adapter {adapter_path}: an adapter of family {family!r}, not a LLaMA one"
+                             + (" (from `lladapter encoder-finetune`: use `lladapter encoder-eval`)"
+                                if family == "encoder" else ""))
         if attach and meta.get("multimodal") == "1":
             raise SystemExit(f"--adapter {adapter_path} is a multi-modal adapter: give --image PATH (generate) or "
                              "--images DIR (eval)")
@@ -425,4 +430,339 @@ def cmd_serve(args) -> int:
     print(f"serving {engine.get(args.base_name).describe()} ({model.config.n_layers} layers, width "
           f"{model.config.dim}, context {model.config.max_seq_len}) on http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- encoder tasks
+# `encoder-finetune` / `encoder-eval`: NER, SRL (CoNLL columns) and extractive QA (SQuAD v1.1 JSON) on a BERT /
+# RoBERTa encoder (lladapter_ext.encoder_tasks, encoder_training). The output directory holds the trained
+# parameters and encoder_task.json (encoder_training.save_encoder_run), log.jsonl (loss per step) and, with
+# --eval-data, eval.json and predictions.txt (ner, srl: token, the input's middle columns, gold, predicted) or
+# predictions.json (qa: {question id: answer}, SQuAD's format).
+_ENCODER_OUTPUTS = ("encoder_task.json", "adapter.safetensors", "model.safetensors", "log.jsonl", "eval.json",
+                    "predictions.txt", "predictions.json")
+_SRL_PREDICATE_COLUMN = 0  # the first middle column marks the predicate (token predicate ... tag)
+
+
+def _check_file(opt: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise SystemExit(f"{opt} {path}: is a directory, expected a file")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{opt} {path}: no such file")
+
+
+def _check_out_dir(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: exists and is not a directory")
+
+
+def _check_task_file(task: str, opt: str, path: str, who: str = "") -> None:
+    """A SQuAD JSON file for qa, a CoNLL column file for ner / srl: told apart by the first non-blank character.
+    who: what has the task, in the message (default: --task)."""
+    who = who or f"--task {task}"
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    json_like = head[:1] in (b"{", b"[")
+    if task == "qa" and not json_like:
+        raise SystemExit(f"{opt} {path}: {who} reads SQuAD v1.1 JSON, but this file does not start with '{{' "
+                         "(a CoNLL column file, for ner or srl?)" if head else
+                         f"{opt} {path}: empty file ({who} reads SQuAD v1.1 JSON)")
+    if task != "qa" and json_like:
+        raise SystemExit(f"{opt} {path}: {who} reads CoNLL column files (token ... tag, a blank line between "
+                         "sentences), but this file looks like JSON (SQuAD, for qa?)")
+
+
+def _validate_tags(tags: list[str], source: str) -> list[str]:
+    from .encoder_tasks import chunks
+
+    if not tags:
+        raise SystemExit(f"{source}: no tags")
+    seen = set()
+    for n, t in enumerate(tags, 1):
+        try:
+            chunks([t])
+        except ValueError as e:
+            raise SystemExit(f"{source}: tag {n}: {e}") from None
+        if t in seen:
+            raise SystemExit(f"{source}: tag {t!r} appears twice")
+        seen.add(t)
+    return tags
+
+
+def _sorted_tags(found) -> list[str]:
+    """O first, then by type and B, I, E, S."""
+    order = {"B": 0, "I": 1, "E": 2, "S": 3}
+    rest = sorted((t for t in set(found) if t != "O"), key=lambda t: (t[2:], order.get(t[0], 4)))
+    return ["O", *rest]
+
+
+def _encoder_tags(args) -> tuple[list[str], str]:
+    """(tags, where they came from) for ner / srl: --tags, else tags.txt beside --data, else the training file's."""
+    from .encoder_tasks import read_conll, read_tags
+
+    if args.tags:
+        _check_file("--tags", args.tags)
+        return _validate_tags(read_tags(args.tags), f"--tags {args.tags}"), f"--tags {args.tags}"
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.data)), "tags.txt")
+    if os.path.isfile(beside):
+        return _validate_tags(read_tags(beside), beside), f"tags.txt beside the training file ({beside})"
+    sentences = read_conll(args.data)
+    return _sorted_tags(t for s in sentences for t in s.tags), "collected from the training file (no --tags, no " \
+        "tags.txt beside it)"
+
+
+def _read_encoder_data(task: str, opt: str, path: str, tags, tags_source: str = "", who: str = "") -> dict:
+    """{"sentences"} (ner, srl) or {"examples"} (qa) of one data file, checked (errors name the file); the
+    features come later (_add_features: they need the tokenizer)."""
+    from .encoder_tasks import read_conll, read_squad
+
+    _check_task_file(task, opt, path, who)
+    if task == "qa":
+        examples = read_squad(path)
+        if not examples:
+            raise SystemExit(f"{opt} {path}: no questions")
+        return dict(examples=examples, path=path)
+    try:
+        sentences = read_conll(path, tags)
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{opt} {path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        if "not in the tag set" in str(e) and tags_source:
+            raise ValueError(f"{e}; the tag set is {tags_source}") from None
+        raise
+    if not sentences:
+        raise SystemExit(f"{opt} {path}: no sentences (CoNLL columns: token ... tag, a blank line between sentences)")
+    if task == "srl":
+        flat = next((s for s in sentences if not s.extra[0]), None)
+        if flat is not None:
+            raise SystemExit(f"{opt} {path}: --task srl needs a predicate column (token predicate tag: the predicate "
+                             f"column is '-' except on the predicate), but the sentence at {flat.source} has only "
+                             "two columns")
+    return dict(sentences=sentences, path=path)
+
+
+def _add_features(task: str, data: dict, tokenizer, tags, max_len: int, doc_stride: int | None) -> dict:
+    from .encoder_tasks import qa_features, token_features
+
+    if task == "qa":
+        data["features"] = qa_features(data["examples"], tokenizer, max_len=max_len, stride=doc_stride)
+    else:
+        data["features"] = token_features(data["sentences"], tokenizer, tags, max_len=max_len,
+                                          predicate_column=_SRL_PREDICATE_COLUMN if task == "srl" else None)
+    return data
+
+
+def _load_encoder_and_tokenizer(model_path: str, device: str):
+    from .encoder import load_encoder, load_encoder_tokenizer
+
+    if not os.path.exists(model_path):
+        raise SystemExit(f"--model {model_path}: no such file or directory")
+    try:
+        return load_encoder(model_path, device=device), load_encoder_tokenizer(model_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--model {model_path}: not a BERT / RoBERTa encoder directory: {e}") from None
+
+
+def _encoder_max_len(args, encoder) -> int:
+    limit = encoder.config.max_len
+    if args.max_len is None:
+        return min(limit, 384 if args.task == "qa" else 512)
+    if args.max_len > limit:
+        raise SystemExit(f"--max-len {args.max_len}: more than the encoder's {limit} positions")
+    return args.max_len
+
+
+def _encoder_eval(model, task: str, data: dict, tags, batch_size: int, max_answer_len: int, path: str):
+    """(scores, predictions) of one held-out set, scores with "data" and the count."""
+    from .encoder_training import evaluate_encoder_task
+
+    scores, pred = evaluate_encoder_task(model, data["features"], tags=tags, examples=data.get("examples"),
+                                         batch_size=batch_size, max_answer_len=max_answer_len,
+                                         return_predictions=True)
+    count = {"questions": len(data["examples"])} if task == "qa" else {"sentences": len(data["sentences"])}
+    return {"data": os.path.abspath(path), **count, **scores}, pred
+
+
+def _print_encoder_scores(task: str, s: dict) -> None:
+    if task == "qa":
+        print(f"eval ({s['data']}): exact match {s['exact_match']:.2f} | F1 {s['f1']:.2f} ({s['questions']} "
+              "questions, SQuAD v1.1 scoring)")
+        return
+    print(f"eval ({s['data']}): span precision {s['precision']:.4f} | recall {s['recall']:.4f} | F1 {s['f1']:.4f} "
+          f"({s['correct']} correct of {s['predicted']} predicted, {s['gold']} gold spans; {s['sentences']} "
+          "sentences)")
+    for kind, t in s["per_type"].items():
+        print(f"  {kind:<10} P {t['precision']:.4f}  R {t['recall']:.4f}  F1 {t['f1']:.4f}  ({t['support']} gold)")
+
+
+def _write_encoder_outputs(out: str, task: str, scores: dict, data: dict, pred) -> list[str]:
+    from .checkpoint import atomic_write_bytes
+
+    os.makedirs(out, exist_ok=True)
+    written = []
+    path = os.path.join(out, "eval.json")
+    atomic_write_bytes(path, (json.dumps(scores, indent=1) + "\n").encode("utf-8"), "the scores")
+    written.append(path)
+    if task == "qa":
+        path = os.path.join(out, "predictions.json")
+        text = json.dumps(pred, indent=1, ensure_ascii=False) + "\n"
+    else:
+        path = os.path.join(out, "predictions.txt")
+        lines = []
+        for s, p in zip(data["sentences"], pred):
+            lines += [" ".join([w, *extra, g, t]) for w, extra, g, t in zip(s.words, s.extra, s.tags, p)]
+            lines.append("")
+        text = "\n".join(lines)
+    atomic_write_bytes(path, text.encode("utf-8"), "the predictions")
+    written.append(path)
+    return written
+
+
+def cmd_encoder_finetune(args) -> int:
+    import dataclasses
+
+    from .checkpoint import atomic_write_bytes
+    from .encoder import default_encoder_path
+    from .encoder_training import (METHODS, build_task_model, save_encoder_run, saved_parameters,
+                                   setup_method, train_encoder_task)
+
+    spec = METHODS[args.method]
+    _check_file("--data", args.data)
+    if args.eval_data:
+        _check_file("--eval-data", args.eval_data)
+    _check_out_dir(args.out)
+    if args.tags and args.task == "qa":
+        raise SystemExit("--tags: --task qa has no tags (it predicts answer spans)")
+    if spec.adapter is None:
+        for opt in ("adapter_layers", "prompt_len"):
+            if getattr(args, opt) is not None:
+                raise SystemExit(f"--{opt.replace('_', '-')}: --method {args.method} has no adapter (its prompts are "
+                                 "for gated and joint)")
+    if args.doc_stride is not None and args.task != "qa":
+        raise SystemExit(f"--doc-stride: only for --task qa (--task {args.task} splits nothing)")
+    old = [f for f in _ENCODER_OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+    if old and not args.force:
+        raise SystemExit(f"--out {args.out}: already holds {', '.join(old)} (a previous run?); give --force to "
+                         "replace them, or another --out")
+    # the data first (a bad file fails before the model loads), then the model, then the features
+    tags, tags_source = (None, "")
+    if args.task != "qa":
+        _check_task_file(args.task, "--data", args.data)
+        tags, tags_source = _encoder_tags(args)
+    train = _read_encoder_data(args.task, "--data", args.data, tags, tags_source)
+    evals = (_read_encoder_data(args.task, "--eval-data", args.eval_data, tags, tags_source) if args.eval_data
+             else None)
+    device = args.device or _default_device()
+    try:
+        model_path = os.path.abspath(args.model) if args.model else default_encoder_path()
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"--model: {e}; or give --model DIR") from None
+    encoder, tokenizer = _load_encoder_and_tokenizer(model_path, device)
+    max_len = _encoder_max_len(args, encoder)
+    doc_stride = (args.doc_stride or max_len // 3) if args.task == "qa" else None
+    for d in (train, evals) if evals else (train,):
+        _add_features(args.task, d, tokenizer, tags, max_len, doc_stride)
+
+    model = build_task_model(encoder, args.task, len(tags) if tags else None)
+    layers = args.adapter_layers
+    if layers is not None and spec.adapter is not None and layers > encoder.config.depth:
+        raise SystemExit(f"--adapter-layers {layers}: the encoder has {encoder.config.depth} layers")
+    prompt_len = 10 if args.prompt_len is None else args.prompt_len
+    setup_method(model, args.method, num_layers=layers, prompt_len=prompt_len, gate_act=args.gate_act,
+                 seed=args.seed)
+    n_train = len(train["examples"] if args.task == "qa" else train["sentences"])
+    unit = "questions" if args.task == "qa" else "sentences"
+    print(f"encoder-finetune: task {args.task}, method {args.method} ({spec.trains}); model {model_path}")
+    if tags:
+        print(f"tags ({len(tags)}, {tags_source}): {' '.join(tags)}")
+    print(f"train: {n_train} {unit}, {len(train['features'])} features ({args.data})"
+          + (f" | eval: {args.eval_data}" if evals else "") + f" | max_len {max_len}"
+          + (f", doc stride {doc_stride}" if doc_stride else ""))
+    epochs = None if args.steps is not None else (2.0 if args.epochs is None else args.epochs)
+    log_rows: list[dict] = []
+    every = [args.log_every]
+
+    def on_step(step, steps, loss, lr):
+        if every[0] is None:
+            every[0] = max(1, steps // 10)
+        log_rows.append({"step": step, "loss": loss, "lr": lr})
+        if step % every[0] == 0 or step == steps or step == 1:
+            print(f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.3g}", flush=True)
+
+    a = model.encoder.adapter_config
+    shape = (f"prompts of {a['prompt_len']} tokens in the top {a['num_layers']} of {encoder.config.depth} layers, "
+             if a else "")
+    print(f"training: {shape}{sum(p.numel() for n, p in model.named_parameters() if p.requires_grad):,} trainable "
+          f"parameters | batch {args.batch_size}, warmup {args.warmup:g} of the steps, then cosine"
+          f" | clip {args.clip_grad_norm or 'none'} | seed {args.seed}", flush=True)
+    res = train_encoder_task(model, train["features"], method=args.method, epochs=epochs, max_steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, warmup=args.warmup,
+                             weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm or None,
+                             seed=args.seed, on_step=on_step)
+    tail = res.losses[-5:]
+    print(f"trained {res.steps} steps in {res.seconds:.1f}s (peak lr {res.lr:g}, head {res.head_lr:g}): loss "
+          f"{res.losses[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)})")
+    os.makedirs(args.out, exist_ok=True)
+    for f in old:  # --force: the previous run's files go (a stale eval.json would pass for this run's)
+        os.remove(os.path.join(args.out, f))
+    log_path = os.path.join(args.out, "log.jsonl")
+    atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in log_rows).encode("utf-8"), "the log")
+    config = dict(task=args.task, method=args.method, model=model_path,
+                  encoder_config=dataclasses.asdict(encoder.config), tags=tags, tags_source=tags_source or None,
+                  predicate_column=_SRL_PREDICATE_COLUMN if args.task == "srl" else None,
+                  adapter=dict(model.encoder.adapter_config) if model.encoder.adapter_config else None,
+                  max_len=max_len, doc_stride=doc_stride, max_answer_len=args.max_answer_len if args.task == "qa"
+                  else None,
+                  train=dict(data=os.path.abspath(args.data), steps=res.steps, epochs=epochs,
+                             batch_size=args.batch_size, lr=res.lr, head_lr=res.head_lr, warmup=args.warmup,
+                             weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm or None,
+                             seed=args.seed, trainable=res.num_trainable, first_loss=res.losses[0],
+                             last_loss=sum(tail) / len(tail), seconds=res.seconds))
+    written = save_encoder_run(model, args.out, config)
+    print(f"saved {saved_parameters(args.method)}: {written[0]} ({res.num_trainable:,} trained parameters); "
+          f"config: {written[1]}; losses: {log_path}")
+    if evals:
+        scores, pred = _encoder_eval(model, args.task, evals, tags, args.eval_batch_size, args.max_answer_len,
+                                     args.eval_data)
+        _print_encoder_scores(args.task, scores)
+        print("wrote " + ", ".join(_write_encoder_outputs(args.out, args.task, scores, evals, pred)))
+    return 0
+
+
+def cmd_encoder_eval(args) -> int:
+    from .encoder import load_encoder_tokenizer
+    from .encoder_training import RUN_CONFIG, load_encoder_run, read_run_config, saved_parameters
+
+    if not os.path.exists(args.adapter):
+        raise SystemExit(f"--adapter {args.adapter}: no such file or directory")
+    _check_file("--data", args.data)
+    if args.out:
+        _check_out_dir(args.out)
+    if args.model and not os.path.exists(args.model):
+        raise SystemExit(f"--model {args.model}: no such file or directory")
+    try:
+        cfg, run_dir = read_run_config(args.adapter)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--adapter {e}") from None
+    task, tags = cfg["task"], cfg.get("tags")
+    data = _read_encoder_data(task, "--data", args.data, tags,
+                              f"the run's ({os.path.join(run_dir, RUN_CONFIG)})" if tags else "",
+                              who=f"the --adapter run (task {task})")
+    model_path = args.model or cfg["model"]
+    if not os.path.exists(model_path):
+        raise SystemExit(f"--adapter {args.adapter}: the encoder it was trained with, {model_path}, is not there "
+                         "(moved? give --model DIR)")
+    try:
+        model, cfg = load_encoder_run(run_dir, model_path, device=args.device or _default_device())
+        tokenizer = load_encoder_tokenizer(model_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--model {model_path}: {e}" if args.model else f"--adapter {args.adapter}: {e}") from None
+    data = _add_features(task, data, tokenizer, tags, cfg["max_len"], cfg.get("doc_stride"))
+    max_answer_len = args.max_answer_len or cfg.get("max_answer_len") or 30
+    print(f"encoder-eval: task {task}, method {cfg['method']} ({saved_parameters(cfg['method'])} from "
+          f"{run_dir}); model {model_path}")
+    scores, pred = _encoder_eval(model, task, data, tags, args.batch_size, max_answer_len, args.data)
+    _print_encoder_scores(task, scores)
+    if args.out:
+        print("wrote " + ", ".join(_write_encoder_outputs(args.out, task, scores, data, pred)))
     return 0

@@ -17,12 +17,20 @@ fp32, with a seeded shuffle (same seed, same model: identical results). A non-fi
 error naming the step and learning rate, before the optimizer touches the parameters.
 `evaluate_encoder_task` scores held-out features: span precision / recall / F1 (NER, SRL; `span_scores`) or
 SQuAD exact match / F1 (QA; `squad_scores`).
+
+A trained model on disk (`lladapter encoder-finetune` / `encoder-eval`): `save_encoder_run(model, out_dir, config)`
+writes the trained parameters (gated / joint / linear: the adapter file, which holds the prompts, gates and head, or
+just the head; full: every parameter) and RUN_CONFIG (task, method, encoder path and config, tags, adapter shape,
+max_len); `load_encoder_run(out_dir)` rebuilds the model from them.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +41,8 @@ from .encoder_tasks import (IGNORE_INDEX, EncoderForQuestionAnswering, EncoderFo
 from .schedule import lr_at
 
 __all__ = ["METHODS", "MethodSpec", "TrainResult", "method_parameters", "setup_method", "count_method_parameters",
-           "train_encoder_task", "evaluate_encoder_task"]
+           "train_encoder_task", "evaluate_encoder_task", "TASKS", "RUN_CONFIG", "build_task_model",
+           "run_weights_file", "saved_parameters", "save_encoder_run", "read_run_config", "load_encoder_run"]
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -157,7 +166,8 @@ def train_encoder_task(model, features: list, *, method: str, epochs: float | No
                        max_steps: int | None = None, batch_size: int = 16, lr: float | None = None,
                        head_lr: float | None = None, warmup: float = 0.1, min_lr: float = 0.0,
                        weight_decay: float = 0.0, clip_grad_norm: float | None = None, seed: int = 0,
-                       progress: bool = False) -> TrainResult:
+                       progress: bool = False,
+                       on_step: Callable[[int, int, float, float], None] | None = None) -> TrainResult:
     """Train `model` (EncoderForTokenClassification on TokenFeatures, EncoderForQuestionAnswering on QAFeature)
     with `method` for max_steps optimizer steps, or `epochs` passes over the features (whole batches per epoch).
 
@@ -165,7 +175,9 @@ def train_encoder_task(model, features: list, *, method: str, epochs: float | No
     the head peaks at `head_lr` (default: METHODS[method].head_lr when lr is not given, else lr). Linear warmup
     over the first `warmup` share of the steps, then half-cycle cosine to min_lr (schedule.lr_at); gradients
     clipped to clip_grad_norm when given. fp32 throughout; deterministic for a given seed (data order). Raises
-    FloatingPointError on a non-finite loss, before that step's update. The model is left in eval mode."""
+    FloatingPointError on a non-finite loss, before that step's update. The model is left in eval mode.
+    on_step(step, steps, loss, lr), when given, is called after each optimizer step (step counts from 1; lr is the
+    peak-scaled rate the step ran at): the command line prints its progress lines with it."""
     _check_model(model)
     spec = _spec(method)
     if not features:
@@ -224,6 +236,8 @@ def train_encoder_task(model, features: list, *, method: str, epochs: float | No
             opt.step()
             result.losses.append(value)
             result.lrs.append(cur)
+            if on_step is not None:
+                on_step(step + 1, steps, value, cur)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{cur:.2e}")
@@ -237,10 +251,12 @@ def train_encoder_task(model, features: list, *, method: str, epochs: float | No
 
 def evaluate_encoder_task(model, features: list, *, tags: list[str] | None = None,
                           examples: list[QAExample] | None = None, batch_size: int = 32,
-                          max_answer_len: int = 30) -> dict:
+                          max_answer_len: int = 30, return_predictions: bool = False):
     """Scores on held-out features. Token classification (give `tags`): {"precision", "recall", "f1", "correct",
     "predicted", "gold", "per_type"} by span_scores, gold tags read from the features' labels. QA (give the
-    `examples` the features came from): {"exact_match", "f1"} in percent by squad_scores."""
+    `examples` the features came from): {"exact_match", "f1"} in percent by squad_scores. With
+    return_predictions: (scores, predictions), the predictions being predict_tags' (one tag list per feature) or
+    predict_answers' ({question id: answer text})."""
     _check_model(model)
     if not features:
         raise ValueError("no evaluation features")
@@ -250,7 +266,9 @@ def evaluate_encoder_task(model, features: list, *, tags: list[str] | None = Non
         if isinstance(model, EncoderForQuestionAnswering):
             if examples is None:
                 raise ValueError("evaluating a QA model needs the examples (gold answers)")
-            return squad_scores(examples, predict_answers(model, examples, features, max_answer_len, batch_size))
+            pred = predict_answers(model, examples, features, max_answer_len, batch_size)
+            scores = squad_scores(examples, pred)
+            return (scores, pred) if return_predictions else scores
         if tags is None:
             raise ValueError("evaluating a token-classification model needs the tag list")
         gold = []
@@ -259,6 +277,162 @@ def evaluate_encoder_task(model, features: list, *, tags: list[str] | None = Non
             if any(i == IGNORE_INDEX for i in ids):
                 raise ValueError(f"{f.source or 'a feature'}: a word's first subtoken has no label")
             gold.append([tags[i] for i in ids])
-        return span_scores(gold, predict_tags(model, features, tags, batch_size))
+        pred = predict_tags(model, features, tags, batch_size)
+        scores = span_scores(gold, pred)
+        return (scores, pred) if return_predictions else scores
     finally:
         model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------- saved runs
+# A trained task model on disk (what `lladapter encoder-finetune` writes and `lladapter encoder-eval` reads): the
+# trained parameters and RUN_CONFIG, a JSON file with what rebuilding the model needs.
+RUN_CONFIG = "encoder_task.json"
+RUN_FORMAT = "lladapter-encoder-task"
+ADAPTER_FILE = "adapter.safetensors"  # gated / joint: prompts, gates and head; linear: the head
+FULL_FILE = "model.safetensors"  # full: every parameter (encoder and head)
+TASKS = ("ner", "srl", "qa")
+
+
+def run_weights_file(method: str) -> str:
+    """The file a run of `method` keeps its trained parameters in."""
+    _spec(method)
+    return FULL_FILE if method == "full" else ADAPTER_FILE
+
+
+def saved_parameters(method: str) -> str:
+    """What a run of `method` saves, in words."""
+    _spec(method)
+    return {"gated": "prompts, gates and head (the adapter file)", "joint": "prompts and head (the adapter file)",
+            "linear": "the head (the adapter file)",
+            "full": "every parameter, encoder and head (a full state dict)"}[method]
+
+
+def build_task_model(encoder, task: str, num_labels: int | None = None):
+    """The head model of `task` ("ner", "srl": EncoderForTokenClassification with num_labels; "qa":
+    EncoderForQuestionAnswering) around `encoder`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "qa":
+        return EncoderForQuestionAnswering(encoder)
+    return EncoderForTokenClassification(encoder, num_labels)
+
+
+def save_encoder_run(model, out_dir: str, config: dict) -> list[str]:
+    """Write a trained task model to out_dir: its trained parameters (run_weights_file(config["method"]): the
+    adapter file of gated / joint / linear, which holds the head too; every parameter for full) and
+    out_dir/RUN_CONFIG (config plus "format" and "weights"; written last, so a directory that has it is complete).
+    config needs "task" and "method", and whatever load_encoder_run needs: "model", "tags" (ner, srl),
+    "adapter" (gated, joint: num_layers, prompt_len, mode, gate_act), "max_len". Returns the paths written."""
+    from .checkpoint import atomic_write_bytes, save_adapter_atomic, writing
+
+    _check_model(model)
+    method = config["method"]
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, run_weights_file(method))
+    if method == "full":
+        from safetensors.torch import save_file
+        tmp = f"{weights}.tmp-{os.getpid()}.safetensors"
+        with writing("the model", weights, cleanup=(tmp,)):
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, tmp,
+                      metadata={"format": RUN_FORMAT, "family": model.ADAPTER_FAMILY, "task": config["task"],
+                                "method": method})
+            os.replace(tmp, weights)
+    else:
+        save_adapter_atomic(model, weights)
+    cfg_path = os.path.join(out_dir, RUN_CONFIG)
+    doc = {"format": RUN_FORMAT, "version": 1, **config, "weights": os.path.basename(weights),
+           "saved": saved_parameters(method)}
+    atomic_write_bytes(cfg_path, (json.dumps(doc, indent=1) + "\n").encode("utf-8"), "the run config")
+    return [weights, cfg_path]
+
+
+def _not_a_run(path: str) -> str:
+    """Why `path` (a directory or file without RUN_CONFIG next to it) is not an encoder run, for the message."""
+    from .adapter import read_adapter_metadata
+
+    adapter = path if os.path.isfile(path) else os.path.join(path, ADAPTER_FILE)
+    if os.path.isfile(adapter) and adapter.endswith(".safetensors"):
+        try:
+            meta = read_adapter_metadata(adapter)
+        except ValueError:
+            meta = {}
+        family = meta.get("family") or ("llama" if "adapter_len" in meta else None)
+        if family and family != "encoder":
+            return (f"holds a {family!r} adapter ({os.path.basename(adapter)}), from `lladapter finetune` or another "
+                    f"model family, not an encoder-finetune run (no {RUN_CONFIG})")
+    return f"not an encoder-finetune output directory (no {RUN_CONFIG})"
+
+
+def read_run_config(path: str) -> tuple[dict, str]:
+    """(config, run directory) of a saved run: `path` is the directory (or a file in it). Errors (ValueError,
+    FileNotFoundError) name the path and the field."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    run_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    cfg_path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path}: {_not_a_run(path)}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: cannot read the run config ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != RUN_FORMAT:
+        raise ValueError(f"{cfg_path}: field 'format' is {cfg.get('format') if isinstance(cfg, dict) else None!r}, "
+                         f"expected {RUN_FORMAT!r}")
+
+    def need(key, ok, what):
+        if key not in cfg:
+            raise ValueError(f"{cfg_path}: missing field {key!r}")
+        if not ok(cfg[key]):
+            raise ValueError(f"{cfg_path}: field {key!r} is {cfg[key]!r}, expected {what}")
+        return cfg[key]
+
+    task = need("task", lambda v: v in TASKS, " or ".join(TASKS))
+    method = need("method", lambda v: v in METHODS, " or ".join(METHODS))
+    need("model", lambda v: isinstance(v, str) and v, "the encoder's path")
+    need("max_len", lambda v: isinstance(v, int) and v > 1, "an integer > 1")
+    if task != "qa":
+        need("tags", lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v), "a list of tags")
+    if METHODS[method].adapter is not None:
+        need("adapter", lambda v: isinstance(v, dict) and isinstance(v.get("num_layers"), int)
+             and isinstance(v.get("prompt_len"), int) and v.get("mode") == METHODS[method].adapter,
+             f"num_layers, prompt_len and mode {METHODS[method].adapter!r}")
+    return cfg, run_dir
+
+
+def load_encoder_run(path: str, model_path: str | None = None, device: str | torch.device = "cpu"):
+    """(model, config) of a run saved by save_encoder_run: the encoder from model_path (default: the one the
+    config records; its config must be the one trained with), the head, the adapter (gated / joint) and the trained
+    parameters, in eval mode."""
+    from .encoder import load_encoder
+
+    cfg, run_dir = read_run_config(path)
+    method = cfg["method"]
+    weights = os.path.join(run_dir, run_weights_file(method))
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{run_dir}: no {os.path.basename(weights)} (the {method} run's trained parameters)")
+    encoder = load_encoder(model_path or cfg["model"], device=device)
+    recorded = cfg.get("encoder_config")
+    if isinstance(recorded, dict):
+        have = dataclasses.asdict(encoder.config)
+        diff = [k for k in sorted(set(have) | set(recorded)) if have.get(k) != recorded.get(k)]
+        if diff:
+            k = diff[0]
+            raise ValueError(f"{model_path or cfg['model']}: not the encoder {run_dir} was trained with ({k} "
+                             f"{have.get(k)!r}, the run's {recorded.get(k)!r})")
+    model = build_task_model(encoder, cfg["task"], len(cfg.get("tags") or []) or None)
+    if METHODS[method].adapter is not None:
+        a = cfg["adapter"]
+        model.add_adapter(a["num_layers"], a["prompt_len"], mode=a["mode"], gate_act=a.get("gate_act", "tanh"))
+    if method == "full":
+        from .adapter import check_tensors, read_adapter_tensors
+        tensors, _, source = read_adapter_tensors(weights)
+        own = model.state_dict()
+        check_tensors(own, tensors, source, context="does not fit this model")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+    else:
+        model.load_adapter(weights)
+    return model.eval(), cfg

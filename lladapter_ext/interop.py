@@ -305,8 +305,9 @@ def _read_ours(path: str) -> Adapter:
     path = find_adapter_file(path)
     sd, meta = _safetensors_load(path)
     if meta.get("multimodal") == "1" or meta.get("family", "llama") != "llama":
-        raise AdapterFormatError(f"{path}: a {'multi-modal' if meta.get('multimodal') == '1' else meta['family']} "
-                                 "adapter: only LLaMA text adapters convert to other formats")
+        kind = "multi-modal" if meta.get("multimodal") == "1" else f"{meta['family']!r}"
+        raise AdapterFormatError(f"{path}: an adapter of family {kind}: only LLaMA text adapters convert to other "
+                                 "formats")
     hp = LlamaForCausalLM.adapter_hparams(meta, path)
     prompts, gates = _layer_tensors(sd, _OURS_KEY, path, ("adapter_prompt", "adapter_gate"))
     n_layers = int(meta["n_layers"]) if meta.get("n_layers", "").isdigit() else max(prompts) + 1

@@ -41,14 +41,16 @@ def tiny_data(tmp_path_factory):
     return str(d / "train.jsonl")
 
 
-@pytest.mark.parametrize("sub", ["finetune", "generate", "eval", "info", "serve"])  # convert: no defaults
+@pytest.mark.parametrize("sub", ["finetune", "generate", "eval", "info", "serve", "encoder-finetune",
+                                 "encoder-eval"])  # convert: no defaults
 def test_help_documents_every_option(sub):
     out = run_cli(sub, "--help").stdout
     assert "usage: lladapter " + sub in out
     assert "(default:" in out  # defaults are shown
 
 
-@pytest.mark.parametrize("sub", ["finetune", "generate", "eval", "info", "convert", "serve"])
+@pytest.mark.parametrize("sub", ["finetune", "generate", "eval", "info", "convert", "serve", "encoder-finetune",
+                                 "encoder-eval"])
 def test_help_shows_each_default_once(sub):
     from lladapter_ext import cli
     parser = cli.build_parser()

@@ -24,7 +24,9 @@ settings.load_profile(os.environ.get("LLADAPTER_FUZZ_PROFILE", "ci"))
 
 # the minimal valid command line of each subcommand, to which one numeric option is added
 BASE = {"finetune": ["--data", "d.jsonl", "--out", "o"], "generate": ["--prompt", "hi"], "eval": ["--data", "d.jsonl"],
-        "info": [], "convert": ["in.safetensors", "out", "--to", "peft"], "serve": []}
+        "info": [], "convert": ["in.safetensors", "out", "--to", "peft"], "serve": [],
+        "encoder-finetune": ["--task", "ner", "--data", "train.txt", "--out", "o"],
+        "encoder-eval": ["--adapter", "run", "--data", "eval.txt"]}
 
 
 def numeric_options():
@@ -52,7 +54,8 @@ number_text = st.one_of(
 def test_every_numeric_option_is_covered():
     # the fuzz below would pass vacuously if the introspection found nothing
     assert {("finetune", "--lr"), ("finetune", "--weight-decay"), ("finetune", "--seed"),
-            ("generate", "--temperature"), ("serve", "--port"), ("serve", "--request-timeout")} <= set(OPTIONS), OPTIONS
+            ("generate", "--temperature"), ("serve", "--port"), ("serve", "--request-timeout"),
+            ("encoder-finetune", "--warmup"), ("encoder-eval", "--batch-size")} <= set(OPTIONS), OPTIONS
 
 
 @given(st.sampled_from(OPTIONS), number_text)
