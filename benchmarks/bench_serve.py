@@ -44,11 +44,9 @@ PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in
 
 def rss_bytes() -> int:
     """Resident size, after handing freed heap back to the OS (glibc malloc_trim) so that it counts live memory."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    from lladapter_ext.weights import release_freed_heap
+
+    release_freed_heap()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

@@ -119,11 +119,11 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
         log.warning("quantize_head: the LM head is tied to the embeddings, which stay in %s; the head is not "
                     "quantized", str(dtype).replace("torch.", ""))
     if quantize:
-        _release_freed_heap()
+        release_freed_heap()
     return model
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """Hand the float temporaries of a quantized load back to the OS: glibc keeps freed blocks below its (adaptive,
     up to 32 MiB) mmap threshold in the heap, which left a quantized SmolLM2 resident at twice the fp32 model's
     size. No-op where glibc is absent."""
