@@ -11,6 +11,14 @@ bandwidth (_common.read_bandwidth, measured in the same run, as bench_e2e does):
 so 1.0 is its floor.
 
     python benchmarks/bench_quant.py [--shapes smollm2-135m,tinyllama-1.1b] [--quick] [--json OUT.json]
+
+Two more modes compare kernels inside one process, interleaved round by round (on a shared machine, separate
+processes run minutes apart and see different loads):
+
+    python benchmarks/bench_quant.py --matmul [--rows 1,2,4,8]     # one matmul: fp32/bf16 GEMV, torch's packed
+                                                                     # kernels, ours (ops.quantized_linear), dequant
+    python benchmarks/bench_quant.py --decode-ab [--shapes smollm2-135m] [--rounds 5]
+                                     # decode ms/token: fp32, bf16, and int8/int4 with each DECODE_KERNEL
 """
 from __future__ import annotations
 
@@ -109,13 +117,146 @@ def child(args) -> dict:
                 T=T)
 
 
+MATMUL_SHAPES = [(1536, 576), (5632, 2048), (49152, 576)]
+
+
+def _median_time(fn, rounds: int, min_s: float = 0.02) -> list:
+    """Per-call seconds of each fn (a list of callables), timed round by round in turn; median over rounds."""
+    for f in fn:
+        f()
+    reps = []
+    for f in fn:
+        t = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t < min_s:
+            f()
+            n += 1
+        reps.append(max(1, n))
+    samples = [[] for _ in fn]
+    for _ in range(rounds):
+        for i, f in enumerate(fn):
+            t = time.perf_counter()
+            for _ in range(reps[i]):
+                f()
+            samples[i].append((time.perf_counter() - t) / reps[i])
+    return [sorted(s_)[len(s_) // 2] for s_ in samples]
+
+
+def matmul_table(args) -> None:
+    """One matmul per implementation at the model's shapes, interleaved: ms per call."""
+    from lladapter_ext import ops
+    from lladapter_ext import quantize as Q
+    from lladapter_ext.nn import few_rows_linear
+
+    rows_list = [int(r) for r in args.rows.split(",")]
+    torch.manual_seed(0)
+    print(f"threads {torch.get_num_threads()}; ms per call, median of {args.rounds} interleaved rounds")
+    names = ["fp32 GEMV", "bf16 GEMV", "torch int8pack", "torch int4pack", "ours int8", "ours int8 Q8_0",
+             "ours int4", "int8 dequant+GEMM", "int4 dequant+GEMM"]
+    print("| weight [N, K], rows | " + " | ".join(names) + " |")
+    print("| --- " * (len(names) + 1) + "|")
+    for N, K in MATMUL_SHAPES:
+        w = torch.randn(N, K) / K ** 0.5
+        wb = w.bfloat16()
+        q8 = Q.QuantizedLinear.from_float(w, "int8", torch.float32)
+        q4 = Q.QuantizedLinear.from_float(w, "int4", torch.float32)
+        c8b, s8b = Q.quantize_int8(w)  # per-block scales (Q8_0-like) from the same codes' rounding rule
+        s8b = (w.view(N, K // 32, 32).abs().amax(-1) / 127).clamp_min(1e-8).half()
+        c8b = torch.round(w.view(N, K // 32, 32) / s8b.float()[..., None]).clamp(-127, 127).to(torch.int8).view(N, K)
+        sz4 = Q.kernel_scales_and_zeros(q4.scales, torch.float32)
+        for M in rows_list:
+            x = torch.randn(M, K)
+            xb = x.bfloat16()
+
+            def dequant(layer, x=x):
+                with torch.no_grad():
+                    return few_rows_linear(x, layer._dequantized_for_matmul(torch.float32))
+
+            fns = [lambda: few_rows_linear(x, w), lambda: few_rows_linear(xb, wb),
+                   lambda: torch._weight_int8pack_mm(x, q8.codes, q8.scales),
+                   lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4.codes, q4.group_size, sz4),
+                   lambda: ops.quantized_linear(x, q8.codes, q8.scales),
+                   lambda: ops.quantized_linear(x, c8b, s8b),
+                   lambda: ops.quantized_linear(x, q4.codes, q4.scales),
+                   lambda: dequant(q8), lambda: dequant(q4)]
+            with torch.no_grad():
+                ts = _median_time(fns, args.rounds)
+            print(f"| {N} x {K}, {M} row{'s' if M > 1 else ''} | " + " | ".join(f"{t * 1e3:.3g}" for t in ts) + " |",
+                  flush=True)
+
+
+def decode_ab(args) -> None:
+    """Greedy decode at batch 1, ms per token, every variant in one process, interleaved round by round."""
+    from lladapter_ext import quantize as Q
+    from lladapter_ext.loaders import load_model
+
+    # (name, model, DECODE_KERNEL); int8/int4 with fp32 activations (bench_quant's default variants) and with bf16
+    # ones (--dtype bfloat16: the embeddings / tied head, norms and activations in bf16, as the bf16 base has them)
+    variants = [("fp32", "fp32", None), ("bf16", "bf16", None)]
+    for fmt in ("int8", "int4"):
+        for act in ("fp32", "bf16"):
+            for kernel in ("lladapter", "torch", "none"):
+                variants.append((f"{fmt}, {act} activations ({kernel})", f"{fmt}-{act}", kernel))
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for shape in args.shapes.split(","):
+        models = {}
+        for key in ("fp32", "bf16", "int8-fp32", "int4-fp32", "int8-bf16", "int4-bf16"):
+            fmt, _, act = key.rpartition("-")
+            torch.manual_seed(0)
+            models[key] = load_model(shape, dtype=dtypes[act], quantize=fmt or None, adapter_len=10,
+                                     adapter_layer=10**6)[0]
+        V = models["fp32"].config.vocab_size
+        ids = torch.randint(0, V, (1, 16))
+        new = args.tokens
+
+        def run(model, kernel):
+            Q.DECODE_KERNEL = kernel or "lladapter"
+            with torch.no_grad():
+                cache = model.new_cache(1, 16 + new + 1)
+                tok = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+                tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
+                t = time.perf_counter()
+                for _ in range(new - 1):
+                    tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
+                return (time.perf_counter() - t) / (new - 1)
+
+        samples = {name: [] for name, _, _ in variants}
+        for _ in range(args.rounds):
+            for name, key, kernel in variants:
+                samples[name].append(run(models[key], kernel))
+        Q.DECODE_KERNEL = "lladapter"
+        bf16 = sorted(samples["bf16"])[len(samples["bf16"]) // 2]
+        print(f"{shape}: decode ms/token, batch 1, median of {args.rounds} interleaved rounds of {new - 1} tokens, "
+              f"threads {torch.get_num_threads()}")
+        print("| base (DECODE_KERNEL) | ms/token | vs bf16 |\n| --- | --- | --- |")
+        for name, s_ in samples.items():
+            med = sorted(s_)[len(s_) // 2]
+            print(f"| {name} | {med * 1e3:.1f} | {bf16 / med:.2f}x |", flush=True)
+
+
 def main():
     p = common_args(__doc__.split("\n\n")[0])
+    p.add_argument("--matmul", action="store_true", help="single-matmul table (one process, interleaved)")
+    p.add_argument("--decode-ab", action="store_true", help="decode A/B of every variant in one process")
+    p.add_argument("--rows", default="1", help="--matmul: comma-separated row counts")
+    p.add_argument("--rounds", type=int, default=5, help="--matmul / --decode-ab: interleaved rounds")
+    p.add_argument("--tokens", type=int, default=12, help="--decode-ab: decoded tokens per round")
+    p.add_argument("--threads", type=int, default=None, help="--matmul / --decode-ab: torch.set_num_threads")
     p.add_argument("--variant", default=None, help=argparse_hidden())
     p.add_argument("--shape", default=None, help=argparse_hidden())
     p.add_argument("--shapes", default="smollm2-135m,tinyllama-1.1b", help="comma-separated presets")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     args = p.parse_args()
+    if args.threads and (args.matmul or args.decode_ab):
+        torch.set_num_threads(args.threads)
+    if args.matmul:
+        matmul_table(args)
+        return
+    if args.decode_ab:
+        if args.shapes == p.get_default("shapes"):
+            args.shapes = "smollm2-135m"
+        decode_ab(args)
+        return
     if args.variant:
         print(json.dumps(child(args)))
         return

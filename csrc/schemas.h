@@ -33,6 +33,11 @@ inline void define_op_schemas(torch::Library& m) {
       "gated_prompt_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, "
       "Tensor? gate, Tensor? kv_start, Tensor out, Tensor lse, Tensor prompt_lse, bool causal, str gate_act, "
       "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Weight-only quantized matmul: y [M, N] = x [M, K] @ W^T with W dequantised on the fly (csrc/quantized_linear.h:
+  // int8 codes [N, K] with scales [N] or [N, K / g]; int4 codes uint8 [N, K / 2] in quantize.pack_int4's layout with
+  // (scale, low) [G, N, 2]); fp32 accumulation (fp64 for fp64 x), y in x's dtype. No gradient to codes or scales.
+  m.def("quantized_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
 }
 
 }  // namespace lladapter

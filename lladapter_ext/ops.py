@@ -432,6 +432,81 @@ def _gated_prompt_attention_backward(ctx, grad_out, _grad_lse, _grad_prompt_lse)
             dgate if gate is not None and n[5] else None, None, None, None, None)
 
 
+# --------------------------------------------------------------------------------------------- quantized matmul
+def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Weight-only quantized matmul: y [..., N] = x [..., K] @ W^T, W dequantised on the fly (never materialised).
+
+    The format follows from codes' dtype, as quantize.QuantizedLinear stores it:
+    - int8: codes int8 [N, K], w[n, k] = codes[n, k] * s with scales [N] (one per output row) or [N, K / g] (one
+      per block of g inputs: GGUF Q8_0, g = 32);
+    - int4: codes uint8 [N, K / 2], two codes in [0, 15] per byte in quantize.pack_int4's layout (N a multiple of
+      16), scales [G, N, 2] = (scale, low) per group of K / G inputs, w[n, k] = q * scale + low.
+    scales in fp32, fp16 or bf16. x in fp32/bf16/fp16 (and fp64 on the CPU kernels, summed in fp64: the gradcheck
+    path); products summed in fp32; y in x's dtype. Meant for few rows (decode): the kernels stream the codes once
+    per small tile of rows (reference.quantized_linear is the oracle). Differentiable in x: dx = dy W with W
+    dequantised (reference.dequantize_weight); codes and scales get no gradient.
+    """
+    lead = x.shape[:-1]
+    y = _lib.quantized_linear(x.reshape(-1, x.shape[-1]), codes, scales)
+    return y.view(*lead, y.shape[-1])
+
+
+def check_quantized_linear_inputs(x, codes, scales, *, cuda_kernels: bool = False) -> None:
+    """The kernels' argument checks (csrc/quantized_linear.h) with the same messages, for the fake implementation."""
+    op = "lladapter::quantized_linear"
+    _check_same_device(op, "x", x, codes=codes, scales=scales)
+    _check_dtype_in(op, "x", x, _CUDA_FLOAT_DTYPES if cuda_kernels else _CPU_FLOAT_DTYPES)
+    torch._check(x.dim() == 2, lambda: f"{op}: x must have shape [M, K], got {list(x.shape)}")
+    _check_dtype_in(op, "codes", codes, (torch.int8, torch.uint8))
+    _check_dtype_in(op, "scales", scales, (torch.float32, torch.float16, torch.bfloat16))
+    torch._check(codes.dim() == 2, lambda: f"{op}: codes must have shape [N, K] (int8) or [N, K / 2] (int4, packed), "
+                                           f"got {list(codes.shape)}")
+    K, N = x.shape[1], codes.shape[0]
+    torch._check(K > 0, lambda: f"{op}: x's input dimension K (x.size(1)) must be positive, got x of shape "
+                                f"{list(x.shape)}")
+    if codes.dtype == torch.int8:
+        torch._check(codes.shape[1] == K, lambda: f"{op}: codes (int8) must have shape [N, {K}] (K = x.size(1)), "
+                                                  f"got {list(codes.shape)}")
+        if scales.dim() == 1:
+            torch._check(scales.shape[0] == N, lambda: f"{op}: scales (int8, one per row) must have shape [{N}] "
+                                                       f"(codes.size(0)), got {list(scales.shape)}")
+        else:
+            torch._check(scales.dim() == 2 and scales.shape[0] == N and scales.shape[1] > 0
+                         and K % scales.shape[1] == 0,
+                         lambda: f"{op}: scales (int8) must have shape [{N}] (one per row) or [{N}, K / g] with g "
+                                 f"inputs per block dividing K = {K}, got {list(scales.shape)}")
+    else:
+        torch._check(codes.shape[1] * 2 == K, lambda: f"{op}: codes (int4, two per byte) must have shape "
+                                                      f"[N, {K // 2}] (K / 2, K = x.size(1) even), got "
+                                                      f"{list(codes.shape)} for K = {K}")
+        torch._check(N % 16 == 0, lambda: f"{op}: codes (int4) must have a multiple of 16 rows (the packed layout's "
+                                          f"blocks), got {list(codes.shape)}")
+        torch._check(scales.dim() == 3 and scales.shape[1] == N and scales.shape[2] == 2 and scales.shape[0] > 0
+                     and K % scales.shape[0] == 0,
+                     lambda: f"{op}: scales (int4) must have shape [G, {N}, 2] (scale and low of each of G groups, G "
+                             f"dividing K = {K}), got {list(scales.shape)}")
+
+
+def _quantized_linear_fake(x, codes, scales):
+    check_quantized_linear_inputs(x, codes, scales)
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+def _quantized_linear_setup_context(ctx, inputs, output, lib):
+    x, codes, scales = inputs
+    ctx.save_for_backward(codes, scales)
+    ctx.x_dtype = x.dtype
+
+
+def _quantized_linear_backward(ctx, grad_y):
+    codes, scales = ctx.saved_tensors
+    if grad_y is None or not ctx.needs_input_grad[0]:
+        return None, None, None
+    acc = torch.float64 if ctx.x_dtype == torch.float64 else torch.float32
+    grad_x = grad_y.to(acc) @ reference.dequantize_weight(codes, scales, acc)
+    return grad_x.to(ctx.x_dtype), None, None
+
+
 # --------------------------------------------------------------------------------------------- registrations
 def register_implementations(namespace: str) -> None:
     """Registers the fake (meta) and autograd implementations of every op of torch.ops.<namespace>: 'lladapter'
@@ -440,12 +515,14 @@ def register_implementations(namespace: str) -> None:
     lib = getattr(torch.ops, namespace)
     fakes = {"rms_norm": _rms_norm_fake, "rms_norm_backward": _rms_norm_backward_fake, "rope": _rope_fake,
              "rope_": _rope_inplace_fake, "gated_prompt_attention": _gated_prompt_attention_fake,
-             "gated_prompt_attention_backward": _gated_prompt_attention_backward_fake}
+             "gated_prompt_attention_backward": _gated_prompt_attention_backward_fake,
+             "quantized_linear": _quantized_linear_fake}
     for op, fake in fakes.items():
         torch.library.register_fake(f"{namespace}::{op}", fake)
     autograd = {"rms_norm": (_rms_norm_backward, _rms_norm_setup_context),
                 "rope": (_rope_backward, _rope_setup_context),
-                "gated_prompt_attention": (_gated_prompt_attention_backward, _gated_prompt_attention_setup_context)}
+                "gated_prompt_attention": (_gated_prompt_attention_backward, _gated_prompt_attention_setup_context),
+                "quantized_linear": (_quantized_linear_backward, _quantized_linear_setup_context)}
     for op, (backward, setup_context) in autograd.items():
         torch.library.register_autograd(f"{namespace}::{op}", backward,
                                         setup_context=functools.partial(setup_context, lib=lib))

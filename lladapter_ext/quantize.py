@@ -11,17 +11,20 @@ Formats (`FORMATS`):
   int4  asymmetric codes in [0, 15] with an fp16 scale and low value per group of 64 inputs (32 where the width
         is not a multiple of 64): w = q * scale + low, 4.5 bits per weight; GGUF Q4_1 and Q4_0 tensors map
         exactly (groups of 32, scale d and low m, or d and -8 d: 5 bits), others are requantised from fp32. The codes
-        are packed two per byte in the layout of torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), so the
-        CPU decode path calls it without conversion; `pack_int4` / `unpack_int4` write and read that layout in
-        plain torch (checked against aten._convert_weight_to_int4pack_for_cpu once per process).
+        are packed two per byte in the layout of torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) on AVX2
+        CPUs, which ops.quantized_linear reads as well; `pack_int4` / `unpack_int4` write and read that layout in
+        plain torch. torch packs differently where it has AVX-512 kernels (packed_int4_kernel_ok() checks, once per
+        process), so DECODE_KERNEL = "torch" only takes its int4 kernel where the layouts agree.
 
-Kernels: torch's own weight-only matmuls (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) for the
-single row of a CPU decode step where they win (_use_packed_kernel); otherwise (more rows: prefill, training,
-batched decode; CUDA) the weight is dequantized on the fly, one layer at a time into a reused per-thread buffer,
-and multiplied by the dense GEMM. Measured on this machine (docs/quantization.md): torch's
-packed kernels run one row in 2-3x the fp32 GEMV's time and scale linearly with the rows (1 s for 1024 rows of a
-1536 x 576 layer, against 17 ms dequantized); torchao 0.18's int8 weight-only layer took 84 ms and bitsandbytes'
-CPU nf4 94 ms for the 49152 x 576 head, where fp32 takes 11 ms.
+Kernels: for the few rows of a CPU decode step (up to KERNEL_MAX_ROWS_BY_FORMAT), our weight-only matmul
+ops.quantized_linear (csrc/cpu/quantized_linear.cpp: AVX2, the codes turned into fp32 in registers as they stream by),
+which reads these buffers as they are stored, every format included (GGUF Q8_0's per-block scales too); otherwise
+(more rows: prefill, training, batched decode; CUDA) the weight is dequantized on the fly, one layer at a time into
+a reused per-thread buffer, and multiplied by the dense GEMM. Measured (docs/quantization.md): one row of a 5632 x 2048
+weight in 1.07 ms (int4) / 1.33 ms (int8) where the bf16 GEMV takes 1.59 ms and torch's packed kernels
+(aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: DECODE_KERNEL = "torch", the rule used before ours)
+17-30 ms; torchao 0.18's int8 weight-only layer took 84 ms and bitsandbytes' CPU nf4 94 ms for the 49152 x 576 head,
+where fp32 takes 11 ms.
 
 Training: `QuantizedLinear`'s matmul is an autograd Function whose backward is dX = dY W with W dequantized on the fly;
 the codes get no gradient (they are buffers).
@@ -32,6 +35,7 @@ import threading
 
 import torch
 
+from . import ops
 from .nn import few_rows_linear
 
 FORMATS = ("int8", "int4")
@@ -318,10 +322,14 @@ class QuantizedLinear(torch.nn.Module):
                              f"{self.in_features}")
         return _QuantizedMatmul.apply(x, self.codes, self.scales, self)
 
-    def _packed_matmul(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """x2 [M, K] @ W^T by torch's packed CPU kernels where they beat dequantize + GEMM, else None."""
-        if not _use_packed_kernel(self.format, x2, self.out_features * self.in_features):
+    def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 [M, K] @ W^T straight from the codes, where that beats dequantize + GEMM (_decode_kernel_for), else
+        None: ops.quantized_linear (our kernel), or torch's packed CPU kernels with DECODE_KERNEL = "torch"."""
+        kernel = _decode_kernel_for(self.format, x2, self.out_features * self.in_features)
+        if kernel is None:
             return None
+        if kernel == "lladapter":
+            return ops.quantized_linear(x2, self.codes, self.scales)
         x2 = x2.contiguous()
         if self.format == "int8":
             if self.scales.dim() != 1:  # per-block scales (GGUF Q8_0): the kernel takes one scale per row
@@ -342,7 +350,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         ctx.layer = layer
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = layer._packed_matmul(x2)
+        y = layer._kernel_matmul(x2)
         if y is None:
             blocks = layer._row_blocks()
             if len(blocks) == 1:
@@ -381,12 +389,37 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return buf
 
 
+# Which kernel multiplies the few rows of a decode step on the CPU straight from the codes: "lladapter" (ours,
+# ops.quantized_linear: csrc/cpu/quantized_linear.cpp), "torch" (aten._weight_int8pack_mm /
+# _weight_int4pack_mm_for_cpu, by the rule measured before ours existed) or "none" (always dequantize + GEMM). A knob
+# for benchmarks (benchmarks/bench_quant.py --decode-ab) and for CPUs where torch's AVX-512 kernels may win.
+DECODE_KERNEL = "lladapter"
+# Our kernel's row limit per format: it reads the codes once per tile of 1-4 (int8) or 1-2 (int4) rows, so its time
+# grows with the rows, while dequantize + GEMM pays the dequantisation once. Measured crossover (one matmul, 1 thread,
+# interleaved; docs/quantization.md): int8 ties dequantize + GEMM at 16 rows of a 1536 x 576 weight and loses at 32;
+# int4 still wins by 1.5-2x at 32 rows of every model shape.
+KERNEL_MAX_ROWS_BY_FORMAT = {"int8": 16, "int4": 32}
+
+
+def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | None:
+    """The kernel for this call (DECODE_KERNEL), or None for dequantize + GEMM: CPU only (on CUDA the weight is
+    dequantized and the dense GEMM runs), fp32/bf16/fp16 activations, and few rows."""
+    if x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    rows = x2.shape[0]
+    if DECODE_KERNEL == "lladapter":
+        return "lladapter" if 1 <= rows <= KERNEL_MAX_ROWS_BY_FORMAT[fmt] else None
+    if DECODE_KERNEL == "torch":
+        return "torch" if _use_packed_kernel(fmt, x2, weight_numel) else None
+    return None
+
+
 def _use_packed_kernel(fmt: str, x2: torch.Tensor, weight_numel: int) -> bool:
     """Whether torch's packed kernel is the faster way for this call (measured in whole-model decode A/Bs on an AVX2
     CPU, docs/quantization.md): only for one row (decode at batch 1) on the CPU (from 4 rows on, dequantize + GEMM
     wins by 3-7x at every shape), and only for weights of 1M elements and more: there the kernel won or tied
     (TinyLlama int4: 398 vs 470 ms per token), while for smaller ones dequantize + GEMV won or tied (SmolLM2 int8:
-    119 vs 139 ms per token)."""
+    119 vs 139 ms per token). Used with DECODE_KERNEL = "torch" only: ours is faster on AVX2 at every shape."""
     if x2.device.type != "cpu" or x2.shape[0] != 1 or x2.dtype not in (torch.float32, torch.bfloat16,
                                                                         torch.float16):
         return False

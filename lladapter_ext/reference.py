@@ -16,6 +16,8 @@ __all__ = [
     "rope_cos_sin",
     "rope",
     "gated_prompt_attention",
+    "dequantize_weight",
+    "quantized_linear",
 ]
 
 
@@ -170,3 +172,45 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(f"gate_act must be 'tanh' or 'identity', got {gate_act!r}")
         out = out + g.view(1, H, 1, 1) * (b @ pvf)
     return out.transpose(1, 2).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------- quantized matmul
+def _unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (int64) of int4 codes packed two per byte in quantize.pack_int4's layout, read element by element
+    from the layout's definition (not from quantize.unpack_int4): rows in blocks of 32, each block stored input by
+    input as 16 bytes, row r of the block in the low nibble of byte r (r < 16) or the high nibble of byte r - 16; a
+    trailing block of 16 rows stored input by input as 8 bytes, row 2p in the low and row 2p + 1 in the high nibble
+    of byte p."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    flat = packed.reshape(-1).long()
+    n = torch.arange(N, device=packed.device)[:, None]
+    k = torch.arange(K, device=packed.device)[None, :]
+    full = N // 32 * 32
+    r, t = n % 32, n - full
+    idx = torch.where(n < full, (n // 32) * 16 * K + k * 16 + r % 16, full * K // 2 + k * 8 + t // 2)
+    shift = torch.where(n < full, 4 * (r // 16), 4 * (t % 2))
+    return (flat[idx.clamp(0, flat.numel() - 1)] >> shift) & 15
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight W [N, K] that quantized_linear multiplies by, in dtype (computed in fp32, fp64 for fp64):
+    int8 codes [N, K]: w = code * scales[n] (scales [N]) or code * scales[n, k // g] (scales [N, K / g]);
+    int4 codes uint8 [N, K / 2] (pack_int4's layout) with scales [G, N, 2]: w = q * scale + low of k's group."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = scales.to(acc)
+    if codes.dtype == torch.int8:
+        N, K = codes.shape
+        if s.dim() == 1:
+            return (codes.to(acc) * s[:, None]).to(dtype)
+        return (codes.to(acc) * s.repeat_interleave(K // s.shape[1], dim=1)).to(dtype)
+    q = _unpack_int4_codes(codes).to(acc)
+    g = q.shape[1] // s.shape[0]
+    scale = s[..., 0].t().repeat_interleave(g, dim=1)
+    low = s[..., 1].t().repeat_interleave(g, dim=1)
+    return (q * scale + low).to(dtype)
+
+
+def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x W^T with W = dequantize_weight(codes, scales), in fp32 (fp64 for fp64 x), cast to x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(acc) @ dequantize_weight(codes, scales, acc).t()).to(x.dtype)

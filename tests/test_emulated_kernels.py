@@ -2,7 +2,7 @@
 what only the emulator can check. The kernels' numerics against reference.py are the "emu" variants of the op
 tests (test_rms_norm.py, test_rope.py, test_gated_prompt_attention*.py); this file adds
 
-- coverage: every CUDA kernel of the package launches (15 of 15);
+- coverage: every CUDA kernel of the package launches (17 of 17);
 - schedules: each kernel gives bitwise-identical results when its threads run in other orders (in-order,
   reverse, two seeded random orders): a result that depends on the order means a missing barrier;
 - wmma layouts: the tensor-core kernels give bitwise-identical results under the sm_80 fragment layout and a
@@ -30,6 +30,7 @@ CUDA_KERNELS = {
     "gpa_fwd_kernel", "gpa_bwd_pre_kernel", "gpa_bwd_dq_kernel", "gpa_bwd_dkv_kernel", "gpa_bwd_dpkv_kernel",
     "gpa_decode_partial_kernel", "gpa_decode_combine_kernel",
     "gpa_fwd_mma_kernel", "gpa_bwd_dq_mma_kernel", "gpa_bwd_dkv_mma_kernel",
+    "quantized_linear_int8_kernel", "quantized_linear_int4_kernel",
 }
 
 
@@ -66,9 +67,18 @@ def _attention_case(dtype, Tq=20, Tk=40, d=64, monkeypatch=None, **kw):
     return [out.detach()] + [t.grad for t in leaves]
 
 
+def _quantized_linear_case():
+    from lladapter_ext import quantize as Q
+    c8, s8 = Q.quantize_int8(torch.randn(40, 67) / 8)
+    c4, s4 = Q.quantize_int4(torch.randn(48, 64) / 8, 32)  # a 32-row block and the trailing 16-row one
+    x8, x4 = torch.randn(5, 67), torch.randn(5, 64).bfloat16()
+    return [ops.quantized_linear(x8, c8, s8), ops.quantized_linear(x4, Q.pack_int4(c4), s4)]
+
+
 def _all_paths(monkeypatch):
     """Results of every kernel path: RMSNorm (vectorised and scalar, warp- and block-per-row), RoPE (both layouts,
-    vectorised and scalar), attention SIMT (fp32), tensor-core (bf16), split-K decode forward (fp32, forced)."""
+    vectorised and scalar), attention SIMT (fp32), tensor-core (bf16), split-K decode forward (fp32, forced),
+    quantized_linear (int8 per row, int4 with a trailing 16-row block; 5 rows: a full and a partial row chunk)."""
     results = []
     results += _rms_norm_case(64) + _rms_norm_case(67) + _rms_norm_case(4096, torch.bfloat16)
     results += _rope_case(True) + _rope_case(False) + _rope_case(False, dim=6)
@@ -77,6 +87,7 @@ def _all_paths(monkeypatch):
     monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "splitk")
     results += _attention_case(torch.float32, Tq=2, Tk=100)
     monkeypatch.delenv("LLADAPTER_CUDA_DECODE")
+    results += _quantized_linear_case()
     return results
 
 

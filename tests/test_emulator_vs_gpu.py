@@ -100,3 +100,23 @@ def test_rope_gpu_equals_emulator(interleaved):
         emu = ops.rope(q, k, cos, sin, position_ids=pos, interleaved=interleaved)
     for g, e in zip(gpu, emu):
         torch.testing.assert_close(g.cpu(), e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_blocks", "int4"])
+def test_quantized_linear_gpu_equals_emulator(fmt):
+    # the same kernel source and summation order on both: equal up to fp32 rounding of contracted multiply-adds
+    from lladapter_ext import quantize as Q
+    w = torch.randn(80, 192) / 14
+    if fmt == "int4":
+        c, scales = Q.quantize_int4(w, 32)
+        codes = Q.pack_int4(c)  # two 32-row blocks and the trailing 16-row one
+    elif fmt == "int8":
+        codes, scales = Q.quantize_int8(w)
+    else:
+        codes, scales = Q.quantize_int8(w)
+        scales = scales[:, None].expand(80, 6).half().contiguous()
+    x = torch.randn(5, 192).bfloat16()
+    gpu = ops.quantized_linear(x.cuda(), codes.cuda(), scales.cuda())
+    with emulator.kernels():
+        emu = ops.quantized_linear(x, codes, scales)
+    torch.testing.assert_close(gpu.cpu().float(), emu.float(), rtol=2**-7, atol=1e-5 * emu.float().abs().max().item())

@@ -35,6 +35,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& kv_start, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& prompt_lse, bool causal, std::string gate_act, double scale);
 
+// quantized_linear.cu
+at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
+
 // wmma_layout_probe.cu (bound with pybind11 by python_module.cpp and emu_kernels/module.cpp, not an op)
 at::Tensor wmma_fragment_layouts();
 

@@ -18,6 +18,7 @@ TORCH_LIBRARY_IMPL(lladapter, CUDA, m) {
   m.impl("rope_", &rope_inplace_cuda);
   m.impl("gated_prompt_attention", &gated_prompt_attention_cuda);
   m.impl("gated_prompt_attention_backward", &gated_prompt_attention_backward_cuda);
+  m.impl("quantized_linear", &quantized_linear_cuda);
 }
 
 }  // namespace lladapter::cuda_impl

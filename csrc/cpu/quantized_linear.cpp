@@ -1,0 +1,373 @@
+// Weight-only quantized matmul, CPU: y [M, N] = x [M, K] @ W^T with W's int8 / int4 codes turned into fp32 in
+// registers as they stream by (csrc/quantized_linear.h has the formats). Meant for the few rows of a decode step:
+// each output row's codes are read once per tile of x rows (1-4 rows for int8, 1-2 for int4), so the matmul is one
+// pass over the codes for M <= 4 (int8) / 2 (int4). Output rows (int4: blocks of 32) are split over threads with
+// at::parallel_for; every output element is summed by one thread in a fixed order, so results do not depend on the
+// thread count. AVX2 + FMA + F16C when the build targets them (setup.py cpu_isa), plain loops otherwise and for fp64
+// (the gradcheck path, which sums in fp64).
+//
+// int4 arithmetic per group of g inputs: sum_k x_k (q_k scale + low) = scale * sum_k x_k q_k + low * sum_k x_k, so
+// the inner loop is one FMA per code and the group's scale and low are applied once per group and row.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../quantized_linear.h"
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#define LL_QL_AVX2 1
+#else
+#define LL_QL_AVX2 0
+#endif
+
+namespace lladapter::cpu {
+namespace {
+
+// Each parallel chunk gets at least this many weights (smaller matmuls stay on one thread).
+constexpr int64_t kMinWeightsPerTask = 1 << 15;
+
+template <typename scale_t>
+inline float scale_to_float(scale_t v) {
+#if LL_QL_AVX2
+  if constexpr (std::is_same_v<scale_t, at::Half>) return _cvtsh_ss(v.x);
+#endif
+  return static_cast<float>(v);
+}
+
+// x as a contiguous acc_t [M, K] copy (the kernels read it many times; converting once keeps the loops simple).
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> x_as(const at::Tensor& x) {
+  const int64_t n = x.numel();
+  std::vector<acc_t> out(static_cast<size_t>(n));
+  const scalar_t* p = x.const_data_ptr<scalar_t>();
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i]);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------- int8, plain loops
+template <typename acc_t, typename scale_t, typename scalar_t>
+void int8_rows_plain(const acc_t* x, int64_t M, int64_t K, int64_t N, const int8_t* codes, const scale_t* scales,
+                     bool per_row, int64_t group, int64_t n0, int64_t n1, scalar_t* y) {
+  const int64_t G = per_row ? 1 : K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = codes + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t* xm = x + m * K;
+      acc_t total = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t part = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) part += xm[k] * static_cast<acc_t>(c[k]);
+        total += per_row ? part : part * static_cast<acc_t>(scale_to_float(scales[n * G + g]));
+      }
+      if (per_row) total *= static_cast<acc_t>(scale_to_float(scales[n]));
+      y[m * N + n] = static_cast<scalar_t>(total);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- int4, plain loops
+// The code of row n (of N), input k, in pack_int4's layout.
+inline int int4_code(const uint8_t* codes, int64_t N, int64_t K, int64_t n, int64_t k) {
+  const int64_t full = N / 32 * 32;
+  if (n < full) {
+    const int64_t r = n % 32;
+    const uint8_t b = codes[(n / 32) * 16 * K + k * 16 + r % 16];
+    return r < 16 ? (b & 15) : (b >> 4);
+  }
+  const int64_t r = n - full;
+  const uint8_t b = codes[full * K / 2 + k * 8 + r / 2];
+  return r % 2 == 0 ? (b & 15) : (b >> 4);
+}
+
+// xsum [M, G]: the sum of each group of each x row (the low values' factor).
+template <typename acc_t>
+std::vector<acc_t> group_sums(const acc_t* x, int64_t M, int64_t K, int64_t group) {
+  const int64_t G = K / group;
+  std::vector<acc_t> out(static_cast<size_t>(M * G));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      acc_t s = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[m * K + k];
+      out[m * G + g] = s;
+    }
+  return out;
+}
+
+template <typename acc_t, typename scale_t, typename scalar_t>
+void int4_rows_plain(const acc_t* x, const acc_t* xsum, int64_t M, int64_t K, int64_t N, const uint8_t* codes,
+                     const scale_t* sl, int64_t group, int64_t n0, int64_t n1, scalar_t* y) {
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t* xm = x + m * K;
+      acc_t total = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t part = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k)
+          part += xm[k] * static_cast<acc_t>(int4_code(codes, N, K, n, k));
+        const acc_t s = scale_to_float(sl[(g * N + n) * 2]), lo = scale_to_float(sl[(g * N + n) * 2 + 1]);
+        total += s * part + lo * xsum[m * G + g];
+      }
+      y[m * N + n] = static_cast<scalar_t>(total);
+    }
+  }
+}
+
+#if LL_QL_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ------------------------------------------------------------------------------------------- int8, AVX2
+// One output row against MT rows of x (x, out: MT rows, stride K / 1); U independent accumulators per x row.
+template <int MT, int U, typename scale_t>
+inline void int8_row_avx2(const float* x, int64_t K, const int8_t* c, const scale_t* s, bool per_row, int64_t group,
+                          float* out) {
+  const int64_t G = per_row ? 1 : K / group;
+  __m256 total[MT];
+  float total_tail[MT];
+  for (int mt = 0; mt < MT; ++mt) total[mt] = _mm256_setzero_ps(), total_tail[mt] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k1 = (g + 1) * group;
+    int64_t k = g * group;
+    __m256 acc[MT][U];
+    for (int mt = 0; mt < MT; ++mt)
+      for (int u = 0; u < U; ++u) acc[mt][u] = _mm256_setzero_ps();
+    for (; k + 8 * U <= k1; k += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m256 w =
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + k + 8 * u))));
+        for (int mt = 0; mt < MT; ++mt)
+          acc[mt][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + mt * K + k + 8 * u), acc[mt][u]);
+      }
+    }
+    for (; k + 8 <= k1; k += 8) {
+      const __m256 w =
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + k))));
+      for (int mt = 0; mt < MT; ++mt) acc[mt][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + mt * K + k), acc[mt][0]);
+    }
+    float tail[MT];
+    for (int mt = 0; mt < MT; ++mt) tail[mt] = 0.f;
+    for (; k < k1; ++k)
+      for (int mt = 0; mt < MT; ++mt) tail[mt] += x[mt * K + k] * static_cast<float>(c[k]);
+    const float sc = per_row ? 1.f : scale_to_float(s[g]);
+    const __m256 scv = _mm256_set1_ps(sc);
+    for (int mt = 0; mt < MT; ++mt) {
+      __m256 a = acc[mt][0];
+      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[mt][u]);
+      total[mt] = _mm256_fmadd_ps(a, scv, total[mt]);
+      total_tail[mt] += tail[mt] * sc;
+    }
+  }
+  const float row_scale = per_row ? scale_to_float(s[0]) : 1.f;
+  for (int mt = 0; mt < MT; ++mt) out[mt] = (hsum8(total[mt]) + total_tail[mt]) * row_scale;
+}
+
+// ------------------------------------------------------------------------------------------- int4, AVX2
+template <typename scale_t>
+inline __m256 load8_as_float(const scale_t* p) {
+  if constexpr (std::is_same_v<scale_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scale_t, at::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    static_assert(std::is_same_v<scale_t, at::BFloat16>, "load8_as_float: unsupported type");
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+}
+
+// (scale, low) of 8 consecutive rows, stored interleaved (s0 l0 s1 l1 ... s7 l7), as two vectors s0..s7, l0..l7.
+template <typename scale_t>
+inline void load_scale_low8(const scale_t* p, __m256& s, __m256& l) {
+  const __m256 a = load8_as_float(p), b = load8_as_float(p + 8);
+  // within each 128-bit lane: (a0 a2 b0 b2) -> s0 s1 s4 s5 | s2 s3 s6 s7; then 64-bit chunks in order 0 2 1 3
+  const __m256 se = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  const __m256 lo = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+  s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(se), _MM_SHUFFLE(3, 1, 2, 0)));
+  l = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(lo), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// One block of 32 output rows (blk: its 16 * K bytes, input by input) against MT rows of x. sl: the block's first
+// (scale, low) pair of group 0; sl_stride: elements from one group to the next (2 N). out: MT x 32 floats.
+template <int MT, typename scale_t>
+inline void int4_block32_avx2(const float* x, const float* xsum, int64_t K, int64_t group, const uint8_t* blk,
+                              const scale_t* sl, int64_t sl_stride, float* out) {
+  const int64_t G = K / group;
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
+  // byte j of the lane's 16 (bytes 0-3 in the low lane, 4-7 in the high one; then 8-11, 12-15) -> dword lane
+  const __m256i spread_lo = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1, 4, -1, -1, -1,
+                                             5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+  const __m256i spread_hi = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1, 12, -1, -1,
+                                             -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
+  __m256 tot[MT][4];
+  for (int mt = 0; mt < MT; ++mt)
+    for (int i = 0; i < 4; ++i) tot[mt][i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[MT][4];
+    for (int mt = 0; mt < MT; ++mt)
+      for (int i = 0; i < 4; ++i) acc[mt][i] = _mm256_setzero_ps();
+    const int64_t k1 = (g + 1) * group;
+    for (int64_t k = g * group; k < k1; ++k) {
+      // the input's 16 code bytes in both 128-bit lanes; one byte shuffle per 8 rows puts byte j of the block in
+      // dword lane j % 8 (rows 0-7 / 8-15 in its low nibble, rows 16-23 / 24-31 in its high one). Shuffles have
+      // fewer ports than the arithmetic: 2 per input instead of 6 with pmovzx
+      const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + k * 16)));
+      const __m256i b0 = _mm256_shuffle_epi8(v, spread_lo), b1 = _mm256_shuffle_epi8(v, spread_hi);
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, nibble));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, nibble));
+      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+      for (int mt = 0; mt < MT; ++mt) {
+        const __m256 xv = _mm256_broadcast_ss(x + mt * K + k);
+        acc[mt][0] = _mm256_fmadd_ps(w0, xv, acc[mt][0]);
+        acc[mt][1] = _mm256_fmadd_ps(w1, xv, acc[mt][1]);
+        acc[mt][2] = _mm256_fmadd_ps(w2, xv, acc[mt][2]);
+        acc[mt][3] = _mm256_fmadd_ps(w3, xv, acc[mt][3]);
+      }
+    }
+    const scale_t* p = sl + g * sl_stride;
+    for (int i = 0; i < 4; ++i) {
+      __m256 s, l;
+      load_scale_low8(p + 16 * i, s, l);
+      for (int mt = 0; mt < MT; ++mt) {
+        tot[mt][i] = _mm256_fmadd_ps(acc[mt][i], s, tot[mt][i]);
+        tot[mt][i] = _mm256_fmadd_ps(_mm256_set1_ps(xsum[mt * G + g]), l, tot[mt][i]);
+      }
+    }
+  }
+  for (int mt = 0; mt < MT; ++mt)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + mt * 32 + 8 * i, tot[mt][i]);
+}
+#endif  // LL_QL_AVX2
+
+template <typename scalar_t, typename scale_t>
+void quantized_linear_impl(const QuantizedLinearShape& sh, const at::Tensor& x, const at::Tensor& codes,
+                           const at::Tensor& scales, at::Tensor& y) {
+  const int64_t M = sh.M, N = sh.N, K = sh.K, group = sh.group;
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const scale_t* sp = scales.const_data_ptr<scale_t>();
+  constexpr bool fp64 = std::is_same_v<scalar_t, double>;
+  using acc_t = std::conditional_t<fp64, double, float>;
+  const std::vector<acc_t> xf = x_as<acc_t, scalar_t>(x);
+  const bool per_row = scales.dim() == 1;
+  if (sh.format == QuantFormat::kInt8) {
+    const int8_t* cp = codes.const_data_ptr<int8_t>();
+    const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / K);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+#if LL_QL_AVX2
+      if constexpr (!fp64) {
+        float out[4];
+        for (int64_t n = n0; n < n1; ++n) {
+          const int8_t* c = cp + n * K;
+          const scale_t* s = per_row ? sp + n : sp + n * (K / group);
+          int64_t m = 0;
+          for (; m + 4 <= M; m += 4) {
+            int8_row_avx2<4, 1>(xf.data() + m * K, K, c, s, per_row, group, out);
+            for (int t = 0; t < 4; ++t) yp[(m + t) * N + n] = static_cast<scalar_t>(out[t]);
+          }
+          for (; m + 2 <= M; m += 2) {
+            int8_row_avx2<2, 2>(xf.data() + m * K, K, c, s, per_row, group, out);
+            for (int t = 0; t < 2; ++t) yp[(m + t) * N + n] = static_cast<scalar_t>(out[t]);
+          }
+          for (; m < M; ++m) {
+            int8_row_avx2<1, 4>(xf.data() + m * K, K, c, s, per_row, group, out);
+            yp[m * N + n] = static_cast<scalar_t>(out[0]);
+          }
+        }
+        return;
+      }
+#endif
+      int8_rows_plain<acc_t, scale_t, scalar_t>(xf.data(), M, K, N, cp, sp, per_row, group, n0, n1, yp);
+    });
+    return;
+  }
+  const uint8_t* cp = codes.const_data_ptr<uint8_t>();
+  const std::vector<acc_t> xsum = group_sums(xf.data(), M, K, group);
+  const int64_t full_blocks = N / 32, blocks = (N + 31) / 32;  // the last one may be the 16-row block
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (32 * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+#if LL_QL_AVX2
+    if constexpr (!fp64) {
+      const int64_t G = K / group;
+      alignas(32) float out[2 * 32];
+      for (int64_t b = b0; b < std::min(b1, full_blocks); ++b) {
+        const uint8_t* blk = cp + b * 16 * K;
+        const scale_t* sl = sp + b * 32 * 2;
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) {
+          int4_block32_avx2<2>(xf.data() + m * K, xsum.data() + m * G, K, group, blk, sl, 2 * N, out);
+          for (int t = 0; t < 2; ++t)
+            for (int r = 0; r < 32; ++r) yp[(m + t) * N + b * 32 + r] = static_cast<scalar_t>(out[t * 32 + r]);
+        }
+        for (; m < M; ++m) {
+          int4_block32_avx2<1>(xf.data() + m * K, xsum.data() + m * G, K, group, blk, sl, 2 * N, out);
+          for (int r = 0; r < 32; ++r) yp[m * N + b * 32 + r] = static_cast<scalar_t>(out[r]);
+        }
+      }
+      if (b1 > full_blocks)  // the trailing 16-row block
+        int4_rows_plain<acc_t, scale_t, scalar_t>(xf.data(), xsum.data(), M, K, N, cp, sp, group, full_blocks * 32, N,
+                                                  yp);
+      return;
+    }
+#endif
+    int4_rows_plain<acc_t, scale_t, scalar_t>(xf.data(), xsum.data(), M, K, N, cp, sp, group, b0 * 32,
+                                              std::min(N, b1 * 32), yp);
+  });
+}
+
+template <typename F>
+void dispatch_x_scales(at::ScalarType xt, at::ScalarType st, F&& f) {
+  auto with_scale = [&]<typename scalar_t>() {
+    switch (st) {
+      case at::kFloat:
+        return f.template operator()<scalar_t, float>();
+      case at::kHalf:
+        return f.template operator()<scalar_t, at::Half>();
+      case at::kBFloat16:
+        return f.template operator()<scalar_t, at::BFloat16>();
+      default:
+        TORCH_CHECK(false, "lladapter::quantized_linear: unsupported scales dtype ", st);
+    }
+  };
+  switch (xt) {
+    case at::kDouble:
+      return with_scale.template operator()<double>();
+    case at::kFloat:
+      return with_scale.template operator()<float>();
+    case at::kBFloat16:
+      return with_scale.template operator()<at::BFloat16>();
+    case at::kHalf:
+      return with_scale.template operator()<at::Half>();
+    default:
+      TORCH_CHECK(false, "lladapter::quantized_linear: unsupported dtype ", xt);
+  }
+}
+
+at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in) {
+  const QuantizedLinearShape sh = quantized_linear_check_inputs(x_in, codes_in, scales_in, kCpuKernels);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  at::Tensor y = at::empty({sh.M, sh.N}, x.options());
+  if (sh.M == 0 || sh.N == 0) return y;
+  dispatch_x_scales(x.scalar_type(), scales.scalar_type(), [&]<typename scalar_t, typename scale_t>() {
+    quantized_linear_impl<scalar_t, scale_t>(sh, x, codes, scales, y);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lladapter, CPU, m) { m.impl("quantized_linear", &quantized_linear_cpu); }
+
+}  // namespace lladapter::cpu
