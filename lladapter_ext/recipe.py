@@ -41,7 +41,7 @@ class Recipe:
 
 
 RECIPES = {
-    "default": Recipe(name="default", micro_batch_size=8, lr=2e-2, blr=9e-3, epochs=None, warmup_epochs=None,
+    "default": Recipe(name="default", micro_batch_size=8, lr=5e-2, blr=9e-3, epochs=None, warmup_epochs=None,
                       warmup_share=0.1, warmup_cap=100, adapter_layer=None, adapter_layer_share=0.25,
                       adapter_len=10),
     "official": Recipe(name="official", micro_batch_size=4, lr=None, blr=9e-3, epochs=5.0, warmup_epochs=2.0,

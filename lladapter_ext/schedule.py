@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-# Below this peak learning rate the adapter's prompts barely move in a short run: the demo's working rate is 2e-2,
-# the official 9e-3 at batch 256; blr scaling gives 1.4e-4 at batch 4.
+# Below this peak learning rate the adapter's prompts barely move in a short run: the default recipe's rate is
+# 5e-2 (docs/recipe.md), the official 9e-3 at batch 256; blr scaling gives 1.4e-4 at batch 4.
 TINY_LR = 1e-3
 
 
@@ -67,7 +67,7 @@ def schedule_warnings(*, base_lr: float, lr_given: bool, blr: float, effective_b
     if not lr_given and base_lr < TINY_LR:
         out.append(f"the peak learning rate {base_lr:.3g} is blr {blr:g} x effective batch {effective_batch} / 256: "
                    "the official recipe's scaling, made for batches of 64 and more, leaves small batches almost "
-                   "no step size. Give it directly (--lr, e.g. 1e-2 to 2e-2) or use a larger batch (--blr scales "
+                   "no step size. Give it directly (--lr, e.g. 2e-2 to 5e-2) or use a larger batch (--blr scales "
                    "it too)")
     return out
 

@@ -92,7 +92,7 @@ def test_finetune_options_come_from_train_config():
 
     # the official recipe is TrainConfig's own defaults; the default recipe, measured (docs/recipe.md), differs
     assert config("--recipe", "official") == training.TrainConfig(out_dir="o")
-    assert config() == training.TrainConfig(out_dir="o", micro_batch_size=8, lr=2e-2, epochs=2.5, warmup_steps=13)
+    assert config() == training.TrainConfig(out_dir="o", micro_batch_size=8, lr=5e-2, epochs=2.5, warmup_steps=13)
     # an option given wins over the recipe's value, and what depends on it follows (warmup: 10% of 4 x 50 steps)
     assert config("--epochs", "4", "--lr", "1e-3") == training.TrainConfig(
         out_dir="o", micro_batch_size=8, lr=1e-3, epochs=4.0, warmup_steps=20)

@@ -30,7 +30,7 @@ def test_unknown_recipe_names_the_choices():
 ])
 def test_default_recipe_scales_the_schedule_with_the_data(n_rows, epochs, steps, warmup):
     values, sources = R.train_values(DEFAULT, {}, n_rows=n_rows)
-    assert values == {"micro_batch_size": 8, "blr": 9e-3, "lr": 2e-2, "epochs": epochs, "warmup_steps": warmup}
+    assert values == {"micro_batch_size": 8, "blr": 9e-3, "lr": 5e-2, "epochs": epochs, "warmup_steps": warmup}
     assert R.total_steps(n_rows, 8, epochs, None) == steps
     assert sources["lr"] == "recipe default" and "examples seen" in sources["epochs"]
     assert "at most 100" in sources["warmup_steps"]
