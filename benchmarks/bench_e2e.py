@@ -14,6 +14,16 @@ after its imports), then greedy decoding of --decode-new tokens after a --decode
 cache (ours and LitGPT keep the prompt K/V across steps; PEFT recomputes them every step), tokens/s, and the weight
 traffic that implies (the bytes of every projection and the LM head per step) as a share of the machine's read
 bandwidth, measured in the same run (the distance to the physical limit of a weight-bound decode).
+For our variant (1) the same process also times the training step's matmul floor: exactly the GEMMs one step of
+our model performs (step_gemms, derived from the config and the adapter placement: the q, k, v, o, gate, up and
+down projections of every layer and the prompt K/V projections of every adapted layer in the forward, the LM head
+on the labelled rows, and the input-gradient GEMMs of the backward from the LM head down to the lowest adapted
+layer; the frozen weights need no dW), run alone as torch.mm(out=) over the model's own weights and preallocated
+random activations, same dtype, device and threads, median of --iters passes; the list is checked against the
+aten::mm/addmm calls (count and shapes) of a real step under torch.profiler. The table's "floor" column is step
+time / matmul floor (1.00x = the step is nothing but its GEMMs at the speed they run alone); with the decode
+bandwidth share it is printed in a closing "limits" line, and both are in the --json rows (step_vs_matmul_floor,
+matmul_floor_s, matmul_floor_gemms, profiled_mm, gemm_check, decode_bandwidth_fraction).
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--shape smollm2-135m|tinyllama-1.1b|llama-7b]
@@ -32,6 +42,7 @@ import statistics
 import sys
 import time
 import zlib
+from collections import Counter
 
 import torch
 
@@ -292,10 +303,18 @@ def run_variant(variant, args):
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     peak = peak_memory(dev, base)
+    floor = {}
+    if variant == "lladapter kernels":  # the same GEMMs timed alone, then checked against a profiled real step
+        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev)
+        floor_s, flop, listed = matmul_floor(model, gemms, args)
+        profiled, other = profiled_gemms(step)
+        floor = dict(matmul_floor_s=floor_s, matmul_floor_flop=flop, matmul_floor_gemms=len(listed),
+                     profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled))
     del opt
     decode_tps = decode(variant, model, c, args) if args.decode_new > 0 else None
     return dict(variant=variant, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s, peak_bytes=peak,
-                decode_tokens_per_s=decode_tps, trainable=n_trainable, first_loss=first_loss, build_s=build_s)
+                decode_tokens_per_s=decode_tps, trainable=n_trainable, first_loss=first_loss, build_s=build_s,
+                **floor)
 
 
 @torch.no_grad()
@@ -353,6 +372,127 @@ def litgpt_greedy(model, prompt, n):
             logits = model(nxt, input_pos=torch.tensor([P + i], device=prompt.device), input_pos_maxp1=P + i + 1)[:, -1]
     model.clear_kv_cache()
     return torch.cat(out, 1)
+
+
+# ------------------------------------------------------------------ the training step's matmul floor (our model)
+def _linear_gemm(label, wkey, n, k, rows, backward, device, max_rows=4):
+    """One GEMM of a bias-free projection x [rows, k] @ W[n, k]^T as nn.few_rows_linear runs it (on the CPU, 1 to
+    max_rows rows go as W @ x^T, padded to two rows), or with backward its input-gradient GEMM dY @ W (W is frozen:
+    no dW; autograd computes the few-rows route's (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view).
+    (label, weight key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' = W @ x^T."""
+    few = device == "cpu" and 1 <= rows <= max_rows
+    form = "gW" if backward else ("Wxt" if few else "xWt")
+    return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if few else rows)
+
+
+def step_gemms(c, batch, seq, n_labelled, device):
+    """Every GEMM one training step of our LlamaForCausalLM performs (labels given, adapter on, base frozen), in
+    the step's order, derived from the config and the adapter placement:
+      forward: q, k, v, o, w1 (gate), w3 (up), w2 (down) of every layer on B*T rows (the layers below the adapter
+        run under no_grad, but they run), the prompt K/V projections wk(p), wv(p) of every adapted layer on its K
+        prompt rows, and the LM head on the labelled rows only (n_labelled);
+      backward, input gradients only (every weight is frozen: no dW): the LM head, then every adapted layer from the
+        top down to the lowest one; the lowest one's input carries no gradient, so there only o, w1, w3, w2 and the
+        prompt K/V projections have a backward GEMM. Attention runs in our own kernels (no aten GEMM).
+    Returns (label, weight key = a parameter name of our model, form, rows) entries (see _linear_gemm)."""
+    D, F, Nq, Nkv = c.dim, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    M, K, first = batch * seq, c.adapter_len, c.first_adapted_layer
+    shape = {"wq": (Nq, D), "wk": (Nkv, D), "wv": (Nkv, D), "wo": (D, Nq), "w1": (F, D), "w3": (F, D), "w2": (D, F)}
+
+    def lin(i, n, rows=M, backward=False, what=""):
+        key = f"layers.{i}.{'attention' if n in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{n}.weight"
+        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device)
+
+    head = ("tok_embeddings.weight" if c.tie_embeddings else "output.weight", c.vocab_size, D, n_labelled)
+    adapted = range(first, c.n_layers) if c.n_adapted_layers > 0 else range(0)
+    out = []
+    for i in range(c.n_layers):
+        out += [lin(i, "wq"), lin(i, "wk"), lin(i, "wv")]
+        if i in adapted:
+            out += [lin(i, "wk", K, what="prompt "), lin(i, "wv", K, what="prompt ")]
+        out += [lin(i, "wo"), lin(i, "w1"), lin(i, "w3"), lin(i, "w2")]
+    out.append(_linear_gemm("LM head", *head, False, device, max_rows=16))
+    out.append(_linear_gemm("LM head", *head, True, device, max_rows=16))
+    for i in reversed(adapted):
+        out += [lin(i, n, backward=True) for n in ("w2", "w3", "w1", "wo")]
+        out += [lin(i, n, K, True, "prompt ") for n in ("wk", "wv")]
+        if i > first:
+            out += [lin(i, n, backward=True) for n in ("wq", "wk", "wv")]
+    return out
+
+
+def _gemm_operands(form, w, rows, make):
+    """(a, b) of one GEMM entry on weight w [n, k]; make(shape) gives a preallocated random tensor."""
+    n, k = w.shape
+    if form == "xWt":
+        return make((rows, k)), w.t()
+    if form == "gW":
+        return make((rows, n)), w
+    return w, make((rows, k)).t()  # Wxt
+
+
+def matmul_floor(model, gemms, args):
+    """The step's GEMMs timed alone: torch.mm(a, b, out=...) in the listed order over the model's own frozen
+    (random) weights and preallocated random activations and outputs (one per distinct shape), in the model's
+    dtype, on its device, with this process's threads; median seconds of args.iters passes after one warm-up
+    pass, each timed like a step (perf_counter, synchronized on CUDA). Returns (seconds, FLOPs, (a, b) shapes)."""
+    dev = args.device
+    params = dict(model.named_parameters())
+    dtype = params[gemms[0][1]].dtype
+    gen = torch.Generator(device=dev).manual_seed(2)
+    bufs, outs = {}, {}
+
+    def make(shape):
+        if shape not in bufs:
+            bufs[shape] = torch.randn(shape, generator=gen, device=dev).to(dtype)
+        return bufs[shape]
+
+    calls = []
+    for _, wkey, form, rows in gemms:
+        a, b = _gemm_operands(form, params[wkey].detach(), rows, make)
+        o = (a.shape[0], b.shape[1])
+        calls.append((a, b, outs.setdefault(o, torch.empty(o, device=dev, dtype=dtype))))
+    flop = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in calls)
+    times = []
+    for it in range(args.iters + 1):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for a, b, o in calls:
+            torch.mm(a, b, out=o)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        if it:  # pass 0 is the warm-up
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), flop, [(tuple(a.shape), tuple(b.shape)) for a, b, _ in calls]
+
+
+def profiled_gemms(step):
+    """One real step under torch.profiler: the (a, b) shapes of its aten::mm / aten::addmm calls, and the counts
+    of other matmul-family ops (batched matmuls, SDPA: attention, which the floor does not hold; aten::matmul and
+    aten::linear are wrappers that dispatch to these and are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    shapes, other = [], {}
+    for e in prof.events():
+        if e.name in ("aten::mm", "aten::addmm"):
+            s = e.input_shapes[1:3] if e.name == "aten::addmm" else e.input_shapes[:2]
+            shapes.append(tuple(tuple(x) for x in s))
+        elif e.name in ("aten::bmm", "aten::baddbmm") or "scaled_dot_product" in e.name:
+            other[e.name] = other.get(e.name, 0) + 1
+    return shapes, other
+
+
+def gemm_check(listed, profiled):
+    """'same shapes' when the floor's GEMMs and a profiled step's aten::mm/addmm calls are the same multiset of
+    (a, b) shapes, else what differs."""
+    a, b = Counter(listed), Counter(profiled)
+    if a == b:
+        return "same shapes"
+    diff = [f"{what}: {dict(d)}" for what, d in (("listed, not run", a - b), ("run, not listed", b - a)) if d]
+    return "; ".join(diff)
 
 
 # ------------------------------------------------------------------ parent: run, repeat, tabulate
@@ -425,6 +565,11 @@ def main():
                          peak_bytes=med("peak_bytes"), decode_tokens_per_s=med("decode_tokens_per_s"),
                          trainable=runs[v][0]["trainable"], first_loss=runs[v][0]["first_loss"],
                          repeats=len(runs[v])))
+        if "matmul_floor_s" in runs[v][0]:  # our variant: the step's GEMMs timed alone, in the same process
+            rows[-1].update(matmul_floor_s=med("matmul_floor_s"), step_vs_matmul_floor=med("step_s") /
+                            med("matmul_floor_s"), **{k: runs[v][0][k] for k in (
+                                "matmul_floor_flop", "matmul_floor_gemms", "profiled_mm", "profiled_other_matmul",
+                                "gemm_check")})
     anchor = next((r for r in rows if r["variant"] == ANCHOR), None)
     for r in rows:
         r["train_speedup_vs_peft"] = anchor and anchor["step_s"] / r["step_s"]
@@ -444,13 +589,21 @@ def main():
     print(f"\n== {title}\n   {machine_name(args.device)}, torch {torch.__version__}; median of {args.repeats} "
           f"interleaved round(s); ratios vs {ANCHOR}")
     print(f"{'variant':24s} {'trainable':>10s} {'step':>9s} {'tokens/s':>9s} {'peak mem':>9s} {'decode':>9s}   "
-          f"{'train':>6s} {'memory':>6s} {'decode':>6s}  loss@step0")
+          f"{'train':>6s} {'memory':>6s} {'decode':>6s}  {'floor':>6s}  loss@step0")
     for r in rows:
         f = lambda x: f"{x:5.2f}x" if x else "   -  "  # noqa: E731
         dec = f"{r['decode_tokens_per_s']:7.1f}/s" if r["decode_tokens_per_s"] else "      -  "
         print(f"{r['variant']:24s} {r['trainable']:10,d} {r['step_s'] * 1e3:7.0f}ms {r['tokens_per_s']:9.0f} "
               f"{r['peak_bytes'] / 2**20:6.0f}MiB {dec}   {f(r['train_speedup_vs_peft'])} {f(r['memory_vs_peft'])} "
-              f"{f(r['decode_speedup_vs_peft'])}  {r['first_loss']:.4f}")
+              f"{f(r['decode_speedup_vs_peft'])}  {f(r.get('step_vs_matmul_floor'))}  {r['first_loss']:.4f}")
+    for r in rows:
+        if r.get("matmul_floor_s"):
+            other = ", ".join(f"{n} x{k}" for n, k in r["profiled_other_matmul"].items()) or "none"
+            print(f"   train {r['variant']}: step {r['step_s'] * 1e3:.1f} ms = {r['step_vs_matmul_floor']:.2f}x the "
+                  f"matmul floor ({r['matmul_floor_s'] * 1e3:.1f} ms of GEMMs alone: the step's "
+                  f"{r['matmul_floor_gemms']} GEMMs, {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
+                  f"{r['matmul_floor_flop'] / r['matmul_floor_s'] / 1e9:.1f} GFLOP/s); a profiled step ran "
+                  f"{r['profiled_mm']} aten::mm/addmm ({r['gemm_check']}; other matmul ops: {other})")
     for r in rows:
         if r["decode_bandwidth_fraction"]:
             print(f"   decode {r['variant']}: {r['decode_bandwidth_fraction'] * read_bw / 1e9:.1f} GB/s of weights "
@@ -458,7 +611,14 @@ def main():
                   f"{'copy' if gpu else 'read'} bandwidth measured in this run, {read_bw / 1e9:.1f} GB/s")
     print(f"   peak mem = {mem_note}. Trainable parameters: ours and LitGPT have one gate per head and layer, PEFT "
           f"one per layer (the prompts, K x width per layer, are the same size in all). loss@step0: the first\n"
-          f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).")
+          f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).\n"
+          f"   floor: step time / the same step's GEMMs (projections, prompt K/V, LM head; forward and input "
+          f"gradients) timed alone in the same process.")
+    ours = next((r for r in rows if r.get("matmul_floor_s")), None)
+    if ours:  # the distance to the physical limits, in one line
+        bw = ours["decode_bandwidth_fraction"]
+        print(f"   limits, {ours['variant']}: train step {ours['step_vs_matmul_floor']:.2f}x its matmul floor; decode "
+              + (f"weight traffic {100 * bw:.0f}% of the {'copy' if gpu else 'read'} bandwidth" if bw else "not run"))
     for v, why in skipped.items():
         print(f"   {v}: skipped: {why}")
     for v, why in failed.items():
