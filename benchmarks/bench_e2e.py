@@ -305,7 +305,7 @@ def run_variant(variant, args):
     peak = peak_memory(dev, base)
     floor = {}
     if variant == "lladapter kernels":  # the same GEMMs timed alone, then checked against a profiled real step
-        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev)
+        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype)
         floor_s, flop, listed = matmul_floor(model, gemms, args)
         profiled, other = profiled_gemms(step)
         floor = dict(matmul_floor_s=floor_s, matmul_floor_flop=flop, matmul_floor_gemms=len(listed),
@@ -375,17 +375,20 @@ def litgpt_greedy(model, prompt, n):
 
 
 # ------------------------------------------------------------------ the training step's matmul floor (our model)
-def _linear_gemm(label, wkey, n, k, rows, backward, device, max_rows=4):
+def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4):
     """One GEMM of a bias-free projection x [rows, k] @ W[n, k]^T as nn.few_rows_linear runs it (on the CPU, 1 to
-    max_rows rows go as W @ x^T, padded to two rows), or with backward its input-gradient GEMM dY @ W (W is frozen:
-    no dW; autograd computes the few-rows route's (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view).
-    (label, weight key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' = W @ x^T."""
-    few = device == "cpu" and 1 <= rows <= max_rows
+    max_rows rows go as W @ x^T, padded to two rows, where nn.few_rows_route chose that route), or with backward
+    its input-gradient GEMM dY @ W (W is frozen: no dW; autograd computes the few-rows route's (W^T @ dY^T) as
+    (dY @ W)^T, x^T being a transposed view). (label, weight key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W,
+    'Wxt' = W @ x^T."""
+    from lladapter_ext.nn import few_rows_route
+
+    few = device == "cpu" and 1 <= rows <= max_rows and few_rows_route(dtype) == "transposed"
     form = "gW" if backward else ("Wxt" if few else "xWt")
     return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if few else rows)
 
 
-def step_gemms(c, batch, seq, n_labelled, device):
+def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
     """Every GEMM one training step of our LlamaForCausalLM performs (labels given, adapter on, base frozen), in
     the step's order, derived from the config and the adapter placement:
       forward: q, k, v, o, w1 (gate), w3 (up), w2 (down) of every layer on B*T rows (the layers below the adapter
@@ -401,7 +404,7 @@ def step_gemms(c, batch, seq, n_labelled, device):
 
     def lin(i, n, rows=M, backward=False, what=""):
         key = f"layers.{i}.{'attention' if n in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{n}.weight"
-        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device)
+        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype)
 
     head = ("tok_embeddings.weight" if c.tie_embeddings else "output.weight", c.vocab_size, D, n_labelled)
     adapted = range(first, c.n_layers) if c.n_adapted_layers > 0 else range(0)
@@ -411,8 +414,8 @@ def step_gemms(c, batch, seq, n_labelled, device):
         if i in adapted:
             out += [lin(i, "wk", K, what="prompt "), lin(i, "wv", K, what="prompt ")]
         out += [lin(i, "wo"), lin(i, "w1"), lin(i, "w3"), lin(i, "w2")]
-    out.append(_linear_gemm("LM head", *head, False, device, max_rows=16))
-    out.append(_linear_gemm("LM head", *head, True, device, max_rows=16))
+    out.append(_linear_gemm("LM head", *head, False, device, dtype, max_rows=16))
+    out.append(_linear_gemm("LM head", *head, True, device, dtype, max_rows=16))
     for i in reversed(adapted):
         out += [lin(i, n, backward=True) for n in ("w2", "w3", "w1", "wo")]
         out += [lin(i, n, K, True, "prompt ") for n in ("wk", "wv")]

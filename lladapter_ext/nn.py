@@ -27,20 +27,65 @@ class RMSNorm(torch.nn.Module):
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) -> torch.Tensor:
-    """x @ weight^T (bias-free) for x [..., K], weight [N, K]. On the CPU, when x has 1..max_rows rows (decoding),
-    as (weight @ x^T)^T with at least two rows: MKL runs F.linear's one-row GEMV on one thread and its small-M GEMM
-    slowly, while this GEMM streams the weights on every thread. Measured on 240 body-sized matrices (1536 x 576,
-    fp32, 2 threads): 7.5 -> 11.7 GB/s at one row, 4.8 -> 10.9 at two, 5.1 -> 12.8 at four; at eight rows only the
-    tall LM head gains (39-65 ms -> 19 ms for 49152 x 576), hence max_rows. Elsewhere (CUDA, more rows, weights that
-    are not plain dense tensors, e.g. quantized) it is F.linear."""
+    """x @ weight^T (bias-free) for x [..., K], weight [N, K]. On the CPU, when x has 1..max_rows rows (decoding)
+    and this machine's BLAS runs a few-row F.linear slowly (`few_rows_route`, measured once per process), as
+    (weight @ x^T)^T with at least two rows, a GEMM that streams the weights on every thread. Where it was measured:
+    on an AMD EPYC (AVX2; MKL runs the one-row GEMV on one thread and small-M GEMMs slowly), 240 body-sized matrices
+    (1536 x 576, fp32, 2 threads) went 7.5 -> 11.7 GB/s at one row, 4.8 -> 10.9 at two, 5.1 -> 12.8 at four, the
+    tall LM head 39-65 ms -> 19 ms at eight; on an Intel Xeon (AVX-512) F.linear itself streams at 15-27 GB/s and
+    the transposed GEMM at 7-12, so there F.linear is kept. Elsewhere (CUDA, more rows, weights that are not plain
+    dense tensors, e.g. quantized) it is F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not 1 <= rows <= max_rows or type(weight.data) is not torch.Tensor \
-            or weight.layout != torch.strided or weight.dim() != 2:
+            or weight.layout != torch.strided or weight.dim() != 2 or few_rows_route(weight.dtype) != "transposed":
         return torch.nn.functional.linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
     if rows == 1:
         x2 = torch.cat([x2, x2])  # two rows take the multi-threaded GEMM path
     return torch.mm(weight, x2.t())[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+_FEW_ROWS_ROUTES: dict[tuple, str] = {}
+FEW_ROWS_ROUTE_ENV = "LLADAPTER_FEW_ROWS_ROUTE"
+
+
+def few_rows_route(dtype: torch.dtype = torch.float32) -> str:
+    """"transposed" (weight @ x^T) or "linear" (F.linear) for the few rows of a CPU decode step: whichever streamed
+    one-row projections faster on this machine, timed once per (dtype, thread count) on 8 weights of 1536 x 576
+    (28 MB in fp32: more than the caches, as a model's weights are), best of 3 passes each, ~20 ms. The answer
+    depends on the CPU and its BLAS (see few_rows_linear); LLADAPTER_FEW_ROWS_ROUTE=transposed|linear fixes it
+    (e.g. for reproducible benchmarks)."""
+    import os
+    import time
+
+    forced = os.environ.get(FEW_ROWS_ROUTE_ENV, "").strip()
+    if forced:
+        if forced not in ("transposed", "linear"):
+            raise ValueError(f"{FEW_ROWS_ROUTE_ENV} must be 'transposed' or 'linear', got {forced!r}")
+        return forced
+    key = (dtype, torch.get_num_threads())
+    route = _FEW_ROWS_ROUTES.get(key)
+    if route is None:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            ws = [torch.randn(1536, 576, generator=g).to(dtype) for _ in range(8)]
+            x = torch.randn(1, 576, generator=g).to(dtype)
+            x2 = torch.cat([x, x])
+
+            def best(f) -> float:
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        f(w)
+                    times.append(time.perf_counter() - t0)
+                return min(times)
+
+            torch.nn.functional.linear(x, ws[0]), torch.mm(ws[0], x2.t())  # warm up both (BLAS init, packing)
+            linear = best(lambda w: torch.nn.functional.linear(x, w))
+            transposed = best(lambda w: torch.mm(w, x2.t()))
+        route = _FEW_ROWS_ROUTES[key] = "transposed" if transposed < linear else "linear"
+    return route
 
 
 class DecodeLinear(torch.nn.Linear):

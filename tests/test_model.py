@@ -325,10 +325,13 @@ def ours_base_logits(model, x):
 @pytest.mark.parametrize("shape", [(64,), (1, 1, 64), (2, 1, 64), (4, 1, 64), (1, 4, 64), (8, 1, 64), (1, 16, 64),
                                    (3, 7, 64), (0, 1, 64)])
 @pytest.mark.parametrize("max_rows", [4, 16])
-def test_few_rows_linear_matches_linear(shape, max_rows):
-    """Decode steps take weight @ x^T on the CPU (faster than MKL's one-thread GEMV and small-M GEMM): the same
-    values as F.linear to fp32 rounding, in x's layout, and the same gradients."""
-    from lladapter_ext.nn import DecodeLinear, few_rows_linear
+@pytest.mark.parametrize("route", ["transposed", "linear"])
+def test_few_rows_linear_matches_linear(shape, max_rows, route, monkeypatch):
+    """Decode steps take weight @ x^T on the CPU where that beats the BLAS's few-row F.linear (nn.few_rows_route):
+    either route gives the same values as F.linear to fp32 rounding, in x's layout, and the same gradients."""
+    from lladapter_ext.nn import FEW_ROWS_ROUTE_ENV, DecodeLinear, few_rows_linear, few_rows_route
+    monkeypatch.setenv(FEW_ROWS_ROUTE_ENV, route)
+    assert few_rows_route() == route
     x = torch.randn(shape, requires_grad=True)
     w = torch.randn(100, 64, requires_grad=True)
     got = few_rows_linear(x, w, max_rows)
@@ -343,5 +346,10 @@ def test_few_rows_linear_matches_linear(shape, max_rows):
         torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-4)
     lin = DecodeLinear(64, 100)
     assert set(lin.state_dict()) == {"weight"}  # nn.Linear's names: checkpoints load unchanged
+    monkeypatch.setenv(FEW_ROWS_ROUTE_ENV, "sideways")
+    with pytest.raises(ValueError, match="LLADAPTER_FEW_ROWS_ROUTE must be 'transposed' or 'linear', got 'sideways'"):
+        few_rows_route()
+    monkeypatch.delenv(FEW_ROWS_ROUTE_ENV)
+    assert few_rows_route(torch.float32) in ("transposed", "linear")  # measured on this machine
     torch.testing.assert_close(lin(x.detach()), torch.nn.functional.linear(x.detach(), lin.weight),
                                rtol=1e-5, atol=1e-4)
