@@ -54,6 +54,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a whole module (modules of tiny models: `pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`): with small matrices one thread is fastest, and on a busy 2-core
+    machine extra threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _emulated_cuda(request):
     """For device "emu": the CUDA kernels run by the emulator, tensors against guard pages."""

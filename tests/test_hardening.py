@@ -38,12 +38,7 @@ def data(tmp_path):
     return write_data(tmp_path / "train.jsonl")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: conftest.one_torch_thread
 
 
 def finetune_args(model_dir, data, out, *extra):

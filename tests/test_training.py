@@ -46,13 +46,7 @@ def dataset(data_path):
     return D.load_dataset(data_path, TOK, MAX_LEN)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread is fastest, and on a busy 2-core machine extra threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: conftest.one_torch_thread
 
 
 def config(tmp_path, name="run", **kw):
