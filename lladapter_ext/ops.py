@@ -444,7 +444,7 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor)
     scales in fp32, fp16 or bf16. x in fp32/bf16/fp16 (and fp64 on the CPU kernels, summed in fp64: the gradcheck
     path); products summed in fp32; y in x's dtype. Meant for few rows (decode): the kernels stream the codes once
     per small tile of rows (reference.quantized_linear is the oracle). Differentiable in x: dx = dy W with W
-    dequantised (reference.dequantize_weight); codes and scales get no gradient.
+    dequantised (quantize.dequantize); codes and scales get no gradient.
     """
     lead = x.shape[:-1]
     y = _lib.quantized_linear(x.reshape(-1, x.shape[-1]), codes, scales)
@@ -502,8 +502,10 @@ def _quantized_linear_backward(ctx, grad_y):
     codes, scales = ctx.saved_tensors
     if grad_y is None or not ctx.needs_input_grad[0]:
         return None, None, None
+    from .quantize import dequantize  # (quantize imports this module)
+
     acc = torch.float64 if ctx.x_dtype == torch.float64 else torch.float32
-    grad_x = grad_y.to(acc) @ reference.dequantize_weight(codes, scales, acc)
+    grad_x = grad_y.to(acc) @ dequantize(codes, scales, acc)
     return grad_x.to(ctx.x_dtype), None, None
 
 

@@ -67,13 +67,19 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales
 
 
+def _dequant_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Codes int8 [N, K] and scales ([N] or per block [N, K / g]) -> weight [N, K] in dtype (computed in fp32)."""
+    """Codes int8 [N, K] and scales ([N] or per block [N, K / g]) -> weight [N, K] in dtype (computed in fp32; fp64
+    for fp64)."""
     N, K = codes.shape
+    acc = _dequant_dtype(dtype)
     if scales.dim() == 1:
-        return (codes.float() * scales.float()[:, None]).to(dtype)
+        return (codes.to(acc) * scales.to(acc)[:, None]).to(dtype)
     g = K // scales.shape[1]
-    return (codes.view(N, -1, g).float() * scales.float()[:, :, None]).view(N, K).to(dtype)
+    return (codes.view(N, -1, g).to(acc) * scales.to(acc)[:, :, None]).view(N, K).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- int4
@@ -113,12 +119,21 @@ def kernel_scales_and_zeros(scale_low: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 def dequantize_int4(codes: torch.Tensor, scale_low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Codes uint8 [N, K] (unpacked) -> weight [N, K] in dtype (computed in fp32)."""
+    """Codes uint8 [N, K] (unpacked) -> weight [N, K] in dtype (computed in fp32; fp64 for fp64)."""
     N, K = codes.shape
     G = scale_low.shape[0]
-    sl = scale_low.float().transpose(0, 1)  # [N, G, 2]
-    w = codes.view(N, G, K // G).float() * sl[..., :1] + sl[..., 1:]
+    acc = _dequant_dtype(dtype)
+    sl = scale_low.to(acc).transpose(0, 1)  # [N, G, 2]
+    w = codes.view(N, G, K // G).to(acc) * sl[..., :1] + sl[..., 1:]
     return w.view(N, K).to(dtype)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in dtype of codes as QuantizedLinear stores them: int8 [N, K] (dequantize_int8) or int4
+    packed uint8 [N, K / 2] (pack_int4's layout, dequantize_int4)."""
+    if codes.dtype == torch.int8:
+        return dequantize_int8(codes, scales, dtype)
+    return dequantize_int4(unpack_int4(codes), scales, dtype)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -281,10 +296,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [N, K] in dtype (default compute_dtype): a new tensor."""
-        dtype = dtype or self.compute_dtype
-        if self.format == "int8":
-            return dequantize_int8(self.codes, self.scales, dtype)
-        return dequantize_int4(unpack_int4(self.codes), self.scales, dtype)
+        return dequantize(self.codes, self.scales, dtype or self.compute_dtype)
 
     def _row_blocks(self) -> list[tuple[int, int]]:
         """Output-row ranges dequantised one at a time: multiples of 32 rows (int4's packed blocks) within
