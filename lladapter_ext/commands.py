@@ -136,7 +136,12 @@ def _check_inputs(args, command=None) -> None:
     if image and not os.path.isfile(image):
         raise SystemExit(f"--image {image}: " + ("not a file" if os.path.exists(image) else "no such file"))
     out = getattr(args, "out", None)
-    if out and os.path.exists(out) and not os.path.isdir(out):
+    if out:
+        _check_out_dir(out)
+
+
+def _check_out_dir(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out {out}: exists and is not a directory")
 
 
@@ -444,18 +449,6 @@ _ENCODER_OUTPUTS = ("encoder_task.json", "adapter.safetensors", "model.safetenso
 _SRL_PREDICATE_COLUMN = 0  # the first middle column marks the predicate (token predicate ... tag)
 
 
-def _check_file(opt: str, path: str) -> None:
-    if os.path.isdir(path):
-        raise SystemExit(f"{opt} {path}: is a directory, expected a file")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{opt} {path}: no such file")
-
-
-def _check_out_dir(out: str) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"--out {out}: exists and is not a directory")
-
-
 def _check_task_file(task: str, opt: str, path: str, who: str = "") -> None:
     """A SQuAD JSON file for qa, a CoNLL column file for ner / srl: told apart by the first non-blank character.
     who: what has the task, in the message (default: --task)."""
@@ -498,10 +491,11 @@ def _sorted_tags(found) -> list[str]:
 
 def _encoder_tags(args) -> tuple[list[str], str]:
     """(tags, where they came from) for ner / srl: --tags, else tags.txt beside --data, else the training file's."""
+    from .data import check_data_file
     from .encoder_tasks import read_conll, read_tags
 
     if args.tags:
-        _check_file("--tags", args.tags)
+        check_data_file(args.tags, "--tags file")
         return _validate_tags(read_tags(args.tags), f"--tags {args.tags}"), f"--tags {args.tags}"
     beside = os.path.join(os.path.dirname(os.path.abspath(args.data)), "tags.txt")
     if os.path.isfile(beside):
@@ -622,14 +616,15 @@ def cmd_encoder_finetune(args) -> int:
     import dataclasses
 
     from .checkpoint import atomic_write_bytes
+    from .data import check_data_file
     from .encoder import default_encoder_path
     from .encoder_training import (METHODS, build_task_model, save_encoder_run, saved_parameters,
                                    setup_method, train_encoder_task)
 
     spec = METHODS[args.method]
-    _check_file("--data", args.data)
+    check_data_file(args.data, "--data file")
     if args.eval_data:
-        _check_file("--eval-data", args.eval_data)
+        check_data_file(args.eval_data, "--eval-data file")
     _check_out_dir(args.out)
     if args.tags and args.task == "qa":
         raise SystemExit("--tags: --task qa has no tags (it predicts answer spans)")
@@ -730,12 +725,13 @@ def cmd_encoder_finetune(args) -> int:
 
 
 def cmd_encoder_eval(args) -> int:
+    from .data import check_data_file
     from .encoder import load_encoder_tokenizer
     from .encoder_training import RUN_CONFIG, load_encoder_run, read_run_config, saved_parameters
 
     if not os.path.exists(args.adapter):
         raise SystemExit(f"--adapter {args.adapter}: no such file or directory")
-    _check_file("--data", args.data)
+    check_data_file(args.data, "--data file")
     if args.out:
         _check_out_dir(args.out)
     if args.model and not os.path.exists(args.model):
