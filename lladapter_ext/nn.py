@@ -1,6 +1,9 @@
 """torch.nn modules over the lladapter ops."""
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 
 from . import ops
@@ -55,9 +58,6 @@ def few_rows_route(dtype: torch.dtype = torch.float32) -> str:
     (28 MB in fp32: more than the caches, as a model's weights are), best of 3 passes each, ~20 ms. The answer
     depends on the CPU and its BLAS (see few_rows_linear); LLADAPTER_FEW_ROWS_ROUTE=transposed|linear fixes it
     (e.g. for reproducible benchmarks)."""
-    import os
-    import time
-
     forced = os.environ.get(FEW_ROWS_ROUTE_ENV, "").strip()
     if forced:
         if forced not in ("transposed", "linear"):
