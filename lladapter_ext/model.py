@@ -31,7 +31,7 @@ from . import ops, reference
 from .ops import GATE_ACTS
 from .adapter import AdapterMixin
 from .kv_cache import KVCache
-from .nn import DecodeLinear, RMSNorm, few_rows_linear
+from .nn import DecodeLinear, RMSNorm, few_rows_linear, lm_head_cross_entropy
 from .quantize import QuantizedLinear
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "BlockInputs",
@@ -459,11 +459,12 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         targets = labels[:, 1:].to(input_ids.device)
         keep = targets != -100
         h_sel = h[:, :-1][keep]  # only labelled positions go through the (large) LM head
-        logits_sel = self.lm_head(h_sel).float()
-        if logits_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
+        if h_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
             loss = h.sum().float() * 0.0
+        elif isinstance(self.output, QuantizedLinear):
+            loss = F.cross_entropy(self.lm_head(h_sel).float(), targets[keep].long())
         else:
-            loss = F.cross_entropy(logits_sel, targets[keep].long())
+            loss = lm_head_cross_entropy(h_sel, self.lm_head_weight(), targets[keep])
         return CausalLMOutput(logits=None, loss=loss, cache=cache)
 
     def _block_inputs(self, B: int, T: int, dev: torch.device, attention_mask, position_ids, cache, segment_ids,

@@ -48,6 +48,48 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) ->
     return torch.mm(weight, x2.t())[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ weight^T (h [N, D], weight [V, D], targets [N] class indices, every row
+    labelled), the same value as F.cross_entropy(F.linear(h, weight).float(), targets) (fp64 for fp64 h), with a
+    cheaper backward:
+    the log-probabilities the forward keeps (fp32, [N, V], as F.cross_entropy's log_softmax keeps them) become the
+    gradient in place, softmax - one_hot, one pass over them; autograd's way fills a zero [N, V] gradient, scatters
+    into it and runs log_softmax's backward into a third [N, V] tensor (SmolLM2's 49152-word head on 256 labelled
+    rows: 50 MB each). The logits are in h's dtype (fp32 statistics, as before). Differentiable in h and weight;
+    one backward per forward (the kept tensor is consumed: a second backward through the same graph is refused by
+    autograd's in-place check)."""
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"lm_head_cross_entropy: h must be [N, D] and weight [V, D], got {list(h.shape)} and "
+                         f"{list(weight.shape)}")
+    if targets.shape != (h.shape[0],):
+        raise ValueError(f"lm_head_cross_entropy: targets must be [N] = [{h.shape[0]}], got {list(targets.shape)}")
+    if h.shape[0] == 0:
+        raise ValueError("lm_head_cross_entropy: no rows (the mean of nothing)")
+    return _LmHeadCrossEntropy.apply(h, weight, targets)
+
+
+class _LmHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        stat = torch.float64 if h.dtype == torch.float64 else torch.float32
+        logp = torch.log_softmax(few_rows_linear(h, weight, max_rows=16).to(stat), dim=-1)
+        targets = targets.long()
+        loss = -logp.gather(1, targets[:, None]).mean()
+        ctx.save_for_backward(h, weight, targets, logp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, weight, targets, logp = ctx.saved_tensors
+        grad = logp.exp_()  # softmax, in the kept tensor (bumps its version: a second backward is refused)
+        grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+        grad.mul_(grad_loss / grad.shape[0])
+        grad = grad.to(h.dtype)
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_weight, None
+
+
 _FEW_ROWS_ROUTES: dict[tuple, str] = {}
 FEW_ROWS_ROUTE_ENV = "LLADAPTER_FEW_ROWS_ROUTE"
 

@@ -322,6 +322,49 @@ def ours_base_logits(model, x):
             model.use_adapter = True
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rows", [1, 5, 37])
+def test_lm_head_cross_entropy_matches_autograd(dtype, rows):
+    """The LM-head loss with the in-place softmax backward gives F.cross_entropy's loss and gradients (h and weight)
+    over the same logits: fp64 to fp64 rounding; fp32 to fp32 rounding; bf16 gradients within bf16 rounding of the
+    fp32-accumulated reference (the logits and the gradient GEMMs are bf16 in both). (No gradcheck: it runs the
+    backward twice on one graph to test reentrancy, which this function refuses; fp64 F.cross_entropy is the oracle.)"""
+    from lladapter_ext.nn import lm_head_cross_entropy
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 48, generator=g).to(dtype)
+    w = (torch.randn(300, 48, generator=g) * 0.3).to(dtype)
+    t = torch.randint(0, 300, (rows,), generator=g)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h1, w1).to(stat), t)
+    got = lm_head_cross_entropy(h2, w2, t)
+    assert got.dtype == stat and got.shape == ()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    want.backward()
+    got.backward()
+    tol = dict(rtol=2e-2, atol=2e-2 * float(h1.grad.abs().max())) if dtype == torch.bfloat16 else \
+        dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-15)
+    assert h2.grad.dtype == dtype and w2.grad.dtype == dtype
+    torch.testing.assert_close(h2.grad, h1.grad, **tol)
+    torch.testing.assert_close(w2.grad, w1.grad, **tol)
+
+
+def test_lm_head_cross_entropy_refuses_bad_input_and_a_second_backward():
+    from lladapter_ext.nn import lm_head_cross_entropy
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"h must be \[N, D\] and weight \[V, D\], got \[4, 8\] and \[10, 7\]"):
+        lm_head_cross_entropy(h, torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must be \[N\] = \[4\], got \[3\]"):
+        lm_head_cross_entropy(h, w, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no rows"):
+        lm_head_cross_entropy(h[:0], w, torch.zeros(0, dtype=torch.long))
+    loss = lm_head_cross_entropy(h, w, torch.tensor([0, 1, 2, 9]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the kept log-probabilities became the gradient: never a silently wrong second gradient
+
+
 @pytest.mark.parametrize("shape", [(64,), (1, 1, 64), (2, 1, 64), (4, 1, 64), (1, 4, 64), (8, 1, 64), (1, 16, 64),
                                    (3, 7, 64), (0, 1, 64)])
 @pytest.mark.parametrize("max_rows", [4, 16])
