@@ -8,7 +8,11 @@ a load that held the float weights would show them), median training-step time (
 batch x tokens as printed) with the peak resident memory of training, and greedy decode tokens/s at batch 1 with
 the bytes/s of weights it reads (every projection and the LM head per token) as a fraction of the machine's read
 bandwidth (_common.read_bandwidth, measured in the same run, as bench_e2e does): decode is bound by that traffic,
-so 1.0 is its floor.
+so 1.0 is its floor. On CUDA, a quantized base's decode is timed both ways, interleaved in its process: by the
+default route (our CUDA kernel, ops.quantized_linear, for each decode row) and with DECODE_KERNEL = "none"
+(dequantize + GEMM, the route before the kernel was wired in), best of 3 each; the "dequantize + GEMM" row gives
+both (its time, and kernel_route) and kernel_speedup (its time / the kernel route's): below 1.00x the kernel loses
+on this GPU, and quantize.CUDA_KERNEL_MAX_ROWS_BY_FORMAT should come down.
 
     python benchmarks/bench_quant.py [--shapes smollm2-135m,tinyllama-1.1b] [--quick] [--json OUT.json]
 
@@ -17,8 +21,9 @@ processes run minutes apart and see different loads):
 
     python benchmarks/bench_quant.py --matmul [--rows 1,2,4,8]     # one matmul: fp32/bf16 GEMV, torch's packed
                                                                      # kernels, ours (ops.quantized_linear), dequant
-    python benchmarks/bench_quant.py --decode-ab [--shapes smollm2-135m] [--rounds 5]
+    python benchmarks/bench_quant.py --decode-ab [--shapes smollm2-135m] [--rounds 5] [--device cuda]
                                      # decode ms/token: fp32, bf16, and int8/int4 with each DECODE_KERNEL
+                                     # (on CUDA "torch" is dequantize + GEMM, as "none": not repeated)
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ def _rss() -> int:
 
 
 def child(args) -> dict:
+    from lladapter_ext import quantize as Q
     from lladapter_ext.loaders import load_model
     from lladapter_ext.quantize import QuantizedLinear, is_quantizable
 
@@ -97,24 +103,41 @@ def child(args) -> dict:
         step()
         times.append(time.perf_counter() - t)
     train_peak = torch.cuda.max_memory_allocated() if dev == "cuda" else host_rss_high_water() - base_rss
-    # greedy decode at batch 1 after a 16-token prompt
-    with torch.no_grad():
-        cache = model.new_cache(1, 16 + new + 1)
-        tok = model(ids[:1, :16], cache=cache).logits[:, -1:].argmax(-1)
-        tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)  # first decode step: warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(new - 1):
-            tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        decode_s = (time.perf_counter() - t) / max(new - 1, 1)
+    def decode(kernel: str) -> float:
+        """Seconds per token of greedy decode at batch 1 after a 16-token prompt, with quantize.DECODE_KERNEL."""
+        default, Q.DECODE_KERNEL = Q.DECODE_KERNEL, kernel
+        try:
+            with torch.no_grad():
+                cache = model.new_cache(1, 16 + new + 1)
+                tok = model(ids[:1, :16], cache=cache).logits[:, -1:].argmax(-1)
+                tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)  # first decode step: warm-up
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(new - 1):
+                    tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                return (time.perf_counter() - t) / max(new - 1, 1)
+        finally:
+            Q.DECODE_KERNEL = default
+
+    decode_s = decode(Q.DECODE_KERNEL)  # one run, as every variant's (the ratios between variants)
+    decode_kernel_s = decode_dequant_s = None
+    if fmt is not None and dev == "cuda":
+        # the CUDA kernel's A/B: the default route (ops.quantized_linear for the decode rows) against dequantize +
+        # GEMM (DECODE_KERNEL = "none"), interleaved, best of 3 each
+        ours, dequant = [decode_s], []
+        for _ in range(2):
+            dequant.append(decode("none"))
+            ours.append(decode(Q.DECODE_KERNEL))
+        dequant.append(decode("none"))
+        decode_kernel_s, decode_dequant_s = min(ours), min(dequant)
     times.sort()
     return dict(load_s=load_s, load_peak=load_peak, after_load=after_load, proj_bytes=proj,
                 decode_bytes=proj + head_bytes,
-                step_s=times[len(times) // 2] if times else None, train_peak=train_peak, decode_s=decode_s, B=B,
-                T=T)
+                step_s=times[len(times) // 2] if times else None, train_peak=train_peak, decode_s=decode_s,
+                decode_kernel_s=decode_kernel_s, decode_dequant_s=decode_dequant_s, B=B, T=T)
 
 
 MATMUL_SHAPES = [(1536, 576), (5632, 2048), (49152, 576)]
@@ -191,11 +214,14 @@ def decode_ab(args) -> None:
     from lladapter_ext.loaders import load_model
 
     # (name, model, DECODE_KERNEL); int8/int4 with fp32 activations (bench_quant's default variants) and with bf16
-    # ones (--dtype bfloat16: the embeddings / tied head, norms and activations in bf16, as the bf16 base has them)
+    # ones (--dtype bfloat16: the embeddings / tied head, norms and activations in bf16, as the bf16 base has them).
+    # On CUDA "torch" (torch's CPU kernels) is dequantize + GEMM, as "none" is: not timed twice
+    dev = args.device
+    kernels = ("lladapter", "none") if dev == "cuda" else ("lladapter", "torch", "none")
     variants = [("fp32", "fp32", None), ("bf16", "bf16", None)]
     for fmt in ("int8", "int4"):
         for act in ("fp32", "bf16"):
-            for kernel in ("lladapter", "torch", "none"):
+            for kernel in kernels:
                 variants.append((f"{fmt}, {act} activations ({kernel})", f"{fmt}-{act}", kernel))
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for shape in args.shapes.split(","):
@@ -203,10 +229,10 @@ def decode_ab(args) -> None:
         for key in ("fp32", "bf16", "int8-fp32", "int4-fp32", "int8-bf16", "int4-bf16"):
             fmt, _, act = key.rpartition("-")
             torch.manual_seed(0)
-            models[key] = load_model(shape, dtype=dtypes[act], quantize=fmt or None, adapter_len=10,
+            models[key] = load_model(shape, dtype=dtypes[act], device=dev, quantize=fmt or None, adapter_len=10,
                                      adapter_layer=10**6)[0]
         V = models["fp32"].config.vocab_size
-        ids = torch.randint(0, V, (1, 16))
+        ids = torch.randint(0, V, (1, 16), device=dev)
         new = args.tokens
 
         def run(model, kernel):
@@ -215,9 +241,13 @@ def decode_ab(args) -> None:
                 cache = model.new_cache(1, 16 + new + 1)
                 tok = model(ids, cache=cache).logits[:, -1:].argmax(-1)
                 tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
                 for _ in range(new - 1):
                     tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
                 return (time.perf_counter() - t) / (new - 1)
 
         samples = {name: [] for name, _, _ in variants}
@@ -296,6 +326,10 @@ def main():
                       tokens_per_s=f"{1 / r['decode_s']:.1f}",
                       weights_read=f"{r['decode_bytes'] / r['decode_s'] / 1e9:.1f}GB/s",
                       of_read_bw=f"{r['decode_bytes'] / r['decode_s'] / read_bw:.2f}")
+            if r.get("decode_dequant_s") is not None:  # CUDA: the kernel route's A/B, best of 3 interleaved runs each
+                table.add(case, f"{v} decode, dequantize + GEMM", r["decode_dequant_s"], None,
+                          kernel_route=f"{r['decode_kernel_s'] * 1e3:.3f}ms",
+                          kernel_speedup=f"{r['decode_dequant_s'] / r['decode_kernel_s']:.2f}x")
     table.print()
     table.dump(args.json)
 

@@ -40,7 +40,7 @@ def _load(args, adapter_path=None, attach=True, command=None):
     from .interop import resolve_adapter
     from .loaders import load_model
     from .model import PRESETS, LlamaForCausalLM
-    from .quantize import QuantizationError, quantized_summary
+    from .quantize import Quantization, QuantizationError, quantized_summary
     model_arg = args.model or default_model_path()
     tok_path = getattr(args, "tokenizer", None)
     is_preset = not os.path.exists(model_arg) and model_arg.lower() in PRESETS
@@ -65,17 +65,17 @@ def _load(args, adapter_path=None, attach=True, command=None):
         if getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
     quantize = getattr(args, "quantize", "none")
-    quantize_head = getattr(args, "quantize_head", False)
     try:
+        quantization = Quantization.of(quantize, getattr(args, "quantize_head", False))
         model, tok = load_model(model_arg, dtype=_torch_dtype(args.dtype), device=args.device or _default_device(),
-                                tokenizer=not tok_path, quantize=quantize, quantize_head=quantize_head, **hp)
+                                tokenizer=not tok_path, quantize=quantization, **hp)
     except QuantizationError as e:
         raise SystemExit(f"--quantize {quantize}: {e}") from None
     if model.quantization:
         q = model.quantization
         summary = quantized_summary(model)
         head = ("quantized" if q["head"] else
-                f"in {args.dtype}" + (" (tied to the embeddings)" if quantize_head else ""))
+                f"in {args.dtype}" + (" (tied to the embeddings)" if quantization.head else ""))
         print(f"quantized base: {q['format']}, {q['exact']} layers mapped exactly from the file's blocks, "
               f"{q['requantized']} quantized from floats; {summary[q['format']][1] / 2**20:.1f} MiB quantized + "
               f"{summary['float'] / 2**20:.1f} MiB in {args.dtype}; LM head {head}", file=sys.stderr)

@@ -53,6 +53,7 @@ def model_class():
                      quantize_head: bool = False, **_ignored):
             super().__init__()
             from .loaders import default_model_path, load_model
+            from .quantize import Quantization
 
             if str(batch_size).startswith("auto"):
                 batch_size = 8  # our continuations of a context are batched already; no probing
@@ -60,9 +61,9 @@ def model_class():
             if dtype not in dtypes:
                 raise ValueError(f"lladapter model_args: dtype must be one of {sorted(dtypes)}, got {dtype!r}")
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            quantization = Quantization.of(quantize, model_arg_flag("quantize_head", quantize_head))
             self.model, self.tokenizer = load_model(model or default_model_path(), dtype=dtypes[dtype],
-                                                    device=device, adapter=adapter, quantize=quantize,
-                                                    quantize_head=model_arg_flag("quantize_head", quantize_head))
+                                                    device=device, adapter=adapter, quantize=quantization)
             if self.tokenizer is None:
                 raise ValueError(f"lladapter model_args: model={model} has no tokenizer (a preset?)")
             self.model.eval()

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from .model import LlamaConfig, LlamaForCausalLM, PRESETS, config_from_preset
+from .quantize import Quantization
 from .tokenizer import gguf_field
 from .weights import (CheckpointError, PathLike, _check_vocab, _config, _fill_model, _Source,  # noqa: F401
                       load_tensor_file)
@@ -89,11 +90,10 @@ def load_model(path_or_preset: PathLike, dtype: torch.dtype = torch.float32, dev
     stored quantized as they are read (GGUF Q4_0 and Q4_1 -> int4 and Q8_0 -> int8 exactly, the rest
     requantised), never all in full precision at once; a preset is initialised layer by layer the same way.
     quantize_head: an untied LM head is stored quantized too (a head tied to the embeddings stays in dtype).
+    (Both make one quantize.Quantization, which quantize= also takes as it is.)
     """
     from .interop import reading_once
-    from .quantize import check_format
-    config_overrides["quantize"] = check_format(quantize)
-    config_overrides["quantize_head"] = bool(quantize_head)
+    config_overrides["quantize"] = Quantization.of(quantize, quantize_head)  # one value from here down
     with reading_once():  # a foreign adapter: read and converted once for its hyper-parameters and its tensors
         return _load_model(path_or_preset, dtype, device, adapter_len, adapter_layer, gate_act, tokenizer, adapter,
                            config_overrides)
@@ -169,11 +169,10 @@ def _load_base(path_or_preset: PathLike, dtype, device, tokenizer: bool, adapter
     s = os.fspath(path_or_preset)
     p = Path(s)
     if not p.exists() and s.lower() in PRESETS:
-        quantize = adapter.pop("quantize", None)
-        quantize_head = adapter.pop("quantize_head", False)
+        quantization = adapter.pop("quantize", None)  # (load_model's Quantization)
         cfg = config_from_preset(s, **adapter)
-        if quantize or quantize_head:
-            return _random_quantized(cfg, dtype, device, quantize, quantize_head), None
+        if quantization is not None:
+            return _random_quantized(cfg, dtype, device, quantization), None
         return LlamaForCausalLM(cfg, device=device, dtype=dtype), None
     if p.is_file() and p.suffix.lower() == ".gguf":
         return load_gguf(p, dtype, device, tokenizer=tokenizer, **adapter)
@@ -208,8 +207,7 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_IGNORABLE = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def _random_quantized(config: LlamaConfig, dtype, device, quantize: str, quantize_head: bool = False
-                      ) -> LlamaForCausalLM:
+def _random_quantized(config: LlamaConfig, dtype, device, quantization: Quantization) -> LlamaForCausalLM:
     """A preset's random init (normal std 0.02, norms ones) made one tensor at a time, each projection quantized
     before the next is drawn: a LLaMA-7B-shaped int4 model never holds its 27 GB of fp32 weights."""
     with torch.device("meta"):
@@ -222,7 +220,7 @@ def _random_quantized(config: LlamaConfig, dtype, device, quantize: str, quantiz
     entries = {n: (n, "<random init>", lambda s=s: draw(s)) for n, s in shapes.items()}
     source = _Source(entries, ["<random init>"], {})
     source.fresh_tensors = True
-    return _fill_model(config, source, dtype, device, "random", quantize=quantize, quantize_head=quantize_head)
+    return _fill_model(config, source, dtype, device, "random", quantization)
 
 
 def _hf_to_ours(name: str) -> str | None:
@@ -313,8 +311,10 @@ def _open_tensor_files(files: list[Path]) -> dict[str, tuple[str, Callable[[], t
 
 
 def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
-            quantize: str | None = None, quantize_head: bool = False, **config_overrides):
-    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory (config.json + weights)."""
+            quantize: str | Quantization | None = None, quantize_head: bool = False, **config_overrides):
+    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory (config.json + weights); quantize and
+    quantize_head as load_model's."""
+    quantization = Quantization.of(quantize, quantize_head)
     d = Path(path)
     try:
         cfg_dict = json.loads((d / "config.json").read_text())
@@ -343,8 +343,7 @@ def load_hf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool =
     inverse.update({f"layers.{i}.{o}": f"model.layers.{i}.{h}" for i in range(config.n_layers)
                     for h, o in _HF_LAYER.items()})
     src.ckpt_name_of = lambda n: inverse.get(n, n)
-    model = _fill_model(config, src, dtype, device, "Hugging Face", quantize=quantize,
-                        quantize_head=quantize_head)
+    model = _fill_model(config, src, dtype, device, "Hugging Face", quantization)
     tok = None
     if tokenizer:
         from .tokenizer import load_tokenizer
@@ -387,9 +386,11 @@ def config_from_meta_params(params: dict, vocab_size: int | None = None, **overr
 
 
 def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
-              quantize: str | None = None, quantize_head: bool = False, **config_overrides):
+              quantize: str | Quantization | None = None, quantize_head: bool = False, **config_overrides):
     """(model, tokenizer) from Meta's layout: params.json + consolidated.NN.pth (model-parallel shards, merged
-    here) + tokenizer.model (in the directory or its parent, as Meta's downloads place it)."""
+    here) + tokenizer.model (in the directory or its parent, as Meta's downloads place it); quantize and
+    quantize_head as load_model's."""
+    quantization = Quantization.of(quantize, quantize_head)
     d = Path(path)
     try:
         params = json.loads((d / "params.json").read_text())
@@ -445,7 +446,7 @@ def load_meta(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
         else:
             extra[n] = str(files[0])
     model = _fill_model(config, _Source(entries, [str(f) for f in files], extra), dtype, device, "Meta",
-                        quantize=quantize, quantize_head=quantize_head)
+                        quantization)
     shards.clear()  # the merged tensors are in the model: free the loaded shards
     tok = None
     if tokenizer:
@@ -568,9 +569,10 @@ def _gguf_blocks(t, fmt: str):
 
 
 def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool = True,
-              quantize: str | None = None, quantize_head: bool = False, **config_overrides):
+              quantize: str | Quantization | None = None, quantize_head: bool = False, **config_overrides):
     """(model, tokenizer) from a GGUF file (llama architecture), weights dequantised to dtype, tokenizer from the
-    vocabulary embedded in the file."""
+    vocabulary embedded in the file; quantize and quantize_head as load_model's."""
+    quantization = Quantization.of(quantize, quantize_head)
     p = Path(path)
     reader = open_gguf(p)
     names = {t.name for t in reader.tensors}
@@ -596,8 +598,7 @@ def load_gguf(path: PathLike, dtype=torch.float32, device="cpu", tokenizer: bool
     inverse.update({f"layers.{i}.{o}": f"blk.{i}.{g}" for i in range(config.n_layers) for g, o in _GGUF_LAYER.items()})
     src.ckpt_name_of = lambda n: inverse.get(n, n)
     src.quantized = lambda name, fmt: _gguf_blocks(by_ours[name], fmt)
-    model = _fill_model(config, src, dtype, device, "GGUF", quantize=quantize,
-                        quantize_head=quantize_head)
+    model = _fill_model(config, src, dtype, device, "GGUF", quantization)
     tok = None
     if tokenizer:
         from .tokenizer import tokenizer_from_gguf_reader

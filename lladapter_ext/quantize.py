@@ -16,21 +16,25 @@ Formats (`FORMATS`):
         plain torch. torch packs differently where it has AVX-512 kernels (packed_int4_kernel_ok() checks, once per
         process), so DECODE_KERNEL = "torch" only takes its int4 kernel where the layouts agree.
 
-Kernels: for the few rows of a CPU decode step (up to KERNEL_MAX_ROWS_BY_FORMAT), our weight-only matmul
-ops.quantized_linear (csrc/cpu/quantized_linear.cpp: AVX2, the codes turned into fp32 in registers as they stream by),
-which reads these buffers as they are stored, every format included (GGUF Q8_0's per-block scales too); otherwise
-(more rows: prefill, training, batched decode; CUDA) the weight is dequantized on the fly, one layer at a time into
-a reused per-thread buffer, and multiplied by the dense GEMM. Measured (docs/quantization.md): one row of a 5632 x 2048
-weight in 1.07 ms (int4) / 1.33 ms (int8) where the bf16 GEMV takes 1.59 ms and torch's packed kernels
-(aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: DECODE_KERNEL = "torch", the rule used before ours)
-17-30 ms; torchao 0.18's int8 weight-only layer took 84 ms and bitsandbytes' CPU nf4 94 ms for the 49152 x 576 head,
-where fp32 takes 11 ms.
+Kernels: for the few rows of a decode step, our weight-only matmul ops.quantized_linear, which reads these buffers
+as they are stored, every format included (GGUF Q8_0's per-block scales too), the codes turned into fp32 in registers
+as they stream by: on the CPU (csrc/cpu/quantized_linear.cpp, AVX2) up to KERNEL_MAX_ROWS_BY_FORMAT rows, on CUDA
+(csrc/cuda/quantized_linear.cu; so far run only under the emulator, never on a GPU) up to
+CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows. Otherwise (more rows: prefill, training, batched decode) the weight is
+dequantized on the fly, one layer at a time into a reused per-thread buffer, and multiplied by the dense GEMM.
+_decode_kernel_for chooses; while the emulated CUDA kernels are active (lladapter_ext.emulator.kernels()) it
+chooses for CPU tensors as it does on CUDA, so the emulator runs the GPU's route. Measured on the CPU
+(docs/quantization.md): one row of a 5632 x 2048 weight in 1.07 ms (int4) / 1.33 ms (int8) where the bf16 GEMV takes
+1.59 ms and torch's packed kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu:
+DECODE_KERNEL = "torch", the rule used before ours) 17-30 ms; torchao 0.18's int8 weight-only layer took 84 ms and
+bitsandbytes' CPU nf4 94 ms for the 49152 x 576 head, where fp32 takes 11 ms.
 
 Training: `QuantizedLinear`'s matmul is an autograd Function whose backward is dX = dY W with W dequantized on the fly;
 the codes get no gradient (they are buffers).
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
@@ -55,6 +59,38 @@ def check_format(fmt: str | None) -> str | None:
             if str(fmt).lower() == "nf4" else ""
         raise QuantizationError(f"quantize={fmt!r}: unknown format; expected none, {', '.join(FORMATS)}{hint}")
     return fmt
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How a load stores the frozen base: every attention and MLP projection in `format` ("int8" or "int4"), and with
+    `head` an untied LM head too. Made once from the user's arguments (Quantization.of: load_model's quantize= and
+    quantize_head=, the CLI's --quantize and --quantize-head) and passed down as one value; None is a float base."""
+
+    format: str
+    head: bool = False
+
+    def __post_init__(self):
+        if check_format(self.format) is None:
+            raise QuantizationError(f"Quantization: format {self.format!r} is no quantization; use None instead")
+
+    @classmethod
+    def of(cls, quantize: str | Quantization | None, quantize_head: bool = False) -> Quantization | None:
+        """The user's quantize (None/"none", "int8", "int4", or a Quantization already) and quantize_head -> the
+        value, or None for a float base. An unknown format is a QuantizationError naming it; quantize_head without a
+        format a ValueError."""
+        if isinstance(quantize, Quantization):
+            return dataclasses.replace(quantize, head=True) if quantize_head else quantize
+        fmt = check_format(quantize)
+        if fmt is None:
+            if quantize_head:
+                raise ValueError("quantize_head=True needs a quantize format (int8 or int4)")
+            return None
+        return cls(fmt, bool(quantize_head))
+
+    def quantizes(self, name: str) -> bool:
+        """Whether the base parameter `name` is stored quantized (is_quantizable, the head as `head` says)."""
+        return is_quantizable(name, self.head)
 
 
 # ----------------------------------------------------------------------------------------------- int8
@@ -336,7 +372,8 @@ class QuantizedLinear(torch.nn.Module):
 
     def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor | None:
         """x2 [M, K] @ W^T straight from the codes, where that beats dequantize + GEMM (_decode_kernel_for), else
-        None: ops.quantized_linear (our kernel), or torch's packed CPU kernels with DECODE_KERNEL = "torch"."""
+        None: ops.quantized_linear (our CPU or CUDA kernel), or torch's packed CPU kernels with
+        DECODE_KERNEL = "torch"."""
         kernel = _decode_kernel_for(self.format, x2, self.out_features * self.in_features)
         if kernel is None:
             return None
@@ -401,24 +438,46 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return buf
 
 
-# Which kernel multiplies the few rows of a decode step on the CPU straight from the codes: "lladapter" (ours,
-# ops.quantized_linear: csrc/cpu/quantized_linear.cpp), "torch" (aten._weight_int8pack_mm /
-# _weight_int4pack_mm_for_cpu, by the rule measured before ours existed) or "none" (always dequantize + GEMM). A knob
-# for benchmarks (benchmarks/bench_quant.py --decode-ab) and for CPUs where torch's AVX-512 kernels may win.
+# Which kernel multiplies the few rows of a decode step straight from the codes: "lladapter" (ours,
+# ops.quantized_linear: csrc/cpu/quantized_linear.cpp on the CPU, csrc/cuda/quantized_linear.cu on CUDA), "torch"
+# (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu, by the rule measured before ours existed; CPU only: on CUDA
+# it means dequantize + GEMM) or "none" (always dequantize + GEMM, on every device). A knob for benchmarks
+# (benchmarks/bench_quant.py: --decode-ab, and the CUDA decode's A/B) and for CPUs where torch's AVX-512 kernels may
+# win.
 DECODE_KERNEL = "lladapter"
 # Our kernel's row limit per format: it reads the codes once per tile of 1-4 (int8) or 1-2 (int4) rows, so its time
 # grows with the rows, while dequantize + GEMM pays the dequantisation once. Measured crossover (one matmul, 1 thread,
 # interleaved; docs/quantization.md): int8 ties dequantize + GEMM at 16 rows of a 1536 x 576 weight and loses at 32;
 # int4 still wins by 1.5-2x at 32 rows of every model shape.
 KERNEL_MAX_ROWS_BY_FORMAT = {"int8": 16, "int4": 32}
+# The CUDA kernel's row limit per format. Both of its kernels take the rows of x in chunks of 4 (kRowsChunk) per pass
+# over the codes: int8 runs a warp per output row, which re-reads that row's codes for every chunk; int4 a block per
+# 32-row block of codes, likewise. So up to 4 rows it reads the weights exactly once, as a GEMV must, and every 4 rows
+# more read them again, on CUDA cores (no tensor cores), while dequantize + GEMM reads the codes once, writes and reads
+# back a float copy (>= 9 bytes per weight) and runs the dense GEMM (cuBLAS), whose time hardly grows with a few rows.
+# Not yet timed on a GPU (only run by the emulator): 4 is the conservative limit, one pass over the weights (batch-1
+# to batch-4 decode). bench_quant.py's CUDA decode times both routes; raise it where a GPU says so.
+CUDA_KERNEL_MAX_ROWS_BY_FORMAT = {"int8": 4, "int4": 4}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | None:
-    """The kernel for this call (DECODE_KERNEL), or None for dequantize + GEMM: CPU only (on CUDA the weight is
-    dequantized and the dense GEMM runs), fp32/bf16/fp16 activations, and few rows."""
-    if x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """The kernel for this call (DECODE_KERNEL), or None for dequantize + GEMM. Only for fp32/bf16/fp16 activations
+    and few rows, by device:
+    - on the CUDA kernels (a CUDA tensor, or a CPU tensor while the emulated CUDA kernels are active:
+      ops._runs_cuda_kernels, the rule the attention ops route by, so that the emulator takes the GPU's route): ours
+      for 1..CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows with DECODE_KERNEL = "lladapter"; "torch" names torch's CPU
+      kernels, so on CUDA it dequantizes, as "none" does;
+    - on the CPU: ours for 1..KERNEL_MAX_ROWS_BY_FORMAT rows, or torch's packed kernels (_use_packed_kernel);
+    - elsewhere (meta, other devices): None."""
+    if x2.dtype not in _KERNEL_DTYPES:
         return None
     rows = x2.shape[0]
+    if ops._runs_cuda_kernels(x2):
+        ours = DECODE_KERNEL == "lladapter" and 1 <= rows <= CUDA_KERNEL_MAX_ROWS_BY_FORMAT[fmt]
+        return "lladapter" if ours else None
+    if x2.device.type != "cpu":
+        return None
     if DECODE_KERNEL == "lladapter":
         return "lladapter" if 1 <= rows <= KERNEL_MAX_ROWS_BY_FORMAT[fmt] else None
     if DECODE_KERNEL == "torch":

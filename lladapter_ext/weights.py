@@ -10,11 +10,15 @@ import os
 import pickle
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .adapter import set_parameter
 from .model import LlamaConfig, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from .quantize import Quantization
 
 PathLike = str | os.PathLike
 log = logging.getLogger(__name__)
@@ -35,18 +39,15 @@ class _Source:
 
 
 def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
-                quantize: str | None = None, quantize_head: bool = False) -> LlamaForCausalLM:
-    """The model from `source`, base frozen, fresh adapter. quantize ("int8"/"int4", lladapter_ext.quantize): each
-    base projection is stored quantized as it is read (a source with a `quantized(name, fmt)` method, GGUF, hands
-    over blocks that map exactly; the rest is quantized from fp32), so no full-precision copy of it stays alive.
-    quantize_head: an untied LM head is quantized too (a tied one stays with the float embeddings; logged).
-    The model's `quantization` attribute records the format, how many layers were mapped / requantised, and
-    whether the head is quantized."""
-    from .quantize import (QuantizedLinear, check_format, head_is_quantized, is_quantizable, limit_head_scratch,
-                           set_quantized)
-    quantize = check_format(quantize)
-    if quantize_head and not quantize:
-        raise ValueError("quantize_head=True needs a quantize format (int8 or int4)")
+                quantization: Quantization | None = None) -> LlamaForCausalLM:
+    """The model from `source`, base frozen, fresh adapter. quantization (lladapter_ext.quantize.Quantization; None:
+    a float base): each base projection is stored in its format as it is read (a source with a
+    `quantized(name, fmt)` method, GGUF, hands over blocks that map exactly; the rest is quantized from fp32), so no
+    full-precision copy of it stays alive; with its `head`, an untied LM head too (a tied one stays with the float
+    embeddings; logged). The model's `quantization` attribute records the format, how many layers were mapped /
+    requantised, and whether the head is quantized."""
+    from .quantize import QuantizedLinear, head_is_quantized, limit_head_scratch, set_quantized
+    fmt = quantization.format if quantization is not None else None
     if source.extra:
         name, file = next(iter(source.extra.items()))
         raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {what} LLaMA model with "
@@ -57,11 +58,11 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
     for name, param in list(model.named_parameters()):
         if LlamaForCausalLM.is_adapter_param(name):
             continue
-        if quantize and is_quantizable(name, quantize_head) and name in source.entries:
+        if quantization is not None and quantization.quantizes(name) and name in source.entries:
             exact = getattr(source, "quantized", None)
             ck_name, file = source.entries[name][:2]
             try:
-                blocks = exact(name, quantize) if exact else None
+                blocks = exact(name, fmt) if exact else None
             except Exception as e:  # a truncated or inconsistent block array
                 raise CheckpointError(f"{file}: cannot read tensor {ck_name!r}'s quantized blocks: "
                                       f"{type(e).__name__}: {e}") from e
@@ -70,7 +71,7 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
                 if (codes.shape[0], codes.shape[1]) != tuple(param.shape):
                     raise CheckpointError(f"{file}: tensor {ck_name!r} has shape {list(codes.shape)}, expected "
                                           f"{list(param.shape)} for {name}")
-                set_quantized(model, name, QuantizedLinear.from_codes(quantize, codes, scales, dtype, device,
+                set_quantized(model, name, QuantizedLinear.from_codes(fmt, codes, scales, dtype, device,
                                                                       name=f"{file}: {ck_name}"))
                 counts["exact"] += 1
                 continue
@@ -92,8 +93,8 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
                                   f"n_kv_heads={config.n_kv_heads}, ffn_dim={config.ffn_dim})")
         if not (t.is_floating_point()):
             raise CheckpointError(f"{file}: tensor {ck_name!r} has dtype {t.dtype}, expected a floating type")
-        if quantize and is_quantizable(name, quantize_head):  # quantized where the float tensor is (no device copy)
-            set_quantized(model, name, QuantizedLinear.from_float(t, quantize, dtype, device,
+        if quantization is not None and quantization.quantizes(name):  # where the float tensor is (no device copy)
+            set_quantized(model, name, QuantizedLinear.from_float(t, fmt, dtype, device,
                                                                   name=f"{file}: {ck_name}"))
             counts["requantized"] += 1
             del t
@@ -113,12 +114,12 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{', '.join(source.all_files)}: parameters left uninitialised: {left[:5]}")
-    model.quantization = dict(format=quantize, **counts, head=head_is_quantized(model)) if quantize else None
+    model.quantization = dict(format=fmt, **counts, head=head_is_quantized(model)) if fmt else None
     limit_head_scratch(model)
-    if quantize_head and config.tie_embeddings:
+    if quantization is not None and quantization.head and config.tie_embeddings:
         log.warning("quantize_head: the LM head is tied to the embeddings, which stay in %s; the head is not "
                     "quantized", str(dtype).replace("torch.", ""))
-    if quantize:
+    if fmt:
         release_freed_heap()
     return model
 

@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 
+from conftest import CUDA_DEVICES
+from lladapter_ext import ops
 from lladapter_ext import quantize as Q
+from lladapter_ext.generation import generate_tokens
 from lladapter_ext.loaders import load_model
 from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
 from llama_helpers import gguf_source_model, save_ours_as_hf, smollm2_gguf, write_tiny_gguf
@@ -218,6 +221,47 @@ def test_quantized_model_logits_and_adapter_gradients_equal_the_dequantized_mode
     assert (logits - ref).abs().max() <= tol * ref.abs().max()
 
 
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("fmt", Q.FORMATS)
+def test_decode_on_the_cuda_kernels_equals_the_dequantized_model(device, fmt, monkeypatch):
+    """A quantized model (head included) decoding on the CUDA kernels (a GPU; on the CPU, the emulator): the prompt's
+    rows are dequantized (more than CUDA_KERNEL_MAX_ROWS_BY_FORMAT), every decode step's rows (1 at batch 1, 2 at
+    batch 2) go through ops.quantized_linear in each of the 15 layers, and the logits and greedy tokens are those of
+    the dequantized float copy (fp32: the two differ only in the order of fp32 sums)."""
+    rows = []  # the rows of each kernel call, but for the adapter prompt's K = 4 rows through wk and wv (few too)
+    real = ops.quantized_linear
+
+    def spy(x, codes, scales):
+        if x.shape[0] != SMALL["adapter_len"]:
+            rows.append(x.shape[0])
+        return real(x, codes, scales)
+
+    monkeypatch.setattr(ops, "quantized_linear", spy)
+    q = Q.quantize_model(_small_model(), fmt, head=True).to(device)
+    dense = _dequantized_copy(q)
+    with torch.no_grad():
+        for p_q, p_d in zip(q.adapter_parameters(), dense.adapter_parameters()):
+            p_q.normal_(0, 0.5)
+            p_d.copy_(p_q)
+    ids = torch.randint(3, 96, (1, 6), device=device)
+    with torch.no_grad():
+        cache_q, cache_d = q.new_cache(1, 10), dense.new_cache(1, 10)
+        a, b = q(ids, cache=cache_q).logits, dense(ids, cache=cache_d).logits
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert rows == []  # 6 rows: dequantize + GEMM
+        for _ in range(3):
+            nxt = b[:, -1:].argmax(-1)
+            a, b = q(nxt, cache=cache_q).logits, dense(nxt, cache=cache_d).logits
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert rows == [1] * 15 * 3
+    rows.clear()
+    prompts = [[5, 17, 33, 2, 71], [9, 40, 88]]  # left-padded to 5: 10 prefill rows, then 2 rows per step
+    want = generate_tokens(dense, prompts, 4)
+    assert rows == []
+    assert generate_tokens(q, prompts, 4) == want
+    assert rows == [2] * 15 * 3
+
+
 def test_training_through_a_quantized_base_learns():
     """The adapter trains through int4 layers as it does through their dequantized float copies: the same
     losses step for step (fp32 rounding apart), falling by over a quarter in 40 steps on a fixed batch."""
@@ -353,6 +397,27 @@ def test_errors_name_the_format_and_the_layer():
     layer = Q.QuantizedLinear.from_float(torch.randn(32, 64), "int8", torch.float32)
     with pytest.raises(ValueError, match="input has 63 features, the layer takes 64"):
         layer(torch.randn(2, 63))
+
+
+def test_quantization_is_one_value_made_from_the_users_pair():
+    assert Q.Quantization.of(None) is None and Q.Quantization.of("none") is None
+    assert Q.Quantization.of("int4", True) == Q.Quantization("int4", head=True)
+    q8 = Q.Quantization.of("int8")
+    assert q8 == Q.Quantization("int8", head=False) and Q.Quantization.of(q8) is q8
+    assert Q.Quantization.of(q8, True) == Q.Quantization("int8", head=True)
+    assert q8.quantizes("layers.0.attention.wq.weight") and not q8.quantizes("output.weight")
+    assert Q.Quantization("int8", head=True).quantizes("output.weight")
+    with pytest.raises(Q.QuantizationError, match="'nf4'.*int4"):
+        Q.Quantization.of("nf4")
+    with pytest.raises(ValueError, match="quantize_head=True needs a quantize format"):
+        Q.Quantization.of("none", True)
+    with pytest.raises(Q.QuantizationError, match="'none' is no quantization"):
+        Q.Quantization("none")
+    with pytest.raises(AttributeError):
+        q8.head = True  # frozen
+    # load_model takes the value as quantize= as it takes the pair
+    model, _ = load_model("smollm2-135m", quantize=Q.Quantization("int4"), n_layers=1)
+    assert model.quantization == dict(format="int4", exact=0, requantized=7, head=False)
 
 
 def test_cli_and_trainer_refuse_an_unknown_format_and_fsdp(tmp_path):

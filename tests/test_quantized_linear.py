@@ -3,7 +3,7 @@ argument errors on every backend (the fake included), gradients, opcheck (CPU; C
 import pytest
 import torch
 
-from lladapter_ext import ops, reference
+from lladapter_ext import emulator, ops, reference
 from lladapter_ext import quantize as Q
 
 from conftest import CUDA_DEVICES, DEVICES, kernel_ops
@@ -255,3 +255,149 @@ def test_cuda_dtype_double_refused(device):
     codes, scales = (t.to(device) for t in _int8(32, 64))
     with pytest.raises(RuntimeError, match=r"x must have dtype in \{Float, BFloat16, Half\}"):
         ops.quantized_linear(torch.ones(2, 64, dtype=torch.float64, device=device), codes, scales)
+
+
+# ------------------------------------------------------------------------- QuantizedLinear's route on the CUDA kernels
+# quantize._decode_kernel_for: on CUDA (and on CPU tensors while the emulated CUDA kernels are active, so the emulator
+# takes the GPU's route) the few rows of a decode step go through ops.quantized_linear, more rows (or fp64) through
+# dequantize + GEMM. Every format the layer stores, 48 x 128: int4's one 32-row block and its trailing 16-row block.
+LAYER_N, LAYER_K = 48, 128
+LAYER_FORMATS = ["int8_row", "int8_q8_0", "int4_g64", "int4_g32"]
+
+
+def _layer(fmt: str, device, dtype: torch.dtype) -> Q.QuantizedLinear:
+    """int8 with one fp32 scale per row (quantized from floats), int8 with an fp16 scale per 32 inputs (GGUF Q8_0's
+    layout), int4 with groups of 64 (from floats) and of 32 (GGUF Q4_0/Q4_1's)."""
+    w = torch.randn(LAYER_N, LAYER_K) / 8
+    if fmt == "int8_row":
+        layer = Q.QuantizedLinear.from_float(w, "int8", dtype)
+    elif fmt == "int8_q8_0":
+        layer = Q.QuantizedLinear.from_codes("int8", *_int8(LAYER_N, LAYER_K, 32, torch.float16), dtype)
+    elif fmt == "int4_g64":
+        layer = Q.QuantizedLinear.from_float(w, "int4", dtype)
+        assert layer.group_size == 64
+    else:
+        layer = Q.QuantizedLinear.from_codes("int4", *Q.quantize_int4(w, 32), dtype)
+        assert layer.group_size == 32
+    return layer.to(device)
+
+
+@pytest.fixture
+def kernel_rows(monkeypatch):
+    """The row count of each ops.quantized_linear call made through the quantize module (a spy around the op)."""
+    calls = []
+    real = ops.quantized_linear
+
+    def spy(x, codes, scales):
+        calls.append(x.shape[0])
+        return real(x, codes, scales)
+
+    monkeypatch.setattr(ops, "quantized_linear", spy)
+    return calls
+
+
+# The dequantize path multiplies by the weight rounded to the activations' dtype (fp32 -> bf16: 2^-8 relative; fp16:
+# 2^-11), and on CUDA cuBLAS may add bf16/fp16 partial sums in the output dtype (torch's reduced-precision reductions,
+# on by default): one more such rounding.
+DEQUANT_WEIGHT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}
+
+
+def _assert_close_dequantized(y, x, layer):
+    """y against the dequantized dense product in fp32 (reference.quantized_linear): two fp32 sums of K products
+    (2 (K + 2) u), the weight's rounding to x's dtype, and y's rounding to it."""
+    codes, scales = layer.codes, layer.scales
+    ref = reference.quantized_linear(x, codes, scales).float()
+    K = x.shape[-1]
+    allowed = ((2 * (K + 2) * U32 + DEQUANT_WEIGHT_ROUNDING[x.dtype]) * _bound(x, codes, scales)
+               + REL_ULP[x.dtype] * ref.abs())
+    err = (y.float() - ref).abs()
+    assert y.dtype == x.dtype and (err <= allowed).all(), f"max excess {(err - allowed).max().item()}"
+
+
+def _emulated_kernel_launches() -> dict:
+    return {name: s["launches"] for name, s in emulator.launched_kernels().items() if "quantized_linear" in name}
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", LAYER_FORMATS)
+def test_layer_decode_rows_take_the_cuda_kernel(device, dtype, fmt, kernel_rows):
+    """1 and CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows (as a decode step's [B, 1, K]) go through the CUDA kernel and equal
+    the dequantized weight's product; one row more takes dequantize + GEMM, equal too."""
+    layer = _layer(fmt, device, dtype)
+    limit = Q.CUDA_KERNEL_MAX_ROWS_BY_FORMAT[layer.format]
+    kernel = "int8" if layer.format == "int8" else "int4"
+    for rows in (1, limit, limit + 1):
+        x = torch.randn(rows, 1, LAYER_K).to(device, dtype)
+        if device.name == "emu":
+            emulator.reset_stats()
+        y = layer(x)
+        assert y.shape == (rows, 1, LAYER_N)
+        if rows <= limit:
+            assert kernel_rows == [rows]
+            if device.name == "emu":  # the emulated CUDA kernel ran (not the CPU one)
+                assert _emulated_kernel_launches() == {
+                    f"quantized_linear_{kernel}_kernel<scalar_t, scale_t>": 1}
+            _assert_close(y.view(rows, -1), x.view(rows, -1), layer.codes, layer.scales)
+        else:
+            assert kernel_rows == []
+            if device.name == "emu":
+                assert _emulated_kernel_launches() == {}
+            _assert_close_dequantized(y.view(rows, -1), x.view(rows, -1), layer)
+        kernel_rows.clear()
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("fmt", ["int8_q8_0", "int4_g32"])
+def test_layer_gradient_through_the_cuda_kernel_route(device, fmt, kernel_rows):
+    # forward by the kernel, backward dX = dY W with W dequantized (the layer's autograd Function)
+    layer = _layer(fmt, device, torch.float32)
+    x = torch.randn(2, LAYER_K, device=device, requires_grad=True)
+    y = layer(x)
+    assert kernel_rows == [2]
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ layer.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("knob", ["torch", "none"])
+def test_decode_kernel_knob_on_cuda(device, knob, kernel_rows, monkeypatch):
+    # "torch" names torch's CPU kernels: on the CUDA kernels it dequantizes, as "none" does everywhere
+    monkeypatch.setattr(Q, "DECODE_KERNEL", knob)
+    for fmt in ("int8_row", "int4_g64"):
+        layer = _layer(fmt, device, torch.float32)
+        x = torch.randn(1, LAYER_K, device=device)
+        _assert_close_dequantized(layer(x), x, layer)
+    assert kernel_rows == []
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_layer_float64_on_cuda_dequantizes(device, kernel_rows):
+    # the CUDA kernel takes no fp64: one fp64 row is dequantized (in fp32, as the layer does) and multiplied in fp64
+    layer = _layer("int4_g32", device, torch.float64)
+    x = torch.randn(1, LAYER_K, dtype=torch.float64, device=device)
+    y = layer(x)
+    assert kernel_rows == [] and y.dtype == torch.float64
+    ref = reference.quantized_linear(x, layer.codes, layer.scales)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_route_on_the_cuda_kernels(device):
+    """_decode_kernel_for on the CUDA kernels (a CUDA tensor; a CPU tensor under the emulator): ours for
+    1..CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows of fp32/bf16/fp16, else dequantize + GEMM (None)."""
+    for fmt, limit in Q.CUDA_KERNEL_MAX_ROWS_BY_FORMAT.items():
+        for rows, want in ((0, None), (1, "lladapter"), (limit, "lladapter"), (limit + 1, None)):
+            for dtype in DTYPES:
+                x = torch.empty(rows, 64, dtype=dtype, device=device)
+                assert Q._decode_kernel_for(fmt, x, 1 << 24) == want, (fmt, rows, dtype)
+        assert Q._decode_kernel_for(fmt, torch.empty(1, 64, dtype=torch.float64, device=device), 1 << 24) is None
+
+
+def test_route_on_the_cpu_kernels():
+    # outside the emulator, CPU tensors take the CPU kernel's limits (more rows than the CUDA kernel's)
+    for fmt, limit in Q.KERNEL_MAX_ROWS_BY_FORMAT.items():
+        assert limit > Q.CUDA_KERNEL_MAX_ROWS_BY_FORMAT[fmt]
+        assert Q._decode_kernel_for(fmt, torch.empty(limit, 64), 1 << 24) == "lladapter"
+        assert Q._decode_kernel_for(fmt, torch.empty(limit + 1, 64), 1 << 24) is None
