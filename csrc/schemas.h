@@ -38,6 +38,11 @@ inline void define_op_schemas(torch::Library& m) {
   // int8 codes [N, K] with scales [N] or [N, K / g]; int4 codes uint8 [N, K / 2] in quantize.pack_int4's layout with
   // (scale, low) [G, N, 2]); fp32 accumulation (fp64 for fp64 x), y in x's dtype. No gradient to codes or scales.
   m.def("quantized_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+
+  // SwiGLU (csrc/swiglu.h): y = silu(gate) * up, elementwise over any shape (gate and up alike, >= 1 dim), fp32 math
+  // (fp64 for fp64), y in gate's dtype. The backward returns (dgate, dup).
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
 }  // namespace lladapter

@@ -509,6 +509,67 @@ def _quantized_linear_backward(ctx, grad_y):
     return grad_x.to(ctx.x_dtype), None, None
 
 
+# --------------------------------------------------------------------------------------------- SwiGLU
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The LLaMA MLP's gated activation in one pass: y = silu(gate) * up = gate * sigmoid(gate) * up.
+
+    gate and up: the same shape (>= 1 dim), dtype and device; fp32/bf16/fp16 (and fp64 on the CPU kernels: the
+    gradcheck path). Math in fp32 (fp64 for fp64), y in the inputs' dtype (bf16/fp16 inputs are rounded once, at
+    the end: eager `F.silu(gate) * up` also rounds silu(gate) to the dtype before the multiply). Any strides: a view
+    whose leading dims collapse into rows with a unit last-dim stride (e.g. the two halves of a [M, 2F] projection)
+    is read in place, anything else is copied; the outputs are contiguous.
+    Differentiable in gate and up; the backward is one pass as well:
+        dgate = grad * up * s * (1 + gate * (1 - s)),  dup = grad * gate * s,   s = sigmoid(gate).
+    sigmoid is formed from exp(-|gate|), which cannot overflow, so silu stays accurate far into the negative tail
+    (fp32 silu(-89) = -1.98e-37, where eager's x / (1 + exp(-x)) gives -0). Non-finite inputs give what eager gives:
+    NaN propagates, silu(+inf) = +inf, silu(-inf) = NaN, and both gradients at gate = +-inf are NaN, except
+    dup = grad * inf at gate = +inf; the one difference: an infinite up at fp32 gate < -88.7, where eager's silu is
+    -0, gives eager NaN and the op the limit, -inf (docs/swiglu.md). reference.swiglu is the plain-PyTorch oracle.
+    """
+    return _lib.swiglu(gate, up)
+
+
+def check_swiglu_inputs(gate, up, *, op: str = "lladapter::swiglu", cuda_kernels: bool = False) -> None:
+    """The kernels' argument checks (csrc/swiglu.h) with the same messages, for the fake implementations."""
+    _check_same_device(op, "gate", gate, up=up)
+    _check_dtype_in(op, "gate", gate, _CUDA_FLOAT_DTYPES if cuda_kernels else _CPU_FLOAT_DTYPES)
+    torch._check(up.dtype == gate.dtype, lambda: f"{op}: up must have gate's dtype ({_dtype_name(gate.dtype)}), got "
+                                                 f"{_dtype_name(up.dtype)}")
+    torch._check(gate.dim() >= 1, lambda: f"{op}: gate must have at least 1 dimension, got a 0-d tensor")
+    torch._check(up.shape == gate.shape, lambda: f"{op}: up must have gate's shape {list(gate.shape)}, got "
+                                                 f"{list(up.shape)}")
+
+
+def _swiglu_fake(gate, up):
+    check_swiglu_inputs(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+def _swiglu_backward_fake(grad, gate, up):
+    op = "lladapter::swiglu_backward"
+    check_swiglu_inputs(gate, up, op=op)
+    _check_same_device(op, "gate", gate, grad=grad)
+    torch._check(grad.dtype == gate.dtype, lambda: f"{op}: grad must have gate's dtype ({_dtype_name(gate.dtype)}), "
+                                                   f"got {_dtype_name(grad.dtype)}")
+    torch._check(grad.shape == gate.shape, lambda: f"{op}: grad must have gate's shape {list(gate.shape)}, got "
+                                                   f"{list(grad.shape)}")
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _swiglu_setup_context(ctx, inputs, output, lib):
+    ctx.lib = lib
+    gate, up = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _swiglu_backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    if grad is None:
+        return None, None
+    dgate, dup = ctx.lib.swiglu_backward(grad, gate, up)
+    return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None)
+
+
 # --------------------------------------------------------------------------------------------- registrations
 def register_implementations(namespace: str) -> None:
     """Registers the fake (meta) and autograd implementations of every op of torch.ops.<namespace>: 'lladapter'
@@ -518,13 +579,15 @@ def register_implementations(namespace: str) -> None:
     fakes = {"rms_norm": _rms_norm_fake, "rms_norm_backward": _rms_norm_backward_fake, "rope": _rope_fake,
              "rope_": _rope_inplace_fake, "gated_prompt_attention": _gated_prompt_attention_fake,
              "gated_prompt_attention_backward": _gated_prompt_attention_backward_fake,
-             "quantized_linear": _quantized_linear_fake}
+             "quantized_linear": _quantized_linear_fake, "swiglu": _swiglu_fake,
+             "swiglu_backward": _swiglu_backward_fake}
     for op, fake in fakes.items():
         torch.library.register_fake(f"{namespace}::{op}", fake)
     autograd = {"rms_norm": (_rms_norm_backward, _rms_norm_setup_context),
                 "rope": (_rope_backward, _rope_setup_context),
                 "gated_prompt_attention": (_gated_prompt_attention_backward, _gated_prompt_attention_setup_context),
-                "quantized_linear": (_quantized_linear_backward, _quantized_linear_setup_context)}
+                "quantized_linear": (_quantized_linear_backward, _quantized_linear_setup_context),
+                "swiglu": (_swiglu_backward, _swiglu_setup_context)}
     for op, (backward, setup_context) in autograd.items():
         torch.library.register_autograd(f"{namespace}::{op}", backward,
                                         setup_context=functools.partial(setup_context, lib=lib))

@@ -18,6 +18,7 @@ __all__ = [
     "gated_prompt_attention",
     "dequantize_weight",
     "quantized_linear",
+    "swiglu",
 ]
 
 
@@ -214,3 +215,11 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor)
     """y = x W^T with W = dequantize_weight(codes, scales), in fp32 (fp64 for fp64 x), cast to x's dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.to(acc) @ dequantize_weight(codes, scales, acc).t()).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- SwiGLU
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y = silu(gate) * up, computed in fp32 (fp64 for fp64) with torch.nn.functional.silu and cast to gate's dtype
+    (one rounding for bf16/fp16, as the kernels do). Gradients: autograd through the same expression."""
+    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    return (torch.nn.functional.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)

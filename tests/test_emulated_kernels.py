@@ -1,14 +1,14 @@
 """The CUDA kernels (csrc/cuda) run on the CPU through the emulator (lladapter_ext.emulator, docs/emulator.md):
 what only the emulator can check. The kernels' numerics against reference.py are the "emu" variants of the op
-tests (test_rms_norm.py, test_rope.py, test_gated_prompt_attention*.py); this file adds
+tests (test_rms_norm.py, test_rope.py, test_gated_prompt_attention*.py, test_swiglu.py); this file adds
 
-- coverage: every CUDA kernel of the package launches (17 of 17);
+- coverage: every CUDA kernel of the package launches (19 of 19);
 - schedules: each kernel gives bitwise-identical results when its threads run in other orders (in-order,
   reverse, two seeded random orders): a result that depends on the order means a missing barrier;
 - wmma layouts: the tensor-core kernels give bitwise-identical results under the sm_80 fragment layout and a
   scrambled one (they must use the wmma API only, never assume which element a lane holds);
-- device profiles: the SM-count-dependent choices (RMSNorm dweight splits, RoPE's grid-stride loop, split-K
-  decode chunks) at other SM counts;
+- device profiles: the SM-count-dependent choices (RMSNorm dweight splits, RoPE's and SwiGLU's grid-stride loops,
+  split-K decode chunks) at other SM counts;
 - device-side asserts become Python errors that name the kernel, block and thread.
 """
 import math
@@ -31,6 +31,7 @@ CUDA_KERNELS = {
     "gpa_decode_partial_kernel", "gpa_decode_combine_kernel",
     "gpa_fwd_mma_kernel", "gpa_bwd_dq_mma_kernel", "gpa_bwd_dkv_mma_kernel",
     "quantized_linear_int8_kernel", "quantized_linear_int4_kernel",
+    "swiglu_fwd_kernel", "swiglu_bwd_kernel",
 }
 
 
@@ -75,10 +76,23 @@ def _quantized_linear_case():
     return [ops.quantized_linear(x8, c8, s8), ops.quantized_linear(x4, Q.pack_int4(c4), s4)]
 
 
+def _swiglu_case():
+    # vectorised (fp32, 16-byte aligned rows) and scalar (bf16 halves of an odd width) paths, forward and backward
+    results = []
+    for x in (torch.randn(3, 5, 128), torch.randn(4, 2 * 67).bfloat16()):
+        x.requires_grad_()
+        gate, up = x.chunk(2, dim=-1)
+        y = ops.swiglu(gate, up)
+        y.backward(torch.randn_like(y))
+        results += [y.detach(), x.grad]
+    return results
+
+
 def _all_paths(monkeypatch):
     """Results of every kernel path: RMSNorm (vectorised and scalar, warp- and block-per-row), RoPE (both layouts,
     vectorised and scalar), attention SIMT (fp32), tensor-core (bf16), split-K decode forward (fp32, forced),
-    quantized_linear (int8 per row, int4 with a trailing 16-row block; 5 rows: a full and a partial row chunk)."""
+    quantized_linear (int8 per row, int4 with a trailing 16-row block; 5 rows: a full and a partial row chunk),
+    SwiGLU (vectorised and scalar, forward and backward)."""
     results = []
     results += _rms_norm_case(64) + _rms_norm_case(67) + _rms_norm_case(4096, torch.bfloat16)
     results += _rope_case(True) + _rope_case(False) + _rope_case(False, dim=6)
@@ -88,6 +102,7 @@ def _all_paths(monkeypatch):
     results += _attention_case(torch.float32, Tq=2, Tk=100)
     monkeypatch.delenv("LLADAPTER_CUDA_DECODE")
     results += _quantized_linear_case()
+    results += _swiglu_case()
     return results
 
 
@@ -185,6 +200,9 @@ def test_sm_count_dependent_choices(monkeypatch, profile, sm_count):
         rq, rk = reference.rope(q, k, cos, sin, offset=5)
         torch.testing.assert_close(qo, rq, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ko, rk, rtol=1e-5, atol=1e-5)
+        # SwiGLU: at most 8 blocks of 256 threads per SM, so 1-2 SMs make each thread take several vectors
+        g, u = torch.randn(40, 400), torch.randn(40, 400)
+        torch.testing.assert_close(ops.swiglu(g, u), reference.swiglu(g, u), rtol=1e-6, atol=1e-6)
         # split-K decode: the chunk count follows the SM count
         monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "auto")
         q, k, v, pk, pv, gate, ks = make_inputs(B=1, Tq=1, Tk=600, H=4, Hkv=1, d=64, K=3, kv_start=[7])

@@ -120,3 +120,22 @@ def test_quantized_linear_gpu_equals_emulator(fmt):
     with emulator.kernels():
         emu = ops.quantized_linear(x, codes, scales)
     torch.testing.assert_close(gpu.cpu().float(), emu.float(), rtol=2**-7, atol=1e-5 * emu.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swiglu_gpu_equals_emulator(dtype):
+    # the same fp32 formulas on both; the GPU's expf and the host's differ by an ulp or two (and nvcc contracts
+    # multiply-adds), and fp32 results round to bf16/fp16 alike unless they sit on a rounding boundary (one ulp)
+    x = (3 * torch.randn(6, 2 * 200)).to(dtype)
+    xg = x.cuda()
+    # the halves of one projection (strided rows, vectorised), then an odd width at an odd offset (one element a step)
+    for cut in (lambda t: t.chunk(2, dim=-1), lambda t: (t[:, 1:200], t[:, 201:])):
+        (gate, up), (gate_g, up_g) = cut(x), cut(xg)
+        grad = torch.randn(gate.shape).to(dtype)
+        gpu = [ops.swiglu(gate_g, up_g), *torch.ops.lladapter.swiglu_backward(grad.cuda(), gate_g, up_g)]
+        with emulator.kernels():
+            emu = [ops.swiglu(gate, up), *torch.ops.lladapter_emu.swiglu_backward(grad, gate, up)]
+        rtol = {torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+        for g, e in zip(gpu, emu):
+            scale = e.float().abs().max().item()
+            torch.testing.assert_close(g.cpu().float(), e.float(), rtol=rtol, atol=1e-6 * scale)

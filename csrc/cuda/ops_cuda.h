@@ -38,6 +38,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // quantized_linear.cu
 at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
 
+// swiglu.cu
+at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& gate,
+                                                        const at::Tensor& up);
+
 // wmma_layout_probe.cu (bound with pybind11 by python_module.cpp and emu_kernels/module.cpp, not an op)
 at::Tensor wmma_fragment_layouts();
 
