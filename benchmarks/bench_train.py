@@ -23,6 +23,7 @@ def use_reference_ops():
 
     ops.rms_norm = reference.rms_norm
     ops.rope = reference.rope
+    ops.swiglu = reference.swiglu
     ops.gated_prompt_attention = lambda *a, backend=None, **k: reference.gated_prompt_attention(*a, **k)
 
 

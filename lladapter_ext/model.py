@@ -249,7 +249,7 @@ class Attention(torch.nn.Module):
 
 
 class FeedForward(torch.nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), the gated activation fused (ops.swiglu: one pass each way)."""
 
     def __init__(self, config: LlamaConfig, device=None, dtype=None):
         super().__init__()
@@ -258,7 +258,7 @@ class FeedForward(torch.nn.Module):
         self.w3 = DecodeLinear(config.dim, config.ffn_dim, device=device, dtype=dtype)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(torch.nn.Module):
