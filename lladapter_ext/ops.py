@@ -265,7 +265,7 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if backend in ("reference", "split"):
         # the fused kernels check their own arguments; these two paths hand the word branch to other code
         check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, float(scale),
-                                            cuda_kernels=backend == "split" and _runs_cuda_kernels(q))
+                                            cuda_kernels=backend == "split" and runs_cuda_kernels(q))
     if backend == "reference":
         return reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act,
                                                 scale=scale, kv_start=kv_start)
@@ -275,13 +275,16 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, float(scale), kv_start)
 
 
-def _runs_cuda_kernels(q: torch.Tensor) -> bool:
-    return q.device.type == "cuda" or kernel_namespace() != "lladapter"
+def runs_cuda_kernels(t: torch.Tensor) -> bool:
+    """Whether an op on `t` runs our CUDA kernels: t is on CUDA, or the emulated CUDA kernels are active
+    (emulator.kernels(): CPU tensors then take the GPU's routes, so that make test runs them). Code that routes by
+    device (the attention backends, quantize's decode kernel) asks this, not t.device."""
+    return t.device.type == "cuda" or kernel_namespace() != "lladapter"
 
 
 def _auto_attention_backend(q: torch.Tensor) -> str:
     # the emulated CUDA kernels (CPU tensors) choose as CUDA does, so that the emulator runs the GPU's paths
-    if _runs_cuda_kernels(q):
+    if runs_cuda_kernels(q):
         return "split" if q.shape[-1] in CUDA_HEAD_DIMS else "reference"
     return "fused"
 

@@ -465,7 +465,7 @@ def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | N
     """The kernel for this call (DECODE_KERNEL), or None for dequantize + GEMM. Only for fp32/bf16/fp16 activations
     and few rows, by device:
     - on the CUDA kernels (a CUDA tensor, or a CPU tensor while the emulated CUDA kernels are active:
-      ops._runs_cuda_kernels, the rule the attention ops route by, so that the emulator takes the GPU's route): ours
+      ops.runs_cuda_kernels, the rule the attention ops route by, so that the emulator takes the GPU's route): ours
       for 1..CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows with DECODE_KERNEL = "lladapter"; "torch" names torch's CPU
       kernels, so on CUDA it dequantizes, as "none" does;
     - on the CPU: ours for 1..KERNEL_MAX_ROWS_BY_FORMAT rows, or torch's packed kernels (_use_packed_kernel);
@@ -473,7 +473,7 @@ def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | N
     if x2.dtype not in _KERNEL_DTYPES:
         return None
     rows = x2.shape[0]
-    if ops._runs_cuda_kernels(x2):
+    if ops.runs_cuda_kernels(x2):
         ours = DECODE_KERNEL == "lladapter" and 1 <= rows <= CUDA_KERNEL_MAX_ROWS_BY_FORMAT[fmt]
         return "lladapter" if ours else None
     if x2.device.type != "cpu":
