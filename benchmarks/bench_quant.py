@@ -23,7 +23,11 @@ processes run minutes apart and see different loads):
                                                                      # kernels, ours (ops.quantized_linear), dequant
     python benchmarks/bench_quant.py --decode-ab [--shapes smollm2-135m] [--rounds 5] [--device cuda]
                                      # decode ms/token: fp32, bf16, and int8/int4 with each DECODE_KERNEL
-                                     # (on CUDA "torch" is dequantize + GEMM, as "none": not repeated)
+                                     # (on CUDA "torch" is dequantize + GEMM, as "none": not repeated;
+                                     # --variants bf16,int8,int4 --kernels lladapter --isas avx2,avx512: fewer)
+    python benchmarks/bench_quant.py --paths [--rows 1,8] [--threads 1]
+                                     # one matmul: our CPU kernel on each path (avx2, avx512; --isas) against
+                                     # F.linear in bf16 and fp32, ms and GB/s of weight bytes
 """
 from __future__ import annotations
 
@@ -143,8 +147,8 @@ def child(args) -> dict:
 MATMUL_SHAPES = [(1536, 576), (5632, 2048), (49152, 576)]
 
 
-def _median_time(fn, rounds: int, min_s: float = 0.02) -> list:
-    """Per-call seconds of each fn (a list of callables), timed round by round in turn; median over rounds."""
+def _time_samples(fn, rounds: int, min_s: float = 0.02) -> list:
+    """Per-call seconds of each fn (a list of callables), timed round by round in turn: one list per fn."""
     for f in fn:
         f()
     reps = []
@@ -162,7 +166,12 @@ def _median_time(fn, rounds: int, min_s: float = 0.02) -> list:
             for _ in range(reps[i]):
                 f()
             samples[i].append((time.perf_counter() - t) / reps[i])
-    return [sorted(s_)[len(s_) // 2] for s_ in samples]
+    return samples
+
+
+def _median_time(fn, rounds: int, min_s: float = 0.02) -> list:
+    """Per-call seconds of each fn, timed round by round in turn; median over rounds."""
+    return [sorted(s_)[len(s_) // 2] for s_ in _time_samples(fn, rounds, min_s)]
 
 
 def matmul_table(args) -> None:
@@ -171,7 +180,7 @@ def matmul_table(args) -> None:
     from lladapter_ext import quantize as Q
     from lladapter_ext.nn import few_rows_linear
 
-    rows_list = [int(r) for r in args.rows.split(",")]
+    rows_list = [int(r) for r in (args.rows or "1").split(",")]
     torch.manual_seed(0)
     print(f"threads {torch.get_num_threads()}; ms per call, median of {args.rounds} interleaved rounds")
     names = ["fp32 GEMV", "bf16 GEMV", "torch int8pack", "torch int4pack", "ours int8", "ours int8 Q8_0",
@@ -208,35 +217,136 @@ def matmul_table(args) -> None:
                   flush=True)
 
 
+PATH_SHAPES = [(5632, 2048), (2048, 5632), (2048, 2048), (1536, 576), (49152, 576)]
+COLD_BYTES = 640 * 2**20
+
+
+def _isas(args) -> list:
+    """--isas, or every path of ops.quantized_linear_cpu_isa this machine has (scalar only when asked)."""
+    from lladapter_ext import ops
+
+    want = args.isas.split(",") if args.isas else ["avx2", "avx512"]
+    ok = []
+    for isa in want:
+        try:
+            ops.quantized_linear_cpu_isa(isa)
+            ok.append(isa)
+        except RuntimeError as e:
+            print(f"path {isa} skipped: {str(e).splitlines()[0]}")
+    ops.quantized_linear_cpu_isa("auto")
+    return ok
+
+
+def paths_table(args) -> None:
+    """ops.quantized_linear on each CPU path against F.linear (bf16, fp32) and the bf16 base's decode matmul
+    (nn.few_rows_linear), interleaved: ms per call (median and best of the rounds; spread: the row's largest max -
+    min as a % of the median) and GB/s of the weight's bytes as stored, at the best."""
+    import torch.nn.functional as F
+
+    from lladapter_ext import ops
+    from lladapter_ext import quantize as Q
+    from lladapter_ext.nn import few_rows_linear
+
+    isas = _isas(args)
+    rows_list = [int(r) for r in (args.rows or "1,8").split(",")]
+    torch.manual_seed(0)
+    print(f"threads {torch.get_num_threads()}; {'cold (from DRAM)' if args.cold else 'warm'} weights; "
+          f"{args.rounds} interleaved rounds; ms per call, median / best (GB/s of "
+          "the weight bytes at the best); spread = the row's largest (max - min) / median")
+    names = [f"ours {fmt} {isa}" for fmt in ("int8", "int4") for isa in isas]
+    names += ["bf16 F.linear", "fp32 F.linear", "bf16 few_rows_linear"]
+    print("| weight [N, K], rows | " + " | ".join(names) + " | spread |")
+    print("| --- " * (len(names) + 2) + "|")
+
+    def nbytes(*ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def on(isa, f):
+        def g():
+            ops.quantized_linear_cpu_isa(isa)
+            return f()
+        return g
+
+    def cycle(items):
+        it = [0]
+
+        def nxt():
+            it[0] = (it[0] + 1) % len(items)
+            return items[it[0]]
+        return nxt
+
+    for N, K in PATH_SHAPES:
+        w = torch.randn(N, K) / K ** 0.5
+        q8 = Q.QuantizedLinear.from_float(w, "int8", torch.float32)
+        q4 = Q.QuantizedLinear.from_float(w, "int4", torch.float32)
+        sizes = [nbytes(q8.codes, q8.scales)] * len(isas) + [nbytes(q4.codes, q4.scales)] * len(isas)
+        sizes += [nbytes(w) // 2, nbytes(w), nbytes(w) // 2]
+        # --cold: every call takes the next of enough copies of its weight (COLD_BYTES of each kind) that they come
+        # from DRAM, as a decode step's do, and not from the last-level cache (300 MiB on the Xeon of the docs)
+        def copies(ts, b):
+            n = max(1, -(-COLD_BYTES // b)) if args.cold else 1
+            return [ts] + [tuple(t.clone() for t in ts) for _ in range(n - 1)]
+        q8s = cycle(copies((q8.codes, q8.scales), sizes[0]))
+        q4s = cycle(copies((q4.codes, q4.scales), sizes[-4]))
+        wbs = cycle([t for (t,) in copies((w.bfloat16(),), sizes[-3])])
+        ws = cycle([t for (t,) in copies((w,), sizes[-2])])
+        for M in rows_list:
+            x = torch.randn(M, K)
+            xb = x.bfloat16()
+            fns = [on(isa, lambda q=q: ops.quantized_linear(x, *q())) for q in (q8s, q4s) for isa in isas]
+            fns += [lambda: F.linear(xb, wbs()), lambda: F.linear(x, ws()), lambda: few_rows_linear(xb, wbs())]
+            with torch.no_grad():
+                samples = _time_samples(fns, args.rounds)
+            ops.quantized_linear_cpu_isa("auto")
+            meds = [sorted(s_)[len(s_) // 2] for s_ in samples]
+            spread = max((max(s_) - min(s_)) / m for s_, m in zip(samples, meds))
+            cells = [f"{t * 1e3:.3g} / {min(s_) * 1e3:.3g} ({b / min(s_) / 1e9:.1f})"
+                     for t, s_, b in zip(meds, samples, sizes)]
+            print(f"| {N} x {K}, {M} row{'s' if M > 1 else ''} | " + " | ".join(cells) + f" | {spread:.0%} |",
+                  flush=True)
+        del q8s, q4s, wbs, ws
+
+
 def decode_ab(args) -> None:
     """Greedy decode at batch 1, ms per token, every variant in one process, interleaved round by round."""
+    from lladapter_ext import ops
     from lladapter_ext import quantize as Q
     from lladapter_ext.loaders import load_model
 
-    # (name, model, DECODE_KERNEL); int8/int4 with fp32 activations (bench_quant's default variants) and with bf16
-    # ones (--dtype bfloat16: the embeddings / tied head, norms and activations in bf16, as the bf16 base has them).
-    # On CUDA "torch" (torch's CPU kernels) is dequantize + GEMM, as "none" is: not timed twice
+    # (name, model, DECODE_KERNEL, CPU path); int8/int4 with fp32 activations (bench_quant's default variants) and
+    # with bf16 ones (--dtype bfloat16: the embeddings / tied head, norms and activations in bf16, as the bf16 base
+    # has them).
+    # --variants picks the bases (bf16 is always run: the anchor), --kernels the DECODE_KERNELs (on CUDA "torch",
+    # torch's CPU kernels, is dequantize + GEMM, as "none" is: not timed twice), --isas the CPU paths of ours
+    # (default: the one the process takes; CPU only)
     dev = args.device
-    kernels = ("lladapter", "none") if dev == "cuda" else ("lladapter", "torch", "none")
-    variants = [("fp32", "fp32", None), ("bf16", "bf16", None)]
+    chosen = set(args.variants.split(",")) | {"bf16"}
+    kernels = [k for k in args.kernels.split(",") if not (dev == "cuda" and k == "torch")]
+    isas = _isas(args) if args.isas and dev != "cuda" else [None]
+    variants = [(v, v, None, None) for v in ("fp32", "bf16") if v in chosen]
     for fmt in ("int8", "int4"):
+        if fmt not in chosen:
+            continue
         for act in ("fp32", "bf16"):
             for kernel in kernels:
-                variants.append((f"{fmt}, {act} activations ({kernel})", f"{fmt}-{act}", kernel))
+                for isa in (isas if kernel == "lladapter" else [None]):
+                    tag = kernel + (f", {isa}" if isa else "")
+                    variants.append((f"{fmt}, {act} activations ({tag})", f"{fmt}-{act}", kernel, isa))
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for shape in args.shapes.split(","):
         models = {}
-        for key in ("fp32", "bf16", "int8-fp32", "int4-fp32", "int8-bf16", "int4-bf16"):
+        for key in sorted({key for _, key, _, _ in variants}):
             fmt, _, act = key.rpartition("-")
             torch.manual_seed(0)
             models[key] = load_model(shape, dtype=dtypes[act], device=dev, quantize=fmt or None, adapter_len=10,
                                      adapter_layer=10**6)[0]
-        V = models["fp32"].config.vocab_size
+        V = models["bf16"].config.vocab_size
         ids = torch.randint(0, V, (1, 16), device=dev)
         new = args.tokens
 
-        def run(model, kernel):
+        def run(model, kernel, isa):
             Q.DECODE_KERNEL = kernel or "lladapter"
+            ops.quantized_linear_cpu_isa(isa or "auto")
             with torch.no_grad():
                 cache = model.new_cache(1, 16 + new + 1)
                 tok = model(ids, cache=cache).logits[:, -1:].argmax(-1)
@@ -250,35 +360,48 @@ def decode_ab(args) -> None:
                     torch.cuda.synchronize()
                 return (time.perf_counter() - t) / (new - 1)
 
-        samples = {name: [] for name, _, _ in variants}
+        samples = {name: [] for name, _, _, _ in variants}
         for _ in range(args.rounds):
-            for name, key, kernel in variants:
-                samples[name].append(run(models[key], kernel))
+            for name, key, kernel, isa in variants:
+                samples[name].append(run(models[key], kernel, isa))
         Q.DECODE_KERNEL = "lladapter"
+        ops.quantized_linear_cpu_isa("auto")
         bf16 = sorted(samples["bf16"])[len(samples["bf16"]) // 2]
         print(f"{shape}: decode ms/token, batch 1, median of {args.rounds} interleaved rounds of {new - 1} tokens, "
               f"threads {torch.get_num_threads()}")
-        print("| base (DECODE_KERNEL) | ms/token | vs bf16 |\n| --- | --- | --- |")
+        print("| base (DECODE_KERNEL) | ms/token | vs bf16 | spread |\n| --- | --- | --- | --- |")
         for name, s_ in samples.items():
             med = sorted(s_)[len(s_) // 2]
-            print(f"| {name} | {med * 1e3:.1f} | {bf16 / med:.2f}x |", flush=True)
+            print(f"| {name} | {med * 1e3:.1f} | {bf16 / med:.2f}x | {(max(s_) - min(s_)) / med:.0%} |", flush=True)
 
 
 def main():
     p = common_args(__doc__.split("\n\n")[0])
     p.add_argument("--matmul", action="store_true", help="single-matmul table (one process, interleaved)")
     p.add_argument("--decode-ab", action="store_true", help="decode A/B of every variant in one process")
-    p.add_argument("--rows", default="1", help="--matmul: comma-separated row counts")
+    p.add_argument("--paths", action="store_true", help="single-matmul table of our CPU kernel's paths vs F.linear")
+    p.add_argument("--isas", default=None, help="--paths / --decode-ab: comma-separated CPU paths of ours "
+                   "(avx512, avx2, scalar; --paths default avx2,avx512, --decode-ab default: the process's own)")
+    p.add_argument("--cold", action="store_true", help="--paths: cycle through copies of each weight (640 MiB of "
+                   "each kind) so that they stream from DRAM, as in a decode step")
+    p.add_argument("--kernels", default="lladapter,torch,none",
+                   help="--decode-ab: comma-separated quantize.DECODE_KERNEL values")
+    p.add_argument("--rows", default=None,
+                   help="--matmul (default 1) / --paths (default 1,8): comma-separated row counts")
     p.add_argument("--rounds", type=int, default=5, help="--matmul / --decode-ab: interleaved rounds")
     p.add_argument("--tokens", type=int, default=12, help="--decode-ab: decoded tokens per round")
-    p.add_argument("--threads", type=int, default=None, help="--matmul / --decode-ab: torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--matmul / --decode-ab / --paths: torch.set_num_threads")
     p.add_argument("--variant", default=None, help=argparse_hidden())
     p.add_argument("--shape", default=None, help=argparse_hidden())
     p.add_argument("--shapes", default="smollm2-135m,tinyllama-1.1b", help="comma-separated presets")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     args = p.parse_args()
-    if args.threads and (args.matmul or args.decode_ab):
+    if args.threads and (args.matmul or args.decode_ab or args.paths):
         torch.set_num_threads(args.threads)
+    if args.paths:
+        paths_table(args)
+        return
     if args.matmul:
         matmul_table(args)
         return

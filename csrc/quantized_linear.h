@@ -11,6 +11,8 @@
 // scales: float32, float16 or bfloat16.
 #pragma once
 
+#include <string>
+
 #include "common.h"
 
 namespace lladapter {
@@ -66,5 +68,14 @@ inline QuantizedLinearShape quantized_linear_check_inputs(const at::Tensor& x, c
   }
   return s;
 }
+
+namespace cpu {
+// The CPU kernel's path (csrc/cpu/quantized_linear.cpp): "avx512", "avx2" or "scalar". isa "" asks which one runs;
+// a name forces that path for this process (an error when this build or CPU cannot run it: the message says why);
+// "auto" goes back to the default: the environment variable LLADAPTER_QUANTIZED_LINEAR_ISA (read once) when it is
+// set, else the best path this CPU has. Returns the path that ran before the call. Registered as the op
+// lladapter::quantized_linear_cpu_isa (csrc/ops.cpp).
+std::string quantized_linear_cpu_isa(std::string isa);
+}  // namespace cpu
 
 }  // namespace lladapter

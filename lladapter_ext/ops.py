@@ -454,6 +454,18 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor)
     return y.view(*lead, y.shape[-1])
 
 
+def quantized_linear_cpu_isa(isa: str = "") -> str:
+    """The path of quantized_linear's CPU kernel: "avx512" (16 fp32 lanes, taken at run time when the CPU has
+    AVX-512 F/BW/VL/DQ), "avx2" (8 lanes; when the extension was built for AVX2) or "scalar" (plain loops).
+
+    isa "" only asks which path runs. A name forces that path in this process (tests and benchmarks use it; a
+    RuntimeError says why when this build or CPU cannot run it); "auto" returns to the default: the environment
+    variable LLADAPTER_QUANTIZED_LINEAR_ISA (avx512, avx2, scalar or auto; read once, at the first call; another value
+    is an error naming the variable), else the best path the CPU has. Returns the path in use before the call. All
+    paths sum fp32 products in fp32 and differ only in the order of the additions (docs/quantization.md)."""
+    return torch.ops.lladapter.quantized_linear_cpu_isa(isa)
+
+
 def check_quantized_linear_inputs(x, codes, scales, *, cuda_kernels: bool = False) -> None:
     """The kernels' argument checks (csrc/quantized_linear.h) with the same messages, for the fake implementation."""
     op = "lladapter::quantized_linear"

@@ -18,16 +18,17 @@ Formats (`FORMATS`):
 
 Kernels: for the few rows of a decode step, our weight-only matmul ops.quantized_linear, which reads these buffers
 as they are stored, every format included (GGUF Q8_0's per-block scales too), the codes turned into fp32 in registers
-as they stream by: on the CPU (csrc/cpu/quantized_linear.cpp, AVX2) up to KERNEL_MAX_ROWS_BY_FORMAT rows, on CUDA
-(csrc/cuda/quantized_linear.cu; so far run only under the emulator, never on a GPU) up to
-CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows. Otherwise (more rows: prefill, training, batched decode) the weight is
-dequantized on the fly, one layer at a time into a reused per-thread buffer, and multiplied by the dense GEMM.
-_decode_kernel_for chooses; while the emulated CUDA kernels are active (lladapter_ext.emulator.kernels()) it
-chooses for CPU tensors as it does on CUDA, so the emulator runs the GPU's route. Measured on the CPU
-(docs/quantization.md): one row of a 5632 x 2048 weight in 1.07 ms (int4) / 1.33 ms (int8) where the bf16 GEMV takes
-1.59 ms and torch's packed kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu:
-DECODE_KERNEL = "torch", the rule used before ours) 17-30 ms; torchao 0.18's int8 weight-only layer took 84 ms and
-bitsandbytes' CPU nf4 94 ms for the 49152 x 576 head, where fp32 takes 11 ms.
+as they stream by: on the CPU (csrc/cpu/quantized_linear.cpp: AVX-512 where the CPU has it, else AVX2) up to
+KERNEL_MAX_ROWS_BY_FORMAT rows (KERNEL_MAX_ROWS_AVX512 on the AVX-512 path), on CUDA (csrc/cuda/quantized_linear.cu;
+so far run only under the emulator, never on a GPU) up to CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows. Otherwise (more rows:
+prefill, training, batched decode) the weight is dequantized on the fly, one layer at a time into a reused per-thread
+buffer, and multiplied by the dense GEMM. _decode_kernel_for chooses; while the emulated CUDA kernels are active
+(lladapter_ext.emulator.kernels()) it chooses for CPU tensors as it does on CUDA, so the emulator runs the GPU's
+route. Measured on the CPU (docs/quantization.md): one row of a 5632 x 2048 weight from DRAM in 0.66 ms (int4) /
+1.03 ms (int8) on the AVX-512 path (AVX2: 1.14 / 1.89 ms) where the bf16 GEMV takes 1.82 ms, and torch's packed
+kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: DECODE_KERNEL = "torch", the rule used before
+ours) 17-30 ms; torchao 0.18's int8 weight-only layer took 84 ms and bitsandbytes' CPU nf4 94 ms for the
+49152 x 576 head, where fp32 takes 11 ms.
 
 Training: `QuantizedLinear`'s matmul is an autograd Function whose backward is dX = dY W with W dequantized on the fly;
 the codes get no gradient (they are buffers).
@@ -450,6 +451,10 @@ DECODE_KERNEL = "lladapter"
 # interleaved; docs/quantization.md): int8 ties dequantize + GEMM at 16 rows of a 1536 x 576 weight and loses at 32;
 # int4 still wins by 1.5-2x at 32 rows of every model shape.
 KERNEL_MAX_ROWS_BY_FORMAT = {"int8": 16, "int4": 32}
+# The same on the kernel's AVX-512 path (tiles of up to 8 (int8) / 4 (int4) rows; measured on the Xeon of
+# docs/quantization.md, fp32 and bf16 activations): int8 is 1.5-5x faster than dequantize + GEMM at 16 rows, 0.9-2.2x
+# at 24 and 0.7-1.6x at 32, so it keeps 16; int4 is still 1.4-3x faster at 64 rows of every model shape.
+KERNEL_MAX_ROWS_AVX512 = {"int8": 16, "int4": 64}
 # The CUDA kernel's row limit per format. Both of its kernels take the rows of x in chunks of 4 (kRowsChunk) per pass
 # over the codes: int8 runs a warp per output row, which re-reads that row's codes for every chunk; int4 a block per
 # 32-row block of codes, likewise. So up to 4 rows it reads the weights exactly once, as a GEMV must, and every 4 rows
@@ -468,7 +473,8 @@ def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | N
       ops.runs_cuda_kernels, the rule the attention ops route by, so that the emulator takes the GPU's route): ours
       for 1..CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows with DECODE_KERNEL = "lladapter"; "torch" names torch's CPU
       kernels, so on CUDA it dequantizes, as "none" does;
-    - on the CPU: ours for 1..KERNEL_MAX_ROWS_BY_FORMAT rows, or torch's packed kernels (_use_packed_kernel);
+    - on the CPU: ours for 1..KERNEL_MAX_ROWS_BY_FORMAT rows (KERNEL_MAX_ROWS_AVX512 on its AVX-512 path), or
+      torch's packed kernels (_use_packed_kernel);
     - elsewhere (meta, other devices): None."""
     if x2.dtype not in _KERNEL_DTYPES:
         return None
@@ -479,7 +485,12 @@ def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | N
     if x2.device.type != "cpu":
         return None
     if DECODE_KERNEL == "lladapter":
-        return "lladapter" if 1 <= rows <= KERNEL_MAX_ROWS_BY_FORMAT[fmt] else None
+        if 1 <= rows <= KERNEL_MAX_ROWS_BY_FORMAT[fmt]:
+            return "lladapter"
+        # (the path is asked only past the common limit: a decode step's one row never pays for the call)
+        if rows <= KERNEL_MAX_ROWS_AVX512[fmt] and ops.quantized_linear_cpu_isa() == "avx512":
+            return "lladapter"
+        return None
     if DECODE_KERNEL == "torch":
         return "torch" if _use_packed_kernel(fmt, x2, weight_numel) else None
     return None

@@ -318,7 +318,8 @@ def test_preset_is_built_quantized_layer_by_layer(caplog):
     assert untied.output.max_dequant_elems == largest and len(untied.output._row_blocks()) == 6
     Q._scratch_buffers.by_key = {}  # (this thread's buffers: grown by earlier tests)
     with torch.no_grad():
-        for x in (ids[:, :1] % 32000, ids % 32000, torch.randint(0, 32000, (1, 40))):
+        # 80 rows: past the kernel's row limit on every path (KERNEL_MAX_ROWS_BY_FORMAT, KERNEL_MAX_ROWS_AVX512)
+        for x in (ids[:, :1] % 32000, ids % 32000, torch.randint(0, 32000, (1, 80))):
             a, b = untied(x).logits, dense(x).logits
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
     # the head never needed a scratch buffer larger than the largest projection's (the float head's 65.5M values)

@@ -1,12 +1,60 @@
-"""quantized_linear op (weight-only int8 / int4 matmul): kernels vs reference.py in every format and dtype, the
-argument errors on every backend (the fake included), gradients, opcheck (CPU; CUDA through the emulator)."""
+"""quantized_linear op (weight-only int8 / int4 matmul): kernels vs reference.py in every format and dtype, on every
+CPU path this machine has (avx512, avx2, scalar: ops.quantized_linear_cpu_isa), the argument errors on every backend
+(the fake included), gradients, opcheck (CPU; CUDA through the emulator)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from lladapter_ext import emulator, ops, reference
 from lladapter_ext import quantize as Q
 
-from conftest import CUDA_DEVICES, DEVICES, kernel_ops
+from conftest import _CUDA_PARAM, _EMU_PARAM, CUDA_DEVICES, DEVICES, KernelDevice, kernel_ops
+
+ISA_ENV = "LLADAPTER_QUANTIZED_LINEAR_ISA"
+CPU_ISAS = ["avx512", "avx2", "scalar"]
+
+
+def _isa_unavailable(isa):
+    """None when this build and CPU can run the CPU kernel's path isa, else the kernel's reason."""
+    try:
+        ops.quantized_linear_cpu_isa(isa)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        ops.quantized_linear_cpu_isa("auto")
+    return None
+
+
+def _cpu_path(isa):
+    """The CPU kernels on one path (device "cpu-<isa>"), skipped with the kernel's reason where it cannot run."""
+    dev = KernelDevice(f"cpu-{isa}", "cpu", False)
+    dev.isa = isa
+    why = _isa_unavailable(isa)
+    return pytest.param(dev, id=dev.name, marks=pytest.mark.skipif(why is not None, reason=f"{why}"))
+
+
+CPU_PATHS = [_cpu_path(isa) for isa in CPU_ISAS]
+# The correctness tests: the CPU kernel on each path, and the CUDA kernels (GPU, emulator).
+PATH_DEVICES = CPU_PATHS + [_CUDA_PARAM, _EMU_PARAM]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_isa(request):
+    """For a "cpu-<isa>" device: that path for the test, then back to the default."""
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device") if callspec is not None else None
+    isa = getattr(device, "isa", None)
+    if isa is None:
+        yield
+        return
+    ops.quantized_linear_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        ops.quantized_linear_cpu_isa("auto")
 
 U32 = 2.0**-24  # fp32 unit roundoff
 # Largest relative spacing of the output dtype's numbers (ulp(v) <= REL_ULP * |v|): the kernel and the reference
@@ -68,7 +116,7 @@ def _assert_close(y, x, codes, scales):
     assert (err <= allowed).all(), f"max excess {(err - allowed).max().item()}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", PATH_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("fmt,K", CASES)
@@ -79,7 +127,7 @@ def test_matches_reference(device, dtype, M, fmt, K):
     _assert_close(y, x, codes, scales)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", PATH_DEVICES)
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_scale_dtypes(device, scale_dtype):
     x = torch.randn(3, 64, device=device)
@@ -89,7 +137,7 @@ def test_scale_dtypes(device, scale_dtype):
         _assert_close(ops.quantized_linear(x, codes, scales), x, codes, scales)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", PATH_DEVICES)
 @pytest.mark.parametrize("N,K,blocks", [(40, 64, 4), (40, 67, 67), (24, 96, 1), (32, 20, 2)])
 def test_int8_other_block_sizes(device, N, K, blocks):
     # per-block scales with blocks of 16, 1, 96 and 10 inputs (the kernels take any block size that divides K)
@@ -99,22 +147,24 @@ def test_int8_other_block_sizes(device, N, K, blocks):
     _assert_close(ops.quantized_linear(x, codes, scales), x, codes, scales)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", PATH_DEVICES)
 def test_int4_other_group_sizes(device):
-    # groups of 2, 16 and 128 inputs (any group size that divides K)
-    for K, G in ((4, 2), (64, 4), (128, 1)):
+    # groups of 2, 3, 16 and 128 inputs (any group size that divides K; an odd one leaves a last input per group)
+    for K, G in ((4, 2), (6, 2), (64, 4), (128, 1)):
         codes = torch.randint(0, 256, (48, K // 2), dtype=torch.uint8, device=device)
         scales = (torch.rand(G, 48, 2, device=device) / 50 - 0.01).half()
         x = torch.randn(3, K, device=device)
         _assert_close(ops.quantized_linear(x, codes, scales), x, codes, scales)
 
 
-def test_larger_shapes_cpu():
-    # the model's shapes (SmolLM2's MLP, a tall head slice): many row blocks split over threads
+@pytest.mark.parametrize("device", CPU_PATHS)
+def test_larger_shapes_cpu(device):
+    # the model's shapes (SmolLM2's MLP, a tall head slice): many row blocks split over threads; 13 rows: the
+    # AVX-512 int8 tiles of 8, 4 and 1 rows
     for codes, scales in (_int8(1536, 576), _int4(1536, 576, 32), _int4(1552, 128, 64),
-                          _int8(1536, 576, 32, torch.float16)):
+                          _int8(1536, 576, 32, torch.float16), _int8(96, 1000)):
         K = codes.shape[1] * (2 if codes.dtype == torch.uint8 else 1)
-        for M in (1, 2, 5):
+        for M in (1, 2, 5, 13):
             x = torch.randn(M, K)
             _assert_close(ops.quantized_linear(x, codes, scales), x, codes, scales)
 
@@ -144,7 +194,8 @@ def test_matches_the_layers_dequantized_weight():
                                    rtol=0, atol=0)
 
 
-def test_deterministic_across_threads():
+@pytest.mark.parametrize("device", CPU_PATHS)
+def test_deterministic_across_threads(device):
     codes, scales = _int4(1536, 576, 32)
     codes8, scales8 = _int8(1536, 576)
     x = torch.randn(3, 576)
@@ -157,6 +208,75 @@ def test_deterministic_across_threads():
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_cpu_isa_default_and_setter():
+    available = [isa for isa in CPU_ISAS if _isa_unavailable(isa) is None]
+    assert "scalar" in available
+    if not os.environ.get(ISA_ENV, "").strip() or os.environ[ISA_ENV] == "auto":
+        assert ops.quantized_linear_cpu_isa() == available[0]  # the best this CPU has
+    before = ops.quantized_linear_cpu_isa()
+    assert ops.quantized_linear_cpu_isa("scalar") == before
+    try:
+        assert ops.quantized_linear_cpu_isa() == "scalar"
+        with pytest.raises(RuntimeError, match=r"must be 'avx512', 'avx2' or 'scalar'.*got 'sse'"):
+            ops.quantized_linear_cpu_isa("sse")
+        assert ops.quantized_linear_cpu_isa() == "scalar"
+    finally:
+        ops.quantized_linear_cpu_isa("auto")
+    assert ops.quantized_linear_cpu_isa() == before
+
+
+def test_cpu_isa_environment_variable():
+    # read once, in a fresh process: a valid value picks the path, another one is an error naming the variable
+    code = ("import torch, lladapter_ext.ops as o\n"
+            "for f in (o.quantized_linear_cpu_isa,\n"
+            "          lambda: o.quantized_linear(torch.ones(1, 64), torch.ones(8, 64, dtype=torch.int8),\n"
+            "                                     torch.ones(8)).sum().item()):\n"
+            "    try:\n        print(f())\n"
+            "    except RuntimeError as e:\n        print(str(e).splitlines()[0])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env[ISA_ENV] = "scalar"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["scalar", "512.0"]
+    env[ISA_ENV] = "avx3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    for line in lines:  # the same error from the query and from the op, every time
+        assert f"the environment variable {ISA_ENV} must be 'avx512', 'avx2' or 'scalar'" in line and "'avx3'" in line
+
+
+def test_layer_row_limits_follow_the_path():
+    # QuantizedLinear takes our kernel up to KERNEL_MAX_ROWS_BY_FORMAT rows, and up to KERNEL_MAX_ROWS_AVX512 on the
+    # AVX-512 path; past that it dequantizes
+    for isa in [i for i in CPU_ISAS if _isa_unavailable(i) is None]:
+        ops.quantized_linear_cpu_isa(isa)
+        try:
+            for fmt in ("int8", "int4"):
+                limit = (Q.KERNEL_MAX_ROWS_AVX512 if isa == "avx512" else Q.KERNEL_MAX_ROWS_BY_FORMAT)[fmt]
+                for rows, expect in ((1, "lladapter"), (limit, "lladapter"), (limit + 1, None)):
+                    assert Q._decode_kernel_for(fmt, torch.zeros(rows, 64), 64 * 64) == expect, (isa, fmt, rows)
+        finally:
+            ops.quantized_linear_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("M", [1, 8])
+def test_cpu_paths_agree(M):
+    # the paths differ only in the order of fp32 additions: within a few ulps of the sums' magnitude of each other
+    paths = [isa for isa in CPU_ISAS if _isa_unavailable(isa) is None]
+    x = torch.randn(M, 576)
+    for codes, scales in (_int8(1536, 576), _int4(1536, 576, 32), _int8(1536, 576, 32, torch.float16)):
+        ys = []
+        for isa in paths:
+            ops.quantized_linear_cpu_isa(isa)
+            try:
+                ys.append(ops.quantized_linear(x, codes, scales))
+            finally:
+                ops.quantized_linear_cpu_isa("auto")
+        bound = (576 + 2) * U32 * _bound(x, codes, scales)
+        for y in ys[1:]:
+            assert ((y - ys[0]).abs() <= 2 * bound).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -396,8 +516,11 @@ def test_route_on_the_cuda_kernels(device):
 
 
 def test_route_on_the_cpu_kernels():
-    # outside the emulator, CPU tensors take the CPU kernel's limits (more rows than the CUDA kernel's)
+    # outside the emulator, CPU tensors take the CPU kernel's limits (more rows than the CUDA kernel's; the AVX-512
+    # path's where this process runs it)
+    avx512 = ops.quantized_linear_cpu_isa() == "avx512"
     for fmt, limit in Q.KERNEL_MAX_ROWS_BY_FORMAT.items():
+        limit = max(limit, Q.KERNEL_MAX_ROWS_AVX512[fmt]) if avx512 else limit
         assert limit > Q.CUDA_KERNEL_MAX_ROWS_BY_FORMAT[fmt]
         assert Q._decode_kernel_for(fmt, torch.empty(limit, 64), 1 << 24) == "lladapter"
         assert Q._decode_kernel_for(fmt, torch.empty(limit + 1, 64), 1 << 24) is None

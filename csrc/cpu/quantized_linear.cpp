@@ -1,10 +1,20 @@
 // Weight-only quantized matmul, CPU: y [M, N] = x [M, K] @ W^T with W's int8 / int4 codes turned into fp32 in
 // registers as they stream by (csrc/quantized_linear.h has the formats). Meant for the few rows of a decode step:
-// each output row's codes are read once per tile of x rows (1-4 rows for int8, 1-2 for int4), so the matmul is one
-// pass over the codes for M <= 4 (int8) / 2 (int4). Output rows (int4: blocks of 32) are split over threads with
-// at::parallel_for; every output element is summed by one thread in a fixed order, so results do not depend on the
-// thread count. AVX2 + FMA + F16C when the build targets them (setup.py cpu_isa), plain loops otherwise and for fp64
-// (the gradcheck path, which sums in fp64).
+// each output row's codes (int4: each block of 32 rows) are converted once per tile of x rows (int8: 8 / 4 / 2 / 1
+// rows on AVX-512, 4 / 2 / 1 on AVX2; int4: 4 / 2 / 1 on AVX-512, 2 / 1 on AVX2), and read from memory once.
+// Output rows (int4: blocks of 32) are split over threads with at::parallel_for; every output element is summed by
+// one thread in a fixed order, so results do not depend on the thread count.
+//
+// Three paths (docs/quantization.md), chosen at run time (quantized_linear_cpu_isa below):
+//   avx512  16 fp32 lanes (AVX-512 F/BW/VL/DQ, compiled with target attributes whatever the build's flags, taken
+//           only when the CPU has them: __builtin_cpu_supports), software prefetch of the codes, and x in L1-sized
+//           chunks when several long rows of it would not fit;
+//   avx2    8 fp32 lanes (AVX2 + FMA + F16C: only when the build targets them, setup.py cpu_isa);
+//   scalar  plain loops (also the fp64 gradcheck path on every ISA, which sums in fp64).
+// All sum fp32 products into fp32; they differ only in the order of the additions (16 lanes against 8, the number of
+// accumulators, the masked tail on AVX-512 against the scalar tail on AVX2, the chunks of x), within the tests'
+// rounding-error bound. The default is the best path the CPU has; LLADAPTER_QUANTIZED_LINEAR_ISA (read once) or
+// quantized_linear_cpu_isa picks another.
 //
 // int4 arithmetic per group of g inputs: sum_k x_k (q_k scale + low) = scale * sum_k x_k q_k + low * sum_k x_k, so
 // the inner loop is one FMA per code and the group's scale and low are applied once per group and row.
@@ -14,6 +24,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +38,16 @@
 #define LL_QL_AVX2 1
 #else
 #define LL_QL_AVX2 0
+#endif
+
+// The AVX-512 kernels are compiled into every x86-64 build (GCC / Clang target attributes) and run only where the CPU
+// has the instructions.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LL_QL_AVX512 1
+#define LL_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define LL_QL_AVX512 0
 #endif
 
 namespace lladapter::cpu {
@@ -248,7 +272,341 @@ inline void int4_block32_avx2(const float* x, const float* xsum, int64_t K, int6
   for (int mt = 0; mt < MT; ++mt)
     for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + mt * 32 + 8 * i, tot[mt][i]);
 }
+
+// Output rows [n0, n1) against all M rows of x, in tiles of 4, 2 and 1 rows of x.
+template <typename scale_t, typename scalar_t>
+void int8_rows_avx2(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* codes, const scale_t* scales,
+                    bool per_row, int64_t group, int64_t n0, int64_t n1, scalar_t* y) {
+  float out[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = codes + n * K;
+    const scale_t* s = per_row ? scales + n : scales + n * (K / group);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      int8_row_avx2<4, 1>(x + m * K, K, c, s, per_row, group, out);
+      for (int t = 0; t < 4; ++t) y[(m + t) * N + n] = static_cast<scalar_t>(out[t]);
+    }
+    for (; m + 2 <= M; m += 2) {
+      int8_row_avx2<2, 2>(x + m * K, K, c, s, per_row, group, out);
+      for (int t = 0; t < 2; ++t) y[(m + t) * N + n] = static_cast<scalar_t>(out[t]);
+    }
+    for (; m < M; ++m) {
+      int8_row_avx2<1, 4>(x + m * K, K, c, s, per_row, group, out);
+      y[m * N + n] = static_cast<scalar_t>(out[0]);
+    }
+  }
+}
+
+// Full 32-row blocks [b0, b1) against all M rows of x, in tiles of 2 and 1 rows.
+template <typename scale_t, typename scalar_t>
+void int4_blocks_avx2(const float* x, const float* xsum, int64_t M, int64_t K, int64_t N, int64_t group,
+                      const uint8_t* codes, const scale_t* sl, int64_t b0, int64_t b1, scalar_t* y) {
+  const int64_t G = K / group;
+  alignas(32) float out[2 * 32];
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = codes + b * 16 * K;
+    const scale_t* bsl = sl + b * 32 * 2;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+      int4_block32_avx2<2>(x + m * K, xsum + m * G, K, group, blk, bsl, 2 * N, out);
+      for (int t = 0; t < 2; ++t)
+        for (int r = 0; r < 32; ++r) y[(m + t) * N + b * 32 + r] = static_cast<scalar_t>(out[t * 32 + r]);
+    }
+    for (; m < M; ++m) {
+      int4_block32_avx2<1>(x + m * K, xsum + m * G, K, group, blk, bsl, 2 * N, out);
+      for (int r = 0; r < 32; ++r) y[m * N + b * 32 + r] = static_cast<scalar_t>(out[r]);
+    }
+  }
+}
 #endif  // LL_QL_AVX2
+
+#if LL_QL_AVX512
+// GCC 12's avx512fintrin.h fills the unused source of unmasked conversions with _mm512_undefined_*, which
+// -W(maybe-)uninitialized then report at every call (GCC bug 105593): silenced for these kernels only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// Software prefetch of the codes this many bytes ahead of the loads, once per 64-byte line (the int8 rows and int4
+// blocks are contiguous, so "ahead" runs on into the next rows). A decode step streams every weight from DRAM
+// once: without it one thread read 7 GB/s of int8 codes on the Xeon of docs/quantization.md, with it 11 GB/s
+// (2 KiB ahead: 10, 4 KiB: 11, 8 KiB: 11.5, 16 KiB: 11, 32 KiB: 10; L1 and L2 hints alike).
+constexpr int64_t kPrefetchBytes = 8192;
+
+LL_TARGET_AVX512 inline __attribute__((always_inline)) void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+// ------------------------------------------------------------------------------------------- int8, AVX-512
+// As int8_row_avx2 with 16 lanes, over the inputs [ka, kb) only (whole scale blocks): one output row against MT rows
+// of x (x: their inputs ka.., rows ldx apart), U accumulators per x row, added into total (MT x 16 floats: per lane,
+// the row's sums so far). A block's last (k1 - k) % 16 inputs by masked loads (the masked-off lanes add zeros), so
+// there is no scalar tail. Per-row scales: the accumulators of the span are added to total (AVX2: FMA'd with a scale of
+// 1 per group, the same sums).
+template <int MT, int U, typename scale_t>
+LL_TARGET_AVX512 void int8_span_avx512(const float* x, int64_t ldx, const int8_t* c, const scale_t* s, bool per_row,
+                                       int64_t group, int64_t ka, int64_t kb, float* total_out) {
+  const int64_t span = per_row ? kb - ka : group;
+  __m512 total[MT];
+  for (int mt = 0; mt < MT; ++mt) total[mt] = _mm512_loadu_ps(total_out + 16 * mt);
+  for (int64_t k0 = ka; k0 < kb; k0 += span) {
+    const int64_t k1 = k0 + span;
+    int64_t k = k0;
+    __m512 acc[MT][U];
+    for (int mt = 0; mt < MT; ++mt)
+      for (int u = 0; u < U; ++u) acc[mt][u] = _mm512_setzero_ps();
+    for (; k + 16 * U <= k1; k += 16 * U) {
+      if ((k & 63) < 16 * U) prefetch_ahead(c + k);
+      for (int u = 0; u < U; ++u) {
+        const __m512 w =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k + 16 * u))));
+        for (int mt = 0; mt < MT; ++mt)
+          acc[mt][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mt * ldx + (k - ka) + 16 * u), acc[mt][u]);
+      }
+    }
+    for (; k + 16 <= k1; k += 16) {
+      if ((k & 63) < 16) prefetch_ahead(c + k);
+      const __m512 w =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k))));
+      for (int mt = 0; mt < MT; ++mt)
+        acc[mt][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mt * ldx + (k - ka)), acc[mt][0]);
+    }
+    if (k < k1) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (k1 - k)) - 1u);
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, c + k)));
+      for (int mt = 0; mt < MT; ++mt)
+        acc[mt][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + mt * ldx + (k - ka)), acc[mt][0]);
+    }
+    if (per_row) {
+      for (int mt = 0; mt < MT; ++mt)
+        for (int u = 0; u < U; ++u) total[mt] = _mm512_add_ps(total[mt], acc[mt][u]);
+    } else {
+      const __m512 scv = _mm512_set1_ps(scale_to_float(s[k0 / group]));
+      for (int mt = 0; mt < MT; ++mt) {
+        __m512 a = acc[mt][0];
+        for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[mt][u]);
+        total[mt] = _mm512_fmadd_ps(a, scv, total[mt]);
+      }
+    }
+  }
+  for (int mt = 0; mt < MT; ++mt) _mm512_storeu_ps(total_out + 16 * mt, total[mt]);
+}
+
+// Output rows [n0, n1) against all M rows of x, in tiles of 8, 4, 2 and 1 rows of x. When x does not fit in L1
+// (kXFitsBytes: several rows, or long ones), the inputs are taken in chunks of about kXChunkBytes of x, each chunk
+// against a block of kRowsPerChunkPass output rows (whose codes stay in L2), so that the chunk of x stays in L1
+// instead of being read again from L2 for every output row (1 thread, best of 15, on a busy machine: 8 rows of
+// 2048 x 5632 5.5 -> 2.1 ms, of 5632 x 2048 2.7 -> 2.1; 16 rows 11 -> 4.3-5.9 ms). Every output's sum is added up
+// in the same order for any split of the rows over threads.
+constexpr int64_t kXFitsBytes = 48 * 1024, kXChunkBytes = 32 * 1024;
+constexpr int64_t kRowsPerChunkPass = 16;
+
+template <typename scale_t, typename scalar_t>
+LL_TARGET_AVX512 void int8_rows_avx512(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* codes,
+                                       const scale_t* scales, bool per_row, int64_t group, int64_t n0, int64_t n1,
+                                       scalar_t* y) {
+  int64_t kc = K, nb = 1;  // inputs per chunk, output rows per pass
+  if (M * K * 4 > kXFitsBytes) {
+    const int64_t chunks = (M * K * 4 + kXChunkBytes - 1) / kXChunkBytes;
+    kc = ((K + chunks - 1) / chunks + 63) / 64 * 64;
+    if (!per_row) kc = group >= kc ? group : kc / group * group;  // whole scale blocks
+    kc = std::min(kc, K);
+    nb = kc < K ? kRowsPerChunkPass : 1;
+  }
+  // chunked: x's columns [ka, kb) of every row copied next to each other (at M * ka), so that a chunk is contiguous:
+  // pieces of rows K floats apart share L1 sets when K is a power of 2 (16 rows of 2048 x 2048: 2.2 -> 1.6 ms)
+  std::vector<float> xc(kc < K ? static_cast<size_t>(M * K) : 0);
+  for (int64_t ka = 0; kc < K && ka < K; ka += kc) {
+    const int64_t w = std::min(K, ka + kc) - ka;
+    for (int64_t m = 0; m < M; ++m) std::copy(x + m * K + ka, x + m * K + ka + w, xc.data() + M * ka + m * w);
+  }
+  std::vector<float> totals(static_cast<size_t>(nb * M * 16));
+  for (int64_t b0 = n0; b0 < n1; b0 += nb) {
+    const int64_t b1 = std::min(n1, b0 + nb);
+    std::fill(totals.begin(), totals.end(), 0.f);
+    for (int64_t ka = 0; ka < K; ka += kc) {
+      const int64_t kb = std::min(K, ka + kc);
+      const float* xa = kc < K ? xc.data() + M * ka : x;
+      const int64_t ld = kc < K ? kb - ka : K;
+      for (int64_t n = b0; n < b1; ++n) {
+        const int8_t* c = codes + n * K;
+        const scale_t* s = per_row ? scales + n : scales + n * (K / group);
+        float* t = totals.data() + (n - b0) * M * 16;
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) int8_span_avx512<8, 1>(xa + m * ld, ld, c, s, per_row, group, ka, kb, t + m * 16);
+        for (; m + 4 <= M; m += 4) int8_span_avx512<4, 1>(xa + m * ld, ld, c, s, per_row, group, ka, kb, t + m * 16);
+        for (; m + 2 <= M; m += 2) int8_span_avx512<2, 2>(xa + m * ld, ld, c, s, per_row, group, ka, kb, t + m * 16);
+        for (; m < M; ++m) int8_span_avx512<1, 4>(xa + m * ld, ld, c, s, per_row, group, ka, kb, t + m * 16);
+      }
+    }
+    for (int64_t n = b0; n < b1; ++n) {
+      const float row_scale = per_row ? scale_to_float(scales[n]) : 1.f;
+      const float* t = totals.data() + (n - b0) * M * 16;
+      for (int64_t m = 0; m < M; ++m)
+        y[m * N + n] = static_cast<scalar_t>(_mm512_reduce_add_ps(_mm512_loadu_ps(t + m * 16)) * row_scale);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- int4, AVX-512
+// 16 consecutive values of scale_t as fp32.
+template <typename scale_t>
+LL_TARGET_AVX512 inline __m512 load16_as_float(const scale_t* p) {
+  if constexpr (std::is_same_v<scale_t, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scale_t, at::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    static_assert(std::is_same_v<scale_t, at::BFloat16>, "load16_as_float: unsupported type");
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+}
+
+// One input k of a 32-row block into the accumulators acc[mt][p] (rows 0-15, 16-31).
+template <int MT>
+LL_TARGET_AVX512 inline __attribute__((always_inline)) void int4_input_avx512(const float* x, int64_t K,
+                                                                              const uint8_t* blk, int64_t k,
+                                                                              __m512 (*acc)[2][2], int p) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + k * 16)));
+  const __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
+  const __m512 w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  for (int mt = 0; mt < MT; ++mt) {
+    const __m512 xv = _mm512_set1_ps(x[mt * K + k]);
+    acc[mt][p][0] = _mm512_fmadd_ps(w0, xv, acc[mt][p][0]);
+    acc[mt][p][1] = _mm512_fmadd_ps(w1, xv, acc[mt][p][1]);
+  }
+}
+
+// One block of 32 output rows against MT rows of x (arguments as int4_block32_avx2). An input's 16 code bytes
+// zero-extend to 16 dword lanes: the low nibbles are rows 0-15, the high ones rows 16-31, one FMA each with the
+// broadcast x. Inputs alternate between two sets of accumulators (so that MT = 1 has four independent FMA chains),
+// added at the end of the group.
+template <int MT, typename scale_t>
+LL_TARGET_AVX512 void int4_block32_avx512(const float* x, const float* xsum, int64_t K, int64_t group,
+                                          const uint8_t* blk, const scale_t* sl, int64_t sl_stride, float* out) {
+  const int64_t G = K / group;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  __m512 tot[MT][2];
+  for (int mt = 0; mt < MT; ++mt) tot[mt][0] = tot[mt][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MT][2][2];
+    for (int mt = 0; mt < MT; ++mt)
+      for (int p = 0; p < 2; ++p) acc[mt][p][0] = acc[mt][p][1] = _mm512_setzero_ps();
+    const int64_t k1 = (g + 1) * group;
+    int64_t k = g * group;
+    for (; k + 2 <= k1; k += 2) {
+      if ((k & 3) == 0) prefetch_ahead(blk + k * 16);
+      int4_input_avx512<MT>(x, K, blk, k, acc, 0);
+      int4_input_avx512<MT>(x, K, blk, k + 1, acc, 1);
+    }
+    if (k < k1) int4_input_avx512<MT>(x, K, blk, k, acc, 0);
+    // (scale, low) of the 32 rows, interleaved s0 l0 s1 l1 ...: rows 0-15 from the first 32 values, 16-31 next
+    const scale_t* p = sl + g * sl_stride;
+    for (int h = 0; h < 2; ++h) {
+      const __m512 a = load16_as_float(p + 32 * h), b = load16_as_float(p + 32 * h + 16);
+      const __m512 s = _mm512_permutex2var_ps(a, even, b), l = _mm512_permutex2var_ps(a, odd, b);
+      for (int mt = 0; mt < MT; ++mt) {
+        const __m512 sum = _mm512_add_ps(acc[mt][0][h], acc[mt][1][h]);
+        tot[mt][h] = _mm512_fmadd_ps(sum, s, tot[mt][h]);
+        tot[mt][h] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[mt * G + g]), l, tot[mt][h]);
+      }
+    }
+  }
+  for (int mt = 0; mt < MT; ++mt)
+    for (int h = 0; h < 2; ++h) _mm512_storeu_ps(out + mt * 32 + 16 * h, tot[mt][h]);
+}
+
+// Full 32-row blocks [b0, b1) against all M rows of x, in tiles of 4, 2 and 1 rows.
+template <typename scale_t, typename scalar_t>
+LL_TARGET_AVX512 void int4_blocks_avx512(const float* x, const float* xsum, int64_t M, int64_t K, int64_t N,
+                                         int64_t group, const uint8_t* codes, const scale_t* sl, int64_t b0, int64_t b1,
+                                         scalar_t* y) {
+  const int64_t G = K / group;
+  alignas(64) float out[4 * 32];
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = codes + b * 16 * K;
+    const scale_t* bsl = sl + b * 32 * 2;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      int4_block32_avx512<4>(x + m * K, xsum + m * G, K, group, blk, bsl, 2 * N, out);
+      for (int t = 0; t < 4; ++t)
+        for (int r = 0; r < 32; ++r) y[(m + t) * N + b * 32 + r] = static_cast<scalar_t>(out[t * 32 + r]);
+    }
+    for (; m + 2 <= M; m += 2) {
+      int4_block32_avx512<2>(x + m * K, xsum + m * G, K, group, blk, bsl, 2 * N, out);
+      for (int t = 0; t < 2; ++t)
+        for (int r = 0; r < 32; ++r) y[(m + t) * N + b * 32 + r] = static_cast<scalar_t>(out[t * 32 + r]);
+    }
+    for (; m < M; ++m) {
+      int4_block32_avx512<1>(x + m * K, xsum + m * G, K, group, blk, bsl, 2 * N, out);
+      for (int r = 0; r < 32; ++r) y[m * N + b * 32 + r] = static_cast<scalar_t>(out[r]);
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif  // LL_QL_AVX512
+
+// ------------------------------------------------------------------------------------------- path selection
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+constexpr const char* kIsaEnv = "LLADAPTER_QUANTIZED_LINEAR_ISA";
+
+// Empty when this build and CPU can run the path, else why not.
+std::string isa_unavailable(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "";
+    case Isa::kAvx2:
+      return LL_QL_AVX2
+                 ? ""
+                 : "this build was compiled without AVX2 (setup.py: LLADAPTER_CPU_ISA; CMake: LLADAPTER_CMAKE_AVX2)";
+    case Isa::kAvx512:
+#if LL_QL_AVX512
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+                 ? ""
+                 : "this CPU lacks AVX-512 (F, BW, VL and DQ)";
+#else
+      return "this build has no AVX-512 kernels (not an x86-64 GCC/Clang build)";
+#endif
+  }
+  return "unknown path";
+}
+
+Isa parse_isa(const std::string& name, const char* what) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) return static_cast<Isa>(i);
+  TORCH_CHECK(false, "lladapter::quantized_linear: ", what, " must be 'avx512', 'avx2' or 'scalar' (or ",
+              "unset / 'auto': the best this CPU has), got '", name, "'");
+}
+
+// The path the environment asks for (read once), else the best available one.
+Isa default_isa() {
+  static const Isa isa = [] {
+    const char* env = std::getenv(kIsaEnv);
+    if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") {
+      for (Isa i : {Isa::kAvx512, Isa::kAvx2})
+        if (isa_unavailable(i).empty()) return i;
+      return Isa::kScalar;
+    }
+    const std::string what = std::string("the environment variable ") + kIsaEnv;
+    const Isa want = parse_isa(env, what.c_str());
+    const std::string why = isa_unavailable(want);
+    TORCH_CHECK(why.empty(), "lladapter::quantized_linear: the environment variable ", kIsaEnv, " asks for '", env,
+                "', but ", why);
+    return want;
+  }();
+  return isa;
+}
+
+std::atomic<int> g_forced_isa{-1};  // set by quantized_linear_cpu_isa; -1: default_isa()
+
+Isa current_isa() {
+  const int forced = g_forced_isa.load(std::memory_order_relaxed);
+  return forced >= 0 ? static_cast<Isa>(forced) : default_isa();
+}
 
 template <typename scalar_t, typename scale_t>
 void quantized_linear_impl(const QuantizedLinearShape& sh, const at::Tensor& x, const at::Tensor& codes,
@@ -260,33 +618,21 @@ void quantized_linear_impl(const QuantizedLinearShape& sh, const at::Tensor& x, 
   using acc_t = std::conditional_t<fp64, double, float>;
   const std::vector<acc_t> xf = x_as<acc_t, scalar_t>(x);
   const bool per_row = scales.dim() == 1;
+  [[maybe_unused]] const Isa isa = fp64 ? Isa::kScalar : current_isa();
   if (sh.format == QuantFormat::kInt8) {
     const int8_t* cp = codes.const_data_ptr<int8_t>();
     const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / K);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-#if LL_QL_AVX2
       if constexpr (!fp64) {
-        float out[4];
-        for (int64_t n = n0; n < n1; ++n) {
-          const int8_t* c = cp + n * K;
-          const scale_t* s = per_row ? sp + n : sp + n * (K / group);
-          int64_t m = 0;
-          for (; m + 4 <= M; m += 4) {
-            int8_row_avx2<4, 1>(xf.data() + m * K, K, c, s, per_row, group, out);
-            for (int t = 0; t < 4; ++t) yp[(m + t) * N + n] = static_cast<scalar_t>(out[t]);
-          }
-          for (; m + 2 <= M; m += 2) {
-            int8_row_avx2<2, 2>(xf.data() + m * K, K, c, s, per_row, group, out);
-            for (int t = 0; t < 2; ++t) yp[(m + t) * N + n] = static_cast<scalar_t>(out[t]);
-          }
-          for (; m < M; ++m) {
-            int8_row_avx2<1, 4>(xf.data() + m * K, K, c, s, per_row, group, out);
-            yp[m * N + n] = static_cast<scalar_t>(out[0]);
-          }
-        }
-        return;
-      }
+#if LL_QL_AVX512
+        if (isa == Isa::kAvx512)
+          return int8_rows_avx512<scale_t, scalar_t>(xf.data(), M, K, N, cp, sp, per_row, group, n0, n1, yp);
 #endif
+#if LL_QL_AVX2
+        if (isa == Isa::kAvx2)
+          return int8_rows_avx2<scale_t, scalar_t>(xf.data(), M, K, N, cp, sp, per_row, group, n0, n1, yp);
+#endif
+      }
       int8_rows_plain<acc_t, scale_t, scalar_t>(xf.data(), M, K, N, cp, sp, per_row, group, n0, n1, yp);
     });
     return;
@@ -296,30 +642,24 @@ void quantized_linear_impl(const QuantizedLinearShape& sh, const at::Tensor& x, 
   const int64_t full_blocks = N / 32, blocks = (N + 31) / 32;  // the last one may be the 16-row block
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (32 * K));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-#if LL_QL_AVX2
     if constexpr (!fp64) {
-      const int64_t G = K / group;
-      alignas(32) float out[2 * 32];
-      for (int64_t b = b0; b < std::min(b1, full_blocks); ++b) {
-        const uint8_t* blk = cp + b * 16 * K;
-        const scale_t* sl = sp + b * 32 * 2;
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) {
-          int4_block32_avx2<2>(xf.data() + m * K, xsum.data() + m * G, K, group, blk, sl, 2 * N, out);
-          for (int t = 0; t < 2; ++t)
-            for (int r = 0; r < 32; ++r) yp[(m + t) * N + b * 32 + r] = static_cast<scalar_t>(out[t * 32 + r]);
-        }
-        for (; m < M; ++m) {
-          int4_block32_avx2<1>(xf.data() + m * K, xsum.data() + m * G, K, group, blk, sl, 2 * N, out);
-          for (int r = 0; r < 32; ++r) yp[m * N + b * 32 + r] = static_cast<scalar_t>(out[r]);
-        }
-      }
-      if (b1 > full_blocks)  // the trailing 16-row block
-        int4_rows_plain<acc_t, scale_t, scalar_t>(xf.data(), xsum.data(), M, K, N, cp, sp, group, full_blocks * 32, N,
-                                                  yp);
-      return;
-    }
+      if (isa != Isa::kScalar) {
+#if LL_QL_AVX512
+        if (isa == Isa::kAvx512)
+          int4_blocks_avx512<scale_t, scalar_t>(xf.data(), xsum.data(), M, K, N, group, cp, sp, b0,
+                                                std::min(b1, full_blocks), yp);
 #endif
+#if LL_QL_AVX2
+        if (isa == Isa::kAvx2)
+          int4_blocks_avx2<scale_t, scalar_t>(xf.data(), xsum.data(), M, K, N, group, cp, sp, b0,
+                                              std::min(b1, full_blocks), yp);
+#endif
+        if (b1 > full_blocks)  // the trailing 16-row block
+          int4_rows_plain<acc_t, scale_t, scalar_t>(xf.data(), xsum.data(), M, K, N, cp, sp, group, full_blocks * 32, N,
+                                                    yp);
+        return;
+      }
+    }
     int4_rows_plain<acc_t, scale_t, scalar_t>(xf.data(), xsum.data(), M, K, N, cp, sp, group, b0 * 32,
                                               std::min(N, b1 * 32), yp);
   });
@@ -367,6 +707,20 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes_
 }
 
 }  // namespace
+
+std::string quantized_linear_cpu_isa(std::string isa) {
+  const std::string before = kIsaNames[static_cast<int>(current_isa())];
+  if (isa.empty()) return before;
+  if (isa == "auto") {
+    g_forced_isa.store(-1);
+    return before;
+  }
+  const Isa want = parse_isa(isa, "quantized_linear_cpu_isa's isa");
+  const std::string why = isa_unavailable(want);
+  TORCH_CHECK(why.empty(), "lladapter::quantized_linear: cannot run the '", isa, "' path: ", why);
+  g_forced_isa.store(static_cast<int>(want));
+  return before;
+}
 
 TORCH_LIBRARY_IMPL(lladapter, CPU, m) { m.impl("quantized_linear", &quantized_linear_cpu); }
 
