@@ -10,7 +10,7 @@ from lladapter_ext import ops, reference
 from conftest import CUDA_DEVICES, DEVICES, KernelDevice, kernel_ops
 
 # The CPU kernel has two vector paths (csrc/cpu/swiglu.cpp): AVX-512 where the CPU has it (what "cpu" runs on such a
-# machine) and at::vec (8 lanes under AVX2) elsewhere; "cpu_vec" forces the latter with LLADAPTER_CPU_SWIGLU=vec.
+# machine) and at::vec (8 lanes under AVX2) elsewhere; "cpu_vec" forces the latter with LLADAPTER_SWIGLU_ISA=vec.
 CPU_VEC = KernelDevice("cpu_vec", "cpu", False)
 SW_DEVICES = DEVICES + [pytest.param(CPU_VEC, id="cpu_vec")]
 
@@ -20,9 +20,9 @@ def _cpu_path(request, monkeypatch):
     callspec = getattr(request.node, "callspec", None)
     device = callspec.params.get("device") if callspec is not None else None
     if isinstance(device, KernelDevice) and device.name == "cpu_vec":
-        monkeypatch.setenv("LLADAPTER_CPU_SWIGLU", "vec")
+        monkeypatch.setenv("LLADAPTER_SWIGLU_ISA", "vec")
     else:
-        monkeypatch.delenv("LLADAPTER_CPU_SWIGLU", raising=False)
+        monkeypatch.delenv("LLADAPTER_SWIGLU_ISA", raising=False)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 U32 = 2.0**-24  # fp32 unit roundoff
@@ -283,7 +283,7 @@ def test_negative_tail_is_accurate(device):
 
 @pytest.mark.parametrize("path", ["auto", "vec"])
 def test_deterministic_across_threads(monkeypatch, path):
-    monkeypatch.setenv("LLADAPTER_CPU_SWIGLU", path)
+    monkeypatch.setenv("LLADAPTER_SWIGLU_ISA", path)
     # flat chunks over threads cut rows at places that depend on the thread count: the last partial vector of each
     # piece runs the same vector code on a padded copy, so the results do not move
     gate, up, grad = _inputs((37, 1003), torch.float32, "cpu")
@@ -381,13 +381,13 @@ def test_cuda_dtype_double_refused(device):
 
 def test_cpu_path_switch(monkeypatch):
     gate, up, _ = _inputs((5, 300), torch.float32, "cpu")
-    monkeypatch.setenv("LLADAPTER_CPU_SWIGLU", "avx512")
+    monkeypatch.setenv("LLADAPTER_SWIGLU_ISA", "avx512")
     try:
         y = ops.swiglu(gate, up)
     except RuntimeError as e:  # a CPU without AVX-512 refuses the forced path, saying why
-        assert "LLADAPTER_CPU_SWIGLU=avx512, but this build or CPU has no AVX-512 path" in str(e)
+        assert "LLADAPTER_SWIGLU_ISA=avx512, but this build or CPU has no AVX-512 path" in str(e)
     else:
         _check_forward(y, gate, up)
-    monkeypatch.setenv("LLADAPTER_CPU_SWIGLU", "fast")
-    with pytest.raises(RuntimeError, match=r"LLADAPTER_CPU_SWIGLU must be auto, avx512 or vec, got 'fast'"):
+    monkeypatch.setenv("LLADAPTER_SWIGLU_ISA", "fast")
+    with pytest.raises(RuntimeError, match=r"LLADAPTER_SWIGLU_ISA must be auto, avx512 or vec, got 'fast'"):
         ops.swiglu(gate, up)

@@ -9,7 +9,7 @@
 // Both form exp(-|gate|) with an exp of their own on x86 (x <= 0 only: Cody-Waite reduction, a degree-6 polynomial,
 // then 2^n by vscalefps (AVX-512) or as two factors (AVX2), so that results down to fp32's subnormals round right;
 // <= 1 ulp where normal; with it the 8-lane forward took 28% less time than with the general Sleef expf that
-// at::vec calls, which it still does off x86). LLADAPTER_CPU_SWIGLU=auto (default) | avx512 | vec picks a path (read
+// at::vec calls, which it still does off x86). LLADAPTER_SWIGLU_ISA=auto (default) | avx512 | vec picks a path (read
 // per call; avx512 where the CPU lacks it is an error). fp64 is a plain loop (the gradcheck path). The elements are
 // split over threads by at::parallel_for in flat index order; a row's last partial step goes through the same vector
 // code (masked, or on a padded copy), so every element is computed by the same instructions whatever the split: results
@@ -194,7 +194,7 @@ void row_segment(const scalar_t* const* in, scalar_t* const* out, int64_t c0, in
 #pragma GCC pop_options
 #endif  // LL_SWIGLU_AVX512
 
-// Whether this call runs the AVX-512 path (LLADAPTER_CPU_SWIGLU, default auto: where the CPU has it).
+// Whether this call runs the AVX-512 path (LLADAPTER_SWIGLU_ISA, default auto: where the CPU has it).
 bool use_avx512() {
 #if LL_SWIGLU_AVX512
   static const bool has = [] {
@@ -205,11 +205,11 @@ bool use_avx512() {
 #else
   constexpr bool has = false;
 #endif
-  const char* want = std::getenv("LLADAPTER_CPU_SWIGLU");
+  const char* want = std::getenv("LLADAPTER_SWIGLU_ISA");
   if (want == nullptr || *want == 0 || std::strcmp(want, "auto") == 0) return has;
   if (std::strcmp(want, "vec") == 0) return false;
-  TORCH_CHECK(std::strcmp(want, "avx512") == 0, "LLADAPTER_CPU_SWIGLU must be auto, avx512 or vec, got '", want, "'");
-  TORCH_CHECK(has, "LLADAPTER_CPU_SWIGLU=avx512, but this build or CPU has no AVX-512 path (",
+  TORCH_CHECK(std::strcmp(want, "avx512") == 0, "LLADAPTER_SWIGLU_ISA must be auto, avx512 or vec, got '", want, "'");
+  TORCH_CHECK(has, "LLADAPTER_SWIGLU_ISA=avx512, but this build or CPU has no AVX-512 path (",
               LL_SWIGLU_AVX512 ? "the CPU lacks AVX-512 F/BW/VL/DQ" : "built without it: not GCC on x86-64 AVX2", ")");
   return true;
 }
