@@ -12,6 +12,11 @@ kernels; both with LLADAPTER_CUDA_DECODE=off) and, on the decode rows, with the 
 are timed round-robin (bench_group), so load on a shared machine hits them alike.
 
   python benchmarks/bench_gated_prompt_attention.py [--device cpu|cuda] [--quick] [--json out.json]
+
+--kernels times the two kernels alone (torch.ops.lladapter.gated_prompt_attention and its _backward, no autograd)
+at the shapes of adapter fine-tuning (SmolLM2-135M: H 9 / Hkv 3; TinyLlama: H 32 / Hkv 4; d 64, K 10, causal,
+fp32 and bf16), median of --iters calls (default 60) each; run it at 1 and 2 threads (torch.set_num_threads
+follows OMP_NUM_THREADS) to compare builds.
 """
 from __future__ import annotations
 
@@ -104,10 +109,47 @@ def decode_inputs(B, Tk, H, Hkv, d, K, dtype, device):
     return q, k, v, pk, pv, gate
 
 
+KERNEL_SHAPES = [  # (name, B, T, H, Hkv, d, K)
+    ("SmolLM2 B4 T128 H9/3", 4, 128, 9, 3, 64, 10),
+    ("TinyLlama B4 T128 H32/4", 4, 128, 32, 4, 64, 10),
+    ("TinyLlama B1 T512 H32/4", 1, 512, 32, 4, 64, 10),
+]
+
+
+def time_kernels(dev, iters, warm):
+    """The forward and backward kernels alone (no autograd), fwd and bwd timed round-robin per case."""
+    lib = torch.ops.lladapter
+    table = Table(f"gated prompt attention kernels ({torch.get_num_threads()} threads)", dev)
+    for (name, B, T, H, Hkv, d, K) in KERNEL_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator().manual_seed(0)
+            q, k, v, pk, pv, go = (torch.randn(*shape, generator=gen).to(device=dev, dtype=dtype)
+                                   for shape in ((B, T, H, d), (B, T, Hkv, d), (B, T, Hkv, d), (1, K, Hkv, d),
+                                                 (1, K, Hkv, d), (B, T, H, d)))
+            gate = (torch.randn(H, generator=gen) * 0.1).to(dev)
+            scale = 1 / math.sqrt(d)
+            with torch.no_grad():
+                out, lse, plse = lib.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale)
+                runs = {"forward": lambda: lib.gated_prompt_attention(q, k, v, pk, pv, gate, None, True, "tanh", scale),
+                        "backward": lambda: lib.gated_prompt_attention_backward(
+                            go, q, k, v, pk, pv, gate, None, out, lse, plse, True, "tanh", scale)}
+                for nm, t in bench_group(runs, dev, warmup=warm, iters=iters).items():
+                    table.add(f"{name} d{d} K{K} {str(dtype).split('.')[-1]}", nm, t,
+                              anchor="forward" if nm == "backward" else None)
+    return table
+
+
 def main():
     p = common_args(__doc__)
+    p.add_argument("--kernels", action="store_true",
+                   help="time the forward and backward kernels alone at fine-tuning shapes (see above)")
     args = p.parse_args()
     dev = args.device
+    if args.kernels:
+        table = time_kernels(dev, args.iters or 60, 5)
+        table.print()
+        table.dump(args.json)
+        return
     if dev == "cuda":
         shapes = [(4, 512, 32, 32, 128, 10, torch.bfloat16), (4, 2048, 32, 32, 128, 10, torch.bfloat16),
                   (4, 2048, 32, 8, 128, 10, torch.bfloat16)]

@@ -291,6 +291,13 @@ def test_backward_deterministic_across_threads():
     _assert_same_on_one_and_more_threads(make_inputs(B=1, Tq=100, H=4, Hkv=1, d=16, K=10, Bp=1))
 
 
+def test_backward_deterministic_across_threads_any_scale():
+    # d = 80: the scale 1/sqrt(80) is not a power of two, so a score product that scales q first and one that scales
+    # the product round differently; both backward modes must make the same products. Tq = 300: several key blocks,
+    # each with causal row chunks on its diagonal
+    _assert_same_on_one_and_more_threads(make_inputs(B=1, Tq=300, H=4, Hkv=1, d=80, K=10, Bp=1))
+
+
 def _assert_same_on_one_and_more_threads(inp):
     """Output and gradients of the fused op on 1 thread and on >= 2 threads are bit-identical."""
     prev = torch.get_num_threads()

@@ -13,7 +13,9 @@
 // Parallelism and determinism:
 //  forward   items (b, h, query block); decode with GQA: items (b, kv head); for decode-like shapes with too few
 //            items, keys are also split (split-K) and the partial softmax states are merged in split order.
-//  backward  pass 0: D_word = dout.out_word and D_prompt = dout.out_prompt per row (prompt recomputed; K small)
+//  backward  pass 0 per (b, h, query block): the prompt branch's probabilities P' and dP' = dout.pv, D_prompt =
+//            rowsum(P' dP') (= dout.out_prompt), D_word = dout.out - phi D_prompt; phi P' and dS' kept per row
+//            (K values each) for the prompt's dq and dpk/dpv below, which then need one product each
 //            then either (single pass, when the (b, kv head) items occupy the threads) one item per (b, kv head)
 //            computing dk, dv and its heads' dq in key-block order, or two passes:
 //              dk, dv per (b, kv head, key block) looping over the query heads of the group (no races), and
@@ -31,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -154,6 +157,29 @@ struct KeyMask {
   int64_t hi(int64_t i) const { return causal ? std::min(kend, i + off + 1) : kend; }
 };
 
+// Causal masking inside a (query block, key block) pair: rows near the diagonal see only the first keys of the
+// block. Those rows go in chunks of kDiagRows, each against the keys its last row may see, instead of all rows
+// against the whole block (at T = 128 the diagonal block is the whole problem; 32-row chunks make 10/16 of its
+// products). The chunks depend only on (mask, i0, nrows, j0, nk), so both backward modes make the same products.
+// The forward chunks its blocks the same way.
+constexpr int64_t kDiagRows = 32;
+
+// f(r0, rn, nc) for the row chunks [r0, r0 + rn) of query rows [i0, i0 + nrows) against keys [j0, j0 + nk): the
+// chunk's rows see no key at or past j0 + nc. A chunk that sees no key of the block is skipped (all its weights
+// are 0; masked products are not promised to carry non-finite values, docs/reliability.md).
+template <typename F>
+inline void for_row_chunks(const KeyMask& mk, int64_t i0, int64_t nrows, int64_t j0, int64_t nk, F&& f) {
+  for (int64_t r0 = 0; r0 < nrows;) {
+    int64_t rn = nrows - r0, nc = nk;
+    if (mk.causal && mk.hi(i0 + std::min(nrows, r0 + kDiagRows) - 1) - j0 < nk) {
+      rn = std::min(kDiagRows, nrows - r0);
+      nc = std::max<int64_t>(0, mk.hi(i0 + r0 + rn - 1) - j0);
+    }
+    if (nc > 0) f(r0, rn, nc);
+    r0 += rn;
+  }
+}
+
 // Rows of a [n, d] strided source into dst [rows_total, ld] in acc_t, times mul; zero padding beyond n and d.
 template <typename scalar_t, typename acc_t>
 void load_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t stride, int64_t n, int64_t d, int64_t rows_total,
@@ -182,16 +208,19 @@ void load_transposed(acc_t* dst, const scalar_t* src, int64_t stride, int64_t n,
   }
 }
 
-// S[i, 0:kKB] = sum_c A[i, c] * Bt[c, 0:kKB] for i < nrows (A rows of stride lda, Bt [d, kKB]).
+// S[i, 0:kKB] = sum_c A[i, c] * Bt[c, 0:kKB] for i < nrows (A rows of stride lda, Bt [d, kKB]); through BLAS only
+// the columns below ncols rounded up to the vector width (the ones the softmax reads).
 // Register blocking: 2 rows x 4 vectors = 8 accumulators (+ 1 load + 2 broadcasts fit the 16 AVX2 registers);
 // each loaded Bt vector feeds two FMAs.
 template <typename acc_t>
-void block_scores(acc_t* S, const acc_t* A, int64_t lda, int64_t nrows, const acc_t* Bt, int64_t d) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (sgemm_rowmajor(nrows, kKB, d, 1.f, A, lda, false, Bt, kKB, false, 0.f, S, kKB)) return;
-  }
+void block_scores(acc_t* S, const acc_t* A, int64_t lda, int64_t nrows, const acc_t* Bt, int64_t d,
+                  int64_t ncols = kKB) {
   using V = AVec<acc_t>;
   constexpr int64_t W = V::size();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const int64_t n = std::min(kKB, (ncols + W - 1) / W * W);
+    if (sgemm_rowmajor(nrows, n, d, 1.f, A, lda, false, Bt, kKB, false, 0.f, S, kKB)) return;
+  }
   constexpr int64_t NV = kKB / W;
   constexpr int64_t CV = 4;
   static_assert(NV % CV == 0, "kKB must be a multiple of 4 vectors");
@@ -454,67 +483,77 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
   const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
     const int64_t nk = std::min(kKB, kend - j0);
-    if (in_place) {  // S[:, 0:nk] = Qs . K^T from the key rows (columns >= nk are masked below, never read)
-      gemm_in_place(nrows, nk, d, acc_t(1), Qs, dp, false, kbase + j0 * kstride, kstride, true, acc_t(0), sc.S.data(),
-                    kKB);
-    } else if (blas_fp32<acc_t>()) {
-      // bf16/fp16 (or padded d): the block converted row-major (contiguous writes; a transposed 128 x 128 fp32
-      // copy does not fit L1), S = Qs . Kr^T through BLAS
+    if (!in_place && blas_fp32<acc_t>()) {
+      // bf16/fp16 (or padded d): the block converted row-major once (contiguous writes; a transposed 128 x 128 fp32
+      // copy does not fit L1), S = Qs . Kr^T through BLAS below
       load_rows(sc.Kr.data(), dp, kbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
       load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
-      gemm_in_place(nrows, kKB, dp, acc_t(1), Qs, dp, false, sc.Kr.data(), dp, true, acc_t(0), sc.S.data(), kKB);
-    } else {
+    } else if (!in_place) {
       load_transposed(sc.Kt.data(), kbase + j0 * kstride, kstride, nk, d);
       load_rows(sc.Vr.data(), dp, vbase + j0 * kstride, kstride, nk, d, kKB, acc_t(1));
-      block_scores(sc.S.data(), Qs, dp, nrows, sc.Kt.data(), d);
     }
-    // the products read P's columns < nk only: the softmax stops at the vector holding the last key (a short
-    // prompt block of K = 10 keys would otherwise pay for kKB columns)
-    const int64_t ncol = (nk + W - 1) / W * W;
-    for (int64_t r = 0; r < nrows; ++r) {
-      acc_t* s = sc.S.data() + r * kKB;
-      acc_t* p = sc.P.data() + r * kKB;
-      const int64_t lo = std::max<int64_t>(mk.lo_at(i0 + r) - j0, 0);
-      const int64_t hi = std::min<int64_t>(mk.hi(i0 + r) - j0, nk);
-      if (hi <= lo) {
-        std::fill(p, p + ncol, acc_t(0));
-        continue;
+    // rows [r0, r0 + rn) against keys [j0, j0 + nc)
+    for_row_chunks(mk, i0, nrows, j0, nk, [&](int64_t r0, int64_t rn, int64_t nc) {
+      const acc_t* Qc = Qs + r0 * dp;
+      // the products read P's columns < nc only: the softmax stops at the vector holding the last key (a short
+      // prompt block of K = 10 keys would otherwise pay for kKB columns)
+      const int64_t ncol = (nc + W - 1) / W * W;
+      if (in_place) {  // S[:, 0:nc] = Qs . K^T from the key rows (columns >= nc are masked below, never read)
+        gemm_in_place(rn, nc, d, acc_t(1), Qc, dp, false, kbase + j0 * kstride, kstride, true, acc_t(0), sc.S.data(),
+                      kKB);
+      } else if (blas_fp32<acc_t>()) {
+        gemm_in_place(rn, std::min(kKB, ncol), dp, acc_t(1), Qc, dp, false, sc.Kr.data(), dp, true, acc_t(0),
+                      sc.S.data(), kKB);
+      } else {
+        block_scores(sc.S.data(), Qc, dp, rn, sc.Kt.data(), d, nc);
       }
-      for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;
-      for (int64_t c = hi; c < ncol; ++c) s[c] = kNegInf<acc_t>;
-      V bmax = V::loadu(s);
-      for (int64_t c = W; c < ncol; c += W) bmax = at::vec::maximum(bmax, V::loadu(s + c));
-      alignas(64) acc_t mlanes[W];
-      bmax.store(mlanes);
-      acc_t mb = mlanes[0];
-      for (int64_t t = 1; t < W; ++t) mb = max_keep_nan(mb, mlanes[t]);  // (vec::maximum keeps NaN)
-      const acc_t m_new = softmax_running_max(m[r], mb);
-      const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first block (m = -inf)
-      const V mv(m_new);
-      V sum(acc_t(0));
-      for (int64_t c = 0; c < ncol; c += W) {
-        V e = (V::loadu(s + c) - mv).exp_u20();
-        e.store(p + c);
-        sum = sum + e;
+      for (int64_t r = 0; r < rn; ++r) {
+        const int64_t i = i0 + r0 + r;
+        acc_t* s = sc.S.data() + r * kKB;
+        acc_t* p = sc.P.data() + r * kKB;
+        const int64_t lo = std::max<int64_t>(mk.lo_at(i) - j0, 0);
+        const int64_t hi = std::min<int64_t>(mk.hi(i) - j0, nc);
+        if (hi <= lo) {
+          std::fill(p, p + ncol, acc_t(0));
+          continue;
+        }
+        for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;
+        for (int64_t c = hi; c < ncol; ++c) s[c] = kNegInf<acc_t>;
+        V bmax = V::loadu(s);
+        for (int64_t c = W; c < ncol; c += W) bmax = at::vec::maximum(bmax, V::loadu(s + c));
+        alignas(64) acc_t mlanes[W];
+        bmax.store(mlanes);
+        acc_t mb = mlanes[0];
+        for (int64_t t = 1; t < W; ++t) mb = max_keep_nan(mb, mlanes[t]);  // (vec::maximum keeps NaN)
+        acc_t& mr = m[r0 + r];
+        const acc_t m_new = softmax_running_max(mr, mb);
+        const acc_t alpha = std::exp(mr - m_new);  // 0 on the first block (m = -inf)
+        const V mv(m_new);
+        V sum(acc_t(0));
+        for (int64_t c = 0; c < ncol; c += W) {
+          V e = (V::loadu(s + c) - mv).exp_u20();
+          e.store(p + c);
+          sum = sum + e;
+        }
+        alignas(64) acc_t lanes[W];
+        sum.store(lanes);
+        acc_t ps = 0;
+        for (int64_t t = 0; t < W; ++t) ps += lanes[t];
+        l[r0 + r] = l[r0 + r] * alpha + ps;
+        mr = m_new;
+        if (alpha != acc_t(1)) {
+          acc_t* a = acc + (r0 + r) * dp;
+          const V av(alpha);
+          for (int64_t c = 0; c < dp; c += W) (V::loadu(a + c) * av).store(a + c);
+        }
       }
-      alignas(64) acc_t lanes[W];
-      sum.store(lanes);
-      acc_t ps = 0;
-      for (int64_t t = 0; t < W; ++t) ps += lanes[t];
-      l[r] = l[r] * alpha + ps;
-      m[r] = m_new;
-      if (alpha != acc_t(1)) {
-        acc_t* a = acc + r * dp;
-        const V av(alpha);
-        for (int64_t c = 0; c < dp; c += W) (V::loadu(a + c) * av).store(a + c);
+      if (in_place) {  // acc += P[:, 0:nc] . V from the value rows
+        gemm_in_place(rn, d, nc, acc_t(1), sc.P.data(), kKB, false, vbase + j0 * kstride, kstride, false, acc_t(1),
+                      acc + r0 * dp, dp);
+      } else {
+        accum_rows(acc + r0 * dp, dp, sc.P.data(), kKB, 1, sc.Vr.data(), dp, rn, nc, dp);
       }
-    }
-    if (in_place) {  // acc += P[:, 0:nk] . V from the value rows
-      gemm_in_place(nrows, d, nk, acc_t(1), sc.P.data(), kKB, false, vbase + j0 * kstride, kstride, false, acc_t(1),
-                    acc, dp);
-    } else {
-      accum_rows(acc, dp, sc.P.data(), kKB, 1, sc.Vr.data(), dp, nrows, nk, dp);
-    }
+    });
   }
 }
 
@@ -712,12 +751,15 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
 }
 
 // ------------------------------------------------------------------------------------------------- backward
-// Columns [nk, kKB) of the first nrows rows of a [kQB, kKB] block that an in-place product of nk keys left
-// untouched: zeroed, so that stale values (possibly inf) never meet the zero probabilities of masked keys.
+// Columns [nk, ncol) of the first nrows rows of a [kQB, kKB] block that an in-place product of nk keys left
+// untouched (ncol: nk rounded up to the vector width, the columns probs_and_dscores reads): zeroed, so that stale
+// values (possibly inf) never meet the zero probabilities of masked keys.
 template <typename acc_t>
 void zero_tail_columns(acc_t* X, int64_t nrows, int64_t nk) {
-  if (nk == kKB) return;
-  for (int64_t r = 0; r < nrows; ++r) std::fill(X + r * kKB + nk, X + (r + 1) * kKB, acc_t(0));
+  constexpr int64_t W = AVec<acc_t>::size();
+  const int64_t ncol = std::min(kKB, (nk + W - 1) / W * W);
+  if (nk == ncol) return;
+  for (int64_t r = 0; r < nrows; ++r) std::fill(X + r * kKB + nk, X + r * kKB + ncol, acc_t(0));
 }
 
 // P = exp(S - lse_i) on allowed keys (0 elsewhere and on rows whose branch is empty); then
@@ -772,110 +814,195 @@ struct BwdBuffers {
   acc_t* Dp;  // [B, H, Tq] dout . out_prompt (before the gate)
 };
 
-// Gradient contributions to a block of keys [j0, j0 + nk) of one kv head (word or prompt keys) from the query
-// rows of batches [b0, b1) and the heads of the group: dK += dS^T Qs (Qs already scaled), dV += P^T dout.
+// Gradient contributions to a block of word keys [j0, j0 + nk) of kv head hkv of batch row b from the query rows of
+// the heads of the group: dK += dS^T Qs (Qs already scaled), dV += P^T dout; with dQ_group also dq += dS K.
 template <typename scalar_t, typename acc_t>
-void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t, acc_t>& bb, bool prompt, int64_t b0,
-                   int64_t b1, int64_t hkv, int64_t j0, int64_t nk, acc_t* dK, acc_t* dV, Scratch<acc_t>& sc,
-                   std::vector<acc_t>& dS, std::vector<acc_t>& lse_rows, std::vector<acc_t>& D_rows,
-                   acc_t* dQ_group = nullptr) {
+void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t, acc_t>& bb, int64_t b, int64_t hkv,
+                   int64_t j0, int64_t nk, acc_t* dK, acc_t* dV, Scratch<acc_t>& sc, std::vector<acc_t>& dS,
+                   std::vector<acc_t>& lse_rows, std::vector<acc_t>& D_rows, acc_t* dQ_group = nullptr) {
   const int64_t d = pr.d, dp = pr.dp;
   const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   std::fill(dK, dK + kKB * dp, acc_t(0));
   std::fill(dV, dV + kKB * dp, acc_t(0));
-  bool loaded_for_b = false;
-  for (int64_t b = b0; b < b1; ++b) {
-    const KeyMask mk = prompt ? pr.prompt_mask() : pr.word_mask(b);
-    if (!mk.lo_rows && mk.lo >= j0 + nk) continue;  // every key of the block is left padding for this row
-    // prompt keys are per-sample when Bp = B (then b0 + 1 == b1); word keys always are (one item per b)
-    const scalar_t* kblk = (prompt ? pr.prompt(pr.pk, b, hkv) : pr.word(pr.k, b, hkv)) + j0 * pr.kv_stride();
-    const scalar_t* vblk = (prompt ? pr.prompt(pr.pv, b, hkv) : pr.word(pr.v, b, hkv)) + j0 * pr.kv_stride();
-    if (!in_place && !loaded_for_b) {
-      load_transposed(sc.Kt.data(), kblk, pr.kv_stride(), nk, d);
-      load_transposed(sc.Vt.data(), vblk, pr.kv_stride(), nk, d);
-      if (dQ_group) load_rows(sc.Kr.data(), dp, kblk, pr.kv_stride(), nk, d, kKB, acc_t(1));
-      loaded_for_b = prompt && pr.Bp == 1;  // a shared prompt block is loaded once
-    }
-    const int64_t i_start = mk.causal ? std::max<int64_t>(0, j0 - mk.off) : 0;
-    for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
-      const acc_t factor = prompt ? pr.phi[h] : acc_t(1);
-      const acc_t* lse = prompt ? bb.plse : bb.lse;
-      const acc_t* D = prompt ? bb.Dp : bb.Dw;
-      for (int64_t i0 = i_start; i0 < pr.Tq; i0 += kQB) {
-        const int64_t nrows = std::min(kQB, pr.Tq - i0);
-        // per-query bounds (packed sequences): the block's keys lie below every row's first key, so all its
-        // probabilities are 0 (skipping adds nothing anywhere, dq included)
-        if (mk.lo_rows && mk.lo_min(i0, nrows) >= j0 + nk) continue;
-        const scalar_t* q_rows = pr.q_row(pr.q, b, i0, h);
-        const scalar_t* do_rows = pr.q_row(bb.dout, b, i0, h);
+  const KeyMask mk = pr.word_mask(b);
+  if (!mk.lo_rows && mk.lo >= j0 + nk) return;  // every key of the block is left padding for this row
+  const scalar_t* kblk = pr.word(pr.k, b, hkv) + j0 * pr.kv_stride();
+  const scalar_t* vblk = pr.word(pr.v, b, hkv) + j0 * pr.kv_stride();
+  if (!in_place) {
+    load_transposed(sc.Kt.data(), kblk, pr.kv_stride(), nk, d);
+    load_transposed(sc.Vt.data(), vblk, pr.kv_stride(), nk, d);
+    if (dQ_group) load_rows(sc.Kr.data(), dp, kblk, pr.kv_stride(), nk, d, kKB, acc_t(1));
+  }
+  const int64_t i_start = mk.causal ? std::max<int64_t>(0, j0 - mk.off) : 0;
+  for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
+    const acc_t* lse = bb.lse;
+    const acc_t* D = bb.Dw;
+    for (int64_t i0 = i_start; i0 < pr.Tq; i0 += kQB) {
+      const int64_t nrows = std::min(kQB, pr.Tq - i0);
+      // per-query bounds (packed sequences): the block's keys lie below every row's first key, so all its
+      // probabilities are 0 (skipping adds nothing anywhere, dq included)
+      if (mk.lo_rows && mk.lo_min(i0, nrows) >= j0 + nk) continue;
+      if (!in_place) {
+        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
+        load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+      }
+      for (int64_t r = 0; r < nrows; ++r) {
+        lse_rows[r] = lse[pr.stat(b, h, i0 + r)];
+        D_rows[r] = D[pr.stat(b, h, i0 + r)];
+      }
+      // rows [r0, r0 + rn) against keys [j0, j0 + nc)
+      for_row_chunks(mk, i0, nrows, j0, nk, [&](int64_t r0, int64_t rn, int64_t nc) {
+        const scalar_t* q_rows = pr.q_row(pr.q, b, i0 + r0, h);
+        const scalar_t* do_rows = pr.q_row(bb.dout, b, i0 + r0, h);
+        const acc_t* Qs = sc.Qs.data() + r0 * dp;
+        const acc_t* dO = sc.dO.data() + r0 * dp;
         if (in_place) {  // S = scale * q . K^T and dP = dout . V^T from the source rows
-          gemm_in_place(nrows, nk, d, pr.qk_scale, q_rows, pr.q_stride(), false, kblk, pr.kv_stride(), true, acc_t(0),
+          gemm_in_place(rn, nc, d, pr.qk_scale, q_rows, pr.q_stride(), false, kblk, pr.kv_stride(), true, acc_t(0),
                         sc.S.data(), kKB);
-          gemm_in_place(nrows, nk, d, acc_t(1), do_rows, pr.q_stride(), false, vblk, pr.kv_stride(), true, acc_t(0),
+          gemm_in_place(rn, nc, d, acc_t(1), do_rows, pr.q_stride(), false, vblk, pr.kv_stride(), true, acc_t(0),
                         sc.dP.data(), kKB);
-          zero_tail_columns(sc.dP.data(), nrows, nk);
+          zero_tail_columns(sc.dP.data(), rn, nc);
         } else {
-          load_rows(sc.Qs.data(), dp, q_rows, pr.q_stride(), nrows, d, kQB, pr.qk_scale);
-          load_rows(sc.dO.data(), dp, do_rows, pr.q_stride(), nrows, d, kQB, acc_t(1));
-          block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
-          block_scores(sc.dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
+          block_scores(sc.S.data(), Qs, dp, rn, sc.Kt.data(), d, nc);
+          block_scores(sc.dP.data(), dO, dp, rn, sc.Vt.data(), d, nc);
         }
-        for (int64_t r = 0; r < nrows; ++r) {
-          lse_rows[r] = lse[pr.stat(b, h, i0 + r)];
-          D_rows[r] = D[pr.stat(b, h, i0 + r)];
-        }
-        probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), sc.dP.data(), nrows, i0, j0, nk, mk, lse_rows.data(),
-                          D_rows.data(), factor);
-        acc_t* dq_rows = dQ_group ? dQ_group + ((h - hkv * pr.rep) * pr.Tq + i0) * dp : nullptr;
+        probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), sc.dP.data(), rn, i0 + r0, j0, nc, mk,
+                          lse_rows.data() + r0, D_rows.data() + r0, acc_t(1));
+        acc_t* dq_rows = dQ_group ? dQ_group + ((h - hkv * pr.rep) * pr.Tq + i0 + r0) * dp : nullptr;
         if (in_place) {  // dV += P^T dout, dK += scale * dS^T q, dq (scaled-query units) += dS K
-          gemm_in_place(nk, d, nrows, acc_t(1), sc.P.data(), kKB, true, do_rows, pr.q_stride(), false, acc_t(1), dV,
-                        dp);
-          gemm_in_place(nk, d, nrows, pr.qk_scale, dS.data(), kKB, true, q_rows, pr.q_stride(), false, acc_t(1), dK,
-                        dp);
+          gemm_in_place(nc, d, rn, acc_t(1), sc.P.data(), kKB, true, do_rows, pr.q_stride(), false, acc_t(1), dV, dp);
+          gemm_in_place(nc, d, rn, pr.qk_scale, dS.data(), kKB, true, q_rows, pr.q_stride(), false, acc_t(1), dK, dp);
           if (dq_rows) {
-            gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1), dq_rows,
+            gemm_in_place(rn, d, nc, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1), dq_rows,
                           dp);
           }
         } else {
-          accum_rows(dV, dp, sc.P.data(), 1, kKB, sc.dO.data(), dp, nk, nrows, dp);
-          accum_rows(dK, dp, dS.data(), 1, kKB, sc.Qs.data(), dp, nk, nrows, dp);
+          accum_rows(dV, dp, sc.P.data(), 1, kKB, dO, dp, nc, rn, dp);
+          accum_rows(dK, dp, dS.data(), 1, kKB, Qs, dp, nc, rn, dp);
           // single-pass mode: this item owns the dq rows of its group, key blocks in order
-          if (dq_rows) accum_rows(dq_rows, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+          if (dq_rows) accum_rows(dq_rows, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, rn, nc, dp);
         }
-      }
+      });
     }
   }
 }
 
-// dq contributions (in units of the scaled query) of keys [kbeg, kend) of one head, word or prompt.
+// dq contributions (in units of the scaled query) of word keys [kbeg, kend) of one head to query rows
+// [i0, i0 + nrows), whose source rows of q and dout start at q_rows and do_rows (read in place for fp32, as
+// kv_grad_block does: the same products, so both backward modes give bit-identical dq for any scale), or scaled and
+// converted in sc.Qs and sc.dO.
 template <typename scalar_t, typename acc_t>
 void q_grad_keys(const Problem<scalar_t, acc_t>& pr, const scalar_t* kbase, const scalar_t* vbase, const KeyMask& mk,
-                 int64_t kbeg, int64_t kend, int64_t i0, int64_t nrows, const acc_t* lse_rows, const acc_t* D_rows,
-                 acc_t factor, acc_t* dQ, Scratch<acc_t>& sc, std::vector<acc_t>& dS, std::vector<acc_t>& dP) {
+                 int64_t kbeg, int64_t kend, int64_t i0, int64_t nrows, const scalar_t* q_rows, const scalar_t* do_rows,
+                 const acc_t* lse_rows, const acc_t* D_rows, acc_t factor, acc_t* dQ, Scratch<acc_t>& sc,
+                 std::vector<acc_t>& dS, std::vector<acc_t>& dP) {
   const int64_t d = pr.d, dp = pr.dp;
   const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
     const int64_t nk = std::min(kKB, kend - j0);
     const scalar_t* kblk = kbase + j0 * pr.kv_stride();
     const scalar_t* vblk = vbase + j0 * pr.kv_stride();
-    if (in_place) {
-      gemm_in_place(nrows, nk, d, acc_t(1), sc.Qs.data(), dp, false, kblk, pr.kv_stride(), true, acc_t(0), sc.S.data(),
-                    kKB);
-      gemm_in_place(nrows, nk, d, acc_t(1), sc.dO.data(), dp, false, vblk, pr.kv_stride(), true, acc_t(0), dP.data(),
-                    kKB);
-      zero_tail_columns(dP.data(), nrows, nk);
-    } else {
+    if (!in_place) {
       load_transposed(sc.Kt.data(), kblk, pr.kv_stride(), nk, d);
       load_transposed(sc.Vt.data(), vblk, pr.kv_stride(), nk, d);
       load_rows(sc.Kr.data(), dp, kblk, pr.kv_stride(), nk, d, kKB, acc_t(1));
-      block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d);
-      block_scores(dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d);
     }
-    probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), dP.data(), nrows, i0, j0, nk, mk, lse_rows, D_rows, factor);
+    // the same row chunks as kv_grad_block (so the single-pass mode's dq is bit-identical)
+    for_row_chunks(mk, i0, nrows, j0, nk, [&](int64_t r0, int64_t rn, int64_t nc) {
+      const acc_t* Qs = sc.Qs.data() + r0 * dp;
+      const acc_t* dO = sc.dO.data() + r0 * dp;
+      if (in_place) {
+        gemm_in_place(rn, nc, d, pr.qk_scale, q_rows + r0 * pr.q_stride(), pr.q_stride(), false, kblk, pr.kv_stride(),
+                      true, acc_t(0), sc.S.data(), kKB);
+        gemm_in_place(rn, nc, d, acc_t(1), do_rows + r0 * pr.q_stride(), pr.q_stride(), false, vblk, pr.kv_stride(),
+                      true, acc_t(0), dP.data(), kKB);
+        zero_tail_columns(dP.data(), rn, nc);
+      } else {
+        block_scores(sc.S.data(), Qs, dp, rn, sc.Kt.data(), d, nc);
+        block_scores(dP.data(), dO, dp, rn, sc.Vt.data(), d, nc);
+      }
+      probs_and_dscores(sc.P.data(), dS.data(), sc.S.data(), dP.data(), rn, i0 + r0, j0, nc, mk, lse_rows + r0,
+                        D_rows + r0, factor);
+      if (in_place) {
+        gemm_in_place(rn, d, nc, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1), dQ + r0 * dp,
+                      dp);
+      } else {
+        accum_rows(dQ + r0 * dp, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, rn, nc, dp);
+      }
+    });
+  }
+}
+
+// The prompt branch of the backward for query rows [i0, i0 + nrows) of (b, h), from their scaled rows in sc.Qs and
+// dout in sc.dO: P' = exp(s' - prompt_lse), dP' = dout . pv and D_prompt = sum_p P' dP' (= dout . prompt_out, which
+// is never formed), stored in bb.Dp; then phi P' and dS' = phi P' (dP' - D_prompt) into Pst and dSst ([B, H, Tq, K]).
+template <typename scalar_t, typename acc_t>
+void prompt_grad_rows(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t, acc_t>& bb, int64_t b, int64_t h,
+                      int64_t i0, int64_t nrows, Scratch<acc_t>& sc, acc_t* Pst, acc_t* dSst) {
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t d = pr.d, dp = pr.dp, K = pr.K, hkv = h / pr.rep;
+  const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
+  acc_t* L = sc.l.data();   // prompt_lse of the rows
+  acc_t* Dp = sc.m.data();  // D_prompt of the rows
+  for (int64_t r = 0; r < nrows; ++r) {
+    L[r] = bb.plse[pr.stat(b, h, i0 + r)];
+    Dp[r] = 0;
+  }
+  for (int64_t j0 = 0; j0 < K; j0 += kKB) {
+    const int64_t nk = std::min(kKB, K - j0), ncol = (nk + W - 1) / W * W;
+    const scalar_t* kblk = pr.prompt(pr.pk, b, hkv) + j0 * pr.kv_stride();
+    const scalar_t* vblk = pr.prompt(pr.pv, b, hkv) + j0 * pr.kv_stride();
     if (in_place) {
-      gemm_in_place(nrows, d, nk, acc_t(1), dS.data(), kKB, false, kblk, pr.kv_stride(), false, acc_t(1), dQ, dp);
+      gemm_in_place(nrows, nk, d, acc_t(1), sc.Qs.data(), dp, false, kblk, pr.kv_stride(), true, acc_t(0), sc.S.data(),
+                    kKB);
+      gemm_in_place(nrows, nk, d, acc_t(1), sc.dO.data(), dp, false, vblk, pr.kv_stride(), true, acc_t(0), sc.dP.data(),
+                    kKB);
     } else {
-      accum_rows(dQ, dp, dS.data(), kKB, 1, sc.Kr.data(), dp, nrows, nk, dp);
+      load_transposed(sc.Kt.data(), kblk, pr.kv_stride(), nk, d);
+      load_transposed(sc.Vt.data(), vblk, pr.kv_stride(), nk, d);
+      block_scores(sc.S.data(), sc.Qs.data(), dp, nrows, sc.Kt.data(), d, nk);
+      block_scores(sc.dP.data(), sc.dO.data(), dp, nrows, sc.Vt.data(), d, nk);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t row = pr.stat(b, h, i0 + r) * K + j0;
+      acc_t* pst = Pst + row;
+      acc_t* dst = dSst + row;
+      const acc_t* dpr = sc.dP.data() + r * kKB;
+      if (L[r] == kNegInf<acc_t>) {  // (no prompt key: not reached with K > 0, kept as in probs_and_dscores)
+        std::fill(pst, pst + nk, acc_t(0));
+        std::fill(dst, dst + nk, acc_t(0));
+        continue;
+      }
+      if (L[r] != L[r]) {  // a row that saw a non-finite score: NaN (exp_u20 would turn NaN into a finite value)
+        std::fill(pst, pst + nk, std::numeric_limits<acc_t>::quiet_NaN());
+        std::fill(dst, dst + nk, std::numeric_limits<acc_t>::quiet_NaN());
+        Dp[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
+      acc_t* e = sc.P.data() + r * kKB;
+      const acc_t* sr = sc.S.data() + r * kKB;
+      const V Lv(L[r]);
+      for (int64_t c = 0; c < ncol; c += W) (V::loadu(sr + c) - Lv).exp_u20().store(e + c);
+      acc_t dsum = 0;
+      for (int64_t c = 0; c < nk; ++c) {
+        pst[c] = e[c];
+        dst[c] = dpr[c];  // dP' until D_prompt is complete
+        dsum += e[c] * dpr[c];
+      }
+      Dp[r] += dsum;
+    }
+  }
+  const acc_t phi = pr.phi[h];
+  for (int64_t r = 0; r < nrows; ++r) {
+    bb.Dp[pr.stat(b, h, i0 + r)] = Dp[r];
+    if (L[r] == kNegInf<acc_t> || L[r] != L[r]) continue;
+    acc_t* pst = Pst + pr.stat(b, h, i0 + r) * K;
+    acc_t* dst = dSst + pr.stat(b, h, i0 + r) * K;
+    for (int64_t c = 0; c < K; ++c) {
+      const acc_t e = pst[c] * phi;
+      dst[c] = e * (dst[c] - Dp[r]);
+      pst[c] = e;
     }
   }
 }
@@ -887,37 +1014,31 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   const int64_t nqb = (pr.Tq + kQB - 1) / kQB;
   const int64_t q_items = pr.B * pr.H * nqb;
 
-  // pass 0: D_word and D_prompt per row
+  // phi P' and dS' of the prompt branch per (b, h, i) row: [B, H, Tq, K] each (every entry written in pass 0)
+  const int64_t pstash = pr.has_prompt ? pr.B * pr.H * pr.Tq * pr.K : 0;
+  std::unique_ptr<acc_t[]> Pst(new acc_t[pstash]), dSst(new acc_t[pstash]);
+
+  // pass 0: D_word and D_prompt per row, the prompt's probabilities and dS'
   at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * (pr.K + 1) * d), [&](int64_t begin, int64_t end) {
     SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(d, dp);
-    std::vector<acc_t> m(kQB), l(kQB), pacc(kQB * dp), orow(dp);
+    std::vector<acc_t> orow(dp);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
       const int64_t nrows = std::min(kQB, pr.Tq - i0);
       load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
       if (pr.has_prompt) {
         load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
-        std::fill(m.begin(), m.end(), kNegInf<acc_t>);
-        std::fill(l.begin(), l.end(), acc_t(0));
-        std::fill(pacc.begin(), pacc.end(), acc_t(0));
-        const int64_t hkv = h / pr.rep;
-        attend(sc.Qs.data(), nrows, i0, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.kv_stride(),
-               pr.prompt_mask(), 0, pr.K, d, dp, m.data(), l.data(), pacc.data(), sc);
+        prompt_grad_rows(pr, bb, b, h, i0, nrows, sc, Pst.get(), dSst.get());
       }
       for (int64_t r = 0; r < nrows; ++r) {
         const int64_t si = pr.stat(b, h, i0 + r);
         const acc_t* g = sc.dO.data() + r * dp;
-        acc_t dpr = 0;
-        if (pr.has_prompt) {
-          const acc_t inv = acc_t(1) / l[r];
-          dpr = dot_padded(g, pacc.data() + r * dp, dp) * inv;
-        }
         const scalar_t* o = pr.q_row(bb.out, b, i0 + r, h);
         for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<acc_t>(o[c]);
         for (int64_t c = d; c < dp; ++c) orow[c] = 0;
-        bb.Dp[si] = dpr;
-        bb.Dw[si] = dot_padded(g, orow.data(), dp) - (pr.has_prompt ? pr.phi[h] * dpr : acc_t(0));
+        if (!pr.has_prompt) bb.Dp[si] = 0;
+        bb.Dw[si] = dot_padded(g, orow.data(), dp) - (pr.has_prompt ? pr.phi[h] * bb.Dp[si] : acc_t(0));
       }
     }
   });
@@ -939,17 +1060,20 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     }
   };
   // dq of one query block: acc holds the word-key part (scaled-query units); adds the prompt part and writes.
-  auto finish_dq = [&](Scratch<acc_t>& sc, std::vector<acc_t>& dS, std::vector<acc_t>& dP, int64_t b, int64_t h,
-                       int64_t i0, int64_t nrows, acc_t* acc) {
-    if (pr.has_prompt) {
-      std::vector<acc_t> plse_rows(kQB), Dp_rows(kQB);
-      for (int64_t r = 0; r < nrows; ++r) {
-        plse_rows[r] = bb.plse[pr.stat(b, h, i0 + r)];
-        Dp_rows[r] = bb.Dp[pr.stat(b, h, i0 + r)];
-      }
+  auto finish_dq = [&](Scratch<acc_t>& sc, int64_t b, int64_t h, int64_t i0, int64_t nrows, acc_t* acc) {
+    if (pr.has_prompt) {  // acc += dS' pk, dS' from pass 0
       const int64_t hkv = h / pr.rep;
-      q_grad_keys(pr, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.prompt_mask(), 0, pr.K, i0, nrows,
-                  plse_rows.data(), Dp_rows.data(), pr.phi[h], acc, sc, dS, dP);
+      const acc_t* dSr = dSst.get() + pr.stat(b, h, i0) * pr.K;
+      for (int64_t j0 = 0; j0 < pr.K; j0 += kKB) {
+        const int64_t nk = std::min(kKB, pr.K - j0);
+        const scalar_t* kblk = pr.prompt(pr.pk, b, hkv) + j0 * pr.kv_stride();
+        if (blas_reads_rows_in_place<scalar_t, acc_t>(d, dp)) {
+          gemm_in_place(nrows, d, nk, acc_t(1), dSr + j0, pr.K, false, kblk, pr.kv_stride(), false, acc_t(1), acc, dp);
+        } else {
+          load_rows(sc.Kr.data(), dp, kblk, pr.kv_stride(), nk, d, kKB, acc_t(1));
+          accum_rows(acc, dp, dSr + j0, pr.K, 1, sc.Kr.data(), dp, nrows, nk, dp);
+        }
+      }
     }
     for (int64_t r = 0; r < nrows; ++r) {
       scalar_t* o = dq + ((b * pr.Tq + i0 + r) * pr.H + h) * d;
@@ -969,16 +1093,13 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
         std::fill(dQ_group.begin(), dQ_group.end(), acc_t(0));
         for (int64_t kb = 0; kb < nkb; ++kb) {
           const int64_t j0 = kb * kKB, nk = std::min(kKB, pr.Tk - j0);
-          kv_grad_block(pr, bb, false, b, b + 1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows,
-                        dQ_group.data());
+          kv_grad_block(pr, bb, b, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows, dQ_group.data());
           write_kv(b, hkv, j0, nk, dK.data(), dV.data());
         }
         for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
           for (int64_t i0 = 0; i0 < pr.Tq; i0 += kQB) {
             const int64_t nrows = std::min(kQB, pr.Tq - i0);
-            load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
-            load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
-            finish_dq(sc, dS, dP, b, h, i0, nrows, dQ_group.data() + ((h - hkv * pr.rep) * pr.Tq + i0) * dp);
+            finish_dq(sc, b, h, i0, nrows, dQ_group.data() + ((h - hkv * pr.rep) * pr.Tq + i0) * dp);
           }
         }
       }
@@ -992,7 +1113,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       for (int64_t it = begin; it < end; ++it) {
         const int64_t j0 = (it % nkb) * kKB, hkv = (it / nkb) % pr.Hkv, b = it / (nkb * pr.Hkv);
         const int64_t nk = std::min(kKB, pr.Tk - j0);
-        kv_grad_block(pr, bb, false, b, b + 1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
+        kv_grad_block(pr, bb, b, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
         write_kv(b, hkv, j0, nk, dK.data(), dV.data());
       }
     });
@@ -1004,8 +1125,10 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
       for (int64_t it = begin; it < end; ++it) {
         const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
         const int64_t nrows = std::min(kQB, pr.Tq - i0), hkv = h / pr.rep;
-        load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
-        load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+        if (!blas_reads_rows_in_place<scalar_t, acc_t>(d, dp)) {
+          load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, d, kQB, pr.qk_scale);
+          load_rows(sc.dO.data(), dp, pr.q_row(bb.dout, b, i0, h), pr.q_stride(), nrows, d, kQB, acc_t(1));
+        }
         for (int64_t r = 0; r < nrows; ++r) {
           lse_rows[r] = bb.lse[pr.stat(b, h, i0 + r)];
           D_rows[r] = bb.Dw[pr.stat(b, h, i0 + r)];
@@ -1015,9 +1138,10 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
         auto [kbeg, kend] = block_key_range(mk, i0, nrows);
         // key blocks aligned as in the single-pass mode, so both modes give bit-identical dq
         kbeg = kbeg / kKB * kKB;
-        q_grad_keys(pr, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), mk, kbeg, kend, i0, nrows, lse_rows.data(),
-                    D_rows.data(), acc_t(1), sc.acc.data(), sc, dS, dP);
-        finish_dq(sc, dS, dP, b, h, i0, nrows, sc.acc.data());
+        q_grad_keys(pr, pr.word(pr.k, b, hkv), pr.word(pr.v, b, hkv), mk, kbeg, kend, i0, nrows,
+                    pr.q_row(pr.q, b, i0, h), pr.q_row(bb.dout, b, i0, h), lse_rows.data(), D_rows.data(), acc_t(1),
+                    sc.acc.data(), sc, dS, dP);
+        finish_dq(sc, b, h, i0, nrows, sc.acc.data());
       }
     });
   }
@@ -1025,26 +1149,51 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   // pass 3: dpk, dpv per (prompt batch, kv head, prompt block)
   if (pr.has_prompt) {
     const int64_t npb = (pr.K + kKB - 1) / kKB;
-    at::parallel_for(
-        0, pr.Bp * pr.Hkv * npb, grain_for(pr.B * pr.rep * pr.Tq * kKB * d), [&](int64_t begin, int64_t end) {
-          SequentialBlasGuard blas_guard;
-          Scratch<acc_t> sc(d, dp);
-          std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
-          for (int64_t it = begin; it < end; ++it) {
-            const int64_t j0 = (it % npb) * kKB, hkv = (it / npb) % pr.Hkv, bp = it / (npb * pr.Hkv);
-            const int64_t nk = std::min(kKB, pr.K - j0);
-            const int64_t b0 = pr.Bp == 1 ? 0 : bp, b1 = pr.Bp == 1 ? pr.B : bp + 1;
-            kv_grad_block(pr, bb, true, b0, b1, hkv, j0, nk, dK.data(), dV.data(), sc, dS, lse_rows, D_rows);
-            for (int64_t r = 0; r < nk; ++r) {
-              scalar_t* ko = dpk + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
-              scalar_t* vo = dpv + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
-              for (int64_t c = 0; c < d; ++c) {
-                ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
-                vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
-              }
-            }
-          }
-        });
+    at::parallel_for(0, pr.Bp * pr.Hkv * npb, grain_for(pr.B * pr.rep * pr.Tq * kKB * d),
+                     [&](int64_t begin, int64_t end) {
+                       SequentialBlasGuard blas_guard;
+                       Scratch<acc_t> sc(d, dp);
+                       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp);
+                       for (int64_t it = begin; it < end; ++it) {
+                         const int64_t j0 = (it % npb) * kKB, hkv = (it / npb) % pr.Hkv, bp = it / (npb * pr.Hkv);
+                         const int64_t nk = std::min(kKB, pr.K - j0);
+                         const int64_t b0 = pr.Bp == 1 ? 0 : bp, b1 = pr.Bp == 1 ? pr.B : bp + 1;
+                         // dV = sum_{b, h, i} phi P'^T dout, dK = sum scale dS'^T q from pass 0's P' and dS', in (b, h,
+                         // i) order
+                         std::fill(dK.begin(), dK.end(), acc_t(0));
+                         std::fill(dV.begin(), dV.end(), acc_t(0));
+                         for (int64_t b = b0; b < b1; ++b) {
+                           for (int64_t h = hkv * pr.rep; h < (hkv + 1) * pr.rep; ++h) {
+                             for (int64_t i0 = 0; i0 < pr.Tq; i0 += kQB) {
+                               const int64_t nrows = std::min(kQB, pr.Tq - i0);
+                               const acc_t* Pr = Pst.get() + pr.stat(b, h, i0) * pr.K + j0;
+                               const acc_t* dSr = dSst.get() + pr.stat(b, h, i0) * pr.K + j0;
+                               const scalar_t* q_rows = pr.q_row(pr.q, b, i0, h);
+                               const scalar_t* do_rows = pr.q_row(bb.dout, b, i0, h);
+                               if (blas_reads_rows_in_place<scalar_t, acc_t>(d, dp)) {
+                                 gemm_in_place(nk, d, nrows, acc_t(1), Pr, pr.K, true, do_rows, pr.q_stride(), false,
+                                               acc_t(1), dV.data(), dp);
+                                 gemm_in_place(nk, d, nrows, pr.qk_scale, dSr, pr.K, true, q_rows, pr.q_stride(), false,
+                                               acc_t(1), dK.data(), dp);
+                               } else {
+                                 load_rows(sc.Qs.data(), dp, q_rows, pr.q_stride(), nrows, d, kQB, pr.qk_scale);
+                                 load_rows(sc.dO.data(), dp, do_rows, pr.q_stride(), nrows, d, kQB, acc_t(1));
+                                 accum_rows(dV.data(), dp, Pr, 1, pr.K, sc.dO.data(), dp, nk, nrows, dp);
+                                 accum_rows(dK.data(), dp, dSr, 1, pr.K, sc.Qs.data(), dp, nk, nrows, dp);
+                               }
+                             }
+                           }
+                         }
+                         for (int64_t r = 0; r < nk; ++r) {
+                           scalar_t* ko = dpk + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
+                           scalar_t* vo = dpv + ((bp * pr.K + j0 + r) * pr.Hkv + hkv) * d;
+                           for (int64_t c = 0; c < d; ++c) {
+                             ko[c] = static_cast<scalar_t>(dK[r * dp + c]);
+                             vo[c] = static_cast<scalar_t>(dV[r * dp + c]);
+                           }
+                         }
+                       }
+                     });
   }
 }
 
@@ -1166,8 +1315,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor plse = plse_in.contiguous();
   at::Tensor dq, dk, dv, dpk, dpv, dgate;  // lambdas below capture these, so no structured binding
-  std::tie(dq, dk, dv, dpk, dpv, dgate) = gated_prompt_attention_zero_grads(p.q, p.k, p.v, pk_in, gate, s.H);
-  if (p.q.numel() == 0) return {dq, dk, dv, dpk, dpv, dgate};
+  if (p.q.numel() == 0) return gated_prompt_attention_zero_grads(p.q, p.k, p.v, pk_in, gate, s.H);
+  // the kernels write every element of dq, dk, dv, dpk, dpv (every query row, every key and prompt block), so
+  // they need no zero fill (the shapes and dtypes of gated_prompt_attention_zero_grads)
+  dq = at::empty(p.q.sizes(), p.q.options());
+  dk = at::empty(p.k.sizes(), p.k.options());
+  dv = at::empty(p.v.sizes(), p.v.options());
+  dpk = pk_in.has_value() ? at::empty(pk_in->sizes(), p.q.options()) : p.q.new_empty({0});
+  dpv = pk_in.has_value() ? at::empty(pk_in->sizes(), p.q.options()) : p.q.new_empty({0});
+  dgate = gate.has_value() ? gate->new_zeros({s.H}) : p.q.new_empty({0}, at::kFloat);
   const auto stat = gated_prompt_attention_stat_dtype(p.q);
   at::Tensor Dw = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
   at::Tensor Dp = at::empty({s.B, s.H, s.Tq}, p.q.options().dtype(stat));
