@@ -54,6 +54,24 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@torch.no_grad()
+def greedy_decode_seconds(model, prompt: torch.Tensor, new: int) -> float:
+    """Seconds per token of greedy decode at batch 1 after `prompt` [1, P] with a KV cache; the first decode step is
+    a warm-up, the next new - 1 are timed (synchronized on CUDA)."""
+    cuda = prompt.device.type == "cuda"
+    cache = model.new_cache(1, prompt.shape[1] + new + 1)
+    tok = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+    tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)  # first decode step: warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(new - 1):
+        tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / max(new - 1, 1)
+
+
 def child(args) -> dict:
     from lladapter_ext import quantize as Q
     from lladapter_ext.loaders import load_model
@@ -111,18 +129,7 @@ def child(args) -> dict:
         """Seconds per token of greedy decode at batch 1 after a 16-token prompt, with quantize.DECODE_KERNEL."""
         default, Q.DECODE_KERNEL = Q.DECODE_KERNEL, kernel
         try:
-            with torch.no_grad():
-                cache = model.new_cache(1, 16 + new + 1)
-                tok = model(ids[:1, :16], cache=cache).logits[:, -1:].argmax(-1)
-                tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)  # first decode step: warm-up
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(new - 1):
-                    tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-                return (time.perf_counter() - t) / max(new - 1, 1)
+            return greedy_decode_seconds(model, ids[:1, :16], new)
         finally:
             Q.DECODE_KERNEL = default
 
@@ -347,18 +354,7 @@ def decode_ab(args) -> None:
         def run(model, kernel, isa):
             Q.DECODE_KERNEL = kernel or "lladapter"
             ops.quantized_linear_cpu_isa(isa or "auto")
-            with torch.no_grad():
-                cache = model.new_cache(1, 16 + new + 1)
-                tok = model(ids, cache=cache).logits[:, -1:].argmax(-1)
-                tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(new - 1):
-                    tok = model(tok, cache=cache).logits[:, -1:].argmax(-1)
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-                return (time.perf_counter() - t) / (new - 1)
+            return greedy_decode_seconds(model, ids, new)
 
         samples = {name: [] for name, _, _, _ in variants}
         for _ in range(args.rounds):
