@@ -106,7 +106,7 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     try:
         cache = model.new_cache(B, L + max_new_tokens)
         extra = dict(model_kwargs or {})
-        logits = model(ids, attention_mask=mask, cache=cache, **extra).logits[:, -1]
+        logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1, **extra).logits[:, -1]
         done = [False] * B
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_p, gen)

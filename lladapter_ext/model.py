@@ -425,7 +425,7 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, segment_ids: torch.Tensor | None = None,
-                prompt_offset: torch.Tensor | None = None) -> CausalLMOutput:
+                prompt_offset: torch.Tensor | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (or [B, cached + T]), 1 = real token, left or right padding;
         labels [B, T] with -100 ignored, HF convention: the loss compares logits[:, :-1] with labels[:, 1:], and
         only labelled positions go through the LM head (logits is then None); position_ids [B, T] (default: from
@@ -434,10 +434,16 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         sequence, attending only to its own earlier tokens (and the adapter prompt), with positions from 0 when
         position_ids is not given, so every packed sequence gets the outputs it would get alone;
         prompt_offset [B, D]: added to every adaption prompt token of every adapted layer, so prompt keys/values are
-        per sample (the multi-modal adapter's projected image feature; with a cache, the first call's is kept)."""
+        per sample (the multi-modal adapter's projected image feature; with a cache, the first call's is kept);
+        logits_to_keep > 0 (without labels): logits of the last logits_to_keep positions only, [B, logits_to_keep, V]
+        (HF's name; a generation prefill needs one row, and the other rows' LM head would be a large GEMM)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep is for calls without labels (a loss needs every labelled position)")
         inputs = self._block_inputs(B, T, input_ids.device, attention_mask, position_ids, cache, segment_ids,
                                     prompt_offset)
         first_trainable = self._first_layer_needing_grad(inputs.use_adapter)
@@ -451,6 +457,8 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             cache.length += T
             cache.next_pos = inputs.positions[:, -1] + 1
 
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         h = self.norm(h)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h), loss=None, cache=cache)

@@ -229,7 +229,7 @@ class MultiModalLlama(AdapterMixin, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, cache=None,
                 images: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None):
+                image_mask: torch.Tensor | None = None, logits_to_keep: int = 0):
         if images is not None and image_features is not None:
             raise ValueError("MultiModalLlama: give images or image_features, not both")
         if images is not None:
@@ -243,7 +243,7 @@ class MultiModalLlama(AdapterMixin, nn.Module):
         elif image_mask is not None:
             raise ValueError("MultiModalLlama: image_mask given without images or image_features")
         return self.llm(input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
-                        cache=cache, prompt_offset=offset)
+                        cache=cache, prompt_offset=offset, logits_to_keep=logits_to_keep)
 
 
 # --------------------------------------------------------------------------------------------- jobs

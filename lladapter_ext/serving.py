@@ -314,7 +314,7 @@ class Engine:
                                 self.model.tok_embeddings.weight.device)
         cache = self.model.new_cache(*ids.shape)
         cache.row_prompts = RowPrompts([r.adapter.layers for r in joining])
-        logits = self.model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+        logits = self.model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
         tokens = self._sample(joining, logits)
         sources = [(self._cache, i) for i in range(len(self._rows))]
         last = [self._last_tokens[i] for i in range(len(self._rows))]

@@ -201,6 +201,30 @@ def test_mask_with_a_hole_is_refused():
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5))
 
 
+def test_logits_to_keep_gives_the_last_positions_logits_with_and_without_a_cache():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small_config())
+    random_gates(model)
+    x = torch.randint(0, 64, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    full = model(x, attention_mask=mask).logits
+    for keep in (1, 3, 6):
+        torch.testing.assert_close(model(x, attention_mask=mask, logits_to_keep=keep).logits, full[:, -keep:],
+                                   rtol=0, atol=0)
+    # a prefill with a cache, then a decode step: the cache is filled for every position, not only the kept ones
+    cache = model.new_cache(2, 8)
+    last = model(x, attention_mask=mask, cache=cache, logits_to_keep=1).logits
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=0)
+    nxt = torch.randint(0, 64, (2, 1))
+    step = model(nxt, cache=cache).logits
+    whole = model(torch.cat([x, nxt], 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1))
+    torch.testing.assert_close(step, whole.logits[:, -1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        model(x, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="logits_to_keep is for calls without labels"):
+        model(x, labels=x, logits_to_keep=1)
+
+
 def test_labels_loss_hf_convention_and_no_graph_below_adapter():
     model = LlamaForCausalLM(small_config(adapter_layer=2))
     random_gates(model)
