@@ -10,21 +10,20 @@
 // then 2^n by vscalefps (AVX-512) or as two factors (AVX2), so that results down to fp32's subnormals round right;
 // <= 1 ulp where normal; with it the 8-lane forward took 28% less time than with the general Sleef expf that
 // at::vec calls, which it still does off x86). LLADAPTER_SWIGLU_ISA=auto (default) | avx512 | vec picks a path (read
-// per call; avx512 where the CPU lacks it is an error). fp64 is a plain loop (the gradcheck path). The elements are
-// split over threads by at::parallel_for in flat index order; a row's last partial step goes through the same vector
-// code (masked, or on a padded copy), so every element is computed by the same instructions whatever the split: results
-// do not depend on the thread count.
+// per call, cpu_isa.h's cpu_use_avx512; avx512 where the CPU lacks it is an error). fp64 is a plain loop (the gradcheck
+// path). The elements are split over threads by at::parallel_for in flat index order; a row's last partial step goes
+// through the same vector code (masked, or on a padded copy), so every element is computed by the same instructions
+// whatever the split: results do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 
 #include "../swiglu.h"
+#include "cpu_isa.h"
 #include "vec_utils.h"
 
 #if defined(CPU_CAPABILITY_AVX2) && defined(__x86_64__)
@@ -194,24 +193,10 @@ void row_segment(const scalar_t* const* in, scalar_t* const* out, int64_t c0, in
 #pragma GCC pop_options
 #endif  // LL_SWIGLU_AVX512
 
-// Whether this call runs the AVX-512 path (LLADAPTER_SWIGLU_ISA, default auto: where the CPU has it).
+// Whether this call runs the AVX-512 path (LLADAPTER_SWIGLU_ISA, default auto: where the CPU has it; cpu_isa.h).
 bool use_avx512() {
-#if LL_SWIGLU_AVX512
-  static const bool has = [] {
-    __builtin_cpu_init();  // (libgcc runs it at load; harmless again, and needed if this ever runs from a constructor)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  }();
-#else
-  constexpr bool has = false;
-#endif
-  const char* want = std::getenv("LLADAPTER_SWIGLU_ISA");
-  if (want == nullptr || *want == 0 || std::strcmp(want, "auto") == 0) return has;
-  if (std::strcmp(want, "vec") == 0) return false;
-  TORCH_CHECK(std::strcmp(want, "avx512") == 0, "LLADAPTER_SWIGLU_ISA must be auto, avx512 or vec, got '", want, "'");
-  TORCH_CHECK(has, "LLADAPTER_SWIGLU_ISA=avx512, but this build or CPU has no AVX-512 path (",
-              LL_SWIGLU_AVX512 ? "the CPU lacks AVX-512 F/BW/VL/DQ" : "built without it: not GCC on x86-64 AVX2", ")");
-  return true;
+  return cpu_use_avx512("LLADAPTER_SWIGLU_ISA", "vec", LL_SWIGLU_AVX512,
+                        "this build has no AVX-512 path (it needs GCC and an x86-64 AVX2 build, setup.py cpu_isa)");
 }
 
 struct Forward {
@@ -333,28 +318,13 @@ void run(const SwigluRows& v, at::Tensor* outs) {
   (void)avx512;
 }
 
-template <typename F>
-void dispatch(const char* op, at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kDouble:
-      return f.template operator()<double>();
-    case at::kFloat:
-      return f.template operator()<float>();
-    case at::kBFloat16:
-      return f.template operator()<at::BFloat16>();
-    case at::kHalf:
-      return f.template operator()<at::Half>();
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", t);
-  }
-}
-
 at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
   swiglu_check_inputs("lladapter::swiglu", gate, up, kCpuKernels);
   at::Tensor y = at::empty(gate.sizes(), gate.options());
   if (gate.numel() == 0) return y;
   const SwigluRows v = swiglu_rows({gate, up});
-  dispatch("lladapter::swiglu", gate.scalar_type(), [&]<typename scalar_t>() { run<Forward, scalar_t>(v, &y); });
+  dispatch_float_types("lladapter::swiglu", gate.scalar_type(),
+                       [&]<typename scalar_t>() { run<Forward, scalar_t>(v, &y); });
   return y;
 }
 
@@ -364,8 +334,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, c
   at::Tensor outs[2] = {at::empty(gate.sizes(), gate.options()), at::empty(gate.sizes(), gate.options())};
   if (gate.numel() > 0) {
     const SwigluRows v = swiglu_rows({grad, gate, up});
-    dispatch("lladapter::swiglu_backward", gate.scalar_type(),
-             [&]<typename scalar_t>() { run<Backward, scalar_t>(v, outs); });
+    dispatch_float_types("lladapter::swiglu_backward", gate.scalar_type(),
+                         [&]<typename scalar_t>() { run<Backward, scalar_t>(v, outs); });
   }
   return {outs[0], outs[1]};
 }
