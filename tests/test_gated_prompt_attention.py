@@ -264,6 +264,15 @@ def test_backward_cases(device, case):
     _check_grads(make_inputs(**params), torch.float32, gate_act=gate_act)
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 16), (torch.float16, 16), (torch.float32, 20)])
+@pytest.mark.parametrize("Bp", [1, 2])
+def test_cpu_backward_single_prompt_key(dtype, d, Bp):
+    # K = 1: dpk, dpv are products of P' / dS' viewed as a [1, Tq] matrix, one row whose leading dimension BLAS still
+    # checks. The converted-block route (bf16/fp16, or fp32 with d not a multiple of the vector width) passed 1, MKL
+    # refused the call, and dpv came out 0 (until 2026-12-01)
+    _check_grads(make_inputs(B=2, Tq=40, H=4, Hkv=2, d=d, K=1, Bp=Bp, dtype=dtype), dtype)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("gate_act", ["tanh", "identity"])
 @pytest.mark.parametrize("Bp", [1, 2])

@@ -35,6 +35,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../gated_prompt_attention.h"
@@ -137,6 +138,31 @@ template <typename acc_t>
 inline acc_t softmax_running_max(acc_t m, acc_t block_max) {
   const acc_t x = max_keep_nan(m, block_max);
   return x == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : x;
+}
+
+// The largest of s[0:n] (n a positive multiple of the vector width), NaN when any is NaN. Two vector maxima in
+// flight (one chain of dependent maxima cost ~5 cycles a vector), and the lanes reduced without branches: the
+// scalar max_keep_nan over 8 lanes of random scores mispredicted often. Max is exact, so the order does not matter.
+template <typename acc_t>
+inline acc_t row_max_keep_nan(const acc_t* s, int64_t n) {
+  using V = AVec<acc_t>;
+  constexpr int64_t W = V::size();
+  V m0 = V::loadu(s), m1 = m0;
+  int64_t c = W;
+  for (; c + 2 * W <= n; c += 2 * W) {
+    m0 = at::vec::maximum(m0, V::loadu(s + c));  // (vec::maximum keeps NaN)
+    m1 = at::vec::maximum(m1, V::loadu(s + c + W));
+  }
+  if (c < n) m0 = at::vec::maximum(m0, V::loadu(s + c));
+  alignas(64) acc_t lanes[W];
+  at::vec::maximum(m0, m1).store(lanes);
+  acc_t mb = lanes[0];
+  bool nan = mb != mb;
+  for (int64_t t = 1; t < W; ++t) {
+    mb = mb < lanes[t] ? lanes[t] : mb;
+    nan |= lanes[t] != lanes[t];
+  }
+  return nan ? std::numeric_limits<acc_t>::quiet_NaN() : mb;
 }
 
 // Allowed keys of query i: [lo_at(i), causal ? min(kend, i + off + 1) : kend). The lower bound is one value for
@@ -268,7 +294,10 @@ void accum_rows(acc_t* C, int64_t ldc, const acc_t* A, int64_t sr, int64_t st, c
     // A viewed as a row-major [nr, nt] matrix: (sr, st) = (lda, 1), or its transpose stored [nt, nr]: (1, lda)
     if (nr > 0 && nt > 0 && (st == 1 || sr == 1)) {
       const bool a_trans = st != 1;
-      if (sgemm_rowmajor(nr, dp, nt, 1.f, A, a_trans ? st : sr, a_trans, X, ldx, false, 1.f, C, ldc)) return;
+      // BLAS requires a leading dimension >= the stored row's length even where there is one row, whose stride means
+      // nothing (A = P' [1, Tq] of a single prompt key, K = 1: with lda = 1 MKL refused the call and dpv came out 0)
+      const int64_t lda = a_trans ? (nt == 1 ? std::max(st, nr) : st) : (nr == 1 ? std::max(sr, nt) : sr);
+      if (sgemm_rowmajor(nr, dp, nt, 1.f, A, lda, a_trans, X, ldx, false, 1.f, C, ldc)) return;
     }
   }
   using V = AVec<acc_t>;
@@ -370,12 +399,42 @@ struct Problem : GatedPromptAttentionProblem {
   int64_t stat(int64_t b, int64_t h, int64_t i) const { return (b * H + h) * Tq + i; }
 };
 
+// Allocates without initialising: Buffer<T>(n) leaves its n elements as they come, where std::vector<T>(n) zero-fills
+// them. The work buffers below (Scratch, the backward's dS, dP, dK, dV, ...) are written before every read (the
+// accumulators are filled explicitly), and a call allocates ~0.5 MB of them per worker and pass: the zero fills and
+// their page faults were most of the kernels' fixed cost per call. Built with -DLLADAPTER_ATTN_POISON_BUFFERS, every
+// element starts as a quiet NaN instead, so that a read before a write shows in the tests' results.
+template <typename T>
+struct NoInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInitAllocator<U>;
+  };
+  NoInitAllocator() = default;
+  template <typename U>
+  NoInitAllocator(const NoInitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+#ifdef LLADAPTER_ATTN_POISON_BUFFERS
+    ::new (static_cast<void*>(p)) U(std::numeric_limits<U>::quiet_NaN());
+#else
+    ::new (static_cast<void*>(p)) U;
+#endif
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using Buffer = std::vector<T, NoInitAllocator<T>>;
+
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> Qs, dO, Kt, Vt, Kr, Vr, S, P, dP, acc, m, l;
+  Buffer<acc_t> Qs, dO, Kt, Vt, Kr, Vr, S, P, dP, acc, pacc, m, l;
   Scratch(int64_t d, int64_t dp)
       : Qs(kQB * dp), dO(kQB * dp), Kt(d * kKB), Vt(d * kKB), Kr(kKB * dp), Vr(kKB * dp), S(kQB * kKB), P(kQB * kKB),
-        dP(kQB * kKB), acc(kQB * dp), m(kQB), l(kQB) {}
+        dP(kQB * kKB), acc(kQB * dp), pacc(kQB * dp), m(kQB), l(kQB) {}
 };
 
 // Items whose work (multiply-adds, roughly) is below this share a thread: an OpenMP region costs more than a tiny
@@ -519,12 +578,7 @@ void attend(const acc_t* Qs, int64_t nrows, int64_t i0, const scalar_t* kbase, c
         }
         for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf<acc_t>;
         for (int64_t c = hi; c < ncol; ++c) s[c] = kNegInf<acc_t>;
-        V bmax = V::loadu(s);
-        for (int64_t c = W; c < ncol; c += W) bmax = at::vec::maximum(bmax, V::loadu(s + c));
-        alignas(64) acc_t mlanes[W];
-        bmax.store(mlanes);
-        acc_t mb = mlanes[0];
-        for (int64_t t = 1; t < W; ++t) mb = max_keep_nan(mb, mlanes[t]);  // (vec::maximum keeps NaN)
+        const acc_t mb = row_max_keep_nan(s, ncol);
         acc_t& mr = m[r0 + r];
         const acc_t m_new = softmax_running_max(mr, mb);
         const acc_t alpha = std::exp(mr - m_new);  // 0 on the first block (m = -inf)
@@ -587,17 +641,18 @@ void finalize_block(const Problem<scalar_t, acc_t>& pr, int64_t b, int64_t h, in
     const int64_t hkv = h / pr.rep;
     acc_t* pm = sc.m.data();
     acc_t* pl = sc.l.data();
-    std::vector<acc_t> pacc(nrows * dp, acc_t(0));
+    acc_t* pacc = sc.pacc.data();
+    std::fill(pacc, pacc + nrows * dp, acc_t(0));
     std::fill(pm, pm + nrows, kNegInf<acc_t>);
     std::fill(pl, pl + nrows, acc_t(0));
     attend(sc.Qs.data(), nrows, i0, pr.prompt(pr.pk, b, hkv), pr.prompt(pr.pv, b, hkv), pr.kv_stride(),
-           pr.prompt_mask(), 0, pr.K, d, dp, pm, pl, pacc.data(), sc);
+           pr.prompt_mask(), 0, pr.K, d, dp, pm, pl, pacc, sc);
     const acc_t g = pr.phi[h];
     for (int64_t r = 0; r < nrows; ++r) {
       plse[pr.stat(b, h, i0 + r)] = pm[r] + std::log(pl[r]);
       const acc_t w = g / pl[r];
       acc_t* a = acc + r * dp;
-      const acc_t* pa = pacc.data() + r * dp;
+      const acc_t* pa = pacc + r * dp;
       for (int64_t c = 0; c < d; ++c) a[c] += w * pa[c];
     }
   } else {
@@ -647,7 +702,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     at::parallel_for(0, pr.B * pr.Hkv, grain_for(pr.rep * pr.Tq * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(pr.d, dp);
-      std::vector<acc_t> Qg(rows * dp), m(rows), l(rows), acc(rows * dp);
+      Buffer<acc_t> Qg(rows * dp), m(rows), l(rows), acc(rows * dp);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
         for (int64_t hl = 0; hl < pr.rep; ++hl) {
@@ -676,7 +731,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     at::parallel_for(0, items, grain_for(std::min(kQB, pr.Tq) * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(pr.d, dp);
-      std::vector<acc_t> m(kQB), l(kQB);
+      Buffer<acc_t> m(kQB), l(kQB);
       for (int64_t it = begin; it < end; ++it) {
         int64_t b, h, i0, nrows;
         item_geom(it, b, h, i0, nrows);
@@ -696,7 +751,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   }
 
   // Split-K: partial states per (item, split), merged in split order.
-  std::vector<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
+  Buffer<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
   at::parallel_for(0, items * nsplit, grain_for(pr.Tq * pr.Tk / nsplit * pr.d), [&](int64_t begin, int64_t end) {
     SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
@@ -721,7 +776,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   at::parallel_for(0, items, grain_for(pr.Tq * (nsplit + pr.K) * pr.d), [&](int64_t begin, int64_t end) {
     SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(pr.d, dp);
-    std::vector<acc_t> m(kQB), l(kQB);
+    Buffer<acc_t> m(kQB), l(kQB);
     for (int64_t it = begin; it < end; ++it) {
       int64_t b, h, i0, nrows;
       item_geom(it, b, h, i0, nrows);
@@ -818,8 +873,8 @@ struct BwdBuffers {
 // the heads of the group: dK += dS^T Qs (Qs already scaled), dV += P^T dout; with dQ_group also dq += dS K.
 template <typename scalar_t, typename acc_t>
 void kv_grad_block(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t, acc_t>& bb, int64_t b, int64_t hkv,
-                   int64_t j0, int64_t nk, acc_t* dK, acc_t* dV, Scratch<acc_t>& sc, std::vector<acc_t>& dS,
-                   std::vector<acc_t>& lse_rows, std::vector<acc_t>& D_rows, acc_t* dQ_group = nullptr) {
+                   int64_t j0, int64_t nk, acc_t* dK, acc_t* dV, Scratch<acc_t>& sc, Buffer<acc_t>& dS,
+                   Buffer<acc_t>& lse_rows, Buffer<acc_t>& D_rows, acc_t* dQ_group = nullptr) {
   const int64_t d = pr.d, dp = pr.dp;
   const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   std::fill(dK, dK + kKB * dp, acc_t(0));
@@ -895,7 +950,7 @@ template <typename scalar_t, typename acc_t>
 void q_grad_keys(const Problem<scalar_t, acc_t>& pr, const scalar_t* kbase, const scalar_t* vbase, const KeyMask& mk,
                  int64_t kbeg, int64_t kend, int64_t i0, int64_t nrows, const scalar_t* q_rows, const scalar_t* do_rows,
                  const acc_t* lse_rows, const acc_t* D_rows, acc_t factor, acc_t* dQ, Scratch<acc_t>& sc,
-                 std::vector<acc_t>& dS, std::vector<acc_t>& dP) {
+                 Buffer<acc_t>& dS, Buffer<acc_t>& dP) {
   const int64_t d = pr.d, dp = pr.dp;
   const bool in_place = blas_reads_rows_in_place<scalar_t, acc_t>(d, dp);
   for (int64_t j0 = kbeg; j0 < kend; j0 += kKB) {
@@ -1022,7 +1077,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
   at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * (pr.K + 1) * d), [&](int64_t begin, int64_t end) {
     SequentialBlasGuard blas_guard;
     Scratch<acc_t> sc(d, dp);
-    std::vector<acc_t> orow(dp);
+    Buffer<acc_t> orow(dp);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
       const int64_t nrows = std::min(kQB, pr.Tq - i0);
@@ -1086,8 +1141,8 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     at::parallel_for(0, groups, grain_for(pr.rep * pr.Tq * pr.Tk * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
-      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
-      std::vector<acc_t> dQ_group(pr.rep * pr.Tq * dp);
+      Buffer<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      Buffer<acc_t> dQ_group(pr.rep * pr.Tq * dp);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
         std::fill(dQ_group.begin(), dQ_group.end(), acc_t(0));
@@ -1109,7 +1164,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     at::parallel_for(0, groups * nkb, grain_for(pr.rep * pr.Tq * kKB * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
-      std::vector<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      Buffer<acc_t> dK(kKB * dp), dV(kKB * dp), dS(kQB * kKB), lse_rows(kQB), D_rows(kQB);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t j0 = (it % nkb) * kKB, hkv = (it / nkb) % pr.Hkv, b = it / (nkb * pr.Hkv);
         const int64_t nk = std::min(kKB, pr.Tk - j0);
@@ -1121,7 +1176,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
     at::parallel_for(0, q_items, grain_for(std::min(kQB, pr.Tq) * pr.Tk * d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
       Scratch<acc_t> sc(d, dp);
-      std::vector<acc_t> dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
+      Buffer<acc_t> dS(kQB * kKB), dP(kQB * kKB), lse_rows(kQB), D_rows(kQB);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t i0 = (it % nqb) * kQB, h = (it / nqb) % pr.H, b = it / (nqb * pr.H);
         const int64_t nrows = std::min(kQB, pr.Tq - i0), hkv = h / pr.rep;
@@ -1153,7 +1208,7 @@ void backward_impl(const Problem<scalar_t, acc_t>& pr, const BwdBuffers<scalar_t
                      [&](int64_t begin, int64_t end) {
                        SequentialBlasGuard blas_guard;
                        Scratch<acc_t> sc(d, dp);
-                       std::vector<acc_t> dK(kKB * dp), dV(kKB * dp);
+                       Buffer<acc_t> dK(kKB * dp), dV(kKB * dp);
                        for (int64_t it = begin; it < end; ++it) {
                          const int64_t j0 = (it % npb) * kKB, hkv = (it / npb) % pr.Hkv, bp = it / (npb * pr.Hkv);
                          const int64_t nk = std::min(kKB, pr.K - j0);
