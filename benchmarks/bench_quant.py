@@ -25,6 +25,10 @@ processes run minutes apart and see different loads):
                                      # decode ms/token: fp32, bf16, and int8/int4 with each DECODE_KERNEL
                                      # (on CUDA "torch" is dequantize + GEMM, as "none": not repeated;
                                      # --variants bf16,int8,int4 --kernels lladapter --isas avx2,avx512: fewer)
+    python benchmarks/bench_quant.py --train-ab [--shapes smollm2-135m] [--acts bf16,fp32] [--rounds 5] [--threads 2]
+                                     # training step (forward + backward to the adapter) of the float, int8 and
+                                     # int4 bases with bf16 and/or fp32 activations (load_model(dtype=...)),
+                                     # interleaved, median; ratios against the bf16 base's step
     python benchmarks/bench_quant.py --paths [--rows 1,8] [--threads 1]
                                      # one matmul: our CPU kernel on each path (avx2, avx512; --isas) against
                                      # F.linear in bf16 and fp32, ms and GB/s of weight bytes
@@ -371,11 +375,60 @@ def decode_ab(args) -> None:
             print(f"| {name} | {med * 1e3:.1f} | {bf16 / med:.2f}x | {(max(s_) - min(s_)) / med:.0%} |", flush=True)
 
 
+def train_ab(args) -> None:
+    """Training-step time of the float base and the int8 / int4 bases, with the activations (and the float parts of
+    the model) in each dtype of --acts, all models in one process, stepped round-robin (one warm-up round), median of
+    --rounds. The issue's target: a quantized base's step <= 1.5x the bf16 base's step with bf16 activations."""
+    from lladapter_ext.loaders import load_model
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for shape in args.shapes.split(","):
+        B, T = SHAPES[shape][:2]
+        models = {}
+        for act in args.acts.split(","):
+            for fmt in ("float", "int8", "int4"):
+                torch.manual_seed(0)
+                models[f"{act} acts, {fmt} base"] = load_model(
+                    shape, dtype=dtypes[act], device=args.device, quantize=None if fmt == "float" else fmt,
+                    adapter_len=10, adapter_layer=10**6)[0]
+        ids = torch.randint(0, next(iter(models.values())).config.vocab_size, (B, T), device=args.device)
+
+        def step(model):
+            model(ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+
+        times = {k: [] for k in models}
+        for r in range(args.rounds + 1):
+            for k, m in models.items():
+                t = time.perf_counter()
+                step(m)
+                if r:
+                    times[k].append(time.perf_counter() - t)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        table = Table(f"training step, {shape} B{B}xT{T}, {torch.get_num_threads()} threads, median of {args.rounds} "
+                      "interleaved rounds", args.device)
+        ref = med.get("bf16 acts, float base")
+        for k, v in med.items():
+            act = k.split()[0]
+            own = med[f"{act} acts, float base"]
+            extra = dict(vs_same_acts_float=f"{v / own:.2f}x")
+            if ref:
+                extra["vs_bf16_base"] = f"{v / ref:.2f}x"
+            table.add(shape, k, v, None, **extra)
+        table.print()
+        table.dump(args.json)
+
+
 def main():
     p = common_args(__doc__.split("\n\n")[0])
     p.add_argument("--matmul", action="store_true", help="single-matmul table (one process, interleaved)")
     p.add_argument("--decode-ab", action="store_true", help="decode A/B of every variant in one process")
     p.add_argument("--paths", action="store_true", help="single-matmul table of our CPU kernel's paths vs F.linear")
+    p.add_argument("--train-ab", action="store_true", help="training step of the float, int8 and int4 bases with "
+                   "bf16 / fp32 activations, in one process, interleaved")
+    p.add_argument("--acts", default="bf16,fp32", help="--train-ab: comma-separated activation dtypes (bf16, fp32)")
     p.add_argument("--isas", default=None, help="--paths / --decode-ab: comma-separated CPU paths of ours "
                    "(avx512, avx2, scalar; --paths default avx2,avx512, --decode-ab default: the process's own)")
     p.add_argument("--cold", action="store_true", help="--paths: cycle through copies of each weight (640 MiB of "
@@ -384,17 +437,22 @@ def main():
                    help="--decode-ab: comma-separated quantize.DECODE_KERNEL values")
     p.add_argument("--rows", default=None,
                    help="--matmul (default 1) / --paths (default 1,8): comma-separated row counts")
-    p.add_argument("--rounds", type=int, default=5, help="--matmul / --decode-ab: interleaved rounds")
+    p.add_argument("--rounds", type=int, default=5, help="--matmul / --decode-ab / --train-ab: interleaved rounds")
     p.add_argument("--tokens", type=int, default=12, help="--decode-ab: decoded tokens per round")
     p.add_argument("--threads", type=int, default=None,
-                   help="--matmul / --decode-ab / --paths: torch.set_num_threads")
+                   help="--matmul / --decode-ab / --paths / --train-ab: torch.set_num_threads")
     p.add_argument("--variant", default=None, help=argparse_hidden())
     p.add_argument("--shape", default=None, help=argparse_hidden())
     p.add_argument("--shapes", default="smollm2-135m,tinyllama-1.1b", help="comma-separated presets")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     args = p.parse_args()
-    if args.threads and (args.matmul or args.decode_ab or args.paths):
+    if args.threads and (args.matmul or args.decode_ab or args.paths or args.train_ab):
         torch.set_num_threads(args.threads)
+    if args.train_ab:
+        if args.shapes == p.get_default("shapes"):
+            args.shapes = "smollm2-135m"
+        train_ab(args)
+        return
     if args.paths:
         paths_table(args)
         return

@@ -69,6 +69,69 @@ inline QuantizedLinearShape quantized_linear_check_inputs(const at::Tensor& x, c
   return s;
 }
 
+// dequantize_rows: rows [row_start, row_end) of the weight W (the formats above) written into out [rows, K], in
+// out's dtype (fp32, bf16, fp16; fp64 on the CPU kernels), one pass: the codes are read once, each value computed in
+// fp32 (fp64 for fp64 out) and rounded once to out's dtype. K follows from codes (int8: codes.size(1); int4: twice
+// it). int4 ranges start on a 32-row block of pack_int4's layout and end on one or at N (the trailing 16-row block).
+struct DequantizeRowsShape {
+  QuantFormat format;
+  int64_t N, K;
+  int64_t group;  // inputs per scale (int8 with per-row scales: K)
+  int64_t row_start, row_end;
+};
+
+inline DequantizeRowsShape dequantize_rows_check_inputs(const at::Tensor& codes, const at::Tensor& scales,
+                                                        int64_t row_start, int64_t row_end, const at::Tensor& out,
+                                                        const KernelTarget& target) {
+  constexpr const char* op = "lladapter::dequantize_rows";
+  check_device(op, "codes", codes, target.device);
+  check_device(op, "scales", scales, target.device);
+  check_device(op, "out", out, target.device);
+  check_same_device(op, "scales", scales, "codes", codes);
+  check_same_device(op, "out", out, "codes", codes);
+  check_dtype_in(op, "codes", codes, {at::kChar, at::kByte});
+  check_dtype_in(op, "scales", scales, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_float_dtype(op, "out", out, target);
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must have shape [N, K] (int8) or [N, K / 2] (int4, packed), got ",
+              shape_str(codes));
+  const bool int4 = codes.scalar_type() == at::kByte;
+  const int64_t N = codes.size(0), K = int4 ? codes.size(1) * 2 : codes.size(1);
+  TORCH_CHECK(K > 0, op, ": codes must have at least one input column (K > 0), got ", shape_str(codes));
+  DequantizeRowsShape s{int4 ? QuantFormat::kInt4 : QuantFormat::kInt8, N, K, K, row_start, row_end};
+  if (!int4) {
+    if (scales.dim() == 1) {
+      TORCH_CHECK(scales.size(0) == N, op, ": scales (int8, one per row) must have shape [", N,
+                  "] (codes.size(0)), got ", shape_str(scales));
+    } else {
+      TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0, op,
+                  ": scales (int8) must have shape [", N, "] (one per row) or [", N,
+                  ", K / g] with g inputs per block dividing K = ", K, ", got ", shape_str(scales));
+      s.group = K / scales.size(1);
+    }
+  } else {
+    TORCH_CHECK(N % 16 == 0, op, ": codes (int4) must have a multiple of 16 rows (the packed layout's blocks), got ",
+                shape_str(codes));
+    TORCH_CHECK(scales.dim() == 3 && scales.size(1) == N && scales.size(2) == 2 && scales.size(0) > 0 &&
+                    K % scales.size(0) == 0,
+                op, ": scales (int4) must have shape [G, ", N,
+                ", 2] (scale and low of each of G groups, G dividing K = ", K, "), got ", shape_str(scales));
+    s.group = K / scales.size(0);
+  }
+  TORCH_CHECK(0 <= row_start && row_start <= row_end && row_end <= N, op,
+              ": rows [row_start, row_end) must lie within the weight's ", N, " rows (0 <= row_start <= row_end <= ", N,
+              "), got row_start = ", row_start, ", row_end = ", row_end);
+  if (int4) {
+    TORCH_CHECK((row_start % 32 == 0 || row_start == N) && (row_end % 32 == 0 || row_end == N), op,
+                ": int4 rows [row_start, row_end) must start and end on the packed layout's 32-row blocks (or at N = ",
+                N, "), got row_start = ", row_start, ", row_end = ", row_end);
+  }
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == row_end - row_start && out.size(1) == K, op, ": out must have shape [",
+              row_end - row_start, ", ", K, "] (row_end - row_start, K), got ", shape_str(out));
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (its rows are written in place), got strides ",
+              out.strides());
+  return s;
+}
+
 namespace cpu {
 // The CPU kernel's path (csrc/cpu/quantized_linear.cpp): "avx512", "avx2" or "scalar". isa "" asks which one runs;
 // a name forces that path for this process (an error when this build or CPU cannot run it: the message says why);

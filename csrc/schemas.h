@@ -38,6 +38,10 @@ inline void define_op_schemas(torch::Library& m) {
   // int8 codes [N, K] with scales [N] or [N, K / g]; int4 codes uint8 [N, K / 2] in quantize.pack_int4's layout with
   // (scale, low) [G, N, 2]); fp32 accumulation (fp64 for fp64 x), y in x's dtype. No gradient to codes or scales.
   m.def("quantized_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  // The same weight's rows [row_start, row_end) dequantised into out [row_end - row_start, K] in out's dtype (fp32
+  // math, fp64 for fp64 out; int4 ranges on 32-row block boundaries or ending at N), one pass over the codes: the
+  // training GEMMs' weight, written into the caller's reused buffer. Not differentiable (frozen weights).
+  m.def("dequantize_rows(Tensor codes, Tensor scales, int row_start, int row_end, Tensor(a!) out) -> ()");
 
   // SwiGLU (csrc/swiglu.h): y = silu(gate) * up, elementwise over any shape (gate and up alike, >= 1 dim), fp32 math
   // (fp64 for fp64), y in gate's dtype. The backward returns (dgate, dup).

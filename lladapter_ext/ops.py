@@ -524,6 +524,70 @@ def _quantized_linear_backward(ctx, grad_y):
     return grad_x.to(ctx.x_dtype), None, None
 
 
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, row_start: int, row_end: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """Rows [row_start, row_end) of the weight W that quantized_linear multiplies by, written into out
+    [row_end - row_start, K] in out's dtype, and out returned: one pass over the codes (each read once, its value
+    computed in fp32 and rounded once to out's dtype), so a caller's reused buffer receives the weight as the GEMM
+    wants it, with no float copy in between (quantize.QuantizedLinear's training and prefill matmuls).
+
+    Formats as quantized_linear's (codes int8 [N, K] with scales [N] or [N, K / g]; int4 codes uint8 [N, K / 2] in
+    pack_int4's layout with (scale, low) [G, N, 2]; scales fp32/fp16/bf16); K = codes.size(1) (int8) or twice it
+    (int4). Values as quantize.dequantize (and reference.dequantize_rows) computes them, bit for bit: code * scale
+    (int8), q * scale + low (int4; a rounded product, then a rounded sum: no FMA), in fp32 (fp64 for an fp64 out, CPU
+    kernels only). out: fp32, bf16 or fp16 (fp64 on the CPU), contiguous, on codes' device. int4 ranges start and end
+    on pack_int4's 32-row blocks (or end at N, after the trailing 16-row block). Not differentiable: it writes a
+    frozen weight into a buffer (the codes and scales are buffers, out is written in place)."""
+    _lib.dequantize_rows(codes, scales, int(row_start), int(row_end), out)
+    return out
+
+
+def check_dequantize_rows_inputs(codes, scales, row_start: int, row_end: int, out) -> None:
+    """The kernels' argument checks (csrc/quantized_linear.h) with the same messages, for the fake implementation."""
+    op = "lladapter::dequantize_rows"
+    _check_same_device(op, "codes", codes, scales=scales, out=out)
+    _check_dtype_in(op, "codes", codes, (torch.int8, torch.uint8))
+    _check_dtype_in(op, "scales", scales, (torch.float32, torch.float16, torch.bfloat16))
+    _check_dtype_in(op, "out", out, _CPU_FLOAT_DTYPES)
+    torch._check(codes.dim() == 2, lambda: f"{op}: codes must have shape [N, K] (int8) or [N, K / 2] (int4, packed), "
+                                           f"got {list(codes.shape)}")
+    int4 = codes.dtype == torch.uint8
+    N, K = codes.shape[0], codes.shape[1] * (2 if int4 else 1)
+    torch._check(K > 0, lambda: f"{op}: codes must have at least one input column (K > 0), got {list(codes.shape)}")
+    if not int4:
+        if scales.dim() == 1:
+            torch._check(scales.shape[0] == N, lambda: f"{op}: scales (int8, one per row) must have shape [{N}] "
+                                                       f"(codes.size(0)), got {list(scales.shape)}")
+        else:
+            torch._check(scales.dim() == 2 and scales.shape[0] == N and scales.shape[1] > 0
+                         and K % scales.shape[1] == 0,
+                         lambda: f"{op}: scales (int8) must have shape [{N}] (one per row) or [{N}, K / g] with g "
+                                 f"inputs per block dividing K = {K}, got {list(scales.shape)}")
+    else:
+        torch._check(N % 16 == 0, lambda: f"{op}: codes (int4) must have a multiple of 16 rows (the packed layout's "
+                                          f"blocks), got {list(codes.shape)}")
+        torch._check(scales.dim() == 3 and scales.shape[1] == N and scales.shape[2] == 2 and scales.shape[0] > 0
+                     and K % scales.shape[0] == 0,
+                     lambda: f"{op}: scales (int4) must have shape [G, {N}, 2] (scale and low of each of G groups, G "
+                             f"dividing K = {K}), got {list(scales.shape)}")
+    torch._check(0 <= row_start <= row_end <= N,
+                 lambda: f"{op}: rows [row_start, row_end) must lie within the weight's {N} rows (0 <= row_start <= "
+                         f"row_end <= {N}), got row_start = {row_start}, row_end = {row_end}")
+    if int4:
+        torch._check((row_start % 32 == 0 or row_start == N) and (row_end % 32 == 0 or row_end == N),
+                     lambda: f"{op}: int4 rows [row_start, row_end) must start and end on the packed layout's 32-row "
+                             f"blocks (or at N = {N}), got row_start = {row_start}, row_end = {row_end}")
+    rows = row_end - row_start
+    torch._check(out.dim() == 2 and out.shape[0] == rows and out.shape[1] == K,
+                 lambda: f"{op}: out must have shape [{rows}, {K}] (row_end - row_start, K), got {list(out.shape)}")
+    torch._check(out.is_contiguous(), lambda: f"{op}: out must be contiguous (its rows are written in place), got "
+                                              f"strides {list(out.stride())}")
+
+
+def _dequantize_rows_fake(codes, scales, row_start, row_end, out):
+    check_dequantize_rows_inputs(codes, scales, row_start, row_end, out)
+
+
 # --------------------------------------------------------------------------------------------- SwiGLU
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The LLaMA MLP's gated activation in one pass: y = silu(gate) * up = gate * sigmoid(gate) * up.
@@ -594,7 +658,8 @@ def register_implementations(namespace: str) -> None:
     fakes = {"rms_norm": _rms_norm_fake, "rms_norm_backward": _rms_norm_backward_fake, "rope": _rope_fake,
              "rope_": _rope_inplace_fake, "gated_prompt_attention": _gated_prompt_attention_fake,
              "gated_prompt_attention_backward": _gated_prompt_attention_backward_fake,
-             "quantized_linear": _quantized_linear_fake, "swiglu": _swiglu_fake,
+             "quantized_linear": _quantized_linear_fake, "dequantize_rows": _dequantize_rows_fake,
+             "swiglu": _swiglu_fake,
              "swiglu_backward": _swiglu_backward_fake}
     for op, fake in fakes.items():
         torch.library.register_fake(f"{namespace}::{op}", fake)

@@ -21,8 +21,9 @@ as they are stored, every format included (GGUF Q8_0's per-block scales too), th
 as they stream by: on the CPU (csrc/cpu/quantized_linear.cpp: AVX-512 where the CPU has it, else AVX2) up to
 KERNEL_MAX_ROWS_BY_FORMAT rows (KERNEL_MAX_ROWS_AVX512 on the AVX-512 path), on CUDA (csrc/cuda/quantized_linear.cu;
 so far run only under the emulator, never on a GPU) up to CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows. Otherwise (more rows:
-prefill, training, batched decode) the weight is dequantized on the fly, one layer at a time into a reused per-thread
-buffer, and multiplied by the dense GEMM. _decode_kernel_for chooses; while the emulated CUDA kernels are active
+prefill, training, batched decode) the weight is dequantized on the fly, one layer at a time, by ops.dequantize_rows
+(one pass over the codes, written straight in the activations' dtype into a reused per-thread buffer), and multiplied
+by the dense GEMM. _decode_kernel_for chooses; while the emulated CUDA kernels are active
 (lladapter_ext.emulator.kernels()) it chooses for CPU tensors as it does on CUDA, so the emulator runs the GPU's
 route. Measured on the CPU (docs/quantization.md): one row of a 5632 x 2048 weight from DRAM in 0.66 ms (int4) /
 1.03 ms (int8) on the AVX-512 path (AVX2: 1.14 / 1.89 ms) where the bf16 GEMV takes 1.82 ms, and torch's packed
@@ -198,8 +199,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> None:
-    """The codes of pack_int4's layout written straight into out [N, K] (uint8 or a float dtype, converted as they
-    are copied: the dequantising path needs no [N, K] uint8 intermediate)."""
+    """The codes of pack_int4's layout written straight into out [N, K] (uint8, or a float dtype, converted as they are
+    copied). The layer's matmuls do not use it: ops.dequantize_rows reads the packed codes itself."""
     N, K = out.shape
     flat = packed.reshape(-1)
     full = N // 32 * 32
@@ -345,25 +346,17 @@ class QuantizedLinear(torch.nn.Module):
         return [(n0, min(n0 + rows, N)) for n0 in range(0, N, rows)]
 
     def _dequantized_for_matmul(self, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The weight in dtype, written into this thread's scratch buffer for the shape: valid until the next call
-        on this thread (a matmul consumes it at once). A fresh allocation of a LLaMA-7B MLP weight (180 MB) costs
-        about as much in page faults as the conversion itself: int4 420 -> 62 ms per dequantization with the buffer
-        and the nibbles unpacked straight into it."""
+        """The weight (rows [n0, n1) of it) in dtype, written by ops.dequantize_rows (one pass over the codes, straight
+        in dtype) into this thread's scratch buffer for that dtype: valid until the next call on this thread (a
+        matmul consumes it at once). A fresh allocation of a LLaMA-7B MLP weight (180 MB) costs about as much in page
+        faults as the conversion itself. fp64 (which the kernels' CUDA build does not write) is written in fp32 and
+        converted, as quantize.dequantize's fp32 math would give it."""
         n0, n1 = rows if rows is not None else (0, self.out_features)
         N, K = n1 - n0, self.in_features
-        codes = self.codes[n0:n1]  # (int4: whole 32-row blocks, so the slice is the packed layout of those rows)
-        buf = _scratch(N * K, torch.float32, self.codes.device)[:N * K].view(N, K)
-        if self.format == "int8":
-            buf.copy_(codes)
-            if self.scales.dim() == 1:
-                buf.mul_(self.scales[n0:n1].float()[:, None])
-            else:
-                buf.view(N, self.scales.shape[1], -1).mul_(self.scales[n0:n1].float()[:, :, None])
-        else:
-            _unpack_int4_into(codes, buf)
-            sl = self.scales[:, n0:n1].float().transpose(0, 1)  # [N, G, 2]
-            buf.view(N, sl.shape[1], -1).mul_(sl[..., :1]).add_(sl[..., 1:])
-        return buf if dtype == torch.float32 else buf.to(dtype)
+        out_dtype = dtype if dtype in _KERNEL_DTYPES else torch.float32
+        buf = _scratch(N * K, out_dtype, self.codes.device)[:N * K].view(N, K)
+        ops.dequantize_rows(self.codes, self.scales, n0, n1, buf)
+        return buf if out_dtype == dtype else buf.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -392,6 +385,15 @@ class QuantizedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
 
+# The training GEMMs dequantise the whole weight (ops.dequantize_rows into the per-thread buffer), then run one GEMM;
+# cache-sized row blocks (dequantise R rows into a small buffer, multiply that block, next) were measured and lose at
+# SmolLM2's shapes (bf16, M = 512 rows, 2 threads, interleaved median of 15; the whole bf16 weight is <= 1.8 MB there,
+# L2-sized anyway): 1536 x 576 int4 forward whole 1.33 ms (the dense bf16 GEMM alone 1.09), blocks of 512 / 256 / 128
+# / 64 rows 1.31 / 1.46 / 1.85 / 2.47 ms; dX whole 1.34 ms, blocks 1.59 / 1.69 / 2.17 / 3.11 ms; the other
+# projections and int8 alike (each small AMX GEMM pays a fixed cost). At TinyLlama's 5632 x 2048 (23 MB in bf16; 1
+# thread on a busy machine) blocks of 512 rows took the forward from 43.5 to 37.3 ms and dX from 38.3 to 35.9 ms, but
+# tied at 2048 x 5632 (19.1 / 19.1-19.5 ms), and a blocked dX adds bf16 partial sums (one rounding per block): not
+# taken, to be measured again on a quiet machine before large weights take blocks.
 class _QuantizedMatmul(torch.autograd.Function):
     """y = x W^T with W from a QuantizedLinear; backward dX = dY W (W dequantized on the fly), no weight grad."""
 

@@ -16,6 +16,7 @@ __all__ = [
     "rope_cos_sin",
     "rope",
     "gated_prompt_attention",
+    "dequantize_rows",
     "dequantize_weight",
     "quantized_linear",
     "swiglu",
@@ -209,6 +210,13 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     scale = s[..., 0].t().repeat_interleave(g, dim=1)
     low = s[..., 1].t().repeat_interleave(g, dim=1)
     return (q * scale + low).to(dtype)
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, row_start: int, row_end: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [row_start, row_end) of dequantize_weight(codes, scales, dtype): what the op dequantize_rows writes into
+    its out (in out's dtype)."""
+    return dequantize_weight(codes, scales, dtype)[row_start:row_end]
 
 
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

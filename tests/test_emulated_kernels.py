@@ -31,6 +31,7 @@ CUDA_KERNELS = {
     "gpa_decode_partial_kernel", "gpa_decode_combine_kernel",
     "gpa_fwd_mma_kernel", "gpa_bwd_dq_mma_kernel", "gpa_bwd_dkv_mma_kernel",
     "quantized_linear_int8_kernel", "quantized_linear_int4_kernel",
+    "dequantize_rows_int8_kernel", "dequantize_rows_int4_kernel",
     "swiglu_fwd_kernel", "swiglu_bwd_kernel",
 }
 
@@ -73,7 +74,9 @@ def _quantized_linear_case():
     c8, s8 = Q.quantize_int8(torch.randn(40, 67) / 8)
     c4, s4 = Q.quantize_int4(torch.randn(48, 64) / 8, 32)  # a 32-row block and the trailing 16-row one
     x8, x4 = torch.randn(5, 67), torch.randn(5, 64).bfloat16()
-    return [ops.quantized_linear(x8, c8, s8), ops.quantized_linear(x4, Q.pack_int4(c4), s4)]
+    out8, out4 = torch.empty(30, 67), torch.empty(16, 64).bfloat16()
+    return [ops.quantized_linear(x8, c8, s8), ops.quantized_linear(x4, Q.pack_int4(c4), s4),
+            ops.dequantize_rows(c8, s8, 5, 35, out8), ops.dequantize_rows(Q.pack_int4(c4), s4, 32, 48, out4)]
 
 
 def _swiglu_case():
@@ -92,6 +95,7 @@ def _all_paths(monkeypatch):
     """Results of every kernel path: RMSNorm (vectorised and scalar, warp- and block-per-row), RoPE (both layouts,
     vectorised and scalar), attention SIMT (fp32), tensor-core (bf16), split-K decode forward (fp32, forced),
     quantized_linear (int8 per row, int4 with a trailing 16-row block; 5 rows: a full and a partial row chunk),
+    dequantize_rows (int8 rows 5-35 in fp32, int4's trailing block in bf16),
     SwiGLU (vectorised and scalar, forward and backward)."""
     results = []
     results += _rms_norm_case(64) + _rms_norm_case(67) + _rms_norm_case(4096, torch.bfloat16)

@@ -122,6 +122,28 @@ def test_quantized_linear_gpu_equals_emulator(fmt):
     torch.testing.assert_close(gpu.cpu().float(), emu.float(), rtol=2**-7, atol=1e-5 * emu.float().abs().max().item())
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int8_blocks", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_rows_gpu_equals_emulator_and_dequantize(fmt, dtype):
+    # one rounded product (and for int4 one rounded sum: __fmul_rn / __fadd_rn, never an FMA), one rounding to the
+    # dtype: bitwise equal on the GPU, the emulator and quantize.dequantize
+    from lladapter_ext import quantize as Q
+    w = torch.randn(80, 192) / 14
+    if fmt == "int4":
+        c, scales = Q.quantize_int4(w, 32)
+        codes = Q.pack_int4(c)  # two 32-row blocks and the trailing 16-row one
+    elif fmt == "int8":
+        codes, scales = Q.quantize_int8(w)
+    else:
+        codes, scales = Q.quantize_int8(w)
+        scales = scales[:, None].expand(80, 6).half().contiguous()
+    want = Q.dequantize(codes, scales, dtype)[32:80]
+    gpu = ops.dequantize_rows(codes.cuda(), scales.cuda(), 32, 80, torch.empty(48, 192, dtype=dtype, device="cuda"))
+    with emulator.kernels():
+        emu = ops.dequantize_rows(codes, scales, 32, 80, torch.empty(48, 192, dtype=dtype))
+    assert torch.equal(gpu.cpu(), want) and torch.equal(emu, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_swiglu_gpu_equals_emulator(dtype):
     # the same fp32 formulas on both; the GPU's expf and the host's differ by an ulp or two (and nvcc contracts

@@ -1,8 +1,10 @@
 """quantized_linear op (weight-only int8 / int4 matmul): kernels vs reference.py in every format and dtype, on every
 CPU path this machine has (avx512, avx2, scalar: ops.quantized_linear_cpu_isa), the argument errors on every backend
 (the fake included), gradients, opcheck (CPU; CUDA through the emulator)."""
+import itertools
 import os
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -524,3 +526,209 @@ def test_route_on_the_cpu_kernels():
         assert limit > Q.CUDA_KERNEL_MAX_ROWS_BY_FORMAT[fmt]
         assert Q._decode_kernel_for(fmt, torch.empty(limit, 64), 1 << 24) == "lladapter"
         assert Q._decode_kernel_for(fmt, torch.empty(limit + 1, 64), 1 << 24) is None
+
+
+# ------------------------------------------------------------------------- dequantize_rows (the training GEMMs' weight)
+# ops.dequantize_rows writes rows [row_start, row_end) of the weight into a caller's buffer, in its dtype: bitwise what
+# quantize.dequantize gives (fp32 math, one rounding to bf16/fp16), on every CPU path and on the CUDA kernels.
+# (name, codes/scales maker, row ranges): int8 per row with an odd K (AVX-512's masked tail), int8 per block of 32
+# (GGUF Q8_0) and of 10 (a block that is not a whole vector), int4 with groups of 32 and 64 (the vector path), of 6
+# (the plain loops), 48 rows (a 32-row block and the trailing 16-row one), 16 rows (the trailing block alone).
+DEQUANT_FORMATS = {
+    "int8_row": (lambda: _int8(40, 67), [(0, 40), (3, 17), (39, 40), (5, 5)]),
+    "int8_q8_0": (lambda: _int8(40, 96, block=32, scale_dtype=torch.float16), [(0, 40), (7, 30)]),
+    "int8_block10": (lambda: _int8(24, 40, block=10, scale_dtype=torch.bfloat16), [(0, 24), (1, 2)]),
+    "int4_g32": (lambda: _int4(48, 96, 32), [(0, 48), (0, 32), (32, 48), (48, 48)]),
+    "int4_g64": (lambda: _int4(96, 128, 64, torch.float32), [(0, 96), (32, 64), (64, 96)]),
+    "int4_g6": (lambda: _int4(48, 12, 6), [(0, 48), (32, 48)]),
+    "int4_n16": (lambda: _int4(16, 64, 32, torch.bfloat16), [(0, 16)]),
+}
+DEQUANT_CASES = [(f, r) for f, (_, rs) in DEQUANT_FORMATS.items() for r in rs]
+
+
+def _dequant_out(rows, K, dtype, device):
+    """A fresh out, filled with NaN so that an unwritten element shows."""
+    return torch.full((rows, K), float("nan"), dtype=dtype, device=device)
+
+
+def _weight_K(codes):
+    return codes.shape[1] * (2 if codes.dtype == torch.uint8 else 1)
+
+
+@pytest.mark.parametrize("device", PATH_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("fmt,rows", DEQUANT_CASES, ids=[f"{f}-{r[0]}:{r[1]}" for f, r in DEQUANT_CASES])
+def test_dequantize_rows_equals_dequantize(device, dtype, fmt, rows):
+    if dtype == torch.float64 and device.cuda_kernels:
+        pytest.skip("the CUDA kernels write fp32/bf16/fp16 (test_dequantize_rows_bad_inputs: fp64 is refused)")
+    codes, scales = (t.to(device) for t in DEQUANT_FORMATS[fmt][0]())
+    r0, r1 = rows
+    out = _dequant_out(r1 - r0, _weight_K(codes), dtype, device)
+    assert ops.dequantize_rows(codes, scales, r0, r1, out) is out
+    want = Q.dequantize(codes, scales, dtype)[r0:r1]
+    assert torch.equal(out, want), f"max diff {(out.double() - want.double()).abs().max().item()}"
+    assert torch.equal(out, reference.dequantize_rows(codes, scales, r0, r1, dtype))
+
+
+@pytest.mark.parametrize("device", CPU_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_rows_model_shapes_cpu(device, dtype):
+    # SmolLM2's MLP weights split over threads (int4: 32-row blocks), and the row blocks a layer takes one at a time
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(2, prev))
+    try:
+        for codes, scales in (_int8(1536, 576), _int4(1536, 576, 32), _int4(576, 1536, 64),
+                              _int8(576, 1536, 32, torch.float16)):
+            N, K = codes.shape[0], _weight_K(codes)
+            want = Q.dequantize(codes, scales, dtype)
+            for r0, r1 in ((0, N), (256, 512), (N - 64, N)):
+                out = _dequant_out(r1 - r0, K, dtype, "cpu")
+                assert torch.equal(ops.dequantize_rows(codes, scales, r0, r1, out), want[r0:r1])
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_dequantize_rows_rounds_as_torch_does():
+    # bf16 / fp16 outputs are the round-to-nearest-even of the fp32 value, ties included: scales that put products on
+    # exact halfway points of bf16 (fp32 values with the low 16 bits 0x8000) and of fp16, on every CPU path
+    codes = torch.arange(-127, 129, dtype=torch.int8).repeat(16, 1)[:, :256]
+    scales = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 2.0**-20, 3e-3,
+                           1.0, 2.0**-8, 0.1, 7.0, 1.0 + 2.0**-9, 1.5, 1e-6, 1e3, 2.0**-14, 0.3])
+    for isa in [i for i in CPU_ISAS if _isa_unavailable(i) is None]:
+        ops.quantized_linear_cpu_isa(isa)
+        try:
+            for dtype in (torch.bfloat16, torch.float16):
+                out = _dequant_out(16, 256, dtype, "cpu")
+                ops.dequantize_rows(codes, scales, 0, 16, out)
+                assert torch.equal(out, (codes.float() * scales[:, None]).to(dtype)), (isa, dtype)
+        finally:
+            ops.quantized_linear_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["int8_row", "int8_q8_0", "int4_g32"])
+def test_dequantize_rows_opcheck(device, fmt):
+    codes, scales = (t.to(device) for t in DEQUANT_FORMATS[fmt][0]())
+    N, K = codes.shape[0], _weight_K(codes)
+    ranges = [(0, 32), (32, 48)] if codes.dtype == torch.uint8 else [(0, N), (4, 20)]
+    dtypes = (torch.float32, torch.bfloat16) + (() if device.cuda_kernels else (torch.float64,))
+    for (r0, r1), dtype in itertools.product(ranges, dtypes):
+        out = torch.empty(r1 - r0, K, dtype=dtype, device=device)
+        torch.library.opcheck(kernel_ops().dequantize_rows.default, (codes, scales, r0, r1, out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dequantize_rows_under_autograd_and_compile(device):
+    # a frozen weight into a buffer: grad mode on, nothing warns or records a graph; torch.compile traces it
+    codes, scales = (t.to(device) for t in _int4(48, 64, 32))
+    out = torch.empty(48, 64, device=device)
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.dequantize_rows(codes, scales, 0, 48, out)
+    assert not out.requires_grad and out.grad_fn is None
+    assert torch.equal(out, Q.dequantize(codes, scales, torch.float32))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, buf):
+        return x @ ops.dequantize_rows(codes, scales, 0, 32, buf).t()
+
+    x = torch.randn(3, 64, device=device)
+    torch.testing.assert_close(f(x, torch.empty(32, 64, device=device)),
+                               x @ Q.dequantize(codes, scales, torch.float32)[:32].t())
+
+
+def _dq_args(codes_scales, r0, r1, out_shape, out_dtype=torch.float32):
+    return lambda: (*codes_scales(), r0, r1, torch.empty(out_shape, dtype=out_dtype))
+
+
+DEQUANT_BAD = [
+    # (what, make (codes, scales, row_start, row_end, out), message)
+    ("codes dtype", lambda: (torch.ones(32, 64), torch.ones(32), 0, 32, torch.empty(32, 64)),
+     r"codes must have dtype in \{Char, Byte\}, got Float"),
+    ("scales dtype", lambda: (_int8(32, 64)[0], torch.ones(32, dtype=torch.int32), 0, 32, torch.empty(32, 64)),
+     r"scales must have dtype in \{Float, Half, BFloat16\}, got Int"),
+    ("out dtype", _dq_args(lambda: _int8(32, 64), 0, 32, (32, 64), torch.int32), r"out must have dtype in"),
+    ("codes dims", lambda: (torch.ones(32, 64, 1, dtype=torch.int8), torch.ones(32), 0, 32, torch.empty(32, 64)),
+     r"codes must have shape \[N, K\] \(int8\) or \[N, K / 2\] \(int4, packed\), got \[32, 64, 1\]"),
+    ("K zero", lambda: (torch.ones(32, 0, dtype=torch.int8), torch.ones(32), 0, 32, torch.empty(32, 0)),
+     r"codes must have at least one input column \(K > 0\)"),
+    ("int8 scales", lambda: (_int8(32, 64)[0], torch.ones(31), 0, 32, torch.empty(32, 64)),
+     r"scales \(int8, one per row\) must have shape \[32\] \(codes.size\(0\)\), got \[31\]"),
+    ("int8 blocks", lambda: (_int8(32, 64)[0], torch.ones(32, 3, dtype=torch.float16), 0, 32, torch.empty(32, 64)),
+     r"scales \(int8\) must have shape \[32\] \(one per row\) or \[32, K / g\]"),
+    ("int4 rows", lambda: (torch.zeros(24, 32, dtype=torch.uint8), torch.ones(2, 24, 2, dtype=torch.float16), 0, 24,
+                           torch.empty(24, 64)),
+     r"codes \(int4\) must have a multiple of 16 rows"),
+    ("int4 scales", lambda: (_int4(32, 64, 32)[0], torch.ones(3, 32, 2, dtype=torch.float16), 0, 32,
+                             torch.empty(32, 64)),
+     r"scales \(int4\) must have shape \[G, 32, 2\]"),
+    ("row_end past N", _dq_args(lambda: _int8(32, 64), 0, 33, (33, 64)),
+     r"rows \[row_start, row_end\) must lie within the weight's 32 rows .*got row_start = 0, row_end = 33"),
+    ("row_start negative", _dq_args(lambda: _int8(32, 64), -1, 4, (5, 64)),
+     r"rows \[row_start, row_end\) must lie within the weight's 32 rows .*got row_start = -1, row_end = 4"),
+    ("rows reversed", _dq_args(lambda: _int8(32, 64), 8, 4, (0, 64)),
+     r"rows \[row_start, row_end\) must lie .*got row_start = 8, row_end = 4"),
+    ("int4 block start", _dq_args(lambda: _int4(96, 64, 32), 16, 64, (48, 64)),
+     r"int4 rows \[row_start, row_end\) must start and end on the packed layout's 32-row blocks \(or at N = 96\), "
+     r"got row_start = 16, row_end = 64"),
+    ("int4 block end", _dq_args(lambda: _int4(48, 64, 32), 0, 40, (40, 64)),
+     r"int4 rows \[row_start, row_end\) must start and end on the packed layout's 32-row blocks \(or at N = 48\), "
+     r"got row_start = 0, row_end = 40"),
+    ("out shape", _dq_args(lambda: _int4(48, 64, 32), 0, 32, (32, 32)),
+     r"out must have shape \[32, 64\] \(row_end - row_start, K\), got \[32, 32\]"),
+    ("out rows", _dq_args(lambda: _int8(32, 64), 4, 8, (32, 64)),
+     r"out must have shape \[4, 64\] \(row_end - row_start, K\), got \[32, 64\]"),
+    ("out dims", _dq_args(lambda: _int8(32, 64), 0, 32, (32 * 64,)), r"out must have shape \[32, 64\]"),
+    ("out strides", lambda: (*_int8(32, 64), 0, 32, torch.empty(64, 32).t()),
+     r"out must be contiguous \(its rows are written in place\), got strides \[1, 32\]"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("what,make,msg", DEQUANT_BAD, ids=[b[0] for b in DEQUANT_BAD])
+def test_dequantize_rows_bad_inputs(device, what, make, msg):
+    # the same words from the CPU kernel, the emulated CUDA kernel and the fake (meta tensors)
+    codes, scales, r0, r1, out = make()
+    dev = "meta" if device == "meta" else device
+    codes, scales, out = codes.to(dev), scales.to(dev), out.to(dev)
+    op = torch.ops.lladapter.dequantize_rows if device == "meta" else kernel_ops().dequantize_rows
+    with pytest.raises(RuntimeError, match=r"lladapter::dequantize_rows: " + msg):
+        op(codes, scales, r0, r1, out)
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_dequantize_rows_cuda_refuses_float64(device):
+    codes, scales = (t.to(device) for t in _int8(32, 64))
+    out = torch.empty(32, 64, dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match=r"out must have dtype in \{Float, BFloat16, Half\}, got Double"):
+        ops.dequantize_rows(codes, scales, 0, 32, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dequantize_rows_mixed_devices_refused(device):
+    codes, scales = _int8(32, 64)
+    with pytest.raises(RuntimeError, match=r"lladapter::dequantize_rows: out is on meta but codes is on cpu"):
+        kernel_ops().dequantize_rows(codes, scales, 0, 32, torch.empty(32, 64, device="meta"))
+
+
+@pytest.mark.parametrize("device", PATH_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("fmt", LAYER_FORMATS)
+def test_layer_dequantizes_with_the_op_into_reused_scratch(device, dtype, fmt):
+    """QuantizedLinear's training / prefill weight is ops.dequantize_rows' output in the activations' dtype (fp64:
+    fp32 math, as quantize.dequantize), written into the same per-thread buffer every call (no allocation); on the
+    emulator the CUDA kernel writes it."""
+    layer = _layer(fmt, device, dtype)
+    kernel = "int8" if layer.format == "int8" else "int4"
+    if device.name == "emu":
+        emulator.reset_stats()
+    w = layer._dequantized_for_matmul(dtype)
+    assert w.dtype == dtype and torch.equal(w, Q.dequantize(layer.codes, layer.scales, torch.float32).to(dtype))
+    if device.name == "emu":
+        launched = {n: s["launches"] for n, s in emulator.launched_kernels().items() if "dequantize_rows" in n}
+        assert launched == {f"dequantize_rows_{kernel}_kernel<out_t, scale_t>": 1}
+    if dtype != torch.float64:
+        ptr = w.data_ptr()
+        assert layer._dequantized_for_matmul(dtype).data_ptr() == ptr
+        part = layer._dequantized_for_matmul(dtype, (32, 48))
+        assert part.data_ptr() == ptr and torch.equal(part, Q.dequantize(layer.codes, layer.scales, dtype)[32:48])

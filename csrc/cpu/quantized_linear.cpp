@@ -16,6 +16,10 @@
 // rounding-error bound. The default is the best path the CPU has; LLADAPTER_QUANTIZED_LINEAR_ISA (read once) or
 // quantized_linear_cpu_isa picks another.
 //
+// dequantize_rows (the weight for the training and prefill GEMMs, written into the caller's buffer) lives here too: it
+// shares the formats and the path switch (avx512: 16 codes per step, int4's 32-row blocks transposed in registers;
+// avx2 and scalar: plain loops, which the compiler vectorises as it can). Every path gives the same bits.
+//
 // int4 arithmetic per group of g inputs: sum_k x_k (q_k scale + low) = scale * sum_k x_k q_k + low * sum_k x_k, so
 // the inner loop is one FMA per code and the group's scale and low are applied once per group and row.
 #include <ATen/Parallel.h>
@@ -547,6 +551,178 @@ LL_TARGET_AVX512 void int4_blocks_avx512(const float* x, const float* xsum, int6
 #pragma GCC diagnostic pop
 #endif  // LL_QL_AVX512
 
+// ------------------------------------------------------------------------------------------- dequantize_rows
+// Rows [row_start, row_end) of W written into out [rows, K] (csrc/quantized_linear.h), one pass: each code is read
+// once and its value computed in fp32 (fp64 for fp64 out) as quantize.dequantize computes it (int8: code * scale;
+// int4: q * scale, rounded, + low, rounded: no FMA, so the result is bitwise that of the reference) and rounded once
+// to out's dtype (round to nearest even, as torch's .to() does).
+
+// The rounded product, kept from being contracted with the add that follows into an FMA (GCC contracts a * b + c
+// at -O2 even in ISO mode, which would round once instead of twice and differ from the reference).
+template <typename acc_t>
+inline acc_t no_contract(acc_t v) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+x"(v));
+#else
+  volatile acc_t t = v;
+  v = t;
+#endif
+  return v;
+}
+
+template <typename acc_t, typename scale_t, typename out_t>
+void dequantize_int8_rows_plain(const int8_t* codes, const scale_t* scales, bool per_row, int64_t K, int64_t group,
+                                int64_t n0, int64_t n1, int64_t row_start, out_t* out) {
+  const int64_t G = per_row ? 1 : K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = codes + n * K;
+    out_t* o = out + (n - row_start) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const acc_t s = static_cast<acc_t>(scale_to_float(per_row ? scales[n] : scales[n * G + g]));
+      const int64_t k1 = per_row ? K : (g + 1) * group;
+      for (int64_t k = per_row ? 0 : g * group; k < k1; ++k) o[k] = static_cast<out_t>(static_cast<acc_t>(c[k]) * s);
+    }
+  }
+}
+
+template <typename acc_t, typename scale_t, typename out_t>
+void dequantize_int4_rows_plain(const uint8_t* codes, const scale_t* sl, int64_t N, int64_t K, int64_t group,
+                                int64_t n0, int64_t n1, int64_t row_start, out_t* out) {
+  const int64_t G = K / group;
+  // whole 32-row blocks: row by row, each row's byte of every input (16 bytes apart), both nibbles at once
+  for (; n0 % 32 == 0 && n0 + 32 <= std::min(n1, N / 32 * 32); n0 += 32) {
+    const uint8_t* blk = codes + n0 * (K / 2);
+    for (int64_t r = 0; r < 16; ++r) {
+      out_t* o0 = out + (n0 + r - row_start) * K;
+      out_t* o1 = o0 + 16 * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const scale_t* p0 = sl + (g * N + n0 + r) * 2;
+        const scale_t* p1 = p0 + 32;
+        const acc_t s0 = static_cast<acc_t>(scale_to_float(p0[0])), l0 = static_cast<acc_t>(scale_to_float(p0[1]));
+        const acc_t s1 = static_cast<acc_t>(scale_to_float(p1[0])), l1 = static_cast<acc_t>(scale_to_float(p1[1]));
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+          const uint8_t b = blk[k * 16 + r];
+          o0[k] = static_cast<out_t>(no_contract(static_cast<acc_t>(b & 15) * s0) + l0);
+          o1[k] = static_cast<out_t>(no_contract(static_cast<acc_t>(b >> 4) * s1) + l1);
+        }
+      }
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n) {  // the trailing 16-row block
+    out_t* o = out + (n - row_start) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const acc_t s = static_cast<acc_t>(scale_to_float(sl[(g * N + n) * 2]));
+      const acc_t lo = static_cast<acc_t>(scale_to_float(sl[(g * N + n) * 2 + 1]));
+      for (int64_t k = g * group; k < (g + 1) * group; ++k)
+        o[k] = static_cast<out_t>(no_contract(static_cast<acc_t>(int4_code(codes, N, K, n, k)) * s) + lo);
+    }
+  }
+}
+
+#if LL_QL_AVX512
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// 16 fp32 values stored as out_t (the lanes of mask only), rounded to nearest even: bf16 as c10::BFloat16 rounds
+// (bits + 0x7FFF + lsb) >> 16, NaN -> 0x7FC0; fp16 by the F16C conversion.
+template <typename out_t>
+LL_TARGET_AVX512 inline __attribute__((always_inline)) void store16_as(out_t* p, __m512 v, __mmask16 mask) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    _mm512_mask_storeu_ps(p, mask, v);
+  } else if constexpr (std::is_same_v<out_t, at::Half>) {
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    static_assert(std::is_same_v<out_t, at::BFloat16>, "store16_as: unsupported type");
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(r));
+  }
+}
+
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // explicit rounding: never fused into an FMA
+
+// int8 rows [n0, n1): per scale block (the whole row for per-row scales) 16 codes at a time, a masked last piece.
+template <typename scale_t, typename out_t>
+LL_TARGET_AVX512 void dequantize_int8_rows_avx512(const int8_t* codes, const scale_t* scales, bool per_row, int64_t K,
+                                                  int64_t group, int64_t n0, int64_t n1, int64_t row_start,
+                                                  out_t* out) {
+  const int64_t G = per_row ? 1 : K / group, span = per_row ? K : group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = codes + n * K;
+    out_t* o = out + (n - row_start) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 s = _mm512_set1_ps(scale_to_float(per_row ? scales[n] : scales[n * G + g]));
+      int64_t k = g * span;
+      const int64_t k1 = k + span;
+      for (; k + 16 <= k1; k += 16) {
+        const __m512 w =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k))));
+        store16_as(o + k, _mm512_mul_round_ps(w, s, kRound), 0xFFFF);
+      }
+      if (k < k1) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << (k1 - k)) - 1u);
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, c + k)));
+        store16_as(o + k, _mm512_mul_round_ps(w, s, kRound), mask);
+      }
+    }
+  }
+}
+
+// Full 32-row int4 blocks [b0, b1) (group and K multiples of 16). pack_int4's block holds, per input, 16 bytes (row r
+// low nibble, row 16 + r high); 16 inputs are a 16 x 16 byte matrix [input][r], transposed in registers (four
+// rounds of unpacks) so that each row's 16 codes lie in one register, then widened, scaled and stored: 32 rows x 16
+// inputs per step, every code byte loaded once.
+template <typename scale_t, typename out_t>
+LL_TARGET_AVX512 void dequantize_int4_blocks_avx512(const uint8_t* codes, const scale_t* sl, int64_t N, int64_t K,
+                                                    int64_t group, int64_t b0, int64_t b1, int64_t row_start,
+                                                    out_t* out) {
+  const int64_t G = K / group;
+  // after the transpose, the row r's bytes are in register kRev[r] (the four unpack rounds reverse the index bits)
+  constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  alignas(64) float s[32], lo[32];
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = codes + b * 16 * K;
+    out_t* o = out + (b * 32 - row_start) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const scale_t* p = sl + (g * N + b * 32) * 2;
+      for (int r = 0; r < 32; ++r) s[r] = scale_to_float(p[2 * r]), lo[r] = scale_to_float(p[2 * r + 1]);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        prefetch_ahead(blk + k * 16);
+        prefetch_ahead(blk + k * 16 + 64);
+        prefetch_ahead(blk + k * 16 + 128);
+        prefetch_ahead(blk + k * 16 + 192);
+        __m128i x[16], t[16];
+        for (int i = 0; i < 16; ++i) x[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (k + i) * 16));
+        for (int i = 0; i < 8; ++i)
+          t[i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]), t[i + 8] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]);
+        for (int i = 0; i < 8; ++i)
+          x[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]), x[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
+        for (int i = 0; i < 8; ++i)
+          t[i] = _mm_unpacklo_epi32(x[2 * i], x[2 * i + 1]), t[i + 8] = _mm_unpackhi_epi32(x[2 * i], x[2 * i + 1]);
+        for (int i = 0; i < 8; ++i)
+          x[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]), x[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
+        for (int r = 0; r < 16; ++r) {
+          const __m512i v = _mm512_cvtepu8_epi32(x[kRev[r]]);
+          const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+          const __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+          store16_as(
+              o + r * K + k,
+              _mm512_add_round_ps(_mm512_mul_round_ps(q0, _mm512_set1_ps(s[r]), kRound), _mm512_set1_ps(lo[r]), kRound),
+              0xFFFF);
+          store16_as(o + (16 + r) * K + k,
+                     _mm512_add_round_ps(_mm512_mul_round_ps(q1, _mm512_set1_ps(s[16 + r]), kRound),
+                                         _mm512_set1_ps(lo[16 + r]), kRound),
+                     0xFFFF);
+        }
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif  // LL_QL_AVX512
+
 // ------------------------------------------------------------------------------------------- path selection
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
@@ -706,6 +882,64 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes_
   return y;
 }
 
+// Each parallel chunk of dequantize_rows gets at least this many weights.
+constexpr int64_t kMinDequantWeightsPerTask = 1 << 16;
+
+template <typename out_t, typename scale_t>
+void dequantize_rows_impl(const DequantizeRowsShape& sh, const at::Tensor& codes, const at::Tensor& scales,
+                          at::Tensor& out) {
+  const int64_t N = sh.N, K = sh.K, group = sh.group, r0 = sh.row_start, r1 = sh.row_end;
+  out_t* op = out.mutable_data_ptr<out_t>();
+  const scale_t* sp = scales.const_data_ptr<scale_t>();
+  constexpr bool fp64 = std::is_same_v<out_t, double>;
+  using acc_t = std::conditional_t<fp64, double, float>;
+  [[maybe_unused]] const Isa isa = fp64 ? Isa::kScalar : current_isa();
+  if (sh.format == QuantFormat::kInt8) {
+    const int8_t* cp = codes.const_data_ptr<int8_t>();
+    const bool per_row = scales.dim() == 1;
+    at::parallel_for(r0, r1, std::max<int64_t>(1, kMinDequantWeightsPerTask / K), [&](int64_t n0, int64_t n1) {
+      if constexpr (!fp64) {
+#if LL_QL_AVX512
+        if (isa == Isa::kAvx512)
+          return dequantize_int8_rows_avx512<scale_t, out_t>(cp, sp, per_row, K, group, n0, n1, r0, op);
+#endif
+      }
+      dequantize_int8_rows_plain<acc_t, scale_t, out_t>(cp, sp, per_row, K, group, n0, n1, r0, op);
+    });
+    return;
+  }
+  const uint8_t* cp = codes.const_data_ptr<uint8_t>();
+  const int64_t full_blocks = N / 32;  // the block past them, if any, is the 16-row one
+  const int64_t grain = std::max<int64_t>(1, kMinDequantWeightsPerTask / (32 * K));
+  at::parallel_for(r0 / 32, (r1 + 31) / 32, grain, [&](int64_t b0, int64_t b1) {
+    int64_t plain_from = b0 * 32;
+    if constexpr (!fp64) {
+#if LL_QL_AVX512
+      if (isa == Isa::kAvx512 && group % 16 == 0) {
+        const int64_t b_end = std::min(b1, full_blocks);
+        if (b_end > b0) dequantize_int4_blocks_avx512<scale_t, out_t>(cp, sp, N, K, group, b0, b_end, r0, op);
+        plain_from = std::max(b0, b_end) * 32;
+      }
+#endif
+    }
+    const int64_t plain_to = std::min(r1, b1 * 32);
+    if (plain_from < plain_to)
+      dequantize_int4_rows_plain<acc_t, scale_t, out_t>(cp, sp, N, K, group, plain_from, plain_to, r0, op);
+  });
+}
+
+void dequantize_rows_cpu(const at::Tensor& codes_in, const at::Tensor& scales_in, int64_t row_start, int64_t row_end,
+                         at::Tensor& out) {
+  const DequantizeRowsShape sh =
+      dequantize_rows_check_inputs(codes_in, scales_in, row_start, row_end, out, kCpuKernels);
+  if (row_start == row_end) return;
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  dispatch_x_scales(out.scalar_type(), scales.scalar_type(), [&]<typename out_t, typename scale_t>() {
+    dequantize_rows_impl<out_t, scale_t>(sh, codes, scales, out);
+  });
+}
+
 }  // namespace
 
 std::string quantized_linear_cpu_isa(std::string isa) {
@@ -722,6 +956,9 @@ std::string quantized_linear_cpu_isa(std::string isa) {
   return before;
 }
 
-TORCH_LIBRARY_IMPL(lladapter, CPU, m) { m.impl("quantized_linear", &quantized_linear_cpu); }
+TORCH_LIBRARY_IMPL(lladapter, CPU, m) {
+  m.impl("quantized_linear", &quantized_linear_cpu);
+  m.impl("dequantize_rows", &dequantize_rows_cpu);
+}
 
 }  // namespace lladapter::cpu

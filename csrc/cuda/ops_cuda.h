@@ -37,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // quantized_linear.cu
 at::Tensor quantized_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
+void dequantize_rows_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t row_start, int64_t row_end,
+                          at::Tensor& out);
 
 // swiglu.cu
 at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up);

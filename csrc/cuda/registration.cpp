@@ -19,6 +19,7 @@ TORCH_LIBRARY_IMPL(lladapter, CUDA, m) {
   m.impl("gated_prompt_attention", &gated_prompt_attention_cuda);
   m.impl("gated_prompt_attention_backward", &gated_prompt_attention_backward_cuda);
   m.impl("quantized_linear", &quantized_linear_cuda);
+  m.impl("dequantize_rows", &dequantize_rows_cuda);
   m.impl("swiglu", &swiglu_cuda);
   m.impl("swiglu_backward", &swiglu_backward_cuda);
 }

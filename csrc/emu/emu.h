@@ -399,6 +399,19 @@ inline unsigned __activemask() = delete;  // not emulated: lanes do not run in l
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// Round-to-nearest products and sums that are never contracted into an FMA (nvcc's promise for __fmul_rn and
+// __fadd_rn): the asm barrier keeps the host compiler from fusing the product with a following add.
+inline float __fmul_rn(float a, float b) {
+  float p = a * b;
+#if defined(__x86_64__)
+  asm("" : "+x"(p));
+#else
+  volatile float t = p;
+  p = t;
+#endif
+  return p;
+}
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
