@@ -26,6 +26,7 @@ processes run minutes apart and see different loads):
                                      # (on CUDA "torch" is dequantize + GEMM, as "none": not repeated;
                                      # --variants bf16,int8,int4 --kernels lladapter --isas avx2,avx512: fewer)
     python benchmarks/bench_quant.py --train-ab [--shapes smollm2-135m] [--acts bf16,fp32] [--rounds 5] [--threads 2]
+                                     [--batch B --seq T]
                                      # training step (forward + backward to the adapter) of the float, int8 and
                                      # int4 bases with bf16 and/or fp32 activations (load_model(dtype=...)),
                                      # interleaved, median; ratios against the bf16 base's step
@@ -383,7 +384,7 @@ def train_ab(args) -> None:
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for shape in args.shapes.split(","):
-        B, T = SHAPES[shape][:2]
+        B, T = args.batch or SHAPES[shape][0], args.seq or SHAPES[shape][1]
         models = {}
         for act in args.acts.split(","):
             for fmt in ("float", "int8", "int4"):
@@ -429,6 +430,8 @@ def main():
     p.add_argument("--train-ab", action="store_true", help="training step of the float, int8 and int4 bases with "
                    "bf16 / fp32 activations, in one process, interleaved")
     p.add_argument("--acts", default="bf16,fp32", help="--train-ab: comma-separated activation dtypes (bf16, fp32)")
+    p.add_argument("--batch", type=int, default=None, help="--train-ab: batch size (default: the shape's, SHAPES)")
+    p.add_argument("--seq", type=int, default=None, help="--train-ab: sequence length (default: the shape's)")
     p.add_argument("--isas", default=None, help="--paths / --decode-ab: comma-separated CPU paths of ours "
                    "(avx512, avx2, scalar; --paths default avx2,avx512, --decode-ab default: the process's own)")
     p.add_argument("--cold", action="store_true", help="--paths: cycle through copies of each weight (640 MiB of "

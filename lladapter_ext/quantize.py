@@ -457,6 +457,13 @@ KERNEL_MAX_ROWS_BY_FORMAT = {"int8": 16, "int4": 32}
 # docs/quantization.md, fp32 and bf16 activations): int8 is 1.5-5x faster than dequantize + GEMM at 16 rows, 0.9-2.2x
 # at 24 and 0.7-1.6x at 32, so it keeps 16; int4 is still 1.4-3x faster at 64 rows of every model shape.
 KERNEL_MAX_ROWS_AVX512 = {"int8": 16, "int4": 64}
+# The same for bf16 activations where the CPU has AMX (bf16 tiles: oneDNN's bf16 GEMM runs at several times the fp32
+# rate, so dequantize + GEMM catches up sooner), since the one-pass ops.dequantize_rows. Measured on the Xeon of
+# docs/quantization.md (Emerald Rapids, 2 threads, one matmul, median of 15; kernel time / dequantize + GEMM time at
+# 5632 x 2048, 2048 x 5632, 2048 x 2048, 1536 x 576, 576 x 1536): int8 0.42-0.54 at 4 rows, 0.74-1.07 at 8, 1.37-1.77
+# at 16; int4 0.24-0.30 at 4, 0.47-0.53 at 8, 0.91-1.04 at 16, 1.51-1.71 at 32. (fp32 activations on the same run:
+# int8 0.66-0.89 at 16, 1.02-1.66 at 32; int4 0.70-0.85 at 32, 0.95-1.16 at 64: KERNEL_MAX_ROWS_AVX512 holds.)
+KERNEL_MAX_ROWS_AMX_BF16 = {"int8": 8, "int4": 16}
 # The CUDA kernel's row limit per format. Both of its kernels take the rows of x in chunks of 4 (kRowsChunk) per pass
 # over the codes: int8 runs a warp per output row, which re-reads that row's codes for every chunk; int4 a block per
 # 32-row block of codes, likewise. So up to 4 rows it reads the weights exactly once, as a GEMV must, and every 4 rows
@@ -475,8 +482,9 @@ def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | N
       ops.runs_cuda_kernels, the rule the attention ops route by, so that the emulator takes the GPU's route): ours
       for 1..CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows with DECODE_KERNEL = "lladapter"; "torch" names torch's CPU
       kernels, so on CUDA it dequantizes, as "none" does;
-    - on the CPU: ours for 1..KERNEL_MAX_ROWS_BY_FORMAT rows (KERNEL_MAX_ROWS_AVX512 on its AVX-512 path), or
-      torch's packed kernels (_use_packed_kernel);
+    - on the CPU: ours for 1..KERNEL_MAX_ROWS_BY_FORMAT rows (on its AVX-512 path KERNEL_MAX_ROWS_AVX512, or
+      KERNEL_MAX_ROWS_AMX_BF16 for bf16 activations on a CPU with AMX), or torch's packed kernels
+      (_use_packed_kernel);
     - elsewhere (meta, other devices): None."""
     if x2.dtype not in _KERNEL_DTYPES:
         return None
@@ -487,15 +495,34 @@ def _decode_kernel_for(fmt: str, x2: torch.Tensor, weight_numel: int) -> str | N
     if x2.device.type != "cpu":
         return None
     if DECODE_KERNEL == "lladapter":
-        if 1 <= rows <= KERNEL_MAX_ROWS_BY_FORMAT[fmt]:
-            return "lladapter"
-        # (the path is asked only past the common limit: a decode step's one row never pays for the call)
-        if rows <= KERNEL_MAX_ROWS_AVX512[fmt] and ops.quantized_linear_cpu_isa() == "avx512":
-            return "lladapter"
-        return None
+        if rows < 1:
+            return None
+        if rows <= min(KERNEL_MAX_ROWS_BY_FORMAT[fmt], KERNEL_MAX_ROWS_AMX_BF16[fmt]):
+            return "lladapter"  # (below every limit: a decode step's few rows never ask for the path)
+        limit = KERNEL_MAX_ROWS_BY_FORMAT[fmt]
+        if ops.quantized_linear_cpu_isa() == "avx512":
+            amx_bf16 = x2.dtype == torch.bfloat16 and cpu_has_amx()
+            limit = (KERNEL_MAX_ROWS_AMX_BF16 if amx_bf16 else KERNEL_MAX_ROWS_AVX512)[fmt]
+        return "lladapter" if rows <= limit else None
     if DECODE_KERNEL == "torch":
         return "torch" if _use_packed_kernel(fmt, x2, weight_numel) else None
     return None
+
+
+_has_amx: bool | None = None
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later: oneDNN's bf16 GEMMs run on them), as torch
+    reports it (False where this torch cannot tell)."""
+    global _has_amx
+    if _has_amx is None:
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        try:
+            _has_amx = bool(probe()) if probe is not None else False
+        except RuntimeError:
+            _has_amx = False
+    return _has_amx
 
 
 def _use_packed_kernel(fmt: str, x2: torch.Tensor, weight_numel: int) -> bool:

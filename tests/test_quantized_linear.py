@@ -251,14 +251,20 @@ def test_cpu_isa_environment_variable():
 
 def test_layer_row_limits_follow_the_path():
     # QuantizedLinear takes our kernel up to KERNEL_MAX_ROWS_BY_FORMAT rows, and up to KERNEL_MAX_ROWS_AVX512 on the
-    # AVX-512 path; past that it dequantizes
+    # AVX-512 path (KERNEL_MAX_ROWS_AMX_BF16 for bf16 on an AMX CPU); past that it dequantizes
     for isa in [i for i in CPU_ISAS if _isa_unavailable(i) is None]:
         ops.quantized_linear_cpu_isa(isa)
         try:
             for fmt in ("int8", "int4"):
-                limit = (Q.KERNEL_MAX_ROWS_AVX512 if isa == "avx512" else Q.KERNEL_MAX_ROWS_BY_FORMAT)[fmt]
-                for rows, expect in ((1, "lladapter"), (limit, "lladapter"), (limit + 1, None)):
-                    assert Q._decode_kernel_for(fmt, torch.zeros(rows, 64), 64 * 64) == expect, (isa, fmt, rows)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    limits = Q.KERNEL_MAX_ROWS_BY_FORMAT
+                    if isa == "avx512":  # bf16 on an AMX CPU: its bf16 GEMM wins sooner
+                        amx_bf16 = dtype == torch.bfloat16 and Q.cpu_has_amx()
+                        limits = Q.KERNEL_MAX_ROWS_AMX_BF16 if amx_bf16 else Q.KERNEL_MAX_ROWS_AVX512
+                    limit = limits[fmt]
+                    for rows, expect in ((0, None), (1, "lladapter"), (limit, "lladapter"), (limit + 1, None)):
+                        x = torch.zeros(rows, 64, dtype=dtype)
+                        assert Q._decode_kernel_for(fmt, x, 64 * 64) == expect, (isa, fmt, dtype, rows)
         finally:
             ops.quantized_linear_cpu_isa("auto")
 
