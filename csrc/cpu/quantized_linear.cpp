@@ -7,7 +7,7 @@
 //
 // Three paths (docs/quantization.md), chosen at run time (quantized_linear_cpu_isa below):
 //   avx512  16 fp32 lanes (AVX-512 F/BW/VL/DQ, compiled with target attributes whatever the build's flags, taken
-//           only when the CPU has them: __builtin_cpu_supports), software prefetch of the codes, and x in L1-sized
+//           only when the CPU has them: cpu_isa.h's cpu_has_avx512), software prefetch of the codes, and x in L1-sized
 //           chunks when several long rows of it would not fit;
 //   avx2    8 fp32 lanes (AVX2 + FMA + F16C: only when the build targets them, setup.py cpu_isa);
 //   scalar  plain loops (also the fp64 gradcheck path on every ISA, which sums in fp64).
@@ -30,12 +30,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
 #include "../quantized_linear.h"
+#include "cpu_isa.h"
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -739,11 +740,7 @@ std::string isa_unavailable(Isa isa) {
                  : "this build was compiled without AVX2 (setup.py: LLADAPTER_CPU_ISA; CMake: LLADAPTER_CMAKE_AVX2)";
     case Isa::kAvx512:
 #if LL_QL_AVX512
-      __builtin_cpu_init();
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
-                 ? ""
-                 : "this CPU lacks AVX-512 (F, BW, VL and DQ)";
+      return cpu_has_avx512() ? "" : "this CPU lacks AVX-512 (F, BW, VL and DQ)";
 #else
       return "this build has no AVX-512 kernels (not an x86-64 GCC/Clang build)";
 #endif
@@ -751,27 +748,27 @@ std::string isa_unavailable(Isa isa) {
   return "unknown path";
 }
 
-Isa parse_isa(const std::string& name, const char* what) {
+// The path called name (kIsaNames); any other name is an error that names its source, what.
+Isa parse_isa(std::string_view name, const char* what) {
   for (int i = 0; i < 3; ++i)
     if (name == kIsaNames[i]) return static_cast<Isa>(i);
   TORCH_CHECK(false, "lladapter::quantized_linear: ", what, " must be 'avx512', 'avx2' or 'scalar' (or ",
               "unset / 'auto': the best this CPU has), got '", name, "'");
 }
 
-// The path the environment asks for (read once), else the best available one.
+// The path the environment asks for (read once, cpu_isa.h's cpu_isa_from_env), else the best available one. A path
+// that cannot run here is an error (cpu_isa_unavailable), at every call: a throwing initialiser is retried.
 Isa default_isa() {
   static const Isa isa = [] {
-    const char* env = std::getenv(kIsaEnv);
-    if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") {
+    const std::string_view env = cpu_isa_from_env(kIsaEnv, {"auto", "avx512", "avx2", "scalar"});
+    if (env == "auto") {
       for (Isa i : {Isa::kAvx512, Isa::kAvx2})
         if (isa_unavailable(i).empty()) return i;
       return Isa::kScalar;
     }
-    const std::string what = std::string("the environment variable ") + kIsaEnv;
-    const Isa want = parse_isa(env, what.c_str());
+    const Isa want = parse_isa(env, kIsaEnv);
     const std::string why = isa_unavailable(want);
-    TORCH_CHECK(why.empty(), "lladapter::quantized_linear: the environment variable ", kIsaEnv, " asks for '", env,
-                "', but ", why);
+    if (!why.empty()) cpu_isa_unavailable(kIsaEnv, env, why);
     return want;
   }();
   return isa;
@@ -841,32 +838,15 @@ void quantized_linear_impl(const QuantizedLinearShape& sh, const at::Tensor& x, 
   });
 }
 
+// f.template operator()<scalar_t, scale_t>() for x's (or out's) dtype xt (double, float, bf16, half) and the scales'
+// dtype st (float, bf16, half): cpu_isa.h's dispatch_float_types, twice.
 template <typename F>
 void dispatch_x_scales(at::ScalarType xt, at::ScalarType st, F&& f) {
-  auto with_scale = [&]<typename scalar_t>() {
-    switch (st) {
-      case at::kFloat:
-        return f.template operator()<scalar_t, float>();
-      case at::kHalf:
-        return f.template operator()<scalar_t, at::Half>();
-      case at::kBFloat16:
-        return f.template operator()<scalar_t, at::BFloat16>();
-      default:
-        TORCH_CHECK(false, "lladapter::quantized_linear: unsupported scales dtype ", st);
-    }
-  };
-  switch (xt) {
-    case at::kDouble:
-      return with_scale.template operator()<double>();
-    case at::kFloat:
-      return with_scale.template operator()<float>();
-    case at::kBFloat16:
-      return with_scale.template operator()<at::BFloat16>();
-    case at::kHalf:
-      return with_scale.template operator()<at::Half>();
-    default:
-      TORCH_CHECK(false, "lladapter::quantized_linear: unsupported dtype ", xt);
-  }
+  constexpr const char* kOp = "lladapter::quantized_linear";
+  dispatch_float_types(kOp, xt, [&]<typename scalar_t>() {
+    dispatch_float_types<false>(
+        kOp, st, [&]<typename scale_t>() { f.template operator()<scalar_t, scale_t>(); }, "scales dtype");
+  });
 }
 
 at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in) {
