@@ -256,3 +256,18 @@ def test_build_info():
     assert info["torch_version"] == torch.__version__.split("+")[0]
     if info["with_cuda"]:
         assert info["cuda_archs"]
+
+
+def test_no_grad_calls_dispatch_below_the_autograd_kernel():
+    # generation and serving run under no_grad: the ops then skip their Python autograd kernel (ops._dispatch_scope),
+    # with the same results and no graph; with grad enabled they record one as before
+    import contextlib
+
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.rand(8, requires_grad=True) + 0.5
+    y_grad = ops.rms_norm(x, w)
+    assert y_grad.requires_grad and isinstance(ops._dispatch_scope(), contextlib.nullcontext)
+    with torch.no_grad():
+        assert isinstance(ops._dispatch_scope(), torch._C._AutoDispatchBelowAutograd)
+        y = ops.rms_norm(x, w)
+    assert not y.requires_grad and torch.equal(y, y_grad.detach())
