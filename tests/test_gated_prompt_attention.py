@@ -269,8 +269,9 @@ def test_backward_cases(device, case):
 def test_cpu_backward_single_prompt_key(dtype, d, Bp):
     # K = 1: dpk, dpv are products of P' / dS' viewed as a [1, Tq] matrix, one row whose leading dimension BLAS still
     # checks. The converted-block route (bf16/fp16, or fp32 with d not a multiple of the vector width) passed 1, MKL
-    # refused the call, and dpv came out 0 (until 2026-12-01)
-    _check_grads(make_inputs(B=2, Tq=40, H=4, Hkv=2, d=d, K=1, Bp=Bp, dtype=dtype), dtype)
+    # refused the call, and dpv came out 0 (until 2026-12-01). Causal: query 0 attends key 0 alone (P = 1), so dk of
+    # key 0 carries the D rounding bound (the fp16 case exceeded the plain tolerance by 10% on the torch 2.11 build)
+    _check_grads(make_inputs(B=2, Tq=40, H=4, Hkv=2, d=d, K=1, Bp=Bp, dtype=dtype), dtype, single_query_keys=True)
 
 
 @pytest.mark.parametrize("causal", [True, False])
