@@ -25,6 +25,30 @@ struct QuantizedLinearShape {
   int64_t group;  // inputs per scale (int8 with per-row scales: K)
 };
 
+// The scales' shape for codes of a weight [N, K] in either format (and int4's 16-row blocks); returns the inputs per
+// scale (int8 with one scale per row: K). Shared by quantized_linear's and dequantize_rows' checks.
+inline int64_t check_quantized_scales(const char* op, const at::Tensor& codes, const at::Tensor& scales, int64_t N,
+                                      int64_t K) {
+  if (codes.scalar_type() == at::kChar) {
+    if (scales.dim() == 1) {
+      TORCH_CHECK(scales.size(0) == N, op, ": scales (int8, one per row) must have shape [", N,
+                  "] (codes.size(0)), got ", shape_str(scales));
+      return K;
+    }
+    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0, op,
+                ": scales (int8) must have shape [", N, "] (one per row) or [", N,
+                ", K / g] with g inputs per block dividing K = ", K, ", got ", shape_str(scales));
+    return K / scales.size(1);
+  }
+  TORCH_CHECK(N % 16 == 0, op, ": codes (int4) must have a multiple of 16 rows (the packed layout's blocks), got ",
+              shape_str(codes));
+  TORCH_CHECK(
+      scales.dim() == 3 && scales.size(1) == N && scales.size(2) == 2 && scales.size(0) > 0 && K % scales.size(0) == 0,
+      op, ": scales (int4) must have shape [G, ", N, ", 2] (scale and low of each of G groups, G dividing K = ", K,
+      "), got ", shape_str(scales));
+  return K / scales.size(0);
+}
+
 inline QuantizedLinearShape quantized_linear_check_inputs(const at::Tensor& x, const at::Tensor& codes,
                                                           const at::Tensor& scales, const KernelTarget& target) {
   constexpr const char* op = "lladapter::quantized_linear";
@@ -45,27 +69,12 @@ inline QuantizedLinearShape quantized_linear_check_inputs(const at::Tensor& x, c
   if (codes.scalar_type() == at::kChar) {
     TORCH_CHECK(codes.size(1) == K, op, ": codes (int8) must have shape [N, ", K, "] (K = x.size(1)), got ",
                 shape_str(codes));
-    if (scales.dim() == 1) {
-      TORCH_CHECK(scales.size(0) == N, op, ": scales (int8, one per row) must have shape [", N,
-                  "] (codes.size(0)), got ", shape_str(scales));
-    } else {
-      TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0, op,
-                  ": scales (int8) must have shape [", N, "] (one per row) or [", N,
-                  ", K / g] with g inputs per block dividing K = ", K, ", got ", shape_str(scales));
-      s.group = K / scales.size(1);
-    }
   } else {
     s.format = QuantFormat::kInt4;
     TORCH_CHECK(codes.size(1) * 2 == K, op, ": codes (int4, two per byte) must have shape [N, ", K / 2,
                 "] (K / 2, K = x.size(1) even), got ", shape_str(codes), " for K = ", K);
-    TORCH_CHECK(N % 16 == 0, op, ": codes (int4) must have a multiple of 16 rows (the packed layout's blocks), got ",
-                shape_str(codes));
-    TORCH_CHECK(scales.dim() == 3 && scales.size(1) == N && scales.size(2) == 2 && scales.size(0) > 0 &&
-                    K % scales.size(0) == 0,
-                op, ": scales (int4) must have shape [G, ", N,
-                ", 2] (scale and low of each of G groups, G dividing K = ", K, "), got ", shape_str(scales));
-    s.group = K / scales.size(0);
   }
+  s.group = check_quantized_scales(op, codes, scales, N, K);
   return s;
 }
 
@@ -98,25 +107,7 @@ inline DequantizeRowsShape dequantize_rows_check_inputs(const at::Tensor& codes,
   const int64_t N = codes.size(0), K = int4 ? codes.size(1) * 2 : codes.size(1);
   TORCH_CHECK(K > 0, op, ": codes must have at least one input column (K > 0), got ", shape_str(codes));
   DequantizeRowsShape s{int4 ? QuantFormat::kInt4 : QuantFormat::kInt8, N, K, K, row_start, row_end};
-  if (!int4) {
-    if (scales.dim() == 1) {
-      TORCH_CHECK(scales.size(0) == N, op, ": scales (int8, one per row) must have shape [", N,
-                  "] (codes.size(0)), got ", shape_str(scales));
-    } else {
-      TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0, op,
-                  ": scales (int8) must have shape [", N, "] (one per row) or [", N,
-                  ", K / g] with g inputs per block dividing K = ", K, ", got ", shape_str(scales));
-      s.group = K / scales.size(1);
-    }
-  } else {
-    TORCH_CHECK(N % 16 == 0, op, ": codes (int4) must have a multiple of 16 rows (the packed layout's blocks), got ",
-                shape_str(codes));
-    TORCH_CHECK(scales.dim() == 3 && scales.size(1) == N && scales.size(2) == 2 && scales.size(0) > 0 &&
-                    K % scales.size(0) == 0,
-                op, ": scales (int4) must have shape [G, ", N,
-                ", 2] (scale and low of each of G groups, G dividing K = ", K, "), got ", shape_str(scales));
-    s.group = K / scales.size(0);
-  }
+  s.group = check_quantized_scales(op, codes, scales, N, K);
   TORCH_CHECK(0 <= row_start && row_start <= row_end && row_end <= N, op,
               ": rows [row_start, row_end) must lie within the weight's ", N, " rows (0 <= row_start <= row_end <= ", N,
               "), got row_start = ", row_start, ", row_end = ", row_end);

@@ -486,6 +486,27 @@ def quantized_linear_cpu_isa(isa: str = "") -> str:
     return torch.ops.lladapter.quantized_linear_cpu_isa(isa)
 
 
+def _check_quantized_scales(op: str, codes, scales, N: int, K: int) -> None:
+    """The scales' shape for codes of a weight [N, K] (and int4's 16-row blocks), as csrc/quantized_linear.h's
+    check_quantized_scales words it: shared by quantized_linear's and dequantize_rows' fake checks."""
+    if codes.dtype == torch.int8:
+        if scales.dim() == 1:
+            torch._check(scales.shape[0] == N, lambda: f"{op}: scales (int8, one per row) must have shape [{N}] "
+                                                       f"(codes.size(0)), got {list(scales.shape)}")
+        else:
+            torch._check(scales.dim() == 2 and scales.shape[0] == N and scales.shape[1] > 0
+                         and K % scales.shape[1] == 0,
+                         lambda: f"{op}: scales (int8) must have shape [{N}] (one per row) or [{N}, K / g] with g "
+                                 f"inputs per block dividing K = {K}, got {list(scales.shape)}")
+    else:
+        torch._check(N % 16 == 0, lambda: f"{op}: codes (int4) must have a multiple of 16 rows (the packed layout's "
+                                          f"blocks), got {list(codes.shape)}")
+        torch._check(scales.dim() == 3 and scales.shape[1] == N and scales.shape[2] == 2 and scales.shape[0] > 0
+                     and K % scales.shape[0] == 0,
+                     lambda: f"{op}: scales (int4) must have shape [G, {N}, 2] (scale and low of each of G groups, G "
+                             f"dividing K = {K}), got {list(scales.shape)}")
+
+
 def check_quantized_linear_inputs(x, codes, scales, *, cuda_kernels: bool = False) -> None:
     """The kernels' argument checks (csrc/quantized_linear.h) with the same messages, for the fake implementation."""
     op = "lladapter::quantized_linear"
@@ -502,24 +523,11 @@ def check_quantized_linear_inputs(x, codes, scales, *, cuda_kernels: bool = Fals
     if codes.dtype == torch.int8:
         torch._check(codes.shape[1] == K, lambda: f"{op}: codes (int8) must have shape [N, {K}] (K = x.size(1)), "
                                                   f"got {list(codes.shape)}")
-        if scales.dim() == 1:
-            torch._check(scales.shape[0] == N, lambda: f"{op}: scales (int8, one per row) must have shape [{N}] "
-                                                       f"(codes.size(0)), got {list(scales.shape)}")
-        else:
-            torch._check(scales.dim() == 2 and scales.shape[0] == N and scales.shape[1] > 0
-                         and K % scales.shape[1] == 0,
-                         lambda: f"{op}: scales (int8) must have shape [{N}] (one per row) or [{N}, K / g] with g "
-                                 f"inputs per block dividing K = {K}, got {list(scales.shape)}")
     else:
         torch._check(codes.shape[1] * 2 == K, lambda: f"{op}: codes (int4, two per byte) must have shape "
                                                       f"[N, {K // 2}] (K / 2, K = x.size(1) even), got "
                                                       f"{list(codes.shape)} for K = {K}")
-        torch._check(N % 16 == 0, lambda: f"{op}: codes (int4) must have a multiple of 16 rows (the packed layout's "
-                                          f"blocks), got {list(codes.shape)}")
-        torch._check(scales.dim() == 3 and scales.shape[1] == N and scales.shape[2] == 2 and scales.shape[0] > 0
-                     and K % scales.shape[0] == 0,
-                     lambda: f"{op}: scales (int4) must have shape [G, {N}, 2] (scale and low of each of G groups, G "
-                             f"dividing K = {K}), got {list(scales.shape)}")
+    _check_quantized_scales(op, codes, scales, N, K)
 
 
 def _quantized_linear_fake(x, codes, scales):
@@ -574,22 +582,7 @@ def check_dequantize_rows_inputs(codes, scales, row_start: int, row_end: int, ou
     int4 = codes.dtype == torch.uint8
     N, K = codes.shape[0], codes.shape[1] * (2 if int4 else 1)
     torch._check(K > 0, lambda: f"{op}: codes must have at least one input column (K > 0), got {list(codes.shape)}")
-    if not int4:
-        if scales.dim() == 1:
-            torch._check(scales.shape[0] == N, lambda: f"{op}: scales (int8, one per row) must have shape [{N}] "
-                                                       f"(codes.size(0)), got {list(scales.shape)}")
-        else:
-            torch._check(scales.dim() == 2 and scales.shape[0] == N and scales.shape[1] > 0
-                         and K % scales.shape[1] == 0,
-                         lambda: f"{op}: scales (int8) must have shape [{N}] (one per row) or [{N}, K / g] with g "
-                                 f"inputs per block dividing K = {K}, got {list(scales.shape)}")
-    else:
-        torch._check(N % 16 == 0, lambda: f"{op}: codes (int4) must have a multiple of 16 rows (the packed layout's "
-                                          f"blocks), got {list(codes.shape)}")
-        torch._check(scales.dim() == 3 and scales.shape[1] == N and scales.shape[2] == 2 and scales.shape[0] > 0
-                     and K % scales.shape[0] == 0,
-                     lambda: f"{op}: scales (int4) must have shape [G, {N}, 2] (scale and low of each of G groups, G "
-                             f"dividing K = {K}), got {list(scales.shape)}")
+    _check_quantized_scales(op, codes, scales, N, K)
     torch._check(0 <= row_start <= row_end <= N,
                  lambda: f"{op}: rows [row_start, row_end) must lie within the weight's {N} rows (0 <= row_start <= "
                          f"row_end <= {N}), got row_start = {row_start}, row_end = {row_end}")
