@@ -102,19 +102,24 @@ def test_rope_gpu_equals_emulator(interleaved):
         torch.testing.assert_close(g.cpu(), e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int8_blocks", "int4"])
-def test_quantized_linear_gpu_equals_emulator(fmt):
-    # the same kernel source and summation order on both: equal up to fp32 rounding of contracted multiply-adds
+def _quantized_weight(fmt):
+    """Codes and scales of a random 80 x 192 weight: int4 (two 32-row blocks and the trailing 16-row one), int8 with
+    one scale per row, or int8 with fp16 scales per block of 32 inputs (int8_blocks)."""
     from lladapter_ext import quantize as Q
     w = torch.randn(80, 192) / 14
     if fmt == "int4":
         c, scales = Q.quantize_int4(w, 32)
-        codes = Q.pack_int4(c)  # two 32-row blocks and the trailing 16-row one
-    elif fmt == "int8":
-        codes, scales = Q.quantize_int8(w)
-    else:
-        codes, scales = Q.quantize_int8(w)
+        return Q.pack_int4(c), scales
+    codes, scales = Q.quantize_int8(w)
+    if fmt == "int8_blocks":
         scales = scales[:, None].expand(80, 6).half().contiguous()
+    return codes, scales
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_blocks", "int4"])
+def test_quantized_linear_gpu_equals_emulator(fmt):
+    # the same kernel source and summation order on both: equal up to fp32 rounding of contracted multiply-adds
+    codes, scales = _quantized_weight(fmt)
     x = torch.randn(5, 192).bfloat16()
     gpu = ops.quantized_linear(x.cuda(), codes.cuda(), scales.cuda())
     with emulator.kernels():
@@ -128,15 +133,7 @@ def test_dequantize_rows_gpu_equals_emulator_and_dequantize(fmt, dtype):
     # one rounded product (and for int4 one rounded sum: __fmul_rn / __fadd_rn, never an FMA), one rounding to the
     # dtype: bitwise equal on the GPU, the emulator and quantize.dequantize
     from lladapter_ext import quantize as Q
-    w = torch.randn(80, 192) / 14
-    if fmt == "int4":
-        c, scales = Q.quantize_int4(w, 32)
-        codes = Q.pack_int4(c)  # two 32-row blocks and the trailing 16-row one
-    elif fmt == "int8":
-        codes, scales = Q.quantize_int8(w)
-    else:
-        codes, scales = Q.quantize_int8(w)
-        scales = scales[:, None].expand(80, 6).half().contiguous()
+    codes, scales = _quantized_weight(fmt)
     want = Q.dequantize(codes, scales, dtype)[32:80]
     gpu = ops.dequantize_rows(codes.cuda(), scales.cuda(), 32, 80, torch.empty(48, 192, dtype=dtype, device="cuda"))
     with emulator.kernels():
