@@ -451,9 +451,9 @@ def main():
     args = p.parse_args()
     if args.threads and (args.matmul or args.decode_ab or args.paths or args.train_ab):
         torch.set_num_threads(args.threads)
+    if (args.train_ab or args.decode_ab) and args.shapes == p.get_default("shapes"):
+        args.shapes = "smollm2-135m"  # (the in-process A/Bs' default: TinyLlama takes minutes a round)
     if args.train_ab:
-        if args.shapes == p.get_default("shapes"):
-            args.shapes = "smollm2-135m"
         train_ab(args)
         return
     if args.paths:
@@ -463,8 +463,6 @@ def main():
         matmul_table(args)
         return
     if args.decode_ab:
-        if args.shapes == p.get_default("shapes"):
-            args.shapes = "smollm2-135m"
         decode_ab(args)
         return
     if args.variant:
