@@ -1,7 +1,10 @@
 // The Python module lladapter_ext._C: importing it loads the op registrations; build_info() says what was built.
 // pybind11 with torch's Tensor casters, not <torch/extension.h> (all of libtorch's C++ API: 35 s more compile time)
+#include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
+
+#include "decode_layers.h"
 
 #ifndef LLADAPTER_CUDA_ARCHS
 #define LLADAPTER_CUDA_ARCHS ""
@@ -40,6 +43,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lladapter compiled kernels (ops live in torch.ops.lladapter)";
   m.def("build_info", &build_info, "What this extension was compiled with.");
+  m.def("decode_layers", &lladapter::decode_layers,
+        "Every decoder layer of a no-grad, KV-cached forward in one call (csrc/decode_layers.h; model.py calls it).");
 #ifdef LLADAPTER_WITH_CUDA
   m.def("wmma_fragment_layouts", &lladapter::cuda_impl::wmma_fragment_layouts,
         "[8, 32, 16]: the matrix element (r * 16 + c) each lane holds in x[i] of each wmma fragment kind, on the "

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import _C, ops, reference
 from .ops import GATE_ACTS
 from .adapter import AdapterMixin
 from .kv_cache import KVCache
-from .nn import DecodeLinear, RMSNorm, few_rows_linear, lm_head_cross_entropy
+from .nn import DecodeLinear, RMSNorm, few_rows_linear, few_rows_route, lm_head_cross_entropy
 from .quantize import QuantizedLinear
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "BlockInputs",
@@ -451,8 +451,12 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             h = self.tok_embeddings(input_ids)
             for i in range(first_trainable):
                 h = self.layers[i](h, inputs, i)
-        for i in range(first_trainable, self.config.n_layers):
-            h = self.layers[i](h, inputs, i)
+        layers_args = self._decode_layers_args(h, inputs)
+        if layers_args is not None:  # the same layer loop in one C++ call (decoding: ~500 op calls a step)
+            h = _C.decode_layers(h, *layers_args)
+        else:
+            for i in range(first_trainable, self.config.n_layers):
+                h = self.layers[i](h, inputs, i)
         if cache is not None:
             cache.length += T
             cache.next_pos = inputs.positions[:, -1] + 1
@@ -525,6 +529,46 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
                            use_adapter=self.use_adapter and self.config.n_adapted_layers > 0,
                            prompt_offset=prompt_offset)
 
+    def _decode_layers_args(self, h: torch.Tensor, inputs: BlockInputs) -> tuple | None:
+        """The arguments of _C.decode_layers (csrc/decode_layers.h) for this forward's layer loop, or None where the
+        Python loop runs: grad mode on, no KV cache, not the CPU kernels (CUDA, the emulator), serving's per-row
+        prompts, a layer that is not the plain one (quantized or wrapped linears, hooks, activation checkpointing,
+        FSDP), or LLADAPTER_DECODE_LAYERS=0. Fills the cache's missing prompt keys/values as the layers would."""
+        cache = inputs.cache
+        if (cache is None or torch.is_grad_enabled() or h.device.type != "cpu" or h.shape[1] == 0
+                or cache.row_prompts is not None or ops.kernel_namespace() != "lladapter"
+                or os.environ.get(DECODE_LAYERS_ENV, "1") == "0" or _global_module_hooks()):
+            return None
+        weights, eps, prompt_k, prompt_v, gates = [], [], [], [], []
+        shape = None  # (n_heads, n_kv_heads, head_dim, rope_interleaved, gate_act): one for every layer
+        for i, layer in enumerate(self.layers):
+            if type(layer) is not TransformerBlock:
+                return None
+            a, f = layer.attention, layer.feed_forward
+            mods = (layer.attention_norm, a.wq, a.wk, a.wv, a.wo, layer.ffn_norm, f.w1, f.w3, f.w2)
+            if (type(a) is not Attention or type(f) is not FeedForward or type(mods[0]) is not RMSNorm
+                    or type(mods[5]) is not RMSNorm or any(type(m) is not DecodeLinear for m in mods[1:5] + mods[6:])
+                    or any(_hooked(m) for m in (layer, a, f) + mods)):
+                return None
+            if shape is None:
+                shape = (a.n_heads, a.n_kv_heads, a.head_dim, a.rope_interleaved, a.gate_act)
+            elif shape != (a.n_heads, a.n_kv_heads, a.head_dim, a.rope_interleaved, a.gate_act):
+                return None
+            weights += [m.weight for m in mods]
+            eps += [mods[0].eps, mods[5].eps]
+            if inputs.use_adapter and a.adapter_prompt is not None:
+                if i not in cache.prompt_kv:
+                    cache.prompt_kv[i] = a.prompt_kv(inputs.prompt_offset)
+                pk, pv = cache.prompt_kv[i]
+                prompt_k.append(pk), prompt_v.append(pv), gates.append(a.adapter_gate)
+            else:
+                prompt_k.append(None), prompt_v.append(None), gates.append(None)
+        if shape is None:
+            return None
+        transposed_max_rows = 4 if few_rows_route(weights[1].dtype) == "transposed" else 0  # as few_rows_linear
+        return (weights, eps, cache.k, cache.v, prompt_k, prompt_v, gates, cache.length, inputs.positions, inputs.cos,
+                inputs.sin, inputs.kv_start, *shape, 1.0 / math.sqrt(shape[2]), transposed_max_rows)
+
     @staticmethod
     def _padding_start(B: int, T: int, dev: torch.device, attention_mask, cache, past: int) -> torch.Tensor | None:
         """[B] index of each sample's first real key (left padding), or None when no sample is left-padded."""
@@ -566,6 +610,20 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         return (f"layers={c.n_layers}, dim={c.dim}, heads={c.n_heads}/{c.n_kv_heads}, adapter_len={c.adapter_len}, "
                 f"adapted_layers={c.n_adapted_layers}, gate_act={c.gate_act}")
 
+
+
+DECODE_LAYERS_ENV = "LLADAPTER_DECODE_LAYERS"  # "0": no-grad cached forwards keep the Python layer loop (A/B runs)
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    """Whether calling m runs more than its class's forward (hooks, or an instance-level forward)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 def _lm_head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

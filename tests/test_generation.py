@@ -163,3 +163,108 @@ def test_prompt_longer_than_the_context_is_refused_and_overlong_generation_cappe
                                          "model's context of 128 tokens .*generating at most 3 tokens"):
         out = generate_tokens(model, [[1 + i % 70 for i in range(125)]], 10)
     assert len(out[0]) == 3
+
+
+# ------------------------------------------------------------------ decode_layers (the layer loop in one C++ call)
+def _cached_forward_logits(model, prompts_ids, mask, n_steps, step_ids):
+    """Logits of a prefill and n_steps one-token steps, and the cache's keys/values afterwards."""
+    B = prompts_ids.shape[0]
+    with torch.no_grad():
+        cache = model.new_cache(B, prompts_ids.shape[1] + n_steps)
+        outs = [model(prompts_ids, attention_mask=mask, cache=cache).logits]
+        for t in range(n_steps):
+            outs.append(model(step_ids[:, t:t + 1], cache=cache).logits)
+    return outs, cache
+
+
+@pytest.mark.parametrize("route", ["linear", "transposed"])
+@pytest.mark.parametrize("variant", ["gqa", "mha_interleaved_identity", "bf16", "no_adapter"])
+def test_decode_layers_equal_the_python_loop(monkeypatch, route, variant):
+    """The C++ layer loop runs the same ops in the same order: bit-equal logits and caches (prefill with left
+    padding, then decode steps), on both few-row linear routes, and it is the path actually taken."""
+    import lladapter_ext.model as model_mod
+
+    monkeypatch.setenv("LLADAPTER_FEW_ROWS_ROUTE", route)
+    model = adapted_model(gqa=variant != "mha_interleaved_identity")
+    if variant == "mha_interleaved_identity":
+        model.config = model.config.replace(rope_interleaved=True, gate_act="identity")
+        for layer in model.layers:
+            layer.attention.rope_interleaved, layer.attention.gate_act = True, "identity"
+    if variant == "bf16":
+        model.to(torch.bfloat16)
+    if variant == "no_adapter":
+        model.use_adapter = False
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, 80, (3, 6), generator=g)
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # left padding: kv_start
+    mask[2, :5] = 0
+    step_ids = torch.randint(3, 80, (3, 4), generator=g)
+
+    calls = []
+    real = model_mod._C
+
+    class CountingC:
+        @staticmethod
+        def decode_layers(*args):
+            calls.append(args[0].shape)
+            return real.decode_layers(*args)
+
+    monkeypatch.setattr(model_mod, "_C", CountingC)
+    fused, fused_cache = _cached_forward_logits(model, prompts, mask, 4, step_ids)
+    assert calls == [(3, 6, 48)] + [(3, 1, 48)] * 4
+    monkeypatch.setenv("LLADAPTER_DECODE_LAYERS", "0")
+    loop, loop_cache = _cached_forward_logits(model, prompts, mask, 4, step_ids)
+    assert len(calls) == 5  # the Python loop ran
+    for a, b in zip(fused, loop):
+        assert torch.equal(a, b)
+    for a, b in zip(fused_cache.k + fused_cache.v, loop_cache.k + loop_cache.v):
+        assert torch.equal(a[:, :10], b[:, :10])
+    assert fused_cache.prompt_kv.keys() == loop_cache.prompt_kv.keys()
+
+
+def test_decode_layers_not_taken_where_the_python_loop_must_run(monkeypatch):
+    """Grad mode, no cache, hooks, checkpointed or quantized layers keep the Python loop (the hook runs)."""
+    import lladapter_ext.model as model_mod
+    from lladapter_ext.quantize import quantize_model
+
+    calls = []
+    real = model_mod._C
+
+    class CountingC:
+        @staticmethod
+        def decode_layers(*args):
+            calls.append(1)
+            return real.decode_layers(*args)
+
+    monkeypatch.setattr(model_mod, "_C", CountingC)
+    model = adapted_model()
+    x = torch.randint(3, 80, (1, 5))
+    model(x, cache=model.new_cache(1, 8))  # grad mode on
+    with torch.no_grad():
+        model(x)  # no cache
+        seen = []
+        handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda m, i, o: seen.append(1))
+        model(x, cache=model.new_cache(1, 8))
+        assert seen == [1]
+        handle.remove()
+        quantized = quantize_model(adapted_model(), "int8")
+        quantized(x, cache=quantized.new_cache(1, 8))
+    assert calls == []
+    with torch.no_grad():
+        model(x, cache=model.new_cache(1, 8))
+    assert calls == [1]
+
+
+def test_decode_layers_refuses_inconsistent_arguments():
+    from lladapter_ext import _C
+
+    h = torch.zeros(1, 1, 8)
+    with pytest.raises(RuntimeError, match="decode_layers: per layer 9 weights"):
+        _C.decode_layers(h, [torch.zeros(8, 8)] * 8, [1e-5, 1e-5], [torch.zeros(1, 4, 1, 8)],
+                         [torch.zeros(1, 4, 1, 8)], [None], [None], [None], 0, torch.zeros(1, 1, dtype=torch.long),
+                         torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8, False, "tanh", 1.0, 0)
+    with pytest.raises(RuntimeError, match="layer 0's k/v cache must be"):
+        _C.decode_layers(h, [torch.zeros(8, 8)] * 9, [1e-5, 1e-5], [torch.zeros(1, 0, 1, 8)],
+                         [torch.zeros(1, 0, 1, 8)], [None], [None], [None], 0, torch.zeros(1, 1, dtype=torch.long),
+                         torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8, False, "tanh", 1.0, 0)

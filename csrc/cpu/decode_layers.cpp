@@ -1,0 +1,111 @@
+// decode_layers (csrc/decode_layers.h): the decoder layer loop of a no-grad, KV-cached forward in C++. Each step is
+// exactly what model.py's TransformerBlock / Attention / FeedForward / KVCache.write / few_rows_linear do, in the
+// same order, so the results are the Python loop's, bit for bit (tests/test_model.py checks torch.equal).
+#include "decode_layers.h"
+
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+
+namespace lladapter {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// The registered ops' signatures (csrc/schemas.h), looked up once (the real kernels' namespace, never the emulator's).
+using RmsNormFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double);
+using RopeFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                          c10::SymInt, bool, bool);
+using AttentionFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                                       const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                                                       std::string, double);
+using SwigluFn = Tensor(const Tensor&, const Tensor&);
+
+struct Ops {
+  c10::TypedOperatorHandle<RmsNormFn> rms_norm;
+  c10::TypedOperatorHandle<RopeFn> rope;
+  c10::TypedOperatorHandle<AttentionFn> attention;
+  c10::TypedOperatorHandle<SwigluFn> swiglu;
+
+  static const Ops& get() {
+    static const Ops ops = [] {
+      auto& d = c10::Dispatcher::singleton();
+      return Ops{d.findSchemaOrThrow("lladapter::rms_norm", "").typed<RmsNormFn>(),
+                 d.findSchemaOrThrow("lladapter::rope", "").typed<RopeFn>(),
+                 d.findSchemaOrThrow("lladapter::gated_prompt_attention", "").typed<AttentionFn>(),
+                 d.findSchemaOrThrow("lladapter::swiglu", "").typed<SwigluFn>()};
+    }();
+    return ops;
+  }
+};
+
+// nn.few_rows_linear: x @ w^T, through (w @ x^T)^T with at least two rows when the route says so.
+Tensor linear(const Tensor& x, const Tensor& w, int64_t transposed_max_rows) {
+  const int64_t K = x.size(-1);
+  const int64_t rows = K ? x.numel() / K : 0;
+  if (rows >= 1 && rows <= transposed_max_rows) {
+    Tensor x2 = x.reshape({rows, K});
+    if (rows == 1) x2 = at::cat({x2, x2});
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    return at::mm(w, x2.t()).slice(1, 0, rows).t().contiguous().view(shape);
+  }
+  return at::linear(x, w);
+}
+
+}  // namespace
+
+Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const std::vector<double>& norm_eps,
+                     const std::vector<Tensor>& k_cache, const std::vector<Tensor>& v_cache,
+                     const std::vector<OptTensor>& prompt_k, const std::vector<OptTensor>& prompt_v,
+                     const std::vector<OptTensor>& gate, int64_t cached, const Tensor& positions, const Tensor& cos,
+                     const Tensor& sin, const OptTensor& kv_start, int64_t n_heads, int64_t n_kv_heads,
+                     int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,
+                     int64_t transposed_max_rows) {
+  const size_t L = k_cache.size();
+  TORCH_CHECK(weights.size() == 9 * L && norm_eps.size() == 2 * L && v_cache.size() == L && prompt_k.size() == L &&
+                  prompt_v.size() == L && gate.size() == L,
+              "decode_layers: per layer 9 weights, 2 eps, one k/v cache and prompt_k/prompt_v/gate entry; got ",
+              weights.size(), " weights, ", norm_eps.size(), " eps, ", L, "/", v_cache.size(), " k/v caches, ",
+              prompt_k.size(), "/", prompt_v.size(), "/", gate.size(), " prompt entries");
+  TORCH_CHECK(h.dim() == 3, "decode_layers: h must be [B, T, D], got ", h.sizes());
+  const int64_t B = h.size(0), T = h.size(1), end = cached + T;
+  for (size_t i = 0; i < L; ++i) {
+    TORCH_CHECK(
+        k_cache[i].dim() == 4 && v_cache[i].dim() == 4 && k_cache[i].size(1) >= end && v_cache[i].size(1) >= end,
+        "decode_layers: layer ", i, "'s k/v cache must be [B, max_len >= ", end, ", Hkv, d], got ", k_cache[i].sizes(),
+        " and ", v_cache[i].sizes());
+  }
+  const Ops& ops = Ops::get();
+  at::AutoDispatchBelowAutograd below_autograd;  // no graph is recorded (the caller runs under no_grad)
+  Tensor x = h;
+  for (size_t i = 0; i < L; ++i) {
+    const Tensor* w = weights.data() + 9 * i;
+    // attention: x + wo(attention(rope(wq xn), rope(wk xn), wv xn)), xn = attention_norm(x)
+    const Tensor xn = std::get<0>(ops.rms_norm.call(x, w[0], norm_eps[2 * i]));
+    const Tensor q = linear(xn, w[1], transposed_max_rows).view({B, T, n_heads, head_dim});
+    const Tensor k = linear(xn, w[2], transposed_max_rows).view({B, T, n_kv_heads, head_dim});
+    const Tensor v = linear(xn, w[3], transposed_max_rows).view({B, T, n_kv_heads, head_dim});
+    auto [qr, kr] = ops.rope.call(q, k, cos, sin, positions, c10::SymInt(0), rope_interleaved, false);
+    k_cache[i].slice(1, cached, end).copy_(kr);  // KVCache.write
+    v_cache[i].slice(1, cached, end).copy_(v);
+    const Tensor out =
+        std::get<0>(ops.attention.call(qr, k_cache[i].slice(1, 0, end), v_cache[i].slice(1, 0, end), prompt_k[i],
+                                       prompt_v[i], gate[i], kv_start, true, gate_act, scale));
+    x = at::add(x, linear(out.reshape({B, T, n_heads * head_dim}), w[4], transposed_max_rows));
+    // feed-forward: x + w2(swiglu(w1 xn, w3 xn)), xn = ffn_norm(x)
+    const Tensor fn = std::get<0>(ops.rms_norm.call(x, w[5], norm_eps[2 * i + 1]));
+    const Tensor act = ops.swiglu.call(linear(fn, w[6], transposed_max_rows), linear(fn, w[7], transposed_max_rows));
+    x = at::add(x, linear(act, w[8], transposed_max_rows));
+  }
+  return x;
+}
+
+}  // namespace lladapter

@@ -1,0 +1,32 @@
+// decode_layers: every decoder layer of a no-grad, KV-cached forward (LlamaForCausalLM.forward's layer loop) in one
+// C++ call. A decode step makes ~500 op calls of microseconds each between its weight-streaming GEMVs; from Python
+// each also pays the interpreter and module calls, on caches that the GEMVs just flushed. Here the same ops run in
+// the same order with the same arguments (the results are bit-identical to the Python loop), through the dispatcher.
+// The Python side (model.py, _decode_layers_args) decides when the loop qualifies and prepares the arguments.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace lladapter {
+
+// Per layer i, weights[9 i .. 9 i + 8] = attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2 (nn.Linear layout
+// [out, in]); norm_eps[2 i], norm_eps[2 i + 1] the two RMSNorms' eps; k_cache[i], v_cache[i] [B, max_len, Hkv, d]
+// (positions [cached, cached + T) are written); prompt_k/prompt_v/gate[i]: the adapter's prompt keys/values and gate,
+// or None for a layer without a prompt. h [B, T, D]: the embeddings; returns the last layer's output. positions
+// [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. transposed_max_rows > 0: linears of
+// 1..transposed_max_rows rows take few_rows_linear's transposed route (nn.py), as the Python layers would.
+at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& weights,
+                         const std::vector<double>& norm_eps, const std::vector<at::Tensor>& k_cache,
+                         const std::vector<at::Tensor>& v_cache, const std::vector<std::optional<at::Tensor>>& prompt_k,
+                         const std::vector<std::optional<at::Tensor>>& prompt_v,
+                         const std::vector<std::optional<at::Tensor>>& gate, int64_t cached,
+                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                         const std::optional<at::Tensor>& kv_start, int64_t n_heads, int64_t n_kv_heads,
+                         int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,
+                         int64_t transposed_max_rows);
+
+}  // namespace lladapter
