@@ -28,7 +28,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     logits = logits.float()
     if temperature == 0.0:
-        return logits.argmax(-1)
+        return logits.max(-1).indices  # (argmax: the same first index of the max, ~2x slower on a CPU row)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
