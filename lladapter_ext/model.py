@@ -533,11 +533,13 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         """The arguments of _C.decode_layers (csrc/decode_layers.h) for this forward's layer loop, or None where the
         Python loop runs: grad mode on, no KV cache, not the CPU kernels (CUDA, the emulator), serving's per-row
         prompts, a layer that is not the plain one (quantized or wrapped linears, hooks, activation checkpointing,
-        FSDP), or LLADAPTER_DECODE_LAYERS=0. Fills the cache's missing prompt keys/values as the layers would."""
+        FSDP), an ops function replaced (e.g. the benchmarks' reference ops: the C++ loop calls the registered
+        kernels), or LLADAPTER_DECODE_LAYERS=0. Fills the cache's missing prompt keys/values as the layers would."""
         cache = inputs.cache
         if (cache is None or torch.is_grad_enabled() or h.device.type != "cpu" or h.shape[1] == 0
                 or cache.row_prompts is not None or ops.kernel_namespace() != "lladapter"
-                or os.environ.get(DECODE_LAYERS_ENV, "1") == "0" or _global_module_hooks()):
+                or os.environ.get(DECODE_LAYERS_ENV, "1") == "0" or _global_module_hooks()
+                or any(getattr(ops, name) is not f for name, f in _DECODE_LAYERS_OPS.items())):
             return None
         weights, eps, prompt_k, prompt_v, gates = [], [], [], [], []
         shape = None  # (n_heads, n_kv_heads, head_dim, rope_interleaved, gate_act): one for every layer
@@ -613,6 +615,10 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
 
 
 DECODE_LAYERS_ENV = "LLADAPTER_DECODE_LAYERS"  # "0": no-grad cached forwards keep the Python layer loop (A/B runs)
+
+
+# the ops functions whose kernels decode_layers calls directly: where one is patched, the Python loop runs
+_DECODE_LAYERS_OPS = {name: getattr(ops, name) for name in ("rms_norm", "rope", "gated_prompt_attention", "swiglu")}
 
 
 def _hooked(m: torch.nn.Module) -> bool:

@@ -224,7 +224,7 @@ def test_decode_layers_equal_the_python_loop(monkeypatch, route, variant):
 
 
 def test_decode_layers_not_taken_where_the_python_loop_must_run(monkeypatch):
-    """Grad mode, no cache, hooks, checkpointed or quantized layers keep the Python loop (the hook runs)."""
+    """Grad mode, no cache, hooks, quantized layers, a patched ops function keep the Python loop (the hook runs)."""
     import lladapter_ext.model as model_mod
     from lladapter_ext.quantize import quantize_model
 
@@ -250,6 +250,11 @@ def test_decode_layers_not_taken_where_the_python_loop_must_run(monkeypatch):
         handle.remove()
         quantized = quantize_model(adapted_model(), "int8")
         quantized(x, cache=quantized.new_cache(1, 8))
+        with monkeypatch.context() as m:  # a replaced ops function (the benchmarks' reference ops) is honoured
+            from lladapter_ext import ops, reference
+
+            m.setattr(ops, "rms_norm", reference.rms_norm)
+            model(x, cache=model.new_cache(1, 8))
     assert calls == []
     with torch.no_grad():
         model(x, cache=model.new_cache(1, 8))
