@@ -17,8 +17,8 @@ namespace lladapter {
 // [out, in]); norm_eps[2 i], norm_eps[2 i + 1] the two RMSNorms' eps; k_cache[i], v_cache[i] [B, max_len, Hkv, d]
 // (positions [cached, cached + T) are written); prompt_k/prompt_v/gate[i]: the adapter's prompt keys/values and gate,
 // or None for a layer without a prompt. h [B, T, D]: the embeddings; returns the last layer's output. positions
-// [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. transposed_max_rows > 0: linears of
-// 1..transposed_max_rows rows take few_rows_linear's transposed route (nn.py), as the Python layers would.
+// [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. transposed_linears: every projection
+// (all have B * T rows) takes few_rows_linear's transposed route (nn.py), as the Python layers would.
 at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& weights,
                          const std::vector<double>& norm_eps, const std::vector<at::Tensor>& k_cache,
                          const std::vector<at::Tensor>& v_cache, const std::vector<std::optional<at::Tensor>>& prompt_k,
@@ -27,6 +27,6 @@ at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& wei
                          const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& kv_start, int64_t n_heads, int64_t n_kv_heads,
                          int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,
-                         int64_t transposed_max_rows);
+                         bool transposed_linears);
 
 }  // namespace lladapter

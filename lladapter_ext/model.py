@@ -543,33 +543,41 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             return None
         weights, eps, prompt_k, prompt_v, gates = [], [], [], [], []
         shape = None  # (n_heads, n_kv_heads, head_dim, rope_interleaved, gate_act): one for every layer
-        for i, layer in enumerate(self.layers):
-            if type(layer) is not TransformerBlock:
+        use_adapter = inputs.use_adapter
+        # (the modules' own dicts, not nn.Module.__getattr__: this runs before every decode step, ~0.1 ms)
+        for i, layer in enumerate(self.layers._modules.values()):
+            if type(layer) is not TransformerBlock or _hooked(layer):
                 return None
-            a, f = layer.attention, layer.feed_forward
-            mods = (layer.attention_norm, a.wq, a.wk, a.wv, a.wo, layer.ffn_norm, f.w1, f.w3, f.w2)
-            if (type(a) is not Attention or type(f) is not FeedForward or type(mods[0]) is not RMSNorm
-                    or type(mods[5]) is not RMSNorm or any(type(m) is not DecodeLinear for m in mods[1:5] + mods[6:])
-                    or any(_hooked(m) for m in (layer, a, f) + mods)):
+            sub = layer._modules
+            a, f, norm1, norm2 = sub["attention"], sub["feed_forward"], sub["attention_norm"], sub["ffn_norm"]
+            if (type(a) is not Attention or type(f) is not FeedForward or type(norm1) is not RMSNorm
+                    or type(norm2) is not RMSNorm or _hooked(a) or _hooked(f) or _hooked(norm1) or _hooked(norm2)):
                 return None
+            am, fm = a._modules, f._modules
+            for m in (norm1, am["wq"], am["wk"], am["wv"], am["wo"], norm2, fm["w1"], fm["w3"], fm["w2"]):
+                if m is not norm1 and m is not norm2 and (type(m) is not DecodeLinear or _hooked(m)):
+                    return None
+                weights.append(m._parameters["weight"])
+            layer_shape = (a.n_heads, a.n_kv_heads, a.head_dim, a.rope_interleaved, a.gate_act)
             if shape is None:
-                shape = (a.n_heads, a.n_kv_heads, a.head_dim, a.rope_interleaved, a.gate_act)
-            elif shape != (a.n_heads, a.n_kv_heads, a.head_dim, a.rope_interleaved, a.gate_act):
+                shape = layer_shape
+            elif shape != layer_shape:
                 return None
-            weights += [m.weight for m in mods]
-            eps += [mods[0].eps, mods[5].eps]
-            if inputs.use_adapter and a.adapter_prompt is not None:
+            eps += (norm1.eps, norm2.eps)
+            prompt = a._parameters.get("adapter_prompt")  # (None: an unadapted layer)
+            if use_adapter and prompt is not None:
                 if i not in cache.prompt_kv:
                     cache.prompt_kv[i] = a.prompt_kv(inputs.prompt_offset)
                 pk, pv = cache.prompt_kv[i]
-                prompt_k.append(pk), prompt_v.append(pv), gates.append(a.adapter_gate)
+                prompt_k.append(pk), prompt_v.append(pv), gates.append(a._parameters["adapter_gate"])
             else:
                 prompt_k.append(None), prompt_v.append(None), gates.append(None)
         if shape is None:
             return None
-        transposed_max_rows = 4 if few_rows_route(weights[1].dtype) == "transposed" else 0  # as few_rows_linear
+        # every projection has B * T rows: routed as few_rows_linear (DecodeLinear, up to 4 rows) routes them
+        transposed = h.shape[0] * h.shape[1] <= 4 and few_rows_route(weights[1].dtype) == "transposed"
         return (weights, eps, cache.k, cache.v, prompt_k, prompt_v, gates, cache.length, inputs.positions, inputs.cos,
-                inputs.sin, inputs.kv_start, *shape, 1.0 / math.sqrt(shape[2]), transposed_max_rows)
+                inputs.sin, inputs.kv_start, *shape, 1.0 / math.sqrt(shape[2]), transposed)
 
     @staticmethod
     def _padding_start(B: int, T: int, dev: torch.device, attention_mask, cache, past: int) -> torch.Tensor | None:

@@ -46,11 +46,11 @@ struct Ops {
   }
 };
 
-// nn.few_rows_linear: x @ w^T, through (w @ x^T)^T with at least two rows when the route says so.
-Tensor linear(const Tensor& x, const Tensor& w, int64_t transposed_max_rows) {
+// nn.few_rows_linear: x @ w^T, or (w @ x^T)^T with at least two rows where its route says so (`transposed`).
+Tensor linear(const Tensor& x, const Tensor& w, bool transposed) {
   const int64_t K = x.size(-1);
   const int64_t rows = K ? x.numel() / K : 0;
-  if (rows >= 1 && rows <= transposed_max_rows) {
+  if (transposed && rows >= 1) {
     Tensor x2 = x.reshape({rows, K});
     if (rows == 1) x2 = at::cat({x2, x2});
     std::vector<int64_t> shape = x.sizes().vec();
@@ -68,7 +68,7 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
                      const std::vector<OptTensor>& gate, int64_t cached, const Tensor& positions, const Tensor& cos,
                      const Tensor& sin, const OptTensor& kv_start, int64_t n_heads, int64_t n_kv_heads,
                      int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,
-                     int64_t transposed_max_rows) {
+                     bool transposed_linears) {
   const size_t L = k_cache.size();
   TORCH_CHECK(weights.size() == 9 * L && norm_eps.size() == 2 * L && v_cache.size() == L && prompt_k.size() == L &&
                   prompt_v.size() == L && gate.size() == L,
@@ -90,20 +90,20 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
     const Tensor* w = weights.data() + 9 * i;
     // attention: x + wo(attention(rope(wq xn), rope(wk xn), wv xn)), xn = attention_norm(x)
     const Tensor xn = std::get<0>(ops.rms_norm.call(x, w[0], norm_eps[2 * i]));
-    const Tensor q = linear(xn, w[1], transposed_max_rows).view({B, T, n_heads, head_dim});
-    const Tensor k = linear(xn, w[2], transposed_max_rows).view({B, T, n_kv_heads, head_dim});
-    const Tensor v = linear(xn, w[3], transposed_max_rows).view({B, T, n_kv_heads, head_dim});
+    const Tensor q = linear(xn, w[1], transposed_linears).view({B, T, n_heads, head_dim});
+    const Tensor k = linear(xn, w[2], transposed_linears).view({B, T, n_kv_heads, head_dim});
+    const Tensor v = linear(xn, w[3], transposed_linears).view({B, T, n_kv_heads, head_dim});
     auto [qr, kr] = ops.rope.call(q, k, cos, sin, positions, c10::SymInt(0), rope_interleaved, false);
     k_cache[i].slice(1, cached, end).copy_(kr);  // KVCache.write
     v_cache[i].slice(1, cached, end).copy_(v);
     const Tensor out =
         std::get<0>(ops.attention.call(qr, k_cache[i].slice(1, 0, end), v_cache[i].slice(1, 0, end), prompt_k[i],
                                        prompt_v[i], gate[i], kv_start, true, gate_act, scale));
-    x = at::add(x, linear(out.reshape({B, T, n_heads * head_dim}), w[4], transposed_max_rows));
+    x = at::add(x, linear(out.reshape({B, T, n_heads * head_dim}), w[4], transposed_linears));
     // feed-forward: x + w2(swiglu(w1 xn, w3 xn)), xn = ffn_norm(x)
     const Tensor fn = std::get<0>(ops.rms_norm.call(x, w[5], norm_eps[2 * i + 1]));
-    const Tensor act = ops.swiglu.call(linear(fn, w[6], transposed_max_rows), linear(fn, w[7], transposed_max_rows));
-    x = at::add(x, linear(act, w[8], transposed_max_rows));
+    const Tensor act = ops.swiglu.call(linear(fn, w[6], transposed_linears), linear(fn, w[7], transposed_linears));
+    x = at::add(x, linear(act, w[8], transposed_linears));
   }
   return x;
 }
