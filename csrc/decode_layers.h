@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace lladapter {
@@ -16,14 +17,19 @@ namespace lladapter {
 // Per layer i, weights[9 i .. 9 i + 8] = attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2 (nn.Linear layout
 // [out, in]); norm_eps[2 i], norm_eps[2 i + 1] the two RMSNorms' eps; k_cache[i], v_cache[i] [B, max_len, Hkv, d]
 // (positions [cached, cached + T) are written); prompt_k/prompt_v/gate[i]: the adapter's prompt keys/values and gate,
-// or None for a layer without a prompt. h [B, T, D]: the embeddings; returns the last layer's output. positions
-// [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. transposed_linears: every projection
-// (all have B * T rows) takes few_rows_linear's transposed route (nn.py), as the Python layers would.
+// or None for a layer without a prompt; row_prompts[i]: serving's per-row prompt groups of the layer
+// (kv_cache.RowPrompts.groups: row index or None for every row, prompt keys, values, phi [rows, 1, H, 1]), added
+// to the word attention as RowPrompts.add_to does. h [B, T, D]: the embeddings; returns the last layer's output.
+// positions [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. transposed_linears: every
+// projection (all have B * T rows) takes few_rows_linear's transposed route (nn.py), as the Python layers would.
+using RowPromptGroup = std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+
 at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& weights,
                          const std::vector<double>& norm_eps, const std::vector<at::Tensor>& k_cache,
                          const std::vector<at::Tensor>& v_cache, const std::vector<std::optional<at::Tensor>>& prompt_k,
                          const std::vector<std::optional<at::Tensor>>& prompt_v,
-                         const std::vector<std::optional<at::Tensor>>& gate, int64_t cached,
+                         const std::vector<std::optional<at::Tensor>>& gate,
+                         const std::vector<std::vector<RowPromptGroup>>& row_prompts, int64_t cached,
                          const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& kv_start, int64_t n_heads, int64_t n_kv_heads,
                          int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,

@@ -532,12 +532,13 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
     def _decode_layers_args(self, h: torch.Tensor, inputs: BlockInputs) -> tuple | None:
         """The arguments of _C.decode_layers (csrc/decode_layers.h) for this forward's layer loop, or None where the
         Python loop runs: grad mode on, no KV cache, not the CPU kernels (CUDA, the emulator), serving's per-row
-        prompts, a layer that is not the plain one (quantized or wrapped linears, hooks, activation checkpointing,
+        prompts made for another batch size (the loop raises), a layer that is not the plain one (quantized or wrapped linears, hooks, activation checkpointing,
         FSDP), an ops function replaced (e.g. the benchmarks' reference ops: the C++ loop calls the registered
         kernels), or LLADAPTER_DECODE_LAYERS=0. Fills the cache's missing prompt keys/values as the layers would."""
         cache = inputs.cache
         if (cache is None or torch.is_grad_enabled() or h.device.type != "cpu" or h.shape[1] == 0
-                or cache.row_prompts is not None or ops.kernel_namespace() != "lladapter"
+                or (cache.row_prompts is not None and cache.row_prompts.batch_size != h.shape[0])
+                or ops.kernel_namespace() != "lladapter"
                 or os.environ.get(DECODE_LAYERS_ENV, "1") == "0" or _global_module_hooks()
                 or any(getattr(ops, name) is not f for name, f in _DECODE_LAYERS_OPS.items())):
             return None
@@ -576,8 +577,11 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             return None
         # every projection has B * T rows: routed as few_rows_linear (DecodeLinear, up to 4 rows) routes them
         transposed = h.shape[0] * h.shape[1] <= 4 and few_rows_route(weights[1].dtype) == "transposed"
-        return (weights, eps, cache.k, cache.v, prompt_k, prompt_v, gates, cache.length, inputs.positions, inputs.cos,
-                inputs.sin, inputs.kv_start, *shape, 1.0 / math.sqrt(shape[2]), transposed)
+        groups = cache.row_prompts.groups if cache.row_prompts is not None else {}
+        row_prompts = [groups.get(i, ()) for i in range(len(prompt_k))]
+        return (weights, eps, cache.k, cache.v, prompt_k, prompt_v, gates, row_prompts, cache.length,
+                inputs.positions, inputs.cos, inputs.sin, inputs.kv_start, *shape, 1.0 / math.sqrt(shape[2]),
+                transposed)
 
     @staticmethod
     def _padding_start(B: int, T: int, dev: torch.device, attention_mask, cache, past: int) -> torch.Tensor | None:

@@ -267,9 +267,67 @@ def test_decode_layers_refuses_inconsistent_arguments():
     h = torch.zeros(1, 1, 8)
     with pytest.raises(RuntimeError, match="decode_layers: per layer 9 weights"):
         _C.decode_layers(h, [torch.zeros(8, 8)] * 8, [1e-5, 1e-5], [torch.zeros(1, 4, 1, 8)],
-                         [torch.zeros(1, 4, 1, 8)], [None], [None], [None], 0, torch.zeros(1, 1, dtype=torch.long),
+                         [torch.zeros(1, 4, 1, 8)], [None], [None], [None], [[]], 0, torch.zeros(1, 1, dtype=torch.long),
                          torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8, False, "tanh", 1.0, False)
     with pytest.raises(RuntimeError, match="layer 0's k/v cache must be"):
         _C.decode_layers(h, [torch.zeros(8, 8)] * 9, [1e-5, 1e-5], [torch.zeros(1, 0, 1, 8)],
-                         [torch.zeros(1, 0, 1, 8)], [None], [None], [None], 0, torch.zeros(1, 1, dtype=torch.long),
+                         [torch.zeros(1, 0, 1, 8)], [None], [None], [None], [[]], 0, torch.zeros(1, 1, dtype=torch.long),
                          torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8, False, "tanh", 1.0, False)
+
+
+@pytest.mark.parametrize("rows", ["mixed", "shared"])
+def test_decode_layers_with_per_row_prompts_equal_the_python_loop(monkeypatch, rows):
+    """Serving's batches (each row its own adapter, or none: kv_cache.RowPrompts) through the C++ loop: bit-equal to
+    the Python loop, for rows grouped by prompt length (index_add) and for one adapter serving every row."""
+    import lladapter_ext.model as model_mod
+    from lladapter_ext.kv_cache import RowPrompts
+
+    model = adapted_model()
+    model.use_adapter = False  # serving runs the base's word attention once; RowPrompts adds each row's prompt
+    g = torch.Generator().manual_seed(2)
+
+    def adapter(k_len):
+        layers = {}
+        with torch.no_grad():
+            for i in (1, 2):
+                attn = model.layers[i].attention
+                pk, pv = attn.project_prompt(torch.randn(1, k_len, 48, generator=g), "wk_wv")
+                layers[i] = (pk.contiguous(), pv.contiguous(), torch.rand(4, generator=g) * 2 - 1)
+        return layers
+
+    a, b = adapter(3), adapter(5)
+    per_row = [a, {}, b] if rows == "mixed" else [a, a, a]
+    prompts = torch.randint(3, 80, (3, 5), generator=g)
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0
+    step_ids = torch.randint(3, 80, (3, 3), generator=g)
+
+    def run():
+        with torch.no_grad():
+            cache = model.new_cache(3, 8)
+            cache.row_prompts = RowPrompts(per_row)
+            outs = [model(prompts, attention_mask=mask, cache=cache).logits]
+            outs += [model(step_ids[:, t:t + 1], cache=cache).logits for t in range(3)]
+        return outs
+
+    calls = []
+    real = model_mod._C
+
+    class CountingC:
+        @staticmethod
+        def decode_layers(*args):
+            calls.append(1)
+            return real.decode_layers(*args)
+
+    monkeypatch.setattr(model_mod, "_C", CountingC)
+    fused = run()
+    assert len(calls) == 4
+    monkeypatch.setenv("LLADAPTER_DECODE_LAYERS", "0")
+    loop = run()
+    assert len(calls) == 4
+    for x, y in zip(fused, loop):
+        assert torch.equal(x, y)
+    if rows == "mixed":  # the rows' adapters matter (else the test could not tell a dropped prompt branch)
+        monkeypatch.delenv("LLADAPTER_DECODE_LAYERS")
+        per_row = [{}, {}, {}]
+        assert not torch.equal(run()[0][0], fused[0][0]) and torch.equal(run()[0][1], fused[0][1])

@@ -6,6 +6,10 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/index_add.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
@@ -65,16 +69,17 @@ Tensor linear(const Tensor& x, const Tensor& w, bool transposed) {
 Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const std::vector<double>& norm_eps,
                      const std::vector<Tensor>& k_cache, const std::vector<Tensor>& v_cache,
                      const std::vector<OptTensor>& prompt_k, const std::vector<OptTensor>& prompt_v,
-                     const std::vector<OptTensor>& gate, int64_t cached, const Tensor& positions, const Tensor& cos,
-                     const Tensor& sin, const OptTensor& kv_start, int64_t n_heads, int64_t n_kv_heads,
-                     int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,
-                     bool transposed_linears) {
+                     const std::vector<OptTensor>& gate, const std::vector<std::vector<RowPromptGroup>>& row_prompts,
+                     int64_t cached, const Tensor& positions, const Tensor& cos, const Tensor& sin,
+                     const OptTensor& kv_start, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                     bool rope_interleaved, const std::string& gate_act, double scale, bool transposed_linears) {
   const size_t L = k_cache.size();
   TORCH_CHECK(weights.size() == 9 * L && norm_eps.size() == 2 * L && v_cache.size() == L && prompt_k.size() == L &&
-                  prompt_v.size() == L && gate.size() == L,
-              "decode_layers: per layer 9 weights, 2 eps, one k/v cache and prompt_k/prompt_v/gate entry; got ",
+                  prompt_v.size() == L && gate.size() == L && row_prompts.size() == L,
+              "decode_layers: per layer 9 weights, 2 eps, one k/v cache and prompt_k/prompt_v/gate/row_prompts "
+              "entry; got ",
               weights.size(), " weights, ", norm_eps.size(), " eps, ", L, "/", v_cache.size(), " k/v caches, ",
-              prompt_k.size(), "/", prompt_v.size(), "/", gate.size(), " prompt entries");
+              prompt_k.size(), "/", prompt_v.size(), "/", gate.size(), "/", row_prompts.size(), " prompt entries");
   TORCH_CHECK(h.dim() == 3, "decode_layers: h must be [B, T, D], got ", h.sizes());
   const int64_t B = h.size(0), T = h.size(1), end = cached + T;
   for (size_t i = 0; i < L; ++i) {
@@ -93,12 +98,20 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
     const Tensor q = linear(xn, w[1], transposed_linears).view({B, T, n_heads, head_dim});
     const Tensor k = linear(xn, w[2], transposed_linears).view({B, T, n_kv_heads, head_dim});
     const Tensor v = linear(xn, w[3], transposed_linears).view({B, T, n_kv_heads, head_dim});
-    auto [qr, kr] = ops.rope.call(q, k, cos, sin, positions, c10::SymInt(0), rope_interleaved, false);
+    auto [qr_all, kr] = ops.rope.call(q, k, cos, sin, positions, c10::SymInt(0), rope_interleaved, false);
     k_cache[i].slice(1, cached, end).copy_(kr);  // KVCache.write
     v_cache[i].slice(1, cached, end).copy_(v);
-    const Tensor out =
-        std::get<0>(ops.attention.call(qr, k_cache[i].slice(1, 0, end), v_cache[i].slice(1, 0, end), prompt_k[i],
-                                       prompt_v[i], gate[i], kv_start, true, gate_act, scale));
+    Tensor out = std::get<0>(ops.attention.call(qr_all, k_cache[i].slice(1, 0, end), v_cache[i].slice(1, 0, end),
+                                                prompt_k[i], prompt_v[i], gate[i], kv_start, true, gate_act, scale));
+    for (const auto& [index, pk, pv, phi] : row_prompts[i]) {  // RowPrompts.add_to
+      const Tensor qr = index ? qr_all.index_select(0, *index) : qr_all;
+      const Tensor no_keys = pk.new_empty({qr.size(0), 0, pk.size(2), pk.size(3)});
+      const Tensor ones = at::ones({qr.size(2)}, qr.options().dtype(at::kFloat));
+      const Tensor prompt =
+          std::get<0>(ops.attention.call(qr, no_keys, no_keys, pk, pv, ones, std::nullopt, false, "identity", scale));
+      const Tensor gated = at::mul(prompt.to(at::kFloat), phi).to(out.scalar_type());
+      out = index ? out.index_add(0, *index, gated) : at::add(out, gated);
+    }
     x = at::add(x, linear(out.reshape({B, T, n_heads * head_dim}), w[4], transposed_linears));
     // feed-forward: x + w2(swiglu(w1 xn, w3 xn)), xn = ffn_norm(x)
     const Tensor fn = std::get<0>(ops.rms_norm.call(x, w[5], norm_eps[2 * i + 1]));
