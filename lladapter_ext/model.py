@@ -532,9 +532,10 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
     def _decode_layers_args(self, h: torch.Tensor, inputs: BlockInputs) -> tuple | None:
         """The arguments of _C.decode_layers (csrc/decode_layers.h) for this forward's layer loop, or None where the
         Python loop runs: grad mode on, no KV cache, not the CPU kernels (CUDA, the emulator), serving's per-row
-        prompts made for another batch size (the loop raises), a layer that is not the plain one (quantized or wrapped linears, hooks, activation checkpointing,
-        FSDP), an ops function replaced (e.g. the benchmarks' reference ops: the C++ loop calls the registered
-        kernels), or LLADAPTER_DECODE_LAYERS=0. Fills the cache's missing prompt keys/values as the layers would."""
+        prompts made for another batch size (the loop raises), a layer that is not the plain one (quantized or
+        wrapped linears, hooks, activation checkpointing, FSDP), an ops function replaced (e.g. the benchmarks'
+        reference ops: the C++ loop calls the registered kernels), or LLADAPTER_DECODE_LAYERS=0. Fills the cache's
+        missing prompt keys/values as the layers would."""
         cache = inputs.cache
         if (cache is None or torch.is_grad_enabled() or h.device.type != "cpu" or h.shape[1] == 0
                 or (cache.row_prompts is not None and cache.row_prompts.batch_size != h.shape[0])

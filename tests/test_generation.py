@@ -267,12 +267,14 @@ def test_decode_layers_refuses_inconsistent_arguments():
     h = torch.zeros(1, 1, 8)
     with pytest.raises(RuntimeError, match="decode_layers: per layer 9 weights"):
         _C.decode_layers(h, [torch.zeros(8, 8)] * 8, [1e-5, 1e-5], [torch.zeros(1, 4, 1, 8)],
-                         [torch.zeros(1, 4, 1, 8)], [None], [None], [None], [[]], 0, torch.zeros(1, 1, dtype=torch.long),
-                         torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8, False, "tanh", 1.0, False)
+                         [torch.zeros(1, 4, 1, 8)], [None], [None], [None], [[]], 0,
+                         torch.zeros(1, 1, dtype=torch.long), torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8,
+                         False, "tanh", 1.0, False)
     with pytest.raises(RuntimeError, match="layer 0's k/v cache must be"):
         _C.decode_layers(h, [torch.zeros(8, 8)] * 9, [1e-5, 1e-5], [torch.zeros(1, 0, 1, 8)],
-                         [torch.zeros(1, 0, 1, 8)], [None], [None], [None], [[]], 0, torch.zeros(1, 1, dtype=torch.long),
-                         torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8, False, "tanh", 1.0, False)
+                         [torch.zeros(1, 0, 1, 8)], [None], [None], [None], [[]], 0,
+                         torch.zeros(1, 1, dtype=torch.long), torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8,
+                         False, "tanh", 1.0, False)
 
 
 @pytest.mark.parametrize("rows", ["mixed", "shared"])
