@@ -541,7 +541,7 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
                 or (cache.row_prompts is not None and cache.row_prompts.batch_size != h.shape[0])
                 or ops.kernel_namespace() != "lladapter"
                 or os.environ.get(DECODE_LAYERS_ENV, "1") == "0" or _global_module_hooks()
-                or any(getattr(ops, name) is not f for name, f in _DECODE_LAYERS_OPS.items())):
+                or any(getattr(ops, name) is not f for name, f in ops.DECODE_LAYERS_ENTRY_POINTS.items())):
             return None
         weights, eps, prompt_k, prompt_v, gates = [], [], [], [], []
         shape = None  # (n_heads, n_kv_heads, head_dim, rope_interleaved, gate_act): one for every layer
@@ -628,10 +628,6 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
 
 
 DECODE_LAYERS_ENV = "LLADAPTER_DECODE_LAYERS"  # "0": no-grad cached forwards keep the Python layer loop (A/B runs)
-
-
-# the ops functions whose kernels decode_layers calls directly: where one is patched, the Python loop runs
-_DECODE_LAYERS_OPS = {name: getattr(ops, name) for name in ("rms_norm", "rope", "gated_prompt_attention", "swiglu")}
 
 
 def _hooked(m: torch.nn.Module) -> bool:

@@ -688,3 +688,9 @@ def register_implementations(namespace: str) -> None:
 
 
 register_implementations("lladapter")
+
+# The entry points whose kernels the C++ layer loop (csrc/cpu/decode_layers.cpp) calls directly, as defined here,
+# before any caller can replace them: while one is replaced (the benchmarks' reference-ops variant patches them),
+# model.py keeps its Python layer loop, so that the replacement runs.
+DECODE_LAYERS_ENTRY_POINTS = {"rms_norm": rms_norm, "rope": rope, "gated_prompt_attention": gated_prompt_attention,
+                              "swiglu": swiglu}

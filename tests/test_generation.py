@@ -333,3 +333,30 @@ def test_decode_layers_with_per_row_prompts_equal_the_python_loop(monkeypatch, r
         monkeypatch.delenv("LLADAPTER_DECODE_LAYERS")
         per_row = [{}, {}, {}]
         assert not torch.equal(run()[0][0], fused[0][0]) and torch.equal(run()[0][1], fused[0][1])
+
+
+def test_decode_layers_honours_ops_replaced_before_the_model_imports():
+    """The benchmarks' reference-ops variant patches lladapter_ext.ops before importing the model: the Python loop
+    must run the replacements then too (a fresh process, where the import order is the benchmark's)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from lladapter_ext import ops, reference
+calls = []
+def rms_norm(*a, **k):
+    calls.append(1)
+    return reference.rms_norm(*a, **k)
+ops.rms_norm = rms_norm
+from lladapter_ext.model import LlamaConfig, LlamaForCausalLM
+cfg = LlamaConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, adapter_len=2,
+                  adapter_layer=1, max_seq_len=32)
+model = LlamaForCausalLM(cfg).eval()
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3]]), cache=model.new_cache(1, 4))
+assert len(calls) == 2 * cfg.n_layers + 1, calls
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
