@@ -451,6 +451,7 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             h = self.tok_embeddings(input_ids)
             for i in range(first_trainable):
                 h = self.layers[i](h, inputs, i)
+        # (the C++ loop runs only with grad off, where first_trainable is 0: every layer)
         layers_args = self._decode_layers_args(h, inputs)
         if layers_args is not None:  # the same layer loop in one C++ call (decoding: ~500 op calls a step)
             h = _C.decode_layers(h, *layers_args)
@@ -538,6 +539,7 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         missing prompt keys/values as the layers would."""
         cache = inputs.cache
         if (cache is None or torch.is_grad_enabled() or h.device.type != "cpu" or h.shape[1] == 0
+                or cache.length + h.shape[1] > cache.max_len  # (KVCache.write raises its own error)
                 or (cache.row_prompts is not None and cache.row_prompts.batch_size != h.shape[0])
                 or ops.kernel_namespace() != "lladapter"
                 or os.environ.get(DECODE_LAYERS_ENV, "1") == "0" or _global_module_hooks()

@@ -258,6 +258,8 @@ def test_decode_layers_not_taken_where_the_python_loop_must_run(monkeypatch):
     assert calls == []
     with torch.no_grad():
         model(x, cache=model.new_cache(1, 8))
+        with pytest.raises(ValueError, match="6 positions needed but the cache holds max_len=5"):
+            model(torch.randint(3, 80, (1, 6)), cache=model.new_cache(1, 5))  # KVCache's own error, not the loop's
     assert calls == [1]
 
 

@@ -1,6 +1,6 @@
 // decode_layers (csrc/decode_layers.h): the decoder layer loop of a no-grad, KV-cached forward in C++. Each step is
 // exactly what model.py's TransformerBlock / Attention / FeedForward / KVCache.write / few_rows_linear do, in the
-// same order, so the results are the Python loop's, bit for bit (tests/test_model.py checks torch.equal).
+// same order, so the results are the Python loop's, bit for bit (tests/test_generation.py checks torch.equal).
 #include "decode_layers.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
