@@ -23,7 +23,7 @@ random activations, same dtype, device and threads, median of --iters passes; th
 aten::mm/addmm calls (count and shapes) of a real step under torch.profiler. The table's "floor" column is step
 time / matmul floor (1.00x = the step is nothing but its GEMMs at the speed they run alone); with the decode
 bandwidth share it is printed in a closing "limits" line, and both are in the --json rows (step_vs_matmul_floor,
-matmul_floor_s, matmul_floor_gemms, profiled_mm, gemm_check, decode_bandwidth_fraction).
+matmul_floor_s, matmul_floor_gemms, matmul_floor_gemvs, profiled_mm, gemm_check, decode_bandwidth_fraction).
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--shape smollm2-135m|tinyllama-1.1b|llama-7b]
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -306,9 +307,10 @@ def run_variant(variant, args):
     floor = {}
     if variant == "lladapter kernels":  # the same GEMMs timed alone, then checked against a profiled real step
         gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype)
-        floor_s, flop, listed = matmul_floor(model, gemms, args)
+        floor_s, flop, listed, gemvs = matmul_floor(model, gemms, args)
         profiled, other = profiled_gemms(step)
         floor = dict(matmul_floor_s=floor_s, matmul_floor_flop=flop, matmul_floor_gemms=len(listed),
+                     matmul_floor_gemvs=gemvs,
                      profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled))
     del opt
     decode_tps = decode(variant, model, c, args) if args.decode_new > 0 else None
@@ -375,17 +377,17 @@ def litgpt_greedy(model, prompt, n):
 
 
 # ------------------------------------------------------------------ the training step's matmul floor (our model)
-def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4):
+def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4, grad=True):
     """One GEMM of a bias-free projection x [rows, k] @ W[n, k]^T as nn.few_rows_linear runs it (on the CPU, 1 to
-    max_rows rows go as W @ x^T, padded to two rows, where nn.few_rows_route chose that route), or with backward
-    its input-gradient GEMM dY @ W (W is frozen: no dW; autograd computes the few-rows route's (W^T @ dY^T) as
-    (dY @ W)^T, x^T being a transposed view). (label, weight key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W,
-    'Wxt' = W @ x^T."""
+    max_rows rows take nn.few_rows_route's route: W @ x^T padded to two rows, or, where no gradient flows (grad
+    False), possibly our own GEMV kernel), or with backward its input-gradient GEMM dY @ W (W is frozen: no dW;
+    autograd computes the few-rows route's (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view). (label, weight
+    key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' = W @ x^T, 'gemv' = _C.few_rows_gemv(x, W)."""
     from lladapter_ext.nn import few_rows_route
 
-    few = device == "cpu" and 1 <= rows <= max_rows and few_rows_route(dtype) == "transposed"
-    form = "gW" if backward else ("Wxt" if few else "xWt")
-    return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if few else rows)
+    route = few_rows_route(dtype, grad=grad) if device == "cpu" and 1 <= rows <= max_rows else "linear"
+    form = "gW" if backward else {"transposed": "Wxt", "gemv": "gemv"}.get(route, "xWt")
+    return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if form == "Wxt" else rows)
 
 
 def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
@@ -404,7 +406,10 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
 
     def lin(i, n, rows=M, backward=False, what=""):
         key = f"layers.{i}.{'attention' if n in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{n}.weight"
-        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype)
+        # a gradient flows through the prompts' projections, and from the lowest adapted layer's attention output
+        # upwards (its q/k/v inputs, and everything below it, carry none)
+        grad = bool(what) or i > first or (i == first and n not in ("wq", "wk", "wv"))
+        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype, grad=grad)
 
     head = ("tok_embeddings.weight" if c.tie_embeddings else "output.weight", c.vocab_size, D, n_labelled)
     adapted = range(first, c.n_layers) if c.n_adapted_layers > 0 else range(0)
@@ -431,6 +436,8 @@ def _gemm_operands(form, w, rows, make):
         return make((rows, k)), w.t()
     if form == "gW":
         return make((rows, n)), w
+    if form == "gemv":
+        return make((rows, k)), w
     return w, make((rows, k)).t()  # Wxt
 
 
@@ -438,7 +445,11 @@ def matmul_floor(model, gemms, args):
     """The step's GEMMs timed alone: torch.mm(a, b, out=...) in the listed order over the model's own frozen
     (random) weights and preallocated random activations and outputs (one per distinct shape), in the model's
     dtype, on its device, with this process's threads; median seconds of args.iters passes after one warm-up
-    pass, each timed like a step (perf_counter, synchronized on CUDA). Returns (seconds, FLOPs, (a, b) shapes)."""
+    pass, each timed like a step (perf_counter, synchronized on CUDA); the few-row projections that take
+    nn.few_rows_linear's "gemv" route run that kernel instead. Returns (seconds, FLOPs, the aten::mm calls' (a, b)
+    shapes, the number of GEMV calls)."""
+    from lladapter_ext import _C
+
     dev = args.device
     params = dict(model.named_parameters())
     dtype = params[gemms[0][1]].dtype
@@ -450,24 +461,29 @@ def matmul_floor(model, gemms, args):
             bufs[shape] = torch.randn(shape, generator=gen, device=dev).to(dtype)
         return bufs[shape]
 
-    calls = []
+    calls, listed, flop, gemvs = [], [], 0, 0
     for _, wkey, form, rows in gemms:
         a, b = _gemm_operands(form, params[wkey].detach(), rows, make)
+        if form == "gemv":  # our own kernel (nn.few_rows_linear's "gemv" route), not an aten::mm a profiler lists
+            calls.append(functools.partial(_C.few_rows_gemv, a, b))
+            flop, gemvs = flop + 2 * a.shape[0] * a.shape[1] * b.shape[0], gemvs + 1
+            continue
         o = (a.shape[0], b.shape[1])
-        calls.append((a, b, outs.setdefault(o, torch.empty(o, device=dev, dtype=dtype))))
-    flop = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in calls)
+        calls.append(functools.partial(torch.mm, a, b, out=outs.setdefault(o, torch.empty(o, device=dev, dtype=dtype))))
+        flop += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        listed.append((tuple(a.shape), tuple(b.shape)))
     times = []
     for it in range(args.iters + 1):
         if dev == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        for a, b, o in calls:
-            torch.mm(a, b, out=o)
+        for call in calls:
+            call()
         if dev == "cuda":
             torch.cuda.synchronize()
         if it:  # pass 0 is the warm-up
             times.append(time.perf_counter() - t)
-    return statistics.median(times), flop, [(tuple(a.shape), tuple(b.shape)) for a, b, _ in calls]
+    return statistics.median(times), flop, listed, gemvs
 
 
 def profiled_gemms(step):
@@ -572,8 +588,8 @@ def main():
         if "matmul_floor_s" in runs[v][0]:  # our variant: the step's GEMMs timed alone, in the same process
             rows[-1].update(matmul_floor_s=med("matmul_floor_s"), step_vs_matmul_floor=med("step_s") /
                             med("matmul_floor_s"), **{k: runs[v][0][k] for k in (
-                                "matmul_floor_flop", "matmul_floor_gemms", "profiled_mm", "profiled_other_matmul",
-                                "gemm_check")})
+                                "matmul_floor_flop", "matmul_floor_gemms", "matmul_floor_gemvs", "profiled_mm",
+                                "profiled_other_matmul", "gemm_check")})
     anchor = next((r for r in rows if r["variant"] == ANCHOR), None)
     for r in rows:
         r["train_speedup_vs_peft"] = anchor and anchor["step_s"] / r["step_s"]
@@ -605,7 +621,9 @@ def main():
             other = ", ".join(f"{n} x{k}" for n, k in r["profiled_other_matmul"].items()) or "none"
             print(f"   train {r['variant']}: step {r['step_s'] * 1e3:.1f} ms = {r['step_vs_matmul_floor']:.2f}x the "
                   f"matmul floor ({r['matmul_floor_s'] * 1e3:.1f} ms of GEMMs alone: the step's "
-                  f"{r['matmul_floor_gemms']} GEMMs, {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
+                  f"{r['matmul_floor_gemms']} GEMMs"
+                  + (f" and {r['matmul_floor_gemvs']} GEMVs" if r.get("matmul_floor_gemvs") else "")
+                  + f", {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
                   f"{r['matmul_floor_flop'] / r['matmul_floor_s'] / 1e9:.1f} GFLOP/s); a profiled step ran "
                   f"{r['profiled_mm']} aten::mm/addmm ({r['gemm_check']}; other matmul ops: {other})")
     for r in rows:

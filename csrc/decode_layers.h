@@ -20,8 +20,9 @@ namespace lladapter {
 // or None for a layer without a prompt; row_prompts[i]: serving's per-row prompt groups of the layer
 // (kv_cache.RowPrompts.groups: row index or None for every row, prompt keys, values, phi [rows, 1, H, 1]), added
 // to the word attention as RowPrompts.add_to does. h [B, T, D]: the embeddings; returns the last layer's output.
-// positions [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. transposed_linears: every
-// projection (all have B * T rows) takes few_rows_linear's transposed route (nn.py), as the Python layers would.
+// positions [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. linear_route: the route of
+// nn.few_rows_linear that every projection (all have B * T rows) takes, as the Python layers would: "linear"
+// (at::linear), "transposed" ((w @ x^T)^T, at least two rows) or "gemv" (few_rows_gemv below).
 using RowPromptGroup = std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
 
 at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& weights,
@@ -33,6 +34,12 @@ at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& wei
                          const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& kv_start, int64_t n_heads, int64_t n_kv_heads,
                          int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,
-                         bool transposed_linears);
+                         const std::string& linear_route);
+
+// few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): x [rows, K] @ weight [N, K]^T for 1 to kFewRowsGemvMaxRows fp32 rows
+// on the CPU, the weights streamed on every thread; nn.few_rows_linear's "gemv" route. No autograd: refused where
+// grad mode is on and an input requires grad.
+constexpr int64_t kFewRowsGemvMaxRows = 16;
+at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight);
 
 }  // namespace lladapter

@@ -45,6 +45,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "What this extension was compiled with.");
   m.def("decode_layers", &lladapter::decode_layers,
         "Every decoder layer of a no-grad, KV-cached forward in one call (csrc/decode_layers.h; model.py calls it).");
+  m.def("few_rows_gemv", &lladapter::few_rows_gemv,
+        "x [rows, K] @ weight [N, K]^T for 1-16 float32 CPU rows, grad off (nn.few_rows_linear's 'gemv' route).");
 #ifdef LLADAPTER_WITH_CUDA
   m.def("wmma_fragment_layouts", &lladapter::cuda_impl::wmma_fragment_layouts,
         "[8, 32, 16]: the matrix element (r * 16 + c) each lane holds in x[i] of each wmma fragment kind, on the "

@@ -579,12 +579,14 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         if shape is None:
             return None
         # every projection has B * T rows: routed as few_rows_linear (DecodeLinear, up to 4 rows) routes them
-        transposed = h.shape[0] * h.shape[1] <= 4 and few_rows_route(weights[1].dtype) == "transposed"
+        route = few_rows_route(weights[1].dtype) if h.shape[0] * h.shape[1] <= 4 else "linear"
+        if route == "gemv" and not all(w.is_contiguous() for w in weights):
+            return None  # (few_rows_linear sends those to F.linear; the C++ loop's gemv refuses them)
         groups = cache.row_prompts.groups if cache.row_prompts is not None else {}
         row_prompts = [groups.get(i, ()) for i in range(len(prompt_k))]
         return (weights, eps, cache.k, cache.v, prompt_k, prompt_v, gates, row_prompts, cache.length,
                 inputs.positions, inputs.cos, inputs.sin, inputs.kv_start, *shape, 1.0 / math.sqrt(shape[2]),
-                transposed)
+                route)
 
     @staticmethod
     def _padding_start(B: int, T: int, dev: torch.device, attention_mask, cache, past: int) -> torch.Tensor | None:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from . import ops
+from . import _C, ops
 
 
 class RMSNorm(torch.nn.Module):
@@ -30,20 +30,31 @@ class RMSNorm(torch.nn.Module):
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) -> torch.Tensor:
-    """x @ weight^T (bias-free) for x [..., K], weight [N, K]. On the CPU, when x has 1..max_rows rows (decoding)
-    and this machine's BLAS runs a few-row F.linear slowly (`few_rows_route`, measured once per process), as
-    (weight @ x^T)^T with at least two rows, a GEMM that streams the weights on every thread. Where it was measured:
-    on an AMD EPYC (AVX2; MKL runs the one-row GEMV on one thread and small-M GEMMs slowly), 240 body-sized matrices
-    (1536 x 576, fp32, 2 threads) went 7.5 -> 11.7 GB/s at one row, 4.8 -> 10.9 at two, 5.1 -> 12.8 at four, the
-    tall LM head 39-65 ms -> 19 ms at eight; on an Intel Xeon (AVX-512) F.linear itself streams at 15-27 GB/s and
-    the transposed GEMM at 7-12, so there F.linear is kept. Elsewhere (CUDA, more rows, weights that are not plain
-    dense tensors, e.g. quantized) it is F.linear."""
+    """x @ weight^T (bias-free) for x [..., K], weight [N, K]. On the CPU, when x has 1..max_rows rows (decoding),
+    by whichever route `few_rows_route` measured fastest on this machine (once per process):
+      "linear"     F.linear;
+      "transposed" (weight @ x^T)^T with at least two rows, a GEMM that streams the weights on every thread where
+                   the BLAS runs a few-row F.linear on one (MKL on an AMD EPYC: 240 body-sized matrices, 1536 x 576
+                   fp32, 2 threads, 7.5 -> 11.7 GB/s at one row);
+      "gemv"       (fp32, grad off) our own kernel, _C.few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): the weights split
+                   over the threads in blocks of four rows, no GEMM packing or padding (docs/benchmarks.md).
+    On an Intel Xeon (AVX-512) F.linear itself streamed at 15-27 GB/s and the transposed GEMM at 7-12. Where a
+    gradient is needed the route is the faster of the first two. Elsewhere (CUDA, more rows, weights that are not
+    plain dense tensors, e.g. quantized) it is F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or not 1 <= rows <= max_rows:
+        return torch.nn.functional.linear(x, weight)
     # (the route before the weight's checks: where it is "linear" a decode step's 211 calls skip them, ~2 us each)
-    if x.device.type != "cpu" or not 1 <= rows <= max_rows or few_rows_route(weight.dtype) != "transposed" \
-            or type(weight.data) is not torch.Tensor or weight.layout != torch.strided or weight.dim() != 2:
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    route = few_rows_route(weight.dtype, grad=grad)
+    if route == "linear" or type(weight.data) is not torch.Tensor \
+            or weight.layout != torch.strided or weight.dim() != 2:
         return torch.nn.functional.linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
+    if route == "gemv":
+        if not weight.is_contiguous() or x.dtype != torch.float32:
+            return torch.nn.functional.linear(x, weight)
+        return _C.few_rows_gemv(x2, weight).view(*x.shape[:-1], weight.shape[0])
     if rows == 1:
         x2 = torch.cat([x2, x2])  # two rows take the multi-threaded GEMM path
     return torch.mm(weight, x2.t())[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
@@ -91,44 +102,53 @@ class _LmHeadCrossEntropy(torch.autograd.Function):
         return grad_h, grad_weight, None
 
 
-_FEW_ROWS_ROUTES: dict[tuple, str] = {}
+_FEW_ROWS_TIMES: dict[tuple, dict[str, float]] = {}  # (dtype, threads) -> seconds per route (few_rows_route)
 FEW_ROWS_ROUTE_ENV = "LLADAPTER_FEW_ROWS_ROUTE"
+FEW_ROWS_ROUTES = ("linear", "transposed", "gemv")
 
 
-def few_rows_route(dtype: torch.dtype = torch.float32) -> str:
-    """"transposed" (weight @ x^T) or "linear" (F.linear) for the few rows of a CPU decode step: whichever streamed
-    one-row projections faster on this machine, timed once per (dtype, thread count) on 8 weights of 1536 x 576
-    (28 MB in fp32: more than the caches, as a model's weights are), best of 3 passes each, ~20 ms. The answer
-    depends on the CPU and its BLAS (see few_rows_linear); LLADAPTER_FEW_ROWS_ROUTE=transposed|linear fixes it
-    (e.g. for reproducible benchmarks)."""
+def few_rows_route(dtype: torch.dtype = torch.float32, grad: bool = False) -> str:
+    """"linear", "transposed" or "gemv" (see few_rows_linear): the route that streamed one-row projections fastest
+    on this machine, timed once per (dtype, thread count) on 8 weights of 1536 x 576 (28 MB in fp32: more than the
+    caches, as a model's weights are), best of 3 passes each, ~30 ms. "gemv" competes for fp32 only and is left out
+    where grad is True (it has no backward). The answer depends on the CPU and its BLAS;
+    LLADAPTER_FEW_ROWS_ROUTE=linear|transposed|gemv fixes it (e.g. for reproducible benchmarks; "gemv" where it
+    cannot run falls back to the faster of the other two)."""
     forced = os.environ.get(FEW_ROWS_ROUTE_ENV, "").strip()
     if forced:
-        if forced not in ("transposed", "linear"):
-            raise ValueError(f"{FEW_ROWS_ROUTE_ENV} must be 'transposed' or 'linear', got {forced!r}")
-        return forced
+        if forced not in FEW_ROWS_ROUTES:
+            raise ValueError(f"{FEW_ROWS_ROUTE_ENV} must be 'linear', 'transposed' or 'gemv', got {forced!r}")
+        if forced != "gemv" or (dtype == torch.float32 and not grad):
+            return forced
     key = (dtype, torch.get_num_threads())
-    route = _FEW_ROWS_ROUTES.get(key)
-    if route is None:
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(0)
-            ws = [torch.randn(1536, 576, generator=g).to(dtype) for _ in range(8)]
-            x = torch.randn(1, 576, generator=g).to(dtype)
-            x2 = torch.cat([x, x])
+    times = _FEW_ROWS_TIMES.get(key)
+    if times is None:
+        times = _FEW_ROWS_TIMES[key] = _time_few_rows_routes(dtype)
+    allowed = [r for r in times if not (grad and r == "gemv")]
+    return min(allowed, key=times.__getitem__)
 
-            def best(f) -> float:
-                times = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    for w in ws:
-                        f(w)
-                    times.append(time.perf_counter() - t0)
-                return min(times)
 
-            torch.nn.functional.linear(x, ws[0]), torch.mm(ws[0], x2.t())  # warm up both (BLAS init, packing)
-            linear = best(lambda w: torch.nn.functional.linear(x, w))
-            transposed = best(lambda w: torch.mm(w, x2.t()))
-        route = _FEW_ROWS_ROUTES[key] = "transposed" if transposed < linear else "linear"
-    return route
+def _time_few_rows_routes(dtype: torch.dtype) -> dict[str, float]:
+    """Seconds per pass over 8 weights of 1536 x 576 with one row, best of 3, for each route that can take dtype."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        ws = [torch.randn(1536, 576, generator=g).to(dtype) for _ in range(8)]
+        x = torch.randn(1, 576, generator=g).to(dtype)
+        x2 = torch.cat([x, x])
+        routes = {"linear": lambda w: torch.nn.functional.linear(x, w), "transposed": lambda w: torch.mm(w, x2.t())}
+        if dtype == torch.float32:
+            routes["gemv"] = lambda w: _C.few_rows_gemv(x, w)
+        times = {}
+        for name, f in routes.items():
+            f(ws[0])  # warm up (BLAS init, packing, the thread pool)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for w in ws:
+                    f(w)
+                best = min(best, time.perf_counter() - t0)
+            times[name] = best
+    return times
 
 
 class DecodeLinear(torch.nn.Linear):

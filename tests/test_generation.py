@@ -177,11 +177,11 @@ def _cached_forward_logits(model, prompts_ids, mask, n_steps, step_ids):
     return outs, cache
 
 
-@pytest.mark.parametrize("route", ["linear", "transposed"])
+@pytest.mark.parametrize("route", ["linear", "transposed", "gemv"])
 @pytest.mark.parametrize("variant", ["gqa", "mha_interleaved_identity", "bf16", "no_adapter"])
 def test_decode_layers_equal_the_python_loop(monkeypatch, route, variant):
     """The C++ layer loop runs the same ops in the same order: bit-equal logits and caches (prefill with left
-    padding, then decode steps), on both few-row linear routes, and it is the path actually taken."""
+    padding, then decode steps), on every few-row linear route, and it is the path actually taken."""
     import lladapter_ext.model as model_mod
 
     monkeypatch.setenv("LLADAPTER_FEW_ROWS_ROUTE", route)
@@ -271,12 +271,17 @@ def test_decode_layers_refuses_inconsistent_arguments():
         _C.decode_layers(h, [torch.zeros(8, 8)] * 8, [1e-5, 1e-5], [torch.zeros(1, 4, 1, 8)],
                          [torch.zeros(1, 4, 1, 8)], [None], [None], [None], [[]], 0,
                          torch.zeros(1, 1, dtype=torch.long), torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8,
-                         False, "tanh", 1.0, False)
+                         False, "tanh", 1.0, "linear")
     with pytest.raises(RuntimeError, match="layer 0's k/v cache must be"):
         _C.decode_layers(h, [torch.zeros(8, 8)] * 9, [1e-5, 1e-5], [torch.zeros(1, 0, 1, 8)],
                          [torch.zeros(1, 0, 1, 8)], [None], [None], [None], [[]], 0,
                          torch.zeros(1, 1, dtype=torch.long), torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8,
-                         False, "tanh", 1.0, False)
+                         False, "tanh", 1.0, "linear")
+    with pytest.raises(RuntimeError, match="linear_route must be 'linear', 'transposed' or 'gemv', got 'fast'"):
+        _C.decode_layers(h, [torch.zeros(8, 8)] * 9, [1e-5, 1e-5], [torch.zeros(1, 4, 1, 8)],
+                         [torch.zeros(1, 4, 1, 8)], [None], [None], [None], [[]], 0,
+                         torch.zeros(1, 1, dtype=torch.long), torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8,
+                         False, "tanh", 1.0, "fast")
 
 
 @pytest.mark.parametrize("rows", ["mixed", "shared"])

@@ -208,13 +208,16 @@ def test_logits_to_keep_gives_the_last_positions_logits_with_and_without_a_cache
     x = torch.randint(0, 64, (2, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     full = model(x, attention_mask=mask).logits
+    # The same hidden states; only the LM head's GEMM has fewer rows, for which the BLAS (or few_rows_linear's
+    # route) may pick another kernel and summation order: equal to fp32 rounding of a dim-term dot product (seen:
+    # bit-equal on an Intel Xeon, 7e-8 apart on an AMD EPYC), not necessarily bit for bit.
     for keep in (1, 3, 6):
         torch.testing.assert_close(model(x, attention_mask=mask, logits_to_keep=keep).logits, full[:, -keep:],
-                                   rtol=0, atol=0)
+                                   rtol=1e-5, atol=1e-6)
     # a prefill with a cache, then a decode step: the cache is filled for every position, not only the kept ones
     cache = model.new_cache(2, 8)
     last = model(x, attention_mask=mask, cache=cache, logits_to_keep=1).logits
-    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=0)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
     nxt = torch.randint(0, 64, (2, 1))
     step = model(nxt, cache=cache).logits
     whole = model(torch.cat([x, nxt], 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1))
@@ -392,10 +395,11 @@ def test_lm_head_cross_entropy_refuses_bad_input_and_a_second_backward():
 @pytest.mark.parametrize("shape", [(64,), (1, 1, 64), (2, 1, 64), (4, 1, 64), (1, 4, 64), (8, 1, 64), (1, 16, 64),
                                    (3, 7, 64), (0, 1, 64)])
 @pytest.mark.parametrize("max_rows", [4, 16])
-@pytest.mark.parametrize("route", ["transposed", "linear"])
+@pytest.mark.parametrize("route", ["transposed", "linear", "gemv"])
 def test_few_rows_linear_matches_linear(shape, max_rows, route, monkeypatch):
-    """Decode steps take weight @ x^T on the CPU where that beats the BLAS's few-row F.linear (nn.few_rows_route):
-    either route gives the same values as F.linear to fp32 rounding, in x's layout, and the same gradients."""
+    """Decode steps take weight @ x^T or our GEMV kernel on the CPU where that beats the BLAS's few-row F.linear
+    (nn.few_rows_route): every route gives the same values as F.linear to fp32 rounding, in x's layout, with grad
+    off and on (where "gemv", which has no backward, gives way to another route), and the same gradients."""
     from lladapter_ext.nn import FEW_ROWS_ROUTE_ENV, DecodeLinear, few_rows_linear, few_rows_route
     monkeypatch.setenv(FEW_ROWS_ROUTE_ENV, route)
     assert few_rows_route() == route
@@ -405,6 +409,10 @@ def test_few_rows_linear_matches_linear(shape, max_rows, route, monkeypatch):
     want = torch.nn.functional.linear(x, w)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        got_no_grad = few_rows_linear(x, w, max_rows)
+    assert got_no_grad.shape == want.shape and got_no_grad.is_contiguous()
+    torch.testing.assert_close(got_no_grad, want.detach(), rtol=1e-5, atol=1e-4)
     if got.numel():
         g = torch.randn_like(want)
         gx, gw = torch.autograd.grad(got, (x, w), g)
@@ -414,9 +422,79 @@ def test_few_rows_linear_matches_linear(shape, max_rows, route, monkeypatch):
     lin = DecodeLinear(64, 100)
     assert set(lin.state_dict()) == {"weight"}  # nn.Linear's names: checkpoints load unchanged
     monkeypatch.setenv(FEW_ROWS_ROUTE_ENV, "sideways")
-    with pytest.raises(ValueError, match="LLADAPTER_FEW_ROWS_ROUTE must be 'transposed' or 'linear', got 'sideways'"):
+    with pytest.raises(ValueError, match="LLADAPTER_FEW_ROWS_ROUTE must be 'linear', 'transposed' or 'gemv', got "
+                       "'sideways'"):
         few_rows_route()
+    monkeypatch.setenv(FEW_ROWS_ROUTE_ENV, "gemv")  # where the kernel cannot run: the faster of the other two
+    assert few_rows_route(torch.float32, grad=True) in ("transposed", "linear")
+    assert few_rows_route(torch.bfloat16) in ("transposed", "linear")
     monkeypatch.delenv(FEW_ROWS_ROUTE_ENV)
-    assert few_rows_route(torch.float32) in ("transposed", "linear")  # measured on this machine
+    assert few_rows_route(torch.float32) in ("transposed", "linear", "gemv")  # measured on this machine
+    assert few_rows_route(torch.float32, grad=True) in ("transposed", "linear")
     torch.testing.assert_close(lin(x.detach()), torch.nn.functional.linear(x.detach(), lin.weight),
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_few_rows_gemv_matches_float64(isa, monkeypatch):
+    """_C.few_rows_gemv (few_rows_linear's "gemv" route) on each of its paths: x @ w^T against a float64 reference
+    within fp32 accumulation error over K terms, at shapes that exercise every tail (N not a multiple of the
+    4-row block, K not a multiple of the 8/16 vector lanes, 1 to 16 rows), non-contiguous x and an empty weight;
+    each output is summed by one thread, so the bits do not depend on the thread count."""
+    from lladapter_ext import _C
+    if isa != "scalar":
+        with open("/proc/cpuinfo") as f:  # (the CPU's flags: an unavailable path must be refused, not run)
+            flags = next((line for line in f if line.startswith("flags")), "")
+        need = {"avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}[isa]
+        if not all(f in flags.split() for f in need):
+            monkeypatch.setenv("LLADAPTER_FEW_ROWS_GEMV_ISA", isa)
+            with pytest.raises(RuntimeError, match=f"LLADAPTER_FEW_ROWS_GEMV_ISA={isa}, but this CPU"):
+                _C.few_rows_gemv(torch.randn(1, 8), torch.randn(4, 8))
+            pytest.skip(f"this CPU has no {isa} (the refusal was checked)")
+    monkeypatch.setenv("LLADAPTER_FEW_ROWS_GEMV_ISA", isa)
+    g = torch.Generator().manual_seed(0)
+    for rows, n, k in [(1, 1536, 576), (1, 7, 13), (2, 5, 16), (3, 9, 17), (4, 4, 8), (16, 49, 577), (1, 1, 1),
+                       (5, 130, 1536), (1, 0, 64)]:
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        y = _C.few_rows_gemv(x, w)
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        ref = x.double() @ w.double().t()
+        # fp32 rounding of K products and K - 1 sums: |error| <= ~K * eps * sum |x_k w_k|
+        bound = 2 * k * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().t()) + 1e-30
+        assert bool(((y.double() - ref).abs() <= bound).all()), (rows, n, k)
+    x_strided = torch.randn(40, 3, generator=g).t()  # [3, 40], not contiguous
+    w = torch.randn(21, 40, generator=g)
+    torch.testing.assert_close(_C.few_rows_gemv(x_strided, w), x_strided @ w.t(), rtol=1e-5, atol=1e-4)
+    x, w = torch.randn(4, 576, generator=g), torch.randn(3000, 576, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _C.few_rows_gemv(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, _C.few_rows_gemv(x, w))
+
+
+def test_few_rows_gemv_refuses_bad_input(monkeypatch):
+    """Errors name the argument: wrong dtype, device-independent shapes, too many rows, a strided weight, an
+    input that wants a gradient (the kernel has no backward), an unknown path."""
+    from lladapter_ext import _C
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="x and weight must be float32, got Double and Float"):
+        _C.few_rows_gemv(x.double(), w)
+    with pytest.raises(RuntimeError, match=r"x must be \[rows, K\] with 1 to 16 rows, got \[17, 8\]"):
+        _C.few_rows_gemv(torch.randn(17, 8), w)
+    with pytest.raises(RuntimeError, match=r"x must be \[rows, K\]"):
+        _C.few_rows_gemv(torch.randn(0, 8), w)
+    with pytest.raises(RuntimeError, match=r"weight must be \[N, K\] with K = x's 8, got \[4, 9\]"):
+        _C.few_rows_gemv(x, torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        _C.few_rows_gemv(x, torch.randn(8, 4).t())
+    with pytest.raises(RuntimeError, match="has no backward"):
+        _C.few_rows_gemv(x.requires_grad_(), w)
+    with torch.no_grad():  # grad off: fine, as in generation
+        torch.testing.assert_close(_C.few_rows_gemv(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("LLADAPTER_FEW_ROWS_GEMV_ISA", "sse")
+    with pytest.raises(RuntimeError,
+                       match="LLADAPTER_FEW_ROWS_GEMV_ISA must be auto, avx512, avx2 or scalar, got 'sse'"):
+        _C.few_rows_gemv(x.detach(), w)

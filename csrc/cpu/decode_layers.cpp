@@ -50,11 +50,25 @@ struct Ops {
   }
 };
 
-// nn.few_rows_linear: x @ w^T, or (w @ x^T)^T with at least two rows where its route says so (`transposed`).
-Tensor linear(const Tensor& x, const Tensor& w, bool transposed) {
+enum class Route { kLinear, kTransposed, kGemv };
+
+Route parse_route(const std::string& route) {
+  if (route == "linear") return Route::kLinear;
+  if (route == "transposed") return Route::kTransposed;
+  if (route == "gemv") return Route::kGemv;
+  TORCH_CHECK(false, "decode_layers: linear_route must be 'linear', 'transposed' or 'gemv', got '", route, "'");
+}
+
+// nn.few_rows_linear: x @ w^T, (w @ x^T)^T with at least two rows, or few_rows_gemv, as its route says.
+Tensor linear(const Tensor& x, const Tensor& w, Route route) {
   const int64_t K = x.size(-1);
   const int64_t rows = K ? x.numel() / K : 0;
-  if (transposed && rows >= 1) {
+  if (route == Route::kGemv && rows >= 1) {
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    return few_rows_gemv(x.reshape({rows, K}), w).view(shape);
+  }
+  if (route == Route::kTransposed && rows >= 1) {
     Tensor x2 = x.reshape({rows, K});
     if (rows == 1) x2 = at::cat({x2, x2});
     std::vector<int64_t> shape = x.sizes().vec();
@@ -72,7 +86,9 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
                      const std::vector<OptTensor>& gate, const std::vector<std::vector<RowPromptGroup>>& row_prompts,
                      int64_t cached, const Tensor& positions, const Tensor& cos, const Tensor& sin,
                      const OptTensor& kv_start, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                     bool rope_interleaved, const std::string& gate_act, double scale, bool transposed_linears) {
+                     bool rope_interleaved, const std::string& gate_act, double scale,
+                     const std::string& linear_route) {
+  const Route route = parse_route(linear_route);
   const size_t L = k_cache.size();
   TORCH_CHECK(weights.size() == 9 * L && norm_eps.size() == 2 * L && v_cache.size() == L && prompt_k.size() == L &&
                   prompt_v.size() == L && gate.size() == L && row_prompts.size() == L,
@@ -95,9 +111,9 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
     const Tensor* w = weights.data() + 9 * i;
     // attention: x + wo(attention(rope(wq xn), rope(wk xn), wv xn)), xn = attention_norm(x)
     const Tensor xn = std::get<0>(ops.rms_norm.call(x, w[0], norm_eps[2 * i]));
-    const Tensor q = linear(xn, w[1], transposed_linears).view({B, T, n_heads, head_dim});
-    const Tensor k = linear(xn, w[2], transposed_linears).view({B, T, n_kv_heads, head_dim});
-    const Tensor v = linear(xn, w[3], transposed_linears).view({B, T, n_kv_heads, head_dim});
+    const Tensor q = linear(xn, w[1], route).view({B, T, n_heads, head_dim});
+    const Tensor k = linear(xn, w[2], route).view({B, T, n_kv_heads, head_dim});
+    const Tensor v = linear(xn, w[3], route).view({B, T, n_kv_heads, head_dim});
     auto [qr_all, kr] = ops.rope.call(q, k, cos, sin, positions, c10::SymInt(0), rope_interleaved, false);
     k_cache[i].slice(1, cached, end).copy_(kr);  // KVCache.write
     v_cache[i].slice(1, cached, end).copy_(v);
@@ -112,11 +128,11 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
       const Tensor gated = at::mul(prompt.to(at::kFloat), phi).to(out.scalar_type());
       out = index ? out.index_add(0, *index, gated) : at::add(out, gated);
     }
-    x = at::add(x, linear(out.reshape({B, T, n_heads * head_dim}), w[4], transposed_linears));
+    x = at::add(x, linear(out.reshape({B, T, n_heads * head_dim}), w[4], route));
     // feed-forward: x + w2(swiglu(w1 xn, w3 xn)), xn = ffn_norm(x)
     const Tensor fn = std::get<0>(ops.rms_norm.call(x, w[5], norm_eps[2 * i + 1]));
-    const Tensor act = ops.swiglu.call(linear(fn, w[6], transposed_linears), linear(fn, w[7], transposed_linears));
-    x = at::add(x, linear(act, w[8], transposed_linears));
+    const Tensor act = ops.swiglu.call(linear(fn, w[6], route), linear(fn, w[7], route));
+    x = at::add(x, linear(act, w[8], route));
   }
   return x;
 }
