@@ -377,15 +377,15 @@ def litgpt_greedy(model, prompt, n):
 
 
 # ------------------------------------------------------------------ the training step's matmul floor (our model)
-def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4, grad=True):
+def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4):
     """One GEMM of a bias-free projection x [rows, k] @ W[n, k]^T as nn.few_rows_linear runs it (on the CPU, 1 to
-    max_rows rows take nn.few_rows_route's route: W @ x^T padded to two rows, or, where no gradient flows (grad
-    False), possibly our own GEMV kernel), or with backward its input-gradient GEMM dY @ W (W is frozen: no dW;
-    autograd computes the few-rows route's (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view). (label, weight
-    key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' = W @ x^T, 'gemv' = _C.few_rows_gemv(x, W)."""
+    max_rows rows take nn.few_rows_route's route: W @ x^T padded to two rows, or our own GEMV kernel), or with
+    backward its input-gradient GEMM dY @ W (W is frozen: no dW; autograd computes the transposed route's
+    (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view; the GEMV's backward is dY @ W). (label, weight key,
+    form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' = W @ x^T, 'gemv' = _C.few_rows_gemv(x, W)."""
     from lladapter_ext.nn import few_rows_route
 
-    route = few_rows_route(dtype, grad=grad) if device == "cpu" and 1 <= rows <= max_rows else "linear"
+    route = few_rows_route(dtype) if device == "cpu" and 1 <= rows <= max_rows else "linear"
     form = "gW" if backward else {"transposed": "Wxt", "gemv": "gemv"}.get(route, "xWt")
     return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if form == "Wxt" else rows)
 
@@ -406,10 +406,7 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
 
     def lin(i, n, rows=M, backward=False, what=""):
         key = f"layers.{i}.{'attention' if n in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{n}.weight"
-        # a gradient flows through the prompts' projections, and from the lowest adapted layer's attention output
-        # upwards (its q/k/v inputs, and everything below it, carry none)
-        grad = bool(what) or i > first or (i == first and n not in ("wq", "wk", "wv"))
-        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype, grad=grad)
+        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype)
 
     head = ("tok_embeddings.weight" if c.tie_embeddings else "output.weight", c.vocab_size, D, n_labelled)
     adapted = range(first, c.n_layers) if c.n_adapted_layers > 0 else range(0)

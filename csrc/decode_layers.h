@@ -37,8 +37,8 @@ at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& wei
                          const std::string& linear_route);
 
 // few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): x [rows, K] @ weight [N, K]^T for 1 to kFewRowsGemvMaxRows fp32 rows
-// on the CPU, the weights streamed on every thread; nn.few_rows_linear's "gemv" route. No autograd: refused where
-// grad mode is on and an input requires grad.
+// on the CPU, the weights streamed on every thread; nn.few_rows_linear's "gemv" route. No autograd of its own (refused
+// where grad mode is on and an input requires grad): nn.few_rows_linear wraps it with F.linear's backward.
 constexpr int64_t kFewRowsGemvMaxRows = 16;
 at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight);
 

@@ -36,17 +36,18 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) ->
       "transposed" (weight @ x^T)^T with at least two rows, a GEMM that streams the weights on every thread where
                    the BLAS runs a few-row F.linear on one (MKL on an AMD EPYC: 240 body-sized matrices, 1536 x 576
                    fp32, 2 threads, 7.5 -> 11.7 GB/s at one row);
-      "gemv"       (fp32, grad off) our own kernel, _C.few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): the weights split
-                   over the threads in blocks of four rows, no GEMM packing or padding (docs/benchmarks.md).
-    On an Intel Xeon (AVX-512) F.linear itself streamed at 15-27 GB/s and the transposed GEMM at 7-12. Where a
-    gradient is needed the route is the faster of the first two. Elsewhere (CUDA, more rows, weights that are not
-    plain dense tensors, e.g. quantized) it is F.linear."""
+      "gemv"       (fp32) our own kernel, _C.few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): the weights split over
+                   the threads in blocks of four rows, no GEMM packing or padding (docs/benchmarks.md); its backward
+                   is two GEMMs, as F.linear's.
+    On an Intel Xeon (AVX-512) F.linear itself streamed at 15-27 GB/s and the transposed GEMM at 7-12. The route
+    depends on the machine, the dtype and the row count only (not on grad mode), so a forward gives the same bits
+    with and without autograd. Elsewhere (CUDA, more rows, weights that are not plain dense tensors, e.g.
+    quantized) it is F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not 1 <= rows <= max_rows:
         return torch.nn.functional.linear(x, weight)
     # (the route before the weight's checks: where it is "linear" a decode step's 211 calls skip them, ~2 us each)
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    route = few_rows_route(weight.dtype, grad=grad)
+    route = few_rows_route(weight.dtype)
     if route == "linear" or type(weight.data) is not torch.Tensor \
             or weight.layout != torch.strided or weight.dim() != 2:
         return torch.nn.functional.linear(x, weight)
@@ -54,10 +55,30 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) ->
     if route == "gemv":
         if not weight.is_contiguous() or x.dtype != torch.float32:
             return torch.nn.functional.linear(x, weight)
-        return _C.few_rows_gemv(x2, weight).view(*x.shape[:-1], weight.shape[0])
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            y = _FewRowsGemv.apply(x2, weight)
+        else:
+            y = _C.few_rows_gemv(x2, weight)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if rows == 1:
         x2 = torch.cat([x2, x2])  # two rows take the multi-threaded GEMM path
     return torch.mm(weight, x2.t())[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class _FewRowsGemv(torch.autograd.Function):
+    """_C.few_rows_gemv with F.linear's backward: dx = dy @ weight, dweight = dy^T @ x."""
+
+    @staticmethod
+    def forward(ctx, x2, weight):
+        ctx.save_for_backward(x2, weight)
+        return _C.few_rows_gemv(x2, weight)  # (grad mode is off inside forward)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight = ctx.saved_tensors
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_y.t() @ x2 if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
 
 
 def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -107,25 +128,23 @@ FEW_ROWS_ROUTE_ENV = "LLADAPTER_FEW_ROWS_ROUTE"
 FEW_ROWS_ROUTES = ("linear", "transposed", "gemv")
 
 
-def few_rows_route(dtype: torch.dtype = torch.float32, grad: bool = False) -> str:
+def few_rows_route(dtype: torch.dtype = torch.float32) -> str:
     """"linear", "transposed" or "gemv" (see few_rows_linear): the route that streamed one-row projections fastest
     on this machine, timed once per (dtype, thread count) on 8 weights of 1536 x 576 (28 MB in fp32: more than the
-    caches, as a model's weights are), best of 3 passes each, ~30 ms. "gemv" competes for fp32 only and is left out
-    where grad is True (it has no backward). The answer depends on the CPU and its BLAS;
-    LLADAPTER_FEW_ROWS_ROUTE=linear|transposed|gemv fixes it (e.g. for reproducible benchmarks; "gemv" where it
-    cannot run falls back to the faster of the other two)."""
+    caches, as a model's weights are), best of 3 passes each, ~30 ms. "gemv" competes for fp32 only. The answer
+    depends on the CPU and its BLAS; LLADAPTER_FEW_ROWS_ROUTE=linear|transposed|gemv fixes it (e.g. for
+    reproducible benchmarks; "gemv" for another dtype falls back to the faster of the other two)."""
     forced = os.environ.get(FEW_ROWS_ROUTE_ENV, "").strip()
     if forced:
         if forced not in FEW_ROWS_ROUTES:
             raise ValueError(f"{FEW_ROWS_ROUTE_ENV} must be 'linear', 'transposed' or 'gemv', got {forced!r}")
-        if forced != "gemv" or (dtype == torch.float32 and not grad):
+        if forced != "gemv" or dtype == torch.float32:
             return forced
     key = (dtype, torch.get_num_threads())
     times = _FEW_ROWS_TIMES.get(key)
     if times is None:
         times = _FEW_ROWS_TIMES[key] = _time_few_rows_routes(dtype)
-    allowed = [r for r in times if not (grad and r == "gemv")]
-    return min(allowed, key=times.__getitem__)
+    return min(times, key=times.__getitem__)
 
 
 def _time_few_rows_routes(dtype: torch.dtype) -> dict[str, float]:

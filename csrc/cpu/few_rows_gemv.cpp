@@ -162,9 +162,10 @@ at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), kOp, ": weight must be [N, K] with K = x's ", x.size(1),
               ", got ", weight.sizes());
   TORCH_CHECK(weight.is_contiguous(), kOp, ": weight must be contiguous (a decode step streams it row by row)");
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())), kOp,
-              ": has no backward; call it with grad off (nn.few_rows_linear takes another route where a gradient is "
-              "needed)");
+  TORCH_CHECK(
+      !(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())), kOp,
+      ": has no backward of its own; call it with grad off (nn.few_rows_linear wraps it in an autograd function "
+      "where a gradient is needed)");
   const at::Tensor xc = x.contiguous();
   const int64_t R = xc.size(0), K = xc.size(1), N = weight.size(0);
   at::Tensor y = at::empty({R, N}, xc.options());
