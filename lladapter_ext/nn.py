@@ -36,7 +36,7 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) ->
       "transposed" (weight @ x^T)^T with at least two rows, a GEMM that streams the weights on every thread where
                    the BLAS runs a few-row F.linear on one (MKL on an AMD EPYC: 240 body-sized matrices, 1536 x 576
                    fp32, 2 threads, 7.5 -> 11.7 GB/s at one row);
-      "gemv"       (fp32) our own kernel, _C.few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): the weights split over
+      "gemv"       (fp32, bf16) our own kernel, _C.few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): the weights split over
                    the threads in blocks of four rows, no GEMM packing or padding (docs/benchmarks.md); its backward
                    is two GEMMs, as F.linear's.
     On an Intel Xeon (AVX-512) F.linear itself streamed at 15-27 GB/s and the transposed GEMM at 7-12. The route
@@ -53,7 +53,7 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) ->
         return torch.nn.functional.linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
     if route == "gemv":
-        if not weight.is_contiguous() or x.dtype != torch.float32:
+        if not weight.is_contiguous() or x.dtype != weight.dtype:
             return torch.nn.functional.linear(x, weight)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             y = _FewRowsGemv.apply(x2, weight)
@@ -126,19 +126,20 @@ class _LmHeadCrossEntropy(torch.autograd.Function):
 _FEW_ROWS_TIMES: dict[tuple, dict[str, float]] = {}  # (dtype, threads) -> seconds per route (few_rows_route)
 FEW_ROWS_ROUTE_ENV = "LLADAPTER_FEW_ROWS_ROUTE"
 FEW_ROWS_ROUTES = ("linear", "transposed", "gemv")
+FEW_ROWS_GEMV_DTYPES = (torch.float32, torch.bfloat16)  # what _C.few_rows_gemv takes
 
 
 def few_rows_route(dtype: torch.dtype = torch.float32) -> str:
     """"linear", "transposed" or "gemv" (see few_rows_linear): the route that streamed one-row projections fastest
     on this machine, timed once per (dtype, thread count) on 8 weights of 1536 x 576 (28 MB in fp32: more than the
-    caches, as a model's weights are), best of 3 passes each, ~30 ms. "gemv" competes for fp32 only. The answer
-    depends on the CPU and its BLAS; LLADAPTER_FEW_ROWS_ROUTE=linear|transposed|gemv fixes it (e.g. for
+    caches, as a model's weights are), best of 3 passes each, ~30 ms. "gemv" competes for fp32 and bf16 only. The
+    answer depends on the CPU and its BLAS; LLADAPTER_FEW_ROWS_ROUTE=linear|transposed|gemv fixes it (e.g. for
     reproducible benchmarks; "gemv" for another dtype falls back to the faster of the other two)."""
     forced = os.environ.get(FEW_ROWS_ROUTE_ENV, "").strip()
     if forced:
         if forced not in FEW_ROWS_ROUTES:
             raise ValueError(f"{FEW_ROWS_ROUTE_ENV} must be 'linear', 'transposed' or 'gemv', got {forced!r}")
-        if forced != "gemv" or dtype == torch.float32:
+        if forced != "gemv" or dtype in FEW_ROWS_GEMV_DTYPES:
             return forced
     key = (dtype, torch.get_num_threads())
     times = _FEW_ROWS_TIMES.get(key)
@@ -155,7 +156,7 @@ def _time_few_rows_routes(dtype: torch.dtype) -> dict[str, float]:
         x = torch.randn(1, 576, generator=g).to(dtype)
         x2 = torch.cat([x, x])
         routes = {"linear": lambda w: torch.nn.functional.linear(x, w), "transposed": lambda w: torch.mm(w, x2.t())}
-        if dtype == torch.float32:
+        if dtype in FEW_ROWS_GEMV_DTYPES:
             routes["gemv"] = lambda w: _C.few_rows_gemv(x, w)
         times = {}
         for name, f in routes.items():

@@ -426,19 +426,22 @@ def test_few_rows_linear_matches_linear(shape, max_rows, route, monkeypatch):
                        "'sideways'"):
         few_rows_route()
     monkeypatch.setenv(FEW_ROWS_ROUTE_ENV, "gemv")  # a dtype the kernel cannot take: the faster of the other two
-    assert few_rows_route(torch.bfloat16) in ("transposed", "linear")
+    assert few_rows_route(torch.float16) in ("transposed", "linear")
+    assert few_rows_route(torch.bfloat16) == "gemv"
     monkeypatch.delenv(FEW_ROWS_ROUTE_ENV)
     assert few_rows_route(torch.float32) in ("transposed", "linear", "gemv")  # measured on this machine
     torch.testing.assert_close(lin(x.detach()), torch.nn.functional.linear(x.detach(), lin.weight),
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-def test_few_rows_gemv_matches_float64(isa, monkeypatch):
+def test_few_rows_gemv_matches_float64(isa, dtype, monkeypatch):
     """_C.few_rows_gemv (few_rows_linear's "gemv" route) on each of its paths: x @ w^T against a float64 reference
-    within fp32 accumulation error over K terms, at shapes that exercise every tail (N not a multiple of the
-    4-row block, K not a multiple of the 8/16 vector lanes, 1 to 16 rows), non-contiguous x and an empty weight;
-    each output is summed by one thread, so the bits do not depend on the thread count."""
+    of the same inputs within fp32 accumulation error over K terms (plus, in bf16, one rounding of the result), at
+    shapes that exercise every tail (N not a multiple of the 4-row block, K not a multiple of the 8/16 vector
+    lanes, 1 to 16 rows), non-contiguous x and an empty weight; each output is summed by one thread, so the bits
+    do not depend on the thread count."""
     from lladapter_ext import _C
     if isa != "scalar":
         with open("/proc/cpuinfo") as f:  # (the CPU's flags: an unavailable path must be refused, not run)
@@ -453,17 +456,21 @@ def test_few_rows_gemv_matches_float64(isa, monkeypatch):
     g = torch.Generator().manual_seed(0)
     for rows, n, k in [(1, 1536, 576), (1, 7, 13), (2, 5, 16), (3, 9, 17), (4, 4, 8), (16, 49, 577), (1, 1, 1),
                        (5, 130, 1536), (1, 0, 64)]:
-        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
         y = _C.few_rows_gemv(x, w)
-        assert y.shape == (rows, n) and y.dtype == torch.float32
+        assert y.shape == (rows, n) and y.dtype == dtype
         ref = x.double() @ w.double().t()
-        # fp32 rounding of K products and K - 1 sums: |error| <= ~K * eps * sum |x_k w_k|
+        # fp32 rounding of K products and K - 1 sums: |error| <= ~K * eps * sum |x_k w_k|; bf16 rounds the result
+        # once more (unit roundoff 2^-8)
         bound = 2 * k * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().t()) + 1e-30
+        if dtype == torch.bfloat16:
+            bound = bound * (1 + 2**-8) + ref.abs() * 2**-8
         assert bool(((y.double() - ref).abs() <= bound).all()), (rows, n, k)
-    x_strided = torch.randn(40, 3, generator=g).t()  # [3, 40], not contiguous
-    w = torch.randn(21, 40, generator=g)
-    torch.testing.assert_close(_C.few_rows_gemv(x_strided, w), x_strided @ w.t(), rtol=1e-5, atol=1e-4)
-    x, w = torch.randn(4, 576, generator=g), torch.randn(3000, 576, generator=g)
+    x_strided = torch.randn(40, 3, generator=g).t().to(dtype)  # [3, 40], not contiguous
+    w = torch.randn(21, 40, generator=g).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(_C.few_rows_gemv(x_strided, w), (x_strided.float() @ w.float().t()).to(dtype), **tol)
+    x, w = torch.randn(4, 576, generator=g).to(dtype), torch.randn(3000, 576, generator=g).to(dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -478,8 +485,10 @@ def test_few_rows_gemv_refuses_bad_input(monkeypatch):
     input that wants a gradient (the kernel has no backward), an unknown path."""
     from lladapter_ext import _C
     x, w = torch.randn(2, 8), torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match="x and weight must be float32, got Double and Float"):
+    with pytest.raises(RuntimeError, match="x and weight must both be float32 or both bfloat16, got Double and Float"):
         _C.few_rows_gemv(x.double(), w)
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16, got BFloat16 and Float"):
+        _C.few_rows_gemv(x.bfloat16(), w)
     with pytest.raises(RuntimeError, match=r"x must be \[rows, K\] with 1 to 16 rows, got \[17, 8\]"):
         _C.few_rows_gemv(torch.randn(17, 8), w)
     with pytest.raises(RuntimeError, match=r"x must be \[rows, K\]"):
