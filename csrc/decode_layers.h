@@ -36,9 +36,10 @@ at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& wei
                          int64_t head_dim, bool rope_interleaved, const std::string& gate_act, double scale,
                          const std::string& linear_route);
 
-// few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): x [rows, K] @ weight [N, K]^T for 1 to kFewRowsGemvMaxRows fp32 or bf16 rows (fp32 sums)
-// on the CPU, the weights streamed on every thread; nn.few_rows_linear's "gemv" route. No autograd of its own (refused
-// where grad mode is on and an input requires grad): nn.few_rows_linear wraps it with F.linear's backward.
+// few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): x [rows, K] @ weight [N, K]^T for 1 to kFewRowsGemvMaxRows fp32 or bf16
+// rows (fp32 sums) on the CPU, the weights streamed on every thread; nn.few_rows_linear's "gemv" route. No autograd of
+// its own (refused where grad mode is on and an input requires grad): nn.few_rows_linear wraps it with F.linear's
+// backward.
 constexpr int64_t kFewRowsGemvMaxRows = 16;
 at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight);
 
