@@ -123,7 +123,7 @@ class _LmHeadCrossEntropy(torch.autograd.Function):
         return grad_h, grad_weight, None
 
 
-_FEW_ROWS_TIMES: dict[tuple, dict[str, float]] = {}  # (dtype, threads) -> seconds per route (few_rows_route)
+_FEW_ROWS_ROUTES: dict[tuple, str] = {}  # (dtype, threads) -> the measured route (few_rows_route)
 FEW_ROWS_ROUTE_ENV = "LLADAPTER_FEW_ROWS_ROUTE"
 FEW_ROWS_ROUTES = ("linear", "transposed", "gemv")
 FEW_ROWS_GEMV_DTYPES = (torch.float32, torch.bfloat16)  # what _C.few_rows_gemv takes
@@ -142,10 +142,11 @@ def few_rows_route(dtype: torch.dtype = torch.float32) -> str:
         if forced != "gemv" or dtype in FEW_ROWS_GEMV_DTYPES:
             return forced
     key = (dtype, torch.get_num_threads())
-    times = _FEW_ROWS_TIMES.get(key)
-    if times is None:
-        times = _FEW_ROWS_TIMES[key] = _time_few_rows_routes(dtype)
-    return min(times, key=times.__getitem__)
+    route = _FEW_ROWS_ROUTES.get(key)  # (a decode step asks ~200 times: the choice is made once)
+    if route is None:
+        times = _time_few_rows_routes(dtype)
+        route = _FEW_ROWS_ROUTES[key] = min(times, key=times.__getitem__)
+    return route
 
 
 def _time_few_rows_routes(dtype: torch.dtype) -> dict[str, float]:
