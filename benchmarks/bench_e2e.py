@@ -19,12 +19,15 @@ our model performs (step_gemms, derived from the config and the adapter placemen
 down projections of every layer and the prompt K/V projections of every adapted layer in the forward, the LM head
 on the labelled rows, and the input-gradient GEMMs of the backward from the LM head down to the lowest adapted
 layer; the frozen weights need no dW), run alone as torch.mm(out=) over the model's own weights and preallocated
-random activations, same dtype, device and threads, median of --iters passes; the list is checked against the
-aten::mm/addmm calls (count and shapes) of a real step under torch.profiler. The table's "floor" column is step
-time / matmul floor (1.00x = the step is nothing but its GEMMs at the speed they run alone); with the decode
+random activations, same dtype, device and threads, --iters passes, each followed by a training step; the list is
+checked against the aten::mm/addmm calls (count and shapes) of a real step under torch.profiler. The table's
+"floor" column is the median over those pairs of step time / floor time (1.00x = the step is nothing but its GEMMs
+at the speed they run alone; pairs, because a shared machine's speed drifts within a minute); with the decode
 bandwidth share it is printed in a closing "limits" line, and both are in the --json rows (step_vs_matmul_floor,
 matmul_floor_s, matmul_floor_gemms, matmul_floor_gemvs, profiled_mm, gemm_check, decode_bandwidth_fraction).
-On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats.
+On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats; with more
+than one round, each variant's training speed-up is also printed round by round (the anchor's step over the
+variant's in the same round: the spread says how far to trust the median).
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--shape smollm2-135m|tinyllama-1.1b|llama-7b]
         [--dtype float32|bfloat16] [--batch B] [--seq T] [--iters N] [--repeats R] [--json OUT.json]
@@ -307,10 +310,15 @@ def run_variant(variant, args):
     floor = {}
     if variant == "lladapter kernels":  # the same GEMMs timed alone, then checked against a profiled real step
         gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype)
-        floor_s, flop, listed, gemvs = matmul_floor(model, gemms, args)
+        calls, flop, listed, gemvs = matmul_floor_calls(model, gemms, args)
+        timed_pass(calls, dev)  # warm-up
+        # The floor's passes alternate with steps, and the ratio is the median of the pairs' step / floor: a shared
+        # machine's speed drifts by more than 10% within a minute, and a pair is timed under the same conditions.
+        pairs = [(timed_pass(calls, dev), timed_pass(step, dev)) for _ in range(args.iters)]
         profiled, other = profiled_gemms(step)
-        floor = dict(matmul_floor_s=floor_s, matmul_floor_flop=flop, matmul_floor_gemms=len(listed),
-                     matmul_floor_gemvs=gemvs,
+        floor = dict(matmul_floor_s=statistics.median(f for f, _ in pairs),
+                     step_vs_matmul_floor=statistics.median(s / f for f, s in pairs),
+                     matmul_floor_flop=flop, matmul_floor_gemms=len(listed), matmul_floor_gemvs=gemvs,
                      profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled))
     del opt
     decode_tps = decode(variant, model, c, args) if args.decode_new > 0 else None
@@ -438,13 +446,12 @@ def _gemm_operands(form, w, rows, make):
     return w, make((rows, k)).t()  # Wxt
 
 
-def matmul_floor(model, gemms, args):
-    """The step's GEMMs timed alone: torch.mm(a, b, out=...) in the listed order over the model's own frozen
-    (random) weights and preallocated random activations and outputs (one per distinct shape), in the model's
-    dtype, on its device, with this process's threads; median seconds of args.iters passes after one warm-up
-    pass, each timed like a step (perf_counter, synchronized on CUDA); the few-row projections that take
-    nn.few_rows_linear's "gemv" route run that kernel instead. Returns (seconds, FLOPs, the aten::mm calls' (a, b)
-    shapes, the number of GEMV calls)."""
+def matmul_floor_calls(model, gemms, args):
+    """The step's GEMMs as calls to time alone: torch.mm(a, b, out=...) in the listed order over the model's own
+    frozen (random) weights and preallocated random activations and outputs (one per distinct shape), in the
+    model's dtype, on its device; the few-row projections that take nn.few_rows_linear's "gemv" route run that
+    kernel instead. Returns (the calls, FLOPs, the aten::mm calls' (a, b) shapes, the number of GEMV calls); one
+    pass over the calls is timed with timed_pass (run_variant pairs each pass with a training step)."""
     from lladapter_ext import _C
 
     dev = args.device
@@ -469,18 +476,20 @@ def matmul_floor(model, gemms, args):
         calls.append(functools.partial(torch.mm, a, b, out=outs.setdefault(o, torch.empty(o, device=dev, dtype=dtype))))
         flop += 2 * a.shape[0] * a.shape[1] * b.shape[1]
         listed.append((tuple(a.shape), tuple(b.shape)))
-    times = []
-    for it in range(args.iters + 1):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for call in calls:
-            call()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        if it:  # pass 0 is the warm-up
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), flop, listed, gemvs
+    return calls, flop, listed, gemvs
+
+
+def timed_pass(work, dev) -> float:
+    """Seconds of one call of work (a callable, or a list of them called in order), perf_counter around it,
+    synchronized on CUDA."""
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for call in (work if isinstance(work, list) else [work]):
+        call()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def profiled_gemms(step):
@@ -569,7 +578,7 @@ def main():
             if "skipped" in res:
                 skipped[v] = res["skipped"]
             else:
-                runs[v].append(res)
+                runs[v].append(dict(res, round=r))
             print(f"  round {r + 1}/{args.repeats} {v}: " + (res.get("skipped") or
                   f"step {res['step_s'] * 1e3:.0f} ms, decode {res['decode_tokens_per_s'] or 0:.1f} tok/s"),
                   file=sys.stderr, flush=True)
@@ -583,13 +592,17 @@ def main():
                          trainable=runs[v][0]["trainable"], first_loss=runs[v][0]["first_loss"],
                          repeats=len(runs[v])))
         if "matmul_floor_s" in runs[v][0]:  # our variant: the step's GEMMs timed alone, in the same process
-            rows[-1].update(matmul_floor_s=med("matmul_floor_s"), step_vs_matmul_floor=med("step_s") /
-                            med("matmul_floor_s"), **{k: runs[v][0][k] for k in (
+            rows[-1].update(matmul_floor_s=med("matmul_floor_s"), step_vs_matmul_floor=med("step_vs_matmul_floor"),
+                            **{k: runs[v][0][k] for k in (
                                 "matmul_floor_flop", "matmul_floor_gemms", "matmul_floor_gemvs", "profiled_mm",
                                 "profiled_other_matmul", "gemm_check")})
     anchor = next((r for r in rows if r["variant"] == ANCHOR), None)
+    anchor_steps = {x["round"]: x["step_s"] for x in runs.get(ANCHOR, [])}
     for r in rows:
         r["train_speedup_vs_peft"] = anchor and anchor["step_s"] / r["step_s"]
+        # per round: the anchor's step over this variant's, both of one round (minutes apart, not the whole run)
+        r["train_speedup_vs_peft_rounds"] = [anchor_steps[x["round"]] / x["step_s"] for x in runs[r["variant"]]
+                                             if x["round"] in anchor_steps]
         r["memory_vs_peft"] = anchor and r["peak_bytes"] / anchor["peak_bytes"]
         r["decode_speedup_vs_peft"] = (anchor and r["decode_tokens_per_s"] and anchor["decode_tokens_per_s"]
                                        and r["decode_tokens_per_s"] / anchor["decode_tokens_per_s"])
@@ -616,13 +629,18 @@ def main():
     for r in rows:
         if r.get("matmul_floor_s"):
             other = ", ".join(f"{n} x{k}" for n, k in r["profiled_other_matmul"].items()) or "none"
-            print(f"   train {r['variant']}: step {r['step_s'] * 1e3:.1f} ms = {r['step_vs_matmul_floor']:.2f}x the "
-                  f"matmul floor ({r['matmul_floor_s'] * 1e3:.1f} ms of GEMMs alone: the step's "
+            print(f"   train {r['variant']}: step {r['step_s'] * 1e3:.1f} ms; {r['step_vs_matmul_floor']:.2f}x the "
+                  f"matmul floor, step over floor in passes timed in turn ({r['matmul_floor_s'] * 1e3:.1f} ms of GEMMs "
+                  f"alone: the step's "
                   f"{r['matmul_floor_gemms']} GEMMs"
                   + (f" and {r['matmul_floor_gemvs']} GEMVs" if r.get("matmul_floor_gemvs") else "")
                   + f", {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
                   f"{r['matmul_floor_flop'] / r['matmul_floor_s'] / 1e9:.1f} GFLOP/s); a profiled step ran "
                   f"{r['profiled_mm']} aten::mm/addmm ({r['gemm_check']}; other matmul ops: {other})")
+    for r in rows:
+        if r["variant"] != ANCHOR and len(r["train_speedup_vs_peft_rounds"]) > 1:
+            print(f"   train {r['variant']} vs {ANCHOR}, round by round: "
+                  + ", ".join(f"{x:.2f}x" for x in r["train_speedup_vs_peft_rounds"]))
     for r in rows:
         if r["decode_bandwidth_fraction"]:
             print(f"   decode {r['variant']}: {r['decode_bandwidth_fraction'] * read_bw / 1e9:.1f} GB/s of weights "
@@ -632,7 +650,7 @@ def main():
           f"one per layer (the prompts, K x width per layer, are the same size in all). loss@step0: the first\n"
           f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).\n"
           f"   floor: step time / the same step's GEMMs (projections, prompt K/V, LM head; forward and input "
-          f"gradients) timed alone in the same process.")
+          f"gradients) timed alone in the same process, the median over passes of the two timed in turn.")
     ours = next((r for r in rows if r.get("matmul_floor_s")), None)
     if ours:  # the distance to the physical limits, in one line
         bw = ours["decode_bandwidth_fraction"]
