@@ -24,7 +24,9 @@ checked against the aten::mm/addmm calls (count and shapes) of a real step under
 "floor" column is the median over those pairs of step time / floor time (1.00x = the step is nothing but its GEMMs
 at the speed they run alone; pairs, because a shared machine's speed drifts within a minute); with the decode
 bandwidth share it is printed in a closing "limits" line, and both are in the --json rows (step_vs_matmul_floor,
-matmul_floor_s, matmul_floor_gemms, matmul_floor_gemvs, profiled_mm, gemm_check, decode_bandwidth_fraction).
+matmul_floor_s, matmul_floor_gemms, matmul_floor_gemvs, profiled_mm, gemm_check, decode_bandwidth_fraction). The
+same profiled step's top ops by self time (on CUDA: kernels, by GPU time) are printed too (profile_top): where the
+time beyond the floor goes.
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats; with more
 than one round, each variant's training speed-up is also printed round by round (the anchor's step over the
 variant's in the same round: the spread says how far to trust the median).
@@ -315,11 +317,12 @@ def run_variant(variant, args):
         # The floor's passes alternate with steps, and the ratio is the median of the pairs' step / floor: a shared
         # machine's speed drifts by more than 10% within a minute, and a pair is timed under the same conditions.
         pairs = [(timed_pass(calls, dev), timed_pass(step, dev)) for _ in range(args.iters)]
-        profiled, other = profiled_gemms(step)
+        profiled, other, profile_top = profiled_gemms(step, dev)
         floor = dict(matmul_floor_s=statistics.median(f for f, _ in pairs),
                      step_vs_matmul_floor=statistics.median(s / f for f, s in pairs),
                      matmul_floor_flop=flop, matmul_floor_gemms=len(listed), matmul_floor_gemvs=gemvs,
-                     profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled))
+                     profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled),
+                     profile_top=profile_top)
     del opt
     decode_tps = decode(variant, model, c, args) if args.decode_new > 0 else None
     return dict(variant=variant, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s, peak_bytes=peak,
@@ -492,14 +495,19 @@ def timed_pass(work, dev) -> float:
     return time.perf_counter() - t
 
 
-def profiled_gemms(step):
-    """One real step under torch.profiler: the (a, b) shapes of its aten::mm / aten::addmm calls, and the counts
-    of other matmul-family ops (batched matmuls, SDPA: attention, which the floor does not hold; aten::matmul and
-    aten::linear are wrappers that dispatch to these and are not counted)."""
+def profiled_gemms(step, dev, top=10):
+    """One real step under torch.profiler: the (a, b) shapes of its aten::mm / aten::addmm calls, the counts of
+    other matmul-family ops (batched matmuls, SDPA: attention, which the floor does not hold; aten::matmul and
+    aten::linear are wrappers that dispatch to these and are not counted), and the step's `top` ops (CUDA:
+    kernels) by self time, each as (name, share of the profile's self time, calls): where the time beyond the
+    floor goes, in every run."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
         step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
     shapes, other = [], {}
     for e in prof.events():
         if e.name in ("aten::mm", "aten::addmm"):
@@ -507,7 +515,11 @@ def profiled_gemms(step):
             shapes.append(tuple(tuple(x) for x in s))
         elif e.name in ("aten::bmm", "aten::baddbmm") or "scaled_dot_product" in e.name:
             other[e.name] = other.get(e.name, 0) + 1
-    return shapes, other
+    attr = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(t for _, t, _ in rows) or 1
+    rows.sort(key=lambda r: -r[1])
+    return shapes, other, [(name[:70], t / total, n) for name, t, n in rows[:top]]
 
 
 def gemm_check(listed, profiled):
@@ -595,7 +607,7 @@ def main():
             rows[-1].update(matmul_floor_s=med("matmul_floor_s"), step_vs_matmul_floor=med("step_vs_matmul_floor"),
                             **{k: runs[v][0][k] for k in (
                                 "matmul_floor_flop", "matmul_floor_gemms", "matmul_floor_gemvs", "profiled_mm",
-                                "profiled_other_matmul", "gemm_check")})
+                                "profiled_other_matmul", "gemm_check", "profile_top")})
     anchor = next((r for r in rows if r["variant"] == ANCHOR), None)
     anchor_steps = {x["round"]: x["step_s"] for x in runs.get(ANCHOR, [])}
     for r in rows:
@@ -637,6 +649,8 @@ def main():
                   + f", {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
                   f"{r['matmul_floor_flop'] / r['matmul_floor_s'] / 1e9:.1f} GFLOP/s); a profiled step ran "
                   f"{r['profiled_mm']} aten::mm/addmm ({r['gemm_check']}; other matmul ops: {other})")
+            print(f"   profile of one step, {r['variant']} (self {'GPU' if gpu else 'CPU'} time, first round): "
+                  + ", ".join(f"{name} {100 * share:.1f}% (x{n})" for name, share, n in r["profile_top"]))
     for r in rows:
         if r["variant"] != ANCHOR and len(r["train_speedup_vs_peft_rounds"]) > 1:
             print(f"   train {r['variant']} vs {ANCHOR}, round by round: "
