@@ -85,10 +85,10 @@ def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     """Mean cross-entropy of the logits h @ weight^T (h [N, D], weight [V, D], targets [N] class indices, every row
     labelled), the same value as F.cross_entropy(F.linear(h, weight).float(), targets) (fp64 for fp64 h), with a
     cheaper backward:
-    the log-probabilities the forward keeps (fp32, [N, V], as F.cross_entropy's log_softmax keeps them) become the
-    gradient in place, softmax - one_hot, one pass over them; autograd's way fills a zero [N, V] gradient, scatters
-    into it and runs log_softmax's backward into a third [N, V] tensor (SmolLM2's 49152-word head on 256 labelled
-    rows: 50 MB each). The logits are in h's dtype (fp32 statistics, as before). Differentiable in h and weight;
+    the log-probabilities the forward keeps (fp32, [N, V], as F.cross_entropy's log_softmax keeps them; written over
+    the logits, so the forward holds one [N, V] buffer, not two) become the gradient in place, softmax - one_hot,
+    one pass over them; autograd's way fills a zero [N, V] gradient, scatters into it and runs log_softmax's
+    backward into a third [N, V] tensor (SmolLM2's 49152-word head on 256 labelled rows: 50 MB each). The logits are in h's dtype (fp32 statistics, as before). Differentiable in h and weight;
     one backward per forward (the kept tensor is consumed: a second backward through the same graph is refused by
     autograd's in-place check)."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
@@ -105,7 +105,10 @@ class _LmHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets):
         stat = torch.float64 if h.dtype == torch.float64 else torch.float32
-        logp = torch.log_softmax(few_rows_linear(h, weight, max_rows=16).to(stat), dim=-1)
+        logits = few_rows_linear(h, weight, max_rows=16).to(stat)
+        # in place: the logits are this function's own temporary, and a second [N, V] buffer is 50 MB more at the
+        # step's peak for SmolLM2's head on 256 rows (and, on the CPU, ~12k page faults of a fresh allocation)
+        logp = torch.log_softmax(logits, dim=-1, out=logits)
         targets = targets.long()
         loss = -logp.gather(1, targets[:, None]).mean()
         ctx.save_for_backward(h, weight, targets, logp)

@@ -377,6 +377,28 @@ def test_lm_head_cross_entropy_matches_autograd(dtype, rows):
     torch.testing.assert_close(w2.grad, w1.grad, **tol)
 
 
+@pytest.mark.parametrize("rows", [3, 37])
+def test_lm_head_cross_entropy_keeps_one_vocab_sized_buffer(monkeypatch, rows):
+    """The log-probabilities are written over the logits (fp32): the forward holds one [N, V] tensor, not two, and
+    the loss is still F.cross_entropy's to fp32 rounding (the value test above covers every dtype and route)."""
+    from lladapter_ext import nn as lnn
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(lnn_few_rows_linear(*args, **kwargs))
+        return made[-1]
+
+    lnn_few_rows_linear = lnn.few_rows_linear
+    monkeypatch.setattr(lnn, "few_rows_linear", recording)
+    h, w = torch.randn(rows, 16, requires_grad=True), torch.randn(50, 16)
+    t = torch.randint(0, 50, (rows,))
+    loss = lnn.lm_head_cross_entropy(h, w, t)
+    kept = loss.grad_fn.saved_tensors[3]
+    assert len(made) == 1 and kept.shape == (rows, 50)
+    assert kept.untyped_storage().data_ptr() == made[0].untyped_storage().data_ptr()
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(h @ w.t(), t), rtol=1e-6, atol=1e-6)
+
+
 def test_lm_head_cross_entropy_refuses_bad_input_and_a_second_backward():
     from lladapter_ext.nn import lm_head_cross_entropy
     h, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8)
