@@ -88,9 +88,9 @@ def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     the log-probabilities the forward keeps (fp32, [N, V], as F.cross_entropy's log_softmax keeps them; written over
     the logits, so the forward holds one [N, V] buffer, not two) become the gradient in place, softmax - one_hot,
     one pass over them; autograd's way fills a zero [N, V] gradient, scatters into it and runs log_softmax's
-    backward into a third [N, V] tensor (SmolLM2's 49152-word head on 256 labelled rows: 50 MB each). The logits are in h's dtype (fp32 statistics, as before). Differentiable in h and weight;
-    one backward per forward (the kept tensor is consumed: a second backward through the same graph is refused by
-    autograd's in-place check)."""
+    backward into a third [N, V] tensor (SmolLM2's 49152-word head on 256 labelled rows: 50 MB each). The logits
+    are in h's dtype (fp32 statistics, as before). Differentiable in h and weight; one backward per forward (the
+    kept tensor is consumed: a second backward through the same graph is refused by autograd's in-place check)."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"lm_head_cross_entropy: h must be [N, D] and weight [V, D], got {list(h.shape)} and "
                          f"{list(weight.shape)}")
