@@ -463,7 +463,7 @@ def test_few_rows_gemv_matches_float64(isa, dtype, monkeypatch):
     of the same inputs within fp32 accumulation error over K terms (plus, in bf16, one rounding of the result), at
     shapes that exercise every tail (N not a multiple of the 4-row block, K not a multiple of the 8/16 vector
     lanes, 1 to 16 rows), non-contiguous x and an empty weight; each output is summed by one thread, so the bits
-    do not depend on the thread count."""
+    do not depend on the thread count, nor on the software prefetch."""
     from lladapter_ext import _C
     if isa != "scalar":
         with open("/proc/cpuinfo") as f:  # (the CPU's flags: an unavailable path must be refused, not run)
@@ -500,6 +500,14 @@ def test_few_rows_gemv_matches_float64(isa, dtype, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, _C.few_rows_gemv(x, w))
+    # the software prefetch (on by default) changes what is read early, not the sums: the same bits without it,
+    # at shapes where some blocks have a block two ahead to prefetch and the last ones do not
+    for rows, n, k in [(1, 3000, 576), (2, 13, 40), (3, 12, 17)]:
+        x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+        with_prefetch = _C.few_rows_gemv(x, w)
+        monkeypatch.setenv("LLADAPTER_FEW_ROWS_GEMV_PREFETCH", "0")
+        assert torch.equal(_C.few_rows_gemv(x, w), with_prefetch), (rows, n, k)
+        monkeypatch.delenv("LLADAPTER_FEW_ROWS_GEMV_PREFETCH")
 
 
 def test_few_rows_gemv_refuses_bad_input(monkeypatch):

@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string_view>
 
 #include "../decode_layers.h"
@@ -36,6 +37,22 @@ namespace {
 constexpr const char* kIsaEnv = "LLADAPTER_FEW_ROWS_GEMV_ISA";
 constexpr int64_t kBlock = 4;                    // weight rows per inner block: 4 independent accumulators
 constexpr int64_t kMinWeightsPerTask = 1 << 15;  // 128 KB of fp32 weights: below this a task's fork costs more
+// Software prefetch, kPrefetchBlocks blocks ahead, spread over a block's k loop (one block's bytes per block): a
+// block reads its kBlock rows as interleaved streams of K weights each (2.3 KB for K = 576), too short for the
+// hardware prefetcher to ramp up on. Measured on an AMD EPYC (AVX-512), 2 threads, one SmolLM2 decode step's GEMVs:
+// fp32 1.12x, bf16 1.41x faster than without (1 block ahead: 1.07x / 1.29x; 3: 1.13x / 1.37x).
+// LLADAPTER_FEW_ROWS_GEMV_PREFETCH=0 turns it off (read at every call, for A/B measurements in one process).
+constexpr int64_t kPrefetchBlocks = 2;
+constexpr const char* kPrefetchEnv = "LLADAPTER_FEW_ROWS_GEMV_PREFETCH";
+
+// Where the block at row n prefetches: the start of the block kPrefetchBlocks ahead, whose bytes its k loop then
+// prefetches in step with its own reads; nullptr when prefetch is off or that block is not wholly in the matrix.
+template <typename w_t>
+inline const char* prefetch_ahead(bool prefetch, const w_t* w, int64_t K, int64_t N, int64_t n) {
+  return prefetch && n + (kPrefetchBlocks + 1) * kBlock <= N
+             ? reinterpret_cast<const char*>(w + (n + kPrefetchBlocks * kBlock) * K)
+             : nullptr;
+}
 
 // Rows [n0, n1) of y [R, N] (fp32) for x [R, K] (fp32: a bf16 x is widened once per call), w [N, K] (w_t: float or
 // bf16, widened as it streams; a bf16 -> fp32 widening is exact), all contiguous.
@@ -68,16 +85,20 @@ LL_TARGET_AVX512 inline __m512 load16(__mmask16 m, const c10::BFloat16* p) {
 
 template <typename w_t>
 LL_TARGET_AVX512 void gemv_rows_avx512(const float* x, int64_t R, const w_t* w, int64_t K, int64_t N, int64_t n0,
-                                       int64_t n1, float* y) {
+                                       int64_t n1, float* y, bool prefetch) {
   const int64_t k_full = K / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - k_full)) - 1u);
   int64_t n = n0;
   for (; n + kBlock <= n1; n += kBlock) {
     const w_t* w0 = w + n * K;
+    const char* ahead = prefetch_ahead(prefetch, w, K, N, n);
+    constexpr int64_t kBytesPerIt = 16 * kBlock * sizeof(w_t);
     for (int64_t r = 0; r < R; ++r) {
       const float* xr = x + r * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t k = 0; k < k_full; k += 16) {
+        if (r == 0 && ahead != nullptr)
+          for (int64_t b = 0; b < kBytesPerIt; b += 64) _mm_prefetch(ahead + k / 16 * kBytesPerIt + b, _MM_HINT_T0);
         const __m512 xv = _mm512_loadu_ps(xr + k);
         a0 = _mm512_fmadd_ps(load16(w0 + k), xv, a0);
         a1 = _mm512_fmadd_ps(load16(w0 + K + k), xv, a1);
@@ -121,14 +142,18 @@ LL_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
 
 template <typename w_t>
 LL_TARGET_AVX2 void gemv_rows_avx2(const float* x, int64_t R, const w_t* w, int64_t K, int64_t N, int64_t n0,
-                                   int64_t n1, float* y) {
+                                   int64_t n1, float* y, bool prefetch) {
   const int64_t k_full = K / 8 * 8;
   for (int64_t n = n0; n < n1; n += kBlock) {
     const int64_t nb = std::min(kBlock, n1 - n);
+    const char* ahead = prefetch_ahead(prefetch, w, K, N, n);
+    constexpr int64_t kBytesPerIt = 8 * kBlock * sizeof(w_t);
     for (int64_t r = 0; r < R; ++r) {
       const float* xr = x + r * K;
       __m256 a[kBlock] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t k = 0; k < k_full; k += 8) {
+        if (r == 0 && ahead != nullptr)
+          for (int64_t b = 0; b < kBytesPerIt; b += 64) _mm_prefetch(ahead + k / 8 * kBytesPerIt + b, _MM_HINT_T0);
         const __m256 xv = _mm256_loadu_ps(xr + k);
         for (int64_t j = 0; j < nb; ++j) a[j] = _mm256_fmadd_ps(load8(w + (n + j) * K + k), xv, a[j]);
       }
@@ -195,6 +220,8 @@ at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight) {
     const float* xp = xc.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
     const Isa isa = gemv_isa();
+    const char* prefetch_env = std::getenv(kPrefetchEnv);
+    const bool prefetch = prefetch_env == nullptr || std::string_view(prefetch_env) != "0";
     const int64_t blocks = (N + kBlock - 1) / kBlock;
     const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, K * kBlock));
     auto run = [&](const auto* wp) {
@@ -203,9 +230,9 @@ at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight) {
         switch (isa) {
 #if LL_GEMV_X86
           case Isa::kAvx512:
-            return gemv_rows_avx512(xp, R, wp, K, N, n0, n1, yp);
+            return gemv_rows_avx512(xp, R, wp, K, N, n0, n1, yp, prefetch);
           case Isa::kAvx2:
-            return gemv_rows_avx2(xp, R, wp, K, N, n0, n1, yp);
+            return gemv_rows_avx2(xp, R, wp, K, N, n0, n1, yp, prefetch);
 #endif
           default:
             return gemv_rows_scalar(xp, R, wp, K, N, n0, n1, yp);
