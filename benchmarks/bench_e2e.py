@@ -503,10 +503,20 @@ def profiled_gemms(step, dev, top=10):
     floor goes, in every run."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
-    with profile(activities=acts, record_shapes=True) as prof:
-        step()
-        if dev == "cuda":
+    device_times = dev == "cuda"
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_times else []),
+                     record_shapes=True) as prof:
+            step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+    except RuntimeError as e:  # (CUPTI unavailable: the GEMM check and a CPU-side profile still come out)
+        if not device_times:
+            raise
+        print(f"   profiling with CUDA activity failed ({e}); profiling the CPU side only", file=sys.stderr)
+        device_times = False
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step()
             torch.cuda.synchronize()
     shapes, other = [], {}
     for e in prof.events():
@@ -515,11 +525,20 @@ def profiled_gemms(step, dev, top=10):
             shapes.append(tuple(tuple(x) for x in s))
         elif e.name in ("aten::bmm", "aten::baddbmm") or "scaled_dot_product" in e.name:
             other[e.name] = other.get(e.name, 0) + 1
-    attr = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
-    rows = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages() if getattr(e, attr) > 0]
+
+    def self_time(e):  # (torch < 2.4 names the device time self_cuda_time_total)
+        if not device_times:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    rows = [(e.key, self_time(e), e.count) for e in prof.key_averages() if self_time(e) > 0]
+    if device_times and not rows:  # no kernel timings came back (CUPTI without the rights, say): the CPU side's
+        device_times = False
+        rows = [(e.key, self_time(e), e.count) for e in prof.key_averages() if self_time(e) > 0]
     total = sum(t for _, t, _ in rows) or 1
     rows.sort(key=lambda r: -r[1])
-    return shapes, other, [(name[:70], t / total, n) for name, t, n in rows[:top]]
+    return shapes, other, dict(clock="GPU" if device_times else "CPU",
+                               ops=[(name[:70], t / total, n) for name, t, n in rows[:top]])
 
 
 def gemm_check(listed, profiled):
@@ -649,8 +668,8 @@ def main():
                   + f", {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
                   f"{r['matmul_floor_flop'] / r['matmul_floor_s'] / 1e9:.1f} GFLOP/s); a profiled step ran "
                   f"{r['profiled_mm']} aten::mm/addmm ({r['gemm_check']}; other matmul ops: {other})")
-            print(f"   profile of one step, {r['variant']} (self {'GPU' if gpu else 'CPU'} time, first round): "
-                  + ", ".join(f"{name} {100 * share:.1f}% (x{n})" for name, share, n in r["profile_top"]))
+            print(f"   profile of one step, {r['variant']} (self {r['profile_top']['clock']} time, first round): "
+                  + ", ".join(f"{name} {100 * share:.1f}% (x{n})" for name, share, n in r["profile_top"]["ops"]))
     for r in rows:
         if r["variant"] != ANCHOR and len(r["train_speedup_vs_peft_rounds"]) > 1:
             print(f"   train {r['variant']} vs {ANCHOR}, round by round: "
