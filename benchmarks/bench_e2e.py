@@ -298,16 +298,7 @@ def run_variant(variant, args):
 
     first_loss = float(step())
     step()
-    times = []
-    for _ in range(args.iters):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
+    step_s = statistics.median(timed_pass(step, dev) for _ in range(args.iters))
     peak = peak_memory(dev, base)
     floor = {}
     if variant == "lladapter kernels":  # the same GEMMs timed alone, then checked against a profiled real step

@@ -382,13 +382,12 @@ def test_lm_head_cross_entropy_keeps_one_vocab_sized_buffer(monkeypatch, rows):
     """The log-probabilities are written over the logits (fp32): the forward holds one [N, V] tensor, not two, and
     the loss is still F.cross_entropy's to fp32 rounding (the value test above covers every dtype and route)."""
     from lladapter_ext import nn as lnn
-    made = []
+    made, few_rows_linear = [], lnn.few_rows_linear
 
     def recording(*args, **kwargs):
-        made.append(lnn_few_rows_linear(*args, **kwargs))
+        made.append(few_rows_linear(*args, **kwargs))
         return made[-1]
 
-    lnn_few_rows_linear = lnn.few_rows_linear
     monkeypatch.setattr(lnn, "few_rows_linear", recording)
     h, w = torch.randn(rows, 16, requires_grad=True), torch.randn(50, 16)
     t = torch.randint(0, 50, (rows,))

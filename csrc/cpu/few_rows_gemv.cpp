@@ -39,8 +39,9 @@ constexpr int64_t kBlock = 4;                    // weight rows per inner block:
 constexpr int64_t kMinWeightsPerTask = 1 << 15;  // 128 KB of fp32 weights: below this a task's fork costs more
 // Software prefetch, kPrefetchBlocks blocks ahead, spread over a block's k loop (one block's bytes per block): a
 // block reads its kBlock rows as interleaved streams of K weights each (2.3 KB for K = 576), too short for the
-// hardware prefetcher to ramp up on. Measured on an AMD EPYC (AVX-512), 2 threads, one SmolLM2 decode step's GEMVs:
-// fp32 1.12x, bf16 1.41x faster than without (1 block ahead: 1.07x / 1.29x; 3: 1.13x / 1.37x).
+// hardware prefetcher to ramp up on. Measured on an AMD EPYC, 2 threads, one SmolLM2 decode step's GEMVs, paired
+// in one process: AVX-512 fp32 1.03-1.15x, bf16 1.25-1.45x; AVX2 fp32 1.19x, bf16 1.82x faster than without (one
+// run with 1 block ahead: 1.07x / 1.29x, 3: 1.13x / 1.37x, against 2: 1.12x / 1.41x).
 // LLADAPTER_FEW_ROWS_GEMV_PREFETCH=0 turns it off (read at every call, for A/B measurements in one process).
 constexpr int64_t kPrefetchBlocks = 2;
 constexpr const char* kPrefetchEnv = "LLADAPTER_FEW_ROWS_GEMV_PREFETCH";
