@@ -274,6 +274,24 @@ def test_cpu_backward_single_prompt_key(dtype, d, Bp):
     _check_grads(make_inputs(B=2, Tq=40, H=4, Hkv=2, d=d, K=1, Bp=Bp, dtype=dtype), dtype, single_query_keys=True)
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.bfloat16, 24), (torch.float64, 8)])
+@pytest.mark.parametrize("Bp", [1, 2])
+def test_cpu_prompt_of_two_key_blocks(dtype, d, Bp):
+    # The CPU kernel takes the prompt branch of more than 4 query rows keys x queries, in blocks of 128 prompt keys:
+    # K = 150 makes two, so the forward's online softmax and the backward's D_prompt span both. fp32 with d = 16
+    # reads the prompt rows in place, bf16 and d = 24 convert them (padded to the vector width).
+    inp = make_inputs(B=2, Tq=37, H=4, Hkv=2, d=d, K=150, Bp=Bp, dtype=dtype)
+    out, ref = run_both(inp)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    _check_grads(inp, dtype)
+
+
+def test_gradcheck_float64_prompt_of_two_key_blocks():
+    q, k, v, pk, pv, gate, _ = make_inputs(B=1, Tq=6, H=2, Hkv=1, d=3, K=130, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (q, k, v, pk, pv, gate)]
+    assert torch.autograd.gradcheck(lambda *a: ops.gated_prompt_attention(*a, backend="fused"), args)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("gate_act", ["tanh", "identity"])
 @pytest.mark.parametrize("Bp", [1, 2])
