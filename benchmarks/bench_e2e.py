@@ -11,9 +11,11 @@ AdamW(lr 1e-3, betas (0.9, 0.95), weight decay 0.02) over the adapter parameters
 Measured per variant, each in its own process: training step (forward + backward + optimizer step) time and
 tokens/s, peak memory of training (CUDA: max allocated; CPU: growth of the RSS high-water mark over the process
 after its imports), then greedy decoding of --decode-new tokens after a --decode-prompt token prompt with a KV
-cache (ours and LitGPT keep the prompt K/V across steps; PEFT recomputes them every step), tokens/s, and the weight
-traffic that implies (the bytes of every projection and the LM head per step) as a share of the machine's read
-bandwidth, measured in the same run (the distance to the physical limit of a weight-bound decode).
+cache (ours and LitGPT keep the prompt K/V across steps; PEFT recomputes them every step), tokens/s (prefill
+included), and the decode step's weight traffic (the bytes of every projection and the LM head per step, over the
+time of one step after the prefill: generating --decode-new tokens and generating one, timed in turn, differ by
+--decode-new - 1 steps) as a share of the machine's read bandwidth, measured in the same run (the distance to the
+physical limit of a weight-bound decode).
 For our variant (1) the same process also times the training step's matmul floor: exactly the GEMMs one step of
 our model performs (step_gemms, derived from the config and the adapter placement: the q, k, v, o, gate, up and
 down projections of every layer and the prompt K/V projections of every adapted layer in the forward, the LM head
@@ -315,47 +317,52 @@ def run_variant(variant, args):
                      profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled),
                      profile_top=profile_top)
     del opt
-    decode_tps = decode(variant, model, c, args) if args.decode_new > 0 else None
+    decode_tps, decode_step_s = decode(variant, model, c, args) if args.decode_new > 0 else (None, None)
     return dict(variant=variant, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s, peak_bytes=peak,
-                decode_tokens_per_s=decode_tps, trainable=n_trainable, first_loss=first_loss, build_s=build_s,
-                **floor)
+                decode_tokens_per_s=decode_tps, decode_step_s=decode_step_s, trainable=n_trainable,
+                first_loss=first_loss, build_s=build_s, **floor)
 
 
 @torch.no_grad()
 def decode(variant, model, c, args):
     """Greedy decoding of args.decode_new tokens after a random args.decode_prompt-token prompt, batch
-    args.decode_batch, each library's KV-cached generation; new tokens per second (prefill included)."""
+    args.decode_batch, each library's KV-cached generation. Returns new tokens per second (prefill included) and
+    the time of one decode step after the prefill: runs of args.decode_new tokens and of one token (the prefill and
+    its token) timed in turn, the median over the pairs of their difference over args.decode_new - 1 steps (None
+    for one new token)."""
     dev = args.device
     model.eval()
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, c.vocab_size, (args.decode_batch, args.decode_prompt), generator=gen).to(dev)
-    n = args.decode_new
     if variant.startswith("lladapter"):
         from lladapter_ext.generation import generate_tokens
 
-        run = lambda: generate_tokens(model, prompt.tolist(), n, eos_id=None)  # noqa: E731
+        run = lambda n: generate_tokens(model, prompt.tolist(), n, eos_id=None)  # noqa: E731
     elif variant == ANCHOR:
-        run = lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),  # noqa: E731
-                                     max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+        run = lambda n: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),  # noqa: E731
+                                       max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
     else:
-        run = lambda: litgpt_greedy(model, prompt, n)  # noqa: E731
-    out_lengths = []
+        run = lambda n: litgpt_greedy(model, prompt, n)  # noqa: E731
 
-    def timed():
+    def timed(n):
         if dev == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        out = run()
+        out = run(n)
         if dev == "cuda":
             torch.cuda.synchronize()
-        out_lengths.append(len(out[0]) - (prompt.shape[1] if variant == ANCHOR else 0))  # HF returns prompt + new
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        got = len(out[0]) - (prompt.shape[1] if variant == ANCHOR else 0)  # HF returns prompt + new
+        if got != n:
+            raise RuntimeError(f"{variant}: generated {got} tokens, expected {n}")
+        return elapsed
 
-    timed()  # warm-up (allocator, caches)
-    s = statistics.median(timed() for _ in range(args.decode_iters))
-    if out_lengths[-1] != n:
-        raise RuntimeError(f"{variant}: generated {out_lengths[-1]} tokens, expected {n}")
-    return args.decode_batch * n / s
+    n = args.decode_new
+    timed(n)  # warm-up (allocator, caches)
+    pairs = [(timed(n), timed(1) if n > 1 else None) for _ in range(args.decode_iters)]
+    tokens_per_s = args.decode_batch * n / statistics.median(t for t, _ in pairs)
+    step_s = statistics.median((t - t1) / (n - 1) for t, t1 in pairs) if n > 1 else None
+    return tokens_per_s, step_s
 
 
 def litgpt_greedy(model, prompt, n):
@@ -611,6 +618,7 @@ def main():
         med = lambda k: statistics.median(x[k] for x in runs[v]) if runs[v][0][k] is not None else None  # noqa
         rows.append(dict(variant=v, step_s=med("step_s"), tokens_per_s=args.batch * args.seq / med("step_s"),
                          peak_bytes=med("peak_bytes"), decode_tokens_per_s=med("decode_tokens_per_s"),
+                         decode_step_s=med("decode_step_s"),
                          trainable=runs[v][0]["trainable"], first_loss=runs[v][0]["first_loss"],
                          repeats=len(runs[v])))
         if "matmul_floor_s" in runs[v][0]:  # our variant: the step's GEMMs timed alone, in the same process
@@ -630,9 +638,8 @@ def main():
                                        and r["decode_tokens_per_s"] / anchor["decode_tokens_per_s"])
     c = llama_config(args)
     step_bytes = decode_weight_bytes(c, getattr(torch, args.dtype))
-    for r in rows:  # weight traffic of decoding (prefill included, so a lower bound) against the read bandwidth
-        tps = r["decode_tokens_per_s"]
-        r["decode_bandwidth_fraction"] = tps and tps / args.decode_batch * step_bytes / read_bw
+    for r in rows:  # weight traffic of a decode step (after the prefill) against the read bandwidth
+        r["decode_bandwidth_fraction"] = r["decode_step_s"] and step_bytes / r["decode_step_s"] / read_bw
     title = (f"end-to-end, {args.shape} shape ({c.n_layers} layers, width {c.dim}, heads {c.n_heads}/{c.n_kv_heads}) "
              f"{args.dtype}, random weights; train batch {args.batch} x {args.seq} (loss on the second half), "
              f"adapter K={c.adapter_len} in the top {c.n_adapted_layers} layers, AdamW; decode: batch "
@@ -668,7 +675,8 @@ def main():
     for r in rows:
         if r["decode_bandwidth_fraction"]:
             print(f"   decode {r['variant']}: {r['decode_bandwidth_fraction'] * read_bw / 1e9:.1f} GB/s of weights "
-                  f"({step_bytes / 2**20:.0f} MiB a step) = {100 * r['decode_bandwidth_fraction']:.0f}% of the "
+                  f"({step_bytes / 2**20:.0f} MiB in a step of {r['decode_step_s'] * 1e3:.1f} ms after the prefill) = "
+                  f"{100 * r['decode_bandwidth_fraction']:.0f}% of the "
                   f"{'copy' if gpu else 'read'} bandwidth measured in this run, {read_bw / 1e9:.1f} GB/s")
     print(f"   peak mem = {mem_note}. Trainable parameters: ours and LitGPT have one gate per head and layer, PEFT "
           f"one per layer (the prompts, K x width per layer, are the same size in all). loss@step0: the first\n"
