@@ -14,8 +14,8 @@ after its imports), then greedy decoding of --decode-new tokens after a --decode
 cache (ours and LitGPT keep the prompt K/V across steps; PEFT recomputes them every step), tokens/s (prefill
 included), and the decode step's weight traffic (the bytes of every projection and the LM head per step, over the
 time of one step after the prefill: generating --decode-new tokens and generating one, timed in turn, differ by
---decode-new - 1 steps) as a share of the machine's read bandwidth, measured in the same run (the distance to the
-physical limit of a weight-bound decode).
+--decode-new - 1 steps) as a share of the machine's read bandwidth (a sum over a 256 MiB buffer; on CUDA a copy),
+measured in the same process in turn with each pair (the distance to the physical limit of a weight-bound decode).
 For our variant (1) the same process also times the training step's matmul floor: exactly the GEMMs one step of
 our model performs (step_gemms, derived from the config and the adapter placement: the q, k, v, o, gate, up and
 down projections of every layer and the prompt K/V projections of every adapted layer in the forward, the LM head
@@ -317,19 +317,22 @@ def run_variant(variant, args):
                      profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled),
                      profile_top=profile_top)
     del opt
-    decode_tps, decode_step_s = decode(variant, model, c, args) if args.decode_new > 0 else (None, None)
+    decoded = decode(variant, model, c, args) if args.decode_new > 0 else {}
     return dict(variant=variant, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s, peak_bytes=peak,
-                decode_tokens_per_s=decode_tps, decode_step_s=decode_step_s, trainable=n_trainable,
-                first_loss=first_loss, build_s=build_s, **floor)
+                decode_tokens_per_s=decoded.get("tokens_per_s"), decode_step_s=decoded.get("step_s"),
+                decode_bandwidth_fraction=decoded.get("bandwidth_fraction"),
+                decode_read_bandwidth=decoded.get("read_bandwidth"), trainable=n_trainable, first_loss=first_loss,
+                build_s=build_s, **floor)
 
 
 @torch.no_grad()
 def decode(variant, model, c, args):
     """Greedy decoding of args.decode_new tokens after a random args.decode_prompt-token prompt, batch
-    args.decode_batch, each library's KV-cached generation. Returns new tokens per second (prefill included) and
-    the time of one decode step after the prefill: runs of args.decode_new tokens and of one token (the prefill and
-    its token) timed in turn, the median over the pairs of their difference over args.decode_new - 1 steps (None
-    for one new token)."""
+    args.decode_batch, each library's KV-cached generation. Returns tokens_per_s (new tokens per second, prefill
+    included) and, for more than one new token, step_s (one decode step after the prefill: runs of args.decode_new
+    tokens and of one token, the prefill and its token, timed in turn; the median over the pairs of their difference
+    over args.decode_new - 1 steps), read_bandwidth (measured after each pair) and bandwidth_fraction (the step's
+    weight bytes over its time, over the bandwidth measured with the pair: the median over the pairs)."""
     dev = args.device
     model.eval()
     gen = torch.Generator().manual_seed(1)
@@ -359,10 +362,19 @@ def decode(variant, model, c, args):
 
     n = args.decode_new
     timed(n)  # warm-up (allocator, caches)
-    pairs = [(timed(n), timed(1) if n > 1 else None) for _ in range(args.decode_iters)]
-    tokens_per_s = args.decode_batch * n / statistics.median(t for t, _ in pairs)
-    step_s = statistics.median((t - t1) / (n - 1) for t, t1 in pairs) if n > 1 else None
-    return tokens_per_s, step_s
+    runs = [timed(n) for _ in range(args.decode_iters)] if n == 1 else []
+    steps, bws = [], []
+    for _ in range(args.decode_iters if n > 1 else 0):  # a shared machine's bandwidth drifts: measured with each pair
+        t_n, t_1 = timed(n), timed(1)
+        runs.append(t_n)
+        steps.append((t_n - t_1) / (n - 1))
+        bws.append(read_bandwidth(dev))
+    out = dict(tokens_per_s=args.decode_batch * n / statistics.median(runs))
+    if steps:
+        step_bytes = decode_weight_bytes(c, getattr(torch, args.dtype))
+        out.update(step_s=statistics.median(steps), read_bandwidth=statistics.median(bws),
+                   bandwidth_fraction=statistics.median(step_bytes / s / bw for s, bw in zip(steps, bws)))
+    return out
 
 
 def litgpt_greedy(model, prompt, n):
@@ -591,7 +603,6 @@ def main():
             "--adapter-layer", str(args.adapter_layer), "--decode-prompt", str(args.decode_prompt),
             "--decode-new", str(args.decode_new), "--decode-batch", str(args.decode_batch),
             "--decode-iters", str(args.decode_iters)]
-    read_bw = read_bandwidth(args.device)
     runs = {v: [] for v in variants}
     skipped, failed = {}, {}
     for r in range(args.repeats):  # interleaved rounds: load changes on a shared machine hit every variant
@@ -618,7 +629,8 @@ def main():
         med = lambda k: statistics.median(x[k] for x in runs[v]) if runs[v][0][k] is not None else None  # noqa
         rows.append(dict(variant=v, step_s=med("step_s"), tokens_per_s=args.batch * args.seq / med("step_s"),
                          peak_bytes=med("peak_bytes"), decode_tokens_per_s=med("decode_tokens_per_s"),
-                         decode_step_s=med("decode_step_s"),
+                         decode_step_s=med("decode_step_s"), decode_read_bandwidth=med("decode_read_bandwidth"),
+                         decode_bandwidth_fraction=med("decode_bandwidth_fraction"),
                          trainable=runs[v][0]["trainable"], first_loss=runs[v][0]["first_loss"],
                          repeats=len(runs[v])))
         if "matmul_floor_s" in runs[v][0]:  # our variant: the step's GEMMs timed alone, in the same process
@@ -638,8 +650,6 @@ def main():
                                        and r["decode_tokens_per_s"] / anchor["decode_tokens_per_s"])
     c = llama_config(args)
     step_bytes = decode_weight_bytes(c, getattr(torch, args.dtype))
-    for r in rows:  # weight traffic of a decode step (after the prefill) against the read bandwidth
-        r["decode_bandwidth_fraction"] = r["decode_step_s"] and step_bytes / r["decode_step_s"] / read_bw
     title = (f"end-to-end, {args.shape} shape ({c.n_layers} layers, width {c.dim}, heads {c.n_heads}/{c.n_kv_heads}) "
              f"{args.dtype}, random weights; train batch {args.batch} x {args.seq} (loss on the second half), "
              f"adapter K={c.adapter_len} in the top {c.n_adapted_layers} layers, AdamW; decode: batch "
@@ -674,10 +684,11 @@ def main():
                   + ", ".join(f"{x:.2f}x" for x in r["train_speedup_vs_peft_rounds"]))
     for r in rows:
         if r["decode_bandwidth_fraction"]:
-            print(f"   decode {r['variant']}: {r['decode_bandwidth_fraction'] * read_bw / 1e9:.1f} GB/s of weights "
+            print(f"   decode {r['variant']}: {step_bytes / r['decode_step_s'] / 1e9:.1f} GB/s of weights "
                   f"({step_bytes / 2**20:.0f} MiB in a step of {r['decode_step_s'] * 1e3:.1f} ms after the prefill) = "
                   f"{100 * r['decode_bandwidth_fraction']:.0f}% of the "
-                  f"{'copy' if gpu else 'read'} bandwidth measured in this run, {read_bw / 1e9:.1f} GB/s")
+                  f"{'copy' if gpu else 'read'} bandwidth measured with it, {r['decode_read_bandwidth'] / 1e9:.1f} "
+                  f"GB/s (medians over pairs measured in turn)")
     print(f"   peak mem = {mem_note}. Trainable parameters: ours and LitGPT have one gate per head and layer, PEFT "
           f"one per layer (the prompts, K x width per layer, are the same size in all). loss@step0: the first\n"
           f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).\n"
@@ -695,7 +706,7 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(title=title, machine=machine_name(args.device), torch=torch.__version__,
-                           memory=mem_note, read_bandwidth=read_bw, decode_step_bytes=step_bytes, rows=rows,
+                           memory=mem_note, decode_step_bytes=step_bytes, rows=rows,
                            skipped=skipped, failed=failed), fh, indent=1)
     if failed:
         sys.exit(1)
