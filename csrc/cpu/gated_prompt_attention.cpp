@@ -429,13 +429,37 @@ struct NoInitAllocator : std::allocator<T> {
 template <typename T>
 using Buffer = std::vector<T, NoInitAllocator<T>>;
 
+// Few query rows (decode): reading the keys and values straight from their rows beats converting whole blocks.
+constexpr int64_t kDirectRows = 4;
+
+// Per-worker work buffers. rows: the most query rows a block of the call has; a call of at most kDirectRows rows
+// (decode) only takes attend_direct's path and finalize_block's reads of Qs, m, l and pacc, so its Scratch holds
+// those for its rows and none of the block buffers (~0.5 MB for full blocks, allocated per worker and call: in a
+// decode step that was ~2 us of a ~20 us call).
 template <typename acc_t>
 struct Scratch {
   Buffer<acc_t> Qs, dO, Kt, Vt, Kr, Vr, S, P, dP, acc, pacc, m, l;
   Buffer<acc_t> col_max, col_alpha;  // per query column of a prompt block laid out keys x queries (prompt_scores)
-  Scratch(int64_t d, int64_t dp)
-      : Qs(kQB * dp), dO(kQB * dp), Kt(d * kKB), Vt(d * kKB), Kr(kKB * dp), Vr(kKB * dp), S(kQB * kKB), P(kQB * kKB),
-        dP(kQB * kKB), acc(kQB * dp), pacc(kQB * dp), m(kQB), l(kQB), col_max(kQB), col_alpha(kQB) {}
+  Scratch(int64_t d, int64_t dp, int64_t rows = kQB) {
+    const bool blocks = rows > kDirectRows;
+    rows = blocks ? kQB : rows;
+    const int64_t key_block = blocks ? kKB : 0;
+    Qs.resize(rows * dp);
+    dO.resize(rows * dp);
+    Kt.resize(d * key_block);
+    Vt.resize(d * key_block);
+    Kr.resize(key_block * dp);
+    Vr.resize(key_block * dp);
+    S.resize(rows * key_block);
+    P.resize(rows * key_block);
+    dP.resize(rows * key_block);
+    acc.resize(rows * dp);
+    pacc.resize(rows * dp);
+    m.resize(rows);
+    l.resize(rows);
+    col_max.resize(blocks ? rows : 0);
+    col_alpha.resize(blocks ? rows : 0);
+  }
 };
 
 // Items whose work (multiply-adds, roughly) is below this share a thread: an OpenMP region costs more than a tiny
@@ -444,9 +468,6 @@ constexpr int64_t kMinParallelWork = int64_t(1) << 17;
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
 }
-
-// Few query rows (decode): reading the keys and values straight from their rows beats converting whole blocks.
-constexpr int64_t kDirectRows = 4;
 
 constexpr int64_t kPrefetchAhead = 4;
 
@@ -839,8 +860,10 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     i0 = qb * kQB;
     nrows = std::min(kQB, pr.Tq - i0);
   };
+  // (the few-rows paths read no padding row, and their Scratch has none)
   auto load_q = [&](Scratch<acc_t>& sc, int64_t b, int64_t h, int64_t i0, int64_t nrows) {
-    load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, pr.d, kQB, pr.qk_scale);
+    load_rows(sc.Qs.data(), dp, pr.q_row(pr.q, b, i0, h), pr.q_stride(), nrows, pr.d,
+              nrows <= kDirectRows ? nrows : kQB, pr.qk_scale);
   };
   // The word-key sub-range of split s of an item (key blocks split evenly, aligned to kKB).
   auto split_range = [&](const KeyMask& mk, int64_t i0, int64_t nrows, int64_t s) {
@@ -857,7 +880,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
     const int64_t nrows = pr.Tq, rows = pr.rep * nrows;
     at::parallel_for(0, pr.B * pr.Hkv, grain_for(pr.rep * pr.Tq * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
-      Scratch<acc_t> sc(pr.d, dp);
+      Scratch<acc_t> sc(pr.d, dp, pr.Tq);
       Buffer<acc_t> Qg(rows * dp), m(rows), l(rows), acc(rows * dp);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t hkv = it % pr.Hkv, b = it / pr.Hkv;
@@ -886,7 +909,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   if (nsplit == 1) {
     at::parallel_for(0, items, grain_for(std::min(kQB, pr.Tq) * pr.Tk * pr.d), [&](int64_t begin, int64_t end) {
       SequentialBlasGuard blas_guard;
-      Scratch<acc_t> sc(pr.d, dp);
+      Scratch<acc_t> sc(pr.d, dp, pr.Tq);
       Buffer<acc_t> m(kQB), l(kQB);
       for (int64_t it = begin; it < end; ++it) {
         int64_t b, h, i0, nrows;
@@ -910,7 +933,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   Buffer<acc_t> pm(items * nsplit * kQB), pl(items * nsplit * kQB), pacc(items * nsplit * kQB * dp);
   at::parallel_for(0, items * nsplit, grain_for(pr.Tq * pr.Tk / nsplit * pr.d), [&](int64_t begin, int64_t end) {
     SequentialBlasGuard blas_guard;
-    Scratch<acc_t> sc(pr.d, dp);
+    Scratch<acc_t> sc(pr.d, dp, pr.Tq);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t it = w / nsplit, s = w % nsplit;
       int64_t b, h, i0, nrows;
@@ -931,7 +954,7 @@ void forward_impl(const Problem<scalar_t, acc_t>& pr, scalar_t* out, acc_t* lse,
   });
   at::parallel_for(0, items, grain_for(pr.Tq * (nsplit + pr.K) * pr.d), [&](int64_t begin, int64_t end) {
     SequentialBlasGuard blas_guard;
-    Scratch<acc_t> sc(pr.d, dp);
+    Scratch<acc_t> sc(pr.d, dp, pr.Tq);
     Buffer<acc_t> m(kQB), l(kQB);
     for (int64_t it = begin; it < end; ++it) {
       int64_t b, h, i0, nrows;
