@@ -266,8 +266,8 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     backend:
       "fused"     one kernel (CPU or CUDA) for both branches, flash-style (never materialises Tq x Tk);
-      "split"     word branch through torch's scaled_dot_product_attention, prompt branch through the fused
-                  op with no word keys, gated and added;
+      "split"     both branches through torch's scaled_dot_product_attention (the prompt's without a mask),
+                  gated and added;
       "reference" the plain-PyTorch oracle (materialises the scores);
       "auto"      CPU: fused (measured faster than split on CPU; decode uses the kernel's split-K path);
                   CUDA: split (SDPA's flash/cuDNN word branch) when d is one of CUDA_HEAD_DIMS, else reference.
@@ -343,11 +343,18 @@ def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale
     word = _word_attention_sdpa(q, k, v, causal, scale, kv_start)
     if pk is None or pk.shape[1] == 0:
         return word
-    # the fused op with no word keys returns phi(gate) * prompt branch
-    with _dispatch_scope():
-        prompt, _, _ = _lib.gated_prompt_attention(q, k[:, :0], v[:, :0], pk, pv, gate, None, False, gate_act,
-                                                   scale)
-    return word + prompt
+    # The prompt branch is a second SDPA call over the K prompt keys (every query sees all of them), as LitGPT
+    # computes it. Until 2026-12-02 it was the fused op with no word keys; on the H200 (B 4, T 512, H 32, d 128,
+    # bf16, 2026-11-29) that prompt kernel took ~3.0 ms forward + backward where this SDPA call took ~1.1 ms
+    # (docs/benchmarks.md, the attention table: split against (b)).
+    B = q.shape[0]
+    prompt = _word_attention_sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), False, scale, None)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    phi = gate.to(acc)
+    if gate_act == "tanh":
+        phi = torch.tanh(phi)
+    # gated in fp32 (one rounding to q's dtype), as the kernels do
+    return word + (prompt * phi.view(1, 1, -1, 1)).to(q.dtype)
 
 
 def check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act: str, scale: float, *,
