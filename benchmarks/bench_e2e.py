@@ -362,13 +362,12 @@ def decode(variant, model, c, args):
 
     n = args.decode_new
     timed(n)  # warm-up (allocator, caches)
-    runs = [timed(n) for _ in range(args.decode_iters)] if n == 1 else []
-    steps, bws = [], []
-    for _ in range(args.decode_iters if n > 1 else 0):  # a shared machine's bandwidth drifts: measured with each pair
-        t_n, t_1 = timed(n), timed(1)
-        runs.append(t_n)
-        steps.append((t_n - t_1) / (n - 1))
-        bws.append(read_bandwidth(dev))
+    runs, steps, bws = [], [], []
+    for _ in range(args.decode_iters):
+        runs.append(timed(n))
+        if n > 1:  # one step: the pair's difference; a shared machine's bandwidth drifts, so measured with each pair
+            steps.append((runs[-1] - timed(1)) / (n - 1))
+            bws.append(read_bandwidth(dev))
     out = dict(tokens_per_s=args.decode_batch * n / statistics.median(runs))
     if steps:
         step_bytes = decode_weight_bytes(c, getattr(torch, args.dtype))
