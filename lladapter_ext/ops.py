@@ -306,8 +306,9 @@ def _auto_attention_backend(q: torch.Tensor) -> str:
     return "fused"
 
 
-def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: torch.Tensor | None) -> torch.Tensor:
-    """The word branch alone through torch SDPA, with the same masking semantics as the fused op."""
+def _sdpa_attention(q, k, v, causal: bool, scale: float, kv_start: torch.Tensor | None) -> torch.Tensor:
+    """One branch through torch SDPA (the word branch with its mask; the prompt branch with causal False and no
+    kv_start), with the same masking and NaN semantics as the fused op."""
     B, Tq, H, d = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     if Tk == 0:
@@ -340,7 +341,7 @@ def _word_attention_sdpa(q, k, v, causal: bool, scale: float, kv_start: torch.Te
 
 
 def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale, kv_start):
-    word = _word_attention_sdpa(q, k, v, causal, scale, kv_start)
+    word = _sdpa_attention(q, k, v, causal, scale, kv_start)
     if pk is None or pk.shape[1] == 0:
         return word
     # The prompt branch is a second SDPA call over the K prompt keys (every query sees all of them), as LitGPT
@@ -348,7 +349,7 @@ def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale
     # bf16, 2026-11-29) that prompt kernel took ~3.0 ms forward + backward where this SDPA call took ~1.1 ms
     # (docs/benchmarks.md, the attention table: split against (b)).
     B = q.shape[0]
-    prompt = _word_attention_sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), False, scale, None)
+    prompt = _sdpa_attention(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), False, scale, None)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     phi = gate.to(acc)
     if gate_act == "tanh":
