@@ -26,6 +26,7 @@
 //  the number of splits, i.e. on the thread count, within fp32 rounding).
 //  at::parallel_for only runs in parallel when this file is compiled with -fopenmp (see
 //  docs/gated_prompt_attention.md).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -1457,6 +1458,16 @@ bool kv_rows_dense(const at::Tensor& t, const GatedPromptAttentionProblem& s) {
          (s.Tk <= 1 || t.stride(1) == s.Hkv * s.d) && (s.B <= 1 || t.stride(0) >= s.Tk * s.Hkv * s.d);
 }
 
+// The gate's H values as double, read in place from a 1-D float, double, bf16 or half tensor (checked by the caller).
+std::vector<double> gate_values(const at::Tensor& gate) {
+  std::vector<double> out(gate.size(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "gate_values", [&] {
+    const scalar_t* g = gate.const_data_ptr<scalar_t>();
+    for (size_t h = 0; h < out.size(); ++h) out[h] = static_cast<double>(g[h * gate.stride(0)]);
+  });
+  return out;
+}
+
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pk, const std::optional<at::Tensor>& pv,
                  const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
@@ -1480,10 +1491,11 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   // clamped once here, so the kernels read bounds in [0, Tk] (a start past Tk masks every key, below 0 none)
   if (kv_start.has_value()) p.kv_start = kv_start->to(at::kLong).clamp(0, p.s.Tk).contiguous();
   if (gate.has_value()) {
-    const at::Tensor g = gate->to(at::kDouble).contiguous();
-    const double* gp = g.const_data_ptr<double>();
+    // read in place (H values, any stride): a converted copy costs an allocation and a kernel call per call, a
+    // tenth of a decode step's attention call
+    const auto gv = gate_values(*gate);
     for (int64_t h = 0; h < p.s.H; ++h) {
-      const double t = p.s.tanh_gate ? std::tanh(gp[h]) : gp[h];
+      const double t = p.s.tanh_gate ? std::tanh(gv[h]) : gv[h];
       p.phi.push_back(t);
       p.dphi.push_back(p.s.tanh_gate ? 1.0 - t * t : 1.0);
     }
