@@ -39,8 +39,13 @@ at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& wei
 // few_rows_gemv (csrc/cpu/few_rows_gemv.cpp): x [rows, K] @ weight [N, K]^T for 1 to kFewRowsGemvMaxRows fp32 or bf16
 // rows (fp32 sums) on the CPU, the weights streamed on every thread; nn.few_rows_linear's "gemv" route. No autograd of
 // its own (refused where grad mode is on and an input requires grad): nn.few_rows_linear wraps it with F.linear's
-// backward.
+// backward. With residual [rows, N] (contiguous, x's dtype): residual + x @ weight^T, bit for bit what at::add of the
+// residual and the plain result gives (the decode loop's residual adds, done while the rows are in cache).
 constexpr int64_t kFewRowsGemvMaxRows = 16;
-at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& residual = std::nullopt);
+// x @ w^T for each of several weights with x's K (the decode loop's q/k/v and w1/w3), in one parallel region: the
+// same bits as few_rows_gemv on each weight alone.
+std::vector<at::Tensor> few_rows_gemv_group(const at::Tensor& x, const std::vector<at::Tensor>& weights);
 
 }  // namespace lladapter

@@ -46,7 +46,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_layers", &lladapter::decode_layers,
         "Every decoder layer of a no-grad, KV-cached forward in one call (csrc/decode_layers.h; model.py calls it).");
   m.def("few_rows_gemv", &lladapter::few_rows_gemv,
-        "x [rows, K] @ weight [N, K]^T for 1-16 float32 CPU rows, grad off (nn.few_rows_linear's 'gemv' route).");
+        "x [rows, K] @ weight [N, K]^T for 1-16 float32 or bfloat16 CPU rows, grad off (nn.few_rows_linear's 'gemv' "
+        "route); residual [rows, N]: residual + x @ weight^T, as at::add of the two rounds it.",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("residual") = pybind11::none());
 #ifdef LLADAPTER_WITH_CUDA
   m.def("wmma_fragment_layouts", &lladapter::cuda_impl::wmma_fragment_layouts,
         "[8, 32, 16]: the matrix element (r * 16 + c) each lane holds in x[i] of each wmma fragment kind, on the "

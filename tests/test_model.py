@@ -507,6 +507,13 @@ def test_few_rows_gemv_matches_float64(isa, dtype, monkeypatch):
         monkeypatch.setenv("LLADAPTER_FEW_ROWS_GEMV_PREFETCH", "0")
         assert torch.equal(_C.few_rows_gemv(x, w), with_prefetch), (rows, n, k)
         monkeypatch.delenv("LLADAPTER_FEW_ROWS_GEMV_PREFETCH")
+    # with a residual (the decode loop's residual adds): the bits of torch.add(residual, plain result), the add
+    # rounding once in the dtype, on every tail and across the threads' row ranges
+    for rows, n, k in [(1, 3000, 576), (2, 13, 40), (3, 9, 17), (16, 49, 577)]:
+        x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+        residual = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+        fused = _C.few_rows_gemv(x, w, residual)
+        assert fused.dtype == dtype and torch.equal(fused, torch.add(residual, _C.few_rows_gemv(x, w))), (rows, n, k)
 
 
 def test_few_rows_gemv_refuses_bad_input(monkeypatch):
@@ -514,7 +521,7 @@ def test_few_rows_gemv_refuses_bad_input(monkeypatch):
     input that wants a gradient (the kernel has no backward), an unknown path."""
     from lladapter_ext import _C
     x, w = torch.randn(2, 8), torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match="x and weight must both be float32 or both bfloat16, got Double and Float"):
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16, got Double"):
         _C.few_rows_gemv(x.double(), w)
     with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16, got BFloat16 and Float"):
         _C.few_rows_gemv(x.bfloat16(), w)
@@ -530,6 +537,9 @@ def test_few_rows_gemv_refuses_bad_input(monkeypatch):
         _C.few_rows_gemv(x.requires_grad_(), w)
     with torch.no_grad():  # grad off: fine, as in generation
         torch.testing.assert_close(_C.few_rows_gemv(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+        for bad in (torch.zeros(2, 5), torch.zeros(2, 4).double(), torch.zeros(4, 2).t(), torch.zeros(1, 4)):
+            with pytest.raises(RuntimeError, match=r"residual must be a contiguous CPU tensor \[2, 4\] of x's dtype"):
+                _C.few_rows_gemv(x, w, bad)
     monkeypatch.setenv("LLADAPTER_FEW_ROWS_GEMV_ISA", "sse")
     with pytest.raises(RuntimeError,
                        match="LLADAPTER_FEW_ROWS_GEMV_ISA must be auto, avx512, avx2 or scalar, got 'sse'"):

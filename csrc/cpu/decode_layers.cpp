@@ -1,6 +1,8 @@
 // decode_layers (csrc/decode_layers.h): the decoder layer loop of a no-grad, KV-cached forward in C++. Each step is
 // exactly what model.py's TransformerBlock / Attention / FeedForward / KVCache.write / few_rows_linear do, in the
-// same order, so the results are the Python loop's, bit for bit (tests/test_generation.py checks torch.equal).
+// same order, so the results are the Python loop's, bit for bit (tests/test_generation.py checks torch.equal). On
+// the gemv route three steps are merged without changing a bit: q/k/v and w1/w3 are one parallel region each
+// (few_rows_gemv_group), and the residual adds are the GEMV's epilogue; the KV-cache write is a memcpy.
 #include "decode_layers.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -15,6 +17,7 @@
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
+#include <cstring>
 #include <tuple>
 
 namespace lladapter {
@@ -78,6 +81,51 @@ Tensor linear(const Tensor& x, const Tensor& w, Route route) {
   return at::linear(x, w);
 }
 
+// linear(x, w) for each weight, all with x's K (q/k/v, w1/w3): on the gemv route one parallel region for all.
+std::vector<Tensor> linears(const Tensor& x, const std::vector<Tensor>& ws, Route route) {
+  const int64_t K = x.size(-1);
+  const int64_t rows = K ? x.numel() / K : 0;
+  std::vector<Tensor> out;
+  if (route == Route::kGemv && rows >= 1) {
+    out = few_rows_gemv_group(x.reshape({rows, K}), ws);
+    for (size_t j = 0; j < ws.size(); ++j) {
+      std::vector<int64_t> shape = x.sizes().vec();
+      shape.back() = ws[j].size(0);
+      out[j] = out[j].view(shape);
+    }
+    return out;
+  }
+  for (const Tensor& w : ws) out.push_back(linear(x, w, route));
+  return out;
+}
+
+// x + linear(a, w): on the gemv route the add is the GEMV's epilogue (same bits as at::add, no separate op call).
+Tensor add_linear(const Tensor& x, const Tensor& a, const Tensor& w, Route route) {
+  const int64_t K = a.size(-1);
+  const int64_t rows = K ? a.numel() / K : 0;
+  if (route == Route::kGemv && rows >= 1 && x.is_contiguous() && x.scalar_type() == a.scalar_type()) {
+    return few_rows_gemv(a.reshape({rows, K}), w, x.view({rows, w.size(0)})).view(x.sizes());
+  }
+  return at::add(x, linear(a, w, route));
+}
+
+// KVCache.write: rows [cached, cached + T) of cache [B, max_len, Hkv, d] from src [B, T, Hkv, d]; one memcpy per
+// batch row where both are dense there (a decode step's few rows), else Tensor::copy_.
+void write_cache(const Tensor& cache, int64_t cached, const Tensor& src) {
+  const int64_t B = src.size(0), T = src.size(1), row = src.size(2) * src.size(3);
+  if (src.is_contiguous() && src.scalar_type() == cache.scalar_type() && cache.size(0) == B && cache.stride(3) == 1 &&
+      cache.stride(2) == src.size(3) && cache.stride(1) == row && cache.size(2) == src.size(2) &&
+      cache.size(3) == src.size(3)) {
+    const int64_t bytes = T * row * src.element_size();
+    const char* from = static_cast<const char*>(src.const_data_ptr());
+    char* to = static_cast<char*>(cache.mutable_data_ptr()) + cached * row * cache.element_size();
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(to + b * cache.stride(0) * cache.element_size(), from + b * bytes, bytes);
+    return;
+  }
+  cache.slice(1, cached, cached + T).copy_(src);
+}
+
 }  // namespace
 
 Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const std::vector<double>& norm_eps,
@@ -111,12 +159,13 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
     const Tensor* w = weights.data() + 9 * i;
     // attention: x + wo(attention(rope(wq xn), rope(wk xn), wv xn)), xn = attention_norm(x)
     const Tensor xn = std::get<0>(ops.rms_norm.call(x, w[0], norm_eps[2 * i]));
-    const Tensor q = linear(xn, w[1], route).view({B, T, n_heads, head_dim});
-    const Tensor k = linear(xn, w[2], route).view({B, T, n_kv_heads, head_dim});
-    const Tensor v = linear(xn, w[3], route).view({B, T, n_kv_heads, head_dim});
+    const std::vector<Tensor> qkv = linears(xn, {w[1], w[2], w[3]}, route);
+    const Tensor q = qkv[0].view({B, T, n_heads, head_dim});
+    const Tensor k = qkv[1].view({B, T, n_kv_heads, head_dim});
+    const Tensor v = qkv[2].view({B, T, n_kv_heads, head_dim});
     auto [qr_all, kr] = ops.rope.call(q, k, cos, sin, positions, c10::SymInt(0), rope_interleaved, false);
-    k_cache[i].slice(1, cached, end).copy_(kr);  // KVCache.write
-    v_cache[i].slice(1, cached, end).copy_(v);
+    write_cache(k_cache[i], cached, kr);  // KVCache.write
+    write_cache(v_cache[i], cached, v);
     Tensor out = std::get<0>(ops.attention.call(qr_all, k_cache[i].slice(1, 0, end), v_cache[i].slice(1, 0, end),
                                                 prompt_k[i], prompt_v[i], gate[i], kv_start, true, gate_act, scale));
     for (const auto& [index, pk, pv, phi] : row_prompts[i]) {  // RowPrompts.add_to
@@ -128,11 +177,12 @@ Tensor decode_layers(const Tensor& h, const std::vector<Tensor>& weights, const 
       const Tensor gated = at::mul(prompt.to(at::kFloat), phi).to(out.scalar_type());
       out = index ? out.index_add(0, *index, gated) : at::add(out, gated);
     }
-    x = at::add(x, linear(out.reshape({B, T, n_heads * head_dim}), w[4], route));
+    x = add_linear(x, out.reshape({B, T, n_heads * head_dim}), w[4], route);
     // feed-forward: x + w2(swiglu(w1 xn, w3 xn)), xn = ffn_norm(x)
     const Tensor fn = std::get<0>(ops.rms_norm.call(x, w[5], norm_eps[2 * i + 1]));
-    const Tensor act = ops.swiglu.call(linear(fn, w[6], route), linear(fn, w[7], route));
-    x = at::add(x, linear(act, w[8], route));
+    const std::vector<Tensor> gate_up = linears(fn, {w[6], w[7]}, route);
+    const Tensor act = ops.swiglu.call(gate_up[0], gate_up[1]);
+    x = add_linear(x, act, w[8], route);
   }
   return x;
 }

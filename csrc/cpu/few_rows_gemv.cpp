@@ -17,7 +17,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <optional>
 #include <string_view>
+#include <vector>
 
 #include "../decode_layers.h"
 #include "cpu_isa.h"
@@ -37,12 +39,13 @@ namespace {
 constexpr const char* kIsaEnv = "LLADAPTER_FEW_ROWS_GEMV_ISA";
 constexpr int64_t kBlock = 4;                    // weight rows per inner block: 4 independent accumulators
 constexpr int64_t kMinWeightsPerTask = 1 << 15;  // 128 KB of fp32 weights: below this a task's fork costs more
-// Software prefetch, kPrefetchBlocks blocks ahead, spread over a block's k loop (one block's bytes per block): a
-// block reads its kBlock rows as interleaved streams of K weights each (2.3 KB for K = 576), too short for the
-// hardware prefetcher to ramp up on. Measured on an AMD EPYC, 2 threads, one SmolLM2 decode step's GEMVs, paired
-// in one process: AVX-512 fp32 1.03-1.15x, bf16 1.25-1.45x; AVX2 fp32 1.19x, bf16 1.82x faster than without (one
-// run with 1 block ahead: 1.07x / 1.29x, 3: 1.13x / 1.37x, against 2: 1.12x / 1.41x).
-// LLADAPTER_FEW_ROWS_GEMV_PREFETCH=0 turns it off (read at every call, for A/B measurements in one process).
+// Software prefetch in the AVX-512 path, kPrefetchBlocks blocks ahead, spread over a block's k loop (one block's
+// bytes per block): a block reads its kBlock rows as interleaved streams of K weights each (2.3 KB for K = 576), too
+// short for the hardware prefetcher to ramp up on. Measured on an AMD EPYC with AVX-512, 2 threads, one SmolLM2
+// decode step's GEMVs, paired in one process: fp32 1.03-1.15x, bf16 1.25-1.45x faster than without (one run with 1
+// block ahead: 1.07x / 1.29x, 3: 1.13x / 1.37x, against 2: 1.12x / 1.41x). The AVX2 path reads one row at a time
+// and needs none (see gemv_rows_avx2). LLADAPTER_FEW_ROWS_GEMV_PREFETCH=0 turns it off (read at every call, for A/B
+// measurements in one process).
 constexpr int64_t kPrefetchBlocks = 2;
 constexpr const char* kPrefetchEnv = "LLADAPTER_FEW_ROWS_GEMV_PREFETCH";
 
@@ -141,28 +144,30 @@ LL_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// One weight row at a time, read front to back: a single sequential stream per thread, which the hardware prefetcher
+// follows without help (the 4-row interleaved blocks of the AVX-512 path, with or without software prefetch, streamed
+// 10-15% slower here: AMD EPYC without AVX-512, 2 threads, one SmolLM2 decode step's GEMVs, fp32 and bf16; the
+// figures are in docs/benchmarks.md). 4 accumulators over k; the other rows of x read the weight row from L1.
 template <typename w_t>
 LL_TARGET_AVX2 void gemv_rows_avx2(const float* x, int64_t R, const w_t* w, int64_t K, int64_t N, int64_t n0,
-                                   int64_t n1, float* y, bool prefetch) {
-  const int64_t k_full = K / 8 * 8;
-  for (int64_t n = n0; n < n1; n += kBlock) {
-    const int64_t nb = std::min(kBlock, n1 - n);
-    const char* ahead = prefetch_ahead(prefetch, w, K, N, n);
-    constexpr int64_t kBytesPerIt = 8 * kBlock * sizeof(w_t);
+                                   int64_t n1, float* y) {
+  const int64_t k32 = K / 32 * 32, k8 = K / 8 * 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const w_t* wn = w + n * K;
     for (int64_t r = 0; r < R; ++r) {
       const float* xr = x + r * K;
-      __m256 a[kBlock] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t k = 0; k < k_full; k += 8) {
-        if (r == 0 && ahead != nullptr)
-          for (int64_t b = 0; b < kBytesPerIt; b += 64) _mm_prefetch(ahead + k / 8 * kBytesPerIt + b, _MM_HINT_T0);
-        const __m256 xv = _mm256_loadu_ps(xr + k);
-        for (int64_t j = 0; j < nb; ++j) a[j] = _mm256_fmadd_ps(load8(w + (n + j) * K + k), xv, a[j]);
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = 0;
+      for (; k < k32; k += 32) {
+        a0 = _mm256_fmadd_ps(load8(wn + k), _mm256_loadu_ps(xr + k), a0);
+        a1 = _mm256_fmadd_ps(load8(wn + k + 8), _mm256_loadu_ps(xr + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(wn + k + 16), _mm256_loadu_ps(xr + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(wn + k + 24), _mm256_loadu_ps(xr + k + 24), a3);
       }
-      for (int64_t j = 0; j < nb; ++j) {
-        float s = hsum256(a[j]);
-        for (int64_t k = k_full; k < K; ++k) s += static_cast<float>(w[(n + j) * K + k]) * xr[k];
-        y[r * N + n + j] = s;
-      }
+      for (; k < k8; k += 8) a0 = _mm256_fmadd_ps(load8(wn + k), _mm256_loadu_ps(xr + k), a0);
+      float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; k < K; ++k) s += static_cast<float>(wn[k]) * xr[k];
+      y[r * N + n] = s;
     }
   }
 }
@@ -197,16 +202,23 @@ Isa gemv_isa() {
 
 }  // namespace
 
-at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight) {
-  constexpr const char* kOp = "lladapter few_rows_gemv";
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), kOp, ": x and weight must be CPU tensors, got ",
-              x.device(), " and ", weight.device());
-  TORCH_CHECK(
-      x.scalar_type() == weight.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-      kOp, ": x and weight must both be float32 or both bfloat16, got ", x.scalar_type(), " and ",
-      weight.scalar_type());
+namespace {
+
+constexpr const char* kOp = "lladapter few_rows_gemv";
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), kOp, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, kOp,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kFewRowsGemvMaxRows, kOp,
               ": x must be [rows, K] with 1 to ", kFewRowsGemvMaxRows, " rows, got ", x.sizes());
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu(), kOp, ": weight must be a CPU tensor, got ", weight.device());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), kOp,
+              ": x and weight must both be float32 or both bfloat16, got ", x.scalar_type(), " and ",
+              weight.scalar_type());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), kOp, ": weight must be [N, K] with K = x's ", x.size(1),
               ", got ", weight.sizes());
   TORCH_CHECK(weight.is_contiguous(), kOp, ": weight must be contiguous (a decode step streams it row by row)");
@@ -214,38 +226,107 @@ at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight) {
       !(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())), kOp,
       ": has no backward of its own; call it with grad off (nn.few_rows_linear wraps it in an autograd function "
       "where a gradient is needed)");
-  const at::Tensor xc = x.to(at::kFloat).contiguous();  // (fp32 x: no copy; bf16 x: widened once, exactly)
-  const int64_t R = xc.size(0), K = xc.size(1), N = weight.size(0);
-  at::Tensor y = at::empty({R, N}, xc.options());  // fp32 sums; a bf16 result is rounded once at the end
-  if (N > 0) {
-    const float* xp = xc.const_data_ptr<float>();
-    float* yp = y.mutable_data_ptr<float>();
-    const Isa isa = gemv_isa();
-    const char* prefetch_env = std::getenv(kPrefetchEnv);
-    const bool prefetch = prefetch_env == nullptr || std::string_view(prefetch_env) != "0";
-    const int64_t blocks = (N + kBlock - 1) / kBlock;
-    const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, K * kBlock));
-    auto run = [&](const auto* wp) {
-      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-        const int64_t n0 = b0 * kBlock, n1 = std::min(N, b1 * kBlock);
+}
+
+// y_i = x @ weights[i]^T (fp32 [R, N_i]) for every i in one parallel region: the weights' 4-row blocks are numbered
+// one after another and split over the threads as one range (one fork and join instead of one per weight, and the
+// small k/v projections share the threads with q). Each output row is computed exactly as alone. after(i, n0, n1)
+// runs in the task that computed rows [n0, n1) of y_i, once they are done.
+template <typename After>
+void gemv_weights(const at::Tensor& xc, const std::vector<const at::Tensor*>& weights, const std::vector<float*>& ys,
+                  After&& after) {
+  const int64_t R = xc.size(0), K = xc.size(1);
+  std::vector<int64_t> first_block{0};  // first_block[i]: weight i's first block in the joint numbering
+  for (const at::Tensor* w : weights) first_block.push_back(first_block.back() + (w->size(0) + kBlock - 1) / kBlock);
+  const int64_t blocks = first_block.back();
+  if (blocks == 0) return;
+  const float* xp = xc.const_data_ptr<float>();
+  const Isa isa = gemv_isa();
+  const char* prefetch_env = std::getenv(kPrefetchEnv);
+  const bool prefetch = prefetch_env == nullptr || std::string_view(prefetch_env) != "0";
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, K * kBlock));
+  const bool bf16 = weights[0]->scalar_type() == at::kBFloat16;
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const int64_t lo = std::max(b0, first_block[i]), hi = std::min(b1, first_block[i + 1]);
+      if (lo >= hi) continue;
+      const int64_t N = weights[i]->size(0), n0 = (lo - first_block[i]) * kBlock;
+      const int64_t n1 = std::min(N, (hi - first_block[i]) * kBlock);
+      auto rows = [&](const auto* wp) {
         switch (isa) {
 #if LL_GEMV_X86
           case Isa::kAvx512:
-            return gemv_rows_avx512(xp, R, wp, K, N, n0, n1, yp, prefetch);
+            return gemv_rows_avx512(xp, R, wp, K, N, n0, n1, ys[i], prefetch);
           case Isa::kAvx2:
-            return gemv_rows_avx2(xp, R, wp, K, N, n0, n1, yp, prefetch);
+            return gemv_rows_avx2(xp, R, wp, K, N, n0, n1, ys[i]);
 #endif
           default:
-            return gemv_rows_scalar(xp, R, wp, K, N, n0, n1, yp);
+            return gemv_rows_scalar(xp, R, wp, K, N, n0, n1, ys[i]);
         }
-      });
-    };
-    if (weight.scalar_type() == at::kFloat)
-      run(weight.const_data_ptr<float>());
-    else
-      run(weight.const_data_ptr<c10::BFloat16>());
+      };
+      if (bf16)
+        rows(weights[i]->const_data_ptr<c10::BFloat16>());
+      else
+        rows(weights[i]->const_data_ptr<float>());
+      after(i, n0, n1);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual) {
+  check_x(x);
+  check_weight(x, weight);
+  const int64_t R = x.size(0), N = weight.size(0);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->device().is_cpu() && residual->scalar_type() == x.scalar_type() && residual->dim() == 2 &&
+                    residual->size(0) == R && residual->size(1) == N && residual->is_contiguous(),
+                kOp, ": residual must be a contiguous CPU tensor [", R, ", ", N, "] of x's dtype ", x.scalar_type(),
+                ", got ", residual->scalar_type(), " ", residual->sizes());
   }
+  const at::Tensor xc = x.to(at::kFloat).contiguous();  // (fp32 x: no copy; bf16 x: widened once, exactly)
+  at::Tensor y = at::empty({R, N}, xc.options());       // fp32 sums; a bf16 result is rounded once at the end
+  // with a residual, the result in x's dtype: residual + (x @ w^T rounded to that dtype), rounded once more, as
+  // at::add of the two would compute it (bit for bit), written by each task for its own rows while they are in cache
+  at::Tensor out = residual.has_value() && x.scalar_type() != at::kFloat ? at::empty({R, N}, x.options()) : y;
+  float* yp = y.mutable_data_ptr<float>();
+  gemv_weights(xc, {&weight}, {yp}, [&](size_t, int64_t n0, int64_t n1) {
+    if (!residual.has_value()) return;
+    if (x.scalar_type() == at::kFloat) {
+      const float* rp = residual->const_data_ptr<float>();
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t n = n0; n < n1; ++n) yp[r * N + n] = rp[r * N + n] + yp[r * N + n];
+    } else {
+      const c10::BFloat16* rp = residual->const_data_ptr<c10::BFloat16>();
+      c10::BFloat16* op = out.mutable_data_ptr<c10::BFloat16>();
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t n = n0; n < n1; ++n)
+          op[r * N + n] =
+              c10::BFloat16(static_cast<float>(rp[r * N + n]) + static_cast<float>(c10::BFloat16(yp[r * N + n])));
+    }
+  });
+  if (residual.has_value()) return out;
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+std::vector<at::Tensor> few_rows_gemv_group(const at::Tensor& x, const std::vector<at::Tensor>& weights) {
+  check_x(x);
+  TORCH_CHECK(!weights.empty(), kOp, ": weights must not be empty");
+  std::vector<const at::Tensor*> ws;
+  std::vector<at::Tensor> ys;
+  std::vector<float*> yps;
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  for (const at::Tensor& w : weights) {
+    check_weight(x, w);
+    ws.push_back(&w);
+    ys.push_back(at::empty({x.size(0), w.size(0)}, xc.options()));
+    yps.push_back(ys.back().mutable_data_ptr<float>());
+  }
+  gemv_weights(xc, ws, yps, [](size_t, int64_t, int64_t) {});
+  if (x.scalar_type() != at::kFloat)
+    for (at::Tensor& y : ys) y = y.to(x.scalar_type());
+  return ys;
 }
 
 }  // namespace lladapter
