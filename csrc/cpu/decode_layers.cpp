@@ -62,37 +62,39 @@ Route parse_route(const std::string& route) {
   TORCH_CHECK(false, "decode_layers: linear_route must be 'linear', 'transposed' or 'gemv', got '", route, "'");
 }
 
+// The rows of x as a 2-D [rows, K] matrix (its last dim K), and x's shape with the last dim n (the projection's).
+int64_t rows_of(const Tensor& x) {
+  const int64_t K = x.size(-1);
+  return K ? x.numel() / K : 0;
+}
+
+std::vector<int64_t> with_last_dim(const Tensor& x, int64_t n) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  return shape;
+}
+
 // nn.few_rows_linear: x @ w^T, (w @ x^T)^T with at least two rows, or few_rows_gemv, as its route says.
 Tensor linear(const Tensor& x, const Tensor& w, Route route) {
-  const int64_t K = x.size(-1);
-  const int64_t rows = K ? x.numel() / K : 0;
+  const int64_t rows = rows_of(x);
   if (route == Route::kGemv && rows >= 1) {
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = w.size(0);
-    return few_rows_gemv(x.reshape({rows, K}), w).view(shape);
+    return few_rows_gemv(x.reshape({rows, x.size(-1)}), w).view(with_last_dim(x, w.size(0)));
   }
   if (route == Route::kTransposed && rows >= 1) {
-    Tensor x2 = x.reshape({rows, K});
+    Tensor x2 = x.reshape({rows, x.size(-1)});
     if (rows == 1) x2 = at::cat({x2, x2});
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = w.size(0);
-    return at::mm(w, x2.t()).slice(1, 0, rows).t().contiguous().view(shape);
+    return at::mm(w, x2.t()).slice(1, 0, rows).t().contiguous().view(with_last_dim(x, w.size(0)));
   }
   return at::linear(x, w);
 }
 
 // linear(x, w) for each weight, all with x's K (q/k/v, w1/w3): on the gemv route one parallel region for all.
 std::vector<Tensor> linears(const Tensor& x, const std::vector<Tensor>& ws, Route route) {
-  const int64_t K = x.size(-1);
-  const int64_t rows = K ? x.numel() / K : 0;
+  const int64_t rows = rows_of(x);
   std::vector<Tensor> out;
   if (route == Route::kGemv && rows >= 1) {
-    out = few_rows_gemv_group(x.reshape({rows, K}), ws);
-    for (size_t j = 0; j < ws.size(); ++j) {
-      std::vector<int64_t> shape = x.sizes().vec();
-      shape.back() = ws[j].size(0);
-      out[j] = out[j].view(shape);
-    }
+    out = few_rows_gemv_group(x.reshape({rows, x.size(-1)}), ws);
+    for (size_t j = 0; j < ws.size(); ++j) out[j] = out[j].view(with_last_dim(x, ws[j].size(0)));
     return out;
   }
   for (const Tensor& w : ws) out.push_back(linear(x, w, route));
@@ -101,10 +103,9 @@ std::vector<Tensor> linears(const Tensor& x, const std::vector<Tensor>& ws, Rout
 
 // x + linear(a, w): on the gemv route the add is the GEMV's epilogue (same bits as at::add, no separate op call).
 Tensor add_linear(const Tensor& x, const Tensor& a, const Tensor& w, Route route) {
-  const int64_t K = a.size(-1);
-  const int64_t rows = K ? a.numel() / K : 0;
+  const int64_t rows = rows_of(a);
   if (route == Route::kGemv && rows >= 1 && x.is_contiguous() && x.scalar_type() == a.scalar_type()) {
-    return few_rows_gemv(a.reshape({rows, K}), w, x.view({rows, w.size(0)})).view(x.sizes());
+    return few_rows_gemv(a.reshape({rows, a.size(-1)}), w, x.view({rows, w.size(0)})).view(x.sizes());
   }
   return at::add(x, linear(a, w, route));
 }
