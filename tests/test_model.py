@@ -540,6 +540,9 @@ def test_few_rows_gemv_refuses_bad_input(monkeypatch):
         for bad in (torch.zeros(2, 5), torch.zeros(2, 4).double(), torch.zeros(4, 2).t(), torch.zeros(1, 4)):
             with pytest.raises(RuntimeError, match=r"residual must be a contiguous CPU tensor \[2, 4\] of x's dtype"):
                 _C.few_rows_gemv(x, w, bad)
+    # a residual that wants a gradient under grad mode: the result would have no grad_fn (a silently lost gradient)
+    with pytest.raises(RuntimeError, match="residual requires grad, and the fused add has no backward"):
+        _C.few_rows_gemv(x.detach(), w, torch.zeros(2, 4, requires_grad=True))
     monkeypatch.setenv("LLADAPTER_FEW_ROWS_GEMV_ISA", "sse")
     with pytest.raises(RuntimeError,
                        match="LLADAPTER_FEW_ROWS_GEMV_ISA must be auto, avx512, avx2 or scalar, got 'sse'"):

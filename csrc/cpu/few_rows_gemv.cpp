@@ -284,6 +284,8 @@ at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight, const st
                     residual->size(0) == R && residual->size(1) == N && residual->is_contiguous(),
                 kOp, ": residual must be a contiguous CPU tensor [", R, ", ", N, "] of x's dtype ", x.scalar_type(),
                 ", got ", residual->scalar_type(), " ", residual->sizes());
+    TORCH_CHECK(!(at::GradMode::is_enabled() && residual->requires_grad()), kOp,
+                ": residual requires grad, and the fused add has no backward; call it with grad off");
   }
   const at::Tensor xc = x.to(at::kFloat).contiguous();  // (fp32 x: no copy; bf16 x: widened once, exactly)
   at::Tensor y = at::empty({R, N}, xc.options());       // fp32 sums; a bf16 result is rounded once at the end
