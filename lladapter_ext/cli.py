@@ -115,6 +115,7 @@ _TRAIN_OPTIONS = {
     "warmup_epochs": ("--warmup-epochs", _NONNEG_FLOAT), "warmup_steps": ("--warmup-steps", _NONNEG_INT),
     "weight_decay": ("--weight-decay", _NONNEG_FLOAT), "clip_grad_norm": ("--clip-grad-norm", _POS_FLOAT),
     "precision": ("--precision", str), "activation_checkpointing": ("--activation-checkpointing", bool),
+    "compile": ("--compile", bool),
     "fsdp": ("--fsdp", bool), "save_every": ("--save-every", _NONNEG_INT), "resume": ("--resume", bool),
     "allow_data_change": ("--allow-data-change", bool), "seed": ("--seed", _SEED),
     "progress": ("--no-progress", bool), "plot": ("--no-plot", bool),

@@ -480,6 +480,9 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             loss = lm_head_cross_entropy(h_sel, self.lm_head_weight(), targets[keep])
         return CausalLMOutput(logits=None, loss=loss, cache=cache)
 
+    # (data-dependent checks and branches, e.g. on left padding: under torch.compile this runs eagerly, a graph
+    # break that torch does not warn about, instead of the warning each such check would print)
+    @torch.compiler.disable
     def _block_inputs(self, B: int, T: int, dev: torch.device, attention_mask, position_ids, cache, segment_ids,
                       prompt_offset) -> BlockInputs:
         """forward's arguments checked and resolved into what every block reads (see forward for their meaning).

@@ -83,6 +83,8 @@ class TrainConfig:
                                                "recipe's)")
     precision: str = _knob("fp32", "fp32, or bf16 / fp16 autocast (CUDA only; fp16 uses a GradScaler)")
     activation_checkpointing: bool = _knob(False, "recompute activations in backward (less memory)")
+    compile: bool = _knob(False, "torch.compile the training forward and backward: faster steps after a first "
+                                 "step that compiles (minutes on a CPU; docs/benchmarks.md); not with fsdp")
     seed: int = _knob(0, "data order and torch RNG seed (the CLI also seeds the adapter's initial values)")
     group_by_length: bool = _knob(True, "batch rows of similar length together")
     save_every: int = _knob(0, "checkpoint every N optimizer steps (0: at the end only)")
@@ -124,6 +126,9 @@ class TrainConfig:
             _check_number(f"betas[{i}]", b, low=0.0, high=1.0, open_high=True)
         if self.clip_grad_norm is not None:
             _check_number("clip_grad_norm", self.clip_grad_norm, low=0.0, open_low=True, what="or None")
+        if self.fsdp and self.compile:
+            raise ValueError("fsdp=True with compile=True is not supported (the sharded model is not compiled); "
+                             "train sharded without compile, or compile without fsdp")
         if self.fsdp and self.precision == "fp16":
             raise ValueError("fsdp=True with precision='fp16' is not supported (the fp16 GradScaler does not "
                              "handle sharded gradients); use precision='bf16'")
@@ -252,6 +257,9 @@ class Trainer:
                 torch.device("cpu")
             broadcast_adapter(model, comm_device)  # rank 0's adapter everywhere, before sharding
             apply_fsdp(model, comm_device)
+        # The training forward (the loss and its backward): the model itself, or the model compiled. Saving, loading
+        # and evaluation keep using self.model, so the state dict's names and every other caller are unchanged.
+        self.forward = compiled_forward(model) if config.compile else model
         self.device = next(model.parameters()).device
         self.amp_dtype = PRECISIONS[config.precision]
         if self.amp_dtype is not None and self.device.type != "cuda":
@@ -402,7 +410,7 @@ class Trainer:
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                out = self.model(**mb)
+                out = self.forward(**mb)
             token_loss_sum = out.loss.float() * n_local
             scaled = token_loss_sum / n_global
             if self.scaler is not None:
@@ -595,6 +603,16 @@ class Trainer:
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_tokens": batch.n_loss_tokens_global,
                 "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else 0.0, "step_s": dt,
                 "skipped": skipped}
+
+
+def compiled_forward(model: torch.nn.Module) -> Callable:
+    """``model`` under torch.compile, as a training step calls it (TrainConfig.compile). dynamic=True: batches vary
+    in length (and the last one in rows), and one graph with symbolic shapes compiles once, where specialised
+    graphs recompile for each new shape until torch marks them dynamic anyway (on a 2-core CPU: one ~2 min compile
+    against ~4 min over three recompiles, steps equally fast; docs/benchmarks.md). Compiled code caches on disk
+    (torch's inductor cache), so a later run of the same model compiles faster."""
+    log.info("compile=True: the first training step compiles the model (torch.compile), which takes a while")
+    return torch.compile(model, dynamic=True)
 
 
 def finetune(model: torch.nn.Module, dataset: TokenizedDataset, config: TrainConfig, *,

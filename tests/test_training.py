@@ -489,6 +489,44 @@ def test_activation_checkpointing_saves_memory_and_changes_no_number(tmp_path, d
         T.enable_activation_checkpointing(torch.nn.Linear(2, 2))
 
 
+def test_compile_trains_like_eager_and_resumes_exactly(tmp_path, dataset):
+    """compile=True: the training forward and backward run under torch.compile (one graph with symbolic shapes:
+    the micro-batches differ in length), give the eager run's losses and adapter up to fp32 rounding (the compiled
+    code sums in other orders), and a killed compiled run resumes to exactly its straight run. Refused with fsdp."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    common = dict(epochs=1, save_every=4)
+    eager_model, compiled_model = make_test_model(), make_test_model()
+    eager = T.finetune(eager_model, dataset, config(tmp_path, "eager", **common))
+    batches = T.Batches(dataset, 4, seed=0)
+    widths = {mb["input_ids"].shape[1] for _ in range(batches.steps_per_epoch)
+              for mb in batches.next_step().micro_batches}
+    assert len(widths) > 1  # (what the symbolic shapes are for)
+    compiles_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = T.finetune(compiled_model, dataset, config(tmp_path, "compiled", compile=True, **common))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiles_before  # it did compile
+    assert compiled.steps == eager.steps == len(dataset) // 4
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    eager_adapter = adapter(eager_model)
+    assert adapter(compiled_model).keys() == eager_adapter.keys()  # saved and loaded under the model's own names
+    for k, v in adapter(compiled_model).items():
+        torch.testing.assert_close(v, eager_adapter[k], rtol=1e-4, atol=1e-6)
+
+    def kill_at_6(record):
+        if record["step"] == 6:
+            raise Killed
+    with pytest.raises(Killed):
+        T.finetune(make_test_model(), dataset, config(tmp_path, "killed", compile=True, **common), on_step=kill_at_6)
+    resumed_model = make_test_model()
+    resumed = T.finetune(resumed_model, dataset, config(tmp_path, "killed", compile=True, resume=True, **common))
+    assert resumed.losses == compiled.losses  # exactly, every step
+    for k, v in adapter(compiled_model).items():
+        assert torch.equal(adapter(resumed_model)[k], v), k
+    with pytest.raises(ValueError, match="fsdp=True with compile=True is not supported"):
+        config(tmp_path, "sharded", fsdp=True, compile=True)
+
+
 def test_activation_checkpointing_wraps_layers_of_a_model_without_a_switch():
     class Stack(torch.nn.Module):
         def __init__(self):
