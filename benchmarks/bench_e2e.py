@@ -16,8 +16,11 @@ included), and the decode step's weight traffic (the bytes of every projection a
 time of one step after the prefill: generating --decode-new tokens and generating one, timed in turn, differ by
 --decode-new - 1 steps) as a share of the machine's read bandwidth (a sum over a 256 MiB buffer; on CUDA a copy),
 measured in the same process in turn with each pair (the distance to the physical limit of a weight-bound decode).
-For our variant (1) the same process also times the training step's matmul floor: exactly the GEMMs one step of
-our model performs (step_gemms, derived from the config and the adapter placement: the q, k, v, o, gate, up and
+Variant (1b), "lladapter kernels + compile", is (1) with the training step under torch.compile, as `lladapter
+finetune --compile` runs it (training.compiled_forward; the first step compiles, and its time is printed; decoding
+is the same as (1) and not repeated); it runs by default on CPU only.
+For our variants (1) and (1b) the same process also times the training step's matmul floor: exactly the GEMMs one
+step of our model performs (step_gemms, derived from the config and the adapter placement: the q, k, v, o, gate, up and
 down projections of every layer and the prompt K/V projections of every adapted layer in the forward, the LM head
 on the labelled rows, and the input-gradient GEMMs of the backward from the LM head down to the lowest adapted
 layer; the frozen weights need no dW), run alone as torch.mm(out=) over the model's own weights and preallocated
@@ -60,8 +63,10 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 from _common import common_args, machine_name, peak_memory, read_bandwidth, reset_peak_memory, run_child  # noqa: E402
 
-VARIANTS = ("lladapter kernels", "lladapter reference ops", "HF + PEFT", "LitGPT adapter")
+VARIANTS = ("lladapter kernels", "lladapter kernels + compile", "lladapter reference ops", "HF + PEFT",
+            "LitGPT adapter")
 ANCHOR = "HF + PEFT"
+COMPILED = "lladapter kernels + compile"  # the training step as `lladapter finetune --compile` runs it
 # Shapes by name: our presets plus a ~1B LLaMA shape (TinyLlama-1.1B's: 22 layers, width 2048, GQA 32/4).
 EXTRA_SHAPES = {"tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
                              max_seq_len=512),  # smoke runs
@@ -269,7 +274,11 @@ def run_variant(variant, args):
     t0 = time.perf_counter()
     if variant.startswith("lladapter"):
         model = build_ours(c, dev, dtype)
-        loss_fn = lambda: model(ids, labels=labels).loss  # noqa: E731
+        forward = model
+        if variant == COMPILED:
+            from lladapter_ext.training import compiled_forward
+            forward = compiled_forward(model)  # (compiles in the first step below)
+        loss_fn = lambda: forward(ids, labels=labels).loss  # noqa: E731
     elif variant == ANCHOR:
         model = build_peft(c, dev, dtype)
         loss_fn = lambda: model(input_ids=ids, labels=labels).loss  # noqa: E731
@@ -298,12 +307,14 @@ def run_variant(variant, args):
         opt.step()
         return loss
 
+    t0 = time.perf_counter()
     first_loss = float(step())
+    first_step_s = time.perf_counter() - t0  # (the compiled variant: compiling included)
     step()
     step_s = statistics.median(timed_pass(step, dev) for _ in range(args.iters))
     peak = peak_memory(dev, base)
     floor = {}
-    if variant == "lladapter kernels":  # the same GEMMs timed alone, then checked against a profiled real step
+    if variant in ("lladapter kernels", COMPILED):  # the same GEMMs timed alone, checked against a profiled step
         gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype)
         calls, flop, listed, gemvs = matmul_floor_calls(model, gemms, args)
         timed_pass(calls, dev)  # warm-up
@@ -317,12 +328,13 @@ def run_variant(variant, args):
                      profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled),
                      profile_top=profile_top)
     del opt
-    decoded = decode(variant, model, c, args) if args.decode_new > 0 else {}
+    # (the compiled variant decodes with the same model and code as "lladapter kernels": generation is not compiled)
+    decoded = decode(variant, model, c, args) if args.decode_new > 0 and variant != COMPILED else {}
     return dict(variant=variant, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s, peak_bytes=peak,
                 decode_tokens_per_s=decoded.get("tokens_per_s"), decode_step_s=decoded.get("step_s"),
                 decode_bandwidth_fraction=decoded.get("bandwidth_fraction"),
                 decode_read_bandwidth=decoded.get("read_bandwidth"), trainable=n_trainable, first_loss=first_loss,
-                build_s=build_s, **floor)
+                build_s=build_s, first_step_s=first_step_s, **floor)
 
 
 @torch.no_grad()
@@ -575,7 +587,8 @@ def main():
     p.add_argument("--decode-new", type=int, default=None)
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--decode-iters", type=int, default=None)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(VARIANTS) + " (default: "
+                   f"all; on cuda all but {COMPILED!r}, whose compile the GPU check's minutes do not cover)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "cuda"
@@ -593,6 +606,8 @@ def main():
         print(json.dumps(run_variant(args.variant, args)))
         return
 
+    if args.variants is None:
+        args.variants = ",".join(v for v in VARIANTS if not (gpu and v == COMPILED))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -619,7 +634,8 @@ def main():
             else:
                 runs[v].append(dict(res, round=r))
             print(f"  round {r + 1}/{args.repeats} {v}: " + (res.get("skipped") or
-                  f"step {res['step_s'] * 1e3:.0f} ms, decode {res['decode_tokens_per_s'] or 0:.1f} tok/s"),
+                  f"step {res['step_s'] * 1e3:.0f} ms, decode "
+                  + (f"{res['decode_tokens_per_s']:.1f} tok/s" if res["decode_tokens_per_s"] else "not run")),
                   file=sys.stderr, flush=True)
     rows = []
     for v in variants:
@@ -631,7 +647,7 @@ def main():
                          decode_step_s=med("decode_step_s"), decode_read_bandwidth=med("decode_read_bandwidth"),
                          decode_bandwidth_fraction=med("decode_bandwidth_fraction"),
                          trainable=runs[v][0]["trainable"], first_loss=runs[v][0]["first_loss"],
-                         repeats=len(runs[v])))
+                         first_step_s=med("first_step_s"), repeats=len(runs[v])))
         if "matmul_floor_s" in runs[v][0]:  # our variant: the step's GEMMs timed alone, in the same process
             rows[-1].update(matmul_floor_s=med("matmul_floor_s"), step_vs_matmul_floor=med("step_vs_matmul_floor"),
                             **{k: runs[v][0][k] for k in (
@@ -656,12 +672,12 @@ def main():
     mem_note = "CUDA max allocated" if gpu else "RSS growth over imports"
     print(f"\n== {title}\n   {machine_name(args.device)}, torch {torch.__version__}; median of {args.repeats} "
           f"interleaved round(s); ratios vs {ANCHOR}")
-    print(f"{'variant':24s} {'trainable':>10s} {'step':>9s} {'tokens/s':>9s} {'peak mem':>9s} {'decode':>9s}   "
+    print(f"{'variant':28s} {'trainable':>10s} {'step':>9s} {'tokens/s':>9s} {'peak mem':>9s} {'decode':>9s}   "
           f"{'train':>6s} {'memory':>6s} {'decode':>6s}  {'floor':>6s}  loss@step0")
     for r in rows:
         f = lambda x: f"{x:5.2f}x" if x else "   -  "  # noqa: E731
         dec = f"{r['decode_tokens_per_s']:7.1f}/s" if r["decode_tokens_per_s"] else "      -  "
-        print(f"{r['variant']:24s} {r['trainable']:10,d} {r['step_s'] * 1e3:7.0f}ms {r['tokens_per_s']:9.0f} "
+        print(f"{r['variant']:28s} {r['trainable']:10,d} {r['step_s'] * 1e3:7.0f}ms {r['tokens_per_s']:9.0f} "
               f"{r['peak_bytes'] / 2**20:6.0f}MiB {dec}   {f(r['train_speedup_vs_peft'])} {f(r['memory_vs_peft'])} "
               f"{f(r['decode_speedup_vs_peft'])}  {f(r.get('step_vs_matmul_floor'))}  {r['first_loss']:.4f}")
     for r in rows:
@@ -693,8 +709,12 @@ def main():
           f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).\n"
           f"   floor: step time / the same step's GEMMs (projections, prompt K/V, LM head; forward and input "
           f"gradients) timed alone in the same process, the median over passes of the two timed in turn.")
-    ours = next((r for r in rows if r.get("matmul_floor_s")), None)
-    if ours:  # the distance to the physical limits, in one line
+    compiled = next((r for r in rows if r["variant"] == COMPILED), None)
+    if compiled:
+        print(f"   {COMPILED}: the training step under torch.compile (`lladapter finetune --compile`); its first step "
+              f"took {compiled['first_step_s']:.1f} s, compiling included; decoding is not compiled (the same as "
+              f"lladapter kernels')")
+    for ours in (r for r in rows if r.get("matmul_floor_s")):  # the distance to the physical limits, in one line
         bw = ours["decode_bandwidth_fraction"]
         print(f"   limits, {ours['variant']}: train step {ours['step_vs_matmul_floor']:.2f}x its matmul floor; decode "
               + (f"weight traffic {100 * bw:.0f}% of the {'copy' if gpu else 'read'} bandwidth" if bw else "not run"))
