@@ -509,7 +509,7 @@ def test_compile_trains_like_eager_and_resumes_exactly(tmp_path, dataset):
     assert compiled.steps == eager.steps == len(dataset) // 4
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
     eager_adapter = adapter(eager_model)
-    assert adapter(compiled_model).keys() == eager_adapter.keys()  # saved and loaded under the model's own names
+    assert adapter(compiled_model).keys() == eager_adapter.keys()  # (the model's own names: no "_orig_mod." prefix)
     for k, v in adapter(compiled_model).items():
         torch.testing.assert_close(v, eager_adapter[k], rtol=1e-4, atol=1e-6)
 
