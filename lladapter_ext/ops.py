@@ -6,7 +6,6 @@ The same registrations cover torch.ops.lladapter_emu.*, the CUDA kernels run on 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -23,14 +22,25 @@ _lib = torch.ops.lladapter
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
 
 
-def _dispatch_scope():
-    """The scope an op call runs in: where no autograd graph is recorded (grad mode off: generation, serving,
-    evaluation) and nothing is being compiled, dispatch below the ops' autograd kernels. The Python kernel that
-    torch.library.register_autograd installs runs even under no_grad and costs ~9 us a call (rms_norm on one 576-wide
-    row: 13.7 -> 4.6 us), ~1.4 ms of a SmolLM2 decode step's 151 op calls. Otherwise a no-op scope."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return _BelowAutograd()
+def _call(op: str, *args):
+    """torch.ops.<namespace>.<op>(*args), as the op functions below call their kernels, by what the call needs:
+    - no autograd graph to record (grad mode off, as in generation, serving and evaluation, or no input requiring
+      grad), not compiling: below the op's autograd kernel. The Python kernel that torch.library.register_autograd
+      installs runs even then and costs ~9 us a call (rms_norm on one 576-wide row: 13.7 -> 4.6 us), ~1.4 ms of a
+      SmolLM2 decode step's 151 op calls;
+    - a graph to record, in eager mode on plain tensors: the op's autograd.Function (_EAGER_AUTOGRAD: the same
+      setup_context and backward as the registered autograd, without torch.library's wrapper around them, whose
+      fill_defaults and redispatch cost ~40 us a call forward and backward; docs/benchmarks.md);
+    - otherwise (compiling, torch.func transforms, tensor subclasses or modes with __torch_function__): the op as
+      registered, which those understand."""
+    kernel = getattr(_lib, op)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or torch._C._has_torch_function(
+            args):
+        return kernel(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return _EAGER_AUTOGRAD[_lib.name][op].apply(*args)
+    with _BelowAutograd():
+        return kernel(*args)
 
 
 def kernel_namespace() -> str:
@@ -77,8 +87,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     x gives fp32, as HF's LlamaRMSNorm does). weight: [x.size(-1)], x's dtype or fp32 for half x.
     Differentiable in x and weight.
     """
-    with _dispatch_scope():
-        y, _ = _lib.rms_norm(x, weight, float(eps))
+    y, _ = _call("rms_norm", x, weight, float(eps))
     return y
 
 
@@ -138,8 +147,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     Returns new contiguous (q_out, k_out). Differentiable in q and k: the backward is the same rotation by the
     negated angle. cos/sin are constants (no gradient).
     """
-    with _dispatch_scope():
-        return _lib.rope(q, k, cos, sin, _as_position_ids(position_ids), offset, interleaved, False)
+    return _call("rope", q, k, cos, sin, _as_position_ids(position_ids), offset, interleaved, False)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -286,8 +294,7 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=causal, gate_act=gate_act,
                                                 scale=scale, kv_start=kv_start)
     if backend == "fused":
-        with _dispatch_scope():
-            out, _, _ = _lib.gated_prompt_attention(q, k, v, pk, pv, gate, kv_start, causal, gate_act, float(scale))
+        out, _, _ = _call("gated_prompt_attention", q, k, v, pk, pv, gate, kv_start, causal, gate_act, float(scale))
         return out
     return _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, float(scale), kv_start)
 
@@ -477,8 +484,7 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor)
     dequantised (quantize.dequantize); codes and scales get no gradient.
     """
     lead = x.shape[:-1]
-    with _dispatch_scope():
-        y = _lib.quantized_linear(x.reshape(-1, x.shape[-1]), codes, scales)
+    y = _call("quantized_linear", x.reshape(-1, x.shape[-1]), codes, scales)
     return y.view(*lead, y.shape[-1])
 
 
@@ -626,8 +632,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     dup = grad * inf at gate = +inf; the one difference: an infinite up at fp32 gate < -88.7, where eager's silu is
     -0, gives eager NaN and the op the limit, -inf (docs/swiglu.md). reference.swiglu is the plain-PyTorch oracle.
     """
-    with _dispatch_scope():
-        return _lib.swiglu(gate, up)
+    return _call("swiglu", gate, up)
 
 
 def check_swiglu_inputs(gate, up, *, op: str = "lladapter::swiglu", cuda_kernels: bool = False) -> None:
@@ -693,6 +698,27 @@ def register_implementations(namespace: str) -> None:
     for op, (backward, setup_context) in autograd.items():
         torch.library.register_autograd(f"{namespace}::{op}", backward,
                                         setup_context=functools.partial(setup_context, lib=lib))
+    _EAGER_AUTOGRAD[namespace] = {op: _eager_autograd_function(lib, op, backward, setup_context)
+                                  for op, (backward, setup_context) in autograd.items()}
+
+
+# namespace -> op -> the op's autograd.Function for eager calls (see _call)
+_EAGER_AUTOGRAD: dict[str, dict[str, type[torch.autograd.Function]]] = {}
+
+
+def _eager_autograd_function(lib, op: str, backward, setup_context) -> type[torch.autograd.Function]:
+    """An autograd.Function running lib.<op> below its autograd kernel, with the registered autograd's
+    setup_context and backward (so the two paths save the same tensors and compute the same gradients)."""
+    kernel = getattr(lib, op)
+
+    def forward(ctx, *args):
+        with _BelowAutograd():
+            output = kernel(*args)
+        setup_context(ctx, args, output, lib)
+        return output
+
+    return type(f"{lib.name}_{op}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 register_implementations("lladapter")

@@ -302,16 +302,69 @@ def test_build_info():
         assert info["cuda_archs"]
 
 
-def test_no_grad_calls_dispatch_below_the_autograd_kernel():
-    # generation and serving run under no_grad: the ops then skip their Python autograd kernel (ops._dispatch_scope),
-    # with the same results and no graph; with grad enabled they record one as before
-    import contextlib
+def _every_op_call():
+    """(name, inputs, f) for each op function with autograd: f(*inputs) calls it and returns the outputs to
+    differentiate; the inputs are fp64 leaves that require grad, except the quantized weight's codes and scales."""
+    torch.manual_seed(0)
 
-    x = torch.randn(2, 3, 8, requires_grad=True)
-    w = torch.rand(8, requires_grad=True) + 0.5
-    y_grad = ops.rms_norm(x, w)
-    assert y_grad.requires_grad and isinstance(ops._dispatch_scope(), contextlib.nullcontext)
-    with torch.no_grad():
-        assert isinstance(ops._dispatch_scope(), torch._C._AutoDispatchBelowAutograd)
-        y = ops.rms_norm(x, w)
-    assert not y.requires_grad and torch.equal(y, y_grad.detach())
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    cos, sin = reference.rope_cos_sin(16, 8, device="cpu")
+    codes, scales = torch.randint(-127, 128, (6, 8), dtype=torch.int8), torch.rand(6) + 0.1
+    return [
+        ("rms_norm", (leaf(2, 3, 8), (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()),
+         lambda x, w: (ops.rms_norm(x, w),)),
+        ("swiglu", (leaf(3, 8), leaf(3, 8)), lambda g, u: (ops.swiglu(g, u),)),
+        ("rope", (leaf(2, 5, 4, 8), leaf(2, 5, 2, 8)), lambda q, k: ops.rope(q, k, cos, sin, offset=3)),
+        ("gated_prompt_attention", (leaf(2, 5, 4, 8), leaf(2, 5, 2, 8), leaf(2, 5, 2, 8), leaf(1, 3, 2, 8),
+                                    leaf(1, 3, 2, 8), torch.rand(4, requires_grad=True)),
+         lambda *a: (ops.gated_prompt_attention(*a, backend="fused"),)),
+        ("quantized_linear", (leaf(3, 8),), lambda x: (ops.quantized_linear(x, codes, scales),)),
+    ]
+
+
+def _outputs_and_grads(f, inputs):
+    outs = f(*inputs)
+    grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], [torch.ones_like(o) for o in outs])
+    return outs, grads
+
+
+def _op_node_name(t):
+    """The name of the autograd node that made t, looking through views (quantized_linear reshapes its result)."""
+    node = t.grad_fn
+    while type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0"):
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
+def test_every_op_records_its_graph_through_its_own_autograd_function():
+    # In eager mode with a graph to record, each op function runs its kernel through ops._EAGER_AUTOGRAD's
+    # autograd.Function (no torch.library wrapper around it): outputs and gradients equal, bit for bit, those of
+    # the op's registered autograd (torch.ops.lladapter.<op> called directly, as torch.compile and modes see it).
+    for name, inputs, f in _every_op_call():
+        outs, grads = _outputs_and_grads(f, inputs)
+        assert all(_op_node_name(o) == f"lladapter_{name}Backward" for o in outs), name
+        registered = getattr(torch.ops.lladapter, name)
+        original = ops._EAGER_AUTOGRAD["lladapter"][name]
+        ops._EAGER_AUTOGRAD["lladapter"][name] = type("Registered", (), {"apply": staticmethod(registered)})
+        try:
+            r_outs, r_grads = _outputs_and_grads(f, inputs)
+        finally:
+            ops._EAGER_AUTOGRAD["lladapter"][name] = original
+        assert all(_op_node_name(o).startswith("GeneratedBackwardFor_lladapter") for o in r_outs), name
+        for a, b in zip(outs + grads, r_outs + r_grads):
+            assert torch.equal(a, b), name
+
+
+def test_without_a_graph_to_record_the_ops_skip_autograd():
+    # generation and serving run under no_grad: the ops then skip every Python autograd kernel (ops._call), with
+    # the same results and no graph; with grad enabled and no input that requires grad, the same
+    for name, inputs, f in _every_op_call():
+        with_graph = f(*inputs)
+        with torch.no_grad():
+            outs = f(*inputs)
+        detached = f(*[t.detach() for t in inputs])
+        for o, od, og in zip(outs, detached, with_graph):
+            assert o.grad_fn is None and od.grad_fn is None and not o.requires_grad, name
+            assert torch.equal(o, og.detach()) and torch.equal(od, og.detach()), name
