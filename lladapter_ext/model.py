@@ -31,7 +31,7 @@ from . import _C, ops, reference
 from .ops import GATE_ACTS
 from .adapter import AdapterMixin
 from .kv_cache import KVCache
-from .nn import DecodeLinear, RMSNorm, few_rows_linear, few_rows_route, lm_head_cross_entropy
+from .nn import DecodeLinear, RMSNorm, openblas_route_takes, few_rows_route, linear, lm_head_cross_entropy
 from .quantize import QuantizedLinear
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "KVCache", "CausalLMOutput", "BlockInputs",
@@ -581,8 +581,11 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
                 prompt_k.append(None), prompt_v.append(None), gates.append(None)
         if shape is None:
             return None
-        # every projection has B * T rows: routed as few_rows_linear (DecodeLinear, up to 4 rows) routes them
-        route = few_rows_route(weights[1].dtype) if h.shape[0] * h.shape[1] <= 4 else "linear"
+        # every projection has B * T rows: routed as nn.linear (DecodeLinear) routes them
+        if h.shape[0] * h.shape[1] <= 4:
+            route = few_rows_route(weights[1].dtype)
+        else:
+            route = "openblas" if openblas_route_takes(h, weights[1]) else "linear"
         if route == "gemv" and not all(w.is_contiguous() for w in weights):
             return None  # (few_rows_linear sends those to F.linear; the C++ loop's gemv refuses them)
         groups = cache.row_prompts.groups if cache.row_prompts is not None else {}
@@ -649,9 +652,9 @@ def _global_module_hooks() -> bool:
 
 
 def _lm_head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Logits h [B, T, D] @ w[V, D]^T; up to 16 rows through few_rows_linear (the tall LM-head matrix gains up to
-    8 rows and more)."""
-    return few_rows_linear(h, w, max_rows=16)
+    """Logits h [B, T, D] @ w[V, D]^T through nn.linear, up to 16 rows by few_rows_linear's route (the tall LM-head
+    matrix gains up to 8 rows and more)."""
+    return linear(h, w, max_rows=16)
 
 
 def _mask_first_real(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

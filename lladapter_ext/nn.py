@@ -87,6 +87,111 @@ class _FewRowsGemv(torch.autograd.Function):
         return grad_x, grad_weight
 
 
+GEMM_ROUTE_ENV = "LLADAPTER_GEMM_ROUTE"
+GEMM_ROUTES = ("torch", "openblas")
+_GEMM_ROUTE: list[str] = []  # the process's route, once chosen (gemm_route)
+
+
+def gemm_route() -> str:
+    """"torch" or "openblas": how `linear` and `mm` run float32 CPU GEMMs of more than a few rows (the training
+    step's projections and LM head, prefill). "openblas": _C.openblas_mm, the sgemm of the scipy-openblas32
+    package's OpenBLAS, single-threaded on each of torch's intra-op threads over its own slab of the output;
+    "torch": torch's own (MKL in the x86 wheels). The default is "openblas" on AMD CPUs, where torch's MKL is the
+    slower (AMD EPYC, AVX2, 2 threads, the SmolLM2 projections' shapes: ~195 GFLOP/s against MKL's 130-170;
+    docs/benchmarks.md), when the package is installed; "torch" elsewhere. A rule by CPU vendor, not a timing, so
+    that every process on a machine computes the same bits (exact resume, DDP ranks). LLADAPTER_GEMM_ROUTE=torch|
+    openblas fixes it ("openblas" raises where the library cannot be loaded)."""
+    if _GEMM_ROUTE:
+        return _GEMM_ROUTE[0]
+    forced = os.environ.get(GEMM_ROUTE_ENV, "").strip()
+    if forced and forced not in GEMM_ROUTES:
+        raise ValueError(f"{GEMM_ROUTE_ENV} must be 'torch' or 'openblas', got {forced!r}")
+    route = "torch"
+    if forced == "openblas" or (not forced and _cpu_vendor() == "AuthenticAMD"):
+        why = _load_openblas()
+        if why and forced:
+            raise RuntimeError(f"{GEMM_ROUTE_ENV}=openblas, but OpenBLAS cannot be loaded: {why}")
+        route = "torch" if why else "openblas"
+    _GEMM_ROUTE.append(route)
+    return route
+
+
+def _cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _load_openblas() -> str:
+    """Loads the scipy-openblas32 package's OpenBLAS into _C; "" when loaded, else why not."""
+    if _C.openblas_library():
+        return ""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return "the scipy-openblas32 package is not installed"
+    try:
+        _C.openblas_load(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)))
+    except (RuntimeError, OSError, IndexError) as e:
+        return str(e)
+    return ""
+
+
+def openblas_route_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a GEMM of a and b (float32 CPU plain tensors, eager, no torch.func transform) takes the "openblas"
+    route."""
+    return (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
+            and b.device.type == "cpu" and type(a.data) is torch.Tensor and type(b.data) is torch.Tensor
+            and a.layout == torch.strided and b.layout == torch.strided and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and gemm_route() == "openblas")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) -> torch.Tensor:
+    """x @ weight^T (bias-free) for x [..., K], weight [N, K]: 1 to max_rows rows on the CPU by few_rows_linear's
+    route; more float32 CPU rows by gemm_route's ("openblas": _C.openblas_mm, with F.linear's gradients); anything
+    else (CUDA, other dtypes, compiling, tensor subclasses such as quantized or distributed weights) F.linear."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows <= max_rows or weight.dim() != 2 or not openblas_route_takes(x, weight):
+        return few_rows_linear(x, weight, max_rows)
+    x2 = x.reshape(rows, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = _OpenblasLinear.apply(x2, weight)
+    else:
+        y = _C.openblas_mm(x2, weight.t())
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D a, b by gemm_route (float32 CPU), else torch.mm; no autograd graph (for backward passes)."""
+    if not torch.is_grad_enabled() and openblas_route_takes(a, b):
+        return _C.openblas_mm(a, b)
+    return torch.mm(a, b)
+
+
+class _OpenblasLinear(torch.autograd.Function):
+    """x2 @ weight^T through _C.openblas_mm, with F.linear's backward: dx = dy @ weight, dweight = dy^T @ x2 (each
+    only when asked for, and only its operand kept)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight):
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        return _C.openblas_mm(x2, weight.t())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x2, weight = ctx.saved_tensors
+        grad_x = _C.openblas_mm(grad_y, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = _C.openblas_mm(grad_y.t(), x2) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
 def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the logits h @ weight^T (h [N, D], weight [V, D], targets [N] class indices, every row
     labelled), the same value as F.cross_entropy(F.linear(h, weight).float(), targets) (fp64 for fp64 h), with a
@@ -111,7 +216,7 @@ class _LmHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets):
         stat = torch.float64 if h.dtype == torch.float64 else torch.float32
-        logits = few_rows_linear(h, weight, max_rows=16).to(stat)
+        logits = linear(h, weight, max_rows=16).to(stat)
         # in place: the logits are this function's own temporary, and a second [N, V] buffer is 50 MB more at the
         # step's peak for SmolLM2's head on 256 rows (and, on the CPU, ~12k page faults of a fresh allocation)
         logp = torch.log_softmax(logits, dim=-1, out=logits)
@@ -127,8 +232,8 @@ class _LmHeadCrossEntropy(torch.autograd.Function):
         grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
         grad.mul_(grad_loss / grad.shape[0])
         grad = grad.to(h.dtype)
-        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None
+        grad_h = mm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = mm(grad.t(), h) if ctx.needs_input_grad[1] else None
         return grad_h, grad_weight, None
 
 
@@ -182,8 +287,8 @@ def _time_few_rows_routes(dtype: torch.dtype) -> dict[str, float]:
 
 
 class DecodeLinear(torch.nn.Linear):
-    """nn.Linear without bias whose forward takes few_rows_linear's faster route for the few rows of a decode step
-    on the CPU (same parameters and state-dict names as nn.Linear)."""
+    """nn.Linear without bias whose forward is `linear`: few_rows_linear's faster route for the few rows of a decode
+    step on the CPU, gemm_route's for more float32 CPU rows (same parameters and state-dict names as nn.Linear)."""
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
@@ -194,7 +299,7 @@ class DecodeLinear(torch.nn.Linear):
         return self.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return few_rows_linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 from .reference import rope_cos_sin as _rope_cos_sin  # noqa: E402  (kept with the RoPE section)

@@ -181,10 +181,14 @@ def _cached_forward_logits(model, prompts_ids, mask, n_steps, step_ids):
 @pytest.mark.parametrize("variant", ["gqa", "mha_interleaved_identity", "bf16", "no_adapter"])
 def test_decode_layers_equal_the_python_loop(monkeypatch, route, variant):
     """The C++ layer loop runs the same ops in the same order: bit-equal logits and caches (prefill with left
-    padding, then decode steps), on every few-row linear route, and it is the path actually taken."""
+    padding, then decode steps), on every few-row linear route and both GEMM routes of the prefill's 18 rows
+    (nn.gemm_route: "openblas" with the gemv route where OpenBLAS loads, "torch" otherwise), and it is the path
+    actually taken."""
     import lladapter_ext.model as model_mod
+    from lladapter_ext import nn as lnn
 
     monkeypatch.setenv("LLADAPTER_FEW_ROWS_ROUTE", route)
+    monkeypatch.setattr(lnn, "_GEMM_ROUTE", ["openblas" if route == "gemv" and not lnn._load_openblas() else "torch"])
     model = adapted_model(gqa=variant != "mha_interleaved_identity")
     if variant == "mha_interleaved_identity":
         model.config = model.config.replace(rope_interleaved=True, gate_act="identity")
@@ -277,7 +281,8 @@ def test_decode_layers_refuses_inconsistent_arguments():
                          [torch.zeros(1, 0, 1, 8)], [None], [None], [None], [[]], 0,
                          torch.zeros(1, 1, dtype=torch.long), torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8,
                          False, "tanh", 1.0, "linear")
-    with pytest.raises(RuntimeError, match="linear_route must be 'linear', 'transposed' or 'gemv', got 'fast'"):
+    with pytest.raises(RuntimeError,
+                       match="linear_route must be 'linear', 'transposed', 'gemv' or 'openblas', got 'fast'"):
         _C.decode_layers(h, [torch.zeros(8, 8)] * 9, [1e-5, 1e-5], [torch.zeros(1, 4, 1, 8)],
                          [torch.zeros(1, 4, 1, 8)], [None], [None], [None], [[]], 0,
                          torch.zeros(1, 1, dtype=torch.long), torch.ones(8, 4), torch.zeros(8, 4), None, 1, 1, 8,

@@ -382,13 +382,13 @@ def test_lm_head_cross_entropy_keeps_one_vocab_sized_buffer(monkeypatch, rows):
     """The log-probabilities are written over the logits (fp32): the forward holds one [N, V] tensor, not two, and
     the loss is still F.cross_entropy's to fp32 rounding (the value test above covers every dtype and route)."""
     from lladapter_ext import nn as lnn
-    made, few_rows_linear = [], lnn.few_rows_linear
+    made, linear = [], lnn.linear
 
     def recording(*args, **kwargs):
-        made.append(few_rows_linear(*args, **kwargs))
+        made.append(linear(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(lnn, "few_rows_linear", recording)
+    monkeypatch.setattr(lnn, "linear", recording)
     h, w = torch.randn(rows, 16, requires_grad=True), torch.randn(50, 16)
     t = torch.randint(0, 50, (rows,))
     loss = lnn.lm_head_cross_entropy(h, w, t)
@@ -453,6 +453,121 @@ def test_few_rows_linear_matches_linear(shape, max_rows, route, monkeypatch):
     assert few_rows_route(torch.float32) in ("transposed", "linear", "gemv")  # measured on this machine
     torch.testing.assert_close(lin(x.detach()), torch.nn.functional.linear(x.detach(), lin.weight),
                                rtol=1e-5, atol=1e-4)
+
+
+def _openblas_or_skip():
+    """nn's OpenBLAS, loaded; where scipy-openblas32 is a declared dependency (Linux x86_64) it must load."""
+    import platform
+    import sys
+
+    from lladapter_ext import nn as lnn
+    why = lnn._load_openblas()
+    if why and sys.platform == "linux" and platform.machine() == "x86_64":
+        pytest.fail(f"scipy-openblas32 is a dependency here, but OpenBLAS did not load: {why}")
+    if why:
+        pytest.skip(f"no OpenBLAS on this platform: {why}")
+    return lnn
+
+
+def _gemm_error_bound(a, b):
+    """The worst-case rounding error of an fp32 a @ b summed in any order, elementwise: Higham's gamma_K with unit
+    roundoff 2^-24 times |a| @ |b| (K * 2^-24 to first order, rounded up by 1%)."""
+    return 1.01 * a.shape[1] * 2.0 ** -24 * (a.double().abs() @ b.double().abs())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_openblas_mm_matches_float64(threads):
+    """_C.openblas_mm (nn.gemm_route's "openblas" route) against float64, on row slabs (many rows) and column slabs
+    (few rows, the prompt K/V projections), every operand layout BLAS takes (row-major, transposed views, a leading
+    dimension wider than the matrix) and ones it does not (copied first), into a given out, and empty sizes; each
+    element within the fp32 GEMM's worst-case rounding bound."""
+    lnn = _openblas_or_skip()
+    from lladapter_ext import _C
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for m, k, n in [(512, 576, 192), (37, 64, 100), (10, 576, 1536), (1, 5, 7), (33, 17, 1), (300, 1, 40)]:
+            a_full = torch.randn(m, k + 3, generator=g)
+            w = torch.randn(n, k, generator=g)
+            layouts_a = [a_full[:, :k], a_full[:, :k].contiguous(), a_full[:, :k].t().contiguous().t(),
+                         a_full[:, :k].contiguous()[:, None, :].expand(m, 2, k)[:, 1, :], a_full[:, :k][::1, ::1]]
+            layouts_b = [w.t(), w.t().contiguous(), torch.randn(k, 2 * n, generator=g)[:, ::2]]
+            for a in layouts_a:
+                for b in layouts_b:
+                    want = a.double() @ b.double()
+                    got = _C.openblas_mm(a, b)
+                    assert got.shape == (m, n) and got.is_contiguous() and got.dtype == torch.float32
+                    assert ((got.double() - want).abs() <= _gemm_error_bound(a, b)).all(), (m, k, n)
+            out = torch.full((m, n + 5), float("nan"))[:, :n]
+            res = _C.openblas_mm(layouts_a[0], layouts_b[0], out)
+            assert res.data_ptr() == out.data_ptr() and not out.isnan().any()
+            assert torch.equal(out, _C.openblas_mm(layouts_a[0], layouts_b[0]))
+        assert _C.openblas_mm(torch.randn(0, 4), torch.randn(4, 3)).shape == (0, 3)
+        assert torch.equal(_C.openblas_mm(torch.randn(2, 0), torch.randn(0, 3)), torch.zeros(2, 3))
+    finally:
+        torch.set_num_threads(old)
+    assert lnn.gemm_route() in lnn.GEMM_ROUTES
+
+
+def test_openblas_mm_refuses_bad_input():
+    _openblas_or_skip()
+    from lladapter_ext import _C
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with pytest.raises(RuntimeError, match="a must be a 2-D float32 CPU tensor, got Double"):
+        _C.openblas_mm(a.double(), b)
+    with pytest.raises(RuntimeError, match=r"b must be a 2-D float32 CPU tensor, got Float \[8, 3, 1\]"):
+        _C.openblas_mm(a, b[..., None])
+    with pytest.raises(RuntimeError, match=r"a \[4, 8\] and b \[7, 3\] cannot be multiplied"):
+        _C.openblas_mm(a, torch.randn(7, 3))
+    with pytest.raises(RuntimeError, match=r"out must be a row-major float32 CPU tensor \[4, 3\]"):
+        _C.openblas_mm(a, b, torch.empty(3, 4))
+    with pytest.raises(RuntimeError, match=r"out must be a row-major"):
+        _C.openblas_mm(a, b, torch.empty(3, 4).t())
+    # once loaded, later loads return the loaded library, whatever path they name
+    assert _C.openblas_load("/nonexistent") == _C.openblas_library() != ""
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (3, 7, 64), (2, 300, 64)])
+def test_linear_gemm_routes_agree(shape, monkeypatch):
+    """nn.linear on more rows than few_rows_linear takes: the "openblas" route gives F.linear's values and gradients
+    (x and weight) to fp32 rounding, the same bits with grad on and off, and keeps only the operand each gradient
+    needs; "torch" is F.linear itself. LLADAPTER_GEMM_ROUTE picks the route; a bad value is named."""
+    lnn = _openblas_or_skip()
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(100, 64, requires_grad=True)
+    want = torch.nn.functional.linear(x, w)
+    g = torch.randn_like(want)
+    wx, ww = torch.autograd.grad(want, (x, w), g)
+
+    def op_node(t):  # the autograd node that made t, through nn.linear's reshape
+        node = t.grad_fn
+        return node.next_functions[0][0] if type(node).__name__ == "ViewBackward0" else node
+
+    monkeypatch.setattr(lnn, "_GEMM_ROUTE", [])
+    monkeypatch.setenv(lnn.GEMM_ROUTE_ENV, "openblas")
+    assert lnn.gemm_route() == "openblas"
+    got = lnn.linear(x, w)
+    assert type(op_node(got)).__name__ == "_OpenblasLinearBackward"
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        assert torch.equal(lnn.linear(x, w), got.detach())
+    gx, gw = torch.autograd.grad(got, (x, w), g)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-4)
+    frozen = op_node(lnn.linear(x, w.detach()))  # a frozen weight: x is not kept (no weight gradient to compute)
+    assert frozen.saved_tensors[0] is None and frozen.saved_tensors[1] is not None
+    with torch.no_grad():  # nn.mm, for backward passes (grad off), takes the route too
+        torch.testing.assert_close(lnn.mm(g.reshape(-1, 100), w), wx.reshape(-1, 64), rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(lnn, "_GEMM_ROUTE", [])
+    monkeypatch.setenv(lnn.GEMM_ROUTE_ENV, "torch")
+    assert lnn.gemm_route() == "torch"
+    assert torch.equal(lnn.linear(x, w), want)
+    monkeypatch.setattr(lnn, "_GEMM_ROUTE", [])
+    monkeypatch.setenv(lnn.GEMM_ROUTE_ENV, "mkl")
+    with pytest.raises(ValueError, match="LLADAPTER_GEMM_ROUTE must be 'torch' or 'openblas', got 'mkl'"):
+        lnn.gemm_route()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -53,13 +53,15 @@ struct Ops {
   }
 };
 
-enum class Route { kLinear, kTransposed, kGemv };
+enum class Route { kLinear, kTransposed, kGemv, kOpenblas };
 
 Route parse_route(const std::string& route) {
   if (route == "linear") return Route::kLinear;
   if (route == "transposed") return Route::kTransposed;
   if (route == "gemv") return Route::kGemv;
-  TORCH_CHECK(false, "decode_layers: linear_route must be 'linear', 'transposed' or 'gemv', got '", route, "'");
+  if (route == "openblas") return Route::kOpenblas;
+  TORCH_CHECK(false, "decode_layers: linear_route must be 'linear', 'transposed', 'gemv' or 'openblas', got '", route,
+              "'");
 }
 
 // The rows of x as a 2-D [rows, K] matrix (its last dim K), and x's shape with the last dim n (the projection's).
@@ -74,9 +76,12 @@ std::vector<int64_t> with_last_dim(const Tensor& x, int64_t n) {
   return shape;
 }
 
-// nn.few_rows_linear: x @ w^T, (w @ x^T)^T with at least two rows, or few_rows_gemv, as its route says.
+// nn.linear: x @ w^T, (w @ x^T)^T with at least two rows, few_rows_gemv or openblas_mm, as its route says.
 Tensor linear(const Tensor& x, const Tensor& w, Route route) {
   const int64_t rows = rows_of(x);
+  if (route == Route::kOpenblas && rows >= 1) {
+    return openblas_mm(x.reshape({rows, x.size(-1)}), w.t(), std::nullopt).view(with_last_dim(x, w.size(0)));
+  }
   if (route == Route::kGemv && rows >= 1) {
     return few_rows_gemv(x.reshape({rows, x.size(-1)}), w).view(with_last_dim(x, w.size(0)));
   }
