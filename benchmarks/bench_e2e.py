@@ -704,7 +704,7 @@ def main():
                   + (f" and {r['matmul_floor_gemvs']} GEMVs" if r.get("matmul_floor_gemvs") else "")
                   + f", {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
                   f"{r['matmul_floor_flop'] / r['matmul_floor_s'] / 1e9:.1f} GFLOP/s); a profiled step ran "
-                  f"{r['profiled_mm']} aten::mm/addmm ({r['gemm_check']}; other matmul ops: {other})")
+                  f"{r['profiled_mm']} aten::mm/addmm/openblas_mm ({r['gemm_check']}; other matmul ops: {other})")
             print(f"   profile of one step, {r['variant']} (self {r['profile_top']['clock']} time, first round): "
                   + ", ".join(f"{name} {100 * share:.1f}% (x{n})" for name, share, n in r["profile_top"]["ops"]))
     for r in rows:
