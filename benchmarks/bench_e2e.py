@@ -315,8 +315,7 @@ def run_variant(variant, args):
     peak = peak_memory(dev, base)
     floor = {}
     if variant in ("lladapter kernels", COMPILED):  # the same GEMMs timed alone, checked against a profiled step
-        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype,
-                           compiled=variant == COMPILED)
+        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype)
         calls, flop, listed, gemvs = matmul_floor_calls(model, gemms, args)
         timed_pass(calls, dev)  # warm-up
         # The floor's passes alternate with steps, and the ratio is the median of the pairs' step / floor: a shared
@@ -410,25 +409,25 @@ def litgpt_greedy(model, prompt, n):
 
 
 # ------------------------------------------------------------------ the training step's matmul floor (our model)
-def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4, compiled=False):
+def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4):
     """One GEMM of a bias-free projection x [rows, k] @ W[n, k]^T as nn.linear runs it (on the CPU, 1 to max_rows
     rows take nn.few_rows_route's route: W @ x^T padded to two rows, or our own GEMV kernel; more fp32 rows
     nn.gemm_route's: torch's GEMM or _C.openblas_mm), or with backward its input-gradient GEMM dY @ W (W is frozen:
     no dW; autograd computes the transposed route's (W^T @ dY^T) as (dY @ W)^T, x^T being a transposed view; the
     GEMV's backward is dY @ W). (label, weight key, form, rows); form 'xWt' = x @ W^T, 'gW' = dY @ W, 'Wxt' =
     W @ x^T, 'gemv' = _C.few_rows_gemv(x, W); 'openblas xWt' and 'openblas gW' the same products by
-    _C.openblas_mm (not under torch.compile, compiled: nn.linear is F.linear there)."""
+    _C.openblas_mm (compiled too: nn.openblas_mm_op)."""
     from lladapter_ext.nn import few_rows_route, gemm_route
 
     few = device == "cpu" and 1 <= rows <= max_rows
     route = few_rows_route(dtype) if few else "linear"
     form = "gW" if backward else {"transposed": "Wxt", "gemv": "gemv"}.get(route, "xWt")
-    if not few and not compiled and device == "cpu" and dtype == torch.float32 and gemm_route() == "openblas":
+    if not few and device == "cpu" and dtype == torch.float32 and gemm_route() == "openblas":
         form = "openblas " + form
     return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if form == "Wxt" else rows)
 
 
-def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32, compiled=False):
+def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
     """Every GEMM one training step of our LlamaForCausalLM performs (labels given, adapter on, base frozen), in
     the step's order, derived from the config and the adapter placement:
       forward: q, k, v, o, w1 (gate), w3 (up), w2 (down) of every layer on B*T rows (the layers below the adapter
@@ -437,15 +436,14 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32, compiled=
       backward, input gradients only (every weight is frozen: no dW): the LM head, then every adapted layer from the
         top down to the lowest one; the lowest one's input carries no gradient, so there only o, w1, w3, w2 and the
         prompt K/V projections have a backward GEMM. Attention runs in our own kernels (no aten GEMM).
-    compiled: the GEMMs of the step under torch.compile (see _linear_gemm). Returns (label, weight key = a parameter
-    name of our model, form, rows) entries (see _linear_gemm)."""
+    Returns (label, weight key = a parameter name of our model, form, rows) entries (see _linear_gemm)."""
     D, F, Nq, Nkv = c.dim, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     M, K, first = batch * seq, c.adapter_len, c.first_adapted_layer
     shape = {"wq": (Nq, D), "wk": (Nkv, D), "wv": (Nkv, D), "wo": (D, Nq), "w1": (F, D), "w3": (F, D), "w2": (D, F)}
 
     def lin(i, n, rows=M, backward=False, what=""):
         key = f"layers.{i}.{'attention' if n in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{n}.weight"
-        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype, compiled=compiled)
+        return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype)
 
     head = ("tok_embeddings.weight" if c.tie_embeddings else "output.weight", c.vocab_size, D, n_labelled)
     adapted = range(first, c.n_layers) if c.n_adapted_layers > 0 else range(0)
@@ -455,8 +453,8 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32, compiled=
         if i in adapted:
             out += [lin(i, "wk", K, what="prompt "), lin(i, "wv", K, what="prompt ")]
         out += [lin(i, "wo"), lin(i, "w1"), lin(i, "w3"), lin(i, "w2")]
-    out.append(_linear_gemm("LM head", *head, False, device, dtype, max_rows=16, compiled=compiled))
-    out.append(_linear_gemm("LM head", *head, True, device, dtype, max_rows=16, compiled=compiled))
+    out.append(_linear_gemm("LM head", *head, False, device, dtype, max_rows=16))
+    out.append(_linear_gemm("LM head", *head, True, device, dtype, max_rows=16))
     for i in reversed(adapted):
         out += [lin(i, n, backward=True) for n in ("w2", "w3", "w1", "wo")]
         out += [lin(i, n, K, True, "prompt ") for n in ("wk", "wv")]

@@ -1,6 +1,7 @@
 """torch.nn modules over the lladapter ops."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -112,6 +113,9 @@ def gemm_route() -> str:
         if why and forced:
             raise RuntimeError(f"{GEMM_ROUTE_ENV}=openblas, but OpenBLAS cannot be loaded: {why}")
         route = "torch" if why else "openblas"
+        if why:
+            logging.getLogger(__name__).warning("float32 CPU GEMMs run on torch's BLAS, slower on this AMD CPU than "
+                                                "OpenBLAS (nn.gemm_route): %s", why)
     _GEMM_ROUTE.append(route)
     return route
 
@@ -144,11 +148,14 @@ def _load_openblas() -> str:
 
 
 def openblas_route_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a GEMM of a and b (float32 CPU plain tensors, eager, no torch.func transform) takes the "openblas"
-    route."""
-    return (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
-            and b.device.type == "cpu" and type(a.data) is torch.Tensor and type(b.data) is torch.Tensor
-            and a.layout == torch.strided and b.layout == torch.strided and not torch.compiler.is_compiling()
+    """Whether a GEMM of a and b (float32 CPU dense tensors, plain ones in eager mode, no torch.func transform)
+    takes the "openblas" route. While compiling, the route chosen before (training.compiled_forward asks first)."""
+    if not (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
+            and b.device.type == "cpu" and a.layout == torch.strided and b.layout == torch.strided):
+        return False
+    if torch.compiler.is_compiling():
+        return _GEMM_ROUTE[:1] == ["openblas"]
+    return (type(a.data) is torch.Tensor and type(b.data) is torch.Tensor
             and not torch._C._are_functorch_transforms_active() and gemm_route() == "openblas")
 
 
@@ -160,7 +167,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) -> torch.Te
     if rows <= max_rows or weight.dim() != 2 or not openblas_route_takes(x, weight):
         return few_rows_linear(x, weight, max_rows)
     x2 = x.reshape(rows, x.shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.compiler.is_compiling():
+        y = openblas_mm_op(x2, weight.t())
+    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         y = _OpenblasLinear.apply(x2, weight)
     else:
         y = _C.openblas_mm(x2, weight.t())
@@ -170,8 +179,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) -> torch.Te
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D a, b by gemm_route (float32 CPU), else torch.mm; no autograd graph (for backward passes)."""
     if not torch.is_grad_enabled() and openblas_route_takes(a, b):
-        return _C.openblas_mm(a, b)
+        return openblas_mm_op(a, b) if torch.compiler.is_compiling() else _C.openblas_mm(a, b)
     return torch.mm(a, b)
+
+
+@torch.library.custom_op("lladapter_blas::mm", mutates_args=(), device_types="cpu")
+def openblas_mm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """_C.openblas_mm(a, b) as a torch op, with a fake implementation and autograd, so that torch.compile keeps
+    gemm_route's GEMMs (an opaque call in the graph; a pybind function would break the graph). Eager calls go to
+    _C.openblas_mm directly (a custom op's Python dispatch costs ~40 us a call). A CPU BLAS route, not a model op:
+    no CUDA kernel (CUDA tensors never take the route)."""
+    return _C.openblas_mm(a, b)
+
+
+@openblas_mm_op.register_fake
+def _openblas_mm_fake(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _openblas_mm_setup_context(ctx, inputs, output):
+    a, b = inputs
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None)
+
+
+def _openblas_mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    return (openblas_mm_op(grad, b.t()) if ctx.needs_input_grad[0] else None,
+            openblas_mm_op(a.t(), grad) if ctx.needs_input_grad[1] else None)
+
+
+openblas_mm_op.register_autograd(_openblas_mm_backward, setup_context=_openblas_mm_setup_context)
 
 
 class _OpenblasLinear(torch.autograd.Function):

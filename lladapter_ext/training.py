@@ -41,6 +41,7 @@ from .data import IGNORE_INDEX, DataChangedError, TokenizedDataset
 from .distributed import (all_reduce_step, apply_fsdp, broadcast_adapter, dist_info,  # noqa: F401
                           finish_distributed, init_distributed, scalar)
 from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
+from .nn import gemm_route
 from .schedule import LossProgress, lr_at, resolve_lr, schedule_warnings, total_steps  # noqa: F401  (API: lr_at,
 # resolve_lr)
 
@@ -612,6 +613,7 @@ def compiled_forward(model: torch.nn.Module) -> Callable:
     against ~4 min over three recompiles, steps equally fast; docs/benchmarks.md). Compiled code caches on disk
     (torch's inductor cache), so a later run of the same model compiles faster."""
     log.info("compile=True: the first training step compiles the model (torch.compile), which takes a while")
+    gemm_route()  # chosen before compiling: the compiled graph takes the route chosen (nn.openblas_route_takes)
     return torch.compile(model, dynamic=True)
 
 

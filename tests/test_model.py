@@ -570,6 +570,32 @@ def test_linear_gemm_routes_agree(shape, monkeypatch):
         lnn.gemm_route()
 
 
+def test_linear_openblas_route_under_torch_compile(monkeypatch):
+    """Under torch.compile nn.linear keeps the "openblas" route, as the op lladapter_blas::mm (nn.openblas_mm_op: in
+    the compiled graph, no graph break): the output equal to the eager route's bit for bit, gradients to fp32
+    rounding; and the op passes torch.library.opcheck (schema, fake, autograd registration)."""
+    lnn = _openblas_or_skip()
+    monkeypatch.setattr(lnn, "_GEMM_ROUTE", ["openblas"])
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    w = torch.randn(100, 64, requires_grad=True)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    got = torch.compile(lambda x, w: lnn.linear(x, w), fullgraph=True, backend=keep, dynamic=True)(x, w)
+    assert any("lladapter_blas.mm" in str(n.target) for gm in graphs for n in gm.graph.nodes)
+    want = lnn.linear(x, w)
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    torch.library.opcheck(lnn.openblas_mm_op, (torch.randn(5, 8, requires_grad=True),
+                                               torch.randn(3, 8, requires_grad=True).t()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_few_rows_gemv_matches_float64(isa, dtype, monkeypatch):
