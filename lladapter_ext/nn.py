@@ -162,33 +162,34 @@ def openblas_route_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) -> torch.Tensor:
     """x @ weight^T (bias-free) for x [..., K], weight [N, K]: 1 to max_rows rows on the CPU by few_rows_linear's
     route; more float32 CPU rows by gemm_route's ("openblas": _C.openblas_mm, with F.linear's gradients); anything
-    else (CUDA, other dtypes, compiling, tensor subclasses such as quantized or distributed weights) F.linear."""
+    else (CUDA, other dtypes, tensor subclasses such as quantized or distributed weights) F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows <= max_rows or weight.dim() != 2 or not openblas_route_takes(x, weight):
         return few_rows_linear(x, weight, max_rows)
-    x2 = x.reshape(rows, x.shape[-1])
-    if torch.compiler.is_compiling():
-        y = openblas_mm_op(x2, weight.t())
-    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        y = _OpenblasLinear.apply(x2, weight)
-    else:
-        y = _C.openblas_mm(x2, weight.t())
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _openblas_mm(x.reshape(rows, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D a, b by gemm_route (float32 CPU), else torch.mm; no autograd graph (for backward passes)."""
-    if not torch.is_grad_enabled() and openblas_route_takes(a, b):
-        return openblas_mm_op(a, b) if torch.compiler.is_compiling() else _C.openblas_mm(a, b)
-    return torch.mm(a, b)
+    """a @ b for 2-D a, b by gemm_route (float32 CPU), else torch.mm."""
+    return _openblas_mm(a, b) if openblas_route_takes(a, b) else torch.mm(a, b)
+
+
+def _openblas_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """_C.openblas_mm(a, b) as the call needs it (as ops._call does for the ops): while compiling, the op
+    openblas_mm_op; with a graph to record, _OpenblasMm; otherwise the plain call."""
+    if torch.compiler.is_compiling():
+        return openblas_mm_op(a, b)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _OpenblasMm.apply(a, b)
+    return _C.openblas_mm(a, b)
 
 
 @torch.library.custom_op("lladapter_blas::mm", mutates_args=(), device_types="cpu")
 def openblas_mm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """_C.openblas_mm(a, b) as a torch op, with a fake implementation and autograd, so that torch.compile keeps
-    gemm_route's GEMMs (an opaque call in the graph; a pybind function would break the graph). Eager calls go to
-    _C.openblas_mm directly (a custom op's Python dispatch costs ~40 us a call). A CPU BLAS route, not a model op:
-    no CUDA kernel (CUDA tensors never take the route)."""
+    gemm_route's GEMMs (an opaque call in the graph; a pybind function would break the graph). Eager calls take
+    _OpenblasMm or the plain call (a custom op's Python dispatch costs ~40 us a call). A CPU BLAS route, not a model
+    op: no CUDA kernel (CUDA tensors never take the route)."""
     return _C.openblas_mm(a, b)
 
 
@@ -198,35 +199,35 @@ def _openblas_mm_fake(a, b):
 
 
 def _openblas_mm_setup_context(ctx, inputs, output):
-    a, b = inputs
+    a, b = inputs  # each gradient keeps only the operand it needs (a frozen weight: the activations are not kept)
     ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None)
 
 
-def _openblas_mm_backward(ctx, grad):
+def _openblas_mm_backward(ctx, grad, matmul=openblas_mm_op):
+    """d(a @ b): da = grad @ b^T, db = a^T @ grad, each only when asked for, by matmul: the op itself as registered
+    (traced by AOTAutograd, on fake tensors too), _C.openblas_mm in _OpenblasMm."""
     a, b = ctx.saved_tensors
-    return (openblas_mm_op(grad, b.t()) if ctx.needs_input_grad[0] else None,
-            openblas_mm_op(a.t(), grad) if ctx.needs_input_grad[1] else None)
+    return (matmul(grad, b.t()) if ctx.needs_input_grad[0] else None,
+            matmul(a.t(), grad) if ctx.needs_input_grad[1] else None)
 
 
 openblas_mm_op.register_autograd(_openblas_mm_backward, setup_context=_openblas_mm_setup_context)
 
 
-class _OpenblasLinear(torch.autograd.Function):
-    """x2 @ weight^T through _C.openblas_mm, with F.linear's backward: dx = dy @ weight, dweight = dy^T @ x2 (each
-    only when asked for, and only its operand kept)."""
+class _OpenblasMm(torch.autograd.Function):
+    """openblas_mm_op's autograd (the same setup_context and backward) for eager calls, without torch.library's
+    wrapper around it. Once differentiable: its backward's calls record no graph of their own in eager mode."""
 
     @staticmethod
-    def forward(ctx, x2, weight):
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
-        return _C.openblas_mm(x2, weight.t())
+    def forward(ctx, a, b):
+        output = _C.openblas_mm(a, b)
+        _openblas_mm_setup_context(ctx, (a, b), output)
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x2, weight = ctx.saved_tensors
-        grad_x = _C.openblas_mm(grad_y, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = _C.openblas_mm(grad_y.t(), x2) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight
+    def backward(ctx, grad):
+        return _openblas_mm_backward(ctx, grad, _C.openblas_mm)
 
 
 def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
