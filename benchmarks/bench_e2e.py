@@ -32,6 +32,9 @@ bandwidth share it is printed in a closing "limits" line, and both are in the --
 matmul_floor_s, matmul_floor_gemms, matmul_floor_gemvs, profiled_mm, gemm_check, decode_bandwidth_fraction). The
 same profiled step's top ops by self time (on CUDA: kernels, by GPU time) are printed too (profile_top): where the
 time beyond the floor goes.
+On CPU every variant runs with glibc keeping freed memory for the next step (host_heap.keep_freed_heap, which
+lladapter's training loops set; the peers gain from it too, so it is applied to all for a like-for-like ratio);
+--keep-freed-heap ours leaves the peers on glibc's defaults (each product as it runs out of the box), none everyone.
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats; with more
 than one round, each variant's training speed-up is also printed round by round (the anchor's step over the
 variant's in the same round: the spread says how far to trust the median).
@@ -265,6 +268,10 @@ def run_variant(variant, args):
     # the first meta-device tensor imports torch's meta kernels (~150 MB of modules): before the baseline too
     torch.nn.Embedding(2, 2, device="meta").to_empty(device=dev).weight.data.normal_(
         generator=torch.Generator(device=dev).manual_seed(0))
+    if dev == "cpu" and (args.keep_freed_heap == "all" or
+                         (args.keep_freed_heap == "ours" and variant.startswith("lladapter"))):
+        from lladapter_ext.host_heap import keep_freed_heap
+        keep_freed_heap()  # (as Trainer.train does on the CPU; before any of the variant's allocations)
     c = llama_config(args)
     torch.manual_seed(0)
     ids = torch.randint(3, c.vocab_size, (args.batch, args.seq), device=dev)
@@ -601,6 +608,10 @@ def main():
     p.add_argument("--decode-iters", type=int, default=None)
     p.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(VARIANTS) + " (default: "
                    f"all; on cuda all but {COMPILED!r}, whose compile the GPU check's minutes do not cover)")
+    p.add_argument("--keep-freed-heap", choices=("all", "ours", "none"), default="all",
+                   help="CPU: which variants run with host_heap.keep_freed_heap() (glibc keeps freed memory for the "
+                   "next step, as lladapter's training loops set it): all (default: the same allocator policy for "
+                   "every variant, so the ratios compare the code), ours (as each product runs out of the box), none")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "cuda"
@@ -628,7 +639,7 @@ def main():
             "--seq", str(args.seq), "--iters", str(args.iters), "--adapter-len", str(args.adapter_len),
             "--adapter-layer", str(args.adapter_layer), "--decode-prompt", str(args.decode_prompt),
             "--decode-new", str(args.decode_new), "--decode-batch", str(args.decode_batch),
-            "--decode-iters", str(args.decode_iters)]
+            "--decode-iters", str(args.decode_iters), "--keep-freed-heap", args.keep_freed_heap]
     runs = {v: [] for v in variants}
     skipped, failed = {}, {}
     for r in range(args.repeats):  # interleaved rounds: load changes on a shared machine hit every variant
@@ -682,8 +693,11 @@ def main():
              f"adapter K={c.adapter_len} in the top {c.n_adapted_layers} layers, AdamW; decode: batch "
              f"{args.decode_batch}, {args.decode_prompt}-token prompt + {args.decode_new} greedy tokens")
     mem_note = "CUDA max allocated" if gpu else "RSS growth over imports"
+    heap = "" if gpu else {"all": "; freed heap kept for every variant (--keep-freed-heap)",
+                           "ours": "; freed heap kept for lladapter (its training loops' policy), default for peers",
+                           "none": "; glibc's default heap policy for every variant"}[args.keep_freed_heap]
     print(f"\n== {title}\n   {machine_name(args.device)}, torch {torch.__version__}; median of {args.repeats} "
-          f"interleaved round(s); ratios vs {ANCHOR}")
+          f"interleaved round(s); ratios vs {ANCHOR}{heap}")
     print(f"{'variant':28s} {'trainable':>10s} {'step':>9s} {'tokens/s':>9s} {'peak mem':>9s} {'decode':>9s}   "
           f"{'train':>6s} {'memory':>6s} {'decode':>6s}  {'floor':>6s}  loss@step0")
     for r in rows:
@@ -738,6 +752,7 @@ def main():
         with open(args.json, "w") as fh:
             json.dump(dict(title=title, machine=machine_name(args.device), torch=torch.__version__,
                            memory=mem_note, decode_step_bytes=step_bytes, rows=rows,
+                           keep_freed_heap=None if gpu else args.keep_freed_heap,
                            skipped=skipped, failed=failed), fh, indent=1)
     if failed:
         sys.exit(1)

@@ -44,7 +44,7 @@ PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in
 
 def rss_bytes() -> int:
     """Resident size, after handing freed heap back to the OS (glibc malloc_trim) so that it counts live memory."""
-    from lladapter_ext.weights import release_freed_heap
+    from lladapter_ext.host_heap import release_freed_heap
 
     release_freed_heap()
     with open("/proc/self/statm") as f:

@@ -38,6 +38,7 @@ import torch
 from .encoder_tasks import (IGNORE_INDEX, EncoderForQuestionAnswering, EncoderForTokenClassification, QAExample,
                             QAFeature, TokenFeatures, collate, predict_answers, predict_tags, span_loss,
                             span_scores, squad_scores, token_classification_loss)
+from .host_heap import keep_freed_heap
 from .schedule import lr_at
 
 __all__ = ["METHODS", "MethodSpec", "TrainResult", "method_parameters", "setup_method", "count_method_parameters",
@@ -210,6 +211,8 @@ def train_encoder_task(model, features: list, *, method: str, epochs: float | No
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, betas=(0.9, 0.999),
                             weight_decay=weight_decay)
     dev = next(model.parameters()).device
+    if dev.type == "cpu":
+        keep_freed_heap()  # (as Trainer.train: the steps reuse the freed heap instead of faulting in fresh pages)
     gen = torch.Generator().manual_seed(seed)
     result = TrainResult(method, steps, peak, head_peak, [n for n, _ in params], sum(p.numel() for _, p in params))
     bar = None

@@ -41,6 +41,7 @@ from .data import IGNORE_INDEX, DataChangedError, TokenizedDataset
 from .distributed import (all_reduce_step, apply_fsdp, broadcast_adapter, dist_info,  # noqa: F401
                           finish_distributed, init_distributed, scalar)
 from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
+from .host_heap import keep_freed_heap
 from .nn import gemm_route
 from .schedule import LossProgress, lr_at, resolve_lr, schedule_warnings, total_steps  # noqa: F401  (API: lr_at,
 # resolve_lr)
@@ -491,6 +492,8 @@ class Trainer:
         if cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True)
+        if self.device.type == "cpu":
+            keep_freed_heap()  # (every step frees and allocates the same activations: no page faults per step)
         was_training = self.model.training
         self.model.train()
         started = time.perf_counter()

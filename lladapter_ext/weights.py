@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .adapter import set_parameter
+from .host_heap import release_freed_heap
 from .model import LlamaConfig, LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -126,18 +127,6 @@ def _fill_model(config: LlamaConfig, source: _Source, dtype, device, what: str,
     if fmt:
         release_freed_heap()
     return model
-
-
-def release_freed_heap() -> None:
-    """Hand the float temporaries of a quantized load back to the OS: glibc keeps freed blocks below its (adaptive,
-    up to 32 MiB) mmap threshold in the heap, which left a quantized SmolLM2 resident at twice the fp32 model's
-    size. No-op where glibc is absent."""
-    import ctypes
-    import ctypes.util
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _expected_ckpt_name(source: _Source, name: str) -> str:

@@ -139,6 +139,15 @@ def test_same_seed_same_run():
     assert l0 != l2  # another seed: other prompts and another data order
 
 
+def test_cpu_training_keeps_the_freed_heap(monkeypatch):
+    import lladapter_ext.encoder_training as ET
+    calls = []
+    monkeypatch.setattr(ET, "keep_freed_heap", lambda: calls.append(1) or True)  # (test_training tests the policy)
+    model, _ = _model("tok", "gated")
+    train_encoder_task(model, _token_data(), method="gated", max_steps=2, batch_size=4)
+    assert calls == [1]
+
+
 def test_schedule_warmup_then_cosine():
     model, _ = _model("tok", "full")
     res = train_encoder_task(model, _token_data(), method="full", max_steps=10, batch_size=4, lr=1e-3, warmup=0.2)
