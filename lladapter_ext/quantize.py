@@ -23,13 +23,13 @@ KERNEL_MAX_ROWS_BY_FORMAT rows (KERNEL_MAX_ROWS_AVX512 on the AVX-512 path), on 
 so far run only under the emulator, never on a GPU) up to CUDA_KERNEL_MAX_ROWS_BY_FORMAT rows. Otherwise (more rows:
 prefill, training, batched decode) the weight is dequantized on the fly, one layer at a time, by ops.dequantize_rows
 (one pass over the codes, written straight in the activations' dtype into a reused per-thread buffer), and multiplied
-by the dense GEMM. _decode_kernel_for chooses; while the emulated CUDA kernels are active
-(lladapter_ext.emulator.kernels()) it chooses for CPU tensors as it does on CUDA, so the emulator runs the GPU's
-route. Measured on the CPU (docs/quantization.md): one row of a 5632 x 2048 weight from DRAM in 0.66 ms (int4) /
-1.03 ms (int8) on the AVX-512 path (AVX2: 1.14 / 1.89 ms) where the bf16 GEMV takes 1.82 ms, and torch's packed
-kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: DECODE_KERNEL = "torch", the rule used before
-ours) 17-30 ms; torchao 0.18's int8 weight-only layer took 84 ms and bitsandbytes' CPU nf4 94 ms for the
-49152 x 576 head, where fp32 takes 11 ms.
+by the dense GEMM (nn.linear / nn.mm: nn.gemm_route's for fp32 CPU rows). _decode_kernel_for chooses; while the
+emulated CUDA kernels are active (lladapter_ext.emulator.kernels()) it chooses for CPU tensors as it does on CUDA,
+so the emulator runs the GPU's route. Measured on the CPU (docs/quantization.md): one row of a 5632 x 2048 weight
+from DRAM in 0.66 ms (int4) / 1.03 ms (int8) on the AVX-512 path (AVX2: 1.14 / 1.89 ms) where the bf16 GEMV takes
+1.82 ms, and torch's packed kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu: DECODE_KERNEL =
+"torch", the rule used before ours) 17-30 ms; torchao 0.18's int8 weight-only layer took 84 ms and bitsandbytes' CPU
+nf4 94 ms for the 49152 x 576 head, where fp32 takes 11 ms.
 
 Training: `QuantizedLinear`'s matmul is an autograd Function whose backward is dX = dY W with W dequantized on the fly;
 the codes get no gradient (they are buffers).
@@ -42,7 +42,7 @@ import threading
 import torch
 
 from . import ops
-from .nn import few_rows_linear
+from .nn import linear, mm
 
 FORMATS = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_0 and Q4_1 map onto it exactly; torch's CPU kernel takes 32, 64, 128, 256
@@ -406,11 +406,11 @@ class _QuantizedMatmul(torch.autograd.Function):
         if y is None:
             blocks = layer._row_blocks()
             if len(blocks) == 1:
-                y = few_rows_linear(x2, layer._dequantized_for_matmul(x.dtype))
+                y = linear(x2, layer._dequantized_for_matmul(x.dtype))  # (fp32 CPU rows: nn.gemm_route's GEMM)
             else:
                 y = x2.new_empty(x2.shape[0], layer.out_features)
                 for n0, n1 in blocks:
-                    y[:, n0:n1] = few_rows_linear(x2, layer._dequantized_for_matmul(x.dtype, (n0, n1)))
+                    y[:, n0:n1] = linear(x2, layer._dequantized_for_matmul(x.dtype, (n0, n1)))
         return y.view(*lead, layer.out_features)
 
     @staticmethod
@@ -420,7 +420,7 @@ class _QuantizedMatmul(torch.autograd.Function):
             layer = ctx.layer
             g2 = grad_out.reshape(-1, layer.out_features)
             for n0, n1 in layer._row_blocks():
-                part = g2[:, n0:n1] @ layer._dequantized_for_matmul(grad_out.dtype, (n0, n1))
+                part = mm(g2[:, n0:n1], layer._dequantized_for_matmul(grad_out.dtype, (n0, n1)))
                 grad_x = part if grad_x is None else grad_x.add_(part)
             grad_x = grad_x.view(*grad_out.shape[:-1], layer.in_features)
         return grad_x, None, None, None

@@ -152,6 +152,39 @@ def test_layer_matches_its_dequantized_weight(fmt, rows, shape):
     assert (layer(xb).float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
 
 
+@pytest.mark.parametrize("fmt", Q.FORMATS)
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_layer_takes_the_gemm_route_on_fp32_rows(fmt, blocks, monkeypatch):
+    """More fp32 CPU rows than the decode kernels take: the dequantized weight's forward and input-gradient GEMMs run
+    on nn.gemm_route's route (OpenBLAS on AMD CPUs: the training step of a quantized SmolLM2 base 1.12-1.15x faster
+    there, docs/quantization.md), whole or in row blocks, within fp32's GEMM rounding of the float64 product."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lladapter_ext import nn as lnn
+    why = lnn._load_openblas()
+    if why:
+        pytest.skip(f"no OpenBLAS: {why}")  # (test_model checks that it loads where it is a dependency)
+    w = torch.randn(96, 256) / 11
+    layer = Q.QuantizedLinear.from_float(w, fmt, torch.float32)
+    if blocks > 1:
+        layer.max_dequant_elems = 32 * 256  # three blocks of 32 rows
+    assert len(layer._row_blocks()) == blocks
+    dense = layer.dequantize(torch.float32).double()
+    x = torch.randn(80, 256, requires_grad=True)  # (more rows than the decode kernels take, KERNEL_MAX_ROWS_*)
+    g = torch.randn(80, 96)
+    for route, calls in (("openblas", 2 * blocks), ("torch", 0)):
+        monkeypatch.setattr(lnn, "_GEMM_ROUTE", [route])
+        x.grad = None
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(x).backward(g)
+        assert sum(e.count for e in prof.key_averages() if e.key == "lladapter::openblas_mm") == calls, route
+        y = layer(x.detach())
+        bound = 1.01 * 256 * 2.0 ** -24 * (x.detach().double().abs() @ dense.abs().t())
+        assert ((y.double() - x.detach().double() @ dense.t()).abs() <= bound).all(), route
+        gbound = 1.01 * 96 * 2.0 ** -24 * (g.double().abs() @ dense.abs())
+        assert ((x.grad.double() - g.double() @ dense).abs() <= gbound).all(), route
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torchs_packed_kernels_read_our_layout(dtype):
     """Whichever path the layer picks on this CPU, torch's packed kernels compute x W^T from our stored codes and
