@@ -49,10 +49,10 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int = 4) ->
     On an Intel Xeon (AVX-512) F.linear itself streamed at 15-27 GB/s and the transposed GEMM at 7-12. The route
     depends on the machine, the dtype and the row count only (not on grad mode), so a forward gives the same bits
     with and without autograd. Elsewhere (CUDA, more rows, weights that are not plain dense tensors, e.g.
-    quantized) it is F.linear."""
+    quantized) and inside a graph being compiled it is F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu" or not 1 <= rows <= max_rows:
-        return torch.nn.functional.linear(x, weight)
+    if x.device.type != "cpu" or not 1 <= rows <= max_rows or torch.compiler.is_compiling():
+        return torch.nn.functional.linear(x, weight)  # (compiling: the compiler's own, not a timing while tracing)
     # (the route before the weight's checks: where it is "linear" a decode step's 211 calls skip them, ~2 us each)
     route = few_rows_route(weight.dtype)
     if route == "linear" or type(weight.data) is not torch.Tensor \
@@ -147,14 +147,22 @@ def _load_openblas() -> str:
     return ""
 
 
+@torch.compiler.assume_constant_result
+def _gemm_route_while_compiling() -> str:
+    """gemm_route() inside a graph being compiled: called once while tracing and put in the graph as a constant
+    (dynamo cannot trace its /proc read and library load), so that torch.compile(model) before any eager call still
+    takes the route. The route is fixed for the process, so the constant holds."""
+    return gemm_route()
+
+
 def openblas_route_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a GEMM of a and b (float32 CPU dense tensors, plain ones in eager mode, no torch.func transform)
-    takes the "openblas" route. While compiling, the route chosen before (training.compiled_forward asks first)."""
+    takes the "openblas" route. While compiling, gemm_route's answer as a constant of the graph."""
     if not (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
             and b.device.type == "cpu" and a.layout == torch.strided and b.layout == torch.strided):
         return False
     if torch.compiler.is_compiling():
-        return _GEMM_ROUTE[:1] == ["openblas"]
+        return _gemm_route_while_compiling() == "openblas"
     return (type(a.data) is torch.Tensor and type(b.data) is torch.Tensor
             and not torch._C._are_functorch_transforms_active() and gemm_route() == "openblas")
 

@@ -596,6 +596,34 @@ def test_linear_openblas_route_under_torch_compile(monkeypatch):
                                                torch.randn(3, 8, requires_grad=True).t()))
 
 
+def test_compiling_the_model_before_any_eager_call_takes_the_gemm_route(monkeypatch):
+    """torch.compile(model) directly, before anything has asked nn.gemm_route (a fresh process, no
+    training.compiled_forward): the route is settled while tracing and the compiled projections are its op; the
+    logits equal the eager model's to fp32 rounding."""
+    lnn = _openblas_or_skip()
+    monkeypatch.setattr(lnn, "_GEMM_ROUTE", [])
+    monkeypatch.setenv(lnn.GEMM_ROUTE_ENV, "openblas")
+    model = LlamaForCausalLM(small_config())
+    random_gates(model)
+    ids = torch.randint(0, 64, (2, 16))  # 32 rows: more than few_rows_linear takes
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    got = torch.compile(model, backend=keep)(ids).logits
+    assert lnn._GEMM_ROUTE == ["openblas"]
+    ops_in_graphs = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    # q, k, v, o, gate, up and down of every layer and the head; the prompt K/V projections (adapter_len = 3 rows:
+    # few_rows_linear's) are the compiler's F.linear, not a route timed while tracing (which broke the graph)
+    assert sum("lladapter_blas.mm" in t for t in ops_in_graphs) == 4 * 7 + 1, ops_in_graphs
+    assert len(graphs) == 1
+    torch.testing.assert_close(got, model(ids).logits, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_few_rows_gemv_matches_float64(isa, dtype, monkeypatch):
