@@ -6,7 +6,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import platform
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +19,13 @@ _kept = False
 
 
 def _glibc():
-    """The C library as ctypes sees it, or None where it is not glibc (musl's mallopt does nothing)."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
+    """The C library as ctypes sees it, or None where it is not glibc (musl's mallopt does nothing). Told by a
+    glibc-only symbol, not platform.libc_ver(), which reads the interpreter's binary and can miss it."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
 def release_freed_heap() -> None:

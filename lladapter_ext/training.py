@@ -40,8 +40,8 @@ from .batching import Batches
 from .data import IGNORE_INDEX, DataChangedError, TokenizedDataset
 from .distributed import (all_reduce_step, apply_fsdp, broadcast_adapter, dist_info,  # noqa: F401
                           finish_distributed, init_distributed, scalar)
-from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
 from .host_heap import keep_freed_heap
+from .model import enable_activation_checkpointing  # noqa: F401  (part of this module's API)
 from .nn import gemm_route
 from .schedule import LossProgress, lr_at, resolve_lr, schedule_warnings, total_steps  # noqa: F401  (API: lr_at,
 # resolve_lr)

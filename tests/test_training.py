@@ -18,6 +18,7 @@ import torch
 from lladapter_ext import batching as B
 from lladapter_ext import data as D
 from lladapter_ext import evaluation as E
+from lladapter_ext import host_heap
 from lladapter_ext import training as T
 from _tiny_lm import ByteTokenizer, make_test_model, model_kind
 
@@ -497,7 +498,7 @@ def _heap_probe(env_value):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc heap policy")
+@pytest.mark.skipif(host_heap._glibc() is None, reason="a glibc heap policy")
 def test_keep_freed_heap_reuses_the_memory_a_step_freed():
     block_pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     kept = _heap_probe(None)
@@ -513,7 +514,6 @@ def test_keep_freed_heap_reuses_the_memory_a_step_freed():
 
 
 def test_keep_freed_heap_refuses_a_bad_setting(monkeypatch):
-    from lladapter_ext import host_heap
     monkeypatch.setattr(host_heap, "_kept", False)
     monkeypatch.setenv("LLADAPTER_KEEP_FREED_HEAP", "yes")
     with pytest.raises(ValueError, match="LLADAPTER_KEEP_FREED_HEAP must be 0 or 1, got 'yes'"):
