@@ -32,9 +32,10 @@ bandwidth share it is printed in a closing "limits" line, and both are in the --
 matmul_floor_s, matmul_floor_gemms, matmul_floor_gemvs, profiled_mm, gemm_check, decode_bandwidth_fraction). The
 same profiled step's top ops by self time (on CUDA: kernels, by GPU time) are printed too (profile_top): where the
 time beyond the floor goes.
-On CPU every variant runs with glibc keeping freed memory for the next step (host_heap.keep_freed_heap, which
-lladapter's training loops set; the peers gain from it too, so it is applied to all for a like-for-like ratio);
---keep-freed-heap ours leaves the peers on glibc's defaults (each product as it runs out of the box), none everyone.
+On CPU every variant runs with glibc keeping freed memory for the next step and torch's CPU allocator swapped for
+the exact-fit one (host_heap.keep_freed_heap, which lladapter's training loops set; the peers gain from it too, so
+it is applied to all for a like-for-like ratio); --keep-freed-heap ours leaves the peers on glibc's defaults and
+torch's allocator (each product as it runs out of the box), none everyone.
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats; with more
 than one round, each variant's training speed-up is also printed round by round (the anchor's step over the
 variant's in the same round: the spread says how far to trust the median).
@@ -610,7 +611,8 @@ def main():
                    f"all; on cuda all but {COMPILED!r}, whose compile the GPU check's minutes do not cover)")
     p.add_argument("--keep-freed-heap", choices=("all", "ours", "none"), default="all",
                    help="CPU: which variants run with host_heap.keep_freed_heap() (glibc keeps freed memory for the "
-                   "next step, as lladapter's training loops set it): all (default: the same allocator policy for "
+                   "next step and the exact-fit allocator lets a freed block serve the next of its size, as "
+                   "lladapter's training loops set it): all (default: the same allocator policy for "
                    "every variant, so the ratios compare the code), ours (as each product runs out of the box), none")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include "decode_layers.h"
+#include "host_heap.h"
 
 #ifndef LLADAPTER_CUDA_ARCHS
 #define LLADAPTER_CUDA_ARCHS ""
@@ -58,6 +59,11 @@ PYBIND11_MODULE(_C, m) {
         "a [M, K] @ b [K, N], float32 CPU, with the loaded OpenBLAS's sgemm split over torch's threads "
         "(nn.gemm_route's 'openblas' route); into out [M, N] (row-major) when given. No autograd.",
         pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("out") = pybind11::none());
+  m.def("install_exact_fit_allocator", &lladapter::install_exact_fit_allocator,
+        "Make the exact-fit allocator torch's CPU allocator for the rest of the process (csrc/host_heap.h; "
+        "host_heap.keep_freed_heap calls it); False when it already was.");
+  m.def("exact_fit_allocator_installed", &lladapter::exact_fit_allocator_installed,
+        "Whether install_exact_fit_allocator() has run in this process.");
 #ifdef LLADAPTER_WITH_CUDA
   m.def("wmma_fragment_layouts", &lladapter::cuda_impl::wmma_fragment_layouts,
         "[8, 32, 16]: the matrix element (r * 16 + c) each lane holds in x[i] of each wmma fragment kind, on the "

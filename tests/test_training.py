@@ -468,12 +468,19 @@ def test_short_run_loss_falls(tmp_path, dataset):
 
 # A child process (the policy is process-wide and not undone): the page faults of 24 rounds of allocating and filling
 # a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB: by default a fresh mmap every round) with small
-# allocations in between, as a training step's activations are, and the growth of the resident size.
+# allocations in between, as a training step's activations are, and the growth of the resident size. `mode`: the
+# whole policy ("policy"), only its glibc half ("mallopt": torch's own allocator stays), or none ("none").
 _HEAP_PROBE = r"""
-import json, resource, torch
-from lladapter_ext.host_heap import keep_freed_heap
+import json, resource, sys, torch
+from lladapter_ext import _C, host_heap
 
-kept = keep_freed_heap()
+mode = sys.argv[1]
+if mode == "policy":
+    kept = host_heap.keep_freed_heap()
+elif mode == "mallopt":
+    kept = host_heap._keep_heap_blocks(host_heap._glibc())
+else:
+    kept = False
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 rss0, faults, small = rss(), [], []
 for _ in range(24):
@@ -483,34 +490,98 @@ for _ in range(24):
     small.append(repr(object()) * 4)
     del block
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps(dict(kept=kept, faults=faults, rss_growth=rss() - rss0)))
+print(json.dumps(dict(kept=kept, exact_fit=_C.exact_fit_allocator_installed(), faults=faults,
+                      rss_growth=rss() - rss0)))
 """
 
 
-def _heap_probe(env_value):
+def _heap_probe(mode, env_value=None):
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k != "LLADAPTER_KEEP_FREED_HEAP"}
+    env = {k: v for k, v in os.environ.items() if k not in ("LLADAPTER_KEEP_FREED_HEAP", "THP_MEM_ALLOC_ENABLE")}
     if env_value is not None:
         env["LLADAPTER_KEEP_FREED_HEAP"] = env_value
-    res = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, env=env,
+                         timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(host_heap._glibc() is None, reason="a glibc heap policy")
 def test_keep_freed_heap_reuses_the_memory_a_step_freed():
-    block_pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
-    kept = _heap_probe(None)
-    # The first rounds grow the heap (torch asks posix_memalign for 64-byte alignment, and glibc's padding for it
-    # keeps one freed block from serving the next until freed blocks merge: measured 8 rounds); then no fault at all.
-    assert kept["kept"] is True and sum(kept["faults"][-8:]) < block_pages, kept
-    assert kept["rss_growth"] < 16 * 64 * 2**20, kept  # (8 blocks here)
-    default = _heap_probe("0")  # LLADAPTER_KEEP_FREED_HEAP=0: glibc's defaults stay, and every round faults
-    assert default["kept"] is False, default
+    block = 64 * 2**20
+    block_pages = block // os.sysconf("SC_PAGE_SIZE")
+    kept = _heap_probe("policy")
+    # From the second round on, the freed block serves the next: no fault, and the heap holds one block.
+    assert kept["kept"] is True and kept["exact_fit"] is True and sum(kept["faults"][1:]) < block_pages // 8, kept
+    assert kept["rss_growth"] < 1.5 * block, kept
+    # Without the exact-fit allocator (torch's posix_memalign, 64-byte alignment) glibc's padding keeps one freed
+    # block from serving the next until freed blocks merge: the heap grew to 8 blocks here. (If this starts to
+    # fail, glibc serves aligned requests from freed blocks of their size, and the allocator may be unneeded.)
+    aligned = _heap_probe("mallopt")
+    assert aligned["kept"] is True and aligned["exact_fit"] is False, aligned
+    assert aligned["rss_growth"] > 3 * block, aligned
+    default = _heap_probe("policy", "0")  # LLADAPTER_KEEP_FREED_HEAP=0: glibc's defaults stay, and every round faults
+    assert default["kept"] is False and default["exact_fit"] is False, default
     huge_pages = "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read() if os.path.exists(
         "/sys/kernel/mm/transparent_hugepage/enabled") else False
-    assert min(default["faults"][-8:]) >= (64 * 2**20 // (2 * 2**20) if huge_pages else block_pages), default
+    assert min(default["faults"][-8:]) >= (block // (2 * 2**20) if huge_pages else block_pages), default
+
+
+# The exact-fit allocator keeps torch's CPU allocator's contract (a child process: installing it is process-wide).
+_ALLOCATOR_PROBE = r"""
+import json, torch
+from lladapter_ext import _C, host_heap
+from torch.profiler import ProfilerActivity, profile
+
+before = torch.arange(1000.0)  # allocated by torch's own allocator, freed after the switch
+assert host_heap.keep_freed_heap() and _C.exact_fit_allocator_installed()
+assert _C.install_exact_fit_allocator() is False  # once per process
+sizes = [1, 3, 63, 64, 65, 1000, 4097, 2**20 + 5]
+tensors = [torch.empty(n, dtype=torch.uint8).fill_(7) for n in sizes]
+out = dict(misaligned=[n for n, t in zip(sizes, tensors) if t.data_ptr() % 64],
+           sums=[int(t.sum()) for t in tensors], empty_ptr=torch.empty(0).data_ptr(),
+           before=float(before.sum()))
+del before, tensors
+try:
+    torch.empty(2**60, dtype=torch.uint8)
+except torch.OutOfMemoryError as e:
+    out["oom"] = str(e)
+x = torch.randn(256, 256)
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    y = x @ x
+out["profiled_bytes"] = max(e.cpu_memory_usage for e in prof.key_averages() if e.key == "aten::mm")
+out["y_ok"] = bool(torch.allclose(y, (x.double() @ x.double()).float(), rtol=1e-4, atol=1e-4))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(host_heap._glibc() is None, reason="a glibc heap policy")
+def test_exact_fit_allocator_keeps_torchs_cpu_allocator_contract():
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("LLADAPTER_KEEP_FREED_HEAP", "THP_MEM_ALLOC_ENABLE")}
+    res = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["misaligned"] == [] and out["empty_ptr"] == 0 and out["before"] == 499500.0, out
+    assert out["sums"] == [7 * n for n in (1, 3, 63, 64, 65, 1000, 4097, 2**20 + 5)], out
+    assert "exact-fit CPU allocator): not enough memory" in out["oom"] and str(2**60) in out["oom"], out
+    assert out["profiled_bytes"] == 256 * 256 * 4 and out["y_ok"], out  # (profile_memory still sees allocations)
+
+
+@pytest.mark.skipif(host_heap._glibc() is None, reason="a glibc heap policy")
+def test_keep_freed_heap_leaves_torchs_huge_page_allocator():
+    import subprocess
+    import sys
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
+    env.pop("LLADAPTER_KEEP_FREED_HEAP", None)
+    code = ("from lladapter_ext import _C, host_heap; import json; "
+            "print(json.dumps([host_heap.keep_freed_heap(), _C.exact_fit_allocator_installed()]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [True, False]
 
 
 def test_keep_freed_heap_refuses_a_bad_setting(monkeypatch):
