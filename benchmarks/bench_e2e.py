@@ -21,9 +21,10 @@ finetune --compile` runs it (training.compiled_forward; the first step compiles,
 is the same as (1) and not repeated); it runs by default on CPU only.
 For our variants (1) and (1b) the same process also times the training step's matmul floor: exactly the GEMMs one
 step of our model performs (step_gemms, derived from the config and the adapter placement: the q, k, v, o, gate, up and
-down projections of every layer and the prompt K/V projections of every adapted layer in the forward, the LM head
-on the labelled rows, and the input-gradient GEMMs of the backward from the LM head down to the lowest adapted
-layer; the frozen weights need no dW), run alone as torch.mm(out=) over the model's own weights and preallocated
+down projections of every layer (the last layer's o, gate, up and down on the rows from the first one the loss
+reads) and the prompt K/V projections of every adapted layer in the forward, the LM head on the labelled rows, and
+the input-gradient GEMMs of the backward from the LM head down to the lowest adapted layer; the frozen weights need
+no dW), run alone as torch.mm(out=) over the model's own weights and preallocated
 random activations, same dtype, device and threads, --iters passes, each followed by a training step; the list is
 checked against the aten::mm/addmm calls (count and shapes) of a real step under torch.profiler. The table's
 "floor" column is the median over those pairs of step time / floor time (1.00x = the step is nothing but its GEMMs
@@ -323,7 +324,8 @@ def run_variant(variant, args):
     peak = peak_memory(dev, base)
     floor = {}
     if variant in ("lladapter kernels", COMPILED):  # the same GEMMs timed alone, checked against a profiled step
-        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype)
+        gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype,
+                           0 if variant == COMPILED else model._loss_rows_start(labels, None))
         calls, flop, listed, gemvs = matmul_floor_calls(model, gemms, args)
         timed_pass(calls, dev)  # warm-up
         # The floor's passes alternate with steps, and the ratio is the median of the pairs' step / floor: a shared
@@ -435,12 +437,14 @@ def _linear_gemm(label, wkey, n, k, rows, backward, device, dtype, max_rows=4):
     return (label + (" dX" if backward else ""), wkey, form, max(rows, 2) if form == "Wxt" else rows)
 
 
-def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
+def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32, loss_rows_start=0):
     """Every GEMM one training step of our LlamaForCausalLM performs (labels given, adapter on, base frozen), in
     the step's order, derived from the config and the adapter placement:
       forward: q, k, v, o, w1 (gate), w3 (up), w2 (down) of every layer on B*T rows (the layers below the adapter
-        run under no_grad, but they run), the prompt K/V projections wk(p), wv(p) of every adapted layer on its K
-        prompt rows, and the LM head on the labelled rows only (n_labelled);
+        run under no_grad, but they run), except the last layer's o, w1, w3, w2, which run on the rows from
+        loss_rows_start on (B*(T - loss_rows_start): the model's _loss_rows_start, 0 when compiled), the prompt K/V
+        projections wk(p), wv(p) of every adapted layer on its K prompt rows, and the LM head on the labelled rows
+        only (n_labelled);
       backward, input gradients only (every weight is frozen: no dW): the LM head, then every adapted layer from the
         top down to the lowest one; the lowest one's input carries no gradient, so there only o, w1, w3, w2 and the
         prompt K/V projections have a backward GEMM. Attention runs in our own kernels (no aten GEMM).
@@ -449,8 +453,10 @@ def step_gemms(c, batch, seq, n_labelled, device, dtype=torch.float32):
     M, K, first = batch * seq, c.adapter_len, c.first_adapted_layer
     shape = {"wq": (Nq, D), "wk": (Nkv, D), "wv": (Nkv, D), "wo": (D, Nq), "w1": (F, D), "w3": (F, D), "w2": (D, F)}
 
-    def lin(i, n, rows=M, backward=False, what=""):
+    def lin(i, n, rows=None, backward=False, what=""):
         key = f"layers.{i}.{'attention' if n in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{n}.weight"
+        if rows is None:
+            rows = batch * (seq - loss_rows_start) if i == c.n_layers - 1 and n in ("wo", "w1", "w3", "w2") else M
         return _linear_gemm(f"L{i} {what}{n}", key, *shape[n], rows, backward, device, dtype)
 
     head = ("tok_embeddings.weight" if c.tie_embeddings else "output.weight", c.vocab_size, D, n_labelled)

@@ -222,7 +222,10 @@ class Attention(torch.nn.Module):
             return qkv[:, :, :, -2], qkv[:, :, :, -1]
         return self.wk(p).view(B, K, G, d), self.wv(p).view(B, K, G, d)
 
-    def forward(self, x: torch.Tensor, inputs: BlockInputs, layer_idx: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: BlockInputs, layer_idx: int, query_start: int = 0) -> torch.Tensor:
+        """The attention sublayer's output [B, T - query_start, D]: query_start > 0 (no cache) computes only the
+        queries from that position on, against the keys and values of every position (LlamaForCausalLM.forward's
+        last layer, where the loss reads no earlier row)."""
         B, T, _ = x.shape
         cache = inputs.cache
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -241,11 +244,16 @@ class Attention(torch.nn.Module):
             else:
                 pk, pv = self.prompt_kv(inputs.prompt_offset)
             gate = self.adapter_gate
+        kv_start = inputs.kv_start
+        if query_start:  # the last Tq = T - query_start queries: the causal bound j <= i + Tk - Tq still holds
+            q = q[:, query_start:]
+            if kv_start is not None and kv_start.dim() == 2:  # per-query bounds (packed rows)
+                kv_start = kv_start[:, query_start:]
         out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, gate_act=self.gate_act,
-                                         kv_start=inputs.kv_start)
+                                         kv_start=kv_start)
         if cache is not None and cache.row_prompts is not None:  # serving: each row its own adapter (or none)
             out = cache.row_prompts.add_to(out, q, layer_idx)
-        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(out.reshape(B, T - query_start, self.n_heads * self.head_dim))
 
 
 class FeedForward(torch.nn.Module):
@@ -269,8 +277,10 @@ class TransformerBlock(torch.nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
         self.feed_forward = FeedForward(config, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, inputs: BlockInputs, layer_idx: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), inputs, layer_idx)
+    def forward(self, x: torch.Tensor, inputs: BlockInputs, layer_idx: int, query_start: int = 0) -> torch.Tensor:
+        """x [B, T, D] -> [B, T - query_start, D]: with query_start > 0 only the rows from that position on (the
+        keys and values still from every row; see Attention.forward)."""
+        h = x[:, query_start:] + self.attention(self.attention_norm(x), inputs, layer_idx, query_start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -444,20 +454,29 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep is for calls without labels (a loss needs every labelled position)")
+        if labels is not None and tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must be [B, T] = [{B}, {T}], got {list(labels.shape)}")
         inputs = self._block_inputs(B, T, input_ids.device, attention_mask, position_ids, cache, segment_ids,
                                     prompt_offset)
         first_trainable = self._first_layer_needing_grad(inputs.use_adapter)
+        query_start = self._loss_rows_start(labels, cache)
+
+        def layer(i, h):  # (the last one from query_start on; the call stays (h, inputs, i) for any other module)
+            if query_start and i == self.config.n_layers - 1:
+                return self.layers[i](h, inputs, i, query_start)
+            return self.layers[i](h, inputs, i)
+
         with torch.no_grad() if first_trainable > 0 else contextlib.nullcontext():
             h = self.tok_embeddings(input_ids)
             for i in range(first_trainable):
-                h = self.layers[i](h, inputs, i)
+                h = layer(i, h)
         # (the C++ loop runs only with grad off, where first_trainable is 0: every layer)
         layers_args = self._decode_layers_args(h, inputs)
         if layers_args is not None:  # the same layer loop in one C++ call (decoding: ~500 op calls a step)
             h = _C.decode_layers(h, *layers_args)
         else:
             for i in range(first_trainable, self.config.n_layers):
-                h = self.layers[i](h, inputs, i)
+                h = layer(i, h)
         if cache is not None:
             cache.length += T
             cache.next_pos = inputs.positions[:, -1] + 1
@@ -467,11 +486,9 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         h = self.norm(h)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h), loss=None, cache=cache)
-        if tuple(labels.shape) != (B, T):
-            raise ValueError(f"labels must be [B, T] = [{B}, {T}], got {list(labels.shape)}")
         targets = labels[:, 1:].to(input_ids.device)
         keep = targets != -100
-        h_sel = h[:, :-1][keep]  # only labelled positions go through the (large) LM head
+        h_sel = h[:, :-1][keep[:, query_start:]]  # only labelled positions go through the (large) LM head
         if h_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
             loss = h.sum().float() * 0.0
         elif isinstance(self.output, QuantizedLinear):
@@ -479,6 +496,24 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         else:
             loss = lm_head_cross_entropy(h_sel, self.lm_head_weight(), targets[keep])
         return CausalLMOutput(logits=None, loss=loss, cache=cache)
+
+    def _loss_rows_start(self, labels: torch.Tensor | None, cache: KVCache | None) -> int:
+        """The first position whose output the loss reads in any sample (position t predicts labels[:, t + 1]), when
+        the last layer may skip the rows before it, else 0. The last layer's outputs feed only the LM head, which
+        runs on the labelled rows; its keys and values still come from every row. So with instruction data (no
+        loss on the prompt) the last layer's queries, attention output, wo and feed-forward run only from there on:
+        at B 4 x T 128 with the loss on the second half, half of one layer's GEMMs (~2% of a TinyLlama-shape step's).
+        Only for a plain last layer (no hooks, wrappers or FSDP: they see its usual output), without a KV cache,
+        and not while compiling (a data-dependent shape)."""
+        if labels is None or cache is not None or torch.compiler.is_compiling():
+            return 0
+        layer = self.layers[-1]
+        if type(layer) is not TransformerBlock or _global_module_hooks() or any(_hooked(m) for m in layer.modules()):
+            return 0
+        read = (labels[:, 1:] != -100).any(0)  # [T - 1]: a column the loss reads in some sample
+        if not bool(read.any()):  # nothing labelled (the loss is a zero that still backpropagates)
+            return 0
+        return int(read.to(torch.uint8).argmax())
 
     # (data-dependent checks and branches, e.g. on left padding: under torch.compile this runs eagerly, a graph
     # break that torch does not warn about, instead of the warning each such check would print)

@@ -258,6 +258,76 @@ def test_labels_loss_hf_convention_and_no_graph_below_adapter():
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 
+def _loss_and_grads_two_ways(model, ids, labels, **kw):
+    """(loss, adapter grads) with labels (the model's loss path) and from the full logits' cross-entropy over the
+    same labelled positions (every row through every layer)."""
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss = model(ids, labels=labels, **kw).loss
+    got = (loss.detach(), grads(loss))
+    keep = labels[:, 1:] != -100
+    full = torch.nn.functional.cross_entropy(model(ids, **kw).logits[:, :-1][keep], labels[:, 1:][keep])
+    return got, (full.detach(), grads(full))
+
+
+@pytest.mark.parametrize("inputs", ["plain", "left padding", "packed rows"])
+def test_last_layer_runs_from_the_first_row_the_loss_reads(inputs, monkeypatch):
+    """The last layer's queries, wo and feed-forward run only from the first position whose output the loss reads
+    in any sample (its keys and values from every row): the loss and the adapter gradients are the ones of every
+    row through every layer, within fp32 rounding (the same products, in blocks of other sizes)."""
+    from lladapter_ext import ops
+
+    model = LlamaForCausalLM(small_config(n_layers=3, adapter_layer=2))
+    random_gates(model)
+    B, T = 3, 40
+    ids = torch.randint(0, 64, (B, T))
+    labels = ids.clone()
+    for b, start in enumerate((21, 26, 34)):  # the loss reads positions from 20 on (position t predicts t + 1)
+        labels[b, :start] = -100
+    labels[1, 31] = -100  # (a hole after the start changes nothing)
+    kw = {}
+    if inputs == "left padding":
+        kw["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+        kw["attention_mask"][0, :4] = 0
+    elif inputs == "packed rows":
+        kw["segment_ids"] = (torch.arange(T) >= 30).long().expand(B, T)  # rows 30+ a second sequence
+        labels[:, 30] = -100
+    rows = []
+    swiglu = ops.swiglu
+    monkeypatch.setattr(ops, "swiglu", lambda a, b: rows.append(a.shape[:-1]) or swiglu(a, b))
+    assert model._loss_rows_start(labels, None) == 20
+    (loss, grads), (full_loss, full_grads) = _loss_and_grads_two_ways(model, ids, labels, **kw)
+    assert rows[:3] == [(B, T), (B, T), (B, T - 20)]  # the last layer's feed-forward from row 20 on
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    assert set(grads) == set(full_grads) == {f"layers.{i}.attention.adapter_{k}" for i in (1, 2)
+                                             for k in ("prompt", "gate")}
+    for n in grads:
+        torch.testing.assert_close(grads[n], full_grads[n], rtol=1e-5, atol=1e-6)
+
+
+def test_last_layer_runs_every_row_where_something_watches_it():
+    """A hook on the last layer (or under it) sees its usual output: every row (and the same loss)."""
+    model = LlamaForCausalLM(small_config(n_layers=2, adapter_layer=1))
+    ids = torch.randint(0, 64, (2, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    assert model._loss_rows_start(labels, None) == 7
+    assert model._loss_rows_start(torch.full_like(labels, -100), None) == 0  # nothing labelled
+    assert model._loss_rows_start(labels, model.new_cache(2, 16)) == 0  # (a cache: every row is kept)
+    shapes = []
+    handle = model.layers[1].feed_forward.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    assert model._loss_rows_start(labels, None) == 0
+    hooked = model(ids, labels=labels).loss
+    handle.remove()
+    assert shapes == [(2, 12, 32)]
+    torch.testing.assert_close(model(ids, labels=labels).loss, hooked, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"labels must be \[B, T\] = \[2, 12\], got \[2, 11\]"):
+        model(ids, labels=labels[:, 1:])
+
+
 def test_zero_init_gradient_reaches_gate_not_prompt():
     model = LlamaForCausalLM(small_config(gate_act="tanh"))
     x = torch.randint(0, 64, (2, 6))
