@@ -504,8 +504,11 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         loss on the prompt) the last layer's queries, attention output, wo and feed-forward run only from there on:
         at B 4 x T 128 with the loss on the second half, half of one layer's GEMMs (~2% of a TinyLlama-shape step's).
         Only for a plain last layer (no hooks, wrappers or FSDP: they see its usual output), without a KV cache,
-        and not while compiling (a data-dependent shape)."""
-        if labels is None or cache is not None or torch.compiler.is_compiling():
+        not while compiling (a data-dependent shape), and only where the attention runs the CPU kernels: on CUDA
+        the split attention's word branch would take SDPA's masked path for queries that start past the first key
+        (a materialised mask instead of the flash kernel), which no GPU has measured yet."""
+        if (labels is None or cache is not None or torch.compiler.is_compiling()
+                or ops.runs_cuda_kernels(self.tok_embeddings.weight)):
             return 0
         layer = self.layers[-1]
         if type(layer) is not TransformerBlock or _global_module_hooks() or any(_hooked(m) for m in layer.modules()):

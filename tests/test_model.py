@@ -317,6 +317,10 @@ def test_last_layer_runs_every_row_where_something_watches_it():
     assert model._loss_rows_start(labels, None) == 7
     assert model._loss_rows_start(torch.full_like(labels, -100), None) == 0  # nothing labelled
     assert model._loss_rows_start(labels, model.new_cache(2, 16)) == 0  # (a cache: every row is kept)
+    from lladapter_ext import emulator
+    if emulator.available():
+        with emulator.kernels():  # the CUDA kernels' routes (split attention): every row
+            assert model._loss_rows_start(labels, None) == 0
     shapes = []
     handle = model.layers[1].feed_forward.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
     assert model._loss_rows_start(labels, None) == 0
