@@ -325,7 +325,7 @@ def run_variant(variant, args):
     floor = {}
     if variant in ("lladapter kernels", COMPILED):  # the same GEMMs timed alone, checked against a profiled step
         gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype,
-                           0 if variant == COMPILED else model._loss_rows_start(labels, None))
+                           0 if variant == COMPILED else model._loss_rows_start(labels[:, 1:] != -100, None))
         calls, flop, listed, gemvs = matmul_floor_calls(model, gemms, args)
         timed_pass(calls, dev)  # warm-up
         # The floor's passes alternate with steps, and the ratio is the median of the pairs' step / floor: a shared

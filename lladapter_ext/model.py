@@ -459,7 +459,11 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         inputs = self._block_inputs(B, T, input_ids.device, attention_mask, position_ids, cache, segment_ids,
                                     prompt_offset)
         first_trainable = self._first_layer_needing_grad(inputs.use_adapter)
-        query_start = self._loss_rows_start(labels, cache)
+        keep = None  # [B, T - 1]: the positions the loss reads (position t predicts labels[:, t + 1])
+        if labels is not None:
+            targets = labels[:, 1:].to(input_ids.device)
+            keep = targets != -100
+        query_start = self._loss_rows_start(keep, cache)
 
         def layer(i, h):  # (the last one from query_start on; the call stays (h, inputs, i) for any other module)
             if query_start and i == self.config.n_layers - 1:
@@ -486,8 +490,6 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
         h = self.norm(h)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h), loss=None, cache=cache)
-        targets = labels[:, 1:].to(input_ids.device)
-        keep = targets != -100
         h_sel = h[:, :-1][keep[:, query_start:]]  # only labelled positions go through the (large) LM head
         if h_sel.shape[0] == 0:  # nothing labelled: a zero loss that still backpropagates
             loss = h.sum().float() * 0.0
@@ -497,23 +499,24 @@ class LlamaForCausalLM(AdapterMixin, torch.nn.Module):
             loss = lm_head_cross_entropy(h_sel, self.lm_head_weight(), targets[keep])
         return CausalLMOutput(logits=None, loss=loss, cache=cache)
 
-    def _loss_rows_start(self, labels: torch.Tensor | None, cache: KVCache | None) -> int:
-        """The first position whose output the loss reads in any sample (position t predicts labels[:, t + 1]), when
-        the last layer may skip the rows before it, else 0. The last layer's outputs feed only the LM head, which
-        runs on the labelled rows; its keys and values still come from every row. So with instruction data (no
-        loss on the prompt) the last layer's queries, attention output, wo and feed-forward run only from there on:
-        at B 4 x T 128 with the loss on the second half, half of one layer's GEMMs (~2% of a TinyLlama-shape step's).
-        Only for a plain last layer (no hooks, wrappers or FSDP: they see its usual output), without a KV cache,
-        not while compiling (a data-dependent shape), and only where the attention runs the CPU kernels: on CUDA
-        the split attention's word branch would take SDPA's masked path for queries that start past the first key
-        (a materialised mask instead of the flash kernel), which no GPU has measured yet."""
-        if (labels is None or cache is not None or torch.compiler.is_compiling()
+    def _loss_rows_start(self, keep: torch.Tensor | None, cache: KVCache | None) -> int:
+        """The first position whose output the loss reads in any sample (keep [B, T - 1]: labels[:, 1:] != -100, or
+        None without labels), when the last layer may skip the rows before it, else 0. The last layer's outputs
+        feed only the LM head, which runs on the labelled rows; its keys and values still come from every row. So
+        with instruction data (no loss on the prompt) the last layer's queries, attention output, wo and
+        feed-forward run only from there on: at B 4 x T 128 with the loss on the second half, half of one layer's
+        GEMMs (~2% of a TinyLlama-shape step's). Only for a plain last layer (no hooks, wrappers or FSDP: they see
+        its usual output), without a KV cache, not while compiling (a data-dependent shape), and only where the
+        attention runs the CPU kernels: on CUDA the split attention's word branch would take SDPA's masked path for
+        queries that start past the first key (a materialised mask instead of the flash kernel), which no GPU has
+        measured yet."""
+        if (keep is None or cache is not None or torch.compiler.is_compiling()
                 or ops.runs_cuda_kernels(self.tok_embeddings.weight)):
             return 0
         layer = self.layers[-1]
         if type(layer) is not TransformerBlock or _global_module_hooks() or any(_hooked(m) for m in layer.modules()):
             return 0
-        read = (labels[:, 1:] != -100).any(0)  # [T - 1]: a column the loss reads in some sample
+        read = keep.any(0)  # [T - 1]: a column the loss reads in some sample
         if not bool(read.any()):  # nothing labelled (the loss is a zero that still backpropagates)
             return 0
         return int(read.to(torch.uint8).argmax())

@@ -298,7 +298,7 @@ def test_last_layer_runs_from_the_first_row_the_loss_reads(inputs, monkeypatch):
     rows = []
     swiglu = ops.swiglu
     monkeypatch.setattr(ops, "swiglu", lambda a, b: rows.append(a.shape[:-1]) or swiglu(a, b))
-    assert model._loss_rows_start(labels, None) == 20
+    assert model._loss_rows_start(labels[:, 1:] != -100, None) == 20
     (loss, grads), (full_loss, full_grads) = _loss_and_grads_two_ways(model, ids, labels, **kw)
     assert rows[:3] == [(B, T), (B, T), (B, T - 20)]  # the last layer's feed-forward from row 20 on
     torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
@@ -314,16 +314,17 @@ def test_last_layer_runs_every_row_where_something_watches_it():
     ids = torch.randint(0, 64, (2, 12))
     labels = ids.clone()
     labels[:, :8] = -100
-    assert model._loss_rows_start(labels, None) == 7
-    assert model._loss_rows_start(torch.full_like(labels, -100), None) == 0  # nothing labelled
-    assert model._loss_rows_start(labels, model.new_cache(2, 16)) == 0  # (a cache: every row is kept)
+    reads = labels[:, 1:] != -100
+    assert model._loss_rows_start(reads, None) == 7
+    assert model._loss_rows_start(torch.zeros_like(reads), None) == 0  # nothing labelled
+    assert model._loss_rows_start(reads, model.new_cache(2, 16)) == 0  # (a cache: every row is kept)
     from lladapter_ext import emulator
     if emulator.available():
         with emulator.kernels():  # the CUDA kernels' routes (split attention): every row
-            assert model._loss_rows_start(labels, None) == 0
+            assert model._loss_rows_start(reads, None) == 0
     shapes = []
     handle = model.layers[1].feed_forward.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
-    assert model._loss_rows_start(labels, None) == 0
+    assert model._loss_rows_start(reads, None) == 0
     hooked = model(ids, labels=labels).loss
     handle.remove()
     assert shapes == [(2, 12, 32)]
