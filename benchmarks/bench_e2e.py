@@ -39,7 +39,12 @@ it is applied to all for a like-for-like ratio); --keep-freed-heap ours leaves t
 torch's allocator (each product as it runs out of the box), none everyone.
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats; with more
 than one round, each variant's training speed-up is also printed round by round (the anchor's step over the
-variant's in the same round: the spread says how far to trust the median).
+variant's in the same round: the spread says how far to trust the median). Rounds are minutes apart, and a
+shared machine's speed drifts by more than the distance to a target within that time, so one more process then
+builds every variant but the reference ops (which patch the process's ops) and times their training steps in turn,
+--paired-steps rounds (default 6 on CPU), the order reversed every other round: the median over rounds of the
+anchor's step over each variant's adjacent one is printed beside the rounds' (train_speedup_vs_peft_paired in the
+--json rows; speed only: one process holding every model measures no one's memory).
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--shape smollm2-135m|tinyllama-1.1b|llama-7b]
         [--dtype float32|bfloat16] [--batch B] [--seq T] [--iters N] [--repeats R] [--json OUT.json]
@@ -72,6 +77,7 @@ VARIANTS = ("lladapter kernels", "lladapter kernels + compile", "lladapter refer
             "LitGPT adapter")
 ANCHOR = "HF + PEFT"
 COMPILED = "lladapter kernels + compile"  # the training step as `lladapter finetune --compile` runs it
+PAIRED = "paired steps"  # the child that times several variants' training steps in one process (run_paired)
 # Shapes by name: our presets plus a ~1B LLaMA shape (TinyLlama-1.1B's: 22 layers, width 2048, GQA 32/4).
 EXTRA_SHAPES = {"tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
                              max_seq_len=512),  # smoke runs
@@ -251,36 +257,10 @@ def build_litgpt(c, dev, dtype):
 
 
 # ------------------------------------------------------------------ one variant (child process)
-def run_variant(variant, args):
-    dev, dtype = args.device, getattr(torch, args.dtype)
-    if variant == "LitGPT adapter":
-        why = import_litgpt()
-        if why:
-            return dict(variant=variant, skipped=why)
-    if variant == "lladapter reference ops":
-        from bench_train import use_reference_ops
-        use_reference_ops()
-    # every module the variant uses is imported before the memory baseline (imports are not the variant's memory)
-    import lladapter_ext.generation  # noqa: F401
-    import lladapter_ext.loaders  # noqa: F401
-    if variant == ANCHOR:
-        import peft  # noqa: F401
-        from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
-        from transformers.models.llama import modeling_llama  # noqa: F401
-    # the first meta-device tensor imports torch's meta kernels (~150 MB of modules): before the baseline too
-    torch.nn.Embedding(2, 2, device="meta").to_empty(device=dev).weight.data.normal_(
-        generator=torch.Generator(device=dev).manual_seed(0))
-    if dev == "cpu" and (args.keep_freed_heap == "all" or
-                         (args.keep_freed_heap == "ours" and variant.startswith("lladapter"))):
-        from lladapter_ext.host_heap import keep_freed_heap
-        keep_freed_heap()  # (as Trainer.train does on the CPU; before any of the variant's allocations)
-    c = llama_config(args)
-    torch.manual_seed(0)
-    ids = torch.randint(3, c.vocab_size, (args.batch, args.seq), device=dev)
-    labels = ids.clone()
-    labels[:, : args.seq // 2] = -100  # loss on the answer half, as instruction data has it
-    base = reset_peak_memory(dev)
-    t0 = time.perf_counter()
+def training_step(variant, c, dev, dtype, ids, labels):
+    """(model, step, trainable parameter count) of one variant: its model over the shared random weights and one
+    training step as a callable (zero_grad, the loss of ids with labels, backward, AdamW over the adapter; returns
+    the loss). The process is prepared by the caller (prepare_process; the reference ops variant: patched ops)."""
     if variant.startswith("lladapter"):
         model = build_ours(c, dev, dtype)
         forward = model
@@ -303,7 +283,6 @@ def run_variant(variant, args):
             logits = model(ids, lm_head_chunk_size=128)
             logits[-1] = logits[-1][..., :-1, :]
             return chunked_cross_entropy(logits, labels[..., 1:])
-    build_s = time.perf_counter() - t0
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -315,6 +294,77 @@ def run_variant(variant, args):
         loss.backward()
         opt.step()
         return loss
+
+    return model, step, n_trainable
+
+
+def prepare_process(variants, args):
+    """What a child process does before any allocation of the variants it runs: imports every module they use (imports
+    are not a variant's memory), loads torch's meta kernels, and sets the CPU allocator policy (--keep-freed-heap).
+    Returns (config, ids, labels): the shared token batch, with the loss on the second half."""
+    dev = args.device
+    import lladapter_ext.generation  # noqa: F401
+    import lladapter_ext.loaders  # noqa: F401
+    if ANCHOR in variants:
+        import peft  # noqa: F401
+        from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
+        from transformers.models.llama import modeling_llama  # noqa: F401
+    # the first meta-device tensor imports torch's meta kernels (~150 MB of modules): before the baseline too
+    torch.nn.Embedding(2, 2, device="meta").to_empty(device=dev).weight.data.normal_(
+        generator=torch.Generator(device=dev).manual_seed(0))
+    if dev == "cpu" and (args.keep_freed_heap == "all" or
+                         (args.keep_freed_heap == "ours" and all(v.startswith("lladapter") for v in variants))):
+        from lladapter_ext.host_heap import keep_freed_heap
+        keep_freed_heap()  # (as Trainer.train does on the CPU; before any of the variant's allocations)
+    c = llama_config(args)
+    torch.manual_seed(0)
+    ids = torch.randint(3, c.vocab_size, (args.batch, args.seq), device=dev)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100  # loss on the answer half, as instruction data has it
+    return c, ids, labels
+
+
+def run_paired(variants, args):
+    """The training steps of several variants in one process, timed in turn (--paired-steps rounds, the order
+    reversed every other round, after two warm-up steps each): on a shared machine whose speed drifts by more than
+    10% within a minute, adjacent steps run under the same conditions, where the rounds of separate processes are
+    minutes apart. Speed only (the memory of one process holding every model is no one's). The reference ops
+    variant patches the process's ops and is not paired. Returns {"paired_step_s": {variant: [seconds, ...]}} and
+    "paired_skipped": {variant: why}."""
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    skipped = {}
+    if "LitGPT adapter" in variants:
+        why = import_litgpt()
+        if why:
+            skipped["LitGPT adapter"] = why
+    variants = [v for v in variants if v not in skipped]
+    c, ids, labels = prepare_process(variants, args)
+    steps = {}
+    for v in variants:
+        steps[v] = training_step(v, c, dev, dtype, ids, labels)[1]
+        steps[v]()  # (the compiled variant compiles here)
+        steps[v]()
+    times = {v: [] for v in variants}
+    for r in range(args.paired_steps):
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            times[v].append(timed_pass(steps[v], dev))
+    return dict(paired_step_s=times, paired_skipped=skipped)
+
+
+def run_variant(variant, args):
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    if variant == "LitGPT adapter":
+        why = import_litgpt()
+        if why:
+            return dict(variant=variant, skipped=why)
+    if variant == "lladapter reference ops":
+        from bench_train import use_reference_ops
+        use_reference_ops()
+    c, ids, labels = prepare_process([variant], args)
+    base = reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    model, step, n_trainable = training_step(variant, c, dev, dtype, ids, labels)
+    build_s = time.perf_counter() - t0  # (model construction and the optimizer)
 
     t0 = time.perf_counter()
     first_loss = float(step())
@@ -337,7 +387,7 @@ def run_variant(variant, args):
                      matmul_floor_flop=flop, matmul_floor_gemms=len(listed), matmul_floor_gemvs=gemvs,
                      profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled),
                      profile_top=profile_top)
-    del opt
+    del step  # (and with it the optimizer's state)
     # (the compiled variant decodes with the same model and code as "lladapter kernels": generation is not compiled)
     decoded = decode(variant, model, c, args) if args.decode_new > 0 and variant != COMPILED else {}
     return dict(variant=variant, step_s=step_s, tokens_per_s=args.batch * args.seq / step_s, peak_bytes=peak,
@@ -620,6 +670,10 @@ def main():
                    "next step and the exact-fit allocator lets a freed block serve the next of its size, as "
                    "lladapter's training loops set it): all (default: the same allocator policy for "
                    "every variant, so the ratios compare the code), ours (as each product runs out of the box), none")
+    p.add_argument("--paired-steps", type=int, default=None,
+                   help="after the rounds, one more process builds every variant but the reference ops and times "
+                   "their training steps in turn, N rounds (default: 6 on cpu, 2 with --quick, 0 on cuda); the "
+                   "speed-ups of adjacent steps are printed beside the rounds' (0: off)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "cuda"
@@ -633,6 +687,11 @@ def main():
     args.decode_new = args.decode_new if args.decode_new is not None else (128 if gpu else 24)
     # CPU: a shared machine stalls single generations; the median of 5 drops them
     args.decode_iters = args.decode_iters or (3 if gpu else 5)
+    if args.paired_steps is None:
+        args.paired_steps = 0 if gpu else (2 if args.quick else 6)
+    if args.variant == PAIRED:  # child process: several variants in turn
+        print(json.dumps(run_paired([v.strip() for v in args.variants.split(",")], args)))
+        return
     if args.variant:  # child process
         print(json.dumps(run_variant(args.variant, args)))
         return
@@ -668,6 +727,20 @@ def main():
                   f"step {res['step_s'] * 1e3:.0f} ms, decode "
                   + (f"{res['decode_tokens_per_s']:.1f} tok/s" if res["decode_tokens_per_s"] else "not run")),
                   file=sys.stderr, flush=True)
+    paired, paired_skipped = {}, {}
+    pairable = [v for v in variants if runs[v] and v != "lladapter reference ops"]
+    if args.paired_steps > 0 and ANCHOR in pairable and len(pairable) > 1:
+        if args.keep_freed_heap == "ours":
+            paired_skipped["every variant"] = ("--keep-freed-heap ours: each product keeps its own heap policy, and "
+                                               "one process has one")
+        else:
+            try:
+                res = run_child(__file__, PAIRED, argv + ["--variants", ",".join(pairable),
+                                                          "--paired-steps", str(args.paired_steps)])
+                paired, paired_skipped = res["paired_step_s"], res["paired_skipped"]
+            except RuntimeError as e:
+                failed[PAIRED] = str(e).strip().splitlines()[-1]
+                print(f"[{PAIRED}] FAILED: {e}", file=sys.stderr)
     rows = []
     for v in variants:
         if not runs[v]:
@@ -691,6 +764,11 @@ def main():
         # per round: the anchor's step over this variant's, both of one round (minutes apart, not the whole run)
         r["train_speedup_vs_peft_rounds"] = [anchor_steps[x["round"]] / x["step_s"] for x in runs[r["variant"]]
                                              if x["round"] in anchor_steps]
+        if r["variant"] in paired and ANCHOR in paired:  # adjacent steps of one process: the anchor's over this one's
+            per_round = [a / t for a, t in zip(paired[ANCHOR], paired[r["variant"]])]
+            r.update(paired_step_s=statistics.median(paired[r["variant"]]),
+                     train_speedup_vs_peft_paired=statistics.median(per_round),
+                     train_speedup_vs_peft_paired_rounds=per_round)
         r["memory_vs_peft"] = anchor and r["peak_bytes"] / anchor["peak_bytes"]
         r["decode_speedup_vs_peft"] = (anchor and r["decode_tokens_per_s"] and anchor["decode_tokens_per_s"]
                                        and r["decode_tokens_per_s"] / anchor["decode_tokens_per_s"])
@@ -732,6 +810,15 @@ def main():
             print(f"   train {r['variant']} vs {ANCHOR}, round by round: "
                   + ", ".join(f"{x:.2f}x" for x in r["train_speedup_vs_peft_rounds"]))
     for r in rows:
+        if r["variant"] != ANCHOR and r.get("train_speedup_vs_peft_paired"):
+            per = r["train_speedup_vs_peft_paired_rounds"]
+            print(f"   train {r['variant']} vs {ANCHOR}, steps in turn in one process ({len(per)} rounds): "
+                  f"{r['train_speedup_vs_peft_paired']:.2f}x (median; {min(per):.2f}-{max(per):.2f}x), step "
+                  f"{r['paired_step_s'] * 1e3:.0f} ms against {ANCHOR}'s "
+                  f"{statistics.median(paired[ANCHOR]) * 1e3:.0f} ms")
+    for v, why in paired_skipped.items():
+        print(f"   {PAIRED}: {v} not paired: {why}")
+    for r in rows:
         if r["decode_bandwidth_fraction"]:
             print(f"   decode {r['variant']}: {step_bytes / r['decode_step_s'] / 1e9:.1f} GB/s of weights "
                   f"({step_bytes / 2**20:.0f} MiB in a step of {r['decode_step_s'] * 1e3:.1f} ms after the prefill) = "
@@ -761,6 +848,7 @@ def main():
             json.dump(dict(title=title, machine=machine_name(args.device), torch=torch.__version__,
                            memory=mem_note, decode_step_bytes=step_bytes, rows=rows,
                            keep_freed_heap=None if gpu else args.keep_freed_heap,
+                           paired_steps=args.paired_steps, paired_skipped=paired_skipped,
                            skipped=skipped, failed=failed), fh, indent=1)
     if failed:
         sys.exit(1)
