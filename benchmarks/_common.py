@@ -3,6 +3,7 @@ and a plain-text table with ratios against anchors measured in the same run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -10,6 +11,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -160,6 +162,62 @@ def run_child(script: str, variant: str, argv: list[str], env: dict | None = Non
     if res.returncode != 0 or not lines:
         raise RuntimeError(f"variant {variant!r} failed (rc {res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+_TIMED = "@@timed "  # marks the lines of the paired_timings protocol in a child's stdout (libraries print too)
+
+
+def serve_timed_calls(call: Callable[[], float]) -> None:
+    """The child's side of paired_timings: says it is ready, then answers each "run" line on stdin with what call()
+    returns (its seconds), until stdin closes."""
+    print(_TIMED + "ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(_TIMED + json.dumps(call()), flush=True)
+
+
+def _timed_reply(variant: str, proc: subprocess.Popen, err) -> str:
+    for line in proc.stdout:
+        if line.startswith(_TIMED):
+            return line[len(_TIMED):].strip()
+    proc.wait()
+    err.seek(0)
+    raise RuntimeError(f"variant {variant!r} failed (rc {proc.returncode}):\n{err.read()[-3000:]}")
+
+
+def paired_timings(script: str, variants: list[str], argv: list[str], rounds: int) -> dict[str, list[float]]:
+    """Each variant in a process of its own (`python script --variant VARIANT *argv`, a child that prepares its work
+    and then serves it with serve_timed_calls), all alive at once and asked in turn for one timed call each, `rounds`
+    rounds, the order reversed every other round: {variant: [seconds per round]}. On a shared machine whose speed
+    drifts within a minute, calls of adjacent turns run under the same conditions, while each keeps its own process
+    (heap, allocator, patched ops), as run_child gives it. The children start one after another (each prepared before
+    the next starts) and are ended when done. A failing child raises with the tail of its stderr."""
+    procs = {}
+    try:
+        for v in variants:
+            err = tempfile.TemporaryFile(mode="w+")
+            procs[v] = (subprocess.Popen([sys.executable, script, "--variant", v, *argv], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True), err)
+            _timed_reply(v, *procs[v])  # ready
+        times = {v: [] for v in variants}
+        for r in range(rounds):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
+                proc, err = procs[v]
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                times[v].append(float(json.loads(_timed_reply(v, proc, err))))
+        return times
+    finally:
+        for proc, err in procs.values():
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            err.close()
 
 
 def host_rss_high_water() -> int:

@@ -40,11 +40,11 @@ torch's allocator (each product as it runs out of the box), none everyone.
 On CPU the variants run --repeats times, interleaved, and every figure is the median over the repeats; with more
 than one round, each variant's training speed-up is also printed round by round (the anchor's step over the
 variant's in the same round: the spread says how far to trust the median). Rounds are minutes apart, and a
-shared machine's speed drifts by more than the distance to a target within that time, so one more process then
-builds every variant but the reference ops (which patch the process's ops) and times their training steps in turn,
---paired-steps rounds (default 6 on CPU), the order reversed every other round: the median over rounds of the
-anchor's step over each variant's adjacent one is printed beside the rounds' (train_speedup_vs_peft_paired in the
---json rows; speed only: one process holding every model measures no one's memory).
+shared machine's speed drifts by more than the distance to a target within that time, so the variants then run
+--paired-steps more rounds (default 6 on CPU) each in a process of its own, all alive at once, one training step
+each in turn, the order reversed every other round: the median over rounds of the anchor's step over each
+variant's adjacent one is printed beside the rounds' (train_speedup_vs_peft_paired in the
+--json rows).
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--shape smollm2-135m|tinyllama-1.1b|llama-7b]
         [--dtype float32|bfloat16] [--batch B] [--seq T] [--iters N] [--repeats R] [--json OUT.json]
@@ -71,13 +71,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from _common import common_args, machine_name, peak_memory, read_bandwidth, reset_peak_memory, run_child  # noqa: E402
+from _common import (common_args, machine_name, paired_timings, peak_memory, read_bandwidth,  # noqa: E402
+                     reset_peak_memory, run_child, serve_timed_calls)
 
 VARIANTS = ("lladapter kernels", "lladapter kernels + compile", "lladapter reference ops", "HF + PEFT",
             "LitGPT adapter")
 ANCHOR = "HF + PEFT"
 COMPILED = "lladapter kernels + compile"  # the training step as `lladapter finetune --compile` runs it
-PAIRED = "paired steps"  # the child that times several variants' training steps in one process (run_paired)
 # Shapes by name: our presets plus a ~1B LLaMA shape (TinyLlama-1.1B's: 22 layers, width 2048, GQA 32/4).
 EXTRA_SHAPES = {"tiny": dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
                              max_seq_len=512),  # smoke runs
@@ -324,31 +324,21 @@ def prepare_process(variants, args):
     return c, ids, labels
 
 
-def run_paired(variants, args):
-    """The training steps of several variants in one process, timed in turn (--paired-steps rounds, the order
-    reversed every other round, after two warm-up steps each): on a shared machine whose speed drifts by more than
-    10% within a minute, adjacent steps run under the same conditions, where the rounds of separate processes are
-    minutes apart. Speed only (the memory of one process holding every model is no one's). The reference ops
-    variant patches the process's ops and is not paired. Returns {"paired_step_s": {variant: [seconds, ...]}} and
-    "paired_skipped": {variant: why}."""
+def serve_steps(variant, args):
+    """The child of the paired rounds (paired_timings): the variant's process as run_variant prepares it, two
+    warm-up steps (the compiled variant compiles in the first), then one timed training step per request."""
     dev, dtype = args.device, getattr(torch, args.dtype)
-    skipped = {}
-    if "LitGPT adapter" in variants:
-        why = import_litgpt()
-        if why:
-            skipped["LitGPT adapter"] = why
-    variants = [v for v in variants if v not in skipped]
-    c, ids, labels = prepare_process(variants, args)
-    steps = {}
-    for v in variants:
-        steps[v] = training_step(v, c, dev, dtype, ids, labels)[1]
-        steps[v]()  # (the compiled variant compiles here)
-        steps[v]()
-    times = {v: [] for v in variants}
-    for r in range(args.paired_steps):
-        for v in (variants if r % 2 == 0 else variants[::-1]):
-            times[v].append(timed_pass(steps[v], dev))
-    return dict(paired_step_s=times, paired_skipped=skipped)
+    if variant == "lladapter reference ops":
+        from bench_train import use_reference_ops
+        use_reference_ops()
+    why = import_litgpt() if variant == "LitGPT adapter" else ""
+    if why:
+        raise SystemExit(f"{variant}: {why}")
+    c, ids, labels = prepare_process([variant], args)
+    step = training_step(variant, c, dev, dtype, ids, labels)[1]
+    step()
+    step()
+    serve_timed_calls(lambda: timed_pass(step, dev))
 
 
 def run_variant(variant, args):
@@ -671,10 +661,11 @@ def main():
                    "lladapter's training loops set it): all (default: the same allocator policy for "
                    "every variant, so the ratios compare the code), ours (as each product runs out of the box), none")
     p.add_argument("--paired-steps", type=int, default=None,
-                   help="after the rounds, one more process builds every variant but the reference ops and times "
-                   "their training steps in turn, N rounds (default: 6 on cpu, 2 with --quick, 0 on cuda); the "
+                   help="after the rounds, every variant in a process of its own, all alive at once, timed one "
+                   "training step each in turn, N rounds (default: 6 on cpu, 2 with --quick, 0 on cuda); the "
                    "speed-ups of adjacent steps are printed beside the rounds' (0: off)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve-steps", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "cuda"
     args.shape = args.shape or ("llama-7b" if gpu else "smollm2-135m")
@@ -689,8 +680,8 @@ def main():
     args.decode_iters = args.decode_iters or (3 if gpu else 5)
     if args.paired_steps is None:
         args.paired_steps = 0 if gpu else (2 if args.quick else 6)
-    if args.variant == PAIRED:  # child process: several variants in turn
-        print(json.dumps(run_paired([v.strip() for v in args.variants.split(",")], args)))
+    if args.variant and args.serve_steps:  # child process of the paired rounds
+        serve_steps(args.variant, args)
         return
     if args.variant:  # child process
         print(json.dumps(run_variant(args.variant, args)))
@@ -727,20 +718,14 @@ def main():
                   f"step {res['step_s'] * 1e3:.0f} ms, decode "
                   + (f"{res['decode_tokens_per_s']:.1f} tok/s" if res["decode_tokens_per_s"] else "not run")),
                   file=sys.stderr, flush=True)
-    paired, paired_skipped = {}, {}
-    pairable = [v for v in variants if runs[v] and v != "lladapter reference ops"]
-    if args.paired_steps > 0 and ANCHOR in pairable and len(pairable) > 1:
-        if args.keep_freed_heap == "ours":
-            paired_skipped["every variant"] = ("--keep-freed-heap ours: each product keeps its own heap policy, and "
-                                               "one process has one")
-        else:
-            try:
-                res = run_child(__file__, PAIRED, argv + ["--variants", ",".join(pairable),
-                                                          "--paired-steps", str(args.paired_steps)])
-                paired, paired_skipped = res["paired_step_s"], res["paired_skipped"]
-            except RuntimeError as e:
-                failed[PAIRED] = str(e).strip().splitlines()[-1]
-                print(f"[{PAIRED}] FAILED: {e}", file=sys.stderr)
+    paired = {}
+    ran = [v for v in variants if runs[v]]
+    if args.paired_steps > 0 and ANCHOR in ran and len(ran) > 1:
+        try:
+            paired = paired_timings(__file__, ran, argv + ["--serve-steps"], args.paired_steps)
+        except RuntimeError as e:
+            failed["paired rounds"] = str(e).strip().splitlines()[-1]
+            print(f"[paired rounds] FAILED: {e}", file=sys.stderr)
     rows = []
     for v in variants:
         if not runs[v]:
@@ -812,12 +797,11 @@ def main():
     for r in rows:
         if r["variant"] != ANCHOR and r.get("train_speedup_vs_peft_paired"):
             per = r["train_speedup_vs_peft_paired_rounds"]
-            print(f"   train {r['variant']} vs {ANCHOR}, steps in turn in one process ({len(per)} rounds): "
+            print(f"   train {r['variant']} vs {ANCHOR}, paired (processes alive at once, one step each in turn, "
+                  f"{len(per)} rounds): "
                   f"{r['train_speedup_vs_peft_paired']:.2f}x (median; {min(per):.2f}-{max(per):.2f}x), step "
                   f"{r['paired_step_s'] * 1e3:.0f} ms against {ANCHOR}'s "
                   f"{statistics.median(paired[ANCHOR]) * 1e3:.0f} ms")
-    for v, why in paired_skipped.items():
-        print(f"   {PAIRED}: {v} not paired: {why}")
     for r in rows:
         if r["decode_bandwidth_fraction"]:
             print(f"   decode {r['variant']}: {step_bytes / r['decode_step_s'] / 1e9:.1f} GB/s of weights "
@@ -848,7 +832,7 @@ def main():
             json.dump(dict(title=title, machine=machine_name(args.device), torch=torch.__version__,
                            memory=mem_note, decode_step_bytes=step_bytes, rows=rows,
                            keep_freed_heap=None if gpu else args.keep_freed_heap,
-                           paired_steps=args.paired_steps, paired_skipped=paired_skipped,
+                           paired_steps=args.paired_steps,
                            skipped=skipped, failed=failed), fh, indent=1)
     if failed:
         sys.exit(1)
