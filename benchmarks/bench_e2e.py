@@ -749,7 +749,7 @@ def main():
         # per round: the anchor's step over this variant's, both of one round (minutes apart, not the whole run)
         r["train_speedup_vs_peft_rounds"] = [anchor_steps[x["round"]] / x["step_s"] for x in runs[r["variant"]]
                                              if x["round"] in anchor_steps]
-        if r["variant"] in paired and ANCHOR in paired:  # adjacent steps of one process: the anchor's over this one's
+        if r["variant"] in paired and ANCHOR in paired:  # adjacent turns of the paired rounds
             per_round = [a / t for a, t in zip(paired[ANCHOR], paired[r["variant"]])]
             r.update(paired_step_s=statistics.median(paired[r["variant"]]),
                      train_speedup_vs_peft_paired=statistics.median(per_round),
