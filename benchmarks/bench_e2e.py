@@ -260,7 +260,7 @@ def build_litgpt(c, dev, dtype):
 def training_step(variant, c, dev, dtype, ids, labels):
     """(model, step, trainable parameter count) of one variant: its model over the shared random weights and one
     training step as a callable (zero_grad, the loss of ids with labels, backward, AdamW over the adapter; returns
-    the loss). The process is prepared by the caller (prepare_process; the reference ops variant: patched ops)."""
+    the loss). The process is prepared by the caller (prepare_process)."""
     if variant.startswith("lladapter"):
         model = build_ours(c, dev, dtype)
         forward = model
@@ -299,10 +299,14 @@ def training_step(variant, c, dev, dtype, ids, labels):
 
 
 def prepare_process(variants, args):
-    """What a child process does before any allocation of the variants it runs: imports every module they use (imports
-    are not a variant's memory), loads torch's meta kernels, and sets the CPU allocator policy (--keep-freed-heap).
+    """What a child process does before any allocation of the variants it runs: patches in the reference ops where
+    one of them needs them, imports every module they use (imports are not a variant's memory), loads torch's meta
+    kernels, and sets the CPU allocator policy (--keep-freed-heap).
     Returns (config, ids, labels): the shared token batch, with the loss on the second half."""
     dev = args.device
+    if "lladapter reference ops" in variants:  # (patches lladapter_ext.ops before the model imports it)
+        from bench_train import use_reference_ops
+        use_reference_ops()
     import lladapter_ext.generation  # noqa: F401
     import lladapter_ext.loaders  # noqa: F401
     if ANCHOR in variants:
@@ -328,9 +332,6 @@ def serve_steps(variant, args):
     """The child of the paired rounds (paired_timings): the variant's process as run_variant prepares it, two
     warm-up steps (the compiled variant compiles in the first), then one timed training step per request."""
     dev, dtype = args.device, getattr(torch, args.dtype)
-    if variant == "lladapter reference ops":
-        from bench_train import use_reference_ops
-        use_reference_ops()
     why = import_litgpt() if variant == "LitGPT adapter" else ""
     if why:
         raise SystemExit(f"{variant}: {why}")
@@ -347,9 +348,6 @@ def run_variant(variant, args):
         why = import_litgpt()
         if why:
             return dict(variant=variant, skipped=why)
-    if variant == "lladapter reference ops":
-        from bench_train import use_reference_ops
-        use_reference_ops()
     c, ids, labels = prepare_process([variant], args)
     base = reset_peak_memory(dev)
     t0 = time.perf_counter()
