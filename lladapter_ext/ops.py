@@ -274,8 +274,8 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     backend:
       "fused"     one kernel (CPU or CUDA) for both branches, flash-style (never materialises Tq x Tk);
-      "split"     both branches through torch's scaled_dot_product_attention (the prompt's without a mask),
-                  gated and added;
+      "split"     the word branch through torch's scaled_dot_product_attention, the prompt branch as batched
+                  GEMMs in fp32 (_PromptBranch), gated and added;
       "reference" the plain-PyTorch oracle (materialises the scores);
       "auto"      CPU: fused (measured faster than split on CPU; decode uses the kernel's split-K path);
                   CUDA: split (SDPA's flash/cuDNN word branch) when d is one of CUDA_HEAD_DIMS, else reference.
@@ -286,8 +286,10 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     if backend == "auto":
         backend = _auto_attention_backend(q)
-    if backend in ("reference", "split"):
-        # the fused kernels check their own arguments; these two paths hand the word branch to other code
+    if backend in ("reference", "split") and not torch.compiler.is_compiling():
+        # the fused kernels check their own arguments; these two paths hand the word branch to other code. Not
+        # while torch.compile traces: it cannot trace the checks' message closures and would break the graph at
+        # every call (every layer of a compiled model on CUDA); a bad input then fails in the traced ops instead.
         check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act, float(scale),
                                             cuda_kernels=backend == "split" and runs_cuda_kernels(q))
     if backend == "reference":
@@ -351,18 +353,91 @@ def _split_gated_prompt_attention(q, k, v, pk, pv, gate, causal, gate_act, scale
     word = _sdpa_attention(q, k, v, causal, scale, kv_start)
     if pk is None or pk.shape[1] == 0:
         return word
-    # The prompt branch is a second SDPA call over the K prompt keys (every query sees all of them), as LitGPT
-    # computes it. Until 2026-12-02 it was the fused op with no word keys; on the H200 (B 4, T 512, H 32, d 128,
-    # bf16, 2026-11-29) that prompt kernel took ~3.0 ms forward + backward where this SDPA call took ~1.1 ms
-    # (docs/benchmarks.md, the attention table: split against (b)).
-    B = q.shape[0]
-    prompt = _sdpa_attention(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), False, scale, None)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    phi = gate.to(acc)
-    if gate_act == "tanh":
-        phi = torch.tanh(phi)
-    # gated in fp32 (one rounding to q's dtype), as the kernels do
-    return word + (prompt * phi.view(1, 1, -1, 1)).to(q.dtype)
+    return word + _PromptBranch.apply(q, pk, pv, gate, gate_act, scale)
+
+
+def _rows_by_prompt(x: torch.Tensor, dtype: torch.dtype, Hkv: int, Bp: int) -> torch.Tensor:
+    """x [B, T, H, d] in dtype, one copy, as [Hkv * Bp, rows, d]: row block g = kv head * Bp + prompt holds the rows
+    (batch, query head of the group, token) that read prompt g, so one batched GEMM serves every query head of a
+    kv head (and, with a shared prompt, Bp = 1, every batch row)."""
+    B, T, H, d = x.shape
+    rep = H // Hkv
+    out = torch.empty((Hkv, B, rep, T, d), dtype=dtype, device=x.device)
+    out.copy_(x.reshape(B, T, Hkv, rep, d).permute(2, 0, 3, 1, 4))  # (a view for any q the model passes)
+    return out.view(Hkv * Bp, B * rep * T // max(Bp, 1), d)
+
+
+def _rows_to_tokens(x: torch.Tensor, shape, dtype: torch.dtype, Hkv: int) -> torch.Tensor:
+    """The inverse of _rows_by_prompt: [Hkv * Bp, rows, d] back to a contiguous [B, T, H, d] in dtype (one copy)."""
+    B, T, H, d = shape
+    out = torch.empty(shape, dtype=dtype, device=x.device)
+    out.view(B, T, Hkv, H // Hkv, d).copy_(x.view(Hkv, B, H // Hkv, T, d).permute(1, 3, 0, 2, 4))
+    return out
+
+
+def _prompt_by_kv_head(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pk or pv [Bp, K, Hkv, d] as [Hkv * Bp, K, d] in dtype (row block g as in _rows_by_prompt)."""
+    Bp, K, Hkv, d = t.shape
+    return t.to(dtype).permute(2, 0, 1, 3).reshape(Hkv * Bp, K, d)
+
+
+class _PromptBranch(torch.autograd.Function):
+    """The split backend's prompt branch, phi(gate_h) * softmax(scale q pk^T) pv for every query head, as batched
+    GEMMs in fp32 (fp64 for fp64 q) over all of a kv head's query rows at once; returns it in q's dtype, [B, T, H, d].
+    K is a handful of keys: the work is a few passes over q-sized tensors. Through SDPA (LitGPT's way, and this
+    backend's until 2026-12-03) it cost ~1.1 ms forward + backward on the H200 at B 4, T 512, H 32, d 128, bf16,
+    more than the 0.67 ms of the causal word branch over 512 keys (docs/benchmarks.md, the attention table:
+    sdpa_x2_gated against sdpa_plain). Saved for the backward: q (the word branch keeps it too), the prompt, and the
+    probabilities [B, H, T, K]; no q-sized copy."""
+
+    @staticmethod
+    def forward(ctx, q, pk, pv, gate, gate_act: str, scale: float):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        B, T, H, d = q.shape
+        Bp, Hkv = pk.shape[0], pk.shape[2]
+        rep = H // Hkv
+        # scores s = scale q pk^T, the scale folded into the K prompt rows (a tiny tensor, not a pass over s)
+        s = torch.bmm(_rows_by_prompt(q, acc, Hkv, Bp), (_prompt_by_kv_head(pk, acc) * scale).transpose(1, 2))
+        p = torch.softmax(s, dim=-1)  # [Hkv * Bp, rows, K]: NaN rows stay NaN (a NaN or inf input), as in reference
+        phi = gate.to(acc)
+        if gate_act == "tanh":
+            phi = torch.tanh(phi)
+        o = torch.bmm(_gated(p, phi, Hkv, B, rep, T), _prompt_by_kv_head(pv, acc))
+        ctx.save_for_backward(q, pk, pv, gate, p, phi)
+        ctx.gate_act, ctx.scale = gate_act, scale
+        return _rows_to_tokens(o, q.shape, q.dtype, Hkv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, pk, pv, gate, p, phi = ctx.saved_tensors
+        acc = p.dtype
+        B, T, H, d = q.shape
+        Bp, Hkv = pk.shape[0], pk.shape[2]
+        rep = H // Hkv
+        dout = _rows_by_prompt(grad_out, acc, Hkv, Bp)
+        dpg = torch.bmm(dout, _prompt_by_kv_head(pv, acc).transpose(1, 2))  # dL/d(phi p), [Hkv * Bp, rows, K]
+        D = (p * dpg).sum(-1, keepdim=True)  # dL/dphi per row: rowsum(p dL/d(phi p))
+        dq = dpk = dpv = dgate = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ds = _gated(p * (dpg - D), phi, Hkv, B, rep, T)  # dL/ds (softmax backward; s = scale q pk^T)
+            if ctx.needs_input_grad[0]:
+                dq = _rows_to_tokens(torch.bmm(ds, _prompt_by_kv_head(pk, acc) * ctx.scale), q.shape, q.dtype, Hkv)
+            if ctx.needs_input_grad[1]:  # the bmm over a block's rows sums a shared prompt's gradient over the batch
+                dpk = torch.bmm(ds.transpose(1, 2), _rows_by_prompt(q, acc, Hkv, Bp)) * ctx.scale
+                dpk = dpk.view(Hkv, Bp, pk.shape[1], d).permute(1, 2, 0, 3).to(pk.dtype).contiguous()
+        if ctx.needs_input_grad[2]:
+            dpv = torch.bmm(_gated(p, phi, Hkv, B, rep, T).transpose(1, 2), dout)
+            dpv = dpv.view(Hkv, Bp, pv.shape[1], d).permute(1, 2, 0, 3).to(pv.dtype).contiguous()
+        if ctx.needs_input_grad[3]:
+            dphi = D.view(Hkv, B, rep, T).sum((1, 3)).reshape(H)
+            dgate = (dphi * (1 - phi * phi) if ctx.gate_act == "tanh" else dphi).to(gate.dtype)
+        return dq, dpk, dpv, dgate, None, None
+
+
+def _gated(p: torch.Tensor, phi: torch.Tensor, Hkv: int, B: int, rep: int, T: int) -> torch.Tensor:
+    """p [Hkv * Bp, rows, K] (rows as _rows_by_prompt lays them out) times phi of each row's query head."""
+    return (p.view(Hkv, B, rep, T, p.shape[-1]) * phi.view(Hkv, 1, rep, 1, 1)).view(p.shape)
 
 
 def check_gated_prompt_attention_inputs(q, k, v, pk, pv, gate, kv_start, gate_act: str, scale: float, *,

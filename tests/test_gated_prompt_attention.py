@@ -348,14 +348,52 @@ def _assert_same_on_one_and_more_threads(inp):
 @pytest.mark.parametrize("case", [dict(Tq=33), dict(Tq=1, Tk=80), dict(Tq=20, Tk=50, kv_start=[0, 45]),
                                   dict(Tq=30, Tk=10), dict(Tq=16, K=None)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_split_backend_matches_reference(device, case, causal):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_split_backend_matches_reference(device, case, causal, dtype):
     d = 64 if device.cuda_kernels else 16
-    params = dict(B=2, H=4, Hkv=2, d=d, K=10, Bp=2, device=device)
+    params = dict(B=2, H=4, Hkv=2, d=d, K=10, Bp=2, device=device, dtype=dtype)
     params.update(case)
     inp = make_inputs(**params)
     out, ref = run_both(inp, causal=causal, backend="split")
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    _check_grads(inp, dtype, causal=causal, backend="split")
+
+
+@pytest.mark.parametrize("Bp", [1, 2])
+def test_split_prompt_branch_saves_no_copy_of_q(Bp):
+    # the prompt branch's backward keeps q itself (the word branch keeps it too), the prompt, and the [B, H, T, K]
+    # probabilities: no fp32 copy of q or of the branch's output (q-sized, per layer) as plain autograd would
+    B, T, H, Hkv, d, K = 2, 40, 4, 2, 16, 3
+    q, _, _, pk, pv, gate, _ = make_inputs(B=B, Tq=T, H=H, Hkv=Hkv, d=d, K=K, Bp=Bp, dtype=torch.bfloat16)
+    inputs = [t.requires_grad_() for t in (q, pk, pv, gate)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops._PromptBranch.apply(*inputs, "tanh", 0.25)
+    assert saved
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    own = [t for t in saved if t.untyped_storage().data_ptr() not in storages]
+    assert sum(t.numel() for t in own) <= B * H * T * K + H, [(tuple(t.shape), t.dtype) for t in own]
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in inputs)
+
+
+def test_split_backend_compiles_without_graph_breaks():
+    # the split path traced whole (torch.compile on CUDA): no break at the argument checks or in the prompt branch.
+    # kv_start takes the masked SDPA call; the unmasked one on the CPU asks whether q and k are finite (a .item())
+    q, k, v, pk, pv, gate, ks = make_inputs(B=2, Tq=8, H=4, Hkv=2, d=16, K=3, kv_start=[0, 2])
+    for t in (q, pk, pv, gate):
+        t.requires_grad_()
+
+    def f(q):
+        return ops.gated_prompt_attention(q * 2, k, v, pk, pv, gate, kv_start=ks, backend="split")
+
+    explained = torch._dynamo.explain(f)(q)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q)
+    ref = reference.gated_prompt_attention(q * 2, k, v, pk, pv, gate, kv_start=ks)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    _check_grads(inp, torch.float32, causal=causal, backend="split")
+    out.sum().backward()
+    assert gate.grad is not None and gate.grad.abs().sum() > 0 and pk.grad.abs().sum() > 0
 
 
 def test_auto_backend_choice():
