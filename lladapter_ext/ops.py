@@ -378,7 +378,8 @@ def _rows_to_tokens(x: torch.Tensor, shape, dtype: torch.dtype, Hkv: int) -> tor
 def _prompt_by_kv_head(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """pk or pv [Bp, K, Hkv, d] as [Hkv * Bp, K, d] in dtype (row block g as in _rows_by_prompt)."""
     Bp, K, Hkv, d = t.shape
-    return t.to(dtype).permute(2, 0, 1, 3).reshape(Hkv * Bp, K, d)
+    out = torch.empty((Hkv, Bp, K, d), dtype=dtype, device=t.device)
+    return out.copy_(t.permute(2, 0, 1, 3)).view(Hkv * Bp, K, d)  # one kernel (a decode step calls this per layer)
 
 
 class _PromptBranch(torch.autograd.Function):
