@@ -8,10 +8,12 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -177,36 +179,45 @@ def serve_timed_calls(call: Callable[[], float]) -> None:
         print(_TIMED + json.dumps(call()), flush=True)
 
 
-def _timed_reply(variant: str, proc: subprocess.Popen, err) -> str:
-    for line in proc.stdout:
-        if line.startswith(_TIMED):
-            return line[len(_TIMED):].strip()
+def _timed_reply(variant: str, proc: subprocess.Popen, err, timeout_s: float) -> str:
+    # a child that stops answering is killed after timeout_s: its stdout then ends and it fails like one that died
+    watchdog = threading.Timer(timeout_s, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith(_TIMED):
+                return line[len(_TIMED):].strip()
+    finally:
+        watchdog.cancel()
     proc.wait()
     err.seek(0)
-    raise RuntimeError(f"variant {variant!r} failed (rc {proc.returncode}):\n{err.read()[-3000:]}")
+    hung = f", killed after {timeout_s:g} s without an answer" if proc.returncode == -signal.SIGKILL else ""
+    raise RuntimeError(f"variant {variant!r} failed (rc {proc.returncode}{hung}):\n{err.read()[-3000:]}")
 
 
-def paired_timings(script: str, variants: list[str], argv: list[str], rounds: int) -> dict[str, list[float]]:
+def paired_timings(script: str, variants: list[str], argv: list[str], rounds: int,
+                   timeout_s: float = 1800.0) -> dict[str, list[float]]:
     """Each variant in a process of its own (`python script --variant VARIANT *argv`, a child that prepares its work
     and then serves it with serve_timed_calls), all alive at once and asked in turn for one timed call each, `rounds`
     rounds, the order reversed every other round: {variant: [seconds per round]}. On a shared machine whose speed
     drifts within a minute, calls of adjacent turns run under the same conditions, while each keeps its own process
     (heap, allocator, patched ops), as run_child gives it. The children start one after another (each prepared before
-    the next starts) and are ended when done. A failing child raises with the tail of its stderr."""
+    the next starts) and are ended when done. A failing child raises with the tail of its stderr, and so does one that
+    gives no answer (ready, or a call's seconds) within timeout_s: it is killed rather than waited for forever."""
     procs = {}
     try:
         for v in variants:
             err = tempfile.TemporaryFile(mode="w+")
             procs[v] = (subprocess.Popen([sys.executable, script, "--variant", v, *argv], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=err, text=True), err)
-            _timed_reply(v, *procs[v])  # ready
+            _timed_reply(v, *procs[v], timeout_s)  # ready
         times = {v: [] for v in variants}
         for r in range(rounds):
             for v in (variants if r % 2 == 0 else variants[::-1]):
                 proc, err = procs[v]
                 proc.stdin.write("run\n")
                 proc.stdin.flush()
-                times[v].append(float(json.loads(_timed_reply(v, proc, err))))
+                times[v].append(float(json.loads(_timed_reply(v, proc, err, timeout_s))))
         return times
     finally:
         for proc, err in procs.values():

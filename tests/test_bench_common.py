@@ -22,6 +22,10 @@ CHILD = textwrap.dedent("""
         calls[0] += 1
         if name == "dies" and calls[0] == 2:
             raise RuntimeError("died on its second call")
+        if name == "hangs" and calls[0] == 2:
+            print("hangs on its second call", file=sys.stderr, flush=True)
+            import time
+            time.sleep(600)
         with open(log, "a") as f:
             f.write(f"{{name}}:{{os.getpid()}}\\n")
         return 0.25 * calls[0]
@@ -53,3 +57,10 @@ def test_a_failing_child_raises_with_its_stderr(child, bad, message):
     with pytest.raises(RuntimeError, match=f"variant '{bad}' failed") as e:
         paired_timings(script, ["a", bad], [log], rounds=3)
     assert message in str(e.value)
+
+
+def test_a_child_that_stops_answering_is_killed_and_raises(child):
+    script, log = child
+    with pytest.raises(RuntimeError, match="variant 'hangs' failed .*killed after 3 s without an answer") as e:
+        paired_timings(script, ["a", "hangs"], [log], rounds=3, timeout_s=3)
+    assert "hangs on its second call" in str(e.value)
