@@ -393,6 +393,11 @@ class _PromptBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, pk, pv, gate, gate_act: str, scale: float):
+        with torch.autocast(q.device.type, enabled=False):  # fp32 GEMMs also under training's bf16/fp16 autocast
+            return _PromptBranch._forward(ctx, q, pk, pv, gate, gate_act, scale)
+
+    @staticmethod
+    def _forward(ctx, q, pk, pv, gate, gate_act: str, scale: float):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         B, T, H, d = q.shape
         Bp, Hkv = pk.shape[0], pk.shape[2]
@@ -411,6 +416,11 @@ class _PromptBranch(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _PromptBranch._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         q, pk, pv, gate, p, phi = ctx.saved_tensors
         acc = p.dtype
         B, T, H, d = q.shape

@@ -377,6 +377,21 @@ def test_split_prompt_branch_saves_no_copy_of_q(Bp):
     assert all(t.grad is not None and t.grad.shape == t.shape for t in inputs)
 
 
+def test_split_prompt_branch_is_fp32_under_autocast():
+    # training's bf16/fp16 autocast would run the branch's GEMMs in bf16 (scores rounded to 8 bits): the branch
+    # turns it off inside, forward and backward, so the results are the same bits with or without it
+    q, _, _, pk, pv, gate, _ = make_inputs(B=2, Tq=9, H=4, Hkv=2, d=16, K=3, dtype=torch.bfloat16)
+    results = []
+    for autocast in (False, True):
+        inputs = [t.detach().clone().requires_grad_() for t in (q, pk, pv, gate)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = ops._PromptBranch.apply(*inputs, "tanh", 0.7)
+            out.float().square().sum().backward()
+        results.append([out] + [t.grad for t in inputs])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_split_backend_compiles_without_graph_breaks():
     # the split path traced whole (torch.compile on CUDA): no break at the argument checks or in the prompt branch.
     # kv_start takes the masked SDPA call; the unmasked one on the CPU asks whether q and k are finite (a .item())
