@@ -382,6 +382,13 @@ def _prompt_by_kv_head(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t.permute(2, 0, 1, 3)).view(Hkv * Bp, K, d)  # one kernel (a decode step calls this per layer)
 
 
+def _prompt_from_kv_head(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of _prompt_by_kv_head: [Hkv * Bp, K, d] back to a contiguous tensor of like's [Bp, K, Hkv, d]
+    shape and dtype (a prompt gradient)."""
+    Bp, K, Hkv, d = like.shape
+    return x.view(Hkv, Bp, K, d).permute(1, 2, 0, 3).to(like.dtype).contiguous()
+
+
 class _PromptBranch(torch.autograd.Function):
     """The split backend's prompt branch, phi(gate_h) * softmax(scale q pk^T) pv for every query head, as batched
     GEMMs in fp32 (fp64 for fp64 q) over all of a kv head's query rows at once; returns it in q's dtype, [B, T, H, d].
@@ -423,7 +430,7 @@ class _PromptBranch(torch.autograd.Function):
     def _backward(ctx, grad_out):
         q, pk, pv, gate, p, phi = ctx.saved_tensors
         acc = p.dtype
-        B, T, H, d = q.shape
+        B, T, H, _ = q.shape
         Bp, Hkv = pk.shape[0], pk.shape[2]
         rep = H // Hkv
         dout = _rows_by_prompt(grad_out, acc, Hkv, Bp)
@@ -436,10 +443,9 @@ class _PromptBranch(torch.autograd.Function):
                 dq = _rows_to_tokens(torch.bmm(ds, _prompt_by_kv_head(pk, acc) * ctx.scale), q.shape, q.dtype, Hkv)
             if ctx.needs_input_grad[1]:  # the bmm over a block's rows sums a shared prompt's gradient over the batch
                 dpk = torch.bmm(ds.transpose(1, 2), _rows_by_prompt(q, acc, Hkv, Bp)) * ctx.scale
-                dpk = dpk.view(Hkv, Bp, pk.shape[1], d).permute(1, 2, 0, 3).to(pk.dtype).contiguous()
+                dpk = _prompt_from_kv_head(dpk, pk)
         if ctx.needs_input_grad[2]:
-            dpv = torch.bmm(_gated(p, phi, Hkv, B, rep, T).transpose(1, 2), dout)
-            dpv = dpv.view(Hkv, Bp, pv.shape[1], d).permute(1, 2, 0, 3).to(pv.dtype).contiguous()
+            dpv = _prompt_from_kv_head(torch.bmm(_gated(p, phi, Hkv, B, rep, T).transpose(1, 2), dout), pv)
         if ctx.needs_input_grad[3]:
             dphi = D.view(Hkv, B, rep, T).sum((1, 3)).reshape(H)
             dgate = (dphi * (1 - phi * phi) if ctx.gate_act == "tanh" else dphi).to(gate.dtype)
