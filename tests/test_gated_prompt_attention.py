@@ -359,6 +359,21 @@ def test_split_backend_matches_reference(device, case, causal, dtype):
     _check_grads(inp, dtype, causal=causal, backend="split")
 
 
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2), (6, 1)])  # GQA ratios 1, 3, 6
+@pytest.mark.parametrize("Bp", [1, 2])
+@pytest.mark.parametrize("gate_act", ["tanh", "identity"])
+@pytest.mark.parametrize("Tq", [7, 1])
+def test_gradcheck_float64_split(H, Hkv, Bp, gate_act, Tq):
+    # the split backend's own prompt-branch backward (ops._PromptBranch) and SDPA's word branch, in float64
+    inp = make_inputs(B=2, Tq=Tq, Tk=9, H=H, Hkv=Hkv, d=8, K=5, Bp=Bp, dtype=torch.float64, gate_scale=0.5)
+    args = tuple(t.requires_grad_() for t in inp[:6])
+
+    def fn(*a):
+        return ops.gated_prompt_attention(*a, causal=True, gate_act=gate_act, scale=0.3, backend="split")
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
 @pytest.mark.parametrize("Bp", [1, 2])
 def test_split_prompt_branch_saves_no_copy_of_q(Bp):
     # the prompt branch's backward keeps q itself (the word branch keeps it too), the prompt, and the [B, H, T, K]
