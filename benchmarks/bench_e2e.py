@@ -26,7 +26,11 @@ reads) and the prompt K/V projections of every adapted layer in the forward, the
 the input-gradient GEMMs of the backward from the LM head down to the lowest adapted layer; the frozen weights need
 no dW), run alone as torch.mm(out=) over the model's own weights and preallocated
 random activations, same dtype, device and threads, --iters passes, each followed by a training step; the list is
-checked against the aten::mm/addmm calls (count and shapes) of a real step under torch.profiler. The table's
+checked against the aten::mm/addmm calls (count and shapes) of a real step under torch.profiler. On the CPU the
+attention kernels' own GEMMs (their BLAS block products: scores, probabilities times values, and the backward's)
+are recorded in one real step and timed alone in the same passes too (attention_products); the floor with them,
+step_vs_matmul_floor_with_attention, is printed beside the projection floor: the attention is matmul work the
+projection floor leaves out, ~4% of the floor's FLOPs at T = 128 and ~7% at T = 256. The table's
 "floor" column is the median over those pairs of step time / floor time (1.00x = the step is nothing but its GEMMs
 at the speed they run alone; pairs, because a shared machine's speed drifts within a minute); with the decode
 bandwidth share it is printed in a closing "limits" line, and both are in the --json rows (step_vs_matmul_floor,
@@ -365,16 +369,22 @@ def run_variant(variant, args):
         gemms = step_gemms(c, args.batch, args.seq, int((labels[:, 1:] != -100).sum()), dev, dtype,
                            0 if variant == COMPILED else model._loss_rows_start(labels[:, 1:] != -100, None))
         calls, flop, listed, gemvs = matmul_floor_calls(model, gemms, args)
+        products, replay = attention_products(step, dev)
         timed_pass(calls, dev)  # warm-up
+        timed_pass(replay, dev)
         # The floor's passes alternate with steps, and the ratio is the median of the pairs' step / floor: a shared
         # machine's speed drifts by more than 10% within a minute, and a pair is timed under the same conditions.
-        pairs = [(timed_pass(calls, dev), timed_pass(step, dev)) for _ in range(args.iters)]
+        pairs = [(timed_pass(calls, dev), timed_pass(replay, dev), timed_pass(step, dev)) for _ in range(args.iters)]
         profiled, other, profile_top = profiled_gemms(step, dev)
-        floor = dict(matmul_floor_s=statistics.median(f for f, _ in pairs),
-                     step_vs_matmul_floor=statistics.median(s / f for f, s in pairs),
+        floor = dict(matmul_floor_s=statistics.median(f for f, _, _ in pairs),
+                     step_vs_matmul_floor=statistics.median(s / f for f, _, s in pairs),
                      matmul_floor_flop=flop, matmul_floor_gemms=len(listed), matmul_floor_gemvs=gemvs,
                      profiled_mm=len(profiled), profiled_other_matmul=other, gemm_check=gemm_check(listed, profiled),
                      profile_top=profile_top)
+        if products is not None:
+            floor.update(attention_products=len(products), attention_products_flop=product_flop(products),
+                         attention_products_s=statistics.median(a for _, a, _ in pairs),
+                         step_vs_matmul_floor_with_attention=statistics.median(s / (f + a) for f, a, s in pairs))
     del step  # (and with it the optimizer's state)
     # (the compiled variant decodes with the same model and code as "lladapter kernels": generation is not compiled)
     decoded = decode(variant, model, c, args) if args.decode_new > 0 and variant != COMPILED else {}
@@ -566,6 +576,30 @@ def matmul_floor_calls(model, gemms, args):
     return calls, flop, listed, gemvs
 
 
+def attention_products(step, dev):
+    """The attention kernels' own GEMMs, which the projection floor does not hold: on the CPU, every BLAS block
+    product our attention kernels make in one training step (forward and backward, all layers), recorded while
+    step() runs (_C.start/stop_recording_attention_products) and replayed alone (_C.replay_attention_products:
+    the same shapes, strides and transposes, sequential BLAS per worker as in the kernels, dealt round-robin over
+    torch's threads). Returns (the products as int64 [N, 9] rows, the replay call); (None, []) on CUDA, where the
+    attention runs in our CUDA kernels or SDPA and no BLAS product is recorded."""
+    if dev != "cpu":
+        return None, []
+    from lladapter_ext import _C
+
+    _C.start_recording_attention_products()
+    try:
+        step()
+    finally:
+        products = _C.stop_recording_attention_products()
+    return products, [functools.partial(_C.replay_attention_products, products)]
+
+
+def product_flop(products) -> int:
+    """2 m n k summed over recorded attention products (rows m, n, k, ...)."""
+    return int((2 * products[:, 0] * products[:, 1] * products[:, 2]).sum())
+
+
 def timed_pass(work, dev) -> float:
     """Seconds of one call of work (a callable, or a list of them called in order), perf_counter around it,
     synchronized on CUDA."""
@@ -740,6 +774,10 @@ def main():
                             **{k: runs[v][0][k] for k in (
                                 "matmul_floor_flop", "matmul_floor_gemms", "matmul_floor_gemvs", "profiled_mm",
                                 "profiled_other_matmul", "gemm_check", "profile_top")})
+            if "attention_products" in runs[v][0]:
+                rows[-1].update(attention_products_s=med("attention_products_s"),
+                                step_vs_matmul_floor_with_attention=med("step_vs_matmul_floor_with_attention"),
+                                **{k: runs[v][0][k] for k in ("attention_products", "attention_products_flop")})
     anchor = next((r for r in rows if r["variant"] == ANCHOR), None)
     anchor_steps = {x["round"]: x["step_s"] for x in runs.get(ANCHOR, [])}
     for r in rows:
@@ -786,6 +824,12 @@ def main():
                   + f", {r['matmul_floor_flop'] / 1e9:.1f} GFLOP, "
                   f"{r['matmul_floor_flop'] / r['matmul_floor_s'] / 1e9:.1f} GFLOP/s); a profiled step ran "
                   f"{r['profiled_mm']} aten::mm/addmm/openblas_mm ({r['gemm_check']}; other matmul ops: {other})")
+            if r.get("attention_products"):
+                a_s = r["attention_products_s"]
+                print(f"   train {r['variant']}, the attention kernels' own GEMMs: {r['attention_products']} BLAS "
+                      f"block products a step, {r['attention_products_flop'] / 1e9:.1f} GFLOP, {a_s * 1e3:.1f} ms "
+                      f"timed alone ({r['attention_products_flop'] / a_s / 1e9:.1f} GFLOP/s); with them in the floor "
+                      f"the step is {r['step_vs_matmul_floor_with_attention']:.2f}x its GEMMs")
             print(f"   profile of one step, {r['variant']} (self {r['profile_top']['clock']} time, first round): "
                   + ", ".join(f"{name} {100 * share:.1f}% (x{n})" for name, share, n in r["profile_top"]["ops"]))
     for r in rows:
@@ -811,7 +855,8 @@ def main():
           f"one per layer (the prompts, K x width per layer, are the same size in all). loss@step0: the first\n"
           f"   step's loss, equal across variants when the weights are (zero gates: every model is the base model).\n"
           f"   floor: step time / the same step's GEMMs (projections, prompt K/V, LM head; forward and input "
-          f"gradients) timed alone in the same process, the median over passes of the two timed in turn.")
+          f"gradients) timed alone in the same process, the median over passes of the two timed in turn; on the\n"
+          f"   CPU the attention kernels' block products, recorded in a step, are timed alone in the same passes.")
     compiled = next((r for r in rows if r["variant"] == COMPILED), None)
     if compiled:
         print(f"   {COMPILED}: the training step under torch.compile (`lladapter finetune --compile`); its first step "
@@ -819,7 +864,9 @@ def main():
               f"lladapter kernels')")
     for ours in (r for r in rows if r.get("matmul_floor_s")):  # the distance to the physical limits, in one line
         bw = ours["decode_bandwidth_fraction"]
-        print(f"   limits, {ours['variant']}: train step {ours['step_vs_matmul_floor']:.2f}x its matmul floor; decode "
+        with_attention = ours.get("step_vs_matmul_floor_with_attention")
+        print(f"   limits, {ours['variant']}: train step {ours['step_vs_matmul_floor']:.2f}x its matmul floor"
+              + (f" ({with_attention:.2f}x with the attention's GEMMs in it)" if with_attention else "") + "; decode "
               + (f"weight traffic {100 * bw:.0f}% of the {'copy' if gpu else 'read'} bandwidth" if bw else "not run"))
     for v, why in skipped.items():
         print(f"   {v}: skipped: {why}")

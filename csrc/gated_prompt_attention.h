@@ -169,3 +169,16 @@ gated_prompt_attention_zero_grads(const at::Tensor& q, const at::Tensor& k, cons
 }
 
 }  // namespace lladapter
+
+namespace lladapter::cpu {
+
+// The CPU kernels' BLAS block products, for the benchmark's matmul floor (benchmarks/bench_e2e.py times them alone):
+// between start and stop, every sgemm call of the CPU attention kernels (forward and backward, every thread) is
+// recorded as a row (m, n, k, lda, ldb, ldc, a_trans, b_trans, accumulate) of the returned int64 [N, 9] tensor.
+void start_recording_attention_products();
+at::Tensor stop_recording_attention_products();
+// The recorded products again, same shapes, strides and transposes, on per-worker buffers of fixed values, dealt
+// round-robin over torch's threads with each worker's BLAS sequential, as the kernels run them.
+void replay_attention_products(const at::Tensor& products);
+
+}  // namespace lladapter::cpu

@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include "decode_layers.h"
+#include "gated_prompt_attention.h"
 #include "host_heap.h"
 
 #ifndef LLADAPTER_CUDA_ARCHS
@@ -64,6 +65,15 @@ PYBIND11_MODULE(_C, m) {
         "host_heap.keep_freed_heap calls it); False when it already was.");
   m.def("exact_fit_allocator_installed", &lladapter::exact_fit_allocator_installed,
         "Whether install_exact_fit_allocator() has run in this process.");
+  m.def("start_recording_attention_products", &lladapter::cpu::start_recording_attention_products,
+        "Record every BLAS product the CPU attention kernels make from now on (bench_e2e's matmul floor).");
+  m.def("stop_recording_attention_products", &lladapter::cpu::stop_recording_attention_products,
+        "Stop recording; the products since the start as int64 [N, 9] rows (m, n, k, lda, ldb, ldc, a_trans, "
+        "b_trans, accumulate).");
+  m.def("replay_attention_products", &lladapter::cpu::replay_attention_products,
+        "Run the recorded products alone (same shapes, strides, transposes; sequential BLAS per worker, dealt "
+        "round-robin over torch's threads), for timing.",
+        pybind11::arg("products"));
 #ifdef LLADAPTER_WITH_CUDA
   m.def("wmma_fragment_layouts", &lladapter::cuda_impl::wmma_fragment_layouts,
         "[8, 32, 16]: the matrix element (r * 16 + c) each lane holds in x[i] of each wmma fragment kind, on the "

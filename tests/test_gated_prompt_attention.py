@@ -1267,3 +1267,49 @@ def test_cuda_mma_backward_zero_gate_is_plain_attention(device, monkeypatch, dty
     # value, and the prompt part of dq adds dS' = 0 * P' * (...) = +-0 products to the fp32 accumulators
     for name, a, b in zip(["dq", "dk", "dv"], word_grads(pk, pv, torch.zeros_like(gate)), word_grads(None, None, None)):
         assert torch.equal(a, b), name
+
+
+def test_recorded_attention_products_replay_the_same_calls():
+    """The CPU kernels' BLAS block products, which bench_e2e's matmul floor times alone: recorded between start and
+    stop only, forward and backward; their work lies between the causal triangle's and the full square's products;
+    the replay makes exactly the recorded calls; bad rows raise naming the argument."""
+    from lladapter_ext import _C
+
+    B, T, H, Hkv, d, K = 2, 256, 4, 2, 64, 10
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, d, generator=gen, requires_grad=True)
+    k, v = (torch.randn(B, T, Hkv, d, generator=gen, requires_grad=True) for _ in range(2))
+    pk, pv = (torch.randn(1, K, Hkv, d, generator=gen, requires_grad=True) for _ in range(2))
+    gate = torch.zeros(H, requires_grad=True)
+
+    def flop(products):
+        return int((2 * products[:, 0] * products[:, 1] * products[:, 2]).sum())
+
+    ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True).sum().backward()  # not recorded
+    _C.start_recording_attention_products()
+    assert _C.stop_recording_attention_products().shape == (0, 9)
+    _C.start_recording_attention_products()
+    out = ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True)
+    forward = _C.stop_recording_attention_products()
+    _C.start_recording_attention_products()
+    out.sum().backward()
+    backward = _C.stop_recording_attention_products()
+    # per (b, h): each word product is 2 d flops per (query, key) pair it covers, at least the causal triangle's
+    # T (T + 1) / 2 pairs and at most T^2; each prompt product 2 d K T. Forward: scores and probabilities x values
+    # of both branches; backward: the scores again, dP, dv, dk and dq of the word branch, at least 5 word products.
+    triangle, square, prompt = (2 * d * B * H * n for n in (T * (T + 1) // 2, T * T, K * T))
+    assert 2 * (triangle + prompt) <= flop(forward) <= 2 * (square + prompt)
+    assert 5 * triangle <= flop(backward) <= 5 * (square + prompt)
+    assert (forward[:, 0:3] > 0).all() and (backward[:, 0:3] > 0).all()
+
+    _C.start_recording_attention_products()
+    _C.replay_attention_products(backward)
+    replayed = _C.stop_recording_attention_products()
+    assert sorted(map(tuple, replayed.tolist())) == sorted(map(tuple, backward.tolist()))
+
+    with pytest.raises(RuntimeError, match=r"replay_attention_products: products must be a CPU int64 tensor \[N, 9\]"):
+        _C.replay_attention_products(torch.zeros(3, 8, dtype=torch.long))
+    bad = backward[:2].clone()
+    bad[1, 3] = 0  # lda below A's row width
+    with pytest.raises(RuntimeError, match="products row 1 is not a valid product"):
+        _C.replay_attention_products(bad)

@@ -32,9 +32,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -69,11 +72,22 @@ struct SequentialBlasGuard {
   }
 };
 
+// The benchmark's matmul floor (benchmarks/bench_e2e.py) times these kernels' BLAS products alone: while recording
+// is on, every sgemm_rowmajor call appends its row of kProductFields (one relaxed load per call when it is off).
+constexpr int kProductFields = 9;  // m, n, k, lda, ldb, ldc, a_trans, b_trans, accumulate (beta != 0)
+std::atomic<bool> g_recording{false};
+std::mutex g_recorded_mutex;
+std::vector<std::array<int64_t, kProductFields>> g_recorded;
+
 // Row-major C[m, n] = alpha * op(A) . op(B) + beta * C (op: transpose when the flag is set; lda / ldb are the
 // row strides of A and B as stored, e.g. A stored [k, m] when a_trans). Returns false when no BLAS is available.
 inline bool sgemm_rowmajor(int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda, bool a_trans,
                            const float* B, int64_t ldb, bool b_trans, float beta, float* C, int64_t ldc) {
   if (sgemm_ == nullptr) return false;
+  if (g_recording.load(std::memory_order_relaxed)) {
+    std::lock_guard<std::mutex> lock(g_recorded_mutex);
+    g_recorded.push_back({m, n, k, lda, ldb, ldc, a_trans, b_trans, beta != 0.f});
+  }
   // column-major view: C^T [n, m] = op(B)^T [n, k] . op(A)^T [k, m]
   const char tb = b_trans ? 'T' : 'N', ta = a_trans ? 'T' : 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
@@ -1593,6 +1607,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
+
+void start_recording_attention_products() {
+  std::lock_guard<std::mutex> lock(g_recorded_mutex);
+  g_recorded.clear();
+  g_recording.store(true);
+}
+
+at::Tensor stop_recording_attention_products() {
+  g_recording.store(false);
+  std::lock_guard<std::mutex> lock(g_recorded_mutex);
+  auto out = at::empty({static_cast<int64_t>(g_recorded.size()), kProductFields}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& row : g_recorded) o = std::copy(row.begin(), row.end(), o);
+  g_recorded.clear();
+  return out;
+}
+
+void replay_attention_products(const at::Tensor& products) {
+  const char* op = "replay_attention_products";
+  TORCH_CHECK(products.device().is_cpu() && products.scalar_type() == at::kLong && products.dim() == 2 &&
+                  products.size(1) == kProductFields,
+              op, ": products must be a CPU int64 tensor [N, ", kProductFields,
+              "] (stop_recording_attention_products' rows), got ", shape_str(products), " ", products.scalar_type(),
+              " on ", products.device());
+  TORCH_CHECK(sgemm_ != nullptr, op, ": this torch build exports no BLAS sgemm (the kernels use their own products)");
+  const auto rows = products.contiguous();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t n_products = rows.size(0);
+  // One buffer per operand, per worker, as large as the largest product's strided extent needs.
+  int64_t a_len = 1, b_len = 1, c_len = 1;
+  for (int64_t i = 0; i < n_products; ++i) {
+    const int64_t* p = r + i * kProductFields;
+    const int64_t m = p[0], n = p[1], k = p[2], lda = p[3], ldb = p[4], ldc = p[5];
+    const bool at = p[6] != 0, bt = p[7] != 0;
+    const int64_t a_rows = at ? k : m, a_cols = at ? m : k, b_rows = bt ? n : k, b_cols = bt ? k : n;
+    TORCH_CHECK(m > 0 && n > 0 && k > 0 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda >= a_cols &&
+                    ldb >= b_cols && ldc >= n && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX,
+                op, ": products row ", i, " is not a valid product (m, n, k = ", m, ", ", n, ", ", k,
+                "; lda, ldb, ldc = ", lda, ", ", ldb, ", ", ldc, ")");
+    a_len = std::max(a_len, (a_rows - 1) * lda + a_cols);
+    b_len = std::max(b_len, (b_rows - 1) * ldb + b_cols);
+    c_len = std::max(c_len, (m - 1) * ldc + n);
+  }
+  // Products dealt round-robin to the workers (balanced whatever their order), each worker's BLAS sequential as
+  // inside the kernels.
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_products));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    SequentialBlasGuard sequential;
+    std::vector<float> A(a_len, 1e-3f), B(b_len, 1e-3f), C(c_len, 0.f);
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i = w; i < n_products; i += workers) {
+        const int64_t* p = r + i * kProductFields;
+        sgemm_rowmajor(p[0], p[1], p[2], 1.f, A.data(), p[3], p[6] != 0, B.data(), p[4], p[7] != 0,
+                       p[8] != 0 ? 1.f : 0.f, C.data(), p[5]);
+      }
+    }
+  });
+}
 
 TORCH_LIBRARY_IMPL(lladapter, CPU, m) {
   m.impl("gated_prompt_attention", &gated_prompt_attention_cpu);
