@@ -271,6 +271,44 @@ def test_cuda_decode_forward_then_backward(device, monkeypatch, dtype, case):
 
 
 # ------------------------------------------------------------------------------------------------ KV-cache views
+def _copies(fn):
+    """fn's result and the number of aten copies (copy_/clone) it makes."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.name in ("aten::copy_", "aten::clone") for e in prof.events())
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_decode_reads_kv_cache_views_in_place(device, monkeypatch, Tq, dtype):
+    """k and v that are the first Tk rows of a longer cache ([B, max_len, Hkv, d][:, :Tk]: dense rows, a larger
+    batch stride) give the split-K decode kernels' result for their contiguous copies bit for bit, and the call makes
+    no more copies than with contiguous k, v (the kernels read the cache in place, not a copy of it every step); the
+    other kernels (LLADAPTER_CUDA_DECODE=off) get them made contiguous, with the same result as contiguous inputs."""
+    Tk, max_len = 300, 333
+    for variant in VARIANTS[:3]:
+        inp, gate_act = make_case(Tq, Tk, variant, 64, dtype, device)
+        q, k, v, pk, pv, gate, ks = inp
+        kbuf = torch.randn(B, max_len, *k.shape[2:], dtype=dtype, device=k.device)
+        vbuf = torch.randn(B, max_len, *v.shape[2:], dtype=dtype, device=v.device)
+        kbuf[:, :Tk], vbuf[:, :Tk] = k, v
+        views = (q, kbuf[:, :Tk], vbuf[:, :Tk], pk, pv, gate, ks)
+        assert not views[1].is_contiguous()
+        monkeypatch.delenv("LLADAPTER_CUDA_DECODE", raising=False)  # Tq <= 4, Tk >= 256: the decode kernels
+        want, copies_contiguous = _copies(lambda: run_op(inp, True, gate_act))
+        got, copies_views = _copies(lambda: run_op(views, True, gate_act))
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+        assert copies_views == copies_contiguous
+        check_against_oracles(got, oracles(inp, True, gate_act), dtype)
+        monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "off")
+        want = run_op(inp, True, gate_act)
+        got, copies_views = _copies(lambda: run_op(views, True, gate_act))
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+        assert copies_views >= 2  # k and v made contiguous for the non-split kernels
+
+
 @pytest.mark.parametrize("Tq", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_reads_kv_cache_views_in_place(Tq, dtype):

@@ -369,10 +369,27 @@ struct Prepared {
   AttnTensors t;
 };
 
+// k and v [B, Tk, Hkv, d] whose batch rows are each one dense [Tk, Hkv, d] block, with the same batch stride: a
+// KV cache's first Tk rows as a decode step passes them.
+bool dense_kv_rows(const at::Tensor& k, const at::Tensor& v) {
+  const auto dense = [](const at::Tensor& t) {
+    int64_t expected = 1;
+    for (int dim = 3; dim >= 1; --dim) {
+      if (t.size(dim) != 1 && t.stride(dim) != expected) return false;
+      expected *= t.size(dim);
+    }
+    return true;
+  };
+  return dense(k) && dense(v) && (k.size(0) <= 1 || k.stride(0) == v.stride(0));
+}
+
+// kv_row_views (the forward): k and v with dense rows are kept as they are, views of a longer KV cache included,
+// for the split-K decode kernels, which read them with their batch stride; the forward makes them contiguous when
+// another kernel takes the call. Without it, and for any other layout, they are made contiguous here.
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pk, const std::optional<at::Tensor>& pv,
                  const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
-                 const std::string& gate_act, bool causal, double scale) {
+                 const std::string& gate_act, bool causal, double scale, bool kv_row_views = false) {
   Prepared p;
   p.g = gated_prompt_attention_check_inputs(op, q, k, v, pk, pv, gate, kv_start, gate_act, causal, scale, ll::kTarget);
   const GatedPromptAttentionProblem& g = p.g;
@@ -381,8 +398,9 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
               " (use backend='reference' or the CPU)");
   AttnTensors& t = p.t;
   t.q = q.contiguous();
-  t.k = k.contiguous();
-  t.v = v.contiguous();
+  const bool keep_kv = kv_row_views && dense_kv_rows(k, v);
+  t.k = keep_kv ? k : k.contiguous();
+  t.v = keep_kv ? v : v.contiguous();
   if (g.has_prompt) {
     t.pk = pk->contiguous();
     t.pv = pv->contiguous();
@@ -419,9 +437,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cuda(
     const std::optional<at::Tensor>& pv_in, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& kv_start_in, bool causal, std::string gate_act, double scale) {
   const ll::DeviceGuard guard(q_in.device());
-  const Prepared p = prepare(kOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale);
+  Prepared p = prepare(kOp, q_in, k_in, v_in, pk_in, pv_in, gate, kv_start_in, gate_act, causal, scale,
+                       /*kv_row_views=*/true);
   const GatedPromptAttentionProblem& g = p.g;
-  const AttnTensors& t = p.t;
+  AttnTensors& t = p.t;
   const AttnPolicy policy = policy_from_env();
   at::Tensor out = t.q.new_empty(t.q.sizes());
   at::Tensor lse = t.q.new_empty({g.B, g.H, g.Tq}, at::kFloat);
@@ -433,6 +452,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_attention_cuda(
     launch_decode_forward(g, *plan, t, out, lse, plse);
     return {out, lse, plse};
   }
+  t.k = t.k.contiguous();  // (a KV-cache view: the other kernels read k and v contiguous)
+  t.v = t.v.contiguous();
   if (policy.tensor_cores && mma_supports(g, t, {&out}, props, /*backward=*/false)) {
     launch_mma_forward(g, t, out, lse, plse);
     return {out, lse, plse};

@@ -17,6 +17,8 @@ namespace lladapter::cuda_impl {
 // The inputs as every kernel reads them (prepare() in gated_prompt_attention.cu): q, k, v contiguous; pk, pv
 // contiguous, or undefined when there are no prompt keys; kv_start int64 contiguous ([B] or [B, Tq]) or undefined; phi
 // = phi(gate) and dphi = phi'(gate), fp32 [H], or undefined without a gate.
+// The kernels' inputs, contiguous; the forward's k and v may instead be a KV cache's first Tk rows (dense rows, a
+// larger batch stride) when the split-K decode kernels take the call (prepare's kv_row_views).
 struct AttnTensors {
   at::Tensor q, k, v, pk, pv, kv_start, phi, dphi;
 };
@@ -45,10 +47,11 @@ constexpr int64_t kDecodeTileKeys = 32;   // keys per shared-memory tile: the sm
 
 // How the word keys are split (passed to the kernels by value).
 struct DecodePlan {
-  int64_t rows;        // rep * Tq: query rows of one (b, kv head)
-  int64_t row_groups;  // blocks over those rows
-  int64_t nsplit;      // chunks of the word keys per batch row
-  bool vec16;          // k and v storage 16-byte aligned: vector loads
+  int64_t rows;             // rep * Tq: query rows of one (b, kv head)
+  int64_t row_groups;       // blocks over those rows
+  int64_t nsplit;           // chunks of the word keys per batch row
+  int64_t kv_batch_stride;  // elements between the batch rows of k and v (a KV-cache view's exceeds Tk * Hkv * d)
+  bool vec16;               // k and v storage (and every batch row) 16-byte aligned: vector loads
 };
 
 // The plan for chunks of at least min_chunk keys on a device with sm_count SMs; nullopt when the grid would not

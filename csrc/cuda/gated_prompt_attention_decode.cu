@@ -150,8 +150,8 @@ __global__ void __launch_bounds__(kDecThreads)
     for (int t = 0; t < NT; ++t) acc[u][t] = 0.f;
   }
 
-  const int64_t stride = g.Hkv * D;                     // elements between consecutive keys
-  const int64_t kv_off = (b * g.Tk * g.Hkv + hkv) * D;  // key j at k + kv_off + j * stride
+  const int64_t stride = g.Hkv * D;                         // elements between consecutive keys
+  const int64_t kv_off = b * dg.kv_batch_stride + hkv * D;  // key j at k + kv_off + j * stride
   for (int64_t j0 = c0; j0 < c1; j0 += kDecKeys) {
     const int n = static_cast<int>(min_i64(kDecKeys, c1 - j0));
     __syncthreads();  // the previous tile's reads are done (first tile: orders the Qs writes before the reads)
@@ -357,7 +357,9 @@ std::optional<DecodePlan> plan_decode(const GatedPromptAttentionProblem& g, cons
   const int64_t groups = g.B * g.Hkv * plan.row_groups;
   plan.nsplit = decode_splits(groups, g.Tk, min_chunk, sm_count);
   if (groups * plan.nsplit > std::numeric_limits<int32_t>::max()) return std::nullopt;  // 1-D grid limit
-  plan.vec16 = aligned16(t.k) && aligned16(t.v);
+  plan.kv_batch_stride = g.B > 1 ? t.k.stride(0) : g.Tk * g.Hkv * g.d;
+  plan.vec16 =
+      aligned16(t.k) && aligned16(t.v) && (plan.kv_batch_stride * static_cast<int64_t>(t.k.element_size())) % 16 == 0;
   return plan;
 }
 
