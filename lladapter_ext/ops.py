@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,9 @@ _ATTN_BACKENDS = ("auto", "fused", "split", "reference")
 GATE_ACTS = ("tanh", "identity")
 # Head dims the CUDA kernels are instantiated for (the CPU kernels take any d).
 CUDA_HEAD_DIMS = (64, 80, 96, 128)
+# The CUDA fused op runs its split-K decode forward for at most this many query rows against at least this many
+# keys (kDecodeMaxTq and 2 * kDecodeMinChunk in csrc/cuda/gated_prompt_attention_cuda.h).
+CUDA_DECODE_MAX_TQ, CUDA_DECODE_MIN_TK = 4, 256
 
 
 def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -278,14 +282,16 @@ def gated_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   GEMMs in fp32 (_PromptBranch), gated and added;
       "reference" the plain-PyTorch oracle (materialises the scores);
       "auto"      CPU: fused (measured faster than split on CPU; decode uses the kernel's split-K path);
-                  CUDA: split (SDPA's flash/cuDNN word branch) when d is one of CUDA_HEAD_DIMS, else reference.
+                  CUDA: when d is one of CUDA_HEAD_DIMS, fused for decode calls without gradients (at most
+                  CUDA_DECODE_MAX_TQ query rows against at least CUDA_DECODE_MIN_TK keys: its split-K decode kernels)
+                  and split (SDPA's flash/cuDNN word branch) for everything else; other d: reference.
     """
     if backend not in _ATTN_BACKENDS:
         raise ValueError(f"backend must be one of {_ATTN_BACKENDS}, got {backend!r}")
     if scale is None:  # (a q without a positive head dim is refused by the checks below, naming it)
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     if backend == "auto":
-        backend = _auto_attention_backend(q)
+        backend = _auto_attention_backend(q, k, v, pk, pv, gate)
     if backend in ("reference", "split") and not torch.compiler.is_compiling():
         # the fused kernels check their own arguments; these two paths hand the word branch to other code. Not
         # while torch.compile traces: it cannot trace the checks' message closures and would break the graph at
@@ -308,11 +314,21 @@ def runs_cuda_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or kernel_namespace() != "lladapter"
 
 
-def _auto_attention_backend(q: torch.Tensor) -> str:
+def _auto_attention_backend(q: torch.Tensor, k: torch.Tensor | None = None, *others: torch.Tensor | None) -> str:
+    """The backend "auto" takes for q (and k, with the call's other tensors for whether a gradient is needed)."""
     # the emulated CUDA kernels (CPU tensors) choose as CUDA does, so that the emulator runs the GPU's paths
-    if runs_cuda_kernels(q):
-        return "split" if q.shape[-1] in CUDA_HEAD_DIMS else "reference"
-    return "fused"
+    if not runs_cuda_kernels(q):
+        return "fused"
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return "reference"
+    # A decode step: the fused op's split-K decode kernels, two launches. On the H200 (2026-11-29; B 4, Tq 1,
+    # Tk 4096, H 32/8, bf16) they took 0.184 ms against 0.212 ms for split when its prompt branch was one launch
+    # (now ~12 small ones) and 0.181 ms for two SDPA calls; the decode step there was host-bound, so launches count.
+    if (k is not None and q.dim() == 4 and k.dim() == 4 and q.shape[1] <= CUDA_DECODE_MAX_TQ
+            and k.shape[1] >= CUDA_DECODE_MIN_TK and os.environ.get("LLADAPTER_CUDA_DECODE", "") != "off"
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, *others)))):
+        return "fused"
+    return "split"
 
 
 def _sdpa_attention(q, k, v, causal: bool, scale: float, kv_start: torch.Tensor | None) -> torch.Tensor:

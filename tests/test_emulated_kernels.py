@@ -245,3 +245,33 @@ def test_unsupported_head_dim_refused_like_on_cuda():
     out = ops.gated_prompt_attention(q, q, q)
     want = reference.gated_prompt_attention(q, q, q, None, None, None, causal=True, scale=1 / math.sqrt(40))
     torch.testing.assert_close(out, want)
+
+
+def test_auto_backend_takes_the_decode_kernels_for_decode_steps(monkeypatch):
+    """On CUDA (here the emulated kernels), auto sends a decode step without gradients (<= 4 query rows against
+    >= 256 keys) to the fused op, whose split-K decode kernels take it, and everything else to split."""
+    torch.manual_seed(0)
+    B, H, Hkv, d, K = 2, 4, 2, 64, 10
+    pk, pv = torch.randn(1, K, Hkv, d), torch.randn(1, K, Hkv, d)
+    gate = torch.full((H,), 0.5)
+
+    def pick(Tq, Tk, grad=False):
+        q = torch.randn(B, Tq, H, d, requires_grad=grad)
+        return ops._auto_attention_backend(q, torch.randn(B, Tk, Hkv, d), pk, pv, gate)
+
+    assert pick(1, ops.CUDA_DECODE_MIN_TK) == pick(ops.CUDA_DECODE_MAX_TQ, 4096) == "fused"
+    assert pick(1, ops.CUDA_DECODE_MIN_TK - 1) == pick(ops.CUDA_DECODE_MAX_TQ + 1, 4096) == "split"
+    assert pick(1, 4096, grad=True) == "split"  # the decode kernels have no backward of their own
+    with torch.no_grad():
+        assert pick(1, 4096, grad=True) == "fused"
+    monkeypatch.setenv("LLADAPTER_CUDA_DECODE", "off")  # the fused op would not take its decode kernels
+    assert pick(1, 4096) == "split"
+    monkeypatch.delenv("LLADAPTER_CUDA_DECODE")
+
+    # the decode step through auto: the same outputs as the decode kernels called as the fused op, and within fp32
+    # tolerance of the reference
+    q, k, v = torch.randn(B, 1, H, d), torch.randn(B, 300, Hkv, d), torch.randn(B, 300, Hkv, d)
+    out = ops.gated_prompt_attention(q, k, v, pk, pv, gate)
+    assert torch.equal(out, ops.gated_prompt_attention(q, k, v, pk, pv, gate, backend="fused"))
+    want = reference.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, scale=1 / math.sqrt(d))
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
