@@ -14,11 +14,10 @@
 
 namespace lladapter::cuda_impl {
 
-// The inputs as every kernel reads them (prepare() in gated_prompt_attention.cu): q, k, v contiguous; pk, pv
+// The inputs as every kernel reads them (prepare() in gated_prompt_attention.cu): q, k, v contiguous (except for the
+// split-K decode kernels, whose k and v may be a KV cache's first Tk rows: dense rows, a larger batch stride); pk, pv
 // contiguous, or undefined when there are no prompt keys; kv_start int64 contiguous ([B] or [B, Tq]) or undefined; phi
 // = phi(gate) and dphi = phi'(gate), fp32 [H], or undefined without a gate.
-// The kernels' inputs, contiguous; the forward's k and v may instead be a KV cache's first Tk rows (dense rows, a
-// larger batch stride) when the split-K decode kernels take the call (prepare's kv_row_views).
 struct AttnTensors {
   at::Tensor q, k, v, pk, pv, kv_start, phi, dphi;
 };
