@@ -30,7 +30,7 @@ checked against the aten::mm/addmm calls (count and shapes) of a real step under
 attention kernels' own GEMMs (their BLAS block products: scores, probabilities times values, and the backward's)
 are recorded in one real step and timed alone in the same passes too (attention_products); the floor with them,
 step_vs_matmul_floor_with_attention, is printed beside the projection floor: the attention is matmul work the
-projection floor leaves out, ~4% of the floor's FLOPs at T = 128 and ~7% at T = 256. The table's
+projection floor leaves out, 4.5% of the floor's FLOPs at SmolLM2 4 x 128 and 7.8% at 4 x 256. The table's
 "floor" column is the median over those pairs of step time / floor time (1.00x = the step is nothing but its GEMMs
 at the speed they run alone; pairs, because a shared machine's speed drifts within a minute); with the decode
 bandwidth share it is printed in a closing "limits" line, and both are in the --json rows (step_vs_matmul_floor,
