@@ -196,21 +196,22 @@ def _timed_reply(variant: str, proc: subprocess.Popen, err, timeout_s: float) ->
 
 
 def paired_timings(script: str, variants: list[str], argv: list[str], rounds: int,
-                   timeout_s: float = 1800.0) -> dict[str, list[float]]:
+                   timeout_s: float = 1800.0, ready_timeout_s: float | None = None) -> dict[str, list[float]]:
     """Each variant in a process of its own (`python script --variant VARIANT *argv`, a child that prepares its work
     and then serves it with serve_timed_calls), all alive at once and asked in turn for one timed call each, `rounds`
     rounds, the order reversed every other round: {variant: [seconds per round]}. On a shared machine whose speed
     drifts within a minute, calls of adjacent turns run under the same conditions, while each keeps its own process
     (heap, allocator, patched ops), as run_child gives it. The children start one after another (each prepared before
     the next starts) and are ended when done. A failing child raises with the tail of its stderr, and so does one that
-    gives no answer (ready, or a call's seconds) within timeout_s: it is killed rather than waited for forever."""
+    gives no answer (a call's seconds within timeout_s; ready, after its imports and preparation, within
+    ready_timeout_s, default timeout_s): it is killed rather than waited for forever."""
     procs = {}
     try:
         for v in variants:
             err = tempfile.TemporaryFile(mode="w+")
             procs[v] = (subprocess.Popen([sys.executable, script, "--variant", v, *argv], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=err, text=True), err)
-            _timed_reply(v, *procs[v], timeout_s)  # ready
+            _timed_reply(v, *procs[v], timeout_s if ready_timeout_s is None else ready_timeout_s)  # ready
         times = {v: [] for v in variants}
         for r in range(rounds):
             for v in (variants if r % 2 == 0 else variants[::-1]):
