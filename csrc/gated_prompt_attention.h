@@ -156,6 +156,18 @@ inline void gated_prompt_attention_check_backward_inputs(const char* op, const G
   }
 }
 
+// Whether k and v [B, Tk, Hkv, d] can be read in place although they need not be contiguous: dense rows (keys Hkv * d
+// apart, heads d apart, unit stride) and one batch stride for both, at least a dense batch row: a KV cache's first Tk
+// rows ([B, max_len, Hkv, d][:, :Tk]) as a decode step passes them, which would otherwise be copied every step.
+inline bool gated_prompt_attention_kv_rows_dense(const at::Tensor& k, const at::Tensor& v,
+                                                 const GatedPromptAttentionProblem& s) {
+  const auto dense = [&](const at::Tensor& t) {
+    return (s.d <= 1 || t.stride(3) == 1) && (s.Hkv <= 1 || t.stride(2) == s.d) &&
+           (s.Tk <= 1 || t.stride(1) == s.Hkv * s.d) && (s.B <= 1 || t.stride(0) >= s.Tk * s.Hkv * s.d);
+  };
+  return dense(k) && dense(v) && k.stride(0) == v.stride(0);
+}
+
 // Zero-filled gradient buffers of the backward, as its schema returns them: dq, dk, dv like the (contiguous)
 // inputs; dpk, dpv like pk (or [0] when there is no prompt); dgate [H] like gate (or fp32 [0] without a gate).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -1466,12 +1466,6 @@ struct Prepared {
   std::vector<double> phi, dphi;  // phi(g_h), phi'(g_h)
 };
 
-// [B, Tk, Hkv, d] whose rows are dense (Hkv * d apart, heads d apart, unit stride), any batch stride
-bool kv_rows_dense(const at::Tensor& t, const GatedPromptAttentionProblem& s) {
-  return (s.d <= 1 || t.stride(3) == 1) && (s.Hkv <= 1 || t.stride(2) == s.d) &&
-         (s.Tk <= 1 || t.stride(1) == s.Hkv * s.d) && (s.B <= 1 || t.stride(0) >= s.Tk * s.Hkv * s.d);
-}
-
 // The gate's H values as double, read in place from a 1-D float, double, bf16 or half tensor (checked by the caller).
 std::vector<double> gate_values(const at::Tensor& gate) {
   std::vector<double> out(gate.size(0));
@@ -1491,7 +1485,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   p.q = q.contiguous();
   // k and v as given when only their batch stride is not the dense one: a decode step's view of the first Tk rows
   // of a KV cache ([B, max_len, Hkv, d]) is read in place, not copied every step
-  if (kv_rows_dense(k, p.s) && kv_rows_dense(v, p.s) && k.stride(0) == v.stride(0)) {
+  if (gated_prompt_attention_kv_rows_dense(k, v, p.s)) {
     p.k = k;
     p.v = v;
   } else {

@@ -369,20 +369,6 @@ struct Prepared {
   AttnTensors t;
 };
 
-// k and v [B, Tk, Hkv, d] whose batch rows are each one dense [Tk, Hkv, d] block, with the same batch stride: a
-// KV cache's first Tk rows as a decode step passes them.
-bool dense_kv_rows(const at::Tensor& k, const at::Tensor& v) {
-  const auto dense = [](const at::Tensor& t) {
-    int64_t expected = 1;
-    for (int dim = 3; dim >= 1; --dim) {
-      if (t.size(dim) != 1 && t.stride(dim) != expected) return false;
-      expected *= t.size(dim);
-    }
-    return true;
-  };
-  return dense(k) && dense(v) && (k.size(0) <= 1 || k.stride(0) == v.stride(0));
-}
-
 // kv_row_views (the forward): k and v with dense rows are kept as they are, views of a longer KV cache included,
 // for the split-K decode kernels, which read them with their batch stride; the forward makes them contiguous when
 // another kernel takes the call. Without it, and for any other layout, they are made contiguous here.
@@ -398,7 +384,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
               " (use backend='reference' or the CPU)");
   AttnTensors& t = p.t;
   t.q = q.contiguous();
-  const bool keep_kv = kv_row_views && dense_kv_rows(k, v);
+  const bool keep_kv = kv_row_views && gated_prompt_attention_kv_rows_dense(k, v, g);
   t.k = keep_kv ? k : k.contiguous();
   t.v = keep_kv ? v : v.contiguous();
   if (g.has_prompt) {
